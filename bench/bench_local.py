@@ -1,0 +1,238 @@
+"""Single-provider throughput: N SMTPS clients send M messages of S KB between local mailboxes.
+
+Prints submissions/s, end-to-end messages/s (until every delivery receipt is in the sender's Maildir),
+p50/p99 from DATA to the acceptance receipt stored, and a no-op aiosmtpd baseline measured in the
+same run on the same machine. pecd and the baseline each run in their own process.
+
+    .venv/bin/python bench/bench_local.py --clients 10 --messages 50 --size-kb 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiosmtplib
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from pecd.clock import SystemClock
+from pecd.config import load_config
+from pecd.devinit import config_text, init_installation
+from pecd.mailbox.maildir import MaildirStore
+from pecd.store.accounts import Accounts
+from pecd.store.db import Database
+
+DOMAIN = "pec.bench.test"
+PASSWORD = "bench password 123"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            if proc.poll() is not None:
+                raise SystemExit("server exited during startup") from None
+            time.sleep(0.05)
+    raise SystemExit("server did not start")
+
+
+def body(size_kb: int, tag: str, frm: str, to: str) -> bytes:
+    head = (
+        f"From: {frm}\r\nTo: {to}\r\nSubject: bench {tag}\r\nMessage-ID: <{tag}@bench.client>\r\n"
+        "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n"
+    )
+    line = "Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor.\r\n"
+    n = max(1, size_kb * 1024 // len(line))
+    return (head + line * n).encode()
+
+
+async def run_clients(
+    port: int,
+    ctx: ssl.SSLContext,
+    clients: int,
+    messages: int,
+    size_kb: int,
+    *,
+    auth: bool,
+    started: dict[str, float],
+) -> float:
+    async def one(i: int) -> None:
+        frm, to = f"sender{i}@{DOMAIN}", f"rcpt{i}@{DOMAIN}"
+        smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, use_tls=True, tls_context=ctx)
+        await smtp.connect()
+        if auth:
+            await smtp.login(frm, PASSWORD)
+        for j in range(messages):
+            tag = f"c{i}m{j}"
+            data = body(size_kb, tag, frm, to)
+            started[f"<{tag}@bench.client>"] = time.monotonic()
+            await smtp.sendmail(frm, [to], data)
+        await smtp.quit()
+
+    t0 = time.monotonic()
+    await asyncio.gather(*(one(i) for i in range(clients)))
+    return time.monotonic() - t0
+
+
+BASELINE = r"""
+import asyncio, ssl, sys
+from aiosmtpd.smtp import SMTP
+class H:
+    async def handle_DATA(self, server, session, envelope):
+        return "250 OK"
+async def main():
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(sys.argv[2], sys.argv[3])
+    loop = asyncio.get_running_loop()
+    srv = await loop.create_server(lambda: SMTP(H(), decode_data=False), "127.0.0.1", int(sys.argv[1]), ssl=ctx)
+    await srv.serve_forever()
+asyncio.run(main())
+"""
+
+
+def scan(store: MaildirStore, senders: list[str]) -> dict[str, dict[str, float]]:
+    """Per client msgid: when its accettazione and its avvenuta-consegna were first seen."""
+    seen: dict[str, dict[str, float]] = {}
+    now = time.monotonic()
+    for s in senders:
+        for path in store.list_folder(s):
+            try:
+                head = path.read_bytes().split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
+            except FileNotFoundError:
+                continue
+            kind = ref = None
+            for line in head.splitlines():
+                low = line.lower()
+                if low.startswith(b"x-ricevuta:"):
+                    kind = line.split(b":", 1)[1].strip().decode()
+                elif low.startswith(b"x-riferimento-message-id:"):
+                    ref = line.split(b":", 1)[1].strip().decode()
+            if kind and ref:
+                seen.setdefault(ref, {}).setdefault(kind, now)
+    return seen
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--clients", type=int, default=10)
+    ap.add_argument("--messages", type=int, default=50, help="per client")
+    ap.add_argument("--size-kb", type=int, default=4)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--database-url", default="", help="default: SQLite in the temp dir")
+    ap.add_argument("--keep", action="store_true")
+    args = ap.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="pecd-bench-"))
+    inst = tmp / "inst"
+    await init_installation(inst, domain=DOMAIN, name="Bench PEC", clock=SystemClock(), demo=False)
+    ports = {"smtps": free_port(), "submission": free_port(), "imaps": free_port()}
+    text = config_text(domain=DOMAIN, name="Bench PEC", ports=ports)
+    if args.database_url:
+        text = text.replace(
+            'data_dir = "data"', f'data_dir = "data"\ndatabase_url = "{args.database_url}"'
+        )
+    text += f"\n[queue]\nworkers = {args.workers}\npoll_seconds = 0.2\n"
+    (inst / "pecd.toml").write_text(text)
+    cfg = load_config(inst / "pecd.toml")
+    from pecd.store.db import migrate_async
+
+    await migrate_async(cfg.database_url)
+    db = await Database.open(cfg.database_url)
+    acc = Accounts(db)
+    if args.database_url:
+        await acc.add_domain(DOMAIN)
+        await acc.add_mailbox(cfg.provider.mail_receipt, PASSWORD)
+    senders = [f"sender{i}@{DOMAIN}" for i in range(args.clients)]
+    for i in range(args.clients):
+        await acc.add_mailbox(senders[i], PASSWORD)
+        await acc.add_mailbox(f"rcpt{i}@{DOMAIN}", PASSWORD)
+    await db.close()
+    assert cfg.tls.ca is not None
+    ctx = ssl.create_default_context(cafile=str(cfg.tls.ca))
+
+    # Baseline: a no-op aiosmtpd over the same TLS, no AUTH, nothing stored.
+    bport = free_port()
+    base = subprocess.Popen(
+        [sys.executable, "-c", BASELINE, str(bport), str(cfg.tls.cert), str(cfg.tls.key)]
+    )
+    wait_port(bport, base)
+    b_elapsed = await run_clients(
+        bport, ctx, args.clients, args.messages, args.size_kb, auth=False, started={}
+    )
+    base.terminate()
+    base.wait()
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pecd", "serve", "-c", str(inst / "pecd.toml")],
+        stdout=(tmp / "pecd.log").open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    wait_port(ports["smtps"], proc)
+    store = MaildirStore(cfg.maildir_root)
+    started: dict[str, float] = {}
+    t0 = time.monotonic()
+    sub_elapsed = await run_clients(
+        ports["smtps"], ctx, args.clients, args.messages, args.size_kb, auth=True, started=started
+    )
+    total = args.clients * args.messages
+    seen: dict[str, dict[str, float]] = {}
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        seen = scan(store, senders)
+        if sum(1 for v in seen.values() if "avvenuta-consegna" in v) >= total:
+            break
+        await asyncio.sleep(0.05)
+    e2e_elapsed = (
+        max(v.get("avvenuta-consegna", 0) for v in seen.values()) - t0 if seen else float("nan")
+    )
+    latencies = sorted(
+        (v["accettazione"] - started[mid]) * 1000
+        for mid, v in seen.items()
+        if "accettazione" in v and mid in started
+    )
+    proc.terminate()
+    proc.wait(60)
+
+    def p(q: float) -> float:
+        if not latencies:
+            return float("nan")
+        return latencies[min(len(latencies) - 1, int(q * len(latencies)))]
+
+    done = sum(1 for v in seen.values() if "avvenuta-consegna" in v)
+    print(
+        f"pecd bench: {args.clients} clients x {args.messages} messages x {args.size_kb} KB, "
+        f"{args.workers} workers, db={'postgresql' if args.database_url else 'sqlite'}, cpus={os.cpu_count()}"
+    )
+    print(f"  baseline no-op aiosmtpd submissions/s : {total / b_elapsed:8.1f}")
+    print(f"  pecd submissions/s                    : {total / sub_elapsed:8.1f}")
+    print(
+        f"  pecd end-to-end messages/s            : {done / e2e_elapsed:8.1f}  ({done}/{total} delivery receipts)"
+    )
+    print(f"  DATA -> accettazione stored p50 / p99 : {p(0.5):8.1f} ms / {p(0.99):.1f} ms")
+    if args.keep:
+        print(f"  kept {tmp}")
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

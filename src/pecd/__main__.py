@@ -1,0 +1,7 @@
+"""``python -m pecd``."""
+
+import sys
+
+from pecd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,140 @@
+"""Composition root: builds every service from the config and starts/stops them in a known order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pecd.clock import Clock, SystemClock
+from pecd.config import Config
+from pecd.imap.service import ImapService
+from pecd.mailbox.maildir import MaildirStore
+from pecd.pec.builders import ProviderIdentity
+from pecd.pec.checks import SubmissionLimits
+from pecd.pec.smime import KeySigner
+from pecd.points.access import AccessPoint
+from pecd.points.pipeline import STAGES, Services
+from pecd.points.workers import WorkerPool
+from pecd.store.accounts import Accounts
+from pecd.store.db import Database, migrate_async
+
+log = logging.getLogger(__name__)
+
+
+def load_signer(cfg: Config) -> KeySigner:
+    chain = b"".join(p.read_bytes() for p in cfg.signing.chain) or None
+    return KeySigner.from_pem(cfg.signing.key.read_bytes(), cfg.signing.cert.read_bytes(), chain)
+
+
+def server_tls_context(cfg: Config) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(cfg.tls.cert), str(cfg.tls.key))
+    return ctx
+
+
+@dataclass
+class App:
+    """A running pecd node. ``async with App(cfg) as app:`` starts it; leaving stops it cleanly."""
+
+    cfg: Config
+    clock: Clock = field(default_factory=SystemClock)
+    stack: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
+    svc: Services | None = None
+    access: AccessPoint | None = None
+    imap: ImapService | None = None
+    workers: WorkerPool | None = None
+
+    async def __aenter__(self) -> App:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stack.aclose()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stack.aclose()
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        await migrate_async(cfg.database_url)
+        db = await Database.open(cfg.database_url)
+        self.stack.push_async_callback(db.close)
+        if db.dialect == "sqlite":
+            # One node owns an SQLite database: whatever a killed process was running is ours again.
+            from pecd.store.jobs import release_all_running
+
+            async with db.session() as s, s.begin():
+                n = await release_all_running(s)
+            if n:
+                log.info("recovered %d jobs left running by a previous run", n)
+        maildir = MaildirStore(cfg.maildir_root)
+        accounts = Accounts(db)
+        provider = ProviderIdentity(
+            name=cfg.provider.name,
+            domain=cfg.provider.domain,
+            service_address=cfg.provider.service_address,
+            signer=load_signer(cfg),
+            digest=cfg.signing.digest,
+        )
+        limits = SubmissionLimits(
+            max_size=cfg.limits.max_message_size,
+            max_recipients=cfg.limits.max_recipients,
+            max_recipients_times_size=cfg.limits.max_recipients_times_size,
+        )
+        self.svc = Services(
+            cfg=cfg,
+            clock=self.clock,
+            db=db,
+            accounts=accounts,
+            maildir=maildir,
+            provider=provider,
+            limits=limits,
+            wake=asyncio.Event(),
+        )
+        tls = server_tls_context(cfg)
+        # Stop order is the reverse of start: listeners close first, then workers drain.
+        self.workers = WorkerPool(self.svc, STAGES, count=cfg.queue.workers, name="pipeline")
+        await self.workers.start(self.stack)
+        lst = cfg.listeners
+        self.access = AccessPoint(
+            self.svc, tls, smtps=lst.smtps, submission=lst.submission, hostname=lst.hostname
+        )
+        await self.access.start(self.stack)
+        if lst.imaps is not None or lst.imap is not None:
+            self.imap = ImapService(
+                store=maildir,
+                auth=accounts,
+                tls_context=tls,
+                host=(lst.imaps or lst.imap).host,  # type: ignore[union-attr]
+                port=lst.imaps.port if lst.imaps else 0,
+                starttls_port=lst.imap.port if lst.imap else None,
+            )
+            await self.imap.start(self.stack)
+
+    def client_settings(self) -> list[str]:
+        """What a person types into a mail client, printed at startup."""
+        lst = self.cfg.listeners
+        host = lst.hostname
+        lines = []
+        if self.access and "smtps" in self.access.servers:
+            lines.append(
+                f"  SMTP (send):   {host} port {self.access.port('smtps')}, SSL/TLS, normal password"
+            )
+        if self.access and "submission" in self.access.servers:
+            lines.append(
+                f"  SMTP (send):   {host} port {self.access.port('submission')}, STARTTLS, normal password"
+            )
+        if self.imap:
+            ports = self.imap.bound_ports
+            if ports:
+                lines.append(f"  IMAP (read):   {host} port {ports[0]}, SSL/TLS, normal password")
+        lines.append("  User name:     your full PEC address")
+        if self.cfg.tls.ca:
+            lines.append(f"  Trust this CA: {Path(self.cfg.tls.ca)}")
+        return lines

@@ -1,0 +1,256 @@
+"""The one TOML config file, validated into typed models; a bad file stops startup with one clear line."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from pecd.pec.vocab import MIN_RECIPIENTS_GUARANTEED, MIN_RECIPIENTS_TIMES_SIZE
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+_ADDR_RE = re.compile(r"^[^@\s<>]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?$")
+
+
+class ConfigError(Exception):
+    """A config file pecd refuses to start on. ``str()`` is the one line to show."""
+
+
+def parse_size(value: Any) -> int:
+    """``"25M"``, ``"1G"``, ``"1048576"`` or an int -> bytes (binary units)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError("a size cannot be negative")
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m:
+            return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    raise ValueError(f"{value!r} is not a size (examples: 25M, 1G, 1048576)")
+
+
+Size = Annotated[int, BeforeValidator(parse_size)]
+
+
+def _address(value: str) -> str:
+    value = value.strip().lower()
+    if not _ADDR_RE.match(value):
+        raise ValueError(f"{value!r} is not a mail address")
+    return value
+
+
+Address = Annotated[str, BeforeValidator(_address)]
+
+
+class Endpoint(BaseModel):
+    """``"host:port"``; an empty string disables the listener."""
+
+    model_config = ConfigDict(frozen=True)
+    host: str
+    port: int = Field(ge=0, le=65535)
+
+    @classmethod
+    def parse(cls, value: Any) -> Endpoint | None:
+        if value is None or value == "":
+            return None
+        if isinstance(value, Endpoint):
+            return value
+        if not isinstance(value, str) or ":" not in value:
+            raise ValueError(f"{value!r} is not host:port (example: 127.0.0.1:465)")
+        host, _, port = value.rpartition(":")
+        host = host.strip("[]")
+        if not port.isdigit():
+            raise ValueError(f"{value!r}: the port must be a number")
+        return cls(host=host, port=int(port))
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+OptionalEndpoint = Annotated[Endpoint | None, BeforeValidator(Endpoint.parse)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ProviderConfig(_Section):
+    name: str = Field(min_length=1, description="gestore-emittente: the provider's name")
+    domain: str = Field(min_length=3, description="mail domain used in PEC msgids")
+    service_address: Address
+    mail_receipt: Address
+    local_domains: list[str] = Field(min_length=1)
+
+    @field_validator("domain")
+    @classmethod
+    def _domain(cls, v: str) -> str:
+        return v.strip().lower()
+
+    @field_validator("local_domains")
+    @classmethod
+    def _domains(cls, v: list[str]) -> list[str]:
+        return [d.strip().lower() for d in v]
+
+
+class SigningConfig(_Section):
+    key: Path
+    cert: Path
+    chain: list[Path] = []
+    digest: Literal["sha256", "sha1"] = "sha256"
+
+
+class TlsConfig(_Section):
+    cert: Path
+    key: Path
+    ca: Path | None = None  # shown to users so they can trust a development certificate
+
+
+class StorageConfig(_Section):
+    data_dir: Path
+    database_url: str = ""
+    maildir_root: Path | None = None
+
+
+class ListenersConfig(_Section):
+    smtps: OptionalEndpoint = None  # access point, implicit TLS (465)
+    submission: OptionalEndpoint = None  # access point, STARTTLS (587)
+    imaps: OptionalEndpoint = None  # IMAP, implicit TLS (993)
+    imap: OptionalEndpoint = None  # IMAP with STARTTLS (143), optional
+    hostname: str = "localhost"  # the name shown to clients and in Received:
+
+
+class LimitsConfig(_Section):
+    max_message_size: Size = 100 * 1024 * 1024
+    max_recipients: int = 500
+    max_recipients_times_size: Size = 1024 * 1024 * 1024
+
+    @model_validator(mode="after")
+    def _legal_minimums(self) -> LimitsConfig:
+        if self.max_recipients < MIN_RECIPIENTS_GUARANTEED:
+            raise ValueError(
+                f"max_recipients must be at least {MIN_RECIPIENTS_GUARANTEED} (DM 2 nov 2005 art. 12)"
+            )
+        if self.max_recipients_times_size < MIN_RECIPIENTS_TIMES_SIZE:
+            raise ValueError(
+                "max_recipients_times_size must be at least 30 MB (DM 2 nov 2005 art. 12)"
+            )
+        return self
+
+
+class QueueConfig(_Section):
+    workers: int = Field(default=2, ge=1, le=64)
+    max_attempts: int = Field(default=10, ge=1)
+    base_delay_seconds: float = Field(default=2.0, gt=0)
+    max_delay_seconds: float = Field(default=600.0, gt=0)
+    lease_seconds: float = Field(default=120.0, gt=0)
+    poll_seconds: float = Field(default=0.5, gt=0)
+
+
+class TimersConfig(_Section):
+    first_hours: float = 12
+    final_hours: float = 24
+
+
+class Config(_Section):
+    provider: ProviderConfig
+    signing: SigningConfig
+    tls: TlsConfig
+    storage: StorageConfig
+    listeners: ListenersConfig = ListenersConfig()
+    limits: LimitsConfig = LimitsConfig()
+    queue: QueueConfig = QueueConfig()
+    timers: TimersConfig = TimersConfig()
+    source: Path | None = None
+
+    @property
+    def database_url(self) -> str:
+        return self.storage.database_url or f"sqlite:///{self.storage.data_dir / 'pecd.db'}"
+
+    @property
+    def maildir_root(self) -> Path:
+        return self.storage.maildir_root or self.storage.data_dir / "mail"
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+    """Relative paths in the file are relative to the file's own directory."""
+    for section, keys in {
+        "signing": ("key", "cert"),
+        "tls": ("cert", "key", "ca"),
+        "storage": ("data_dir", "maildir_root"),
+    }.items():
+        sec = data.get(section)
+        if not isinstance(sec, dict):
+            continue
+        for k in keys:
+            if isinstance(sec.get(k), str):
+                sec[k] = str((base / sec[k]).resolve()) if sec[k] else sec[k]
+        if section == "signing" and isinstance(sec.get("chain"), list):
+            sec["chain"] = [
+                str((base / c).resolve()) if isinstance(c, str) else c for c in sec["chain"]
+            ]
+    storage = data.get("storage")
+    if isinstance(storage, dict):
+        url = storage.get("database_url")
+        if (
+            isinstance(url, str)
+            and url.startswith("sqlite:///")
+            and not url.startswith("sqlite:////")
+        ):
+            storage["database_url"] = "sqlite:///" + str(
+                (base / url[len("sqlite:///") :]).resolve()
+            )
+
+
+def _describe(exc: ValidationError, path: Path) -> str:
+    err = exc.errors()[0]
+    key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "missing":
+        msg = "is required"
+    elif err["type"] == "extra_forbidden":
+        msg = "is not a known key"
+    more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return f"{path}: {key}: {msg}{more}"
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate ``path``; raise ConfigError with one line naming the file, key and problem."""
+    try:
+        text = path.read_text("utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: the config file is not UTF-8 text") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    _resolve_paths(data, path.resolve().parent)
+    data["source"] = str(path.resolve())
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path)) from None
+    for label, p in (
+        ("signing.key", cfg.signing.key),
+        ("signing.cert", cfg.signing.cert),
+        ("tls.cert", cfg.tls.cert),
+        ("tls.key", cfg.tls.key),
+    ):
+        if not p.is_file():
+            raise ConfigError(f"{path}: {label}: file {p} does not exist")
+    if cfg.provider.domain not in cfg.provider.local_domains:
+        raise ConfigError(f"{path}: provider.local_domains must include provider.domain")
+    return cfg

@@ -1,0 +1,86 @@
+"""``pecd init``: a working development installation in one directory."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from pecd.clock import Clock
+from pecd.devpki import write_dev_pki
+from pecd.pec.pki import create_dev_pki
+
+CONFIG_NAME = "pecd.toml"
+DEV_PORTS = {"smtps": 2465, "submission": 2587, "imaps": 2993}
+
+
+@dataclass(frozen=True)
+class InitResult:
+    config: Path
+    mailboxes: dict[str, str]  # address -> password, shown once
+
+
+def config_text(*, domain: str, name: str, ports: dict[str, int], host: str = "127.0.0.1") -> str:
+    return f"""# pecd configuration, written by `pecd init`. Every key is documented in config/pecd.example.toml.
+# Relative paths are relative to this file.
+
+[provider]
+name = "{name}"
+domain = "{domain}"
+service_address = "posta-certificata@{domain}"
+mail_receipt = "ricevute@{domain}"
+local_domains = ["{domain}"]
+
+[signing]
+key = "pki/signing.key"
+cert = "pki/signing.pem"
+digest = "sha256"
+
+[tls]
+cert = "pki/tls.pem"
+key = "pki/tls.key"
+ca = "pki/ca.pem"
+
+[storage]
+data_dir = "data"
+
+[listeners]
+hostname = "localhost"
+smtps = "{host}:{ports["smtps"]}"
+submission = "{host}:{ports["submission"]}"
+imaps = "{host}:{ports["imaps"]}"
+"""
+
+
+async def init_installation(
+    directory: Path, *, domain: str, name: str, clock: Clock, demo: bool = True
+) -> InitResult:
+    """Write config + PKI + database + mailboxes into ``directory``; refuse to overwrite."""
+    from pecd.config import load_config
+    from pecd.store.accounts import Accounts
+    from pecd.store.db import Database, migrate_async
+
+    cfg_path = directory / CONFIG_NAME
+    if cfg_path.exists():
+        raise FileExistsError(f"{cfg_path} already exists; pecd init does not overwrite")
+    directory.mkdir(parents=True, exist_ok=True)
+    write_dev_pki(directory / "pki", create_dev_pki(domain=domain, name=name, now=clock.now()))
+    cfg_path.write_text(config_text(domain=domain, name=name, ports=DEV_PORTS), "utf-8")
+    cfg = load_config(cfg_path)
+    cfg.storage.data_dir.mkdir(parents=True, exist_ok=True)
+    await migrate_async(cfg.database_url)
+    db = await Database.open(cfg.database_url)
+    try:
+        accounts = Accounts(db)
+        await accounts.add_domain(domain)
+        made: dict[str, str] = {}
+        wanted = [cfg.provider.mail_receipt] + (
+            [f"alice@{domain}", f"bob@{domain}"] if demo else []
+        )
+        for addr in wanted:
+            pw = secrets.token_urlsafe(12)
+            await accounts.add_mailbox(addr, pw)
+            made[addr] = pw
+    finally:
+        await db.close()
+    return InitResult(cfg_path, made)

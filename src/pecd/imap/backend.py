@@ -1,0 +1,457 @@
+"""pymap's maildir backend adapted to pecd: logins from pecd accounts, mailboxes at MaildirStore paths.
+
+pymap (0.36) is used as a library. What is replaced and why:
+
+* ``PecdLogin`` / ``PecdIdentity`` stand in for pymap's ``Login``/``Identity`` (which read
+  pymap's own users and passwords files): the password goes to pecd's ``Authenticator`` and the
+  mailbox directory is ``MaildirStore.path_for(address)``.
+* ``ExactMaildir`` / ``ExactMailboxData`` / ``ExactMailboxSet`` keep message bytes exact. pymap
+  reads a message through ``email`` parsing and re-serialisation (``bytes(MaildirMessage)``),
+  which can refold headers and mix line endings, and its APPEND writes a re-generated copy;
+  both would break S/MIME signatures, which PEC holders must be able to verify. Its COPY writes
+  an empty message (it copies the metadata-only object). Here the file bytes are served as
+  stored, APPEND stores the literal (bare LF made CRLF), and COPY copies the file.
+* Folder names that could leave the user's directory (".", "..", names with ".") are refused:
+  pymap's Maildir++ layout maps "." to the ``..`` directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import socket
+import time
+from argparse import Namespace
+from collections.abc import AsyncIterator, Set
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from mailbox import MaildirMessage
+from pathlib import Path
+from typing import Any, Protocol
+
+from pymap.backend.maildir import Config as MaildirConfig
+from pymap.backend.maildir import FilterSet, Session
+from pymap.backend.maildir.layout import MaildirLayout
+from pymap.backend.maildir.mailbox import MailboxData, MailboxSet, Maildir, Message
+from pymap.backend.maildir.uidlist import Record, UidList
+from pymap.concurrent import Subsystem
+from pymap.exceptions import (
+    AuthorizationFailure,
+    InvalidAuth,
+    NotAllowedError,
+    ResponseError,
+)
+from pymap.interfaces.login import IdentityInterface, LoginInterface
+from pymap.interfaces.token import TokenCredentials, TokensInterface
+from pymap.parsing.message import AppendMessage
+from pymap.parsing.response import ResponseCode, ResponseNo
+from pymap.parsing.specials import ObjectId
+from pymap.user import UserMetadata
+from pysasl import SASLAuth
+from pysasl.creds.server import ServerCredentials
+from pysasl.exception import MechanismUnusable
+from pysasl.hashing import BuiltinHash
+
+from pecd.mailbox.maildir import MaildirStore, to_crlf, write_atomic
+
+__all__ = [
+    "Authenticator",
+    "ExactMailboxData",
+    "ExactMailboxSet",
+    "ExactMaildir",
+    "PecdIdentity",
+    "PecdImapConfig",
+    "PecdLogin",
+]
+
+_log = logging.getLogger(__name__)
+
+
+class Authenticator(Protocol):
+    """Checks a login against pecd accounts (``pecd.store.accounts.Accounts`` fits)."""
+
+    async def authenticate(self, address: str, password: str) -> str | None:
+        """The canonical address of the mailbox, or None when the login is refused."""
+        ...
+
+
+# -- exact message bytes ----------------------------------------------------------------------
+
+
+class ExactMessage(MaildirMessage):
+    """A MaildirMessage whose ``bytes()`` are the file's bytes, not a re-serialisation."""
+
+    def __init__(self, raw: bytes) -> None:
+        super().__init__()
+        self._raw = raw
+
+    def __bytes__(self) -> bytes:
+        return self._raw
+
+    def as_bytes(self, unixfrom: bool = False, policy: Any = None) -> bytes:
+        return self._raw
+
+
+def _unique_name(size: int) -> str:
+    """A Dovecot-style unique Maildir base name: ``<secs>.M<usecs>P<pid>R<rand>.<host>,S=<size>``."""
+    now = time.time()
+    host = socket.gethostname().replace("/", r"\057").replace(":", r"\072").replace(",", r"\054")
+    usecs = int(now % 1 * 1e6)
+    return f"{int(now)}.M{usecs}P{os.getpid()}R{secrets.token_hex(4)}.{host},S={size}"
+
+
+class ExactMaildir(Maildir):
+    """pymap's Maildir, reading and writing message files byte for byte."""
+
+    def get_message(self, key: str) -> ExactMessage:
+        subpath = self._lookup(key)
+        path = self._join(subpath)
+        with open(path, "rb") as fh:
+            msg = ExactMessage(fh.read())
+        subdir, name = self._split(subpath)
+        msg.set_subdir(subdir)
+        if self.colon in name:
+            msg.set_info(name.rsplit(self.colon, 1)[-1])
+        msg.set_date(os.path.getmtime(path))
+        return msg
+
+    def add_exact(self, data: bytes, meta: MaildirMessage) -> str:
+        """Store ``data`` (bare LF made CRLF) with the subdir, flags and date of ``meta``.
+
+        Returns the new message's key. Atomic: tmp/, fsync, link, fsync directory.
+        """
+        body = to_crlf(data)
+        key = _unique_name(len(body))
+        info = meta.get_info()
+        name = key + (self.colon + info if info else "")
+        dest = write_atomic(
+            Path(self._path), name, body, subdir=meta.get_subdir(), mtime=meta.get_date()
+        )
+        if dest is None:  # pragma: no cover - a random 32-bit suffix plus pid and time collided
+            raise FileExistsError(name)
+        return key
+
+
+class ExactMailboxData(MailboxData):
+    """pymap's MailboxData with APPEND and COPY that keep the message bytes."""
+
+    def __init__(self, mailbox_id: ObjectId, maildir: ExactMaildir, path: str) -> None:
+        super().__init__(mailbox_id, maildir, path)
+        self._exact = maildir
+        self._dir = path
+
+    @staticmethod
+    def _meta(flags: str, *, recent: bool, when: float) -> MaildirMessage:
+        meta = MaildirMessage()
+        meta.set_flags(flags)
+        meta.set_subdir("new" if recent else "cur")
+        meta.set_date(when)
+        return meta
+
+    async def _add_record(self, key: str, info: str, fields: dict[str, str]) -> Record:
+        async with UidList.with_write(self._dir) as uidl:
+            record = Record(uidl.next_uid, fields, key + ":" + info)
+            uidl.next_uid += 1
+            uidl.set(record)
+        return record
+
+    async def append(self, append_msg: AppendMessage, *, recent: bool = False) -> Message:
+        email_id = ObjectId.random_email_id()
+        thread_id = ObjectId.random_thread_id()
+        when = (append_msg.when or datetime.now(UTC)).timestamp()
+        flags = self.maildir_flags.to_maildir(append_msg.flag_set)
+        meta = self._meta(flags, recent=recent, when=when)
+        async with self.messages_lock.write_lock():
+            key = await asyncio.to_thread(self._exact.add_exact, append_msg.literal, meta)
+        fields = {"E": str(email_id), "T": str(thread_id)}
+        record = await self._add_record(key, meta.get_info(), fields)
+        return Message.from_maildir(
+            record.uid, meta, self._exact, key, email_id, thread_id, self.maildir_flags
+        )
+
+    async def copy(self, uid: int, destination: MailboxData, *, recent: bool = False) -> int | None:
+        if not isinstance(destination, ExactMailboxData):  # pragma: no cover - one backend
+            raise TypeError(destination)
+        try:
+            record, meta = await self._get_maildir_msg(uid)
+            async with self.messages_lock.read_lock():
+                data = bytes(self._exact.get_message(record.key))
+        except (KeyError, FileNotFoundError):
+            return None
+        copy_meta = self._meta(meta.get_flags(), recent=recent, when=meta.get_date())
+        async with destination.messages_lock.write_lock():
+            key = await asyncio.to_thread(destination._exact.add_exact, data, copy_meta)
+        new_record = await destination._add_record(key, copy_meta.get_info(), dict(record.fields))
+        return new_record.uid
+
+
+# -- folder names -----------------------------------------------------------------------------
+
+
+def _check_name(name: str, delimiter: str) -> None:
+    """Refuse names the Maildir++ layout would map outside the user's directory or misread."""
+    if name == "INBOX":
+        return
+    for part in name.split(delimiter):
+        if not part or "." in part or any(c in part for c in "\\\x00\r\n"):
+            raise NotAllowedError("Invalid mailbox name: '.' and empty levels are not allowed.")
+
+
+class ExactMailboxSet(MailboxSet):
+    """pymap's MailboxSet handing out ExactMailboxData, with folder names checked."""
+
+    def __init__(self, maildir: ExactMaildir, layout: MaildirLayout[Any]) -> None:
+        super().__init__(maildir, layout)
+        self._inbox = maildir
+        self._folders = layout
+        self._mailboxes: dict[str, ExactMailboxData] = {}
+
+    async def get_mailbox(self, name: str) -> ExactMailboxData:
+        try:
+            _check_name(name, self.delimiter)
+        except NotAllowedError as exc:
+            raise KeyError(name) from exc
+        mbx = self._mailboxes.get(name)
+        if mbx is None:
+            maildir: Maildir
+            if name == "INBOX":
+                maildir = self._inbox
+            else:
+                try:
+                    maildir = self._folders.get_folder(name, self.delimiter)
+                except FileNotFoundError as exc:
+                    raise KeyError(name) from exc
+            assert isinstance(maildir, ExactMaildir)
+            path = self._folders.get_path(name, self.delimiter)
+            async with UidList.with_init(path) as uidl:
+                mailbox_id = ObjectId(uidl.global_uid)
+            mbx = ExactMailboxData(mailbox_id, maildir, path)
+            self._mailboxes[name] = mbx
+        elif name != "INBOX" and not os.path.isdir(self._folders.get_path(name, self.delimiter)):
+            del self._mailboxes[name]  # deleted or renamed since we cached it
+            raise KeyError(name)
+        await mbx.reset()
+        return mbx
+
+    async def add_mailbox(self, name: str) -> ObjectId:
+        _check_name(name, self.delimiter)
+        return await super().add_mailbox(name)
+
+    async def delete_mailbox(self, name: str) -> None:
+        _check_name(name, self.delimiter)
+        self._mailboxes.pop(name, None)
+        await super().delete_mailbox(name)
+
+    async def rename_mailbox(self, before: str, after: str) -> None:
+        _check_name(before, self.delimiter)
+        _check_name(after, self.delimiter)
+        prefix = before + self.delimiter
+        for cached in [n for n in self._mailboxes if n == before or n.startswith(prefix)]:
+            del self._mailboxes[cached]
+        await super().rename_mailbox(before, after)
+
+
+# -- logins -----------------------------------------------------------------------------------
+
+
+class PecdImapConfig(MaildirConfig):
+    """pymap's maildir config for one pecd listener.
+
+    ``tls_enabled`` is pymap's "offer STARTTLS" switch: False on the implicit-TLS listener (the
+    socket is already encrypted, so login mechanisms are offered at once), True on the plain
+    listener (STARTTLS offered, LOGINDISABLED until it has run).
+    """
+
+    def __init__(
+        self,
+        *,
+        store: MaildirStore,
+        ssl_context: Any,
+        tls_enabled: bool,
+        host: str,
+        port: int,
+        hostname: str,
+        failed_login_delay: float,
+    ) -> None:
+        args = Namespace(passlib_cfg=None, proxy_protocol=None, debug=False)
+        super().__init__(
+            args,
+            host=host,
+            port=port,
+            base_dir=str(store.root),
+            layout="++",
+            colon=None,
+            ssl_context=ssl_context,
+            tls_enabled=tls_enabled,
+            subsystem=Subsystem.for_asyncio(),
+            cpu_subsystem=Subsystem.for_asyncio(),
+            hash_context=BuiltinHash(),
+            invalid_user_sleep=failed_login_delay,
+            reject_dnsbl=False,
+        )
+        self.store = store
+        self._hostname = hostname
+
+    @property
+    def tls_auth(self) -> SASLAuth:
+        # Only mechanisms that carry the password itself: pecd stores password hashes.
+        return SASLAuth.named([b"PLAIN", b"LOGIN"])
+
+    @property
+    def greeting(self) -> bytes:
+        # pymap's default calls socket.getfqdn() on every connection (a DNS lookup).
+        return b"pecd IMAP ready " + self._hostname.encode("ascii", "replace")
+
+
+class _SecretCapture:
+    """A pysasl Identity that accepts anything and keeps the secret it was shown.
+
+    pysasl credentials only reveal their password to ``verify(identity)``; pecd checks the
+    password itself (argon2 hashes in the account store), so this captures it for that check.
+    """
+
+    def __init__(self) -> None:
+        self.secret: str | None = None
+
+    @property
+    def authcid(self) -> str:
+        return ""
+
+    def compare_authcid(self, authcid: str) -> bool:
+        return True
+
+    def compare_secret(self, secret: str) -> bool:
+        self.secret = secret
+        return True
+
+    def get_clear_secret(self) -> str | None:
+        return None
+
+
+class AuthUnavailable(ResponseError):
+    """The account store could not be asked (``NO [UNAVAILABLE]``): the client should retry."""
+
+    def get_response(self, tag: bytes) -> ResponseNo:
+        return ResponseNo(
+            tag, b"Login temporarily unavailable, try again later.", ResponseCode.of(b"UNAVAILABLE")
+        )
+
+
+class _NoTokens(TokensInterface):
+    """pecd issues no pymap bearer tokens."""
+
+    def get_login_token(
+        self,
+        identifier: str,
+        authcid: str,
+        key: bytes,
+        *,
+        authzid: str | None = None,
+        location: str | None = None,
+        expiration: datetime | None = None,
+    ) -> str | None:
+        return None
+
+    def get_admin_token(
+        self,
+        admin_key: bytes | None,
+        *,
+        authzid: str | None = None,
+        location: str | None = None,
+        expiration: datetime | None = None,
+    ) -> str | None:
+        return None
+
+    def parse(
+        self, authzid: str, token: str, *, admin_keys: Set[bytes] = frozenset()
+    ) -> TokenCredentials:
+        raise ValueError("tokens are not supported")
+
+
+class PecdLogin(LoginInterface):
+    """Checks LOGIN/AUTHENTICATE credentials through pecd's Authenticator."""
+
+    def __init__(self, auth: Authenticator, config: PecdImapConfig) -> None:
+        self._auth = auth
+        self._config = config
+        self._tokens = _NoTokens()
+
+    @property
+    def tokens(self) -> TokensInterface:
+        return self._tokens
+
+    async def _refuse(self) -> InvalidAuth:
+        # Slows password guessing; pymap's own login does the same for unknown users.
+        await asyncio.sleep(self._config.invalid_user_sleep)
+        return InvalidAuth()
+
+    async def authenticate(self, credentials: ServerCredentials) -> PecdIdentity:
+        if isinstance(credentials, TokenCredentials):
+            raise await self._refuse()
+        capture = _SecretCapture()
+        try:
+            credentials.verify(capture)
+        except MechanismUnusable:
+            raise await self._refuse() from None
+        if capture.secret is None:
+            raise await self._refuse()
+        try:
+            canonical = await self._auth.authenticate(credentials.authcid, capture.secret)
+        except Exception as exc:
+            _log.warning(
+                "IMAP login for %r: account store unavailable: %s", credentials.authcid, exc
+            )
+            _log.debug("account store failure", exc_info=True)
+            raise AuthUnavailable() from exc
+        if canonical is None:
+            _log.info("IMAP login refused for %r", credentials.authcid)
+            raise await self._refuse()
+        return PecdIdentity(canonical, credentials.authcid, self._config)
+
+    async def authorize(self, authenticated: IdentityInterface, authzid: str) -> PecdIdentity:
+        if not isinstance(authenticated, PecdIdentity):  # pragma: no cover - one backend
+            raise AuthorizationFailure()
+        wanted = authzid.strip().lower()
+        if wanted and wanted not in (authenticated.name.lower(), authenticated.authcid.lower()):
+            raise AuthorizationFailure()  # no proxy logins: every holder reads only their own mail
+        return authenticated
+
+
+class PecdIdentity(IdentityInterface):
+    """A logged-in mailbox holder; the session serves ``store.path_for(name)``."""
+
+    def __init__(self, name: str, authcid: str, config: PecdImapConfig) -> None:
+        self._name = name
+        self.authcid = authcid
+        self._config = config
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def roles(self) -> frozenset[str]:
+        return frozenset()
+
+    async def new_token(self, *, expiration: datetime | None = None) -> str | None:
+        return None
+
+    @asynccontextmanager
+    async def new_session(self) -> AsyncIterator[Session]:
+        config = self._config
+        path = await asyncio.to_thread(config.store.ensure, self._name)
+        inbox = ExactMaildir(str(path), create=False)
+        layout = MaildirLayout.get(str(path), "++", ExactMaildir)
+        mailbox_set = ExactMailboxSet(inbox, layout)
+        yield Session(self._name, config, mailbox_set, FilterSet(str(path)))
+
+    async def get(self) -> UserMetadata:
+        return UserMetadata(self._config, self._name)
+
+    async def set(self, metadata: UserMetadata) -> int | None:
+        raise NotAllowedError("Accounts are managed with the pecd command.")
+
+    async def delete(self) -> None:
+        raise NotAllowedError("Accounts are managed with the pecd command.")

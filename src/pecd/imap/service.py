@@ -1,0 +1,167 @@
+"""The IMAPS service: pymap's IMAP protocol over the pecd Maildir store, on implicit TLS and STARTTLS."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import ssl
+import tempfile
+import uuid
+from contextlib import AsyncExitStack, closing
+from functools import partial
+
+from proxyprotocol.sock import SocketInfo
+from pymap.context import connection_exit
+from pymap.imap import IMAPConnection
+from pymap.imap.state import ConnectionState
+from pymap.parsing.response import CommandResponse, ResponseOk
+
+from pecd.imap.backend import Authenticator, PecdImapConfig, PecdLogin
+from pecd.mailbox.maildir import MaildirStore
+
+__all__ = ["ImapService"]
+
+_log = logging.getLogger(__name__)
+
+
+class _ConnectionState(ConnectionState):
+    """pymap's connection state without its loopback exception.
+
+    pymap offers login mechanisms before TLS to clients connecting from localhost; pecd never
+    accepts a password on an unencrypted connection, whoever connects.
+    """
+
+    async def do_greeting(self) -> CommandResponse:
+        return ResponseOk(b"*", self.config.greeting, self.capability)
+
+
+class ImapService:
+    """IMAP for mailbox holders: implicit TLS on ``port`` (993), optional STARTTLS listener.
+
+    Logins are checked through ``auth`` (pecd accounts); each holder sees the Maildir at
+    ``store.path_for(address)``. Port 0 binds an ephemeral port (see ``bound_ports``).
+    """
+
+    def __init__(
+        self,
+        *,
+        store: MaildirStore,
+        auth: Authenticator,
+        tls_context: ssl.SSLContext | None,
+        host: str = "127.0.0.1",
+        port: int = 993,
+        starttls_port: int | None = None,
+        hostname: str | None = None,
+        failed_login_delay: float = 1.0,
+    ) -> None:
+        if tls_context is None:
+            raise ValueError(
+                "IMAP needs a TLS certificate: set the TLS certificate and key in the config"
+            )
+        self.store = store
+        self.host = host
+        self.port = port
+        self.starttls_port = starttls_port
+        self._tls = tls_context
+        name = hostname or (host if host not in ("", "0.0.0.0", "::") else socket.gethostname())
+
+        def config(tls_enabled: bool, listen_port: int) -> PecdImapConfig:
+            return PecdImapConfig(
+                store=store,
+                ssl_context=tls_context,
+                tls_enabled=tls_enabled,
+                host=host,
+                port=listen_port,
+                hostname=name,
+                failed_login_delay=failed_login_delay,
+            )
+
+        self._implicit = config(False, port)
+        self._starttls = config(True, starttls_port) if starttls_port is not None else None
+        # One login for both listeners; it reads only invalid_user_sleep from the config.
+        self._login = PecdLogin(auth, self._implicit)
+        self._servers: list[asyncio.Server] = []
+        self._connections: set[asyncio.Task[None]] = set()
+
+    @property
+    def bound_ports(self) -> list[int]:
+        """The ports actually listened on: implicit TLS first, then STARTTLS (if any)."""
+        ports: list[int] = []
+        for server in self._servers:
+            for sock in server.sockets:
+                port = int(sock.getsockname()[1])
+                if port not in ports:
+                    ports.append(port)
+        return ports
+
+    async def start(self, stack: AsyncExitStack) -> None:
+        """Listen; on stack exit stop listening and close every open connection."""
+        self._warn_tmpdir()
+        await asyncio.to_thread(self.store.root.mkdir, parents=True, exist_ok=True)
+        stack.push_async_callback(self._stop)
+        server = await asyncio.start_server(
+            partial(self._serve, self._implicit), self.host, self.port, ssl=self._tls
+        )
+        self._servers.append(server)
+        if self._starttls is not None:
+            server = await asyncio.start_server(
+                partial(self._serve, self._starttls), self.host, self.starttls_port
+            )
+            self._servers.append(server)
+        _log.info("IMAP listening on %s ports %s", self.host, self.bound_ports)
+
+    async def _stop(self) -> None:
+        for server in self._servers:
+            server.close()
+        for task in list(self._connections):
+            task.cancel()
+        if self._connections:
+            await asyncio.wait(self._connections, timeout=5)
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers.clear()
+
+    async def _serve(
+        self, config: PecdImapConfig, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        try:
+            config.apply_context()
+            sock_info = SocketInfo.get(writer, None, unique_id=uuid.uuid4().bytes)
+            conn = IMAPConnection(config.commands, config, reader, writer, sock_info)
+            state = _ConnectionState(self._login, config)
+            async with AsyncExitStack() as conn_stack:
+                connection_exit.set(conn_stack)
+                conn_stack.enter_context(closing(conn))
+                await conn.run(state)
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            _log.exception("IMAP connection failed")
+        finally:
+            self._connections.discard(task)
+            with contextlib.suppress(Exception):
+                writer.close()
+
+    def _warn_tmpdir(self) -> None:
+        # pymap rewrites dovecot-uidlist by writing a temporary file in the system temporary
+        # directory and renaming it into the Maildir: that rename fails across filesystems.
+        try:
+            store_dev = os.stat(
+                self.store.root if self.store.root.exists() else self.store.root.parent
+            ).st_dev
+            tmp_dev = os.stat(tempfile.gettempdir()).st_dev
+        except OSError:
+            return
+        if store_dev != tmp_dev:
+            _log.warning(
+                "IMAP: the mail directory %s and the temporary directory %s are on different "
+                "filesystems; set TMPDIR to a directory on the mail filesystem",
+                self.store.root,
+                tempfile.gettempdir(),
+            )

@@ -1,0 +1,254 @@
+"""Byte-preserving helpers over raw RFC 5322 messages: header lookup, rewriting, MIME part building."""
+
+from __future__ import annotations
+
+import base64
+import email
+import email.header
+import email.utils
+import quopri
+import re
+import secrets
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from email.policy import compat32
+from email.utils import formataddr
+
+CRLF = b"\r\n"
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+_FIELD_START = re.compile(rb"^[!-9;-~]+[ \t]*:", re.MULTILINE)
+_LONE_LF = re.compile(rb"(?<!\r)\n")
+
+
+def to_crlf(data: bytes) -> bytes:
+    """Canonical line endings (every lone LF becomes CRLF), as S/MIME signing requires."""
+    return _LONE_LF.sub(b"\r\n", data)
+
+
+def split_head(raw: bytes) -> tuple[bytes, bytes]:
+    """(header block without the blank line, body). A message with no blank line is all header."""
+    m = _HEAD_END.search(raw)
+    if m is None:
+        return raw, b""
+    return raw[: m.start()], raw[m.end() :]
+
+
+def header_fields(head: bytes) -> list[tuple[str, bytes]]:
+    """Each header field as (name, its raw bytes including continuation lines and line ending)."""
+    fields: list[tuple[str, bytes]] = []
+    starts = [m.start() for m in _FIELD_START.finditer(head)]
+    # A field starts only at the beginning of a line that is not a continuation (not SP/HTAB).
+    for i, start in enumerate(starts):
+        end = starts[i + 1] if i + 1 < len(starts) else len(head)
+        chunk = head[start:end]
+        name = chunk.split(b":", 1)[0].strip().decode("ascii", "replace")
+        fields.append((name, chunk))
+    return fields
+
+
+def _unfold(raw_field: bytes) -> str:
+    value = raw_field.split(b":", 1)[1]
+    text = value.decode("utf-8", "replace")
+    return re.sub(r"\r?\n[ \t]", " ", text).strip()
+
+
+def get_all(raw: bytes, name: str) -> list[str]:
+    """Unfolded raw values of every field called ``name`` (any letter case) in the top header block."""
+    head, _ = split_head(raw)
+    wanted = name.lower()
+    return [_unfold(chunk) for n, chunk in header_fields(head) if n.lower() == wanted]
+
+
+def get_first(raw: bytes, name: str) -> str | None:
+    values = get_all(raw, name)
+    return values[0] if values else None
+
+
+def decode_words(value: str) -> str:
+    """Decode RFC 2047 encoded words; undecodable input comes back as it was."""
+    try:
+        return str(email.header.make_header(email.header.decode_header(value)))
+    except (LookupError, ValueError, UnicodeError, AssertionError):
+        return value
+
+
+def encode_header_text(name: str, text: str) -> str:
+    """A header value for ``text``: plain when short ASCII, else folded RFC 2047 UTF-8 words."""
+    text = re.sub(r"[\r\n]+", " ", text)
+    if text.isascii() and len(name) + len(text) < 76:
+        return text
+    charset = (
+        "us-ascii" if text.isascii() and max(map(len, text.split(" ") or [""])) < 70 else "utf-8"
+    )
+    return email.header.Header(text, charset, header_name=name).encode(linesep="\r\n")
+
+
+def format_mailbox(display: str, address: str) -> str:
+    """``"display" <address>`` with quoting or RFC 2047 as needed."""
+    return formataddr((display, address), charset="utf-8")
+
+
+def copy_fields(raw: bytes, names: Iterable[str]) -> list[bytes]:
+    """The raw fields of the top header block whose names are in ``names``, in original order, CRLF."""
+    wanted = {n.lower() for n in names}
+    head, _ = split_head(raw)
+    out = []
+    for name, chunk in header_fields(head):
+        if name.lower() in wanted:
+            chunk = to_crlf(chunk)
+            out.append(chunk if chunk.endswith(CRLF) else chunk + CRLF)
+    return out
+
+
+def replace_fields(raw: bytes, drop: Iterable[str], append: Sequence[tuple[str, str]]) -> bytes:
+    """``raw`` in CRLF with the fields named in ``drop`` removed and ``append`` added at the header end.
+
+    Everything else stays byte for byte (bar line endings): this is how the wrapped original keeps its
+    headers while its Message-ID becomes the PEC msgid.
+    """
+    dropped = {n.lower() for n in drop}
+    raw = to_crlf(raw)
+    m = re.search(rb"\r\n\r\n", raw)
+    head, rest = (raw, b"") if m is None else (raw[: m.start() + 2], raw[m.start() + 2 :])
+    if not head.endswith(CRLF):
+        head += CRLF
+    kept = [chunk for name, chunk in header_fields(head) if name.lower() not in dropped]
+    # Anything before the first field (garbage) is kept as it was, ahead of the fields.
+    first = _FIELD_START.search(head)
+    prefix = head[: first.start()] if first else head
+    added = [f"{n}: {v}".encode() + CRLF for n, v in append]
+    if not rest:
+        rest = CRLF
+    return prefix + b"".join(kept) + b"".join(added) + rest
+
+
+def new_boundary(*contents: bytes) -> str:
+    """A random boundary that occurs in none of ``contents``."""
+    while True:
+        b = f"----=_pecd_{secrets.token_hex(16)}"
+        if not any(b.encode() in c for c in contents):
+            return b
+
+
+def qp_text_part(content_type: str, text: str) -> bytes:
+    """A text part in ISO-8859-1 quoted-printable (the rules' charset); UTF-8 when Latin-1 cannot hold it."""
+    try:
+        data, charset = text.encode("iso-8859-1"), "iso-8859-1"
+    except UnicodeEncodeError:
+        data, charset = text.encode("utf-8"), "utf-8"
+    body = quopri.encodestring(to_crlf(data.replace(b"\r\n", b"\n")))
+    return (
+        f'Content-Type: {content_type}; charset="{charset}"\r\n'
+        "Content-Transfer-Encoding: quoted-printable\r\n\r\n"
+    ).encode() + to_crlf(body)
+
+
+def base64_part(headers: Sequence[str], data: bytes) -> bytes:
+    encoded = base64.encodebytes(data).replace(b"\n", b"\r\n")
+    head = "".join(h + "\r\n" for h in headers)
+    return (head + "Content-Transfer-Encoding: base64\r\n\r\n").encode() + encoded
+
+
+def rfc822_part(filename: str, message: bytes) -> bytes:
+    """A ``message/rfc822`` part; 7bit when the message is ASCII, else 8bit (RFC 2046 allows no other)."""
+    message = to_crlf(message)
+    cte = "7bit" if message.isascii() else "8bit"
+    if not message.endswith(CRLF):
+        message += CRLF
+    return (
+        f'Content-Type: message/rfc822; name="{filename}"\r\n'
+        f"Content-Transfer-Encoding: {cte}\r\n"
+        f'Content-Disposition: inline; filename="{filename}"\r\n\r\n'
+    ).encode() + message
+
+
+def multipart(subtype: str, parts: Sequence[bytes]) -> bytes:
+    """A ``multipart/<subtype>`` entity (headers + body) around already-built parts."""
+    boundary = new_boundary(*parts)
+    out = [f'Content-Type: multipart/{subtype}; boundary="{boundary}"\r\n\r\n'.encode()]
+    for part in parts:
+        out.append(f"--{boundary}\r\n".encode())
+        # The CRLF before a delimiter belongs to the delimiter: adding one keeps each part's own
+        # final line ending, so a wrapped message comes back out byte for byte.
+        out.append(part + CRLF)
+    out.append(f"--{boundary}--\r\n".encode())
+    return b"".join(out)
+
+
+# --- a byte-exact MIME tree ---------------------------------------------------------------------
+
+MAX_DEPTH = 32
+
+
+@dataclass
+class Entity:
+    """One MIME entity with its exact bytes: ``head`` and ``body`` slice the original."""
+
+    head: bytes
+    body: bytes
+    content_type: str
+    params: dict[str, str]
+    filename: str | None
+    children: list[Entity] = field(default_factory=list)
+
+    def walk(self, *, into_messages: bool = False) -> Iterator[Entity]:
+        """This entity and its descendants; wrapped messages are not entered unless asked."""
+        yield self
+        if self.content_type == "message/rfc822" and not into_messages:
+            return
+        for child in self.children:
+            yield from child.walk(into_messages=into_messages)
+
+
+def _params(head: bytes) -> tuple[str, dict[str, str], str | None]:
+    msg = email.message_from_bytes(head + b"\r\n\r\n", policy=compat32)
+    ctype = msg.get_content_type()
+    params: dict[str, str] = {}
+    for key, value in msg.get_params(failobj=[], header="content-type")[1:]:
+        params[key.lower()] = str(email.utils.collapse_rfc2231_value(value)).strip()
+    fname = msg.get_filename()
+    if fname is None and "name" in params:
+        fname = params["name"]
+    return ctype, params, None if fname is None else decode_words(str(fname))
+
+
+def split_multipart(body: bytes, boundary: str) -> list[bytes] | None:
+    """The body parts between ``--boundary`` delimiters (each without the delimiter's line ending),
+    or None when the opening delimiter is missing."""
+    delim = re.compile(
+        rb"(?:^|\r?\n)--"
+        + re.escape(boundary.encode("latin-1", "replace"))
+        + rb"(--)?[ \t]*(?=\r?\n|$)"
+    )
+    parts: list[bytes] = []
+    start: int | None = None
+    for m in delim.finditer(body):
+        if start is not None:
+            parts.append(body[start : m.start()])
+        if m.group(1):
+            return parts
+        nl = body.find(b"\n", m.end())
+        start = len(body) if nl < 0 else nl + 1
+    if start is None:
+        return None
+    parts.append(body[start:])  # no closing delimiter: keep what is there
+    return parts
+
+
+def parse_entity(raw: bytes, _depth: int = 0) -> Entity:
+    """Parse ``raw`` into a tree that keeps the exact bytes of every part. Never raises on bad input:
+    what cannot be split stays a leaf."""
+    head, body = split_head(raw)
+    try:
+        ctype, params, fname = _params(head)
+    except Exception:  # any header the stdlib cannot make sense of
+        ctype, params, fname = "text/plain", {}, None
+    entity = Entity(head, body, ctype, params, fname)
+    if _depth >= MAX_DEPTH:
+        return entity
+    if ctype.startswith("multipart/") and params.get("boundary"):
+        for part in split_multipart(body, params["boundary"]) or []:
+            entity.children.append(parse_entity(part, _depth + 1))
+    elif ctype == "message/rfc822":
+        entity.children.append(parse_entity(body, _depth + 1))
+    return entity

@@ -1,0 +1,804 @@
+"""S/MIME ``multipart/signed`` (detached CMS SignedData): signing and verification, over bytes.
+
+PEC system messages are S/MIME v3 ``multipart/signed`` with the provider certificate inside the CMS
+(spec sections 2.1 and 5). This module builds the CMS itself with asn1crypto so that the digest
+(SHA-1 as every provider still uses, or SHA-256) and ``signingTime`` are under our control, and uses
+``cryptography`` for the key operations.
+
+Verification (:func:`verify`) never raises anything but :class:`SignatureError` whatever the input
+bytes; every failure carries a short stable ``code``.
+
+Signed content canonicalisation: the first body part is taken exactly as it sits between its
+delimiters (the line ending before the next delimiter belongs to the delimiter) and every line
+ending is made CRLF, as RFC 5751 section 3.1.1 and OpenSSL do. Nothing else is touched: a removed
+trailing space is a changed message.
+"""
+
+from __future__ import annotations
+
+import binascii
+import hashlib
+import hmac
+import re
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal, Protocol
+
+from asn1crypto import cms, core
+from asn1crypto import x509 as asn1_x509
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+
+from pecd.pec.vocab import CT_SIGNATURE, CT_SIGNATURE_ALIASES, SMIME_FILENAME, SMIME_PREAMBLE
+
+__all__ = [
+    "DigestName",
+    "KeySigner",
+    "PrivateKey",
+    "SignatureError",
+    "SignatureInfo",
+    "Signer",
+    "cms_sign_detached",
+    "sign_multipart",
+    "split_signed",
+    "verify",
+]
+
+DigestName = Literal["sha1", "sha256"]
+PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+
+_HASHES: dict[str, type[hashes.HashAlgorithm]] = {
+    "sha1": hashes.SHA1,
+    "sha256": hashes.SHA256,
+    "sha384": hashes.SHA384,
+    "sha512": hashes.SHA512,
+}
+# RFC 5751 section 3.4.3.2 micalg names.
+_MICALG: dict[str, str] = {
+    "sha1": "sha1",
+    "sha256": "sha-256",
+    "sha384": "sha-384",
+    "sha512": "sha-512",
+}
+_CRLF = b"\r\n"
+_ANY_EOL = re.compile(rb"\r?\n")
+_HEAD_END = re.compile(rb"\n\r?\n")
+_BCHARS = re.compile(r"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]")
+_B64_BODY = re.compile(rb"[A-Za-z0-9+/]*={0,2}")
+_WSP = re.compile(rb"[ \t\r\n]+")
+_MAX_BOUNDARY = 200  # RFC 2046 says 70; be lenient on reading, but bound the work.
+_MAX_CHAIN = 8
+
+
+class SignatureError(Exception):
+    """A signature that is absent, malformed or does not verify.
+
+    ``code`` is short and stable (``not-signed``, ``malformed-mime``, ``malformed-cms``,
+    ``digest-mismatch``, ``bad-signature``, ``unsupported-algorithm``, ``no-signer-certificate``,
+    ``expired``, ``not-yet-valid``, ``untrusted-chain``); ``reason`` is one human-readable line.
+    """
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(code, reason)
+        self.code = code
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+# --- signing -----------------------------------------------------------------------------------
+
+
+class Signer(Protocol):
+    """Whatever holds the provider key (in memory, or an HSM behind an adapter)."""
+
+    @property
+    def certificate(self) -> x509.Certificate: ...
+
+    @property
+    def chain(self) -> tuple[x509.Certificate, ...]: ...
+
+    def sign_digest_input(self, data: bytes, digest: DigestName) -> bytes:
+        """The raw signature over ``data`` (hashed with ``digest`` by the signer)."""
+        ...
+
+
+class KeySigner:
+    """A :class:`Signer` over an in-memory RSA (PKCS#1 v1.5) or EC (ECDSA) private key."""
+
+    def __init__(
+        self,
+        key: PrivateKey,
+        certificate: x509.Certificate,
+        chain: Sequence[x509.Certificate] = (),
+    ) -> None:
+        if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+            raise TypeError("only RSA and EC private keys are supported")
+        spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        if key.public_key().public_bytes(*spki) != certificate.public_key().public_bytes(*spki):
+            raise ValueError("the private key does not match the certificate")
+        self._key = key
+        self._certificate = certificate
+        self._chain = tuple(chain)
+
+    @classmethod
+    def from_pem(
+        cls,
+        key_pem: bytes,
+        cert_pem: bytes,
+        chain_pem: bytes | None = None,
+        password: bytes | None = None,
+    ) -> KeySigner:
+        key = serialization.load_pem_private_key(key_pem, password=password)
+        if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+            raise TypeError("only RSA and EC private keys are supported")
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        chain = x509.load_pem_x509_certificates(chain_pem) if chain_pem else []
+        return cls(key, cert, chain)
+
+    @property
+    def certificate(self) -> x509.Certificate:
+        return self._certificate
+
+    @property
+    def chain(self) -> tuple[x509.Certificate, ...]:
+        return self._chain
+
+    def sign_digest_input(self, data: bytes, digest: DigestName) -> bytes:
+        algorithm = _HASHES[digest]()
+        if isinstance(self._key, rsa.RSAPrivateKey):
+            return self._key.sign(data, padding.PKCS1v15(), algorithm)
+        return self._key.sign(data, ec.ECDSA(algorithm))
+
+
+def _cms_time(when: datetime) -> cms.Time:
+    when = _as_utc(when).replace(microsecond=0)
+    # RFC 5652 section 11.3: UTCTime for 1950-2049, GeneralizedTime otherwise.
+    if 1950 <= when.year < 2050:
+        return cms.Time({"utc_time": when})
+    return cms.Time({"generalized_time": when})
+
+
+def cms_sign_detached(
+    content: bytes, signer: Signer, *, digest: DigestName, signing_time: datetime
+) -> bytes:
+    """DER ContentInfo(SignedData v1), detached, over ``content`` exactly as given.
+
+    Signed attributes: contentType=data, signingTime, messageDigest, smimeCapabilities. The signer
+    certificate and its chain are included; the signer is named by issuerAndSerialNumber.
+    """
+    if digest not in ("sha1", "sha256"):
+        raise ValueError(f"unsupported digest {digest!r}")
+    cert_der = signer.certificate.public_bytes(serialization.Encoding.DER)
+    cert = asn1_x509.Certificate.load(cert_der)
+    message_digest = hashlib.new(digest, content).digest()
+    capabilities = cms.SMIMECapabilites(
+        [{"capability_id": "aes256_cbc"}, {"capability_id": "aes128_cbc"}]
+    )
+    signed_attrs = cms.CMSAttributes(
+        [
+            {"type": "content_type", "values": ["data"]},
+            {"type": "signing_time", "values": [_cms_time(signing_time)]},
+            {"type": "message_digest", "values": [message_digest]},
+            {"type": "smime_capabilities", "values": [capabilities]},
+        ]
+    )
+    # The signature covers the DER SET OF (tag 0x31), not the [0] IMPLICIT form in SignerInfo.
+    to_sign = signed_attrs.dump()
+    signature = signer.sign_digest_input(to_sign, digest)
+
+    public_key = signer.certificate.public_key()
+    if isinstance(public_key, rsa.RSAPublicKey):
+        signature_algorithm = "rsassa_pkcs1v15"  # rsaEncryption, as every PEC provider writes
+    elif isinstance(public_key, ec.EllipticCurvePublicKey):
+        signature_algorithm = f"{digest}_ecdsa"
+    else:
+        raise TypeError("only RSA and EC signer certificates are supported")
+
+    signer_info = cms.SignerInfo(
+        {
+            "version": "v1",
+            "sid": cms.SignerIdentifier(
+                {
+                    "issuer_and_serial_number": {
+                        "issuer": cert.issuer,
+                        "serial_number": cert.serial_number,
+                    }
+                }
+            ),
+            "digest_algorithm": {"algorithm": digest},
+            "signed_attrs": signed_attrs,
+            "signature_algorithm": {"algorithm": signature_algorithm},
+            "signature": signature,
+        }
+    )
+    certificates = [cert] + [
+        asn1_x509.Certificate.load(c.public_bytes(serialization.Encoding.DER)) for c in signer.chain
+    ]
+    signed_data = cms.SignedData(
+        {
+            "version": "v1",
+            "digest_algorithms": [{"algorithm": digest}],
+            "encap_content_info": {"content_type": "data"},
+            "certificates": certificates,
+            "signer_infos": [signer_info],
+        }
+    )
+    content_info = cms.ContentInfo({"content_type": "signed_data", "content": signed_data})
+    return bytes(content_info.dump())
+
+
+def _to_crlf(data: bytes) -> bytes:
+    return _ANY_EOL.sub(_CRLF, data)
+
+
+def _header_line(name: str, value: str) -> bytes:
+    if not name or any(c in name for c in ": \t\r\n"):
+        raise ValueError(f"invalid header name {name!r}")
+    encoded = _to_crlf(f"{name}: {value}".encode())
+    # A line break inside a value must be a fold (followed by SP/HTAB), never a new field.
+    for i in range(len(encoded)):
+        if encoded[i : i + 2] == _CRLF and encoded[i + 2 : i + 3] not in (b" ", b"\t"):
+            raise ValueError(f"header {name!r} has a line break that is not a fold")
+    return encoded + _CRLF
+
+
+def _base64_lines(data: bytes) -> bytes:
+    text = binascii.b2a_base64(data, newline=False)
+    return b"".join(text[i : i + 76] + _CRLF for i in range(0, len(text), 76))
+
+
+def _new_boundary(inner: bytes) -> str:
+    while True:
+        boundary = f"----=_pecd_smime_{secrets.token_hex(16)}"
+        if boundary.encode() not in inner:
+            return boundary
+
+
+def sign_multipart(
+    headers: Sequence[tuple[str, str]],
+    inner: bytes,
+    signer: Signer,
+    *,
+    digest: DigestName,
+    signing_time: datetime,
+    boundary: str | None = None,
+) -> bytes:
+    """A whole CRLF message: ``headers``, then a ``multipart/signed`` whose first part is ``inner``.
+
+    ``inner`` is a MIME entity (its own headers and body); it is made CRLF and signed exactly as
+    emitted. The caller must not pass MIME-Version or Content-Type headers: they are written here.
+    """
+    for name, _ in headers:
+        if name.strip().lower() in ("mime-version", "content-type", "content-transfer-encoding"):
+            raise ValueError(f"{name} is written by sign_multipart, do not pass it")
+    inner = _to_crlf(inner)
+    if boundary is None:
+        boundary = _new_boundary(inner)
+    elif not _BCHARS.fullmatch(boundary) or boundary.encode() in inner:
+        raise ValueError("boundary is not valid or occurs in the signed content")
+    der = cms_sign_detached(inner, signer, digest=digest, signing_time=signing_time)
+    delimiter = b"--" + boundary.encode("ascii")
+    out = [_header_line(n, v) for n, v in headers]
+    out.append(b"MIME-Version: 1.0\r\n")
+    out.append(
+        f'Content-Type: multipart/signed; protocol="{CT_SIGNATURE}";\r\n'
+        f'\tmicalg="{_MICALG[digest]}"; boundary="{boundary}"\r\n'.encode("ascii")
+    )
+    out += [
+        _CRLF,
+        SMIME_PREAMBLE.encode("ascii") + _CRLF,
+        delimiter + _CRLF,
+        inner,
+        _CRLF + delimiter + _CRLF,
+        f'Content-Type: {CT_SIGNATURE}; name="{SMIME_FILENAME}"\r\n'.encode("ascii"),
+        b"Content-Transfer-Encoding: base64\r\n",
+        f'Content-Disposition: attachment; filename="{SMIME_FILENAME}"\r\n'.encode("ascii"),
+        _CRLF,
+        _base64_lines(der),
+        _CRLF + delimiter + b"--" + _CRLF,
+    ]
+    return b"".join(out)
+
+
+# --- parsing the MIME structure ---------------------------------------------------------------
+
+
+def _split_head(raw: bytes) -> tuple[bytes, bytes] | None:
+    """(header block, body) split at the first blank line; None when there is no blank line."""
+    if raw.startswith(b"\n"):
+        return b"", raw[1:]
+    if raw.startswith(b"\r\n"):
+        return b"", raw[2:]
+    m = _HEAD_END.search(raw)
+    if m is None:
+        return None
+    return raw[: m.start()], raw[m.end() :]
+
+
+def _header_value(head: bytes, wanted: str) -> str | None:
+    """The unfolded value of the first field called ``wanted`` (any case), decoded as Latin-1."""
+    value: list[bytes] | None = None
+    for line in head.split(b"\n"):
+        line = line.removesuffix(b"\r")
+        if line[:1] in (b" ", b"\t"):
+            if value is not None:
+                value.append(line)
+            continue
+        if value is not None:
+            break
+        name, colon, rest = line.partition(b":")
+        if colon and name.strip().lower() == wanted.encode("ascii"):
+            value = [rest]
+    if value is None:
+        return None
+    return " ".join(v.decode("latin-1").strip() for v in value).strip()
+
+
+def _split_params(value: str) -> list[str]:
+    """Split a structured header value on ``;`` outside quoted strings."""
+    parts: list[str] = []
+    buf: list[str] = []
+    quoted = escaped = False
+    for ch in value:
+        if escaped:
+            escaped = False
+        elif quoted and ch == "\\":
+            escaped = True
+        elif ch == '"':
+            quoted = not quoted
+        elif ch == ";" and not quoted:
+            parts.append("".join(buf))
+            buf = []
+            continue
+        buf.append(ch)
+    parts.append("".join(buf))
+    return parts
+
+
+def _content_type(value: str) -> tuple[str, dict[str, str]]:
+    """(lowercased media type, parameters with lowercased names and unquoted values)."""
+    first, *rest = _split_params(value)
+    params: dict[str, str] = {}
+    for item in rest:
+        name, eq, val = item.partition("=")
+        name = name.strip().lower()
+        if not eq or not name or name in params:
+            continue
+        val = val.strip()
+        if len(val) >= 2 and val[0] == '"' and val[-1] == '"':
+            val = re.sub(r"\\(.)", r"\1", val[1:-1])
+        params[name] = val
+    return first.strip().lower(), params
+
+
+def _line_end(body: bytes, pos: int) -> int:
+    """Position just after the line ending at ``pos`` (where a delimiter match stopped)."""
+    if body[pos : pos + 1] == b"\n":
+        return pos + 1
+    raise SignatureError("malformed-mime", "a MIME delimiter line is not followed by a line end")
+
+
+def _part_end(body: bytes, start: int, delimiter_start: int) -> int:
+    """End of a part: the line ending before the next delimiter belongs to the delimiter."""
+    end = delimiter_start - 1  # the LF the delimiter line starts after
+    if end > start and body[end - 1 : end] == b"\r":
+        end -= 1
+    return max(end, start)
+
+
+def _decode_signature_part(part: bytes) -> bytes:
+    split = _split_head(part)
+    if split is None:
+        raise SignatureError("malformed-mime", "the signature part has no header/body separator")
+    head, body = split
+    media, _ = _content_type(_header_value(head, "content-type") or "text/plain")
+    if media not in CT_SIGNATURE_ALIASES:
+        raise SignatureError(
+            "malformed-mime", f"the second part is {media or 'untyped'}, not a PKCS#7 signature"
+        )
+    cte = (_header_value(head, "content-transfer-encoding") or "base64").strip().lower()
+    if cte == "binary":
+        der = body
+    elif cte in ("base64", "7bit"):
+        text = _WSP.sub(b"", body)
+        if not text or not _B64_BODY.fullmatch(text) or len(text) % 4:
+            raise SignatureError("malformed-mime", "the signature part is not valid base64")
+        der = binascii.a2b_base64(text)
+    else:
+        raise SignatureError(
+            "malformed-mime", f"unsupported transfer encoding {cte!r} for the signature"
+        )
+    if not der:
+        raise SignatureError("malformed-mime", "the signature part is empty")
+    return der
+
+
+def _split_signed(raw: bytes) -> tuple[bytes, bytes, str | None]:
+    split = _split_head(raw)
+    if split is None:
+        raise SignatureError("not-signed", "no header/body separator, so no multipart/signed body")
+    head, body = split
+    ctype = _header_value(head, "content-type")
+    if ctype is None:
+        raise SignatureError("not-signed", "no Content-Type: not a multipart/signed message")
+    media, params = _content_type(ctype)
+    if media != "multipart/signed":
+        raise SignatureError(
+            "not-signed", f"Content-Type is {media or 'empty'}, not multipart/signed"
+        )
+    boundary = params.get("boundary", "")
+    if not boundary or len(boundary) > _MAX_BOUNDARY:
+        raise SignatureError("malformed-mime", "multipart/signed without a usable boundary")
+    protocol = params.get("protocol")
+    if protocol is not None and protocol.lower() not in CT_SIGNATURE_ALIASES:
+        raise SignatureError(
+            "malformed-mime", f"multipart/signed protocol {protocol!r} is not PKCS#7"
+        )
+    micalg = params.get("micalg")
+
+    delimiter = re.compile(
+        rb"^--" + re.escape(boundary.encode("latin-1")) + rb"(--)?[ \t]*\r?$", re.MULTILINE
+    )
+    first = delimiter.search(body)
+    if first is None or first.group(1):
+        raise SignatureError("malformed-mime", "the boundary of multipart/signed is never opened")
+    start = _line_end(body, first.end())
+    second = delimiter.search(body, start)
+    if second is None:
+        raise SignatureError("malformed-mime", "multipart/signed has a single unterminated part")
+    signed = body[start : _part_end(body, start, second.start())]
+    if second.group(1):
+        raise SignatureError("malformed-mime", "multipart/signed has no signature part")
+    sig_start = _line_end(body, second.end())
+    third = delimiter.search(body, sig_start)
+    sig_part = (
+        body[sig_start:]
+        if third is None
+        else body[sig_start : _part_end(body, sig_start, third.start())]
+    )
+    return _to_crlf(signed), _decode_signature_part(sig_part), micalg
+
+
+def split_signed(raw: bytes) -> tuple[bytes, bytes]:
+    """(signed first part in CRLF, signature DER) of a whole ``multipart/signed`` message.
+
+    Raises :class:`SignatureError` (``not-signed`` or ``malformed-mime``) and nothing else.
+    """
+    signed, der, _ = _split_signed_safe(raw)
+    return signed, der
+
+
+def _split_signed_safe(raw: bytes) -> tuple[bytes, bytes, str | None]:
+    try:
+        return _split_signed(raw)
+    except SignatureError:
+        raise
+    except Exception as exc:  # never let a parsing accident escape
+        raise SignatureError(
+            "malformed-mime", f"cannot parse the MIME structure ({exc!r})"
+        ) from exc
+
+
+# --- parsing the CMS -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SignatureInfo:
+    """What a verified signature says."""
+
+    signer: x509.Certificate
+    signer_sha1: str
+    certificates: tuple[x509.Certificate, ...]
+    digest: str
+    signing_time: datetime | None
+    signed_content: bytes
+    micalg: str | None
+
+
+@dataclass(frozen=True)
+class _Cms:
+    digest: str
+    signed_attrs_der: bytes | None  # the SET OF (tag 0x31) the signature covers, when present
+    message_digest: bytes | None
+    signing_time: datetime | None
+    signature_algo: str
+    signature: bytes
+    signer: x509.Certificate | None
+    certificates: tuple[x509.Certificate, ...]
+
+
+def _as_utc(when: datetime) -> datetime:
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+
+
+def _single_attr(attrs: Any, name: str) -> Any:
+    found = [a for a in attrs if a["type"].native == name]
+    if not found:
+        return None
+    if len(found) > 1 or len(found[0]["values"]) != 1:
+        raise SignatureError("malformed-cms", f"the {name} signed attribute must occur once")
+    return found[0]["values"][0]
+
+
+def _sid_matches(sid: Any, cert: Any) -> bool:
+    if sid.name == "issuer_and_serial_number":
+        return bool(
+            cert.serial_number == sid.chosen["serial_number"].native
+            and cert.issuer == sid.chosen["issuer"]
+        )
+    ski = cert.key_identifier
+    return ski is not None and bytes(ski) == bytes(sid.chosen.native)
+
+
+def _parse_cms(der: bytes) -> _Cms:
+    info = cms.ContentInfo.load(der)
+    if info["content_type"].native != "signed_data":
+        raise SignatureError("malformed-cms", "the CMS is not SignedData")
+    signed_data = info["content"]
+    encap = signed_data["encap_content_info"]
+    if encap["content_type"].native != "data":
+        raise SignatureError("malformed-cms", "the signed content type is not id-data")
+    if encap["content"].native is not None:
+        raise SignatureError("malformed-cms", "the CMS is not detached (it embeds content)")
+    signer_infos = list(signed_data["signer_infos"])
+    if len(signer_infos) != 1:
+        raise SignatureError(
+            "malformed-cms", f"expected exactly one signer, found {len(signer_infos)}"
+        )
+    si = signer_infos[0]
+
+    digest = si["digest_algorithm"]["algorithm"].native
+    if digest not in _HASHES:
+        raise SignatureError("unsupported-algorithm", f"digest algorithm {digest} is not supported")
+    try:
+        signature_algo = si["signature_algorithm"].signature_algo
+    except ValueError as exc:
+        raise SignatureError(
+            "unsupported-algorithm",
+            f"signature algorithm {si['signature_algorithm']['algorithm'].dotted} is not supported",
+        ) from exc
+    signature = bytes(si["signature"].native)
+
+    signed_attrs_der: bytes | None = None
+    message_digest: bytes | None = None
+    signing_time: datetime | None = None
+    attrs = si["signed_attrs"]
+    if not isinstance(attrs, core.Void):
+        content_type = _single_attr(attrs, "content_type")
+        md = _single_attr(attrs, "message_digest")
+        if content_type is None or md is None:
+            raise SignatureError(
+                "malformed-cms", "signed attributes lack contentType or messageDigest"
+            )
+        if content_type.native != "data":
+            raise SignatureError("malformed-cms", "the contentType signed attribute is not id-data")
+        message_digest = bytes(md.native)
+        st = _single_attr(attrs, "signing_time")
+        if st is not None:
+            when = st.native
+            if not isinstance(when, datetime):
+                raise SignatureError("malformed-cms", "signingTime is out of range")
+            signing_time = _as_utc(when)
+        # The encoding as received, retagged from [0] IMPLICIT to SET OF.
+        encoded = attrs.dump()
+        signed_attrs_der = b"\x31" + encoded[1:]
+
+    sid = si["sid"]
+    _ = sid.chosen.native  # force lazy parsing here, inside the caller's error handling
+    certificates: list[x509.Certificate] = []
+    signer: x509.Certificate | None = None
+    cert_set = signed_data["certificates"]
+    for choice in [] if isinstance(cert_set, core.Void) else cert_set:
+        if choice.name != "certificate":
+            continue
+        try:
+            asn1_cert = choice.chosen
+            crypto_cert = x509.load_der_x509_certificate(asn1_cert.dump())
+            matches = _sid_matches(sid, asn1_cert)
+        except Exception:  # an unreadable extra certificate is skipped, not fatal
+            continue
+        certificates.append(crypto_cert)
+        if matches and signer is None:
+            signer = crypto_cert
+    return _Cms(
+        digest=digest,
+        signed_attrs_der=signed_attrs_der,
+        message_digest=message_digest,
+        signing_time=signing_time,
+        signature_algo=signature_algo,
+        signature=signature,
+        signer=signer,
+        certificates=tuple(certificates),
+    )
+
+
+def _check_signature(parsed: _Cms, signer: x509.Certificate, content: bytes) -> None:
+    algorithm = _HASHES[parsed.digest]()
+    data = parsed.signed_attrs_der if parsed.signed_attrs_der is not None else content
+    try:
+        key = signer.public_key()
+    except UnsupportedAlgorithm as exc:
+        raise SignatureError("unsupported-algorithm", f"signer key type: {exc}") from exc
+    except ValueError as exc:
+        raise SignatureError("malformed-cms", "the signer public key cannot be read") from exc
+    try:
+        if parsed.signature_algo == "rsassa_pkcs1v15" and isinstance(key, rsa.RSAPublicKey):
+            key.verify(parsed.signature, data, padding.PKCS1v15(), algorithm)
+        elif parsed.signature_algo == "ecdsa" and isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(parsed.signature, data, ec.ECDSA(algorithm))
+        else:
+            raise SignatureError(
+                "unsupported-algorithm",
+                f"signature algorithm {parsed.signature_algo} with a "
+                f"{type(key).__name__.removeprefix('_')} key is not supported",
+            )
+    except InvalidSignature as exc:
+        raise SignatureError(
+            "bad-signature", "the signature does not verify with the signer's public key"
+        ) from exc
+    except UnsupportedAlgorithm as exc:
+        raise SignatureError("unsupported-algorithm", f"cannot verify: {exc}") from exc
+
+
+def _describe(cert: x509.Certificate) -> str:
+    try:
+        return cert.subject.rfc4514_string()
+    except Exception:
+        return "a certificate"
+
+
+def _check_validity(cert: x509.Certificate, at: datetime, what: str, code: str | None) -> None:
+    """Raise ``code`` (or expired/not-yet-valid when ``code`` is None) if ``at`` is outside."""
+    if at > cert.not_valid_after_utc:
+        raise SignatureError(
+            code or "expired",
+            f"{what} {_describe(cert)} expired at {cert.not_valid_after_utc.isoformat()}"
+            f" (checked at {at.isoformat()})",
+        )
+    if at < cert.not_valid_before_utc:
+        raise SignatureError(
+            code or "not-yet-valid",
+            f"{what} {_describe(cert)} is valid only from {cert.not_valid_before_utc.isoformat()}"
+            f" (checked at {at.isoformat()})",
+        )
+
+
+def _der(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except Exception:  # name mismatch, bad signature, unsupported or unreadable key
+        return False
+    return True
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    """basicConstraints cA, and keyCertSign when keyUsage is present; unreadable means no."""
+    try:
+        extensions = cert.extensions
+        bc = extensions.get_extension_for_class(x509.BasicConstraints).value
+        if not bc.ca:
+            return False
+        try:
+            return extensions.get_extension_for_class(x509.KeyUsage).value.key_cert_sign
+        except x509.ExtensionNotFound:
+            return True
+    except Exception:  # missing basicConstraints, or extensions that do not parse
+        return False
+
+
+def _check_chain(
+    leaf: x509.Certificate,
+    intermediates: Sequence[x509.Certificate],
+    roots: Sequence[x509.Certificate],
+    at: datetime | None,
+) -> None:
+    """Signer -> intermediates (from the CMS) -> a trust root: names, signatures, validity."""
+    root_ders = {_der(r) for r in roots}
+    current = leaf
+    used = {_der(leaf)}
+    for _ in range(_MAX_CHAIN):
+        if _der(current) in root_ders:
+            return  # the certificate itself is trusted (a pinned provider certificate)
+        for root in roots:
+            if _issued_by(current, root):
+                if at is not None:
+                    _check_validity(root, at, "trust root", "untrusted-chain")
+                return
+        issuer = next(
+            (
+                c
+                for c in intermediates
+                if _der(c) not in used and _is_ca(c) and _issued_by(current, c)
+            ),
+            None,
+        )
+        if issuer is None:
+            raise SignatureError(
+                "untrusted-chain",
+                f"no trusted issuer found for {_describe(current)}",
+            )
+        if at is not None:
+            _check_validity(issuer, at, "intermediate CA", "untrusted-chain")
+        used.add(_der(issuer))
+        current = issuer
+    raise SignatureError("untrusted-chain", "the certificate chain is too long")
+
+
+def _verify(
+    raw: bytes, at: datetime | None, trust_roots: Sequence[x509.Certificate] | None
+) -> SignatureInfo:
+    content, der, micalg = _split_signed_safe(raw)
+    try:
+        parsed = _parse_cms(der)
+    except SignatureError:
+        raise
+    except Exception as exc:
+        raise SignatureError(
+            "malformed-cms", f"the smime.p7s is not a valid CMS ({exc!r})"
+        ) from exc
+
+    signer = parsed.signer
+    if signer is None:
+        raise SignatureError("no-signer-certificate", "the signer certificate is not in the CMS")
+    _check_signature(parsed, signer, content)
+    if parsed.message_digest is not None:
+        actual = hashlib.new(parsed.digest, content).digest()
+        if not hmac.compare_digest(actual, parsed.message_digest):
+            raise SignatureError(
+                "digest-mismatch",
+                "the signed content was altered: its digest differs from the signed messageDigest",
+            )
+
+    when = _as_utc(at) if at is not None else parsed.signing_time
+    if when is not None:
+        _check_validity(signer, when, "signer certificate", None)
+    if trust_roots is not None:
+        _check_chain(signer, parsed.certificates, trust_roots, when)
+
+    return SignatureInfo(
+        signer=signer,
+        signer_sha1=hashlib.sha1(_der(signer)).hexdigest(),
+        certificates=parsed.certificates,
+        digest=parsed.digest,
+        signing_time=parsed.signing_time,
+        signed_content=content,
+        micalg=micalg.lower() if micalg is not None else None,
+    )
+
+
+def verify(
+    raw: bytes,
+    *,
+    at: datetime | None = None,
+    trust_roots: Sequence[x509.Certificate] | None = None,
+) -> SignatureInfo:
+    """Verify the ``multipart/signed`` message ``raw``; raise :class:`SignatureError` otherwise.
+
+    Checks, in order: the MIME structure, the CMS structure, the signer certificate is in the CMS
+    (issuerAndSerialNumber or subjectKeyIdentifier), the signature over the signed attributes, the
+    messageDigest against the signed content (``digest-mismatch`` thus means authentic attributes
+    over altered content), then time validity and, with ``trust_roots``, the chain.
+
+    Time: validity is checked at ``at`` (an aware datetime; a naive one is taken as UTC). When
+    ``at`` is None the signingTime signed attribute is used, and when that is absent too no
+    validity check is made at all. With ``trust_roots`` the chain signer -> intermediates found in
+    the CMS -> one of ``trust_roots`` is checked by hand (issuer names, signatures, CA flag of
+    intermediates, validity at the same instant). SHA-1 and RSA-1024 are accepted in certificates,
+    because real provider chains use them. Revocation (CRL/OCSP) is not checked here.
+    """
+    try:
+        return _verify(raw, at, trust_roots)
+    except SignatureError:
+        raise
+    except Exception as exc:  # never let anything else escape
+        raise SignatureError("malformed-cms", f"cannot verify the signature ({exc!r})") from exc

@@ -1,0 +1,261 @@
+"""The Italian texts people read in envelopes and receipts, rendered as plain text and equivalent HTML.
+
+Receivers must parse only daticert.xml; these texts are for humans. The wording is pecd's own, modelled
+on the RFC 6109 descriptions and the real messages in the corpus. Plain and HTML come from one structure,
+so they always carry the same information; the HTML has no links, images, styles or scripts.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pecd.pec.timefmt import PecTime
+from pecd.pec.vocab import LABEL_POSTA_CERTIFICATA, LABEL_POSTA_ORDINARIA
+
+DATICERT_NOTE = "L'allegato daticert.xml contiene informazioni di servizio sulla trasmissione."
+POSTACERT_NOTE = 'Il messaggio originale è incluso in allegato (file "postacert.eml").'
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """A titled text of paragraphs; each paragraph is a list of lines."""
+
+    title: str
+    paragraphs: tuple[tuple[str, ...], ...]
+
+    def plain(self) -> str:
+        body = "\n\n".join("\n".join(p) for p in self.paragraphs)
+        return f"{self.title}\n\n{body}\n"
+
+    def html(self) -> str:
+        paras = "\n".join(
+            "<p>" + "<br>\n".join(html.escape(line) for line in p) + "</p>" for p in self.paragraphs
+        )
+        title = html.escape(self.title)
+        return (
+            "<html>\n<head><title>"
+            + title
+            + "</title></head>\n<body>\n<h3>"
+            + title
+            + "</h3>\n<hr>\n"
+            + paras
+            + "\n</body>\n</html>\n"
+        )
+
+
+def _when(t: PecTime) -> str:
+    return f"Il giorno {t.giorno} alle ore {t.ora} {t.text_zone}"
+
+
+def _id(identificativo: str) -> tuple[str, ...]:
+    return (f"Identificativo messaggio: {identificativo}",)
+
+
+def transport(
+    t: PecTime, oggetto: str, mittente: str, destinatari: Sequence[str], identificativo: str
+) -> Notice:
+    return Notice(
+        "Messaggio di posta certificata",
+        (
+            (
+                f'{_when(t)} il messaggio "{oggetto}" è stato inviato da "{mittente}"',
+                "indirizzato a:",
+                *destinatari,
+            ),
+            (POSTACERT_NOTE, DATICERT_NOTE),
+            _id(identificativo),
+        ),
+    )
+
+
+def anomaly(
+    t: PecTime, oggetto: str, mittente: str, destinatari: Sequence[str], errore: str
+) -> Notice:
+    return Notice(
+        "Anomalia nel messaggio",
+        (
+            (
+                f'{_when(t)} è stato ricevuto il messaggio "{oggetto}" proveniente da "{mittente}"',
+                "ed indirizzato a:",
+                *destinatari,
+            ),
+            (
+                "Tali dati non sono stati certificati per il seguente errore:",
+                errore,
+            ),
+            ('Il messaggio originale è incluso in allegato (file "postacert.eml").',),
+        ),
+    )
+
+
+def accettazione(
+    t: PecTime,
+    oggetto: str,
+    mittente: str,
+    destinatari: Sequence[tuple[str, bool]],
+    identificativo: str,
+) -> Notice:
+    lines = [
+        f"{addr} ({LABEL_POSTA_CERTIFICATA if certified else LABEL_POSTA_ORDINARIA})"
+        for addr, certified in destinatari
+    ]
+    return Notice(
+        "Ricevuta di accettazione",
+        (
+            (
+                f'{_when(t)} il messaggio "{oggetto}" proveniente da "{mittente}"',
+                "ed indirizzato a:",
+                *lines,
+                "è stato accettato dal sistema ed inoltrato.",
+            ),
+            _id(identificativo),
+            (DATICERT_NOTE,),
+        ),
+    )
+
+
+def non_accettazione(
+    t: PecTime,
+    oggetto: str,
+    mittente: str,
+    reasons: Sequence[str],
+    identificativo: str,
+    virus: bool,
+) -> Notice:
+    why = (
+        "non è stato accettato perché contiene un virus o un contenuto pericoloso:"
+        if virus
+        else "non è stato accettato per i seguenti motivi:"
+    )
+    return Notice(
+        "Avviso di non accettazione" + (" per virus" if virus else ""),
+        (
+            (f'{_when(t)} il messaggio "{oggetto}" proveniente da "{mittente}"', why),
+            tuple(f"- {r}" for r in reasons),
+            ("Il messaggio non è stato inoltrato.",),
+            _id(identificativo),
+            (DATICERT_NOTE,),
+        ),
+    )
+
+
+def presa_in_carico(
+    t: PecTime, oggetto: str, mittente: str, ricezione: Sequence[str], identificativo: str
+) -> Notice:
+    return Notice(
+        "Ricevuta di presa in carico",
+        (
+            (
+                f'{_when(t)} il messaggio "{oggetto}" proveniente da "{mittente}"',
+                "ed indirizzato a:",
+                *ricezione,
+                "è stato accettato dal sistema.",
+            ),
+            _id(identificativo),
+            (DATICERT_NOTE,),
+        ),
+    )
+
+
+def avvenuta_consegna(
+    t: PecTime,
+    oggetto: str,
+    mittente: str,
+    consegna: str,
+    identificativo: str,
+    original_attached: bool,
+) -> Notice:
+    paras: list[tuple[str, ...]] = [
+        (
+            f'{_when(t)} il messaggio "{oggetto}" proveniente da "{mittente}"',
+            f'ed indirizzato a "{consegna}"',
+            "è stato correttamente consegnato al destinatario.",
+        ),
+        _id(identificativo),
+    ]
+    paras.append((POSTACERT_NOTE, DATICERT_NOTE) if original_attached else (DATICERT_NOTE,))
+    return Notice("Ricevuta di avvenuta consegna", tuple(paras))
+
+
+def errore_consegna(
+    t: PecTime,
+    oggetto: str,
+    mittente: str,
+    consegna: str,
+    errore_esteso: str,
+    identificativo: str,
+    virus: bool,
+) -> Notice:
+    what = "un problema di sicurezza (virus)" if virus else "un errore"
+    return Notice(
+        "Avviso di mancata consegna" + (" per virus" if virus else ""),
+        (
+            (
+                f'{_when(t)} nel messaggio "{oggetto}" proveniente da "{mittente}"',
+                f'ed indirizzato a "{consegna}"',
+                f"è stato rilevato {what}: {errore_esteso}",
+                "Il messaggio non è stato consegnato.",
+            ),
+            _id(identificativo),
+            (DATICERT_NOTE,),
+        ),
+    )
+
+
+def preavviso(
+    t: PecTime,
+    sent: PecTime,
+    oggetto: str,
+    mittente: str,
+    consegna: str,
+    identificativo: str,
+    final: bool,
+) -> Notice:
+    if final:
+        outcome = (
+            "non è stato consegnato entro 24 ore dal suo invio.",
+            "La transazione è da considerarsi conclusa con esito negativo.",
+        )
+    else:
+        outcome = (
+            "non è stato consegnato nelle prime 12 ore dal suo invio.",
+            "Il sistema continua a seguirne la consegna fino alle 24 ore dall'invio.",
+        )
+    return Notice(
+        "Avviso di mancata consegna per superamento dei tempi massimi",
+        (
+            (
+                f'{_when(t)} si comunica che il messaggio "{oggetto}" proveniente da "{mittente}"',
+                f"inviato il giorno {sent.giorno} alle ore {sent.ora} {sent.text_zone}",
+                f'ed indirizzato a "{consegna}"',
+                *outcome,
+            ),
+            _id(identificativo),
+            (DATICERT_NOTE,),
+        ),
+    )
+
+
+def rilevazione_virus(
+    t: PecTime,
+    oggetto: str,
+    mittente: str,
+    consegna: str,
+    errore_esteso: str,
+    identificativo: str,
+) -> Notice:
+    return Notice(
+        "Avviso di rilevazione virus",
+        (
+            (
+                f'{_when(t)} nel messaggio "{oggetto}" proveniente da "{mittente}"',
+                f'ed indirizzato a "{consegna}"',
+                f"è stato rilevato un problema di sicurezza: {errore_esteso}",
+                "Il messaggio non sarà consegnato.",
+            ),
+            _id(identificativo),
+            (DATICERT_NOTE,),
+        ),
+    )

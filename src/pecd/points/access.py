@@ -1,0 +1,255 @@
+"""Punto di accesso: authenticated submission over SMTPS (465) and STARTTLS (587).
+
+The handler decides; aiosmtpd speaks the protocol. A message gets 250 only after it and its job are
+committed (design.md invariant 1); formal checks run in the pipeline, which answers with a
+non-accettazione, except for what must be refused at SMTP (no TLS, bad login, foreign MAIL FROM,
+oversize).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import logging
+import secrets
+import ssl
+from collections.abc import Sequence
+from email.utils import format_datetime
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
+
+from pecd.config import Endpoint
+from pecd.points.pipeline import SUBMISSION, Services
+from pecd.store import jobs
+
+log = logging.getLogger(__name__)
+
+
+class Reply:
+    """SMTP replies pecd gives, named once (aiosmtpd's statuscodes habit)."""
+
+    AUTH_OK = "235 2.7.0 Authentication successful"
+    AUTH_FAILED = "535 5.7.8 Authentication credentials invalid"
+    AUTH_REQUIRED = "530 5.7.0 Authentication required"
+    SENDER_NOT_OWNED = "553 5.7.1 Sender address does not belong to the authenticated mailbox"
+    BAD_ADDRESS = "553 5.1.3 Not a valid mail address"
+    TOO_MANY_RCPTS = "452 4.5.3 Too many recipients"
+    NO_RCPTS = "554 5.5.1 No valid recipients"
+    TEMP_FAILURE = "451 4.3.0 Temporary failure, message not accepted; try again later"
+    OK = "250 2.1.0 OK"
+    RCPT_OK = "250 2.1.5 OK"
+
+    @staticmethod
+    def queued(key: str) -> str:
+        return f"250 2.0.0 OK: queued as {key}"
+
+
+def _bare(address: str) -> str:
+    return address.strip().strip("<>").strip().lower()
+
+
+def _valid_address(address: str) -> bool:
+    local, at, domain = address.rpartition("@")
+    return bool(at and local and domain and "." in domain and " " not in address)
+
+
+class AccessHandler:
+    """aiosmtpd handler of the access point."""
+
+    def __init__(self, svc: Services, hostname: str) -> None:
+        self.svc = svc
+        self.hostname = hostname
+        limits = svc.cfg.limits
+        # RCPTs beyond the formal limit still get a non-accettazione; past this hard cap
+        # the SMTP session refuses them.
+        self.rcpt_cap = max(limits.max_recipients * 2, 1000)
+
+    # -- AUTH: checked off the event loop (argon2 is deliberately slow) --------------------------
+
+    async def _check(self, login: bytes, password: bytes) -> AuthResult:
+        try:
+            user, pw = login.decode("utf-8"), password.decode("utf-8")
+        except UnicodeDecodeError:
+            return AuthResult(success=False, handled=False)
+        address = await self.svc.accounts.authenticate(user.strip().lower(), pw)
+        if address is None:
+            log.info("failed login for %r", user)
+            return AuthResult(success=False, handled=False)
+        return AuthResult(success=True, auth_data=address)
+
+    async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            blob = await server.challenge_auth("")
+            if not isinstance(blob, bytes):
+                return AuthResult(success=False)
+        else:
+            try:
+                blob = base64.b64decode(args[1].encode(), validate=True)
+            except binascii.Error:
+                await server.push("501 5.5.2 Can't decode base64")
+                return AuthResult(success=False, handled=True)
+        parts = blob.split(b"\0")
+        if len(parts) != 3:
+            await server.push("501 5.5.2 Can't split auth value")
+            return AuthResult(success=False, handled=True)
+        authzid, login, password = parts
+        if authzid and authzid != login:
+            return AuthResult(success=False, handled=False)
+        return await self._check(login, password)
+
+    async def auth_LOGIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        if len(args) == 2:
+            try:
+                login: Any = base64.b64decode(args[1].encode(), validate=True)
+            except binascii.Error:
+                await server.push("501 5.5.2 Can't decode base64")
+                return AuthResult(success=False, handled=True)
+        else:
+            login = await server.challenge_auth("User Name\x00")
+        if not isinstance(login, bytes):
+            return AuthResult(success=False)
+        password = await server.challenge_auth("Password\x00")
+        if not isinstance(password, bytes):
+            return AuthResult(success=False)
+        return await self._check(login, password)
+
+    # -- the transaction ---------------------------------------------------------------------------
+
+    async def handle_MAIL(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        if not session.authenticated:
+            return Reply.AUTH_REQUIRED
+        if _bare(address) != session.auth_data:
+            return Reply.SENDER_NOT_OWNED
+        envelope.mail_from = _bare(address)
+        envelope.mail_options.extend(mail_options)
+        return Reply.OK
+
+    async def handle_RCPT(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        addr = _bare(address)
+        if not _valid_address(addr):
+            return Reply.BAD_ADDRESS
+        if len(envelope.rcpt_tos) >= self.rcpt_cap:
+            return Reply.TOO_MANY_RCPTS
+        envelope.rcpt_tos.append(addr)
+        return Reply.RCPT_OK
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if not session.authenticated:
+            return Reply.AUTH_REQUIRED
+        if not envelope.rcpt_tos:
+            return Reply.NO_RCPTS
+        content = envelope.original_content or b""
+        key = secrets.token_hex(12)
+        now = self.svc.clock.now()
+        peer = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
+        received = (
+            f"Received: from {session.host_name or 'unknown'} ([{peer}])\r\n"
+            f"\tby {self.hostname} (pecd) with ESMTPSA id {key}\r\n"
+            f"\tfor <{envelope.rcpt_tos[0]}>; {format_datetime(now)}\r\n"
+        ).encode()
+        try:
+            async with self.svc.db.session() as s, s.begin():
+                await jobs.enqueue(
+                    s,
+                    kind=SUBMISSION,
+                    key=key,
+                    payload={
+                        "mail_from": envelope.mail_from,
+                        "rcpt_to": list(envelope.rcpt_tos),
+                        "user": session.auth_data,
+                        "received_at": now.isoformat(),
+                        "peer": peer,
+                    },
+                    data=received + content,
+                    now=now,
+                )
+        except Exception:
+            log.exception("durable intake failed; answering 451")
+            return Reply.TEMP_FAILURE
+        self.svc.wake.set()
+        return Reply.queued(key)
+
+
+class AccessPoint:
+    """The access point's listeners: implicit TLS (465) and STARTTLS submission (587)."""
+
+    def __init__(
+        self,
+        svc: Services,
+        tls: ssl.SSLContext,
+        *,
+        smtps: Endpoint | None,
+        submission: Endpoint | None,
+        hostname: str,
+    ) -> None:
+        self.svc = svc
+        self.tls = tls
+        self.smtps = smtps
+        self.submission = submission
+        self.hostname = hostname
+        self.handler = AccessHandler(svc, hostname)
+        self.servers: dict[str, asyncio.Server] = {}
+
+    def _factory(self, implicit_tls: bool) -> SMTP:
+        common: dict[str, Any] = dict(
+            hostname=self.hostname,
+            ident="pecd",
+            data_size_limit=self.svc.cfg.limits.max_message_size,
+            decode_data=False,
+            auth_required=True,
+            enable_SMTPUTF8=False,
+            auth_exclude_mechanism=[],
+        )
+        if implicit_tls:
+            # The socket is TLS from the first byte, which aiosmtpd cannot see (aiosmtpd
+            # issue 281): AUTH must not wait for a STARTTLS that will never come.
+            return SMTP(self.handler, auth_require_tls=False, **common)
+        return SMTP(
+            self.handler,
+            tls_context=self.tls,
+            require_starttls=True,
+            auth_require_tls=True,
+            **common,
+        )
+
+    async def start(self, stack: contextlib.AsyncExitStack) -> None:
+        loop = asyncio.get_running_loop()
+        if self.smtps is not None:
+            srv = await loop.create_server(
+                lambda: self._factory(True), self.smtps.host, self.smtps.port, ssl=self.tls
+            )
+            self.servers["smtps"] = srv
+        if self.submission is not None:
+            srv = await loop.create_server(
+                lambda: self._factory(False), self.submission.host, self.submission.port
+            )
+            self.servers["submission"] = srv
+        stack.push_async_callback(self.stop)
+
+    def port(self, name: str) -> int:
+        sockets: Sequence[Any] = self.servers[name].sockets
+        return int(sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        for srv in self.servers.values():
+            srv.close()
+        for srv in self.servers.values():
+            with contextlib.suppress(Exception):
+                await srv.wait_closed()

@@ -1,0 +1,345 @@
+"""The pipeline stages behind the access point: each stage is one job, one database transaction.
+
+A stage reads its job, produces its outputs (signed messages as new jobs, trace events) and commits
+them together with the job's completion (design.md, invariants 2 and 3). Output jobs are keyed by
+the submission's key, so a stage that re-runs after a crash creates nothing twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from pecd.clock import Clock
+from pecd.config import Config
+from pecd.mailbox.maildir import MailboxFull, MaildirStore
+from pecd.pec import builders
+from pecd.pec.builders import BuiltMessage, ProviderIdentity, Transmission
+from pecd.pec.checks import Submission, SubmissionLimits, check_submission
+from pecd.pec.classify import classify
+from pecd.pec.daticert import Daticert
+from pecd.pec.timefmt import pec_time
+from pecd.pec.vocab import Errore, Ricevuta, Trasporto
+from pecd.store import jobs
+from pecd.store.accounts import Accounts
+from pecd.store.db import Database
+from pecd.store.models import Job
+from pecd.store.trace import TraceEventData, record
+
+log = logging.getLogger(__name__)
+
+# Job kinds.
+SUBMISSION = "submission"  # a message accepted over SMTP, waiting for formal checks
+DELIVERY = "delivery"  # a transport envelope for this provider's recipients
+STORE = "store"  # a finished message (receipt, notice) to put in one local mailbox
+RELAY = "relay"  # an envelope or receipt for another provider (worked by the relay)
+
+LOCAL_KINDS = (SUBMISSION, DELIVERY, STORE)
+
+
+class StageError(Exception):
+    """A stage that cannot finish now; the job is retried with backoff, then parked."""
+
+
+def domain_of(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+@dataclass
+class Services:
+    """What the stages need; built once by the app."""
+
+    cfg: Config
+    clock: Clock
+    db: Database
+    accounts: Accounts
+    maildir: MaildirStore
+    provider: ProviderIdentity
+    limits: SubmissionLimits
+    wake: asyncio.Event
+
+    def is_local(self, address: str) -> bool:
+        return domain_of(address) in self.cfg.provider.local_domains
+
+    def is_certified(self, address: str) -> bool:
+        """PEC or not: local domains for now; the provider index adds the other providers."""
+        return self.is_local(address)
+
+
+def _daticert_json(d: Daticert | None) -> dict[str, Any] | None:
+    if d is None:
+        return None
+    out = asdict(d)
+    for k, v in list(out.items()):
+        if hasattr(v, "value"):
+            out[k] = v.value
+    out["destinatari"] = [{"address": r.address, "tipo": r.tipo.value} for r in d.destinatari]
+    out["ricezione"] = list(d.ricezione)
+    return out
+
+
+def _event(
+    event: str,
+    tx: Transmission,
+    at: datetime,
+    provider: ProviderIdentity,
+    generated: Sequence[BuiltMessage] = (),
+    *,
+    error: str | None = None,
+    daticert: Daticert | None = None,
+    data: dict[str, Any] | None = None,
+) -> TraceEventData:
+    return TraceEventData(
+        at=at,
+        event=event,
+        pec_msgid=tx.identificativo,
+        client_msgid=tx.msgid,
+        sender=tx.mittente,
+        recipients=[{"address": d.address, "tipo": d.tipo.value} for d in tx.destinatari],
+        subject=tx.oggetto,
+        provider=provider.name,
+        generated_ids=[m.message_id for m in generated],
+        error=error,
+        daticert=_daticert_json(daticert or (generated[0].daticert if generated else None)),
+        data=data,
+    )
+
+
+async def _store_job(
+    s: AsyncSession, svc: Services, *, key: str, mailbox: str, msg: BuiltMessage, now: datetime
+) -> bool:
+    """Queue ``msg`` for one mailbox: local mailboxes get a store job, others go to the relay."""
+    if svc.is_local(mailbox):
+        return await jobs.enqueue(
+            s,
+            kind=STORE,
+            key=key,
+            payload={"mailbox": mailbox, "message_id": msg.message_id},
+            data=msg.raw,
+            now=now,
+        )
+    return await jobs.enqueue(
+        s,
+        kind=RELAY,
+        key=key,
+        payload={"recipients": [mailbox], "message_id": msg.message_id},
+        data=msg.raw,
+        now=now,
+    )
+
+
+async def _key_exists(s: AsyncSession, key: str) -> bool:
+    return (await s.execute(select(Job.id).where(Job.key == key))).first() is not None
+
+
+# --- stage: submission (access point) --------------------------------------------------------
+
+
+async def stage_submission(svc: Services, job: Job) -> None:
+    """Formal checks, then non-accettazione, or accettazione + transport envelope + its routing."""
+    p = job.payload
+    raw = job.data or b""
+    when = pec_time(svc.clock.now())  # the acceptance instant: one value for everything below
+    ident = svc.provider.new_msgid(when)
+    tx = Transmission.from_submission(
+        raw,
+        mail_from=p["mail_from"],
+        rcpt_to=p["rcpt_to"],
+        identificativo=ident,
+        is_certified=svc.is_certified,
+    )
+    violations = check_submission(
+        Submission(raw, p["mail_from"], tuple(p["rcpt_to"]), p.get("user")), svc.limits
+    )
+    now = when.instant
+    async with svc.db.session() as s, s.begin():
+        if violations:
+            notice = builders.non_accettazione(tx, svc.provider, when, violations=violations)
+            await _store_job(
+                s, svc, key=f"{job.key}:non-accettazione", mailbox=tx.mittente, msg=notice, now=now
+            )
+            await record(
+                s,
+                _event(
+                    Ricevuta.NON_ACCETTAZIONE.value,
+                    tx,
+                    now,
+                    svc.provider,
+                    [notice],
+                    error="; ".join(v.code for v in violations),
+                    data={"violations": [asdict(v) for v in violations], "intake": job.key},
+                ),
+            )
+        else:
+            acc = builders.accettazione(tx, svc.provider, when)
+            env = builders.transport_envelope(raw, tx, svc.provider, when)
+            await _store_job(
+                s, svc, key=f"{job.key}:accettazione", mailbox=tx.mittente, msg=acc, now=now
+            )
+            await record(
+                s,
+                _event(
+                    Ricevuta.ACCETTAZIONE.value,
+                    tx,
+                    now,
+                    svc.provider,
+                    [acc],
+                    data={"intake": job.key},
+                ),
+            )
+            await record(s, _event(Trasporto.POSTA_CERTIFICATA.value, tx, now, svc.provider, [env]))
+            local = [r for r in tx.addresses if svc.is_local(r)]
+            remote: dict[str, list[str]] = {}
+            for r in tx.addresses:
+                if not svc.is_local(r):
+                    remote.setdefault(domain_of(r), []).append(r)
+            if local:
+                await jobs.enqueue(
+                    s,
+                    kind=DELIVERY,
+                    key=f"{job.key}:delivery",
+                    payload={"recipients": local, "tx": tx.to_json(), "sent_at": now.isoformat()},
+                    data=env.raw,
+                    now=now,
+                )
+            for dom, rcpts in sorted(remote.items()):
+                await jobs.enqueue(
+                    s,
+                    kind=RELAY,
+                    key=f"{job.key}:relay:{dom}",
+                    payload={
+                        "recipients": rcpts,
+                        "message_id": tx.identificativo,
+                        "tx": tx.to_json(),
+                        "sent_at": now.isoformat(),
+                    },
+                    data=env.raw,
+                    now=now,
+                )
+        await jobs.complete(s, job.id)
+    svc.wake.set()
+
+
+# --- stage: delivery (reception + delivery point for local recipients) -----------------------
+
+
+async def stage_delivery(svc: Services, job: Job) -> None:
+    """Verify the envelope as a reception point would, take it in charge, store it per recipient,
+    and send the sender one avvenuta-consegna or errore-consegna per recipient."""
+    p = job.payload
+    env = job.data or b""
+    tx = Transmission.from_json(p["tx"])
+    c = classify(env)
+    if not c.is_valid_pec:
+        # Our own envelope failing our own verification is a bug or corruption: never deliver it.
+        raise StageError(f"envelope {tx.identificativo} does not verify: {'; '.join(c.errors)}")
+    recipients: list[str] = list(p["recipients"])
+
+    presa_key = f"{job.key}:presa-in-carico"
+    async with svc.db.session() as s, s.begin():
+        if not await _key_exists(s, presa_key):
+            # Same-provider mail gets full processing (RFC 6109 3.4): one presa in carico per
+            # transaction, covering every recipient here, to our own service mailbox.
+            when = pec_time(svc.clock.now())
+            presa = builders.presa_in_carico(
+                tx,
+                svc.provider,
+                when,
+                ricezione=recipients,
+                mail_receipt=svc.cfg.provider.mail_receipt,
+            )
+            await _store_job(
+                s,
+                svc,
+                key=presa_key,
+                mailbox=svc.cfg.provider.mail_receipt,
+                msg=presa,
+                now=when.instant,
+            )
+            await record(
+                s, _event(Ricevuta.PRESA_IN_CARICO.value, tx, when.instant, svc.provider, [presa])
+            )
+
+    for rcpt in recipients:
+        receipt_key = f"{job.key}:esito:{rcpt}"
+        async with svc.db.session() as s:
+            if await _key_exists(s, receipt_key):
+                continue  # done before a crash: exactly one receipt per recipient
+        outcome = await _deliver_one(svc, tx, rcpt, env)
+        when = pec_time(svc.clock.now())
+        if outcome is None:
+            receipt = builders.avvenuta_consegna(
+                tx, svc.provider, when, recipient=rcpt, postacert=c.postacert
+            )
+            event, error = Ricevuta.AVVENUTA_CONSEGNA.value, None
+        else:
+            errore, esteso = outcome
+            receipt = builders.errore_consegna(
+                tx, svc.provider, when, recipient=rcpt, errore=errore, errore_esteso=esteso
+            )
+            event, error = Ricevuta.ERRORE_CONSEGNA.value, esteso
+        async with svc.db.session() as s, s.begin():
+            await _store_job(
+                s, svc, key=receipt_key, mailbox=tx.mittente, msg=receipt, now=when.instant
+            )
+            await record(
+                s,
+                _event(
+                    event,
+                    tx,
+                    when.instant,
+                    svc.provider,
+                    [receipt],
+                    error=error,
+                    data={"consegna": rcpt},
+                ),
+            )
+    async with svc.db.session() as s, s.begin():
+        await jobs.complete(s, job.id)
+    svc.wake.set()
+
+
+async def _deliver_one(
+    svc: Services, tx: Transmission, rcpt: str, env: bytes
+) -> tuple[Errore, str] | None:
+    """Store the envelope in ``rcpt``'s INBOX; None on success, else (errore, errore-esteso)."""
+    name = svc.provider.name
+    mb = await svc.accounts.get(rcpt)
+    if mb is None:
+        return Errore.NO_DEST, f"5.1.1 - {name} - indirizzo non valido"
+    if mb.disabled:
+        return Errore.ALTRO, f"5.2.1 - {name} - casella disabilitata"
+    key = f"{tx.identificativo}:{rcpt}"
+    try:
+        await asyncio.to_thread(svc.maildir.deliver, rcpt, key, env, quota_bytes=mb.quota_bytes)
+    except MailboxFull:
+        return Errore.ALTRO, f"5.2.2 - {name} - casella piena"
+    return None
+
+
+# --- stage: store (a finished message into one local mailbox) --------------------------------
+
+
+async def stage_store(svc: Services, job: Job) -> None:
+    mailbox = job.payload["mailbox"]
+    mb = await svc.accounts.get(mailbox)
+    if mb is None:
+        raise StageError(f"mailbox {mailbox} does not exist")
+    # Receipts are never refused for quota: losing one would lose the holder's legal proof.
+    await asyncio.to_thread(svc.maildir.deliver, mailbox, job.key, job.data or b"")
+    async with svc.db.session() as s, s.begin():
+        await jobs.complete(s, job.id)
+
+
+STAGES: dict[str, Callable[[Services, Job], Awaitable[None]]] = {
+    SUBMISSION: stage_submission,
+    DELIVERY: stage_delivery,
+    STORE: stage_store,
+}

@@ -1,0 +1,187 @@
+"""Engine, sessions and migrations for SQLite (embedded) and PostgreSQL (scale-out).
+
+SQLite transactions
+-------------------
+The sqlite3 module's own transaction handling is switched off and pecd emits ``BEGIN`` itself.
+Sessions from :meth:`Database.session` start with ``BEGIN IMMEDIATE``: the write lock is taken
+up front, so a transaction that reads and then writes can never fail half-way with
+"database is locked" because another connection wrote in between (WAL snapshots cannot be
+upgraded). Writers queue on ``busy_timeout``. Pure readers may use :meth:`Database.read_session`
+(plain deferred ``BEGIN``), which never waits for writers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any, Literal
+
+from sqlalchemy import Connection, event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+
+import pecd
+
+_SQLITE_BEGIN = "pecd_sqlite_begin"
+_MIGRATION_LOCK_ID = 0x70656364  # "pecd": serialises concurrent `migrate` runs on PostgreSQL
+
+
+def async_url(url: str) -> str:
+    """The SQLAlchemy URL with the async driver: ``sqlite://`` -> ``sqlite+aiosqlite://``,
+    ``postgresql://`` / ``postgres://`` -> ``postgresql+asyncpg://``. Explicit drivers are kept."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise ValueError(f"not a database URL: {url!r}")
+    if "+" in scheme:
+        return url
+    if scheme == "sqlite":
+        return f"sqlite+aiosqlite://{rest}"
+    if scheme in ("postgresql", "postgres"):
+        return f"postgresql+asyncpg://{rest}"
+    raise ValueError(f"unsupported database URL scheme {scheme!r} (use sqlite:// or postgresql://)")
+
+
+def _sqlite_file(url: str) -> Path | None:
+    """The database file of an SQLite URL, or None (in memory, URI filename)."""
+    database = make_url(url).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database)
+
+
+def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
+    """An async engine for ``url`` with pecd's connection setup (SQLite pragmas and BEGIN modes).
+
+    For SQLite the parent directory of the database file is created.
+    """
+    full = async_url(url)
+    dialect = make_url(full).get_backend_name()
+    if dialect == "sqlite":
+        path = _sqlite_file(full)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+    else:
+        kwargs.setdefault("pool_pre_ping", True)
+    engine = create_async_engine(full, **kwargs)
+    if dialect == "sqlite":
+        _install_sqlite_events(engine)
+    return engine
+
+
+def _install_sqlite_events(engine: AsyncEngine) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Autocommit at the sqlite3 level: transactions are begun by _on_begin below.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=FULL")  # no 250 before durable
+            cursor.execute("PRAGMA busy_timeout=10000")
+            cursor.execute("PRAGMA foreign_keys=ON")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        mode = conn.get_execution_options().get(_SQLITE_BEGIN, "IMMEDIATE")
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+class Database:
+    """An open database: the async engine and its session factories."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+        readers = engine.execution_options(**{_SQLITE_BEGIN: "DEFERRED"})
+        self._read_sessions = async_sessionmaker(readers, expire_on_commit=False)
+
+    @classmethod
+    async def open(cls, url: str, **engine_kwargs: Any) -> Database:
+        """Create the engine for ``url`` and check that the database answers."""
+        engine = create_engine(url, **engine_kwargs)
+        try:
+            async with engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+        except BaseException:
+            await engine.dispose()
+            raise
+        return cls(engine)
+
+    @property
+    def dialect(self) -> Literal["sqlite", "postgresql"]:
+        name = self.engine.dialect.name
+        if name not in ("sqlite", "postgresql"):
+            raise RuntimeError(f"unsupported database dialect {name!r}")
+        return name  # type: ignore[return-value]
+
+    def session(self) -> AsyncSession:
+        """A new session (``expire_on_commit=False``). On SQLite its transactions take the write
+        lock at BEGIN; use it for anything that writes."""
+        return self._sessions()
+
+    def read_session(self) -> AsyncSession:
+        """A new session for reading only (on SQLite a deferred BEGIN: never waits for writers).
+        On PostgreSQL this is the same as :meth:`session`."""
+        return self._read_sessions()
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+
+# --- migrations ------------------------------------------------------------------------------
+
+
+def migrations_dir() -> Path:
+    """The repository's ``migrations`` folder (pecd runs from a source checkout / editable install)."""
+    path = Path(pecd.__file__).resolve().parents[2] / "migrations"
+    if not (path / "env.py").is_file():
+        raise RuntimeError(
+            f"Alembic migrations not found at {path} (expected env.py there): "
+            "pecd must run from its source tree or an editable install"
+        )
+    return path
+
+
+def alembic_config(url: str | None = None) -> Any:
+    """An Alembic ``Config`` for pecd's migrations, built in code (no alembic.ini needed)."""
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(migrations_dir()))
+    if url is not None:
+        cfg.attributes["url"] = url
+    return cfg
+
+
+async def migrate_async(url: str, revision: str = "head") -> None:
+    """Upgrade the database at ``url`` to ``revision`` (default: the newest). Idempotent."""
+    from alembic import command
+
+    cfg = alembic_config(url)
+    engine = create_engine(url)
+    try:
+        async with engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                await conn.execute(
+                    text("SELECT pg_advisory_xact_lock(:id)"), {"id": _MIGRATION_LOCK_ID}
+                )
+
+            def upgrade(sync_conn: Connection) -> None:
+                cfg.attributes["connection"] = sync_conn
+                command.upgrade(cfg, revision)
+
+            await conn.run_sync(upgrade)
+    finally:
+        await engine.dispose()
+
+
+def migrate(url: str, revision: str = "head") -> None:
+    """Synchronous :func:`migrate_async` (for the command line; not from a running event loop)."""
+    asyncio.run(migrate_async(url, revision))

@@ -1,0 +1,241 @@
+"""The durable job queue.
+
+A job is a row in ``jobs``: ``ready`` until ``next_run_at``, then claimed (``running``, leased to
+one worker until ``locked_until``), then ``done`` or, after a failure, ``ready`` again with an
+exponential backoff, and ``parked`` after ``max_attempts`` (visible in ``pecd queue`` until an
+operator requeues it). A worker that dies leaves its job ``running``; when the lease expires another
+worker claims it again.
+
+Time is always passed in (``now``); nothing here reads the clock. Except :func:`claim`, which
+owns its transaction, the functions take a session and do not commit: the caller commits a whole
+pipeline stage (outputs, next jobs, trace events, ``complete``) in one transaction.
+
+The message bytes (``data``) stay with the job while it can still run, and are set to NULL when it
+is done, so the table does not grow with delivered mail.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from pecd.store.db import Database
+from pecd.store.models import Job
+
+READY = "ready"
+RUNNING = "running"
+DONE = "done"
+PARKED = "parked"
+
+
+class JobError(ValueError):
+    """A job operation that cannot be done (no such job, or not in a suitable state)."""
+
+
+async def enqueue(
+    session: AsyncSession,
+    *,
+    kind: str,
+    key: str,
+    payload: dict[str, Any],
+    data: bytes | None = None,
+    now: datetime,
+    run_at: datetime | None = None,
+) -> bool:
+    """Add a job unless one with the same idempotency ``key`` exists (in any state).
+
+    Returns True if a job was created, False if ``key`` was already there. Does not commit.
+    """
+    values: dict[str, Any] = {
+        "kind": kind,
+        "key": key,
+        "state": READY,
+        "payload": payload,
+        "data": data,
+        "attempts": 0,
+        "next_run_at": run_at if run_at is not None else now,
+        "created_at": now,
+        "updated_at": now,
+    }
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    stmt = (
+        insert(Job)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=[Job.key])
+        .returning(Job.id)
+    )
+    result = await session.execute(stmt)
+    return result.first() is not None
+
+
+def _claimable(kinds: Sequence[str], now: datetime) -> Any:
+    return and_(
+        Job.kind.in_(list(kinds)),
+        or_(
+            and_(Job.state == READY, Job.next_run_at <= now),
+            and_(Job.state == RUNNING, Job.locked_until < now),
+        ),
+    )
+
+
+async def claim(
+    db: Database, *, kinds: Sequence[str], worker: str, now: datetime, lease: timedelta
+) -> Job | None:
+    """Take one due job of one of ``kinds`` (or a running one whose lease has expired), lease it
+    to ``worker`` until ``now + lease``, count the attempt, commit, and return it (None: no work).
+
+    One statement: ``UPDATE jobs … WHERE id = (SELECT id … LIMIT 1) RETURNING``. On PostgreSQL the
+    inner select is ``FOR UPDATE SKIP LOCKED``; on SQLite the session begins ``IMMEDIATE``, so
+    the statement runs under the database write lock. Either way no job goes to two workers.
+    """
+    if not kinds:
+        return None
+    pick = select(Job.id).where(_claimable(kinds, now)).order_by(Job.next_run_at, Job.id).limit(1)
+    if db.dialect == "postgresql":
+        pick = pick.with_for_update(skip_locked=True)
+    stmt = (
+        update(Job)
+        .where(Job.id == pick.scalar_subquery())
+        .values(
+            state=RUNNING,
+            locked_by=worker,
+            locked_until=now + lease,
+            attempts=Job.attempts + 1,
+            updated_at=now,
+        )
+        .returning(Job)
+        .execution_options(synchronize_session=False)
+    )
+    async with db.session() as session, session.begin():
+        return (await session.execute(stmt)).scalars().first()
+
+
+async def get_job(session: AsyncSession, job_id: int) -> Job | None:
+    return await session.get(Job, job_id, populate_existing=True)
+
+
+async def _job(session: AsyncSession, job_id: int) -> Job:
+    job = await session.get(Job, job_id, populate_existing=True, with_for_update=True)
+    if job is None:
+        raise JobError(f"job {job_id} does not exist")
+    return job
+
+
+async def complete(session: AsyncSession, job_id: int, *, now: datetime | None = None) -> None:
+    """Mark the job done and free its bytes (``data`` = NULL). Does not commit.
+
+    ``now`` (optional) sets ``updated_at``; without it ``updated_at`` stays the claim time.
+    """
+    job = await _job(session, job_id)
+    job.state = DONE
+    job.data = None
+    job.locked_by = None
+    job.locked_until = None
+    if now is not None:
+        job.updated_at = now
+
+
+def backoff(attempts: int, base_delay: timedelta, max_delay: timedelta) -> timedelta:
+    """The deterministic delay after the ``attempts``-th failure: base * 2^(attempts-1), capped."""
+    exponent = max(attempts - 1, 0)
+    if exponent >= 63:  # even 1 µs * 2**63 is beyond any timedelta: it is the cap anyway
+        return max_delay
+    try:
+        delay = base_delay * (1 << exponent)
+    except OverflowError:
+        return max_delay
+    return min(delay, max_delay)
+
+
+async def retry_or_park(
+    session: AsyncSession,
+    job_id: int,
+    *,
+    error: str,
+    now: datetime,
+    max_attempts: int,
+    base_delay: timedelta,
+    max_delay: timedelta,
+) -> str:
+    """Record a failed attempt: back to ``ready`` after :func:`backoff`, or ``parked`` once
+    ``attempts >= max_attempts``. Returns the new state. Does not commit."""
+    job = await _job(session, job_id)
+    job.last_error = error
+    job.locked_by = None
+    job.locked_until = None
+    job.updated_at = now
+    if job.attempts >= max_attempts:
+        job.state = PARKED
+    else:
+        job.state = READY
+        job.next_run_at = now + backoff(job.attempts, base_delay, max_delay)
+    return job.state
+
+
+async def release(session: AsyncSession, job_id: int, *, now: datetime | None = None) -> None:
+    """Give a running job back (e.g. on shutdown) without counting the attempt. Does not commit.
+    A job that is not running is left alone."""
+    job = await _job(session, job_id)
+    if job.state != RUNNING:
+        return
+    job.state = READY
+    job.attempts = max(job.attempts - 1, 0)
+    job.locked_by = None
+    job.locked_until = None
+    if now is not None:
+        job.updated_at = now
+
+
+async def release_all_running(session: AsyncSession) -> int:
+    """Make every running job ready now (a single-node SQLite install at start-up: whatever is
+    running was left by a killed process). Returns how many. Does not commit.
+
+    Unlike :func:`release`, the attempt still counts: a message that kills the process must
+    still end up parked rather than crash pecd forever.
+    """
+    stmt = (
+        update(Job)
+        .where(Job.state == RUNNING)
+        .values(
+            state=READY,
+            locked_by=None,
+            locked_until=None,
+        )
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    )
+    return len((await session.execute(stmt)).all())
+
+
+async def requeue(session: AsyncSession, job_id: int, now: datetime) -> None:
+    """Operator: make a parked (or waiting) job due now with a fresh attempt count.
+    ``last_error`` is kept until the job succeeds. Does not commit."""
+    job = await _job(session, job_id)
+    if job.state not in (PARKED, READY):
+        raise JobError(f"job {job_id} is {job.state}: only parked or ready jobs can be requeued")
+    job.state = READY
+    job.attempts = 0
+    job.next_run_at = now
+    job.updated_at = now
+
+
+async def list_jobs(
+    session: AsyncSession,
+    *,
+    states: Sequence[str] | None = None,
+    kinds: Sequence[str] | None = None,
+    limit: int = 100,
+) -> list[Job]:
+    """Jobs in id order, optionally filtered by state and kind."""
+    stmt = select(Job).order_by(Job.id).limit(limit)
+    if states is not None:
+        stmt = stmt.where(Job.state.in_(list(states)))
+    if kinds is not None:
+        stmt = stmt.where(Job.kind.in_(list(kinds)))
+    return list((await session.scalars(stmt)).all())

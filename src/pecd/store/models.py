@@ -1,0 +1,190 @@
+"""The database schema: accounts, the durable job queue, the trace log, Maildir delivery records.
+
+Every datetime column is an aware UTC datetime on both backends (see :class:`UTCDateTime`).
+The schema is created by the Alembic revisions in the top-level ``migrations/`` folder; a test
+checks that ``migrate()`` yields exactly this metadata.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, validates
+
+NAMING_CONVENTION: dict[str, str] = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_N_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+#: Job states. ``ready``: waiting for ``next_run_at``; ``running``: claimed by ``locked_by`` until
+#: ``locked_until``; ``done``: finished (its bytes are freed); ``parked``: failed too many times.
+JOB_STATES: tuple[str, ...] = ("ready", "running", "done", "parked")
+
+# 64-bit ids on PostgreSQL; on SQLite only "INTEGER PRIMARY KEY" is the autoincrementing rowid.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """An aware UTC datetime on every backend.
+
+    PostgreSQL stores ``timestamptz``. SQLite has no time zones: values are stored as naive UTC
+    (so that text comparison is time comparison) and come back with ``tzinfo=UTC``. Naive datetimes
+    are refused on the way in: they are always a bug here (time comes from the injected clock).
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError(f"naive datetime {value.isoformat()}: pecd stores aware UTC datetimes")
+        value = value.astimezone(UTC)
+        if dialect.name == "sqlite":
+            return value.replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {  # noqa: RUF012 (SQLAlchemy reads it as a class attribute)
+        datetime: UTCDateTime(),
+        dict[str, Any]: JSON(),
+        list[Any]: JSON(),
+        bytes: LargeBinary(),
+    }
+
+
+class Domain(Base):
+    """A mail domain served by this provider. ``name`` is lowercase."""
+
+    __tablename__ = "domains"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    created_at: Mapped[datetime]
+
+    @validates("name")
+    def _lower_name(self, _key: str, value: str) -> str:
+        return value.strip().lower()
+
+    def __repr__(self) -> str:
+        return f"Domain({self.name!r})"
+
+
+class Mailbox(Base):
+    """A PEC mailbox. ``address`` is lowercase; ``password_hash`` is an argon2id hash."""
+
+    __tablename__ = "mailboxes"
+
+    address: Mapped[str] = mapped_column(String(320), primary_key=True)
+    domain: Mapped[str] = mapped_column(String(255), ForeignKey("domains.name"), index=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    quota_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime]
+
+    @validates("address", "domain")
+    def _lower(self, _key: str, value: str) -> str:
+        return value.strip().lower()
+
+    def __repr__(self) -> str:
+        return f"Mailbox({self.address!r}, disabled={self.disabled})"
+
+
+class Job(Base):
+    """One unit of durable work (a pipeline stage, a delivery, a relay attempt).
+
+    ``key`` is the idempotency key: enqueueing the same key twice creates one job. ``data`` holds
+    the message bytes until the job is done, so that a job and its message commit together.
+    """
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        Index("ix_jobs_state_next_run_at", "state", "next_run_at"),
+        CheckConstraint("state IN ('ready', 'running', 'done', 'parked')", name="state"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(64))
+    key: Mapped[str] = mapped_column(String, unique=True)
+    state: Mapped[str] = mapped_column(String(16), default="ready")
+    payload: Mapped[dict[str, Any]]
+    data: Mapped[bytes | None]
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_run_at: Mapped[datetime]
+    locked_by: Mapped[str | None] = mapped_column(String(255))
+    locked_until: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+    def __repr__(self) -> str:
+        return f"Job(id={self.id}, kind={self.kind!r}, key={self.key!r}, state={self.state!r})"
+
+
+class TraceEvent(Base):
+    """One event of the trace log ("log dei messaggi"). Append-only by convention: nothing in
+    pecd updates or deletes a row except the retention purge of whole sealed ranges."""
+
+    __tablename__ = "trace_events"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(index=True)
+    event: Mapped[str] = mapped_column(String(64))
+    pec_msgid: Mapped[str | None] = mapped_column(String, index=True)
+    client_msgid: Mapped[str | None] = mapped_column(String, index=True)
+    sender: Mapped[str | None] = mapped_column(String(320), index=True)
+    recipients: Mapped[list[Any]]
+    subject: Mapped[str | None] = mapped_column(Text)
+    provider: Mapped[str | None] = mapped_column(String)
+    generated_ids: Mapped[list[Any]]
+    error: Mapped[str | None] = mapped_column(Text)
+    daticert: Mapped[dict[str, Any] | None]
+    data: Mapped[dict[str, Any] | None]
+    node: Mapped[str | None] = mapped_column(String(255))
+
+    def __repr__(self) -> str:
+        return f"TraceEvent(id={self.id}, event={self.event!r}, pec_msgid={self.pec_msgid!r})"
+
+
+class DeliveryRecord(Base):
+    """One idempotent Maildir delivery: ``key`` (PEC msgid + stage + recipient) -> the file."""
+
+    __tablename__ = "delivery_records"
+
+    key: Mapped[str] = mapped_column(String, primary_key=True)
+    mailbox: Mapped[str] = mapped_column(String(320))
+    folder: Mapped[str] = mapped_column(String(255))
+    filename: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime]
+
+    def __repr__(self) -> str:
+        return f"DeliveryRecord({self.key!r} -> {self.mailbox}/{self.folder}/{self.filename})"

@@ -1,0 +1,45 @@
+"""Shared fixtures: a development PKI, a signer over it, and the real-message corpus."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from pecd.pec.pki import DevPki, create_dev_pki
+from pecd.pec.smime import KeySigner
+
+PKI_DOMAIN = "pec.example.test"
+PKI_NAME = "Example PEC S.p.A."
+PKI_NOW = datetime(2026, 1, 15, 10, 0, tzinfo=UTC)
+CORPUS_DIR = Path(__file__).resolve().parents[2] / "shared/corpus/pec-real"
+
+
+@pytest.fixture(scope="session")
+def dev_pki() -> DevPki:
+    return create_dev_pki(domain=PKI_DOMAIN, name=PKI_NAME, now=PKI_NOW)
+
+
+@pytest.fixture(scope="session")
+def signer(dev_pki: DevPki) -> KeySigner:
+    return KeySigner.from_pem(dev_pki.signing.key_pem, dev_pki.signing.cert_pem)
+
+
+@pytest.fixture(scope="session")
+def corpus_dir() -> Path:
+    # The corpus is part of the test data: a missing corpus is a failure, never a skip.
+    assert (CORPUS_DIR / "MANIFEST.tsv").is_file(), f"corpus not found at {CORPUS_DIR}"
+    return CORPUS_DIR
+
+
+def read_manifest(corpus: Path) -> list[dict[str, str]]:
+    """MANIFEST.tsv as one dict per row, keyed by the header line's column names."""
+    lines = (corpus / "MANIFEST.tsv").read_text("utf-8").splitlines()
+    header = lines[0].split("\t")
+    return [dict(zip(header, line.split("\t"), strict=True)) for line in lines[1:] if line]
+
+
+@pytest.fixture(scope="session")
+def manifest(corpus_dir: Path) -> list[dict[str, str]]:
+    return read_manifest(corpus_dir)

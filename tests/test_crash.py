@@ -1,0 +1,179 @@
+"""Crash test: SIGKILL pecd while clients submit, restart it, and count receipts exactly."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import signal
+import smtplib
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pecd.clock import SystemClock
+from pecd.config import Config, load_config
+from pecd.devinit import config_text, init_installation
+from pecd.mailbox.maildir import MaildirStore
+from pecd.pec.classify import classify
+from pecd.store.accounts import Accounts
+from pecd.store.db import Database
+
+pytestmark = pytest.mark.slow
+
+DOMAIN = "pec.example.test"
+PASSWORD = "correct horse battery"
+CLIENTS = 4
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def install(directory: Path, db_url: str | None) -> Config:
+    await init_installation(
+        directory, domain=DOMAIN, name="Example PEC S.p.A.", clock=SystemClock(), demo=False
+    )
+    ports = {"smtps": free_port(), "submission": free_port(), "imaps": free_port()}
+    text = config_text(domain=DOMAIN, name="Example PEC S.p.A.", ports=ports)
+    if db_url:
+        text = text.replace('data_dir = "data"', f'data_dir = "data"\ndatabase_url = "{db_url}"')
+    (directory / "pecd.toml").write_text(
+        text + "\n[queue]\nbase_delay_seconds = 0.2\nlease_seconds = 3\n", "utf-8"
+    )
+    cfg = load_config(directory / "pecd.toml")
+    from pecd.store.db import migrate_async
+
+    await migrate_async(cfg.database_url)
+    db = await Database.open(cfg.database_url)
+    try:
+        acc = Accounts(db)
+        if db_url:
+            await acc.add_domain(DOMAIN)
+            await acc.add_mailbox(cfg.provider.mail_receipt, PASSWORD)
+        for user in ("alice", "bob", "carol"):
+            await acc.add_mailbox(f"{user}@{DOMAIN}", PASSWORD)
+    finally:
+        await db.close()
+    return cfg
+
+
+def start(cfg: Config, log: Path) -> subprocess.Popen[bytes]:
+    assert cfg.source is not None and cfg.listeners.smtps is not None
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pecd", "serve", "-c", str(cfg.source)],
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", cfg.listeners.smtps.port), timeout=0.5).close()
+            return proc
+        except OSError:
+            if proc.poll() is not None:
+                raise AssertionError(f"pecd exited: {log.read_text()[-3000:]}") from None
+            time.sleep(0.1)
+    raise AssertionError("pecd did not start listening")
+
+
+def test_sigkill_mid_run_loses_and_duplicates_nothing(
+    tmp_path: Path, db_url_for_e2e: str | None
+) -> None:
+    cfg = asyncio.run(install(tmp_path / "inst", db_url_for_e2e))
+    assert cfg.tls.ca is not None and cfg.listeners.smtps is not None
+    log = tmp_path / "pecd.log"
+    proc = start(cfg, log)
+    ctx = ssl.create_default_context(cafile=str(cfg.tls.ca))
+    accepted: list[str] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+    alice, bob, carol = (f"{u}@{DOMAIN}" for u in ("alice", "bob", "carol"))
+
+    def client(n: int) -> None:
+        i = 0
+        while not stop.is_set():
+            try:
+                with smtplib.SMTP_SSL(
+                    "127.0.0.1", cfg.listeners.smtps.port, context=ctx, timeout=10
+                ) as smtp:  # type: ignore[union-attr]
+                    smtp.login(alice, PASSWORD)
+                    while not stop.is_set():
+                        mid = f"<crash-{n}-{i}@client.example>"
+                        i += 1
+                        raw = (
+                            f"From: {alice}\r\nTo: {bob}\r\nCc: {carol}\r\nSubject: crash {n}-{i}\r\n"
+                            f"Message-ID: {mid}\r\n\r\nbody\r\n"
+                        ).encode()
+                        smtp.sendmail(alice, [bob, carol], raw)
+                        with lock:
+                            accepted.append(mid)  # got 250
+            except (OSError, smtplib.SMTPException):
+                time.sleep(0.05)  # server gone: try again until told to stop
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(CLIENTS)]
+    for t in threads:
+        t.start()
+    time.sleep(4)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stop.set()
+    for t in threads:
+        t.join(30)
+    n_accepted = len(accepted)
+    assert n_accepted > 5, "too few messages got through before the kill to test anything"
+
+    proc = start(cfg, log)
+    store = MaildirStore(cfg.maildir_root)
+
+    def tally() -> tuple[
+        collections.Counter[tuple[str, str]], collections.Counter[tuple[str, str]]
+    ]:
+        receipts: collections.Counter[tuple[str, str]] = collections.Counter()
+        envelopes: collections.Counter[tuple[str, str]] = collections.Counter()
+        for path in store.list_folder(alice):
+            c = classify(path.read_bytes())
+            assert c.daticert is not None and c.ricevuta is not None
+            who = c.daticert.consegna or ""
+            receipts[(c.daticert.msgid or "", f"{c.ricevuta.value}:{who}")] += 1
+        for user in (bob, carol):
+            for path in store.list_folder(user):
+                c = classify(path.read_bytes())
+                assert c.daticert is not None
+                envelopes[(c.daticert.msgid or "", user)] += 1
+        return receipts, envelopes
+
+    deadline = time.monotonic() + 120
+    while True:
+        receipts, envelopes = tally()
+        done = all(
+            receipts[(mid, "accettazione:")] >= 1
+            and receipts[(mid, f"avvenuta-consegna:{bob}")] >= 1
+            and receipts[(mid, f"avvenuta-consegna:{carol}")] >= 1
+            for mid in accepted
+        )
+        if done or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0, log.read_text()[-3000:]
+
+    missing = [mid for mid in accepted if receipts[(mid, "accettazione:")] == 0]
+    assert not missing, f"{len(missing)} of {n_accepted} accepted messages lost their accettazione"
+    for mid in accepted:
+        assert receipts[(mid, f"avvenuta-consegna:{bob}")] == 1, mid
+        assert receipts[(mid, f"avvenuta-consegna:{carol}")] == 1, mid
+        assert envelopes[(mid, bob)] == 1 and envelopes[(mid, carol)] == 1, mid
+    # No duplicates at all, also for messages that were committed but never acknowledged.
+    assert max(receipts.values()) == 1, [k for k, v in receipts.items() if v > 1]
+    assert max(envelopes.values()) == 1, [k for k, v in envelopes.items() if v > 1]
+    print(
+        f"crash test: {n_accepted} messages acknowledged before SIGKILL, all receipts exactly once"
+    )

@@ -1,0 +1,317 @@
+"""One provider end to end on loopback: smtplib submits, imaplib reads, openssl judges the signatures."""
+
+from __future__ import annotations
+
+import asyncio
+import imaplib
+import smtplib
+import ssl
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pecd.app import App
+from pecd.clock import SystemClock
+from pecd.config import Config, load_config
+from pecd.devinit import config_text, init_installation
+from pecd.pec.classify import classify
+from pecd.pec.vocab import Kind, Ricevuta, TipoRicevuta
+from pecd.store.accounts import Accounts
+
+DOMAIN = "pec.example.test"
+PASSWORD = "correct horse battery"
+
+
+class Server:
+    """pecd running in a background thread with its own event loop, as a real client sees it."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.loop = asyncio.new_event_loop()
+        self.app: App | None = None
+        self._ready = threading.Event()
+        self._stop: asyncio.Event | None = None
+        self._error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self._main())
+
+    async def _main(self) -> None:
+        self._stop = asyncio.Event()
+        try:
+            async with App(self.cfg) as app:
+                self.app = app
+                self._ready.set()
+                await self._stop.wait()
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+
+    def start(self) -> Server:
+        self.thread.start()
+        self._ready.wait(30)
+        if self._error:
+            raise self._error
+        return self
+
+    def stop(self) -> None:
+        assert self._stop is not None
+        self.loop.call_soon_threadsafe(self._stop.set)
+        self.thread.join(30)
+
+    def port(self, name: str) -> int:
+        assert self.app is not None
+        if name == "imaps":
+            assert self.app.imap is not None
+            return self.app.imap.bound_ports[0]
+        assert self.app.access is not None
+        return self.app.access.port(name)
+
+
+async def _install(directory: Path, postgres_url: str | None) -> Config:
+    await init_installation(
+        directory, domain=DOMAIN, name="Example PEC S.p.A.", clock=SystemClock(), demo=False
+    )
+    text = config_text(
+        domain=DOMAIN, name="Example PEC S.p.A.", ports={"smtps": 0, "submission": 0, "imaps": 0}
+    )
+    if postgres_url:
+        text = text.replace(
+            'data_dir = "data"', f'data_dir = "data"\ndatabase_url = "{postgres_url}"'
+        )
+    (directory / "pecd.toml").write_text(text + "\n[queue]\nbase_delay_seconds = 0.2\n", "utf-8")
+    cfg = load_config(directory / "pecd.toml")
+    if postgres_url:
+        from pecd.store.db import migrate_async
+
+        await migrate_async(cfg.database_url)
+        from pecd.store.db import Database
+
+        db = await Database.open(cfg.database_url)
+        acc = Accounts(db)
+        await acc.add_domain(DOMAIN)
+        await acc.add_mailbox(cfg.provider.mail_receipt, PASSWORD)
+    else:
+        from pecd.store.db import Database
+
+        db = await Database.open(cfg.database_url)
+        acc = Accounts(db)
+    try:
+        for user in ("alice", "bob", "carol", "dan"):
+            await acc.add_mailbox(f"{user}@{DOMAIN}", PASSWORD)
+        await acc.disable(f"dan@{DOMAIN}")
+    finally:
+        await db.close()
+    return cfg
+
+
+@pytest.fixture
+def server(tmp_path: Path, db_url_for_e2e: str | None) -> Iterator[Server]:
+    cfg = asyncio.run(_install(tmp_path / "inst", db_url_for_e2e))
+    srv = Server(cfg).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def client_tls(cfg: Config) -> ssl.SSLContext:
+    assert cfg.tls.ca is not None
+    return ssl.create_default_context(cafile=str(cfg.tls.ca))
+
+
+def message(frm: str, to: list[str], cc: list[str], subject: str, extra: str = "") -> bytes:
+    lines = [
+        f"From: {frm}",
+        f"To: {', '.join(to)}",
+        *([f"Cc: {', '.join(cc)}"] if cc else []),
+        f"Subject: {subject}",
+        "Message-ID: <test-" + subject.replace(" ", "-") + "@client.example>",
+        "Date: Tue, 24 Nov 2026 10:00:00 +0100",
+        "MIME-Version: 1.0",
+        "Content-Type: text/plain; charset=utf-8",
+        "Content-Transfer-Encoding: 8bit",
+        *([extra] if extra else []),
+        "",
+        "Buongiorno, questo è un messaggio di posta certificata.",
+        "",
+    ]
+    return "\r\n".join(lines).encode("utf-8")
+
+
+def fetch_all(srv: Server, user: str) -> list[bytes]:
+    with imaplib.IMAP4_SSL("127.0.0.1", srv.port("imaps"), ssl_context=client_tls(srv.cfg)) as imap:
+        imap.login(f"{user}@{DOMAIN}", PASSWORD)
+        imap.select("INBOX")
+        typ, data = imap.search(None, "ALL")
+        assert typ == "OK"
+        out = []
+        for num in data[0].split():
+            typ, msg = imap.fetch(num, "(BODY.PEEK[])")
+            assert typ == "OK"
+            out.append(bytes(msg[0][1]))  # type: ignore[index]
+        return out
+
+
+def wait_for(pred: Callable[[], Any], timeout: float = 30.0) -> Any:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.2)
+
+
+def openssl_ok(raw: bytes, ca: Path, tmp: Path) -> None:
+    f = tmp / "m.eml"
+    f.write_bytes(raw)
+    r = subprocess.run(
+        [
+            "openssl",
+            "cms",
+            "-verify",
+            "-inform",
+            "SMIME",
+            "-in",
+            str(f),
+            "-CAfile",
+            str(ca),
+            "-purpose",
+            "any",
+            "-out",
+            "/dev/null",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+
+
+def by_ricevuta(msgs: list[bytes]) -> dict[str, list[Any]]:
+    out: dict[str, list[Any]] = {}
+    for raw in msgs:
+        c = classify(raw)
+        key = c.ricevuta.value if c.ricevuta else c.kind.value
+        out.setdefault(key, []).append(c)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["smtps", "submission"])
+def test_alice_sends_to_bob_carol_and_a_missing_mailbox(
+    server: Server, tmp_path: Path, mode: str
+) -> None:
+    alice, bob, carol, ghost = (f"{u}@{DOMAIN}" for u in ("alice", "bob", "carol", "ghost"))
+    raw = message(alice, [bob, ghost], [carol], "Contratto firmato")
+    ctx = client_tls(server.cfg)
+    if mode == "smtps":
+        with smtplib.SMTP_SSL("127.0.0.1", server.port("smtps"), context=ctx) as smtp:
+            smtp.login(alice, PASSWORD)
+            smtp.sendmail(alice, [bob, ghost, carol], raw)
+    else:
+        with smtplib.SMTP("127.0.0.1", server.port("submission")) as smtp:
+            smtp.starttls(context=ctx)
+            smtp.login(alice, PASSWORD)
+            smtp.sendmail(alice, [bob, ghost, carol], raw)
+
+    inbox = wait_for(lambda: (m := fetch_all(server, "alice")) and len(m) >= 4 and m)
+    kinds = by_ricevuta(inbox)
+    assert len(kinds["accettazione"]) == 1
+    assert len(kinds["avvenuta-consegna"]) == 2
+    assert len(kinds["errore-consegna"]) == 1
+    assert len(inbox) == 4
+    ca = server.cfg.tls.ca
+    assert ca is not None
+    for raw_msg in inbox:
+        openssl_ok(raw_msg, ca, tmp_path)
+    acc = kinds["accettazione"][0]
+    assert acc.is_valid_pec
+    d = acc.daticert
+    assert d.mittente == alice
+    assert [r.address for r in d.destinatari] == [bob, ghost, carol]
+    assert d.oggetto == "Contratto firmato"
+    assert d.msgid == "<test-Contratto-firmato@client.example>"
+    ident = d.identificativo
+    consegne = {c.daticert.consegna: c for c in kinds["avvenuta-consegna"]}
+    assert consegne[bob].daticert.ricevuta is TipoRicevuta.COMPLETA
+    assert (
+        consegne[bob].postacert is not None
+        and b"questo \xc3\xa8 un messaggio" in consegne[bob].postacert
+    )
+    assert consegne[carol].daticert.ricevuta is TipoRicevuta.SINTETICA
+    assert consegne[carol].postacert is None
+    err = kinds["errore-consegna"][0]
+    assert err.daticert.consegna == ghost and err.daticert.errore.value == "no-dest"
+    assert all(c.daticert.identificativo == ident for cs in kinds.values() for c in cs)
+
+    for user in ("bob", "carol"):
+        box = fetch_all(server, user)
+        assert len(box) == 1
+        env = classify(box[0])
+        assert env.kind is Kind.TRANSPORT_ENVELOPE and env.is_valid_pec
+        assert env.daticert is not None and env.daticert.identificativo == ident
+        openssl_ok(box[0], ca, tmp_path)
+    # The service mailbox holds exactly one presa in carico covering the local recipients.
+    service = fetch_all(server, "ricevute")
+    presa = [classify(m) for m in service]
+    assert [p.ricevuta for p in presa] == [Ricevuta.PRESA_IN_CARICO]
+
+
+@pytest.mark.parametrize(
+    ("to", "cc", "rcpts", "extra", "code"),
+    [
+        (["bob"], [], ["bob", "carol"], "", "recipients-mismatch"),
+        (["bob"], [], ["bob"], "Bcc: carol@pec.example.test", "bcc-present"),
+        ([], [], ["bob"], "", "to-missing"),
+    ],
+)
+def test_formal_violations_yield_non_accettazione(
+    server: Server, to: list[str], cc: list[str], rcpts: list[str], extra: str, code: str
+) -> None:
+    alice = f"alice@{DOMAIN}"
+    raw = message(
+        alice, [f"{u}@{DOMAIN}" for u in to], [f"{u}@{DOMAIN}" for u in cc], f"bad {code}", extra
+    )
+    if not to:
+        raw = raw.replace(b"To: \r\n", b"")
+    with smtplib.SMTP_SSL(
+        "127.0.0.1", server.port("smtps"), context=client_tls(server.cfg)
+    ) as smtp:
+        smtp.login(alice, PASSWORD)
+        smtp.sendmail(alice, [f"{u}@{DOMAIN}" for u in rcpts], raw)
+    inbox = wait_for(lambda: fetch_all(server, "alice"))
+    assert len(inbox) == 1
+    c = classify(inbox[0])
+    assert c.ricevuta is Ricevuta.NON_ACCETTAZIONE and c.is_valid_pec
+    assert c.postacert is None
+    assert fetch_all(server, "bob") == [] and fetch_all(server, "carol") == []
+
+
+def test_smtp_refusals(server: Server) -> None:
+    alice, bob = f"alice@{DOMAIN}", f"bob@{DOMAIN}"
+    ctx = client_tls(server.cfg)
+    # No AUTH before STARTTLS on 587.
+    with smtplib.SMTP("127.0.0.1", server.port("submission")) as smtp:
+        smtp.ehlo()
+        assert not smtp.has_extn("auth")
+        code, _ = smtp.docmd("AUTH", "PLAIN AGFsaWNlAHg=")
+        assert code == 530 or code >= 500
+    with smtplib.SMTP_SSL("127.0.0.1", server.port("smtps"), context=ctx) as smtp:
+        with pytest.raises(smtplib.SMTPAuthenticationError):
+            smtp.login(alice, "wrong password")
+        with pytest.raises(smtplib.SMTPSenderRefused):
+            smtp.sendmail(alice, [bob], b"Subject: x\r\n\r\nno auth\r\n")
+    with smtplib.SMTP_SSL("127.0.0.1", server.port("smtps"), context=ctx) as smtp:
+        smtp.login(alice, PASSWORD)
+        with pytest.raises(smtplib.SMTPSenderRefused):
+            smtp.sendmail(bob, [alice], message(bob, [alice], [], "forged"))
