@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -43,3 +45,31 @@ def read_manifest(corpus: Path) -> list[dict[str, str]]:
 @pytest.fixture(scope="session")
 def manifest(corpus_dir: Path) -> list[dict[str, str]]:
     return read_manifest(corpus_dir)
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(None, id="sqlite"),
+        pytest.param(
+            "postgresql",
+            id="postgresql",
+            marks=pytest.mark.skipif(
+                not os.environ.get("PECD_TEST_POSTGRES_URL"),
+                reason="PECD_TEST_POSTGRES_URL not set",
+            ),
+        ),
+    ]
+)
+def db_url_for_e2e(request: pytest.FixtureRequest) -> Iterator[str | None]:
+    """None for the embedded default (SQLite under the installation's data dir), or the URL of
+    a fresh PostgreSQL database of this test alone, dropped afterwards."""
+    if request.param is None:
+        yield None
+        return
+    from store_fixtures import fresh_postgres_database
+
+    url, drop = fresh_postgres_database()
+    try:
+        yield url
+    finally:
+        drop()

@@ -21,6 +21,7 @@ from pecd.devinit import config_text, init_installation
 from pecd.pec.classify import classify
 from pecd.pec.vocab import Kind, Ricevuta, TipoRicevuta
 from pecd.store.accounts import Accounts
+from pecd.store.db import Database, migrate_async
 
 DOMAIN = "pec.example.test"
 PASSWORD = "correct horse battery"
@@ -88,20 +89,15 @@ async def _install(directory: Path, postgres_url: str | None) -> Config:
     (directory / "pecd.toml").write_text(text + "\n[queue]\nbase_delay_seconds = 0.2\n", "utf-8")
     cfg = load_config(directory / "pecd.toml")
     if postgres_url:
-        from pecd.store.db import migrate_async
-
         await migrate_async(cfg.database_url)
-        from pecd.store.db import Database
-
-        db = await Database.open(cfg.database_url)
-        acc = Accounts(db)
+    db = await Database.open(cfg.database_url)
+    acc = Accounts(db)
+    if postgres_url:
+        # init wrote the domain and the service mailbox into the SQLite file it created.
         await acc.add_domain(DOMAIN)
         await acc.add_mailbox(cfg.provider.mail_receipt, PASSWORD)
     else:
-        from pecd.store.db import Database
-
-        db = await Database.open(cfg.database_url)
-        acc = Accounts(db)
+        await acc.set_password(cfg.provider.mail_receipt, PASSWORD)
     try:
         for user in ("alice", "bob", "carol", "dan"):
             await acc.add_mailbox(f"{user}@{DOMAIN}", PASSWORD)
