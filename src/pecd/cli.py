@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -205,8 +206,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for addr, pw in result.mailboxes.items():
             print(f"  {addr:<40} {pw}")
     cfg = _load(args)
+    if os.environ.get("PECD_DEBUG"):
+        logging.getLogger("pecd").setLevel(logging.DEBUG)
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
 
     async def run() -> None:

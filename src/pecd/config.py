@@ -151,6 +151,7 @@ class LimitsConfig(_Section):
 
 class QueueConfig(_Section):
     workers: int = Field(default=2, ge=1, le=64)
+    batch: int = Field(default=16, ge=1, le=1000)  # jobs a worker claims and commits at once
     max_attempts: int = Field(default=10, ge=1)
     base_delay_seconds: float = Field(default=2.0, gt=0)
     max_delay_seconds: float = Field(default=600.0, gt=0)

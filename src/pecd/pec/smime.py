@@ -17,6 +17,7 @@ trailing space is a changed message.
 from __future__ import annotations
 
 import binascii
+import functools
 import hashlib
 import hmac
 import re
@@ -164,6 +165,26 @@ def _cms_time(when: datetime) -> cms.Time:
     return cms.Time({"generalized_time": when})
 
 
+@functools.lru_cache(maxsize=16)
+def _signer_parts(cert_der: bytes, chain_der: tuple[bytes, ...]) -> tuple[bytes, bytes]:
+    """The DER of the SignerIdentifier and of the CertificateSet for one signer.
+
+    Building them means parsing and re-encoding every certificate, which costs more than the RSA
+    signature itself; a provider signs with the same certificate all day, so they are made once.
+    """
+    cert = asn1_x509.Certificate.load(cert_der)
+    sid = cms.SignerIdentifier(
+        {
+            "issuer_and_serial_number": {
+                "issuer": cert.issuer,
+                "serial_number": cert.serial_number,
+            }
+        }
+    )
+    certs = cms.CertificateSet([cert, *(asn1_x509.Certificate.load(c) for c in chain_der)])
+    return bytes(sid.dump()), bytes(certs.dump())
+
+
 def cms_sign_detached(
     content: bytes, signer: Signer, *, digest: DigestName, signing_time: datetime
 ) -> bytes:
@@ -174,8 +195,10 @@ def cms_sign_detached(
     """
     if digest not in ("sha1", "sha256"):
         raise ValueError(f"unsupported digest {digest!r}")
-    cert_der = signer.certificate.public_bytes(serialization.Encoding.DER)
-    cert = asn1_x509.Certificate.load(cert_der)
+    sid_der, certificates_der = _signer_parts(
+        signer.certificate.public_bytes(serialization.Encoding.DER),
+        tuple(c.public_bytes(serialization.Encoding.DER) for c in signer.chain),
+    )
     message_digest = hashlib.new(digest, content).digest()
     capabilities = cms.SMIMECapabilites(
         [{"capability_id": "aes256_cbc"}, {"capability_id": "aes128_cbc"}]
@@ -203,29 +226,19 @@ def cms_sign_detached(
     signer_info = cms.SignerInfo(
         {
             "version": "v1",
-            "sid": cms.SignerIdentifier(
-                {
-                    "issuer_and_serial_number": {
-                        "issuer": cert.issuer,
-                        "serial_number": cert.serial_number,
-                    }
-                }
-            ),
+            "sid": cms.SignerIdentifier.load(sid_der),
             "digest_algorithm": {"algorithm": digest},
             "signed_attrs": signed_attrs,
             "signature_algorithm": {"algorithm": signature_algorithm},
             "signature": signature,
         }
     )
-    certificates = [cert] + [
-        asn1_x509.Certificate.load(c.public_bytes(serialization.Encoding.DER)) for c in signer.chain
-    ]
     signed_data = cms.SignedData(
         {
             "version": "v1",
             "digest_algorithms": [{"algorithm": digest}],
             "encap_content_info": {"content_type": "data"},
-            "certificates": certificates,
+            "certificates": cms.CertificateSet.load(certificates_der),
             "signer_infos": [signer_info],
         }
     )

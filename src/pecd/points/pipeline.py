@@ -10,11 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import asdict, dataclass
-from datetime import datetime
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pecd.clock import Clock
@@ -112,19 +111,49 @@ def _event(
     )
 
 
+@dataclass
+class Outbox:
+    """Finished messages for local mailboxes that a stage commits as store jobs leased to its
+    own worker, then puts in their mailboxes right after the commit: the commit makes them
+    durable, and no other worker has to claim them one by one. If the worker dies in between,
+    the lease expires and any worker stores them as ordinary store jobs."""
+
+    worker: str
+    lease_until: datetime
+    items: list[tuple[str, str, bytes]] = field(default_factory=list)  # key, mailbox, bytes
+
+    @classmethod
+    def for_worker(cls, svc: Services, worker: str) -> Outbox:
+        lease = timedelta(seconds=svc.cfg.queue.lease_seconds)
+        return cls(worker=worker, lease_until=svc.clock.now() + lease)
+
+
 async def _store_job(
-    s: AsyncSession, svc: Services, *, key: str, mailbox: str, msg: BuiltMessage, now: datetime
+    s: AsyncSession,
+    svc: Services,
+    *,
+    key: str,
+    mailbox: str,
+    msg: BuiltMessage,
+    now: datetime,
+    outbox: Outbox,
 ) -> bool:
-    """Queue ``msg`` for one mailbox: local mailboxes get a store job, others go to the relay."""
+    """Queue ``msg`` for one mailbox: local mailboxes get a store job (in ``outbox``), others
+    go to the relay."""
     if svc.is_local(mailbox):
-        return await jobs.enqueue(
+        created = await jobs.enqueue(
             s,
             kind=STORE,
             key=key,
             payload={"mailbox": mailbox, "message_id": msg.message_id},
             data=msg.raw,
             now=now,
+            lease_to=outbox.worker,
+            lease_until=outbox.lease_until,
         )
+        if created:
+            outbox.items.append((key, mailbox, msg.raw))
+        return created
     return await jobs.enqueue(
         s,
         kind=RELAY,
@@ -135,14 +164,44 @@ async def _store_job(
     )
 
 
-async def _key_exists(s: AsyncSession, key: str) -> bool:
-    return (await s.execute(select(Job.id).where(Job.key == key))).first() is not None
+async def flush(svc: Services, outbox: Outbox) -> None:
+    """Store the outbox's committed messages now and complete their jobs in one transaction."""
+    if not outbox.items:
+        return
+
+    def deliver_all() -> None:
+        for key, mailbox, data in outbox.items:
+            svc.maildir.deliver(mailbox, key, data)
+
+    try:
+        await asyncio.to_thread(deliver_all)
+        async with svc.db.session() as s, s.begin():
+            await jobs.complete_leased(s, [k for k, _, _ in outbox.items], outbox.worker)
+    except Exception:
+        # Committed already: the store jobs run again when their lease expires.
+        log.warning("storing %d messages failed; retried later", len(outbox.items), exc_info=True)
+
+
+# --- stages -----------------------------------------------------------------------------------
+#
+# A stage is split in two: ``prepare`` does the work that needs no transaction (parsing, checks,
+# signing, Maildir deliveries, which are idempotent) and returns a ``Writer``; the writer puts the
+# stage's outputs (next jobs, trace events) into a session. The worker runs the writers of a whole
+# batch of claimed jobs in one transaction together with their completion, so the cost of a
+# commit is shared by the batch (design.md invariant 2 holds per job: a job's outputs and its
+# completion still commit together).
+
+Writer = Callable[[AsyncSession, "Outbox"], Awaitable[None]]
+
+
+async def _nothing(s: AsyncSession, outbox: Outbox) -> None:
+    return None
 
 
 # --- stage: submission (access point) --------------------------------------------------------
 
 
-async def stage_submission(svc: Services, job: Job) -> None:
+async def stage_submission(svc: Services, job: Job) -> Writer:
     """Formal checks, then non-accettazione, or accettazione + transport envelope + its routing."""
     p = job.payload
     raw = job.data or b""
@@ -159,11 +218,18 @@ async def stage_submission(svc: Services, job: Job) -> None:
         Submission(raw, p["mail_from"], tuple(p["rcpt_to"]), p.get("user")), svc.limits
     )
     now = when.instant
-    async with svc.db.session() as s, s.begin():
-        if violations:
-            notice = builders.non_accettazione(tx, svc.provider, when, violations=violations)
+    if violations:
+        notice = builders.non_accettazione(tx, svc.provider, when, violations=violations)
+
+        async def refuse(s: AsyncSession, outbox: Outbox) -> None:
             await _store_job(
-                s, svc, key=f"{job.key}:non-accettazione", mailbox=tx.mittente, msg=notice, now=now
+                s,
+                svc,
+                key=f"{job.key}:non-accettazione",
+                mailbox=tx.mittente,
+                msg=notice,
+                now=now,
+                outbox=outbox,
             )
             await record(
                 s,
@@ -177,62 +243,70 @@ async def stage_submission(svc: Services, job: Job) -> None:
                     data={"violations": [asdict(v) for v in violations], "intake": job.key},
                 ),
             )
-        else:
-            acc = builders.accettazione(tx, svc.provider, when)
-            env = builders.transport_envelope(raw, tx, svc.provider, when)
-            await _store_job(
-                s, svc, key=f"{job.key}:accettazione", mailbox=tx.mittente, msg=acc, now=now
-            )
-            await record(
+
+        return refuse
+
+    acc = builders.accettazione(tx, svc.provider, when)
+    env = builders.transport_envelope(raw, tx, svc.provider, when)
+    local = [r for r in tx.addresses if svc.is_local(r)]
+    remote: dict[str, list[str]] = {}
+    for r in tx.addresses:
+        if not svc.is_local(r):
+            remote.setdefault(domain_of(r), []).append(r)
+
+    async def accept(s: AsyncSession, outbox: Outbox) -> None:
+        await _store_job(
+            s,
+            svc,
+            key=f"{job.key}:accettazione",
+            mailbox=tx.mittente,
+            msg=acc,
+            now=now,
+            outbox=outbox,
+        )
+        await record(
+            s,
+            _event(
+                Ricevuta.ACCETTAZIONE.value, tx, now, svc.provider, [acc], data={"intake": job.key}
+            ),
+        )
+        await record(s, _event(Trasporto.POSTA_CERTIFICATA.value, tx, now, svc.provider, [env]))
+        if local:
+            await jobs.enqueue(
                 s,
-                _event(
-                    Ricevuta.ACCETTAZIONE.value,
-                    tx,
-                    now,
-                    svc.provider,
-                    [acc],
-                    data={"intake": job.key},
-                ),
+                kind=DELIVERY,
+                key=f"{job.key}:delivery",
+                payload={"recipients": local, "tx": tx.to_json(), "sent_at": now.isoformat()},
+                data=env.raw,
+                now=now,
             )
-            await record(s, _event(Trasporto.POSTA_CERTIFICATA.value, tx, now, svc.provider, [env]))
-            local = [r for r in tx.addresses if svc.is_local(r)]
-            remote: dict[str, list[str]] = {}
-            for r in tx.addresses:
-                if not svc.is_local(r):
-                    remote.setdefault(domain_of(r), []).append(r)
-            if local:
-                await jobs.enqueue(
-                    s,
-                    kind=DELIVERY,
-                    key=f"{job.key}:delivery",
-                    payload={"recipients": local, "tx": tx.to_json(), "sent_at": now.isoformat()},
-                    data=env.raw,
-                    now=now,
-                )
-            for dom, rcpts in sorted(remote.items()):
-                await jobs.enqueue(
-                    s,
-                    kind=RELAY,
-                    key=f"{job.key}:relay:{dom}",
-                    payload={
-                        "recipients": rcpts,
-                        "message_id": tx.identificativo,
-                        "tx": tx.to_json(),
-                        "sent_at": now.isoformat(),
-                    },
-                    data=env.raw,
-                    now=now,
-                )
-        await jobs.complete(s, job.id)
-    svc.wake.set()
+        for dom, rcpts in sorted(remote.items()):
+            await jobs.enqueue(
+                s,
+                kind=RELAY,
+                key=f"{job.key}:relay:{dom}",
+                payload={
+                    "recipients": rcpts,
+                    "message_id": tx.identificativo,
+                    "tx": tx.to_json(),
+                    "sent_at": now.isoformat(),
+                },
+                data=env.raw,
+                now=now,
+            )
+
+    return accept
 
 
 # --- stage: delivery (reception + delivery point for local recipients) -----------------------
 
 
-async def stage_delivery(svc: Services, job: Job) -> None:
+async def stage_delivery(svc: Services, job: Job) -> Writer:
     """Verify the envelope as a reception point would, take it in charge, store it per recipient,
-    and send the sender one avvenuta-consegna or errore-consegna per recipient."""
+    and send the sender one avvenuta-consegna or errore-consegna per recipient.
+
+    A crash before the commit re-runs the stage: the Maildir deliveries are idempotent (keyed by
+    PEC msgid and recipient) and nothing else was emitted, so each receipt exists exactly once."""
     p = job.payload
     env = job.data or b""
     tx = Transmission.from_json(p["tx"])
@@ -241,53 +315,50 @@ async def stage_delivery(svc: Services, job: Job) -> None:
         # Our own envelope failing our own verification is a bug or corruption: never deliver it.
         raise StageError(f"envelope {tx.identificativo} does not verify: {'; '.join(c.errors)}")
     recipients: list[str] = list(p["recipients"])
-
-    presa_key = f"{job.key}:presa-in-carico"
-    async with svc.db.session() as s, s.begin():
-        if not await _key_exists(s, presa_key):
-            # Same-provider mail gets full processing (RFC 6109 3.4): one presa in carico per
-            # transaction, covering every recipient here, to our own service mailbox.
-            when = pec_time(svc.clock.now())
-            presa = builders.presa_in_carico(
-                tx,
-                svc.provider,
-                when,
-                ricezione=recipients,
-                mail_receipt=svc.cfg.provider.mail_receipt,
-            )
-            await _store_job(
-                s,
-                svc,
-                key=presa_key,
-                mailbox=svc.cfg.provider.mail_receipt,
-                msg=presa,
-                now=when.instant,
-            )
-            await record(
-                s, _event(Ricevuta.PRESA_IN_CARICO.value, tx, when.instant, svc.provider, [presa])
-            )
-
-    for rcpt in recipients:
-        receipt_key = f"{job.key}:esito:{rcpt}"
-        async with svc.db.session() as s:
-            if await _key_exists(s, receipt_key):
-                continue  # done before a crash: exactly one receipt per recipient
-        outcome = await _deliver_one(svc, tx, rcpt, env)
-        when = pec_time(svc.clock.now())
+    # Same-provider mail gets full processing (RFC 6109 3.4): one presa in carico per
+    # transaction, covering every recipient here, to our own service mailbox.
+    taken = pec_time(svc.clock.now())
+    presa = builders.presa_in_carico(
+        tx, svc.provider, taken, ricezione=recipients, mail_receipt=svc.cfg.provider.mail_receipt
+    )
+    outcomes = [(rcpt, await _deliver_one(svc, tx, rcpt, env)) for rcpt in recipients]
+    when = pec_time(svc.clock.now())
+    receipts: list[tuple[str, str, BuiltMessage, str | None]] = []
+    for rcpt, outcome in outcomes:
         if outcome is None:
             receipt = builders.avvenuta_consegna(
                 tx, svc.provider, when, recipient=rcpt, postacert=c.postacert
             )
-            event, error = Ricevuta.AVVENUTA_CONSEGNA.value, None
+            receipts.append((rcpt, Ricevuta.AVVENUTA_CONSEGNA.value, receipt, None))
         else:
             errore, esteso = outcome
             receipt = builders.errore_consegna(
                 tx, svc.provider, when, recipient=rcpt, errore=errore, errore_esteso=esteso
             )
-            event, error = Ricevuta.ERRORE_CONSEGNA.value, esteso
-        async with svc.db.session() as s, s.begin():
+            receipts.append((rcpt, Ricevuta.ERRORE_CONSEGNA.value, receipt, esteso))
+
+    async def write(s: AsyncSession, outbox: Outbox) -> None:
+        await _store_job(
+            s,
+            svc,
+            key=f"{job.key}:presa-in-carico",
+            mailbox=svc.cfg.provider.mail_receipt,
+            msg=presa,
+            now=taken.instant,
+            outbox=outbox,
+        )
+        await record(
+            s, _event(Ricevuta.PRESA_IN_CARICO.value, tx, taken.instant, svc.provider, [presa])
+        )
+        for rcpt, event, receipt, error in receipts:
             await _store_job(
-                s, svc, key=receipt_key, mailbox=tx.mittente, msg=receipt, now=when.instant
+                s,
+                svc,
+                key=f"{job.key}:esito:{rcpt}",
+                mailbox=tx.mittente,
+                msg=receipt,
+                now=when.instant,
+                outbox=outbox,
             )
             await record(
                 s,
@@ -301,9 +372,8 @@ async def stage_delivery(svc: Services, job: Job) -> None:
                     data={"consegna": rcpt},
                 ),
             )
-    async with svc.db.session() as s, s.begin():
-        await jobs.complete(s, job.id)
-    svc.wake.set()
+
+    return write
 
 
 async def _deliver_one(
@@ -327,18 +397,19 @@ async def _deliver_one(
 # --- stage: store (a finished message into one local mailbox) --------------------------------
 
 
-async def stage_store(svc: Services, job: Job) -> None:
+async def stage_store(svc: Services, job: Job) -> Writer:
     mailbox = job.payload["mailbox"]
     mb = await svc.accounts.get(mailbox)
     if mb is None:
         raise StageError(f"mailbox {mailbox} does not exist")
     # Receipts are never refused for quota: losing one would lose the holder's legal proof.
     await asyncio.to_thread(svc.maildir.deliver, mailbox, job.key, job.data or b"")
-    async with svc.db.session() as s, s.begin():
-        await jobs.complete(s, job.id)
+    return _nothing
 
 
-STAGES: dict[str, Callable[[Services, Job], Awaitable[None]]] = {
+Stage = Callable[[Services, Job], Awaitable[Writer]]
+
+STAGES: dict[str, Stage] = {
     SUBMISSION: stage_submission,
     DELIVERY: stage_delivery,
     STORE: stage_store,

@@ -94,25 +94,41 @@ def _install_sqlite_events(engine: AsyncEngine) -> None:
 
 
 class Database:
-    """An open database: the async engine and its session factories."""
+    """An open database: the async engine(s) and their session factories.
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    On SQLite, writes go through one connection (a pool of one): SQLite has a single writer
+    anyway, and queueing writers on that connection in asyncio is far cheaper than letting
+    several connections collide on the database lock, where SQLite's busy handler sleeps for up
+    to 100 ms between tries. Readers get a separate engine with ordinary pooling (WAL readers
+    never wait for the writer). Never open a write session while holding another one in the same
+    task: the second would wait for the first forever (it times out after ``pool_timeout``).
+    """
+
+    def __init__(self, engine: AsyncEngine, reader: AsyncEngine | None = None) -> None:
         self.engine = engine
+        self._reader = reader
         self._sessions = async_sessionmaker(engine, expire_on_commit=False)
-        readers = engine.execution_options(**{_SQLITE_BEGIN: "DEFERRED"})
+        readers = (reader or engine).execution_options(**{_SQLITE_BEGIN: "DEFERRED"})
         self._read_sessions = async_sessionmaker(readers, expire_on_commit=False)
 
     @classmethod
     async def open(cls, url: str, **engine_kwargs: Any) -> Database:
         """Create the engine for ``url`` and check that the database answers."""
-        engine = create_engine(url, **engine_kwargs)
+        reader = None
+        if make_url(async_url(url)).get_backend_name() == "sqlite" and not engine_kwargs:
+            engine = create_engine(url, pool_size=1, max_overflow=0, pool_timeout=60)
+            reader = create_engine(url)
+        else:
+            engine = create_engine(url, **engine_kwargs)
         try:
             async with engine.connect() as conn:
                 await conn.execute(text("SELECT 1"))
         except BaseException:
             await engine.dispose()
+            if reader is not None:
+                await reader.dispose()
             raise
-        return cls(engine)
+        return cls(engine, reader)
 
     @property
     def dialect(self) -> Literal["sqlite", "postgresql"]:
@@ -133,6 +149,8 @@ class Database:
 
     async def close(self) -> None:
         await self.engine.dispose()
+        if self._reader is not None:
+            await self._reader.dispose()
 
 
 # --- migrations ------------------------------------------------------------------------------

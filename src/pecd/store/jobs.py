@@ -16,11 +16,12 @@ is done, so the table does not grow with delivered mail.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, bindparam, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -46,15 +47,24 @@ async def enqueue(
     data: bytes | None = None,
     now: datetime,
     run_at: datetime | None = None,
+    lease_to: str | None = None,
+    lease_until: datetime | None = None,
 ) -> bool:
     """Add a job unless one with the same idempotency ``key`` exists (in any state).
 
-    Returns True if a job was created, False if ``key`` was already there. Does not commit.
+    With ``lease_to`` the job is born ``running``, leased to that worker until ``lease_until``:
+    the worker that made it runs it at once, and if that worker dies the lease expires and any
+    worker claims it as usual. Returns True if a job was created, False if ``key`` was already
+    there. Does not commit.
     """
+    if (lease_to is None) != (lease_until is None):
+        raise ValueError("lease_to and lease_until go together")
     values: dict[str, Any] = {
         "kind": kind,
         "key": key,
-        "state": READY,
+        "state": READY if lease_to is None else RUNNING,
+        "locked_by": lease_to,
+        "locked_until": lease_until,
         "payload": payload,
         "data": data,
         "attempts": 0,
@@ -62,26 +72,17 @@ async def enqueue(
         "created_at": now,
         "updated_at": now,
     }
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    stmt = (
-        insert(Job)
-        .values(**values)
-        .on_conflict_do_nothing(index_elements=[Job.key])
-        .returning(Job.id)
-    )
-    result = await session.execute(stmt)
+    result = await session.execute(_insert_stmt(session.get_bind().dialect.name), values)
     return result.first() is not None
 
 
-def _claimable(kinds: Sequence[str], now: datetime) -> Any:
-    return and_(
-        Job.kind.in_(list(kinds)),
-        or_(
-            and_(Job.state == READY, Job.next_run_at <= now),
-            and_(Job.state == RUNNING, Job.locked_until < now),
-        ),
-    )
+@functools.cache
+def _insert_stmt(dialect: str) -> Any:
+    """``INSERT … ON CONFLICT (key) DO NOTHING RETURNING id``, built once per dialect: the
+    values travel as parameters, so the compiled statement is reused for every job."""
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    table = Job.__table__  # Core, not ORM-enabled: the ORM's bulk-insert path is costly here
+    return insert(table).on_conflict_do_nothing(index_elements=["key"]).returning(table.c.id)
 
 
 async def claim(
@@ -89,31 +90,72 @@ async def claim(
 ) -> Job | None:
     """Take one due job of one of ``kinds`` (or a running one whose lease has expired), lease it
     to ``worker`` until ``now + lease``, count the attempt, commit, and return it (None: no work).
-
-    One statement: ``UPDATE jobs … WHERE id = (SELECT id … LIMIT 1) RETURNING``. On PostgreSQL the
-    inner select is ``FOR UPDATE SKIP LOCKED``; on SQLite the session begins ``IMMEDIATE``, so
-    the statement runs under the database write lock. Either way no job goes to two workers.
     """
-    if not kinds:
-        return None
-    pick = select(Job.id).where(_claimable(kinds, now)).order_by(Job.next_run_at, Job.id).limit(1)
-    if db.dialect == "postgresql":
+    found = await claim_batch(db, kinds=kinds, worker=worker, now=now, lease=lease, limit=1)
+    return found[0] if found else None
+
+
+async def claim_batch(
+    db: Database,
+    *,
+    kinds: Sequence[str],
+    worker: str,
+    now: datetime,
+    lease: timedelta,
+    limit: int,
+) -> list[Job]:
+    """:func:`claim` for up to ``limit`` jobs at once, oldest first, in one transaction.
+
+    One statement: ``UPDATE jobs … WHERE id IN (SELECT id … LIMIT n) RETURNING``. On PostgreSQL
+    the inner select is ``FOR UPDATE SKIP LOCKED``; on SQLite the session begins ``IMMEDIATE``,
+    so the statement runs under the database write lock. Either way no job goes to two workers.
+    """
+    if not kinds or limit < 1:
+        return []
+    params = {
+        "kinds": list(kinds),
+        "now": now,
+        "worker": worker,
+        "until": now + lease,
+        "limit": limit,
+    }
+    async with db.session() as session, session.begin():
+        result = await session.execute(_claim_stmt(db.dialect), params)
+        return sorted(result.scalars().all(), key=lambda j: (j.next_run_at, j.id))
+
+
+@functools.cache
+def _claim_stmt(dialect: str) -> Any:
+    """The claim statement, built once per dialect with bound parameters (``kinds``, ``now``,
+    ``worker``, ``until``, ``limit``) so that SQLAlchemy reuses its compiled form."""
+    now = bindparam("now", type_=Job.next_run_at.type)
+    pick = (
+        select(Job.id)
+        .where(
+            Job.kind.in_(bindparam("kinds", expanding=True)),
+            or_(
+                and_(Job.state == READY, Job.next_run_at <= now),
+                and_(Job.state == RUNNING, Job.locked_until < now),
+            ),
+        )
+        .order_by(Job.next_run_at, Job.id)
+        .limit(bindparam("limit"))
+    )
+    if dialect == "postgresql":
         pick = pick.with_for_update(skip_locked=True)
-    stmt = (
+    return (
         update(Job)
-        .where(Job.id == pick.scalar_subquery())
+        .where(Job.id.in_(pick))
         .values(
             state=RUNNING,
-            locked_by=worker,
-            locked_until=now + lease,
+            locked_by=bindparam("worker"),
+            locked_until=bindparam("until", type_=Job.locked_until.type),
             attempts=Job.attempts + 1,
             updated_at=now,
         )
         .returning(Job)
         .execution_options(synchronize_session=False)
     )
-    async with db.session() as session, session.begin():
-        return (await session.execute(stmt)).scalars().first()
 
 
 async def get_job(session: AsyncSession, job_id: int) -> Job | None:
@@ -132,13 +174,47 @@ async def complete(session: AsyncSession, job_id: int, *, now: datetime | None =
 
     ``now`` (optional) sets ``updated_at``; without it ``updated_at`` stays the claim time.
     """
-    job = await _job(session, job_id)
-    job.state = DONE
-    job.data = None
-    job.locked_by = None
-    job.locked_until = None
+    if not await complete_many(session, [job_id], now=now):
+        raise JobError(f"job {job_id} does not exist")
+
+
+async def complete_many(
+    session: AsyncSession, job_ids: Sequence[int], *, now: datetime | None = None
+) -> int:
+    """:func:`complete` for several jobs in one statement; returns how many exist. Does not commit."""
+    if not job_ids:
+        return 0
+    values: dict[str, Any] = {"state": DONE, "data": None, "locked_by": None, "locked_until": None}
     if now is not None:
-        job.updated_at = now
+        values["updated_at"] = now
+    stmt = (
+        update(Job)
+        .where(Job.id.in_(list(job_ids)))
+        .values(**values)
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    )
+    return len((await session.execute(stmt)).all())
+
+
+async def complete_leased(
+    session: AsyncSession, keys: Sequence[str], worker: str, *, now: datetime | None = None
+) -> int:
+    """Complete the jobs among ``keys`` that are still running under ``worker``'s lease (one a
+    worker made for itself with ``enqueue(lease_to=...)``); returns how many. Does not commit."""
+    if not keys:
+        return 0
+    values: dict[str, Any] = {"state": DONE, "data": None, "locked_by": None, "locked_until": None}
+    if now is not None:
+        values["updated_at"] = now
+    stmt = (
+        update(Job)
+        .where(Job.key.in_(list(keys)), Job.state == RUNNING, Job.locked_by == worker)
+        .values(**values)
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    )
+    return len((await session.execute(stmt)).all())
 
 
 def backoff(attempts: int, base_delay: timedelta, max_delay: timedelta) -> timedelta:
