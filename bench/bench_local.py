@@ -109,26 +109,37 @@ asyncio.run(main())
 """
 
 
-def scan(store: MaildirStore, senders: list[str]) -> dict[str, dict[str, float]]:
-    """Per client msgid: when its accettazione and its avvenuta-consegna were first seen."""
-    seen: dict[str, dict[str, float]] = {}
-    now = time.monotonic()
-    for s in senders:
-        for path in store.list_folder(s):
-            try:
-                head = path.read_bytes().split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
-            except FileNotFoundError:
-                continue
-            kind = ref = None
-            for line in head.splitlines():
-                low = line.lower()
-                if low.startswith(b"x-ricevuta:"):
-                    kind = line.split(b":", 1)[1].strip().decode()
-                elif low.startswith(b"x-riferimento-message-id:"):
-                    ref = line.split(b":", 1)[1].strip().decode()
-            if kind and ref:
-                seen.setdefault(ref, {}).setdefault(kind, now)
-    return seen
+class Scanner:
+    """Per client msgid: when its accettazione and its avvenuta-consegna were first seen in the
+    senders' Maildirs. Each file is read once, so watching costs the server's machine little."""
+
+    def __init__(self, store: MaildirStore, senders: list[str]) -> None:
+        self.store = store
+        self.senders = senders
+        self.read: set[str] = set()
+        self.seen: dict[str, dict[str, float]] = {}
+
+    def scan(self) -> dict[str, dict[str, float]]:
+        now = time.monotonic()
+        for s in self.senders:
+            for path in self.store.list_folder(s):
+                if path.name in self.read:
+                    continue
+                try:
+                    head = path.read_bytes().split(b"\r\n\r\n", 1)[0]
+                except FileNotFoundError:
+                    continue
+                self.read.add(path.name)
+                kind = ref = None
+                for line in head.splitlines():
+                    low = line.lower()
+                    if low.startswith(b"x-ricevuta:"):
+                        kind = line.split(b":", 1)[1].strip().decode()
+                    elif low.startswith(b"x-riferimento-message-id:"):
+                        ref = line.split(b":", 1)[1].strip().decode()
+                if kind and ref:
+                    self.seen.setdefault(ref, {}).setdefault(kind, now)
+        return self.seen
 
 
 async def main() -> None:
@@ -137,6 +148,7 @@ async def main() -> None:
     ap.add_argument("--messages", type=int, default=50, help="per client")
     ap.add_argument("--size-kb", type=int, default=4)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--format-processes", type=int, default=None, help="default: the config default")
     ap.add_argument("--database-url", default="", help="default: SQLite in the temp dir")
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
@@ -151,6 +163,8 @@ async def main() -> None:
             'data_dir = "data"', f'data_dir = "data"\ndatabase_url = "{args.database_url}"'
         )
     text += f"\n[queue]\nworkers = {args.workers}\npoll_seconds = 0.2\n"
+    if args.format_processes is not None:
+        text += f"format_processes = {args.format_processes}\n"
     (inst / "pecd.toml").write_text(text)
     cfg = load_config(inst / "pecd.toml")
     from pecd.store.db import migrate_async
@@ -195,9 +209,10 @@ async def main() -> None:
     )
     total = args.clients * args.messages
     seen: dict[str, dict[str, float]] = {}
+    scanner = Scanner(store, senders)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
-        seen = scan(store, senders)
+        seen = scanner.scan()
         if sum(1 for v in seen.values() if "avvenuta-consegna" in v) >= total:
             break
         await asyncio.sleep(0.05)

@@ -13,21 +13,16 @@ from pecd.clock import Clock, SystemClock
 from pecd.config import Config
 from pecd.imap.service import ImapService
 from pecd.mailbox.maildir import MaildirStore
-from pecd.pec.builders import ProviderIdentity
 from pecd.pec.checks import SubmissionLimits
-from pecd.pec.smime import KeySigner
 from pecd.points.access import AccessPoint
+from pecd.points.formats import FormatWorkers, provider_identity
+from pecd.points.intake import Intake
 from pecd.points.pipeline import STAGES, Services
 from pecd.points.workers import WorkerPool
 from pecd.store.accounts import Accounts
 from pecd.store.db import Database, migrate_async
 
 log = logging.getLogger(__name__)
-
-
-def load_signer(cfg: Config) -> KeySigner:
-    chain = b"".join(p.read_bytes() for p in cfg.signing.chain) or None
-    return KeySigner.from_pem(cfg.signing.key.read_bytes(), cfg.signing.cert.read_bytes(), chain)
 
 
 def server_tls_context(cfg: Config) -> ssl.SSLContext:
@@ -75,13 +70,9 @@ class App:
                 log.info("recovered %d jobs left running by a previous run", n)
         maildir = MaildirStore(cfg.maildir_root)
         accounts = Accounts(db)
-        provider = ProviderIdentity(
-            name=cfg.provider.name,
-            domain=cfg.provider.domain,
-            service_address=cfg.provider.service_address,
-            signer=load_signer(cfg),
-            digest=cfg.signing.digest,
-        )
+        provider = provider_identity(cfg)
+        formats = FormatWorkers(cfg, provider, processes=cfg.queue.format_processes)
+        await formats.start(self.stack)
         limits = SubmissionLimits(
             max_size=cfg.limits.max_message_size,
             max_recipients=cfg.limits.max_recipients,
@@ -96,14 +87,22 @@ class App:
             provider=provider,
             limits=limits,
             wake=asyncio.Event(),
+            formats=formats,
         )
         tls = server_tls_context(cfg)
         # Stop order is the reverse of start: listeners close first, then workers drain.
         self.workers = WorkerPool(self.svc, STAGES, count=cfg.queue.workers, name="pipeline")
         await self.workers.start(self.stack)
         lst = cfg.listeners
+        intake = Intake(db, self.svc.wake)
+        await intake.start(self.stack)
         self.access = AccessPoint(
-            self.svc, tls, smtps=lst.smtps, submission=lst.submission, hostname=lst.hostname
+            self.svc,
+            tls,
+            intake=intake,
+            smtps=lst.smtps,
+            submission=lst.submission,
+            hostname=lst.hostname,
         )
         await self.access.start(self.stack)
         if lst.imaps is not None or lst.imap is not None:

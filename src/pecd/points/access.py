@@ -22,8 +22,8 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 
 from pecd.config import Endpoint
+from pecd.points.intake import Intake
 from pecd.points.pipeline import SUBMISSION, Services
-from pecd.store import jobs
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +59,10 @@ def _valid_address(address: str) -> bool:
 class AccessHandler:
     """aiosmtpd handler of the access point."""
 
-    def __init__(self, svc: Services, hostname: str) -> None:
+    def __init__(self, svc: Services, hostname: str, intake: Intake) -> None:
         self.svc = svc
         self.hostname = hostname
+        self.intake = intake
         limits = svc.cfg.limits
         # RCPTs beyond the formal limit still get a non-accettazione; past this hard cap
         # the SMTP session refuses them.
@@ -165,25 +166,22 @@ class AccessHandler:
             f"\tfor <{envelope.rcpt_tos[0]}>; {format_datetime(now)}\r\n"
         ).encode()
         try:
-            async with self.svc.db.session() as s, s.begin():
-                await jobs.enqueue(
-                    s,
-                    kind=SUBMISSION,
-                    key=key,
-                    payload={
-                        "mail_from": envelope.mail_from,
-                        "rcpt_to": list(envelope.rcpt_tos),
-                        "user": session.auth_data,
-                        "received_at": now.isoformat(),
-                        "peer": peer,
-                    },
-                    data=received + content,
-                    now=now,
-                )
+            await self.intake.submit(
+                kind=SUBMISSION,
+                key=key,
+                payload={
+                    "mail_from": envelope.mail_from,
+                    "rcpt_to": list(envelope.rcpt_tos),
+                    "user": session.auth_data,
+                    "received_at": now.isoformat(),
+                    "peer": peer,
+                },
+                data=received + content,
+                now=now,
+            )
         except Exception:
             log.exception("durable intake failed; answering 451")
             return Reply.TEMP_FAILURE
-        self.svc.wake.set()
         return Reply.queued(key)
 
 
@@ -195,6 +193,7 @@ class AccessPoint:
         svc: Services,
         tls: ssl.SSLContext,
         *,
+        intake: Intake,
         smtps: Endpoint | None,
         submission: Endpoint | None,
         hostname: str,
@@ -204,7 +203,7 @@ class AccessPoint:
         self.smtps = smtps
         self.submission = submission
         self.hostname = hostname
-        self.handler = AccessHandler(svc, hostname)
+        self.handler = AccessHandler(svc, hostname, intake)
         self.servers: dict[str, asyncio.Server] = {}
 
     def _factory(self, implicit_tls: bool) -> SMTP:

@@ -19,13 +19,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from pecd.clock import Clock
 from pecd.config import Config
 from pecd.mailbox.maildir import MailboxFull, MaildirStore
-from pecd.pec import builders
 from pecd.pec.builders import BuiltMessage, ProviderIdentity, Transmission
 from pecd.pec.checks import Submission, SubmissionLimits, check_submission
-from pecd.pec.classify import classify
 from pecd.pec.daticert import Daticert
 from pecd.pec.timefmt import pec_time
 from pecd.pec.vocab import Errore, Ricevuta, Trasporto
+from pecd.points.formats import FormatWorkers
 from pecd.store import jobs
 from pecd.store.accounts import Accounts
 from pecd.store.db import Database
@@ -63,6 +62,7 @@ class Services:
     provider: ProviderIdentity
     limits: SubmissionLimits
     wake: asyncio.Event
+    formats: FormatWorkers
 
     def is_local(self, address: str) -> bool:
         return domain_of(address) in self.cfg.provider.local_domains
@@ -219,7 +219,9 @@ async def stage_submission(svc: Services, job: Job) -> Writer:
     )
     now = when.instant
     if violations:
-        notice = builders.non_accettazione(tx, svc.provider, when, violations=violations)
+        notice = await svc.formats.build(
+            "non_accettazione", tx=tx, when=when, violations=violations
+        )
 
         async def refuse(s: AsyncSession, outbox: Outbox) -> None:
             await _store_job(
@@ -246,8 +248,10 @@ async def stage_submission(svc: Services, job: Job) -> Writer:
 
         return refuse
 
-    acc = builders.accettazione(tx, svc.provider, when)
-    env = builders.transport_envelope(raw, tx, svc.provider, when)
+    acc, env = await asyncio.gather(
+        svc.formats.build("accettazione", tx=tx, when=when),
+        svc.formats.build("transport_envelope", original=raw, tx=tx, when=when),
+    )
     local = [r for r in tx.addresses if svc.is_local(r)]
     remote: dict[str, list[str]] = {}
     for r in tx.addresses:
@@ -310,7 +314,7 @@ async def stage_delivery(svc: Services, job: Job) -> Writer:
     p = job.payload
     env = job.data or b""
     tx = Transmission.from_json(p["tx"])
-    c = classify(env)
+    c = await svc.formats.classify(env)
     if not c.is_valid_pec:
         # Our own envelope failing our own verification is a bug or corruption: never deliver it.
         raise StageError(f"envelope {tx.identificativo} does not verify: {'; '.join(c.errors)}")
@@ -318,22 +322,31 @@ async def stage_delivery(svc: Services, job: Job) -> Writer:
     # Same-provider mail gets full processing (RFC 6109 3.4): one presa in carico per
     # transaction, covering every recipient here, to our own service mailbox.
     taken = pec_time(svc.clock.now())
-    presa = builders.presa_in_carico(
-        tx, svc.provider, taken, ricezione=recipients, mail_receipt=svc.cfg.provider.mail_receipt
+    presa = await svc.formats.build(
+        "presa_in_carico",
+        tx=tx,
+        when=taken,
+        ricezione=recipients,
+        mail_receipt=svc.cfg.provider.mail_receipt,
     )
     outcomes = [(rcpt, await _deliver_one(svc, tx, rcpt, env)) for rcpt in recipients]
     when = pec_time(svc.clock.now())
     receipts: list[tuple[str, str, BuiltMessage, str | None]] = []
     for rcpt, outcome in outcomes:
         if outcome is None:
-            receipt = builders.avvenuta_consegna(
-                tx, svc.provider, when, recipient=rcpt, postacert=c.postacert
+            receipt = await svc.formats.build(
+                "avvenuta_consegna", tx=tx, when=when, recipient=rcpt, postacert=c.postacert
             )
             receipts.append((rcpt, Ricevuta.AVVENUTA_CONSEGNA.value, receipt, None))
         else:
             errore, esteso = outcome
-            receipt = builders.errore_consegna(
-                tx, svc.provider, when, recipient=rcpt, errore=errore, errore_esteso=esteso
+            receipt = await svc.formats.build(
+                "errore_consegna",
+                tx=tx,
+                when=when,
+                recipient=rcpt,
+                errore=errore,
+                errore_esteso=esteso,
             )
             receipts.append((rcpt, Ricevuta.ERRORE_CONSEGNA.value, receipt, esteso))
 

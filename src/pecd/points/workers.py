@@ -77,12 +77,18 @@ class WorkerPool:
         A job whose preparation fails is retried on its own. If the shared transaction fails,
         each job is committed alone, so one bad job never holds the others back."""
         t0 = time.perf_counter()
+        # Prepared concurrently: their signing runs in the format processes meanwhile.
+        results = await asyncio.gather(
+            *(self.stages[job.kind](self.svc, job) for job in batch), return_exceptions=True
+        )
         prepared: list[tuple[Job, Writer]] = []
-        for job in batch:
-            try:
-                prepared.append((job, await self.stages[job.kind](self.svc, job)))
-            except Exception as exc:
-                await self._failed(job, exc)
+        for job, result in zip(batch, results, strict=True):
+            if isinstance(result, Exception):
+                await self._failed(job, result)
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                prepared.append((job, result))
         if not prepared:
             return
         outbox = Outbox.for_worker(self.svc, worker)

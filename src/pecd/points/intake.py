@@ -1,0 +1,132 @@
+"""Durable intake with group commit: what the SMTP points accept is committed before their 250.
+
+Each accepted message becomes a job row holding its bytes (design.md invariant 1). Committing one
+transaction per message makes every SMTP session pay for its own fsync; here concurrent sessions
+hand their job to one writer task, which commits whatever has queued up meanwhile in a single
+transaction and then answers each of them. An idle server commits at once; a busy one shares
+the cost of each commit among all the messages that arrived during the previous one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from pecd.store import jobs
+from pecd.store.db import Database
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Pending:
+    kind: str
+    key: str
+    payload: dict[str, Any]
+    data: bytes
+    now: datetime
+    done: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class Intake:
+    """``await intake.submit(...)`` returns once the job is committed, or raises."""
+
+    def __init__(self, db: Database, wake: asyncio.Event, *, max_batch: int = 64) -> None:
+        self.db = db
+        self.wake = wake
+        self.max_batch = max_batch
+        self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, stack: contextlib.AsyncExitStack) -> None:
+        self._task = asyncio.create_task(self._run(), name="intake")
+        stack.push_async_callback(self.stop)
+
+    async def stop(self) -> None:
+        """Commit what is queued, then end (called after the listeners have closed)."""
+        if self._task is None:
+            return
+        self._queue.put_nowait(None)
+        await self._task
+        self._task = None
+
+    async def submit(
+        self, *, kind: str, key: str, payload: dict[str, Any], data: bytes, now: datetime
+    ) -> None:
+        if self._task is None or self._task.done():
+            raise RuntimeError("the intake is not running")
+        item = _Pending(kind, key, payload, data, now)
+        self._queue.put_nowait(item)
+        await asyncio.shield(item.done)
+
+    async def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            first = await self._queue.get()
+            if first is None:
+                break
+            batch = [first]
+            while len(batch) < self.max_batch and not self._queue.empty():
+                nxt = self._queue.get_nowait()
+                if nxt is None:
+                    stopping = True
+                    break
+                batch.append(nxt)
+            await self._commit_batch(batch)
+        # Anything submitted after the stop marker is refused rather than left hanging.
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if item is not None and not item.done.done():
+                item.done.set_exception(RuntimeError("the intake has stopped"))
+
+    async def _commit_batch(self, batch: list[_Pending]) -> None:
+        try:
+            await self._commit(batch)
+        except Exception:
+            if len(batch) == 1:
+                log.exception("durable intake failed for %s", batch[0].key)
+                _fail(batch[0])
+                return
+            # One bad message must not refuse the others: commit them one by one.
+            log.warning("a batch of %d messages failed to commit; one by one", len(batch))
+            for item in batch:
+                try:
+                    await self._commit([item])
+                except Exception:
+                    log.exception("durable intake failed for %s", item.key)
+                    _fail(item)
+                    continue
+                _succeed(item)
+            self.wake.set()
+            return
+        for item in batch:
+            _succeed(item)
+        self.wake.set()
+
+    async def _commit(self, batch: list[_Pending]) -> None:
+        async with self.db.session() as s, s.begin():
+            for item in batch:
+                await jobs.enqueue(
+                    s,
+                    kind=item.kind,
+                    key=item.key,
+                    payload=item.payload,
+                    data=item.data,
+                    now=item.now,
+                )
+
+
+def _succeed(item: _Pending) -> None:
+    if not item.done.done():
+        item.done.set_result(None)
+
+
+def _fail(item: _Pending) -> None:
+    if not item.done.done():
+        item.done.set_exception(RuntimeError(f"could not store {item.key}"))
