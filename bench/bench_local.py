@@ -109,6 +109,35 @@ asyncio.run(main())
 """
 
 
+async def admin(url: str, sql: str) -> None:
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from pecd.store.db import async_url
+
+    engine = create_async_engine(async_url(url), isolation_level="AUTOCOMMIT")
+    try:
+        async with engine.connect() as conn:
+            await conn.execute(text(sql))
+    finally:
+        await engine.dispose()
+
+
+def db_name(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return str(make_url(url).database)
+
+
+async def fresh_postgres(server: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    name = f"pecd_bench_{os.getpid()}"
+    await admin(server, f'DROP DATABASE IF EXISTS "{name}"')
+    await admin(server, f'CREATE DATABASE "{name}"')
+    return make_url(server).set(database=name).render_as_string(hide_password=False)
+
+
 class Scanner:
     """Per client msgid: when its accettazione and its avvenuta-consegna were first seen in the
     senders' Maildirs. Each file is read once, so watching costs the server's machine little."""
@@ -148,12 +177,20 @@ async def main() -> None:
     ap.add_argument("--messages", type=int, default=50, help="per client")
     ap.add_argument("--size-kb", type=int, default=4)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--format-processes", type=int, default=None, help="default: the config default")
-    ap.add_argument("--database-url", default="", help="default: SQLite in the temp dir")
+    ap.add_argument(
+        "--format-processes", type=int, default=None, help="default: the config default"
+    )
+    ap.add_argument(
+        "--postgres",
+        default="",
+        help="a PostgreSQL server URL (e.g. postgresql://postgres@127.0.0.1:5432/test): the run "
+        "uses a fresh database of its own there, dropped afterwards; default: SQLite",
+    )
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="pecd-bench-"))
+    args.database_url = await fresh_postgres(args.postgres) if args.postgres else ""
     inst = tmp / "inst"
     await init_installation(inst, domain=DOMAIN, name="Bench PEC", clock=SystemClock(), demo=False)
     ports = {"smtps": free_port(), "submission": free_port(), "imaps": free_port()}
@@ -243,6 +280,8 @@ async def main() -> None:
         f"  pecd end-to-end messages/s            : {done / e2e_elapsed:8.1f}  ({done}/{total} delivery receipts)"
     )
     print(f"  DATA -> accettazione stored p50 / p99 : {p(0.5):8.1f} ms / {p(0.99):.1f} ms")
+    if args.postgres:
+        await admin(args.postgres, f'DROP DATABASE IF EXISTS "{db_name(args.database_url)}"')
     if args.keep:
         print(f"  kept {tmp}")
     else:
