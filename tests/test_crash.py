@@ -6,82 +6,20 @@ import asyncio
 import collections
 import signal
 import smtplib
-import socket
 import ssl
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from pecd.clock import SystemClock
-from pecd.config import Config, load_config
-from pecd.devinit import config_text, init_installation
+from helpers import DOMAIN, PASSWORD, install, start
 from pecd.mailbox.maildir import MaildirStore
 from pecd.pec.classify import classify
-from pecd.store.accounts import Accounts
-from pecd.store.db import Database
 
 pytestmark = pytest.mark.slow
 
-DOMAIN = "pec.example.test"
-PASSWORD = "correct horse battery"
 CLIENTS = 4
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def install(directory: Path, db_url: str | None) -> Config:
-    await init_installation(
-        directory, domain=DOMAIN, name="Example PEC S.p.A.", clock=SystemClock(), demo=False
-    )
-    ports = {"smtps": free_port(), "submission": free_port(), "imaps": free_port()}
-    text = config_text(domain=DOMAIN, name="Example PEC S.p.A.", ports=ports)
-    if db_url:
-        text = text.replace('data_dir = "data"', f'data_dir = "data"\ndatabase_url = "{db_url}"')
-    (directory / "pecd.toml").write_text(
-        text + "\n[queue]\nbase_delay_seconds = 0.2\nlease_seconds = 3\n", "utf-8"
-    )
-    cfg = load_config(directory / "pecd.toml")
-    from pecd.store.db import migrate_async
-
-    await migrate_async(cfg.database_url)
-    db = await Database.open(cfg.database_url)
-    try:
-        acc = Accounts(db)
-        if db_url:
-            await acc.add_domain(DOMAIN)
-            await acc.add_mailbox(cfg.provider.mail_receipt, PASSWORD)
-        for user in ("alice", "bob", "carol"):
-            await acc.add_mailbox(f"{user}@{DOMAIN}", PASSWORD)
-    finally:
-        await db.close()
-    return cfg
-
-
-def start(cfg: Config, log: Path) -> subprocess.Popen[bytes]:
-    assert cfg.source is not None and cfg.listeners.smtps is not None
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pecd", "serve", "-c", str(cfg.source)],
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", cfg.listeners.smtps.port), timeout=0.5).close()
-            return proc
-        except OSError:
-            if proc.poll() is not None:
-                raise AssertionError(f"pecd exited: {log.read_text()[-3000:]}") from None
-            time.sleep(0.1)
-    raise AssertionError("pecd did not start listening")
 
 
 def test_sigkill_mid_run_loses_and_duplicates_nothing(

@@ -8,6 +8,7 @@ import smtplib
 import ssl
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,14 @@ from pecd.app import App
 from pecd.clock import SystemClock
 from pecd.config import Config, load_config
 from pecd.devinit import config_text, init_installation
+from pecd.pec.checks import (
+    BCC_PRESENT,
+    RECIPIENTS_MISMATCH,
+    RECIPIENTS_TIMES_SIZE,
+    SENDER_MISMATCH,
+    TO_MISSING,
+    TOO_MANY_RECIPIENTS,
+)
 from pecd.pec.classify import classify
 from pecd.pec.vocab import Kind, Ricevuta, TipoRicevuta
 from pecd.store.accounts import Accounts
@@ -86,7 +95,9 @@ async def _install(directory: Path, postgres_url: str | None) -> Config:
         text = text.replace(
             'data_dir = "data"', f'data_dir = "data"\ndatabase_url = "{postgres_url}"'
         )
-    (directory / "pecd.toml").write_text(text + "\n[queue]\nbase_delay_seconds = 0.2\n", "utf-8")
+    text += "\n[queue]\nbase_delay_seconds = 0.2\n"
+    text += '\n[limits]\nmax_recipients = 50\nmax_recipients_times_size = "30M"\n'
+    (directory / "pecd.toml").write_text(text, "utf-8")
     cfg = load_config(directory / "pecd.toml")
     if postgres_url:
         await migrate_async(cfg.database_url)
@@ -122,10 +133,12 @@ def client_tls(cfg: Config) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(cfg.tls.ca))
 
 
-def message(frm: str, to: list[str], cc: list[str], subject: str, extra: str = "") -> bytes:
+def message(
+    frm: str, to: list[str], cc: list[str], subject: str, extra: str = "", pad: int = 0
+) -> bytes:
     lines = [
         f"From: {frm}",
-        f"To: {', '.join(to)}",
+        "To: " + ",\r\n ".join(to),  # folded, as clients do
         *([f"Cc: {', '.join(cc)}"] if cc else []),
         f"Subject: {subject}",
         "Message-ID: <test-" + subject.replace(" ", "-") + "@client.example>",
@@ -136,6 +149,7 @@ def message(frm: str, to: list[str], cc: list[str], subject: str, extra: str = "
         *([extra] if extra else []),
         "",
         "Buongiorno, questo è un messaggio di posta certificata.",
+        *(["x" * 76] * (pad // 78)),
         "",
     ]
     return "\r\n".join(lines).encode("utf-8")
@@ -263,20 +277,46 @@ def test_alice_sends_to_bob_carol_and_a_missing_mailbox(
     assert [p.ricevuta for p in presa] == [Ricevuta.PRESA_IN_CARICO]
 
 
+MANY = [f"r{i}" for i in range(51)]
+# The start of the Italian reason each check writes into errore-esteso (pec/checks.py).
+REASON = {
+    RECIPIENTS_MISMATCH: "I destinatari SMTP (RCPT TO) non coincidono con i campi To/Cc",
+    BCC_PRESENT: "Il campo Bcc non è ammesso",
+    TO_MISSING: "Il campo To è assente o non contiene indirizzi validi",
+    SENDER_MISMATCH: "Il mittente SMTP (MAIL FROM) <alice@pec.example.test> non coincide",
+    TOO_MANY_RECIPIENTS: "Numero di destinatari (51) superiore al massimo consentito (50)",
+    RECIPIENTS_TIMES_SIZE: "Il prodotto destinatari × dimensione (31 ×",
+}
+
+
 @pytest.mark.parametrize(
-    ("to", "cc", "rcpts", "extra", "code"),
+    ("frm", "to", "cc", "rcpts", "extra", "code"),
     [
-        (["bob"], [], ["bob", "carol"], "", "recipients-mismatch"),
-        (["bob"], [], ["bob"], "Bcc: carol@pec.example.test", "bcc-present"),
-        ([], [], ["bob"], "", "to-missing"),
+        ("alice", ["bob"], [], ["bob", "carol"], "", RECIPIENTS_MISMATCH),
+        ("alice", ["bob"], [], ["bob"], "Bcc: carol@pec.example.test", BCC_PRESENT),
+        ("alice", [], [], ["bob"], "", TO_MISSING),
+        ("carol", ["bob"], [], ["bob"], "", SENDER_MISMATCH),
+        ("alice", MANY, [], MANY, "", TOO_MANY_RECIPIENTS),
+        ("alice", MANY[:31], [], MANY[:31], "pad:1048576", RECIPIENTS_TIMES_SIZE),
     ],
 )
 def test_formal_violations_yield_non_accettazione(
-    server: Server, to: list[str], cc: list[str], rcpts: list[str], extra: str, code: str
+    server: Server, frm: str, to: list[str], cc: list[str], rcpts: list[str], extra: str, code: str
 ) -> None:
+    """Each formal check of spec section 4 refused with its reason; nothing relayed or delivered.
+
+    The server of these tests has the legal minimum limits (50 recipients, recipients x size
+    30 MB; see ``_install``). A message over ``max_message_size`` is refused by SMTP itself (552),
+    as the rules allow when it is too large even for a notice (test_large_message.py)."""
     alice = f"alice@{DOMAIN}"
+    pad = int(extra.removeprefix("pad:")) if extra.startswith("pad:") else 0
     raw = message(
-        alice, [f"{u}@{DOMAIN}" for u in to], [f"{u}@{DOMAIN}" for u in cc], f"bad {code}", extra
+        f"{frm}@{DOMAIN}",
+        [f"{u}@{DOMAIN}" for u in to],
+        [f"{u}@{DOMAIN}" for u in cc],
+        f"bad {code}",
+        "" if pad else extra,
+        pad=pad,
     )
     if not to:
         raw = raw.replace(b"To: \r\n", b"")
@@ -290,7 +330,11 @@ def test_formal_violations_yield_non_accettazione(
     c = classify(inbox[0])
     assert c.ricevuta is Ricevuta.NON_ACCETTAZIONE and c.is_valid_pec
     assert c.postacert is None
-    assert fetch_all(server, "bob") == [] and fetch_all(server, "carol") == []
+    assert c.daticert is not None and c.daticert.errore.value == "altro"
+    assert REASON[code] in (c.daticert.errore_esteso or ""), (code, c.daticert.errore_esteso)
+    time.sleep(0.5)  # a delivery would have come by now
+    for user in ("bob", "carol"):
+        assert fetch_all(server, user) == []
 
 
 def test_smtp_refusals(server: Server) -> None:
