@@ -129,6 +129,7 @@ class ListenersConfig(_Section):
     submission: OptionalEndpoint = None  # access point, STARTTLS (587)
     imaps: OptionalEndpoint = None  # IMAP, implicit TLS (993)
     imap: OptionalEndpoint = None  # IMAP with STARTTLS (143), optional
+    reception: OptionalEndpoint = None  # reception point for other providers (25), STARTTLS offered
     hostname: str = "localhost"  # the name shown to clients and in Received:
 
 
@@ -164,6 +165,32 @@ class QueueConfig(_Section):
     poll_seconds: float = Field(default=0.5, gt=0)
 
 
+class RelayConfig(_Section):
+    """How pecd sends to other providers (and to ordinary mail servers, for esterno recipients)."""
+
+    workers: int = Field(default=8, ge=1, le=256)
+    port: int = Field(default=25, ge=1, le=65535)  # port of MX hosts found in DNS
+    # "required": no delivery without verified TLS; "opportunistic": TLS when offered, checked
+    # only if ca_bundle is set; "off": plain SMTP (tests only).
+    starttls: Literal["required", "opportunistic", "off"] = "opportunistic"
+    ca_bundle: Path | None = None  # CAs that peer certificates must chain to (default: system)
+    max_per_destination: int = Field(default=4, ge=1, le=100)
+    timeout_seconds: float = Field(default=60, gt=0)
+    expire_hours: float = Field(default=24, gt=0)  # RFC 6109 2.2.2: no queue keeps mail longer
+
+
+def _routes(value: Any) -> dict[str, Endpoint]:
+    if not isinstance(value, dict):
+        raise ValueError("routes is a table of domain = \"host:port\"")
+    out: dict[str, Endpoint] = {}
+    for domain, target in value.items():
+        ep = Endpoint.parse(target)
+        if ep is None:
+            raise ValueError(f"route of {domain!r} is empty")
+        out[str(domain).strip().lower()] = ep
+    return out
+
+
 class TimersConfig(_Section):
     first_hours: float = 12
     final_hours: float = 24
@@ -178,6 +205,9 @@ class Config(_Section):
     limits: LimitsConfig = LimitsConfig()
     queue: QueueConfig = QueueConfig()
     timers: TimersConfig = TimersConfig()
+    relay: RelayConfig = RelayConfig()
+    # Static routes: recipient domain -> "host:port", used before DNS (tests, private links).
+    routes: Annotated[dict[str, Endpoint], BeforeValidator(_routes)] = {}
     source: Path | None = None
 
     @property
@@ -195,6 +225,7 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
         "signing": ("key", "cert"),
         "tls": ("cert", "key", "ca"),
         "storage": ("data_dir", "maildir_root"),
+        "relay": ("ca_bundle",),
     }.items():
         sec = data.get(section)
         if not isinstance(sec, dict):
