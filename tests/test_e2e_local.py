@@ -84,7 +84,7 @@ class Server:
         return self.app.access.port(name)
 
 
-async def _install(directory: Path, postgres_url: str | None) -> Config:
+async def _install(directory: Path, postgres_url: str | None, extra: str = "") -> Config:
     await init_installation(
         directory, domain=DOMAIN, name="Example PEC S.p.A.", clock=SystemClock(), demo=False
     )
@@ -96,7 +96,7 @@ async def _install(directory: Path, postgres_url: str | None) -> Config:
             'data_dir = "data"', f'data_dir = "data"\ndatabase_url = "{postgres_url}"'
         )
     text += "\n[queue]\nbase_delay_seconds = 0.2\n"
-    text += '\n[limits]\nmax_recipients = 50\nmax_recipients_times_size = "30M"\n'
+    text += '\n[limits]\nmax_recipients = 50\nmax_recipients_times_size = "30M"\n' + extra
     (directory / "pecd.toml").write_text(text, "utf-8")
     cfg = load_config(directory / "pecd.toml")
     if postgres_url:

@@ -8,16 +8,22 @@ import logging
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pecd.clock import Clock, SystemClock
 from pecd.config import Config
+
+if TYPE_CHECKING:
+    from pecd.index import ProviderIndex
 from pecd.imap.service import ImapService
 from pecd.mailbox.maildir import MaildirStore
 from pecd.pec.checks import SubmissionLimits
 from pecd.points.access import AccessPoint
 from pecd.points.formats import FormatWorkers, provider_identity
 from pecd.points.intake import Intake
-from pecd.points.pipeline import STAGES, Services
+from pecd.points.pipeline import RELAY, STAGES, Services
+from pecd.points.reception import RECEPTION, ReceptionPoint, stage_reception
+from pecd.points.relay import RelayClient, stage_relay
 from pecd.points.workers import WorkerPool
 from pecd.store.accounts import Accounts
 from pecd.store.db import Database, migrate_async
@@ -43,6 +49,9 @@ class App:
     access: AccessPoint | None = None
     imap: ImapService | None = None
     workers: WorkerPool | None = None
+    relay_workers: WorkerPool | None = None
+    reception: ReceptionPoint | None = None
+    index: ProviderIndex | None = None  # set before start() to trust other providers
 
     async def __aenter__(self) -> App:
         try:
@@ -88,11 +97,26 @@ class App:
             limits=limits,
             wake=asyncio.Event(),
             formats=formats,
+            relay=RelayClient(cfg, cfg.listeners.hostname),
+            index=self.index,
         )
         tls = server_tls_context(cfg)
         # Stop order is the reverse of start: listeners close first, then workers drain.
-        self.workers = WorkerPool(self.svc, STAGES, count=cfg.queue.workers, name="pipeline")
+        stages = {**STAGES, RECEPTION: stage_reception}
+        self.workers = WorkerPool(self.svc, stages, count=cfg.queue.workers, name="pipeline")
         await self.workers.start(self.stack)
+        # The relay has workers of its own, one job each: a peer that is slow or down holds
+        # only the worker talking to it, never local delivery. It retries until the message
+        # expires (relay.expire_hours), not for a fixed number of attempts.
+        self.relay_workers = WorkerPool(
+            self.svc,
+            {RELAY: stage_relay},
+            count=cfg.relay.workers,
+            name="relay",
+            batch=1,
+            max_attempts=1_000_000,
+        )
+        await self.relay_workers.start(self.stack)
         lst = cfg.listeners
         intake = Intake(db, self.svc.wake)
         await intake.start(self.stack)
@@ -105,6 +129,11 @@ class App:
             hostname=lst.hostname,
         )
         await self.access.start(self.stack)
+        if lst.reception is not None:
+            self.reception = ReceptionPoint(
+                self.svc, tls, intake=intake, endpoint=lst.reception, hostname=lst.hostname
+            )
+            await self.reception.start(self.stack)
         if lst.imaps is not None or lst.imap is not None:
             self.imap = ImapService(
                 store=maildir,

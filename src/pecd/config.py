@@ -181,7 +181,7 @@ class RelayConfig(_Section):
 
 def _routes(value: Any) -> dict[str, Endpoint]:
     if not isinstance(value, dict):
-        raise ValueError("routes is a table of domain = \"host:port\"")
+        raise ValueError('routes is a table of domain = "host:port"')
     out: dict[str, Endpoint] = {}
     for domain, target in value.items():
         ep = Endpoint.parse(target)

@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import TypeVar
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from pecd.pec import daticert as dc
 from pecd.pec import mime
@@ -61,6 +62,7 @@ class Classification:
     signature_info: SignatureInfo | None = None
     postacert: bytes | None = None  # the wrapped message, byte for byte
     errors: tuple[str, ...] = field(default=())
+    signer_der: bytes | None = None  # the verified signer's certificate (DER), for the index
 
     @property
     def is_valid_pec(self) -> bool:
@@ -211,4 +213,5 @@ def classify(
         signature_info=info,
         postacert=postacert,
         errors=tuple(errors),
+        signer_der=info.signer.public_bytes(serialization.Encoding.DER) if info else None,
     )

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 BUILDERS = frozenset(
     {
         "transport_envelope",
+        "anomaly_envelope",
         "accettazione",
         "non_accettazione",
         "presa_in_carico",

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -30,6 +30,10 @@ from pecd.store.accounts import Accounts
 from pecd.store.db import Database
 from pecd.store.models import Job
 from pecd.store.trace import TraceEventData, record
+
+if TYPE_CHECKING:
+    from pecd.index import ProviderIndex
+    from pecd.points.relay import RelayClient
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +67,17 @@ class Services:
     limits: SubmissionLimits
     wake: asyncio.Event
     formats: FormatWorkers
+    relay: RelayClient | None = None
+    index: ProviderIndex | None = None
 
     def is_local(self, address: str) -> bool:
         return domain_of(address) in self.cfg.provider.local_domains
 
     def is_certified(self, address: str) -> bool:
-        """PEC or not: local domains for now; the provider index adds the other providers."""
-        return self.is_local(address)
+        """PEC or not: a local domain, or a domain the provider index lists (spec section 1)."""
+        if self.is_local(address):
+            return True
+        return self.index is not None and self.index.is_certified(address)
 
 
 def _daticert_json(d: Daticert | None) -> dict[str, Any] | None:
@@ -158,7 +166,13 @@ async def _store_job(
         s,
         kind=RELAY,
         key=key,
-        payload={"recipients": [mailbox], "message_id": msg.message_id},
+        payload={
+            "recipients": [mailbox],
+            "message_id": msg.message_id,
+            "mail_from": svc.cfg.provider.service_address,
+            "kind": "receipt",
+            "pec_msgid": msg.daticert.identificativo if msg.daticert else None,
+        },
         data=msg.raw,
         now=now,
     )
@@ -292,6 +306,8 @@ async def stage_submission(svc: Services, job: Job) -> Writer:
                 payload={
                     "recipients": rcpts,
                     "message_id": tx.identificativo,
+                    "mail_from": tx.mittente,  # the reverse path stays the sender's (spec 2.3)
+                    "kind": "envelope",
                     "tx": tx.to_json(),
                     "sent_at": now.isoformat(),
                 },
@@ -322,12 +338,10 @@ async def stage_delivery(svc: Services, job: Job) -> Writer:
     # Same-provider mail gets full processing (RFC 6109 3.4): one presa in carico per
     # transaction, covering every recipient here, to our own service mailbox.
     taken = pec_time(svc.clock.now())
+    # Our own service mailbox for same-provider mail; the sending provider's for relayed mail.
+    mail_receipt = p.get("mail_receipt") or svc.cfg.provider.mail_receipt
     presa = await svc.formats.build(
-        "presa_in_carico",
-        tx=tx,
-        when=taken,
-        ricezione=recipients,
-        mail_receipt=svc.cfg.provider.mail_receipt,
+        "presa_in_carico", tx=tx, when=taken, ricezione=recipients, mail_receipt=mail_receipt
     )
     outcomes = [(rcpt, await _deliver_one(svc, tx, rcpt, env)) for rcpt in recipients]
     when = pec_time(svc.clock.now())
@@ -355,7 +369,7 @@ async def stage_delivery(svc: Services, job: Job) -> Writer:
             s,
             svc,
             key=f"{job.key}:presa-in-carico",
-            mailbox=svc.cfg.provider.mail_receipt,
+            mailbox=mail_receipt,
             msg=presa,
             now=taken.instant,
             outbox=outbox,

@@ -21,11 +21,22 @@ log = logging.getLogger(__name__)
 class WorkerPool:
     """``count`` tasks that claim jobs of ``stages``' kinds until stopped."""
 
-    def __init__(self, svc: Services, stages: dict[str, Stage], *, count: int, name: str) -> None:
+    def __init__(
+        self,
+        svc: Services,
+        stages: dict[str, Stage],
+        *,
+        count: int,
+        name: str,
+        batch: int | None = None,
+        max_attempts: int | None = None,
+    ) -> None:
         self.svc = svc
         self.stages = stages
         self.count = count
         self.name = name
+        self.batch = batch or svc.cfg.queue.batch
+        self.max_attempts = max_attempts or svc.cfg.queue.max_attempts
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         self.node = f"{socket.gethostname()}:{os.getpid()}"
@@ -60,7 +71,7 @@ class WorkerPool:
                     worker=worker,
                     now=self.svc.clock.now(),
                     lease=timedelta(seconds=q.lease_seconds),
-                    limit=q.batch,
+                    limit=self.batch,
                 )
             except Exception:
                 log.exception("claiming jobs failed; retrying")
@@ -133,7 +144,7 @@ class WorkerPool:
                     job.id,
                     error=error[:2000],
                     now=self.svc.clock.now(),
-                    max_attempts=q.max_attempts,
+                    max_attempts=self.max_attempts,
                     base_delay=timedelta(seconds=q.base_delay_seconds),
                     max_delay=timedelta(seconds=q.max_delay_seconds),
                 )

@@ -1,0 +1,371 @@
+"""Punto di ricezione: SMTP from other providers and from the Internet, for local domains only.
+
+No AUTH, STARTTLS offered and not required (RFC 6109 section 2.2.2: both plain and TLS
+connections). RCPT is accepted only for this provider's domains (no open relay); each transaction
+is committed with its job before the 250 (design.md invariant 1). The ``reception`` stage then
+decides what it got, by the signature and the provider index, never by the unsigned headers:
+
+- a valid transport envelope from a provider in the index: one ``presa-in-carico`` for the whole
+  transaction to that provider's ``mailReceipt``, then delivery with a receipt per recipient;
+- a valid receipt of a transmission this provider sent: into the sender's mailbox, or for
+  ``presa-in-carico`` and ``rilevazione-virus`` into the service mailbox, recorded against it;
+  a receipt of a transmission this provider never sent is recorded and dropped;
+- anything else (no signature, a signer not in the index, a broken signature, malformed PEC): a
+  ``busta di anomalia`` to the recipients, and no receipt at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import ssl
+from collections.abc import Sequence
+from email.utils import format_datetime
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from pecd.config import Endpoint
+from pecd.pec.builders import Transmission
+from pecd.pec.classify import Classification
+from pecd.pec.timefmt import pec_time
+from pecd.pec.vocab import Kind, Ricevuta, Trasporto
+from pecd.points.intake import Intake
+from pecd.points.pipeline import (
+    DELIVERY,
+    Outbox,
+    Services,
+    Writer,
+    _store_job,
+    domain_of,
+)
+from pecd.store import jobs
+from pecd.store.models import Job, TraceEvent
+from pecd.store.trace import TraceEventData, record
+
+log = logging.getLogger(__name__)
+
+RECEPTION = "reception"  # job kind: a message that came in at the reception point
+
+# Trace events of the reception point.
+RICEZIONE = "ricezione"  # a valid envelope taken in charge
+RICEVUTA_RICEVUTA = "ricevuta-ricevuta"  # a receipt of ours came back
+RICEVUTA_SCONOSCIUTA = "ricevuta-sconosciuta"  # a receipt of a transmission we never sent
+ANOMALIA = "anomalia"  # wrapped in an anomaly envelope
+
+# Receipts that go to the service mailbox rather than to a holder (spec section 1).
+SERVICE_RECEIPTS = (Ricevuta.PRESA_IN_CARICO, Ricevuta.RILEVAZIONE_VIRUS)
+
+
+class Reply:
+    RELAY_DENIED = "550 5.7.1 Relaying denied: not a domain of this provider"
+    BAD_ADDRESS = "553 5.1.3 Not a valid mail address"
+    TOO_MANY_RCPTS = "452 4.5.3 Too many recipients"
+    NO_RCPTS = "554 5.5.1 No valid recipients"
+    TEMP_FAILURE = "451 4.3.0 Temporary failure, message not accepted; try again later"
+    OK = "250 2.1.0 OK"
+    RCPT_OK = "250 2.1.5 OK"
+
+    @staticmethod
+    def queued(key: str) -> str:
+        return f"250 2.0.0 OK: queued as {key}"
+
+
+class ReceptionHandler:
+    """aiosmtpd handler of the reception point."""
+
+    def __init__(self, svc: Services, hostname: str, intake: Intake) -> None:
+        self.svc = svc
+        self.hostname = hostname
+        self.intake = intake
+        self.rcpt_cap = max(svc.cfg.limits.max_recipients * 2, 1000)
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        envelope.mail_from = address.strip().strip("<>").strip().lower()
+        envelope.mail_options.extend(options)
+        return Reply.OK
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        addr = address.strip().strip("<>").strip().lower()
+        local, at, dom = addr.rpartition("@")
+        if not (at and local and dom):
+            return Reply.BAD_ADDRESS
+        if not self.svc.is_local(addr):
+            return Reply.RELAY_DENIED
+        if len(envelope.rcpt_tos) >= self.rcpt_cap:
+            return Reply.TOO_MANY_RCPTS
+        envelope.rcpt_tos.append(addr)
+        return Reply.RCPT_OK
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if not envelope.rcpt_tos:
+            return Reply.NO_RCPTS
+        key = "rx-" + secrets.token_hex(12)
+        now = self.svc.clock.now()
+        peer = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
+        tls = "ESMTPS" if session.ssl else "ESMTP"
+        received = (
+            f"Received: from {session.host_name or 'unknown'} ([{peer}])\r\n"
+            f"\tby {self.hostname} (pecd) with {tls} id {key}; {format_datetime(now)}\r\n"
+        ).encode()
+        try:
+            await self.intake.submit(
+                kind=RECEPTION,
+                key=key,
+                payload={
+                    "mail_from": envelope.mail_from,
+                    "rcpt_to": list(envelope.rcpt_tos),
+                    "received_at": now.isoformat(),
+                    "peer": peer,
+                    "tls": bool(session.ssl),
+                },
+                data=received + (envelope.original_content or b""),
+                now=now,
+            )
+        except Exception:
+            log.exception("durable intake failed at the reception point; answering 451")
+            return Reply.TEMP_FAILURE
+        return Reply.queued(key)
+
+
+class ReceptionPoint:
+    """The reception point's listener (port 25 in production)."""
+
+    def __init__(
+        self,
+        svc: Services,
+        tls: ssl.SSLContext,
+        *,
+        intake: Intake,
+        endpoint: Endpoint,
+        hostname: str,
+    ) -> None:
+        self.svc = svc
+        self.tls = tls
+        self.endpoint = endpoint
+        self.hostname = hostname
+        self.handler = ReceptionHandler(svc, hostname, intake)
+        self.server: asyncio.Server | None = None
+
+    def _factory(self) -> SMTP:
+        return SMTP(
+            self.handler,
+            hostname=self.hostname,
+            ident="pecd",
+            tls_context=self.tls,
+            require_starttls=False,
+            auth_required=False,
+            auth_require_tls=True,
+            auth_exclude_mechanism=["LOGIN", "PLAIN"],
+            data_size_limit=self.svc.cfg.limits.max_message_size,
+            decode_data=False,
+            enable_SMTPUTF8=False,
+        )
+
+    async def start(self, stack: contextlib.AsyncExitStack) -> None:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(
+            self._factory, self.endpoint.host, self.endpoint.port
+        )
+        stack.push_async_callback(self.stop)
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        sockets: Sequence[Any] = self.server.sockets
+        return int(sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            with contextlib.suppress(Exception):
+                await self.server.wait_closed()
+
+
+# --- the stage ------------------------------------------------------------------------------------
+
+
+async def stage_reception(svc: Services, job: Job) -> Writer:
+    p = job.payload
+    raw = job.data or b""
+    rcpts: list[str] = list(p["rcpt_to"])
+    c = await svc.formats.classify(raw)
+    sender_provider = _trusted_provider(svc, c)
+    now = svc.clock.now()
+    if sender_provider is not None and c.daticert is not None:
+        if c.kind is Kind.TRANSPORT_ENVELOPE and c.trasporto is Trasporto.POSTA_CERTIFICATA:
+            return _take_in_charge(svc, job, c, raw, rcpts, sender_provider.mail_receipt, now)
+        if c.kind is Kind.RECEIPT and c.ricevuta is not None:
+            return await _receipt_back(svc, job, c, raw, rcpts, now)
+    reason = _anomaly_reason(svc, c)
+    when = pec_time(now)
+    anomaly = await svc.formats.build(
+        "anomaly_envelope", received=raw, when=when, rcpt_to=rcpts, error=reason
+    )
+
+    async def wrap(s: AsyncSession, outbox: Outbox) -> None:
+        for rcpt in rcpts:
+            await _store_job(
+                s,
+                svc,
+                key=f"{job.key}:anomalia:{rcpt}",
+                mailbox=rcpt,
+                msg=anomaly,
+                now=now,
+                outbox=outbox,
+            )
+        await record(
+            s,
+            TraceEventData(
+                at=now,
+                event=ANOMALIA,
+                pec_msgid=c.daticert.identificativo if c.daticert else None,
+                sender=p.get("mail_from"),
+                recipients=[{"address": r} for r in rcpts],
+                generated_ids=[anomaly.message_id],
+                error=reason,
+                data={"job": job.key, "peer": p.get("peer"), "kind": c.kind.value},
+            ),
+        )
+
+    return wrap
+
+
+def _trusted_provider(svc: Services, c: Classification) -> Any:
+    """The index entry of the signer, when the signature holds and the signer is a provider."""
+    if svc.index is None or not c.signature.valid or c.signer_der is None:
+        return None
+    return svc.index.provider_for_certificate(c.signer_der)
+
+
+def _anomaly_reason(svc: Services, c: Classification) -> str:
+    if not c.signature.present:
+        return "messaggio privo di firma del gestore (posta ordinaria)"
+    if not c.signature.valid:
+        return f"firma non valida: {c.signature.error or 'verifica fallita'}"
+    if svc.index is None or c.signer_der is None or _trusted_provider(svc, c) is None:
+        return "firma di un soggetto non presente nell'indice dei gestori PEC"
+    if c.errors:
+        return "messaggio PEC non conforme: " + "; ".join(c.errors)
+    return "messaggio PEC non conforme"
+
+
+def _take_in_charge(
+    svc: Services,
+    job: Job,
+    c: Classification,
+    raw: bytes,
+    rcpts: list[str],
+    mail_receipt: str,
+    now: Any,
+) -> Writer:
+    assert c.daticert is not None
+    tx = Transmission.from_daticert(c.daticert, envelope=raw)
+
+    async def write(s: AsyncSession, outbox: Outbox) -> None:
+        # One delivery job for the whole SMTP transaction: one presa in carico covering every
+        # recipient of it (spec 2.3), to the sending provider's service mailbox.
+        await jobs.enqueue(
+            s,
+            kind=DELIVERY,
+            key=f"{job.key}:delivery",
+            payload={
+                "recipients": rcpts,
+                "tx": tx.to_json(),
+                "sent_at": now.isoformat(),
+                "mail_receipt": mail_receipt,
+            },
+            data=raw,
+            now=now,
+        )
+        await record(
+            s,
+            TraceEventData(
+                at=now,
+                event=RICEZIONE,
+                pec_msgid=tx.identificativo,
+                client_msgid=tx.msgid,
+                sender=tx.mittente,
+                recipients=[{"address": r} for r in rcpts],
+                subject=tx.oggetto,
+                provider=c.daticert.gestore_emittente if c.daticert else None,
+                data={"job": job.key, "mail_receipt": mail_receipt},
+            ),
+        )
+
+    return write
+
+
+async def _receipt_back(
+    svc: Services, job: Job, c: Classification, raw: bytes, rcpts: list[str], now: Any
+) -> Writer:
+    assert c.daticert is not None and c.ricevuta is not None
+    ident = c.daticert.identificativo
+    async with svc.db.read_session() as s:
+        ours = (
+            await s.execute(
+                select(TraceEvent.id)
+                .where(
+                    TraceEvent.pec_msgid == ident,
+                    TraceEvent.event == Trasporto.POSTA_CERTIFICATA.value,
+                )
+                .limit(1)
+            )
+        ).first()
+    ricevuta = c.ricevuta
+    event = RICEVUTA_RICEVUTA if ours else RICEVUTA_SCONOSCIUTA
+
+    async def write(s: AsyncSession, outbox: Outbox) -> None:
+        if ours:
+            for rcpt in rcpts:
+                if ricevuta in SERVICE_RECEIPTS and rcpt != svc.cfg.provider.mail_receipt:
+                    continue  # such receipts belong in the service mailbox only
+                msg_key = f"{job.key}:ricevuta:{rcpt}"
+                await jobs.enqueue(
+                    s,
+                    kind="store",
+                    key=msg_key,
+                    payload={"mailbox": rcpt, "message_id": None},
+                    data=raw,
+                    now=now,
+                    lease_to=outbox.worker,
+                    lease_until=outbox.lease_until,
+                )
+                outbox.items.append((msg_key, rcpt, raw))
+        await record(
+            s,
+            TraceEventData(
+                at=now,
+                event=event,
+                pec_msgid=ident,
+                client_msgid=c.daticert.msgid if c.daticert else None,
+                sender=c.daticert.mittente if c.daticert else None,
+                recipients=[{"address": r} for r in rcpts],
+                provider=c.daticert.gestore_emittente if c.daticert else None,
+                daticert=None,
+                data={
+                    "job": job.key,
+                    "ricevuta": ricevuta.value,
+                    "consegna": c.daticert.consegna if c.daticert else None,
+                    "ricezione": list(c.daticert.ricezione) if c.daticert else [],
+                    "dropped": not ours,
+                },
+            ),
+        )
+
+    if not ours:
+        log.warning(
+            "dropped a %s for %s: not a transmission of this provider", ricevuta.value, ident
+        )
+    return write
+
+
+__all__ = ["RECEPTION", "ReceptionPoint", "domain_of", "stage_reception"]

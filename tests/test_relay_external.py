@@ -1,0 +1,77 @@
+"""Relay to ordinary mail: an esterno recipient gets the transport envelope at a real SMTP sink."""
+
+from __future__ import annotations
+
+import asyncio
+import smtplib
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from aiosmtpd.controller import Controller
+
+from helpers import free_port
+from pecd.pec.classify import classify
+from pecd.pec.vocab import DestinatarioTipo, Kind, Ricevuta
+from test_e2e_local import DOMAIN, PASSWORD, Server, _install, fetch_all, message, wait_for
+
+
+class Sink:
+    """An ordinary SMTP server on loopback that keeps what it gets (like Postfix's smtp-sink)."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, list[str], bytes]] = []
+        self.lock = threading.Lock()
+
+    async def handle_DATA(self, server: object, session: object, envelope: object) -> str:
+        with self.lock:
+            self.messages.append(
+                (envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content)  # type: ignore[attr-defined]
+            )
+        return "250 2.0.0 OK"
+
+
+@pytest.fixture
+def sink() -> Iterator[tuple[Sink, int]]:
+    handler = Sink()
+    port = free_port()
+    ctl = Controller(handler, hostname="127.0.0.1", port=port)
+    ctl.start()
+    try:
+        yield handler, port
+    finally:
+        ctl.stop()
+
+
+def test_external_recipient_gets_the_envelope_as_ordinary_mail(
+    tmp_path: Path, sink: tuple[Sink, int]
+) -> None:
+    handler, port = sink
+    extra = f'\n[relay]\nstarttls = "off"\n\n[routes]\n"example.org" = "127.0.0.1:{port}"\n'
+    cfg = asyncio.run(_install(tmp_path / "inst", None, extra=extra))
+    srv = Server(cfg).start()
+    try:
+        alice, bob, ext = f"alice@{DOMAIN}", f"bob@{DOMAIN}", "someone@example.org"
+        raw = message(alice, [bob, ext], [], "Misto")
+        ctx = ssl.create_default_context(cafile=str(cfg.tls.ca))
+        with smtplib.SMTP_SSL("127.0.0.1", srv.port("smtps"), context=ctx) as smtp:
+            smtp.login(alice, PASSWORD)
+            smtp.sendmail(alice, [bob, ext], raw)
+        wait_for(lambda: handler.messages)
+        inbox = wait_for(lambda: (m := fetch_all(srv, "alice")) and len(m) >= 2 and m)
+        time.sleep(1)  # nothing more may come: no receipt is owed for the esterno recipient
+        inbox = fetch_all(srv, "alice")
+    finally:
+        srv.stop()
+    (mail_from, rcpts, data), *more = handler.messages
+    assert not more and rcpts == [ext] and mail_from == alice  # reverse path unchanged
+    env = classify(data)
+    assert env.kind is Kind.TRANSPORT_ENVELOPE and env.is_valid_pec
+    assert env.daticert is not None
+    tipo = {d.address: d.tipo for d in env.daticert.destinatari}
+    assert tipo == {bob: DestinatarioTipo.CERTIFICATO, ext: DestinatarioTipo.ESTERNO}
+    kinds = sorted(classify(m).ricevuta.value for m in inbox)  # type: ignore[union-attr]
+    assert kinds == [Ricevuta.ACCETTAZIONE.value, Ricevuta.AVVENUTA_CONSEGNA.value]
