@@ -24,6 +24,7 @@ from pecd.points.intake import Intake
 from pecd.points.pipeline import RELAY, STAGES, Services
 from pecd.points.reception import RECEPTION, ReceptionPoint, stage_reception
 from pecd.points.relay import RelayClient, stage_relay
+from pecd.points.timers import Timers
 from pecd.points.workers import WorkerPool
 from pecd.store.accounts import Accounts
 from pecd.store.db import Database, migrate_async
@@ -50,6 +51,7 @@ class App:
     imap: ImapService | None = None
     workers: WorkerPool | None = None
     relay_workers: WorkerPool | None = None
+    timers: Timers | None = None
     reception: ReceptionPoint | None = None
     index: ProviderIndex | None = None  # set before start() to trust other providers
 
@@ -117,6 +119,10 @@ class App:
             max_attempts=1_000_000,
         )
         await self.relay_workers.start(self.stack)
+        self.timers = Timers(
+            self.svc, check_seconds=cfg.timers.check_seconds, node=self.workers.node
+        )
+        await self.timers.start(self.stack)
         lst = cfg.listeners
         intake = Intake(db, self.svc.wake)
         await intake.start(self.stack)

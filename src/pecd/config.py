@@ -192,8 +192,18 @@ def _routes(value: Any) -> dict[str, Endpoint]:
 
 
 class TimersConfig(_Section):
-    first_hours: float = 12
-    final_hours: float = 24
+    first_hours: float = Field(default=12, gt=0)
+    final_hours: float = Field(default=24, gt=0)
+    check_seconds: float = Field(default=60, gt=0)
+
+    @model_validator(mode="after")
+    def _window(self) -> TimersConfig:
+        # The final notice must not go out before 22 h (RFC 6109 3.1.6) nor after 24 h.
+        if not 22 <= self.final_hours <= 24:
+            raise ValueError("final_hours must be between 22 and 24 (RFC 6109 3.1.6)")
+        if self.first_hours >= self.final_hours:
+            raise ValueError("first_hours must come before final_hours")
+        return self
 
 
 class Config(_Section):

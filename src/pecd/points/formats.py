@@ -38,6 +38,7 @@ BUILDERS = frozenset(
         "presa_in_carico",
         "avvenuta_consegna",
         "errore_consegna",
+        "preavviso_errore_consegna",
     }
 )
 

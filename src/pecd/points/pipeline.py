@@ -25,7 +25,7 @@ from pecd.pec.daticert import Daticert
 from pecd.pec.timefmt import pec_time
 from pecd.pec.vocab import Errore, Ricevuta, Trasporto
 from pecd.points.formats import FormatWorkers
-from pecd.store import jobs
+from pecd.store import expectations, jobs
 from pecd.store.accounts import Accounts
 from pecd.store.db import Database
 from pecd.store.models import Job
@@ -298,6 +298,15 @@ async def stage_submission(svc: Services, job: Job) -> Writer:
                 data=env.raw,
                 now=now,
             )
+        # The 12 h / 24 h timers run for PEC recipients at other providers (spec 9).
+        await expectations.expect(
+            s,
+            pec_msgid=tx.identificativo,
+            recipients=[r for rs in remote.values() for r in rs if svc.is_certified(r)],
+            sender=tx.mittente,
+            tx=tx.to_json(),
+            sent_at=now,
+        )
         for dom, rcpts in sorted(remote.items()):
             await jobs.enqueue(
                 s,

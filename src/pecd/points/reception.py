@@ -43,7 +43,7 @@ from pecd.points.pipeline import (
     _store_job,
     domain_of,
 )
-from pecd.store import jobs
+from pecd.store import expectations, jobs
 from pecd.store.models import Job, TraceEvent
 from pecd.store.trace import TraceEventData, record
 
@@ -340,6 +340,8 @@ async def _receipt_back(
                     lease_until=outbox.lease_until,
                 )
                 outbox.items.append((msg_key, rcpt, raw))
+        if ours and c.daticert is not None:
+            await _settle(s, ricevuta, ident, c, now)
         await record(
             s,
             TraceEventData(
@@ -366,6 +368,17 @@ async def _receipt_back(
             "dropped a %s for %s: not a transmission of this provider", ricevuta.value, ident
         )
     return write
+
+
+async def _settle(
+    s: AsyncSession, ricevuta: Ricevuta, ident: str, c: Classification, now: Any
+) -> None:
+    """What a receipt that came back settles for the timers."""
+    assert c.daticert is not None
+    if ricevuta is Ricevuta.PRESA_IN_CARICO:
+        await expectations.took_charge(s, ident, list(c.daticert.ricezione), now)
+    elif ricevuta in (Ricevuta.AVVENUTA_CONSEGNA, Ricevuta.ERRORE_CONSEGNA) and c.daticert.consegna:
+        await expectations.close(s, ident, c.daticert.consegna, now, ricevuta.value)
 
 
 __all__ = ["RECEPTION", "ReceptionPoint", "domain_of", "stage_reception"]

@@ -39,7 +39,7 @@ from pecd.points.pipeline import (
     _store_job,
     domain_of,
 )
-from pecd.store import jobs
+from pecd.store import expectations, jobs
 from pecd.store.models import Job
 from pecd.store.trace import TraceEventData, record
 
@@ -254,6 +254,9 @@ async def stage_relay(svc: Services, job: Job) -> Writer:
                 msg=notice,
                 now=now,
                 outbox=outbox,
+            )
+            await expectations.close(
+                s, tx.identificativo, rcpt, now, Ricevuta.ERRORE_CONSEGNA.value
             )
             await record(
                 s,

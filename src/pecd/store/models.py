@@ -188,3 +188,27 @@ class DeliveryRecord(Base):
 
     def __repr__(self) -> str:
         return f"DeliveryRecord({self.key!r} -> {self.mailbox}/{self.folder}/{self.filename})"
+
+
+class Expectation(Base):
+    """What one PEC recipient at another provider still owes for one transmission: a presa in
+    carico and a delivery receipt. The 12 h / 24 h timers read it (spec section 2.3); a row is
+    closed by the delivery receipt, an error notice, or the final timeout notice."""
+
+    __tablename__ = "expectations"
+    __table_args__ = (Index("ix_expectations_closed_at_sent_at", "closed_at", "sent_at"),)
+
+    pec_msgid: Mapped[str] = mapped_column(String, primary_key=True)
+    recipient: Mapped[str] = mapped_column(String(320), primary_key=True)
+    sender: Mapped[str] = mapped_column(String(320))
+    tx: Mapped[dict[str, Any]]
+    sent_at: Mapped[datetime]
+    presa_at: Mapped[datetime | None]
+    delivered_at: Mapped[datetime | None]
+    first_notice_at: Mapped[datetime | None]
+    final_notice_at: Mapped[datetime | None]
+    closed_at: Mapped[datetime | None]
+    outcome: Mapped[str | None] = mapped_column(String(64))
+
+    def __repr__(self) -> str:
+        return f"Expectation({self.pec_msgid!r}, {self.recipient!r}, closed={self.closed_at})"

@@ -1,0 +1,124 @@
+"""The 12 h / 24 h timers: a preavviso-errore-consegna when a PEC recipient at another provider
+has not answered in time (spec section 2.3).
+
+At ``first_hours`` without presa in carico or delivery: the first notice. At ``final_hours``
+without delivery: the final one, and the recipient's transaction is closed. So a presa in carico
+within 12 h and no delivery gives only the final notice; nothing at all gives both; a delivery
+between 12 h and 24 h without presa in carico gives only the first. At most one of each: the
+notice is keyed by transmission, recipient and timer, and the row is marked in the same
+transaction. Time comes from the injected clock, so tests move it instead of waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from datetime import timedelta
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from pecd.pec.builders import BuiltMessage, Transmission
+from pecd.pec.timefmt import pec_time
+from pecd.pec.vocab import Ricevuta
+from pecd.points.pipeline import Outbox, Services, _event, _store_job, flush
+from pecd.store import expectations
+from pecd.store.models import Expectation
+from pecd.store.trace import record
+
+log = logging.getLogger(__name__)
+
+
+class Timers:
+    """``await timers.run_once()`` sends what is due; ``start`` runs it every ``check_seconds``."""
+
+    def __init__(self, svc: Services, *, check_seconds: float, node: str) -> None:
+        self.svc = svc
+        self.check_seconds = check_seconds
+        self.worker = f"{node}:timers"
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, stack: contextlib.AsyncExitStack) -> None:
+        self._task = asyncio.create_task(self._loop(), name="timers")
+        stack.push_async_callback(self.stop)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.run_once()
+            except Exception:
+                log.exception("timer check failed; trying again later")
+            await asyncio.sleep(self.check_seconds)
+
+    async def run_once(self) -> int:
+        """Send every notice due now; returns how many went out."""
+        svc = self.svc
+        t = svc.cfg.timers
+        now = svc.clock.now()
+        first, final = timedelta(hours=t.first_hours), timedelta(hours=t.final_hours)
+        async with svc.db.read_session() as s:
+            rows = await expectations.due(s, now, first, final)
+        if not rows:
+            return 0
+        when = pec_time(now)
+        notices: list[tuple[Expectation, bool, Transmission, BuiltMessage]] = []
+        for row in rows:
+            tx = Transmission.from_json(row.tx)
+            is_final = row.sent_at <= now - final
+            for final_notice in ([False] if not is_final else []) + ([True] if is_final else []):
+                notice = await svc.formats.build(
+                    "preavviso_errore_consegna",
+                    tx=tx,
+                    when=when,
+                    recipient=row.recipient,
+                    sent=pec_time(row.sent_at),
+                    final=final_notice,
+                )
+                notices.append((row, final_notice, tx, notice))
+        outbox = Outbox.for_worker(svc, self.worker)
+        sent = 0
+        async with svc.db.session() as s, s.begin():
+            for row, final_notice, tx, notice in notices:
+                if not await expectations.noticed(
+                    s, row.pec_msgid, row.recipient, now, final=final_notice
+                ):
+                    continue  # another node was first
+                hours = "24h" if final_notice else "12h"
+                await _store_job(
+                    s,
+                    svc,
+                    key=f"timer:{row.pec_msgid}:{row.recipient}:{hours}",
+                    mailbox=row.sender,
+                    msg=notice,
+                    now=now,
+                    outbox=outbox,
+                )
+                await _record(s, svc, tx, notice, row.recipient, hours)
+                sent += 1
+        svc.wake.set()
+        await flush(svc, outbox)
+        return sent
+
+
+async def _record(
+    s: AsyncSession, svc: Services, tx: Transmission, notice: BuiltMessage, rcpt: str, hours: str
+) -> None:
+    await record(
+        s,
+        _event(
+            Ricevuta.PREAVVISO_ERRORE_CONSEGNA.value,
+            tx,
+            svc.clock.now(),
+            svc.provider,
+            [notice],
+            error=f"timeout {hours}",
+            data={"consegna": rcpt, "timer": hours},
+        ),
+    )
