@@ -15,8 +15,6 @@ import contextlib
 import logging
 import secrets
 import ssl
-from collections.abc import Sequence
-from email.utils import format_datetime
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
@@ -24,36 +22,17 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 from pecd.config import Endpoint
 from pecd.points.intake import Intake
 from pecd.points.pipeline import SUBMISSION, Services
+from pecd.points.smtp import (
+    Reply,
+    bare,
+    bound_port,
+    close_servers,
+    peer_of,
+    received_header,
+    valid_address,
+)
 
 log = logging.getLogger(__name__)
-
-
-class Reply:
-    """SMTP replies pecd gives, named once (aiosmtpd's statuscodes habit)."""
-
-    AUTH_OK = "235 2.7.0 Authentication successful"
-    AUTH_FAILED = "535 5.7.8 Authentication credentials invalid"
-    AUTH_REQUIRED = "530 5.7.0 Authentication required"
-    SENDER_NOT_OWNED = "553 5.7.1 Sender address does not belong to the authenticated mailbox"
-    BAD_ADDRESS = "553 5.1.3 Not a valid mail address"
-    TOO_MANY_RCPTS = "452 4.5.3 Too many recipients"
-    NO_RCPTS = "554 5.5.1 No valid recipients"
-    TEMP_FAILURE = "451 4.3.0 Temporary failure, message not accepted; try again later"
-    OK = "250 2.1.0 OK"
-    RCPT_OK = "250 2.1.5 OK"
-
-    @staticmethod
-    def queued(key: str) -> str:
-        return f"250 2.0.0 OK: queued as {key}"
-
-
-def _bare(address: str) -> str:
-    return address.strip().strip("<>").strip().lower()
-
-
-def _valid_address(address: str) -> bool:
-    local, at, domain = address.rpartition("@")
-    return bool(at and local and domain and "." in domain and " " not in address)
 
 
 class AccessHandler:
@@ -129,9 +108,9 @@ class AccessHandler:
     ) -> str:
         if not session.authenticated:
             return Reply.AUTH_REQUIRED
-        if _bare(address) != session.auth_data:
+        if bare(address) != session.auth_data:
             return Reply.SENDER_NOT_OWNED
-        envelope.mail_from = _bare(address)
+        envelope.mail_from = bare(address)
         envelope.mail_options.extend(mail_options)
         return Reply.OK
 
@@ -143,8 +122,8 @@ class AccessHandler:
         address: str,
         rcpt_options: list[str],
     ) -> str:
-        addr = _bare(address)
-        if not _valid_address(addr):
+        addr = bare(address)
+        if not valid_address(addr):
             return Reply.BAD_ADDRESS
         if len(envelope.rcpt_tos) >= self.rcpt_cap:
             return Reply.TOO_MANY_RCPTS
@@ -159,12 +138,14 @@ class AccessHandler:
         content = envelope.original_content or b""
         key = secrets.token_hex(12)
         now = self.svc.clock.now()
-        peer = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
-        received = (
-            f"Received: from {session.host_name or 'unknown'} ([{peer}])\r\n"
-            f"\tby {self.hostname} (pecd) with ESMTPSA id {key}\r\n"
-            f"\tfor <{envelope.rcpt_tos[0]}>; {format_datetime(now)}\r\n"
-        ).encode()
+        received = received_header(
+            session,
+            by=self.hostname,
+            protocol="ESMTPSA",
+            key=key,
+            now=now,
+            rcpt=envelope.rcpt_tos[0],
+        )
         try:
             await self.intake.submit(
                 kind=SUBMISSION,
@@ -174,7 +155,7 @@ class AccessHandler:
                     "rcpt_to": list(envelope.rcpt_tos),
                     "user": session.auth_data,
                     "received_at": now.isoformat(),
-                    "peer": peer,
+                    "peer": peer_of(session),
                 },
                 data=received + content,
                 now=now,
@@ -243,12 +224,7 @@ class AccessPoint:
         stack.push_async_callback(self.stop)
 
     def port(self, name: str) -> int:
-        sockets: Sequence[Any] = self.servers[name].sockets
-        return int(sockets[0].getsockname()[1])
+        return bound_port(self.servers[name])
 
     async def stop(self) -> None:
-        for srv in self.servers.values():
-            srv.close()
-        for srv in self.servers.values():
-            with contextlib.suppress(Exception):
-                await srv.wait_closed()
+        await close_servers(list(self.servers.values()))

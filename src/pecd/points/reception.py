@@ -21,8 +21,6 @@ import contextlib
 import logging
 import secrets
 import ssl
-from collections.abc import Sequence
-from email.utils import format_datetime
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -43,6 +41,15 @@ from pecd.points.pipeline import (
     _store_job,
     domain_of,
 )
+from pecd.points.smtp import (
+    Reply,
+    bare,
+    bound_port,
+    close_servers,
+    peer_of,
+    received_header,
+    valid_address,
+)
 from pecd.store import expectations, jobs
 from pecd.store.models import Job, TraceEvent
 from pecd.store.trace import TraceEventData, record
@@ -61,20 +68,6 @@ ANOMALIA = "anomalia"  # wrapped in an anomaly envelope
 SERVICE_RECEIPTS = (Ricevuta.PRESA_IN_CARICO, Ricevuta.RILEVAZIONE_VIRUS)
 
 
-class Reply:
-    RELAY_DENIED = "550 5.7.1 Relaying denied: not a domain of this provider"
-    BAD_ADDRESS = "553 5.1.3 Not a valid mail address"
-    TOO_MANY_RCPTS = "452 4.5.3 Too many recipients"
-    NO_RCPTS = "554 5.5.1 No valid recipients"
-    TEMP_FAILURE = "451 4.3.0 Temporary failure, message not accepted; try again later"
-    OK = "250 2.1.0 OK"
-    RCPT_OK = "250 2.1.5 OK"
-
-    @staticmethod
-    def queued(key: str) -> str:
-        return f"250 2.0.0 OK: queued as {key}"
-
-
 class ReceptionHandler:
     """aiosmtpd handler of the reception point."""
 
@@ -87,16 +80,15 @@ class ReceptionHandler:
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
-        envelope.mail_from = address.strip().strip("<>").strip().lower()
+        envelope.mail_from = bare(address)
         envelope.mail_options.extend(options)
         return Reply.OK
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
-        addr = address.strip().strip("<>").strip().lower()
-        local, at, dom = addr.rpartition("@")
-        if not (at and local and dom):
+        addr = bare(address)
+        if not valid_address(addr):
             return Reply.BAD_ADDRESS
         if not self.svc.is_local(addr):
             return Reply.RELAY_DENIED
@@ -110,12 +102,8 @@ class ReceptionHandler:
             return Reply.NO_RCPTS
         key = "rx-" + secrets.token_hex(12)
         now = self.svc.clock.now()
-        peer = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
-        tls = "ESMTPS" if session.ssl else "ESMTP"
-        received = (
-            f"Received: from {session.host_name or 'unknown'} ([{peer}])\r\n"
-            f"\tby {self.hostname} (pecd) with {tls} id {key}; {format_datetime(now)}\r\n"
-        ).encode()
+        protocol = "ESMTPS" if session.ssl else "ESMTP"
+        received = received_header(session, by=self.hostname, protocol=protocol, key=key, now=now)
         try:
             await self.intake.submit(
                 kind=RECEPTION,
@@ -124,7 +112,7 @@ class ReceptionHandler:
                     "mail_from": envelope.mail_from,
                     "rcpt_to": list(envelope.rcpt_tos),
                     "received_at": now.isoformat(),
-                    "peer": peer,
+                    "peer": peer_of(session),
                     "tls": bool(session.ssl),
                 },
                 data=received + (envelope.original_content or b""),
@@ -180,14 +168,11 @@ class ReceptionPoint:
     @property
     def port(self) -> int:
         assert self.server is not None
-        sockets: Sequence[Any] = self.server.sockets
-        return int(sockets[0].getsockname()[1])
+        return bound_port(self.server)
 
     async def stop(self) -> None:
         if self.server is not None:
-            self.server.close()
-            with contextlib.suppress(Exception):
-                await self.server.wait_closed()
+            await close_servers([self.server])
 
 
 # --- the stage ------------------------------------------------------------------------------------
