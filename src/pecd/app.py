@@ -8,14 +8,11 @@ import logging
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from pecd.clock import Clock, SystemClock
 from pecd.config import Config
-
-if TYPE_CHECKING:
-    from pecd.index import ProviderIndex
 from pecd.imap.service import ImapService
+from pecd.index import IndexService
 from pecd.mailbox.maildir import MaildirStore
 from pecd.pec.checks import SubmissionLimits
 from pecd.points.access import AccessPoint
@@ -53,7 +50,7 @@ class App:
     relay_workers: WorkerPool | None = None
     timers: Timers | None = None
     reception: ReceptionPoint | None = None
-    index: ProviderIndex | None = None  # set before start() to trust other providers
+    index: IndexService | None = None
 
     async def __aenter__(self) -> App:
         try:
@@ -79,6 +76,8 @@ class App:
                 n = await release_all_running(s)
             if n:
                 log.info("recovered %d jobs left running by a previous run", n)
+        self.index = IndexService(cfg)
+        await self.index.start(self.stack)
         maildir = MaildirStore(cfg.maildir_root)
         accounts = Accounts(db)
         provider = provider_identity(cfg)

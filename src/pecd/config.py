@@ -191,6 +191,14 @@ def _routes(value: Any) -> dict[str, Endpoint]:
     return out
 
 
+class IndexConfig(_Section):
+    """The local copy of the provider index (spec section 8)."""
+
+    path: Path | None = None  # LDIF, or a signed .p7m; without it only this provider is known
+    trusted_signer: Path | None = None  # PEM certificate that must have signed a .p7m
+    reload_seconds: float = Field(default=86400, gt=0)  # also reloaded on SIGHUP
+
+
 class TimersConfig(_Section):
     first_hours: float = Field(default=12, gt=0)
     final_hours: float = Field(default=24, gt=0)
@@ -216,6 +224,7 @@ class Config(_Section):
     queue: QueueConfig = QueueConfig()
     timers: TimersConfig = TimersConfig()
     relay: RelayConfig = RelayConfig()
+    index: IndexConfig = IndexConfig()
     # Static routes: recipient domain -> "host:port", used before DNS (tests, private links).
     routes: Annotated[dict[str, Endpoint], BeforeValidator(_routes)] = {}
     source: Path | None = None
@@ -236,6 +245,7 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
         "tls": ("cert", "key", "ca"),
         "storage": ("data_dir", "maildir_root"),
         "relay": ("ca_bundle",),
+        "index": ("path", "trusted_signer"),
     }.items():
         sec = data.get(section)
         if not isinstance(sec, dict):

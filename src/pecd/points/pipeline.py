@@ -32,7 +32,7 @@ from pecd.store.models import Job
 from pecd.store.trace import TraceEventData, record
 
 if TYPE_CHECKING:
-    from pecd.index import ProviderIndex
+    from pecd.index import IndexService
     from pecd.points.relay import RelayClient
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ class Services:
     wake: asyncio.Event
     formats: FormatWorkers
     relay: RelayClient | None = None
-    index: ProviderIndex | None = None
+    index: IndexService | None = None
 
     def is_local(self, address: str) -> bool:
         return domain_of(address) in self.cfg.provider.local_domains

@@ -210,11 +210,16 @@ async def stage_relay(svc: Services, job: Job) -> Writer:
     except TemporaryFailure as exc:
         if not expired:
             raise StageError(str(exc)) from None
-        refused = {r: f"4.4.7 expired after {svc.cfg.relay.expire_hours:g} h: {exc}" for r in rcpts}
-    if retry and expired:
-        refused.update({r: f"4.4.7 expired: {m}" for r, m in retry.items()})
+        refused, retry = {}, {r: str(exc) for r in rcpts}
+    # Past the expiry nobody is tried again. No errore-consegna then: the 24 h timer's final
+    # notice is what tells the sender (spec 2.3); the trace log keeps the reason.
+    hours = svc.cfg.relay.expire_hours
+    gave_up = {r: f"4.4.7 expired after {hours:g} h: {m}" for r, m in retry.items()}
+    if not expired:
+        gave_up = {}
+    else:
         retry = {}
-    accepted = [r for r in rcpts if r not in refused and r not in retry]
+    accepted = [r for r in rcpts if r not in refused and r not in retry and r not in gave_up]
 
     tx = Transmission.from_json(p["tx"]) if p.get("tx") else None
     notices: list[tuple[str, BuiltMessage, str]] = []
@@ -237,12 +242,11 @@ async def stage_relay(svc: Services, job: Job) -> Writer:
     async def write(s: AsyncSession, outbox: Outbox) -> None:
         if accepted:
             await record(s, _relay_event(RELAYED, job, tx, now, accepted, None))
-        if refused:
+        failed = {**refused, **gave_up}
+        if failed:
             await record(
                 s,
-                _relay_event(
-                    RELAY_FAILED, job, tx, now, list(refused), "; ".join(refused.values())
-                ),
+                _relay_event(RELAY_FAILED, job, tx, now, list(failed), "; ".join(failed.values())),
             )
         for rcpt, notice, reply in notices:
             assert tx is not None
