@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from pecd.app import App
-from pecd.clock import SystemClock
+from pecd.clock import Clock, SystemClock
 from pecd.config import Config, load_config
 from pecd.devinit import config_text, init_installation
 from pecd.pec.checks import (
@@ -39,8 +39,9 @@ PASSWORD = "correct horse battery"
 class Server:
     """pecd running in a background thread with its own event loop, as a real client sees it."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, clock: Clock | None = None) -> None:
         self.cfg = cfg
+        self.clock = clock or SystemClock()
         self.loop = asyncio.new_event_loop()
         self.app: App | None = None
         self._ready = threading.Event()
@@ -55,7 +56,7 @@ class Server:
     async def _main(self) -> None:
         self._stop = asyncio.Event()
         try:
-            async with App(self.cfg) as app:
+            async with App(self.cfg, clock=self.clock) as app:
                 self.app = app
                 self._ready.set()
                 await self._stop.wait()
@@ -75,8 +76,15 @@ class Server:
         self.loop.call_soon_threadsafe(self._stop.set)
         self.thread.join(30)
 
+    def call(self, coro: Any, timeout: float = 60) -> Any:
+        """Run ``coro`` on the server's event loop and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
     def port(self, name: str) -> int:
         assert self.app is not None
+        if name == "reception":
+            assert self.app.reception is not None
+            return self.app.reception.port
         if name == "imaps":
             assert self.app.imap is not None
             return self.app.imap.bound_ports[0]
