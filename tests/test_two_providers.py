@@ -10,18 +10,25 @@ import ssl
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from helpers import free_port
-from pecd.clock import SystemClock
+from pecd.clock import FixedClock, SystemClock
 from pecd.config import Config, load_config
 from pecd.devinit import config_text, init_installation
 from pecd.index import entry_ldif, own_entry
+from pecd.pec import builders
+from pecd.pec.builders import Transmission
 from pecd.pec.classify import Classification, classify
+from pecd.pec.pki import create_dev_pki
+from pecd.pec.smime import KeySigner
+from pecd.pec.timefmt import pec_time
 from pecd.pec.vocab import Kind, Ricevuta, TipoRicevuta
+from pecd.points.formats import provider_identity
 from pecd.store.accounts import Accounts
 from pecd.store.db import Database
 from test_e2e_local import PASSWORD, Server, message, openssl_ok
@@ -208,3 +215,187 @@ def test_certified_mail_between_two_providers(
         assert env.daticert is not None and env.daticert.identificativo == ident
         assert a.cfg.tls.ca is not None
         openssl_ok(env_raw, a.cfg.tls.ca, tmp_path)
+
+
+def deliver_raw(p: Provider, mail_from: str, rcpts: list[str], raw: bytes) -> None:
+    """Hand ``raw`` to ``p``'s reception point as another server would (STARTTLS offered)."""
+    assert p.server is not None
+    with smtplib.SMTP("127.0.0.1", p.server.port("reception")) as smtp:
+        smtp.starttls(context=tls(p))
+        smtp.sendmail(mail_from, rcpts, raw)
+
+
+def trace_events(p: Provider, event: str) -> list[Any]:
+    from pecd.store.trace import events_of_type
+
+    assert p.server is not None and p.server.app is not None and p.server.app.svc is not None
+    db = p.server.app.svc.db
+
+    async def go() -> list[Any]:
+        async with db.read_session() as s:
+            return await events_of_type(s, event)
+
+    return p.server.call(go())  # type: ignore[no-any-return]
+
+
+def test_what_is_not_valid_pec_becomes_an_anomaly(running: tuple[Provider, Provider]) -> None:
+    a, b = running
+    alice, bob = a.addr("alice"), b.addr("bob")
+    assert b.server is not None
+    with smtplib.SMTP("127.0.0.1", b.server.port("reception")) as smtp:
+        smtp.ehlo()
+        assert smtp.has_extn("starttls") and not smtp.has_extn("auth")
+        code, _ = smtp.docmd("MAIL FROM:<x@example.org>")
+        assert code == 250
+        code, reply = smtp.docmd("RCPT TO:<someone@example.org>")
+        assert code == 550, reply  # no open relay
+
+    # 1. Ordinary mail from an ordinary server, unsigned.
+    plain = message("mario@example.org", [bob], [], "Posta ordinaria")
+    # 2. An envelope signed by a provider the index does not know.
+    stranger = create_dev_pki(domain="pec-x.test", name="Stranger", now=datetime.now(UTC))
+    forged_by = builders.ProviderIdentity(
+        name="Stranger",
+        domain="pec-x.test",
+        service_address="posta-certificata@pec-x.test",
+        signer=KeySigner.from_pem(stranger.signing.key_pem, stranger.signing.cert_pem),
+        digest="sha256",
+    )
+    original = message("mario@pec-x.test", [bob], [], "Falsa")
+    when = pec_time(datetime.now(UTC))
+    tx = Transmission.from_submission(
+        original,
+        mail_from="mario@pec-x.test",
+        rcpt_to=[bob],
+        identificativo=forged_by.new_msgid(when),
+        is_certified=lambda _a: True,
+    )
+    forged = builders.transport_envelope(original, tx, forged_by, when).raw
+    # 3. A's real envelope, altered after signing.
+    a_id = provider_identity(a.cfg)
+    tx_a = Transmission.from_submission(
+        message(alice, [bob], [], "Alterata"),
+        mail_from=alice,
+        rcpt_to=[bob],
+        identificativo=a_id.new_msgid(when),
+        is_certified=lambda _a: True,
+    )
+    good = builders.transport_envelope(message(alice, [bob], [], "Alterata"), tx_a, a_id, when).raw
+    tampered = good.replace(b"Buongiorno", b"Buonasera")
+    assert tampered != good
+    for mail_from, raw in (
+        ("mario@example.org", plain),
+        ("mario@pec-x.test", forged),
+        (alice, tampered),
+    ):
+        deliver_raw(b, mail_from, [bob], raw)
+
+    got = wait_for(lambda: (m := inbox(b, "bob")) and len(m) >= 3 and m)
+    time.sleep(1)
+    got = inbox(b, "bob")
+    assert len(got) == 3
+    for raw in got:
+        c = classify(raw)
+        assert c.kind is Kind.ANOMALY_ENVELOPE and c.signature.valid and c.daticert is None
+        assert b.cfg.provider.service_address.encode() in raw
+    reasons = sorted(e.error for e in trace_events(b, "anomalia"))
+    assert len(reasons) == 3
+    assert any("privo di firma" in r for r in reasons)
+    assert any("non presente nell'indice" in r for r in reasons)
+    assert any("firma non valida" in r for r in reasons)
+    # No receipt of any kind for an anomaly: nothing reached A.
+    assert inbox(a, "alice") == [] and inbox(a, "ricevute") == []
+    assert trace_events(b, Ricevuta.PRESA_IN_CARICO.value) == []
+
+
+def test_a_receipt_for_an_unknown_transaction_is_recorded_and_dropped(
+    running: tuple[Provider, Provider],
+) -> None:
+    a, b = running
+    alice, bob = a.addr("alice"), b.addr("bob")
+    # B signs a delivery receipt for a transmission A never sent and hands it to A.
+    b_id = provider_identity(b.cfg)
+    when = pec_time(datetime.now(UTC))
+    original = message(alice, [bob], [], "Mai spedito")
+    tx = Transmission.from_submission(
+        original,
+        mail_from=alice,
+        rcpt_to=[bob],
+        identificativo=provider_identity(a.cfg).new_msgid(when),
+        is_certified=lambda _a: True,
+    )
+    receipt = builders.avvenuta_consegna(tx, b_id, when, recipient=bob, postacert=None)
+    deliver_raw(a, b.cfg.provider.service_address, [alice], receipt.raw)
+    wait_for(lambda: trace_events(a, "ricevuta-sconosciuta"))
+    time.sleep(0.5)
+    assert inbox(a, "alice") == []
+    (ev,) = trace_events(a, "ricevuta-sconosciuta")
+    assert ev.pec_msgid == tx.identificativo and ev.data["dropped"] is True
+
+
+def test_peer_down_then_back_and_local_mail_never_waits(pair: tuple[Provider, Provider]) -> None:
+    a, b = pair
+    alice, carol, bob = a.addr("alice"), a.addr("carol"), b.addr("bob")
+    a.server = Server(a.cfg).start()
+    try:
+        send(a, alice, [bob], [], "Gestore spento")
+        send(a, alice, [carol], [], "Locale")
+        # Local mail is done while B is down: accettazione x2 + carol's delivery receipt.
+        got = kinds(wait_for(lambda: (m := inbox(a, "alice")) and len(m) >= 3 and m))
+        assert sorted(c.ricevuta.value for c in got if c.ricevuta) == [
+            "accettazione",
+            "accettazione",
+            "avvenuta-consegna",
+        ]
+        time.sleep(1.5)  # a few relay attempts fail meanwhile
+        assert trace_events(a, "relay") == []
+        b.server = Server(b.cfg).start()
+        got = kinds(wait_for(lambda: (m := inbox(a, "alice")) and len(m) >= 4 and m, timeout=60))
+        done = [c for c in got if c.ricevuta is Ricevuta.AVVENUTA_CONSEGNA]
+        assert {c.daticert.consegna for c in done if c.daticert} == {bob, carol}
+        assert len(inbox(b, "bob")) == 1
+    finally:
+        for p in (a, b):
+            if p.server is not None:
+                p.server.stop()
+
+
+def test_timers_send_each_notice_once(pair: tuple[Provider, Provider]) -> None:
+    a, b = pair  # B never starts: nothing ever comes back
+    alice, bob = a.addr("alice"), b.addr("bob")
+    clock = FixedClock(datetime.now(UTC))
+    a.server = srv = Server(a.cfg, clock=clock).start()
+    try:
+        send(a, alice, [bob], [], "Nessuna risposta")
+        wait_for(lambda: inbox(a, "alice"))  # the accettazione
+        assert srv.app is not None and srv.app.timers is not None
+        timers = srv.app.timers
+
+        def notices() -> list[Classification]:
+            return [
+                c
+                for c in kinds(inbox(a, "alice"))
+                if c.ricevuta is Ricevuta.PREAVVISO_ERRORE_CONSEGNA
+            ]
+
+        assert srv.call(timers.run_once()) == 0
+        clock.advance(timedelta(hours=11, minutes=59))
+        assert srv.call(timers.run_once()) == 0
+        clock.advance(timedelta(minutes=2))
+        assert srv.call(timers.run_once()) == 1
+        assert srv.call(timers.run_once()) == 0  # once only
+        first = wait_for(notices)
+        clock.advance(timedelta(hours=12))
+        assert srv.call(timers.run_once()) == 1
+        assert srv.call(timers.run_once()) == 0
+        clock.advance(timedelta(hours=30))
+        assert srv.call(timers.run_once()) == 0  # tracking has stopped
+        both = wait_for(lambda: (n := notices()) and len(n) >= 2 and n)
+        time.sleep(0.5)
+        both = notices()
+    finally:
+        srv.stop()
+    assert len(first) == 1 and len(both) == 2
+    texts = sorted(c.daticert.errore_esteso or "" for c in both if c.daticert)
+    assert texts[0].startswith("4.4.7") and texts[1].startswith("5.4.7")
+    assert all(c.daticert and c.daticert.consegna == bob for c in both)

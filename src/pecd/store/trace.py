@@ -88,3 +88,14 @@ async def count_events(
     if pec_msgid is not None:
         stmt = stmt.where(TraceEvent.pec_msgid == pec_msgid)
     return int((await session.scalar(stmt)) or 0)
+
+
+async def events_of_type(session: AsyncSession, event: str, limit: int = 1000) -> list[TraceEvent]:
+    """The events of one type, oldest first."""
+    stmt = (
+        select(TraceEvent)
+        .where(TraceEvent.event == event)
+        .order_by(TraceEvent.at, TraceEvent.id)
+        .limit(limit)
+    )
+    return list((await session.scalars(stmt)).all())
