@@ -74,9 +74,10 @@ async def run_clients(
     *,
     auth: bool,
     started: dict[str, float],
+    rcpt_domain: str = DOMAIN,
 ) -> float:
     async def one(i: int) -> None:
-        frm, to = f"sender{i}@{DOMAIN}", f"rcpt{i}@{DOMAIN}"
+        frm, to = f"sender{i}@{DOMAIN}", f"rcpt{i}@{rcpt_domain}"
         smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, use_tls=True, tls_context=ctx)
         await smtp.connect()
         if auth:
