@@ -168,6 +168,8 @@ class App:
             if ports:
                 lines.append(f"  IMAP (read):   {host} port {ports[0]}, SSL/TLS, normal password")
         lines.append("  User name:     your full PEC address")
+        if self.reception and self.reception.server:
+            lines.append(f"  Other providers deliver to: {host} port {self.reception.port} (SMTP)")
         if self.cfg.tls.ca:
             lines.append(f"  Trust this CA: {Path(self.cfg.tls.ca)}")
         return lines
