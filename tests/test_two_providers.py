@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import imaplib
 import smtplib
+import socket
 import ssl
 import time
 from collections.abc import Callable, Iterator
@@ -64,7 +65,7 @@ format_processes = 0
 [relay]
 starttls = "required"
 ca_bundle = "../peers-ca.pem"
-timeout_seconds = 5
+timeout_seconds = 30
 
 [index]
 path = "../index-for-{domain}.ldif"
@@ -399,3 +400,73 @@ def test_timers_send_each_notice_once(pair: tuple[Provider, Provider]) -> None:
     texts = sorted(c.daticert.errore_esteso or "" for c in both if c.daticert)
     assert texts[0].startswith("4.4.7") and texts[1].startswith("5.4.7")
     assert all(c.daticert and c.daticert.consegna == bob for c in both)
+
+
+def test_rilevazione_virus_becomes_a_virus_errore_consegna(
+    pair: tuple[Provider, Provider],
+) -> None:
+    a, b = pair  # B stays down: the envelope is waiting in A's relay queue
+    alice, bob = a.addr("alice"), b.addr("bob")
+    a.server = Server(a.cfg).start()
+    try:
+        send(a, alice, [bob], [], "Allegato infetto")
+        (acc_raw,) = wait_for(lambda: inbox(a, "alice"))
+        acc = classify(acc_raw)
+        assert acc.daticert is not None
+        # B's reception point found a virus in the envelope and tells A's service mailbox.
+        tx = Transmission.from_daticert(acc.daticert)
+        notice = builders.rilevazione_virus(
+            tx,
+            provider_identity(b.cfg),
+            pec_time(datetime.now(UTC)),
+            recipient=bob,
+            errore_esteso="Eicar-Test-Signature",
+            mail_receipt=a.cfg.provider.mail_receipt,
+        )
+        deliver_raw(a, b.cfg.provider.service_address, [a.cfg.provider.mail_receipt], notice.raw)
+        got = wait_for(lambda: (m := inbox(a, "alice")) and len(m) >= 2 and m)
+        service = wait_for(lambda: inbox(a, "ricevute"))
+    finally:
+        a.server.stop()
+    err = [classify(m) for m in got if classify(m).ricevuta is Ricevuta.ERRORE_CONSEGNA]
+    assert len(err) == 1 and err[0].virus and err[0].is_valid_pec
+    d = err[0].daticert
+    assert d is not None and d.errore.value == "virus" and d.consegna == bob
+    assert d.gestore_emittente == a.cfg.provider.name  # the sender's provider tells the sender
+    assert d.identificativo == acc.daticert.identificativo
+    assert any(classify(m).ricevuta is Ricevuta.RILEVAZIONE_VIRUS for m in service)
+
+
+def test_a_slow_peer_does_not_hold_up_another(running: tuple[Provider, Provider]) -> None:
+    a, b = running
+    alice, bob = a.addr("alice"), b.addr("bob")
+    # A server that accepts connections and never says a word.
+    black_hole = socket.socket()
+    black_hole.bind(("127.0.0.1", 0))
+    black_hole.listen(16)
+    port = black_hole.getsockname()[1]
+    try:
+        assert a.server is not None and a.server.app is not None
+        assert a.server.app.svc is not None and a.server.app.svc.relay is not None
+        router = a.server.app.svc.relay.router
+        router.routes["slow.example"] = type(router.routes[B])("127.0.0.1", port)
+        send(a, alice, ["nobody@slow.example"], [], "Verso un server lento")
+        send(a, alice, [bob], [], "Verso B")
+        wait_for(
+            lambda: any(
+                classify(m).ricevuta is Ricevuta.AVVENUTA_CONSEGNA for m in inbox(a, "alice")
+            ),
+            timeout=30,
+        )
+        # B's receipt came back while the relay was still waiting for the silent server (it
+        # gives up on a connection after relay.timeout_seconds, 30 s here): no attempt to
+        # slow.example has ended yet, successfully or not.
+        ended = [
+            e
+            for kind in ("relay", "relay-rinviato", "relay-fallito")
+            for e in trace_events(a, kind)
+            if any(r["address"].endswith("@slow.example") for r in e.recipients)
+        ]
+        assert ended == []
+    finally:
+        black_hole.close()

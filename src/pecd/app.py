@@ -107,15 +107,10 @@ class App:
         self.workers = WorkerPool(self.svc, stages, count=cfg.queue.workers, name="pipeline")
         await self.workers.start(self.stack)
         # The relay has workers of its own, one job each: a peer that is slow or down holds
-        # only the worker talking to it, never local delivery. It retries until the message
-        # expires (relay.expire_hours), not for a fixed number of attempts.
+        # only the worker talking to it, never local delivery. (Its retries until the message
+        # expires are new jobs made by the stage; the pool's attempts count only crashes.)
         self.relay_workers = WorkerPool(
-            self.svc,
-            {RELAY: stage_relay},
-            count=cfg.relay.workers,
-            name="relay",
-            batch=1,
-            max_attempts=1_000_000,
+            self.svc, {RELAY: stage_relay}, count=cfg.relay.workers, name="relay", batch=1
         )
         await self.relay_workers.start(self.stack)
         self.timers = Timers(

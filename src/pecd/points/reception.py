@@ -31,7 +31,7 @@ from pecd.config import Endpoint
 from pecd.pec.builders import Transmission
 from pecd.pec.classify import Classification
 from pecd.pec.timefmt import pec_time
-from pecd.pec.vocab import Kind, Ricevuta, Trasporto
+from pecd.pec.vocab import Errore, Kind, Ricevuta, Trasporto
 from pecd.points.intake import Intake
 from pecd.points.pipeline import (
     DELIVERY,
@@ -307,6 +307,19 @@ async def _receipt_back(
         ).first()
     ricevuta = c.ricevuta
     event = RICEVUTA_RICEVUTA if ours else RICEVUTA_SCONOSCIUTA
+    virus_notice = None
+    if ours and ricevuta is Ricevuta.RILEVAZIONE_VIRUS and c.daticert.consegna:
+        # The recipient's provider found a virus: the sender hears it from us, as an
+        # errore-consegna of the virus kind built from the rilevazione (spec 2.3, Virus).
+        tx = Transmission.from_daticert(c.daticert)
+        virus_notice = await svc.formats.build(
+            "errore_consegna",
+            tx=tx,
+            when=pec_time(now),
+            recipient=c.daticert.consegna,
+            errore=Errore.VIRUS,
+            errore_esteso=c.daticert.errore_esteso or "virus rilevato dal gestore del destinatario",
+        )
 
     async def write(s: AsyncSession, outbox: Outbox) -> None:
         if ours:
@@ -327,6 +340,17 @@ async def _receipt_back(
                 outbox.items.append((msg_key, rcpt, raw))
         if ours and c.daticert is not None:
             await _settle(s, ricevuta, ident, c, now)
+        if virus_notice is not None and c.daticert is not None and c.daticert.consegna:
+            await _store_job(
+                s,
+                svc,
+                key=f"{job.key}:virus:{c.daticert.consegna}",
+                mailbox=c.daticert.mittente,
+                msg=virus_notice,
+                now=now,
+                outbox=outbox,
+            )
+            await expectations.close(s, ident, c.daticert.consegna, now, "virus")
         await record(
             s,
             TraceEventData(

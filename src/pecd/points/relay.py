@@ -33,7 +33,6 @@ from pecd.points.pipeline import (
     RELAY,
     Outbox,
     Services,
-    StageError,
     Writer,
     _event,
     _store_job,
@@ -47,6 +46,7 @@ log = logging.getLogger(__name__)
 
 RELAYED = "relay"  # trace event: handed to the next hop
 RELAY_FAILED = "relay-fallito"  # trace event: given up for these recipients
+RELAY_RETRY = "relay-rinviato"  # trace event: not accepted yet, tried again later
 
 
 class TemporaryFailure(Exception):
@@ -199,7 +199,8 @@ async def stage_relay(svc: Services, job: Job) -> Writer:
     data = job.data or b""
     mail_from = p.get("mail_from") or svc.cfg.provider.service_address
     now = svc.clock.now()
-    expired = now - job.created_at > timedelta(hours=svc.cfg.relay.expire_hours)
+    since = datetime.fromisoformat(p["since"]) if p.get("since") else job.created_at
+    expired = now - since > timedelta(hours=svc.cfg.relay.expire_hours)
     retry: dict[str, str] = {}
     try:
         refused = await svc.relay.send(domain_of(rcpts[0]), mail_from, rcpts, data)
@@ -208,8 +209,6 @@ async def stage_relay(svc: Services, job: Job) -> Writer:
     except PermanentFailure as exc:
         refused = {r: exc.reply for r in rcpts}
     except TemporaryFailure as exc:
-        if not expired:
-            raise StageError(str(exc)) from None
         refused, retry = {}, {r: str(exc) for r in rcpts}
     # Past the expiry nobody is tried again. No errore-consegna then: the 24 h timer's final
     # notice is what tells the sender (spec 2.3); the trace log keeps the reason.
@@ -275,14 +274,30 @@ async def stage_relay(svc: Services, job: Job) -> Writer:
                 ),
             )
         if retry:
+            # Every attempt is in the trace log; the next one is a job of its own, due after
+            # an exponential backoff, which keeps the time of the first attempt for the expiry.
+            attempt = int(p.get("attempt", 1))
+            await record(
+                s,
+                _relay_event(
+                    RELAY_RETRY, job, tx, now, sorted(retry), "; ".join(sorted(set(retry.values())))
+                ),
+            )
+            q = svc.cfg.queue
+            delay = min(q.base_delay_seconds * 2 ** (attempt - 1), q.max_delay_seconds)
             await jobs.enqueue(
                 s,
                 kind=RELAY,
-                key=f"{job.key}:retry:{job.attempts}",
-                payload={**p, "recipients": sorted(retry)},
+                key=f"{job.key.split(':retry:')[0]}:retry:{attempt}",
+                payload={
+                    **p,
+                    "recipients": sorted(retry),
+                    "since": since.isoformat(),
+                    "attempt": attempt + 1,
+                },
                 data=data,
                 now=now,
-                run_at=now + timedelta(seconds=svc.cfg.queue.base_delay_seconds * 2**job.attempts),
+                run_at=now + timedelta(seconds=delay),
             )
 
     return write
@@ -307,5 +322,5 @@ def _relay_event(
         subject=tx.oggetto if tx else None,
         generated_ids=[p["message_id"]] if p.get("message_id") else [],
         error=error,
-        data={"job": job.key, "kind": p.get("kind", "envelope"), "attempt": job.attempts},
+        data={"job": job.key, "kind": p.get("kind", "envelope"), "attempt": p.get("attempt", 1)},
     )
