@@ -21,13 +21,6 @@ class MX:
     exchange: str
 
 
-class FakeConfig:
-    class relay:
-        port = 25
-
-    routes: dict[str, Any] = {}
-
-
 def router_with(answers: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> Router:
     async def resolve(name: str, rdtype: str) -> Any:
         value = answers[name]
