@@ -21,6 +21,7 @@ from cryptography import x509
 from pecd import __version__
 from pecd.clock import SystemClock
 from pecd.config import Config, ConfigError, load_config
+from pecd.index import cli as index_cli
 from pecd.pec.classify import Classification, NotMailError, classify
 
 EXIT_OK, EXIT_INVALID, EXIT_UNREADABLE = 0, 1, 2
@@ -352,46 +353,6 @@ def cmd_queue(args: argparse.Namespace) -> int:
     return rc
 
 
-def cmd_index(args: argparse.Namespace) -> int:
-    from pecd.index import entry_ldif, load_index, own_entry, sign_index
-
-    cfg = _load(args)
-    if args.index_command == "export":
-        text = entry_ldif(own_entry(cfg)).encode()
-        if args.sign:
-            from cryptography import x509
-            from cryptography.hazmat.primitives import serialization
-
-            key = serialization.load_pem_private_key(cfg.signing.key.read_bytes(), None)
-            cert = x509.load_pem_x509_certificate(cfg.signing.cert.read_bytes())
-            text = sign_index(text, cert, key)  # type: ignore[arg-type]
-        if args.output:
-            Path(args.output).write_bytes(text)
-            print(f"pecd: wrote {args.output}")
-        else:
-            sys.stdout.buffer.write(text)
-        return EXIT_OK
-    index = load_index(cfg)
-    entries = list(index.entries)
-    if args.index_command == "lookup":
-        what = args.what.strip().lower()
-        found = [e for e in entries if what in e.domains or what in e.certificate_hashes]
-        if not found:
-            return _fail(f"{args.what}: not in the provider index", EXIT_INVALID)
-        entries = found
-    rows = [
-        (e.name, e.unit or "", e.mail_receipt, " ".join(e.domains), " ".join(e.certificate_hashes))
-        for e in entries
-    ]
-    _print_table(
-        "Provider index",
-        ["provider", "unit", "mail_receipt", "domains", "certificate_sha1"],
-        rows,
-        args.json,
-    )
-    return EXIT_OK
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pecd", description="PEC (posta elettronica certificata) provider"
@@ -464,18 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     qr.add_argument("job_id", type=int)
     q.set_defaults(func=cmd_queue)
 
-    ix = sub.add_parser("index", help="the provider index (indice dei gestori PEC)")
-    ix_sub = ix.add_subparsers(dest="index_command", required=True)
-    with_config(ix_sub.add_parser("show", help="every provider known")).add_argument(
-        "--json", action="store_true"
-    )
-    il = with_config(ix_sub.add_parser("lookup", help="the provider of a domain or SHA-1"))
-    il.add_argument("what", help="a domain or a certificate SHA-1 (hex)")
-    il.add_argument("--json", action="store_true")
-    ie = with_config(ix_sub.add_parser("export", help="this provider's own entry, as LDIF"))
-    ie.add_argument("-o", "--output", help="file to write (default: standard output)")
-    ie.add_argument("--sign", action="store_true", help="sign it as a .p7m with the provider key")
-    ix.set_defaults(func=cmd_index)
+    index_cli.register(sub, with_config)
     return p
 
 
