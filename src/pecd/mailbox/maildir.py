@@ -76,8 +76,11 @@ class MailboxFull(Exception):
 
 
 def to_crlf(data: bytes) -> bytes:
-    """Bare LF becomes CRLF; existing CRLF (and lone CR) are left as they are."""
-    if b"\n" not in data:
+    """Bare LF becomes CRLF; existing CRLF (and lone CR) are left as they are.
+
+    Data that is CRLF already (everything pecd builds or receives over SMTP) comes back as the
+    same object: the two replacements would each copy the whole message."""
+    if data.count(b"\n") == data.count(b"\r\n"):
         return data
     return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
 
@@ -145,6 +148,9 @@ class MaildirStore:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        # (address, folder) -> (mailbox root, folder path) of folders known to exist: checking
+        # and creating the tree costs a dozen system calls that every delivery would repeat.
+        self._ready: dict[tuple[str, str], tuple[Path, Path]] = {}
 
     # -- addressing -------------------------------------------------------------------------
 
@@ -232,8 +238,22 @@ class MaildirStore:
         Raises MailboxFull (before writing anything) when ``quota_bytes`` is set and the
         mailbox usage plus this message would exceed it.
         """
-        base = self.ensure(address)
-        path = self._ensure_folder(base, folder)
+        try:
+            return self._deliver(address, key, data, folder, quota_bytes)
+        except FileNotFoundError:
+            # The tree changed under us (a mailbox removed by hand): make it again, once.
+            self._ready.pop((address.strip().lower(), folder), None)
+            return self._deliver(address, key, data, folder, quota_bytes)
+
+    def _deliver(
+        self, address: str, key: str, data: bytes, folder: str, quota_bytes: int | None
+    ) -> Delivered:
+        ready = self._ready.get((address.strip().lower(), folder))
+        if ready is None:
+            base = self.ensure(address)
+            ready = base, self._ensure_folder(base, folder)
+            self._ready[(address.strip().lower(), folder)] = ready
+        base, path = ready
         stem = self.name_for(key)
         body = to_crlf(data)
         name = f"{stem},S={len(body)}"

@@ -28,7 +28,7 @@ from pecd.points.formats import FormatWorkers
 from pecd.store import expectations, jobs
 from pecd.store.accounts import Accounts
 from pecd.store.db import Database
-from pecd.store.models import Job
+from pecd.store.models import Job, Mailbox
 from pecd.store.trace import TraceEventData, record
 
 if TYPE_CHECKING:
@@ -44,6 +44,7 @@ STORE = "store"  # a finished message (receipt, notice) to put in one local mail
 RELAY = "relay"  # an envelope or receipt for another provider (worked by the relay)
 
 LOCAL_KINDS = (SUBMISSION, DELIVERY, STORE)
+MAILBOX_TTL = 2.0  # seconds an account read is reused by deliveries
 
 
 class StageError(Exception):
@@ -69,6 +70,21 @@ class Services:
     formats: FormatWorkers
     relay: RelayClient | None = None
     index: IndexService | None = None
+
+    _mailboxes: dict[str, tuple[float, Mailbox | None]] = field(default_factory=dict)
+
+    async def mailbox(self, address: str) -> Mailbox | None:
+        """The account of a local mailbox, read at most every MAILBOX_TTL seconds: deliveries
+        look every recipient up, and a mailbox disabled or resized is seen within that time."""
+        now = asyncio.get_running_loop().time()
+        hit = self._mailboxes.get(address)
+        if hit is not None and now - hit[0] < MAILBOX_TTL:
+            return hit[1]
+        found = await self.accounts.get(address)
+        if len(self._mailboxes) > 10_000:
+            self._mailboxes.clear()
+        self._mailboxes[address] = (now, found)
+        return found
 
     def is_local(self, address: str) -> bool:
         return domain_of(address) in self.cfg.provider.local_domains
@@ -417,7 +433,7 @@ async def _deliver_one(
 ) -> tuple[Errore, str] | None:
     """Store the envelope in ``rcpt``'s INBOX; None on success, else (errore, errore-esteso)."""
     name = svc.provider.name
-    mb = await svc.accounts.get(rcpt)
+    mb = await svc.mailbox(rcpt)
     if mb is None:
         return Errore.NO_DEST, f"5.1.1 - {name} - indirizzo non valido"
     if mb.disabled:
@@ -435,7 +451,7 @@ async def _deliver_one(
 
 async def stage_store(svc: Services, job: Job) -> Writer:
     mailbox = job.payload["mailbox"]
-    mb = await svc.accounts.get(mailbox)
+    mb = await svc.mailbox(mailbox)
     if mb is None:
         raise StageError(f"mailbox {mailbox} does not exist")
     # Receipts are never refused for quota: losing one would lose the holder's legal proof.
