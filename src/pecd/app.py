@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +23,7 @@ from pecd.points.intake import Intake
 from pecd.points.pipeline import RELAY, STAGES, Services
 from pecd.points.reception import RECEPTION, ReceptionPoint, stage_reception
 from pecd.points.relay import RelayClient, stage_relay
+from pecd.points.sealer import Sealer
 from pecd.points.timers import Timers
 from pecd.points.workers import WorkerPool
 from pecd.store.accounts import Accounts
@@ -49,6 +52,7 @@ class App:
     workers: WorkerPool | None = None
     relay_workers: WorkerPool | None = None
     timers: Timers | None = None
+    sealer: Sealer | None = None
     reception: ReceptionPoint | None = None
     index: IndexService | None = None
 
@@ -101,6 +105,15 @@ class App:
             relay=RelayClient(cfg, cfg.listeners.hostname),
             index=self.index,
         )
+        # Started before the workers, so it stops after them and seals what they drained.
+        self.sealer = Sealer(
+            db,
+            provider.signer,
+            self.clock,
+            every=cfg.log.seal_seconds,
+            node=f"{socket.gethostname()}:{os.getpid()}",
+        )
+        await self.sealer.start(self.stack)
         tls = server_tls_context(cfg)
         # Stop order is the reverse of start: listeners close first, then workers drain.
         stages = {**STAGES, RECEPTION: stage_reception}

@@ -353,6 +353,72 @@ def cmd_queue(args: argparse.Namespace) -> int:
     return rc
 
 
+def cmd_log(args: argparse.Namespace) -> int:
+    from datetime import timedelta
+
+    from rich.progress import Progress
+
+    from pecd.points.formats import load_signer
+    from pecd.store import seals
+    from pecd.store.db import Database
+
+    cfg = _load(args)
+
+    async def go() -> int:
+        db = await Database.open(cfg.database_url)
+        try:
+            if args.log_command == "seal":
+                signer = load_signer(cfg)
+                total = 0
+                while (
+                    seal := await seals.seal_pending(
+                        db, signer, now=SystemClock().now(), node="pecd log seal"
+                    )
+                ) is not None and seal.count:
+                    total += seal.count
+                print(f"pecd: sealed {total} events")
+                return EXIT_OK
+            with Progress(transient=True, disable=args.json) as bar:
+                task = bar.add_task("verifying the trace log", total=None)
+
+                def step(done: int, total: int) -> None:
+                    bar.update(task, completed=done, total=total)
+
+                report = await seals.verify(
+                    db,
+                    now=SystemClock().now(),
+                    unsealed_grace=timedelta(seconds=cfg.log.seal_seconds * 3 + 60),
+                    first_seal=args.from_seal,
+                    last_seal=args.to_seal,
+                    progress=step,
+                )
+        finally:
+            await db.close()
+        if args.json:
+            print(
+                json.dumps(
+                    {
+                        "ok": report.ok,
+                        "seals": report.seals,
+                        "events": report.events,
+                        "findings": [asdict(f) for f in report.findings],
+                    },
+                    indent=2,
+                )
+            )
+        else:
+            for f in report.findings:
+                print(f"pecd: {f}")
+            verdict = "holds" if report.ok else f"does NOT hold: {len(report.findings)} findings"
+            print(
+                f"pecd: {report.events} events in {report.seals} seals checked; the log {verdict}"
+            )
+        return EXIT_OK if report.ok else EXIT_INVALID
+
+    rc: int = asyncio.run(go())
+    return rc
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pecd", description="PEC (posta elettronica certificata) provider"
@@ -426,6 +492,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_queue)
 
     index_cli.register(sub, with_config)
+
+    lg = sub.add_parser("log", help="the trace log: seals and their verification")
+    lg_sub = lg.add_subparsers(dest="log_command", required=True)
+    lv = with_config(lg_sub.add_parser("verify", help="check the seal chain and every event"))
+    lv.add_argument("--from", dest="from_seal", type=int, help="first seal id to check")
+    lv.add_argument("--to", dest="to_seal", type=int, help="last seal id to check")
+    lv.add_argument("--json", action="store_true")
+    with_config(lg_sub.add_parser("seal", help="seal the events not sealed yet, now"))
+    lg.set_defaults(func=cmd_log)
     return p
 
 

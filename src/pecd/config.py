@@ -199,6 +199,20 @@ class IndexConfig(_Section):
     reload_seconds: float = Field(default=86400, gt=0)  # also reloaded on SIGHUP
 
 
+class LogConfig(_Section):
+    """The trace log (registro dei messaggi)."""
+
+    seal_seconds: float = Field(default=60, gt=0)  # how often new events are sealed
+    retention_months: int = Field(default=30)
+
+    @field_validator("retention_months")
+    @classmethod
+    def _thirty_months(cls, v: int) -> int:
+        if v < 30:
+            raise ValueError("must be at least 30: the log is kept 30 months (DPR 68/2005)")
+        return v
+
+
 class TimersConfig(_Section):
     first_hours: float = Field(default=12, gt=0)
     final_hours: float = Field(default=24, gt=0)
@@ -225,6 +239,7 @@ class Config(_Section):
     timers: TimersConfig = TimersConfig()
     relay: RelayConfig = RelayConfig()
     index: IndexConfig = IndexConfig()
+    log: LogConfig = LogConfig()
     # Static routes: recipient domain -> "host:port", used before DNS (tests, private links).
     routes: Annotated[dict[str, Endpoint], BeforeValidator(_routes)] = {}
     source: Path | None = None

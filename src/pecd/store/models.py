@@ -170,9 +170,45 @@ class TraceEvent(Base):
     daticert: Mapped[dict[str, Any] | None]
     data: Mapped[dict[str, Any] | None]
     node: Mapped[str | None] = mapped_column(String(255))
+    # The seal that covers this event (NULL until the sealer gets to it).
+    seal_id: Mapped[int | None] = mapped_column(BigInteger, index=True)
 
     def __repr__(self) -> str:
         return f"TraceEvent(id={self.id}, event={self.event!r}, pec_msgid={self.pec_msgid!r})"
+
+
+class TraceSeal(Base):
+    """A signed seal over the events whose ``seal_id`` is this seal, chained to the previous one.
+
+    ``digests`` lists (event id, SHA-256 of the event) in id order, 40 bytes each, so that a
+    verification can name each event changed, inserted or deleted; ``seal_hash`` is the SHA-256
+    of the seal's canonical content, which includes ``prev_hash`` (the previous seal's
+    ``seal_hash``) and the SHA-256 of ``digests``; ``signature`` is the provider key's
+    signature over that content."""
+
+    __tablename__ = "trace_seals"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    created_at: Mapped[datetime]
+    node: Mapped[str | None] = mapped_column(String(255))
+    first_event: Mapped[int | None] = mapped_column(BigInteger)
+    last_event: Mapped[int | None] = mapped_column(BigInteger)
+    count: Mapped[int] = mapped_column(Integer)
+    digests: Mapped[bytes]
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    seal_hash: Mapped[str] = mapped_column(String(64))
+    signer_sha1: Mapped[str] = mapped_column(String(40))
+    signature: Mapped[bytes]
+
+
+class TraceSigner(Base):
+    """A certificate that signed seals, by its SHA-1 (seals keep only the hash)."""
+
+    __tablename__ = "trace_signers"
+
+    sha1: Mapped[str] = mapped_column(String(40), primary_key=True)
+    certificate: Mapped[bytes]
+    created_at: Mapped[datetime]
 
 
 class DeliveryRecord(Base):

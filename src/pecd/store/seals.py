@@ -1,0 +1,328 @@
+"""Tamper evidence for the trace log: signed seals chained over every event.
+
+Sealing takes every event no seal covers yet (``seal_id IS NULL``), marks it with a new seal in the
+same transaction (``UPDATE … RETURNING``, so the seal lists exactly the rows it marked), and
+stores in the seal the id and SHA-256 of each event, the previous seal's hash, and a signature by
+the provider key over all of it. Marking by ``seal_id`` instead of by id range means an event whose
+transaction commits late is simply taken by the next seal: nothing is skipped and nothing is
+covered twice, with any number of nodes sealing (on PostgreSQL they take turns on an advisory
+lock; SQLite has one writer anyway).
+
+Verification recomputes everything and names each event that was changed (its digest differs),
+deleted (listed by its seal, gone from the table), or inserted (marked with a seal that does not
+list it, or left unsealed although older than the sealing interval), and each seal that was
+changed, deleted or forged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from sqlalchemy import func, insert, select, text, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from pecd.pec.smime import Signer
+from pecd.store.db import Database
+from pecd.store.models import TraceEvent, TraceSeal, TraceSigner
+
+_SEAL_LOCK = 0x7365616C  # "seal": one sealer at a time on PostgreSQL
+_DIGEST = struct.Struct(">q32s")  # event id, SHA-256
+_COLUMNS = (
+    "id",
+    "at",
+    "event",
+    "pec_msgid",
+    "client_msgid",
+    "sender",
+    "recipients",
+    "subject",
+    "provider",
+    "generated_ids",
+    "error",
+    "daticert",
+    "data",
+    "node",
+)
+
+
+def event_digest(row: Any) -> bytes:
+    """SHA-256 of one event's canonical form: every column but ``seal_id``, as sorted JSON."""
+    values = {c: getattr(row, c) for c in _COLUMNS}
+    at = values["at"]
+    values["at"] = at.astimezone(UTC).isoformat() if isinstance(at, datetime) else at
+    blob = json.dumps(values, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).digest()
+
+
+def seal_content(seal: Any) -> bytes:
+    """The canonical bytes a seal's hash and signature cover."""
+    created = seal.created_at.astimezone(UTC).isoformat()
+    return json.dumps(
+        {
+            "v": 1,
+            "id": seal.id,
+            "created_at": created,
+            "node": seal.node,
+            "first_event": seal.first_event,
+            "last_event": seal.last_event,
+            "count": seal.count,
+            "digests_sha256": hashlib.sha256(seal.digests).hexdigest(),
+            "prev_hash": seal.prev_hash,
+            "signer_sha1": seal.signer_sha1,
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    ).encode()
+
+
+def _sign(signer: Signer, data: bytes) -> bytes:
+    return signer.sign_digest_input(data, "sha256")
+
+
+def _verify_signature(cert: x509.Certificate, signature: bytes, data: bytes) -> bool:
+    key = cert.public_key()
+    try:
+        if isinstance(key, rsa.RSAPublicKey):
+            key.verify(signature, data, padding.PKCS1v15(), hashes.SHA256())
+        elif isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(signature, data, ec.ECDSA(hashes.SHA256()))
+        else:
+            return False
+    except InvalidSignature:
+        return False
+    return True
+
+
+async def seal_pending(
+    db: Database, signer: Signer, *, now: datetime, node: str | None, limit: int = 100_000
+) -> TraceSeal | None:
+    """Seal every event not sealed yet (at most ``limit``, oldest first); None if none."""
+    cert_der = signer.certificate.public_bytes(serialization.Encoding.DER)
+    signer_sha1 = hashlib.sha1(cert_der).hexdigest()
+    async with db.session() as s, s.begin():
+        if db.dialect == "postgresql":
+            await s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _SEAL_LOCK})
+        cap = await s.scalar(
+            select(TraceEvent.id)
+            .where(TraceEvent.seal_id.is_(None))
+            .order_by(TraceEvent.id)
+            .offset(limit - 1)
+            .limit(1)
+        )
+        if not await s.scalar(select(TraceEvent.id).where(TraceEvent.seal_id.is_(None)).limit(1)):
+            return None
+        prev = await s.scalar(select(TraceSeal.seal_hash).order_by(TraceSeal.id.desc()).limit(1))
+        if await s.get(TraceSigner, signer_sha1) is None:
+            await s.execute(
+                insert(TraceSigner).values(sha1=signer_sha1, certificate=cert_der, created_at=now)
+            )
+        seal_id = await s.scalar(
+            insert(TraceSeal)
+            .values(
+                created_at=now,
+                node=node,
+                count=0,
+                digests=b"",
+                prev_hash=prev or "",
+                seal_hash="",
+                signer_sha1=signer_sha1,
+                signature=b"",
+            )
+            .returning(TraceSeal.id)
+        )
+        mark = update(TraceEvent).where(TraceEvent.seal_id.is_(None))
+        if cap is not None:
+            mark = mark.where(TraceEvent.id <= cap)
+        rows = (
+            await s.execute(
+                mark.values(seal_id=seal_id)
+                .returning(*(getattr(TraceEvent, c) for c in _COLUMNS))
+                .execution_options(synchronize_session=False)
+            )
+        ).all()
+        rows.sort(key=lambda r: r.id)
+        seal = await s.get(TraceSeal, seal_id)
+        assert seal is not None
+        seal.digests = b"".join(_DIGEST.pack(r.id, event_digest(r)) for r in rows)
+        seal.count = len(rows)
+        seal.first_event = rows[0].id if rows else None
+        seal.last_event = rows[-1].id if rows else None
+        content = seal_content(seal)
+        seal.seal_hash = hashlib.sha256(content).hexdigest()
+        seal.signature = _sign(signer, content)
+        return seal
+
+
+# --- verification ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Finding:
+    what: str  # "changed" | "deleted" | "inserted" | "unsealed" | "seal-changed" | "seal-missing" | ...
+    event_id: int | None
+    seal_id: int | None
+    detail: str
+
+    def __str__(self) -> str:
+        where = f"event {self.event_id}" if self.event_id is not None else f"seal {self.seal_id}"
+        return f"{where}: {self.what}: {self.detail}"
+
+
+@dataclass
+class Report:
+    seals: int = 0
+    events: int = 0
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.findings
+
+
+def _unpack(blob: bytes) -> Iterator[tuple[int, bytes]]:
+    if len(blob) % _DIGEST.size:
+        raise ValueError("digest list has a torn entry")
+    for off in range(0, len(blob), _DIGEST.size):
+        yield _DIGEST.unpack_from(blob, off)
+
+
+async def verify(
+    db: Database,
+    *,
+    now: datetime,
+    unsealed_grace: timedelta,
+    first_seal: int | None = None,
+    last_seal: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Report:
+    """Check the chain, every signature and every event; see the module docstring."""
+    report = Report()
+    async with db.read_session() as s:
+        signers = {
+            r.sha1: x509.load_der_x509_certificate(r.certificate)
+            for r in (await s.scalars(select(TraceSigner))).all()
+        }
+        q = select(TraceSeal).order_by(TraceSeal.id)
+        if first_seal is not None:
+            q = q.where(TraceSeal.id >= first_seal)
+        if last_seal is not None:
+            q = q.where(TraceSeal.id <= last_seal)
+        seals = list((await s.scalars(q)).all())
+        total_events = int(await s.scalar(select(func.count()).select_from(TraceEvent)) or 0)
+        prev_hash: str | None = None
+        if seals and first_seal is not None:
+            prev_hash = await s.scalar(
+                select(TraceSeal.seal_hash)
+                .where(TraceSeal.id < seals[0].id)
+                .order_by(TraceSeal.id.desc())
+                .limit(1)
+            )
+        prev_id: int | None = None
+        for seal in seals:
+            report.seals += 1
+            _check_seal(seal, prev_hash, prev_id, signers, report)
+            prev_hash, prev_id = seal.seal_hash, seal.id
+            await _check_events(s, seal, report)
+            if progress is not None:
+                progress(report.events, total_events)
+        # Events marked with a seal that does not exist, or never sealed although old enough.
+        known = select(TraceSeal.id)
+        orphans = (
+            await s.execute(
+                select(TraceEvent.id, TraceEvent.seal_id)
+                .where(TraceEvent.seal_id.is_not(None), TraceEvent.seal_id.not_in(known))
+                .order_by(TraceEvent.id)
+            )
+        ).all()
+        for eid, sid in orphans:
+            report.findings.append(
+                Finding("inserted", eid, sid, f"marked with seal {sid}, which does not exist")
+            )
+        if first_seal is None and last_seal is None:
+            stale = (
+                await s.execute(
+                    select(TraceEvent.id)
+                    .where(TraceEvent.seal_id.is_(None), TraceEvent.at < now - unsealed_grace)
+                    .order_by(TraceEvent.id)
+                )
+            ).all()
+            for (eid,) in stale:
+                report.findings.append(
+                    Finding(
+                        "unsealed",
+                        eid,
+                        None,
+                        "older than the sealing interval and not sealed (inserted?)",
+                    )
+                )
+    return report
+
+
+def _check_seal(
+    seal: TraceSeal,
+    prev_hash: str | None,
+    prev_id: int | None,
+    signers: dict[str, x509.Certificate],
+    report: Report,
+) -> None:
+    content = seal_content(seal)
+    if hashlib.sha256(content).hexdigest() != seal.seal_hash:
+        report.findings.append(
+            Finding("seal-changed", None, seal.id, "content does not match its hash")
+        )
+    cert = signers.get(seal.signer_sha1)
+    if cert is None:
+        report.findings.append(Finding("seal-forged", None, seal.id, "signer certificate unknown"))
+    elif not _verify_signature(cert, seal.signature, content):
+        report.findings.append(Finding("seal-forged", None, seal.id, "signature does not verify"))
+    if prev_id is not None and seal.id != prev_id + 1:
+        report.findings.append(
+            Finding("seal-missing", None, seal.id, f"seals {prev_id + 1}..{seal.id - 1} are gone")
+        )
+    if prev_hash is not None and seal.prev_hash != prev_hash:
+        report.findings.append(
+            Finding(
+                "seal-chain",
+                None,
+                seal.id,
+                "does not follow the previous seal (changed or removed)",
+            )
+        )
+
+
+async def _check_events(s: AsyncSession, seal: TraceSeal, report: Report) -> None:
+    try:
+        listed = dict(_unpack(seal.digests))
+    except ValueError as exc:
+        report.findings.append(Finding("seal-changed", None, seal.id, str(exc)))
+        listed = {}
+    rows = (
+        await s.execute(
+            select(*(getattr(TraceEvent, c) for c in _COLUMNS))
+            .where(TraceEvent.seal_id == seal.id)
+            .order_by(TraceEvent.id)
+        )
+    ).all()
+    seen: set[int] = set()
+    for r in rows:
+        report.events += 1
+        seen.add(r.id)
+        want = listed.get(r.id)
+        if want is None:
+            report.findings.append(Finding("inserted", r.id, seal.id, "not listed by its seal"))
+        elif want != event_digest(r):
+            report.findings.append(
+                Finding("changed", r.id, seal.id, "differs from what was sealed")
+            )
+    for eid in sorted(set(listed) - seen):
+        report.findings.append(Finding("deleted", eid, seal.id, "sealed, and gone from the log"))

@@ -1,0 +1,239 @@
+"""Seals of the trace log: an untouched log verifies; any change, insertion or deletion of an
+event or a seal, made directly in the database, is found and named (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import delete, text, update
+
+from pecd.pec.smime import KeySigner
+from pecd.store import seals
+from pecd.store.db import Database
+from pecd.store.models import TraceEvent, TraceSeal
+from pecd.store.trace import TraceEventData, record
+from store_fixtures import Backend, db_fixture, pg_url_fixture, sqlite_template_fixture
+
+__all__ = ["db_fixture", "pg_url_fixture", "sqlite_template_fixture"]
+
+T0 = datetime(2026, 5, 4, 8, 0, tzinfo=UTC)
+GRACE = timedelta(minutes=5)
+
+
+async def add_events(d: Database, n: int, start: int = 0) -> None:
+    async with d.session() as s, s.begin():
+        for i in range(start, start + n):
+            await record(
+                s,
+                TraceEventData(
+                    at=T0 + timedelta(seconds=i),
+                    event="accettazione",
+                    pec_msgid=f"id{i}@pec.test",
+                    sender="alice@pec.test",
+                    recipients=[{"address": "bob@pec.test", "tipo": "certificato"}],
+                    subject=f"Oggetto {i} è qui",
+                    daticert={"tipo": "accettazione", "identificativo": f"id{i}@pec.test"},
+                ),
+            )
+
+
+async def sealed_log(d: Database, signer: KeySigner) -> None:
+    await add_events(d, 30)
+    assert (
+        await seals.seal_pending(d, signer, now=T0 + timedelta(minutes=1), node="n1")
+    ) is not None
+    await add_events(d, 20, start=30)
+    await seals.seal_pending(d, signer, now=T0 + timedelta(minutes=2), node="n1")
+    await add_events(d, 10, start=50)
+    await seals.seal_pending(d, signer, now=T0 + timedelta(minutes=3), node="n1")
+    assert await seals.seal_pending(d, signer, now=T0 + timedelta(minutes=4), node="n1") is None
+
+
+def check(d: Database) -> Coroutine[Any, Any, seals.Report]:
+    return seals.verify(d, now=T0 + timedelta(minutes=10), unsealed_grace=GRACE)
+
+
+def test_untouched_log_verifies(db: Backend, signer: KeySigner) -> None:
+    async def main(d: Database) -> seals.Report:
+        await sealed_log(d, signer)
+        return await check(d)
+
+    report = db.run(main)
+    assert report.ok, [str(f) for f in report.findings]
+    assert (report.seals, report.events) == (3, 60)
+
+
+Tamper = Callable[[Any], Coroutine[Any, Any, None]]
+
+
+async def _change_event(s: Any) -> None:
+    await s.execute(update(TraceEvent).where(TraceEvent.id == 7).values(subject="altro"))
+
+
+async def _delete_event(s: Any) -> None:
+    await s.execute(delete(TraceEvent).where(TraceEvent.id == 33))
+
+
+async def _insert_sealed_event(s: Any) -> None:
+    await record(s, TraceEventData(at=T0, event="accettazione", pec_msgid="forged@pec.test"))
+    await s.execute(
+        update(TraceEvent).where(TraceEvent.pec_msgid == "forged@pec.test").values(seal_id=2)
+    )
+
+
+async def _insert_unsealed_event(s: Any) -> None:
+    await record(s, TraceEventData(at=T0, event="accettazione", pec_msgid="late@pec.test"))
+
+
+async def _change_seal(s: Any) -> None:
+    await s.execute(update(TraceSeal).where(TraceSeal.id == 2).values(node="elsewhere"))
+
+
+async def _delete_seal(s: Any) -> None:
+    await s.execute(delete(TraceSeal).where(TraceSeal.id == 2))
+
+
+async def _delete_last_seal(s: Any) -> None:
+    await s.execute(delete(TraceSeal).where(TraceSeal.id == 3))
+
+
+async def _move_event_between_seals(s: Any) -> None:
+    await s.execute(update(TraceEvent).where(TraceEvent.id == 40).values(seal_id=1))
+
+
+@pytest.mark.parametrize(
+    ("tamper", "expected"),
+    [
+        (_change_event, {("changed", 7, None)}),
+        (_delete_event, {("deleted", 33, None)}),
+        (_insert_sealed_event, {("inserted", 61, None)}),
+        (_insert_unsealed_event, {("unsealed", 61, None)}),
+        (_change_seal, {("seal-changed", None, 2), ("seal-forged", None, 2)}),
+        (_move_event_between_seals, {("inserted", 40, None), ("deleted", 40, None)}),
+    ],
+    ids=lambda v: getattr(v, "__name__", ""),
+)
+def test_tampering_is_found_and_named(
+    db: Backend,
+    signer: KeySigner,
+    tamper: Tamper,
+    expected: set[tuple[str, int | None, int | None]],
+) -> None:
+    async def main(d: Database) -> seals.Report:
+        await sealed_log(d, signer)
+        async with d.session() as s, s.begin():
+            await tamper(s)
+        return await check(d)
+
+    report = db.run(main)
+    found = {
+        (f.what, f.event_id, None if f.event_id is not None else f.seal_id) for f in report.findings
+    }
+    assert found == expected, [str(f) for f in report.findings]
+
+
+@pytest.mark.parametrize("tamper", [_delete_seal, _delete_last_seal])
+def test_a_removed_seal_is_found(db: Backend, signer: KeySigner, tamper: Tamper) -> None:
+    async def main(d: Database) -> seals.Report:
+        await sealed_log(d, signer)
+        async with d.session() as s, s.begin():
+            await tamper(s)
+        return await check(d)
+
+    report = db.run(main)
+    assert not report.ok
+    whats = {f.what for f in report.findings}
+    # Its events are left marked with a seal that does not exist.
+    assert "inserted" in whats, [str(f) for f in report.findings]
+
+
+def test_a_forged_signature_is_found(db: Backend, signer: KeySigner) -> None:
+    async def main(d: Database) -> seals.Report:
+        await sealed_log(d, signer)
+        async with d.session() as s, s.begin():
+            await s.execute(
+                update(TraceSeal).where(TraceSeal.id == 1).values(signature=b"\x00" * 256)
+            )
+        return await check(d)
+
+    report = db.run(main)
+    assert [(f.what, f.seal_id) for f in report.findings] == [("seal-forged", 1)]
+
+
+def test_concurrent_sealers_cover_every_event_once(db: Backend, signer: KeySigner) -> None:
+    """Two sealers and two writers at once (two pecd nodes): every event sealed exactly once."""
+
+    async def main(d: Database) -> tuple[seals.Report, int]:
+        other = await Database.open(db.url)
+
+        async def writer(base: Database, start: int) -> None:
+            for k in range(10):
+                await add_events(base, 5, start=start + 5 * k)
+                await asyncio.sleep(0)
+
+        async def sealer(base: Database, node: str) -> None:
+            for k in range(12):
+                await seals.seal_pending(base, signer, now=T0 + timedelta(seconds=k), node=node)
+                await asyncio.sleep(0.01)
+
+        try:
+            await asyncio.gather(
+                writer(d, 0), writer(other, 1000), sealer(d, "n1"), sealer(other, "n2")
+            )
+            await seals.seal_pending(d, signer, now=T0 + timedelta(minutes=1), node="n1")
+        finally:
+            await other.close()
+        async with d.read_session() as s:
+            unsealed = (
+                await s.execute(text("SELECT count(*) FROM trace_events WHERE seal_id IS NULL"))
+            ).scalar()
+        return await check(d), int(unsealed or 0)
+
+    report, unsealed = db.run(main)
+    assert report.ok, [str(f) for f in report.findings]
+    assert report.events == 100 and unsealed == 0
+
+
+def test_pecd_log_verify_command(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    from pecd.cli import main
+    from pecd.clock import SystemClock
+    from pecd.config import load_config
+    from pecd.devinit import init_installation
+
+    result = asyncio.run(
+        init_installation(
+            tmp_path / "inst", domain="pec.test", name="Test PEC", clock=SystemClock()
+        )
+    )
+    cfg = load_config(result.config)
+
+    async def prepare() -> None:
+        d = await Database.open(cfg.database_url)
+        try:
+            await add_events(d, 12)
+        finally:
+            await d.close()
+
+    asyncio.run(prepare())
+    c = ["-c", str(result.config)]
+    assert main(["log", "seal", *c]) == 0
+    assert "sealed 12 events" in capsys.readouterr().out
+    assert main(["log", "verify", *c]) == 0
+    assert "12 events in 1 seals checked; the log holds" in capsys.readouterr().out
+
+    async def tamper() -> None:
+        d = await Database.open(cfg.database_url)
+        try:
+            async with d.session() as s, s.begin():
+                await s.execute(update(TraceEvent).where(TraceEvent.id == 5).values(error="x"))
+        finally:
+            await d.close()
+
+    asyncio.run(tamper())
+    assert main(["log", "verify", *c]) == 1
+    out = capsys.readouterr().out
+    assert "event 5: changed" in out and "does NOT hold: 1 findings" in out
