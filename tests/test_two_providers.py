@@ -361,7 +361,7 @@ def test_peer_down_then_back_and_local_mail_never_waits(pair: tuple[Provider, Pr
                 p.server.stop()
 
 
-def test_timers_send_each_notice_once(pair: tuple[Provider, Provider]) -> None:
+def test_timers_send_each_notice_once(pair: tuple[Provider, Provider], tmp_path: Path) -> None:
     a, b = pair  # B never starts: nothing ever comes back
     alice, bob = a.addr("alice"), b.addr("bob")
     clock = FixedClock(datetime.now(UTC))
@@ -397,13 +397,19 @@ def test_timers_send_each_notice_once(pair: tuple[Provider, Provider]) -> None:
     finally:
         srv.stop()
     assert len(first) == 1 and len(both) == 2
+    preavvisi = [
+        m
+        for m in inbox_raw_after_stop(a)
+        if classify(m).ricevuta is Ricevuta.PREAVVISO_ERRORE_CONSEGNA
+    ]
+    assert reproduce_and_compare(a, preavvisi, tmp_path) == {"preavviso-errore-consegna"}
     texts = sorted(c.daticert.errore_esteso or "" for c in both if c.daticert)
     assert texts[0].startswith("4.4.7") and texts[1].startswith("5.4.7")
     assert all(c.daticert and c.daticert.consegna == bob for c in both)
 
 
 def test_rilevazione_virus_becomes_a_virus_errore_consegna(
-    pair: tuple[Provider, Provider],
+    pair: tuple[Provider, Provider], tmp_path: Path
 ) -> None:
     a, b = pair  # B stays down: the envelope is waiting in A's relay queue
     alice, bob = a.addr("alice"), b.addr("bob")
@@ -435,6 +441,8 @@ def test_rilevazione_virus_becomes_a_virus_errore_consegna(
     assert d.gestore_emittente == a.cfg.provider.name  # the sender's provider tells the sender
     assert d.identificativo == acc.daticert.identificativo
     assert any(classify(m).ricevuta is Ricevuta.RILEVAZIONE_VIRUS for m in service)
+    virus_raw = [m for m in got if classify(m).virus]
+    assert reproduce_and_compare(a, virus_raw, tmp_path) == {"errore-consegna+virus"}
 
 
 def test_a_slow_peer_does_not_hold_up_another(running: tuple[Provider, Provider]) -> None:
@@ -470,3 +478,59 @@ def test_a_slow_peer_does_not_hold_up_another(running: tuple[Provider, Provider]
         assert ended == []
     finally:
         black_hole.close()
+
+
+def reproduce_and_compare(p: Provider, raws: list[bytes], tmp: Path) -> set[str]:
+    """Rebuild each receipt in ``raws`` from ``p``'s trace log alone; their daticert must be
+    identical. Returns the kinds reproduced."""
+    from pecd.cli import main
+    from pecd.pec.daticert import to_json
+    from pecd.store.trace import Query, search
+
+    async def event_ids() -> list[int]:
+        db = await Database.open(p.cfg.database_url)
+        try:
+            ids = []
+            async with db.read_session() as s:
+                for raw in raws:
+                    d = classify(raw).daticert
+                    assert d is not None
+                    found = await search(s, Query(pec_msgid=d.identificativo), limit=1000)
+                    ids.append(next(e.id for e in found if e.daticert == to_json(d)))
+            return ids
+        finally:
+            await db.close()
+
+    assert p.cfg.source is not None and p.cfg.tls.ca is not None
+    kinds = set()
+    for raw, eid in zip(raws, asyncio.run(event_ids()), strict=True):
+        c = classify(raw)
+        out = tmp / f"reproduced-{eid}.eml"
+        assert (
+            main(
+                [
+                    "receipt",
+                    "reproduce",
+                    c.daticert.identificativo,
+                    "--event-id",
+                    str(eid),  # type: ignore[union-attr]
+                    "-c",
+                    str(p.cfg.source),
+                    "-o",
+                    str(out),
+                ]
+            )
+            == 0
+        )
+        again = classify(out.read_bytes())
+        assert again.is_valid_pec and again.daticert == c.daticert and again.virus == c.virus
+        openssl_ok(out.read_bytes(), p.cfg.tls.ca, tmp)
+        kinds.add(c.ricevuta.value + ("+virus" if c.virus else ""))  # type: ignore[union-attr]
+    return kinds
+
+
+def inbox_raw_after_stop(p: Provider) -> list[bytes]:
+    """alice's messages read from the Maildir (the server has stopped)."""
+    from pecd.mailbox.maildir import MaildirStore
+
+    return [f.read_bytes() for f in MaildirStore(p.cfg.maildir_root).list_folder(p.addr("alice"))]

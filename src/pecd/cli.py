@@ -353,6 +353,179 @@ def cmd_queue(args: argparse.Namespace) -> int:
     return rc
 
 
+def _query(args: argparse.Namespace) -> Any:
+    from pecd.store.trace import Query
+
+    def when(value: str | None) -> datetime | None:
+        if not value:
+            return None
+        t = datetime.fromisoformat(value)
+        return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+    return Query(
+        pec_msgid=args.msgid,
+        client_msgid=args.client_msgid,
+        sender=args.sender,
+        recipient=args.recipient,
+        subject=args.subject,
+        event=args.event,
+        since=when(args.since),
+        until=when(args.until),
+    )
+
+
+async def _log_select(db: Any, args: argparse.Namespace) -> int:
+    import csv
+
+    from rich.progress import Progress
+
+    from pecd.store import trace
+
+    query = _query(args)
+    async with db.read_session() as s:
+        if args.log_command == "search":
+            found = await trace.search(s, query, limit=args.limit)
+            rows = [trace.as_json(e) for e in found]
+            if args.json:
+                print(json.dumps(rows, indent=2, ensure_ascii=False))
+            else:
+                _print_table(
+                    "Trace log",
+                    ["id", "at", "event", "pec_msgid", "sender", "recipients", "subject", "error"],
+                    [
+                        (
+                            r["id"],
+                            r["at"],
+                            r["event"],
+                            r["pec_msgid"],
+                            r["sender"],
+                            ", ".join(x.get("address", "") for x in r["recipients"] or []),
+                            r["subject"],
+                            r["error"],
+                        )
+                        for r in rows
+                    ],
+                    False,
+                )
+            return EXIT_OK
+        total = await trace.count(s, query)
+        out = (
+            open(args.output, "w", encoding="utf-8", newline="")  # noqa: SIM115 (closed below)
+            if args.output
+            else sys.stdout
+        )
+        try:
+            writer = csv.writer(out) if args.format == "csv" else None
+            if writer is not None:
+                writer.writerow(list(_EXPORT_COLUMNS))
+            with Progress(transient=True, disable=not args.output) as bar:
+                task = bar.add_task("exporting", total=total)
+                async for chunk in trace.stream(s, query):
+                    for e in chunk:
+                        row = trace.as_json(e)
+                        if writer is not None:
+                            writer.writerow(
+                                [
+                                    json.dumps(row[c], ensure_ascii=False)
+                                    if isinstance(row[c], dict | list)
+                                    else row[c]
+                                    for c in _EXPORT_COLUMNS
+                                ]
+                            )
+                        else:
+                            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    bar.advance(task, len(chunk))
+        finally:
+            if out is not sys.stdout:
+                out.close()
+        if args.output:
+            print(f"pecd: exported {total} events to {args.output}", file=sys.stderr)
+        return EXIT_OK
+
+
+_EXPORT_COLUMNS = (
+    "id",
+    "at",
+    "event",
+    "pec_msgid",
+    "client_msgid",
+    "sender",
+    "recipients",
+    "subject",
+    "provider",
+    "generated_ids",
+    "error",
+    "daticert",
+    "data",
+    "node",
+    "seal_id",
+)
+
+
+def cmd_receipt(args: argparse.Namespace) -> int:
+    from pecd.pec import builders
+    from pecd.pec.daticert import DaticertError, from_json
+    from pecd.pec.timefmt import pec_time
+    from pecd.points.formats import provider_identity
+    from pecd.store.db import Database
+    from pecd.store.trace import Query, search
+
+    cfg = _load(args)
+
+    async def events() -> list[Any]:
+        db = await Database.open(cfg.database_url)
+        try:
+            async with db.read_session() as s:
+                found = await search(s, Query(pec_msgid=args.identificativo), limit=10_000)
+        finally:
+            await db.close()
+        out = []
+        for e in found:
+            d = e.daticert
+            if not d or d.get("tipo") == "posta-certificata" or e.event != d.get("tipo"):
+                continue  # not a receipt this provider issued
+            if args.type and d.get("tipo") != args.type:
+                continue
+            if args.recipient and (d.get("consegna") or "") != args.recipient.strip().lower():
+                continue
+            if args.event_id is not None and e.id != args.event_id:
+                continue
+            out.append(e)
+        return out
+
+    found = asyncio.run(events())
+    if not found:
+        return _fail(f"{args.identificativo}: no matching receipt in the trace log", EXIT_INVALID)
+    if len(found) > 1:
+        kinds = ", ".join(
+            f"event {e.id}: {e.event}"
+            + (f" for {e.daticert.get('consegna')}" if e.daticert.get("consegna") else "")
+            for e in found
+        )
+        return _fail(
+            f"several receipts match ({kinds}); choose with --type, --recipient or --event-id", 1
+        )
+    event = found[0]
+    try:
+        d = from_json(event.daticert)
+    except DaticertError as exc:
+        return _fail(str(exc), EXIT_INVALID)
+    provider = provider_identity(cfg)
+    to = (event.data or {}).get("to") or (
+        d.mittente if d.tipo.value != "presa-in-carico" else cfg.provider.mail_receipt
+    )
+    virus = d.errore.value == "virus"
+    msg = builders.reproduced_receipt(
+        d, provider, pec_time(SystemClock().now()), to=to, virus=virus
+    )
+    if args.output:
+        Path(args.output).write_bytes(msg.raw)
+        print(f"pecd: wrote {args.output} ({d.tipo.value} of {d.giorno} {d.ora})")
+    else:
+        sys.stdout.buffer.write(msg.raw)
+    return EXIT_OK
+
+
 def cmd_log(args: argparse.Namespace) -> int:
     from datetime import timedelta
 
@@ -367,6 +540,8 @@ def cmd_log(args: argparse.Namespace) -> int:
     async def go() -> int:
         db = await Database.open(cfg.database_url)
         try:
+            if args.log_command in ("search", "export"):
+                return await _log_select(db, args)
             if args.log_command == "seal":
                 signer = load_signer(cfg)
                 total = 0
@@ -501,6 +676,32 @@ def build_parser() -> argparse.ArgumentParser:
     lv.add_argument("--json", action="store_true")
     with_config(lg_sub.add_parser("seal", help="seal the events not sealed yet, now"))
     lg.set_defaults(func=cmd_log)
+    for name, what in (("search", "find events"), ("export", "write events for a holder")):
+        ls = with_config(lg_sub.add_parser(name, help=what))
+        ls.add_argument("--msgid", help="PEC msgid (identificativo)")
+        ls.add_argument("--client-msgid", help="the client's Message-ID")
+        ls.add_argument("--sender")
+        ls.add_argument("--recipient")
+        ls.add_argument("--subject", help="text in the subject")
+        ls.add_argument("--event", help="event type, e.g. accettazione, avvenuta-consegna")
+        ls.add_argument("--since", help="ISO 8601 time")
+        ls.add_argument("--until", help="ISO 8601 time")
+        if name == "search":
+            ls.add_argument("--limit", type=int, default=100)
+            ls.add_argument("--json", action="store_true")
+        else:
+            ls.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
+            ls.add_argument("-o", "--output", help="file (default: standard output)")
+
+    rc = sub.add_parser("receipt", help="receipts rebuilt from the trace log")
+    rc_sub = rc.add_subparsers(dest="receipt_command", required=True)
+    rr = with_config(rc_sub.add_parser("reproduce", help="rebuild a lost receipt from the log"))
+    rr.add_argument("identificativo", help="the PEC msgid of the transmission")
+    rr.add_argument("--recipient", help="the recipient the receipt speaks for (consegna)")
+    rr.add_argument("--type", help="accettazione, avvenuta-consegna, errore-consegna, ...")
+    rr.add_argument("--event-id", type=int, help="the trace event (see pecd log search)")
+    rr.add_argument("-o", "--output", help="file (default: standard output)")
+    rc.set_defaults(func=cmd_receipt)
     return p
 
 

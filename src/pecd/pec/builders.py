@@ -23,6 +23,7 @@ from pecd.pec.vocab import (
     H_MITTENTE,
     H_RICEVUTA,
     H_RIFERIMENTO_MESSAGE_ID,
+    H_RIPRODUZIONE,
     H_TIPO_RICEVUTA,
     H_TRASPORTO,
     H_VERIFICA_SICUREZZA,
@@ -620,4 +621,34 @@ def rilevazione_virus(
         notice=notice,
         d=d,
         extra=[(H_MITTENTE, tx.mittente)],
+    )
+
+
+# --- reproduction from the trace log ----------------------------------------------------------------
+
+
+def reproduced_receipt(
+    d: Daticert, provider: ProviderIdentity, now: PecTime, *, to: str, virus: bool = False
+) -> BuiltMessage:
+    """A receipt rebuilt from the trace log (spec section 7: the log can reproduce a lost receipt):
+    the daticert exactly as it was logged, with the original event time in it, signed now, and
+    ``X-Pecd-Riproduzione`` saying what it is. ``to`` is where it goes (the sender, or for a
+    presa in carico the sending provider's mailReceipt)."""
+    ricevuta = Ricevuta(d.tipo.value)
+    tx = Transmission.from_daticert(d)
+    notice = texts.riproduzione(
+        now, provider.name, d.tipo.value, d.giorno, d.ora, d.zona, d.identificativo
+    )
+    return _receipt(
+        ricevuta,
+        provider=provider,
+        when=now,
+        tx=tx,
+        to=to,
+        notice=notice,
+        d=d,
+        virus=virus,
+        extra=[
+            (H_RIPRODUZIONE, f"registro dei messaggi; originale del {d.giorno} {d.ora} {d.zona}")
+        ],
     )

@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from importlib import resources
-from typing import TypeVar
+from typing import Any, TypeVar
 from xml.etree.ElementTree import Element
 
 import defusedxml.ElementTree as SafeET
@@ -234,3 +234,55 @@ def dtd_text() -> str:
 def expected_elements(tipo: DaticertTipo) -> tuple[bool, bool]:
     """Whether daticert of ``tipo`` carries ``<ricevuta>`` and ``<consegna>``."""
     return tipo in _WITH_RICEVUTA, tipo in _WITH_CONSEGNA
+
+
+# --- JSON form (the trace log keeps every daticert field this way) ---------------------------------
+
+
+def to_json(d: Daticert) -> dict[str, Any]:
+    """Every field as JSON values; :func:`from_json` gives back an equal Daticert."""
+    return {
+        "tipo": d.tipo.value,
+        "mittente": d.mittente,
+        "destinatari": [{"address": r.address, "tipo": r.tipo.value} for r in d.destinatari],
+        "risposte": d.risposte,
+        "gestore_emittente": d.gestore_emittente,
+        "giorno": d.giorno,
+        "ora": d.ora,
+        "zona": d.zona,
+        "identificativo": d.identificativo,
+        "errore": d.errore.value,
+        "oggetto": d.oggetto,
+        "msgid": d.msgid,
+        "ricevuta": d.ricevuta.value if d.ricevuta else None,
+        "consegna": d.consegna,
+        "ricezione": list(d.ricezione),
+        "errore_esteso": d.errore_esteso,
+    }
+
+
+def from_json(data: dict[str, Any]) -> Daticert:
+    """The Daticert of :func:`to_json`'s output; DaticertError if it is not one."""
+    try:
+        return Daticert(
+            tipo=DaticertTipo(data["tipo"]),
+            mittente=data["mittente"],
+            destinatari=tuple(
+                Destinatario(r["address"], DestinatarioTipo(r["tipo"])) for r in data["destinatari"]
+            ),
+            risposte=data["risposte"],
+            gestore_emittente=data["gestore_emittente"],
+            giorno=data["giorno"],
+            ora=data["ora"],
+            zona=data["zona"],
+            identificativo=data["identificativo"],
+            errore=Errore(data.get("errore") or Errore.NESSUNO.value),
+            oggetto=data.get("oggetto"),
+            msgid=data.get("msgid"),
+            ricevuta=TipoRicevuta(data["ricevuta"]) if data.get("ricevuta") else None,
+            consegna=data.get("consegna"),
+            ricezione=tuple(data.get("ricezione") or ()),
+            errore_esteso=data.get("errore_esteso"),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DaticertError(f"not a logged daticert: {exc}") from None

@@ -259,3 +259,23 @@ def rilevazione_virus(
             (DATICERT_NOTE,),
         ),
     )
+
+
+def riproduzione(
+    now: PecTime, gestore: str, tipo: str, giorno: str, ora: str, zona: str, identificativo: str
+) -> Notice:
+    """The text of a receipt rebuilt from the trace log."""
+    return Notice(
+        "Riproduzione di ricevuta dal registro dei messaggi",
+        (
+            (
+                f"{_when(now)} il gestore {gestore} ha riprodotto dal proprio registro dei",
+                f'messaggi la ricevuta "{tipo}" emessa il giorno {giorno} alle ore {ora} ({zona}).',
+            ),
+            _id(identificativo),
+            (
+                "I dati di certificazione allegati (daticert.xml) sono quelli della ricevuta",
+                "originale; il messaggio originale non è conservato nel registro e non è allegato.",
+            ),
+        ),
+    )

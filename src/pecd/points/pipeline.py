@@ -8,12 +8,15 @@ the submission's key, so a stage that re-runs after a crash creates nothing twic
 from __future__ import annotations
 
 import asyncio
+import functools
+import hashlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from cryptography.hazmat.primitives import serialization
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pecd.clock import Clock
@@ -22,6 +25,7 @@ from pecd.mailbox.maildir import MailboxFull, MaildirStore
 from pecd.pec.builders import BuiltMessage, ProviderIdentity, Transmission
 from pecd.pec.checks import Submission, SubmissionLimits, check_submission
 from pecd.pec.daticert import Daticert
+from pecd.pec.daticert import to_json as daticert_json
 from pecd.pec.timefmt import pec_time
 from pecd.pec.vocab import Errore, Ricevuta, Trasporto
 from pecd.points.formats import FormatWorkers
@@ -96,16 +100,8 @@ class Services:
         return self.index is not None and self.index.is_certified(address)
 
 
-def _daticert_json(d: Daticert | None) -> dict[str, Any] | None:
-    if d is None:
-        return None
-    out = asdict(d)
-    for k, v in list(out.items()):
-        if hasattr(v, "value"):
-            out[k] = v.value
-    out["destinatari"] = [{"address": r.address, "tipo": r.tipo.value} for r in d.destinatari]
-    out["ricezione"] = list(d.ricezione)
-    return out
+def _logged(d: Daticert | None) -> dict[str, Any] | None:
+    return daticert_json(d) if d is not None else None
 
 
 def _event(
@@ -130,9 +126,19 @@ def _event(
         provider=provider.name,
         generated_ids=[m.message_id for m in generated],
         error=error,
-        daticert=_daticert_json(daticert or (generated[0].daticert if generated else None)),
-        data=data,
+        daticert=_logged(daticert or (generated[0].daticert if generated else None)),
+        # Which certificate signed what this event generated: a reproduced receipt says so.
+        data={**(data or {}), "signer_sha1": signer_sha1(provider)} if generated else data,
     )
+
+
+@functools.lru_cache(maxsize=8)
+def _sha1_of(der: bytes) -> str:
+    return hashlib.sha1(der).hexdigest()
+
+
+def signer_sha1(provider: ProviderIdentity) -> str:
+    return _sha1_of(provider.signer.certificate.public_bytes(serialization.Encoding.DER))
 
 
 @dataclass
@@ -400,7 +406,15 @@ async def stage_delivery(svc: Services, job: Job) -> Writer:
             outbox=outbox,
         )
         await record(
-            s, _event(Ricevuta.PRESA_IN_CARICO.value, tx, taken.instant, svc.provider, [presa])
+            s,
+            _event(
+                Ricevuta.PRESA_IN_CARICO.value,
+                tx,
+                taken.instant,
+                svc.provider,
+                [presa],
+                data={"to": mail_receipt},
+            ),
         )
         for rcpt, event, receipt, error in receipts:
             await _store_job(

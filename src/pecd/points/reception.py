@@ -38,6 +38,7 @@ from pecd.points.pipeline import (
     Outbox,
     Services,
     Writer,
+    _event,
     _store_job,
     domain_of,
 )
@@ -351,6 +352,18 @@ async def _receipt_back(
                 outbox=outbox,
             )
             await expectations.close(s, ident, c.daticert.consegna, now, "virus")
+            await record(
+                s,
+                _event(
+                    Ricevuta.ERRORE_CONSEGNA.value,
+                    Transmission.from_daticert(c.daticert),
+                    now,
+                    svc.provider,
+                    [virus_notice],
+                    error="virus",
+                    data={"consegna": c.daticert.consegna, "rilevazione": job.key},
+                ),
+            )
         await record(
             s,
             TraceEventData(

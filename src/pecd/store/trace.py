@@ -6,12 +6,12 @@ this table.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import String, cast, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pecd.store.models import TraceEvent
@@ -99,3 +99,90 @@ async def events_of_type(session: AsyncSession, event: str, limit: int = 1000) -
         .limit(limit)
     )
     return list((await session.scalars(stmt)).all())
+
+
+@dataclass(frozen=True)
+class Query:
+    """What ``pecd log search`` and ``pecd log export`` select; every field is optional."""
+
+    pec_msgid: str | None = None
+    client_msgid: str | None = None
+    sender: str | None = None
+    recipient: str | None = None
+    subject: str | None = None  # text contained in the subject, any letter case
+    event: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+    def where(self, stmt: Any) -> Any:
+        if self.pec_msgid:
+            stmt = stmt.where(TraceEvent.pec_msgid == self.pec_msgid.strip("<>"))
+        if self.client_msgid:
+            mid = self.client_msgid.strip()
+            stmt = stmt.where(
+                TraceEvent.client_msgid == (mid if mid.startswith("<") else f"<{mid}>")
+            )
+        if self.sender:
+            stmt = stmt.where(TraceEvent.sender == self.sender.strip().lower())
+        if self.recipient:
+            # Recipients are a JSON list of objects; their text holds the quoted address.
+            needle = f'%"{self.recipient.strip().lower()}"%'
+            stmt = stmt.where(cast(TraceEvent.recipients, String).like(needle))
+        if self.subject:
+            stmt = stmt.where(func.lower(TraceEvent.subject).contains(self.subject.lower()))
+        if self.event:
+            stmt = stmt.where(TraceEvent.event == self.event)
+        if self.since:
+            stmt = stmt.where(TraceEvent.at >= self.since)
+        if self.until:
+            stmt = stmt.where(TraceEvent.at < self.until)
+        return stmt
+
+
+async def search(session: AsyncSession, query: Query, *, limit: int = 100) -> list[TraceEvent]:
+    stmt = query.where(select(TraceEvent)).order_by(TraceEvent.at, TraceEvent.id).limit(limit)
+    return list((await session.scalars(stmt)).all())
+
+
+async def stream(
+    session: AsyncSession, query: Query, *, chunk: int = 5000
+) -> AsyncIterator[list[TraceEvent]]:
+    """Every matching event, in id order, a chunk at a time (keyset pagination)."""
+    last = 0
+    while True:
+        stmt = (
+            query.where(select(TraceEvent))
+            .where(TraceEvent.id > last)
+            .order_by(TraceEvent.id)
+            .limit(chunk)
+        )
+        rows = list((await session.scalars(stmt)).all())
+        if not rows:
+            return
+        yield rows
+        last = rows[-1].id
+
+
+async def count(session: AsyncSession, query: Query) -> int:
+    return int(await session.scalar(query.where(select(func.count()).select_from(TraceEvent))) or 0)
+
+
+def as_json(e: TraceEvent) -> dict[str, Any]:
+    """One event as a JSON object (extracts for holders, ``--json``)."""
+    return {
+        "id": e.id,
+        "at": e.at.isoformat(),
+        "event": e.event,
+        "pec_msgid": e.pec_msgid,
+        "client_msgid": e.client_msgid,
+        "sender": e.sender,
+        "recipients": e.recipients,
+        "subject": e.subject,
+        "provider": e.provider,
+        "generated_ids": e.generated_ids,
+        "error": e.error,
+        "daticert": e.daticert,
+        "data": e.data,
+        "node": e.node,
+        "seal_id": e.seal_id,
+    }
