@@ -237,3 +237,46 @@ def test_pecd_log_verify_command(tmp_path: Any, capsys: pytest.CaptureFixture[st
     assert main(["log", "verify", *c]) == 1
     out = capsys.readouterr().out
     assert "event 5: changed" in out and "does NOT hold: 1 findings" in out
+
+
+def test_purge_keeps_the_chain_verifiable(db: Backend, signer: KeySigner) -> None:
+    async def main(d: Database) -> list[Any]:
+        for month in range(6):
+            await add_events(d, 5, start=month * 5)
+            await seals.seal_pending(d, signer, now=seals.months_before(T0, -month), node="n")
+        now = seals.months_before(T0, -32)  # seals of months 0 and 1 are 30+ months old
+        with pytest.raises(ValueError, match="30 months"):
+            await seals.purge(d, signer, now=now, retention_months=24)
+        removed = await seals.purge(d, signer, now=now, retention_months=30)
+        again = await seals.purge(d, signer, now=now, retention_months=30)
+        clean = await seals.verify(d, now=now, unsealed_grace=GRACE)
+        async with d.session() as s, s.begin():
+            await s.execute(delete(TraceSeal).where(TraceSeal.id == 3))  # the oldest one kept
+        cut = await seals.verify(d, now=now, unsealed_grace=GRACE)
+        return [removed, again, clean, cut]
+
+    removed, again, clean, cut = db.run(main)
+    assert removed == (2, 10) and again == (0, 0)
+    assert clean.ok and (clean.seals, clean.events) == (4, 20), [str(f) for f in clean.findings]
+    assert {f.what for f in cut.findings} >= {"seal-chain", "inserted"}
+
+
+def test_a_forged_purge_record_is_found(db: Backend, signer: KeySigner) -> None:
+    async def main(d: Database) -> seals.Report:
+        await sealed_log(d, signer)
+        await seals.purge(d, signer, now=seals.months_before(T0, -31), retention_months=30)
+        async with d.session() as s, s.begin():
+            await s.execute(text("UPDATE trace_horizon SET events_purged = 1"))
+        return await seals.verify(d, now=T0, unsealed_grace=GRACE)
+
+    report = db.run(main)
+    assert [f.what for f in report.findings] == ["horizon-forged"]
+
+
+def test_months_before() -> None:
+    assert seals.months_before(datetime(2026, 3, 31, tzinfo=UTC), 30) == datetime(
+        2023, 9, 30, tzinfo=UTC
+    )
+    assert seals.months_before(datetime(2026, 8, 29, tzinfo=UTC), 30) == datetime(
+        2024, 2, 29, tzinfo=UTC
+    )

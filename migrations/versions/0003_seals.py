@@ -44,6 +44,17 @@ def upgrade() -> None:
         sa.Column("created_at", WHEN, nullable=False),
         sa.PrimaryKeyConstraint("sha1", name=op.f("pk_trace_signers")),
     )
+    op.create_table(
+        "trace_horizon",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("last_seal", sa.BigInteger(), nullable=False),
+        sa.Column("last_seal_hash", sa.String(64), nullable=False),
+        sa.Column("purged_at", WHEN, nullable=False),
+        sa.Column("events_purged", sa.BigInteger(), nullable=False),
+        sa.Column("signer_sha1", sa.String(40), nullable=False),
+        sa.Column("signature", sa.LargeBinary(), nullable=False),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_trace_horizon")),
+    )
     with op.batch_alter_table("trace_events") as batch:
         batch.add_column(sa.Column("seal_id", sa.BigInteger(), nullable=True))
     op.create_index("ix_trace_events_seal_id", "trace_events", ["seal_id"])
@@ -53,5 +64,6 @@ def downgrade() -> None:
     op.drop_index("ix_trace_events_seal_id", table_name="trace_events")
     with op.batch_alter_table("trace_events") as batch:
         batch.drop_column("seal_id")
+    op.drop_table("trace_horizon")
     op.drop_table("trace_signers")
     op.drop_table("trace_seals")

@@ -542,6 +542,18 @@ def cmd_log(args: argparse.Namespace) -> int:
         try:
             if args.log_command in ("search", "export"):
                 return await _log_select(db, args)
+            if args.log_command == "purge":
+                n_seals, n_events = await seals.purge(
+                    db,
+                    load_signer(cfg),
+                    now=SystemClock().now(),
+                    retention_months=cfg.log.retention_months,
+                )
+                print(
+                    f"pecd: purged {n_seals} seals and {n_events} events older than "
+                    f"{cfg.log.retention_months} months"
+                )
+                return EXIT_OK
             if args.log_command == "seal":
                 signer = load_signer(cfg)
                 total = 0
@@ -675,6 +687,9 @@ def build_parser() -> argparse.ArgumentParser:
     lv.add_argument("--to", dest="to_seal", type=int, help="last seal id to check")
     lv.add_argument("--json", action="store_true")
     with_config(lg_sub.add_parser("seal", help="seal the events not sealed yet, now"))
+    with_config(
+        lg_sub.add_parser("purge", help="remove sealed ranges older than log.retention_months")
+    )
     lg.set_defaults(func=cmd_log)
     for name, what in (("search", "find events"), ("export", "write events for a holder")):
         ls = with_config(lg_sub.add_parser(name, help=what))

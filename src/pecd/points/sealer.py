@@ -1,4 +1,5 @@
-"""The background task that seals the trace log every ``log.seal_seconds``."""
+"""The background task that seals the trace log every ``log.seal_seconds`` and, once a day,
+purges whole seals older than the retention (``log.retention_months``, 30 at least)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,24 @@ import logging
 from pecd.clock import Clock
 from pecd.pec.smime import Signer
 from pecd.store.db import Database
-from pecd.store.seals import seal_pending
+from pecd.store.seals import purge, seal_pending
 
 log = logging.getLogger(__name__)
 
 
 class Sealer:
     def __init__(
-        self, db: Database, signer: Signer, clock: Clock, *, every: float, node: str
+        self,
+        db: Database,
+        signer: Signer,
+        clock: Clock,
+        *,
+        every: float,
+        node: str,
+        retention_months: int = 30,
     ) -> None:
+        self.retention_months = retention_months
+        self._last_purge: float | None = None
         self.db = db
         self.signer = signer
         self.clock = clock
@@ -48,12 +58,24 @@ class Sealer:
                 return total
             total += seal.count
 
+    async def purge_now(self) -> tuple[int, int]:
+        seals, events = await purge(
+            self.db, self.signer, now=self.clock.now(), retention_months=self.retention_months
+        )
+        if seals:
+            log.info("retention: purged %d seals and %d trace events", seals, events)
+        return seals, events
+
     async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.every)
             try:
                 n = await self.seal_now()
                 if n:
                     log.debug("sealed %d trace events", n)
+                if self._last_purge is None or loop.time() - self._last_purge >= 86400:
+                    self._last_purge = loop.time()
+                    await self.purge_now()
             except Exception:
-                log.exception("sealing the trace log failed; trying again later")
+                log.exception("sealing or purging the trace log failed; trying again later")

@@ -248,3 +248,18 @@ class Expectation(Base):
 
     def __repr__(self) -> str:
         return f"Expectation({self.pec_msgid!r}, {self.recipient!r}, closed={self.closed_at})"
+
+
+class TraceHorizon(Base):
+    """Where the log begins after a retention purge: the last seal removed and its hash, signed,
+    so that the first seal still kept must follow it (one row, ``id`` = 1)."""
+
+    __tablename__ = "trace_horizon"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    last_seal: Mapped[int] = mapped_column(BigInteger)
+    last_seal_hash: Mapped[str] = mapped_column(String(64))
+    purged_at: Mapped[datetime]
+    events_purged: Mapped[int] = mapped_column(BigInteger)
+    signer_sha1: Mapped[str] = mapped_column(String(40))
+    signature: Mapped[bytes]

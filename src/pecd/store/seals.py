@@ -28,12 +28,12 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from sqlalchemy import func, insert, select, text, update
+from sqlalchemy import delete, func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pecd.pec.smime import Signer
 from pecd.store.db import Database
-from pecd.store.models import TraceEvent, TraceSeal, TraceSigner
+from pecd.store.models import TraceEvent, TraceHorizon, TraceSeal, TraceSigner
 
 _SEAL_LOCK = 0x7365616C  # "seal": one sealer at a time on PostgreSQL
 _DIGEST = struct.Struct(">q32s")  # event id, SHA-256
@@ -163,6 +163,98 @@ async def seal_pending(
         return seal
 
 
+# --- retention ------------------------------------------------------------------------------------
+
+
+def months_before(t: datetime, months: int) -> datetime:
+    """``t`` moved back by whole calendar months (the day clamped to the month's length)."""
+    y, m = divmod(t.year * 12 + (t.month - 1) - months, 12)
+    m += 1
+    days = [
+        31,
+        29 if y % 4 == 0 and (y % 100 != 0 or y % 400 == 0) else 28,
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ][m - 1]
+    return t.replace(year=y, month=m, day=min(t.day, days))
+
+
+def horizon_content(h: Any) -> bytes:
+    return json.dumps(
+        {
+            "v": 1,
+            "last_seal": h.last_seal,
+            "last_seal_hash": h.last_seal_hash,
+            "purged_at": h.purged_at.astimezone(UTC).isoformat(),
+            "events_purged": h.events_purged,
+            "signer_sha1": h.signer_sha1,
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+    ).encode()
+
+
+async def purge(
+    db: Database, signer: Signer, *, now: datetime, retention_months: int
+) -> tuple[int, int]:
+    """Remove whole seals made before ``retention_months`` ago, and their events. The signed
+    horizon then says which seal was removed last, so the chain still verifies from there and
+    the removal of anything else is still found. Returns (seals, events) removed."""
+    if retention_months < 30:
+        raise ValueError("the trace log is kept at least 30 months")
+    cutoff = months_before(now, retention_months)
+    cert_der = signer.certificate.public_bytes(serialization.Encoding.DER)
+    async with db.session() as s, s.begin():
+        if db.dialect == "postgresql":
+            await s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _SEAL_LOCK})
+        old = list(
+            (
+                await s.execute(
+                    select(TraceSeal.id, TraceSeal.seal_hash)
+                    .where(TraceSeal.created_at < cutoff)
+                    .order_by(TraceSeal.id)
+                )
+            ).all()
+        )
+        if not old:
+            return 0, 0
+        last_id, last_hash = old[-1]
+        events = (
+            await s.execute(
+                delete(TraceEvent)
+                .where(TraceEvent.seal_id <= last_id, TraceEvent.seal_id.is_not(None))
+                .returning(TraceEvent.id)
+                .execution_options(synchronize_session=False)
+            )
+        ).all()
+        await s.execute(delete(TraceSeal).where(TraceSeal.id <= last_id))
+        sha1 = hashlib.sha1(cert_der).hexdigest()
+        if await s.get(TraceSigner, sha1) is None:
+            s.add(TraceSigner(sha1=sha1, certificate=cert_der, created_at=now))
+        h = await s.get(TraceHorizon, 1)
+        before = h.events_purged if h is not None else 0
+        fresh = TraceHorizon(
+            id=1,
+            last_seal=last_id,
+            last_seal_hash=last_hash,
+            purged_at=now,
+            events_purged=before + len(events),
+            signer_sha1=sha1,
+            signature=b"",
+        )
+        fresh.signature = _sign(signer, horizon_content(fresh))
+        await s.merge(fresh)
+        return len(old), len(events)
+
+
 # --- verification ---------------------------------------------------------------------------------
 
 
@@ -220,6 +312,23 @@ async def verify(
         seals = list((await s.scalars(q)).all())
         total_events = int(await s.scalar(select(func.count()).select_from(TraceEvent)) or 0)
         prev_hash: str | None = None
+        horizon = await s.get(TraceHorizon, 1)
+        if horizon is not None:
+            cert = signers.get(horizon.signer_sha1)
+            if cert is None or not _verify_signature(
+                cert, horizon.signature, horizon_content(horizon)
+            ):
+                report.findings.append(
+                    Finding(
+                        "horizon-forged",
+                        None,
+                        horizon.last_seal,
+                        "the purge record does not verify",
+                    )
+                )
+        if first_seal is None:
+            # The chain starts at the genesis, or right after the last purged seal.
+            prev_hash = horizon.last_seal_hash if horizon is not None else ""
         if seals and first_seal is not None:
             prev_hash = await s.scalar(
                 select(TraceSeal.seal_hash)
@@ -227,7 +336,9 @@ async def verify(
                 .order_by(TraceSeal.id.desc())
                 .limit(1)
             )
-        prev_id: int | None = None
+        prev_id: int | None = (
+            horizon.last_seal if horizon is not None and first_seal is None else None
+        )
         for seal in seals:
             report.seals += 1
             _check_seal(seal, prev_hash, prev_id, signers, report)
