@@ -534,3 +534,30 @@ def inbox_raw_after_stop(p: Provider) -> list[bytes]:
     from pecd.mailbox.maildir import MaildirStore
 
     return [f.read_bytes() for f in MaildirStore(p.cfg.maildir_root).list_folder(p.addr("alice"))]
+
+
+def test_replayed_or_redirected_envelopes_give_no_second_receipt(
+    running: tuple[Provider, Provider],
+) -> None:
+    a, b = running
+    alice, bob, carol = a.addr("alice"), b.addr("bob"), b.addr("carol")
+    send(a, alice, [bob], [], "Una volta sola")
+    wait_for(lambda: (m := inbox(a, "alice")) and len(m) >= 2 and m)
+    (env,) = inbox(b, "bob")
+    # The same envelope again (a peer's retry, or a replay), and once more to carol, whom its
+    # signed daticert does not name.
+    deliver_raw(b, alice, [bob], env)
+    deliver_raw(b, alice, [carol], env)
+    deliver_raw(b, alice, ["nobody@" + B], message("x@example.org", ["nobody@" + B], [], "Spam"))
+    wait_for(lambda: inbox(b, "carol"))
+    time.sleep(1.5)
+    assert len(inbox(b, "bob")) == 1
+    (to_carol,) = inbox(b, "carol")
+    assert classify(to_carol).kind is Kind.ANOMALY_ENVELOPE
+    got = kinds(inbox(a, "alice"))
+    assert sorted(c.ricevuta.value for c in got if c.ricevuta) == [
+        "accettazione",
+        "avvenuta-consegna",
+    ]
+    assert b.server is not None and b.server.app is not None
+    assert not (b.cfg.maildir_root / B / "nobody").exists()  # no mailbox made for a stranger

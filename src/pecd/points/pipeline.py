@@ -420,7 +420,9 @@ async def stage_delivery(svc: Services, job: Job) -> Writer:
             await _store_job(
                 s,
                 svc,
-                key=f"{job.key}:esito:{rcpt}",
+                # Keyed by transmission and recipient, not by job: an envelope that reaches us
+                # twice (a peer's retry) is delivered once and answered once.
+                key=f"esito:{tx.identificativo}:{rcpt}",
                 mailbox=tx.mittente,
                 msg=receipt,
                 now=when.instant,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import secrets
 import ssl
@@ -30,8 +31,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from pecd.config import Endpoint
 from pecd.pec.builders import Transmission
 from pecd.pec.classify import Classification
+from pecd.pec.mime import get_first
 from pecd.pec.timefmt import pec_time
-from pecd.pec.vocab import Errore, Kind, Ricevuta, Trasporto
+from pecd.pec.vocab import DaticertTipo, Errore, Kind, Ricevuta, Trasporto
 from pecd.points.intake import Intake
 from pecd.points.pipeline import (
     DELIVERY,
@@ -186,15 +188,64 @@ async def stage_reception(svc: Services, job: Job) -> Writer:
     c = await svc.formats.classify(raw)
     sender_provider = _trusted_provider(svc, c)
     now = svc.clock.now()
-    if sender_provider is not None and c.daticert is not None:
-        if c.kind is Kind.TRANSPORT_ENVELOPE and c.trasporto is Trasporto.POSTA_CERTIFICATA:
-            return _take_in_charge(svc, job, c, raw, rcpts, sender_provider.mail_receipt, now)
-        if c.kind is Kind.RECEIPT and c.ricevuta is not None:
+    # Decisions rest on the verified daticert, never on the unsigned outer headers: classify()
+    # reports any disagreement between the two as an error, so is_valid_pec covers both.
+    if sender_provider is not None and c.is_valid_pec and c.daticert is not None:
+        tipo = c.daticert.tipo
+        if tipo is DaticertTipo.POSTA_CERTIFICATA and c.kind is Kind.TRANSPORT_ENVELOPE:
+            listed = {d.address for d in c.daticert.destinatari}
+            # Only recipients the signed daticert names: an envelope replayed to someone
+            # else is not PEC for them.
+            ours = [r for r in rcpts if r in listed]
+            strangers = [r for r in rcpts if r not in listed]
+            if ours:
+                take = _take_in_charge(svc, job, c, raw, ours, sender_provider.mail_receipt, now)
+                if not strangers:
+                    return take
+                wrap = await _anomaly(
+                    svc,
+                    job,
+                    c,
+                    raw,
+                    strangers,
+                    now,
+                    "destinatario non presente nei dati di certificazione",
+                )
+                return _both(take, wrap)
+        elif c.kind is Kind.RECEIPT and c.ricevuta is not None:
             return await _receipt_back(svc, job, c, raw, rcpts, now)
-    reason = _anomaly_reason(svc, c)
+    return await _anomaly(svc, job, c, raw, rcpts, now, _anomaly_reason(svc, c))
+
+
+def _both(first: Writer, second: Writer) -> Writer:
+    async def write(s: AsyncSession, outbox: Outbox) -> None:
+        await first(s, outbox)
+        await second(s, outbox)
+
+    return write
+
+
+async def _existing(svc: Services, rcpts: list[str]) -> list[str]:
+    """The recipients that are open mailboxes here: mail for anyone else is not stored (and no
+    directory is made for an address nobody holds)."""
+    out = []
+    for r in rcpts:
+        mb = await svc.mailbox(r)
+        if mb is not None and not mb.disabled:
+            out.append(r)
+        else:
+            log.info("reception: no open mailbox %s; not stored", r)
+    return out
+
+
+async def _anomaly(
+    svc: Services, job: Job, c: Classification, raw: bytes, rcpts: list[str], now: Any, reason: str
+) -> Writer:
+    p = job.payload
+    rcpts = await _existing(svc, rcpts)
     when = pec_time(now)
     anomaly = await svc.formats.build(
-        "anomaly_envelope", received=raw, when=when, rcpt_to=rcpts, error=reason
+        "anomaly_envelope", received=raw, when=when, rcpt_to=rcpts or ["-"], error=reason
     )
 
     async def wrap(s: AsyncSession, outbox: Outbox) -> None:
@@ -254,7 +305,8 @@ def _take_in_charge(
     now: Any,
 ) -> Writer:
     assert c.daticert is not None
-    tx = Transmission.from_daticert(c.daticert, envelope=raw)
+    # To and Cc (which receipt kind each recipient earns) from the signed original.
+    tx = Transmission.from_daticert(c.daticert, envelope=c.postacert or b"")
 
     async def write(s: AsyncSession, outbox: Outbox) -> None:
         # One delivery job for the whole SMTP transaction: one presa in carico covering every
@@ -298,7 +350,7 @@ async def _receipt_back(
     async with svc.db.read_session() as s:
         ours = (
             await s.execute(
-                select(TraceEvent.id)
+                select(TraceEvent.sender)
                 .where(
                     TraceEvent.pec_msgid == ident,
                     TraceEvent.event == Trasporto.POSTA_CERTIFICATA.value,
@@ -306,6 +358,14 @@ async def _receipt_back(
                 .limit(1)
             )
         ).first()
+    sender = ours[0] if ours else None
+    # Where this receipt may go: the service mailbox for the provider-to-provider receipts,
+    # else only the sender of our transmission (never whoever the unsigned RCPT names).
+    service = c.ricevuta in SERVICE_RECEIPTS
+    allowed = svc.cfg.provider.mail_receipt if service else sender
+    targets = [r for r in rcpts if r == allowed] if ours else []
+    # A receipt sent to us twice is stored once: its Message-ID names it.
+    mid = (get_first(raw, "Message-ID") or "").strip() or hashlib.sha256(raw).hexdigest()
     ricevuta = c.ricevuta
     event = RICEVUTA_RICEVUTA if ours else RICEVUTA_SCONOSCIUTA
     virus_notice = None
@@ -323,30 +383,28 @@ async def _receipt_back(
         )
 
     async def write(s: AsyncSession, outbox: Outbox) -> None:
-        if ours:
-            for rcpt in rcpts:
-                if ricevuta in SERVICE_RECEIPTS and rcpt != svc.cfg.provider.mail_receipt:
-                    continue  # such receipts belong in the service mailbox only
-                msg_key = f"{job.key}:ricevuta:{rcpt}"
-                await jobs.enqueue(
-                    s,
-                    kind="store",
-                    key=msg_key,
-                    payload={"mailbox": rcpt, "message_id": None},
-                    data=raw,
-                    now=now,
-                    lease_to=outbox.worker,
-                    lease_until=outbox.lease_until,
-                )
+        for rcpt in targets:
+            msg_key = f"ricevuta:{mid}:{rcpt}"
+            created = await jobs.enqueue(
+                s,
+                kind="store",
+                key=msg_key,
+                payload={"mailbox": rcpt, "message_id": None},
+                data=raw,
+                now=now,
+                lease_to=outbox.worker,
+                lease_until=outbox.lease_until,
+            )
+            if created:
                 outbox.items.append((msg_key, rcpt, raw))
         if ours and c.daticert is not None:
             await _settle(s, ricevuta, ident, c, now)
-        if virus_notice is not None and c.daticert is not None and c.daticert.consegna:
+        if virus_notice is not None and sender and c.daticert is not None and c.daticert.consegna:
             await _store_job(
                 s,
                 svc,
-                key=f"{job.key}:virus:{c.daticert.consegna}",
-                mailbox=c.daticert.mittente,
+                key=f"virus:{ident}:{c.daticert.consegna}",
+                mailbox=sender or c.daticert.mittente,
                 msg=virus_notice,
                 now=now,
                 outbox=outbox,

@@ -252,7 +252,7 @@ async def stage_relay(svc: Services, job: Job) -> Writer:
             await _store_job(
                 s,
                 svc,
-                key=f"{job.key}:esito:{rcpt}",
+                key=f"esito:{tx.identificativo}:{rcpt}",  # one esito per recipient, ever
                 mailbox=tx.mittente,
                 msg=notice,
                 now=now,
