@@ -125,8 +125,16 @@ class RelayClient:
         (address -> reply); raises TemporaryFailure or PermanentFailure for the whole lot."""
         last: Exception | None = None
         for dest in await self.router.resolve(domain):
+            limit = self._limit(dest)
+            if limit.locked():
+                # Every connection to it is busy (a slow peer, say): come back later rather
+                # than hold a relay worker that other destinations need.
+                last = TemporaryFailure(
+                    f"{dest}: {self.cfg.relay.max_per_destination} connections busy"
+                )
+                continue
             try:
-                async with self._limit(dest):
+                async with limit:
                     return await self._send_to(dest, mail_from, rcpts, data)
             except TemporaryFailure as exc:
                 log.info("relay to %s for %s: %s", dest, domain, exc)

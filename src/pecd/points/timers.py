@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -70,18 +70,26 @@ class Timers:
         when = pec_time(now)
         notices: list[tuple[Expectation, bool, Transmission, BuiltMessage]] = []
         for row in rows:
-            tx = Transmission.from_json(row.tx)
             is_final = row.sent_at <= now - final
-            for final_notice in ([False] if not is_final else []) + ([True] if is_final else []):
-                notice = await svc.formats.build(
-                    "preavviso_errore_consegna",
-                    tx=tx,
-                    when=when,
-                    recipient=row.recipient,
-                    sent=pec_time(row.sent_at),
-                    final=final_notice,
-                )
-                notices.append((row, final_notice, tx, notice))
+            # "Nothing at all -> both notices": a first one not sent in time (the server was
+            # down at 12 h) still goes out, just before the final one.
+            owed = [False] if row.first_notice_at is None and row.presa_at is None else []
+            owed += [True] if is_final else []
+            try:
+                tx = Transmission.from_json(row.tx)
+                for final_notice in owed:
+                    notice = await svc.formats.build(
+                        "preavviso_errore_consegna",
+                        tx=tx,
+                        when=when,
+                        recipient=row.recipient,
+                        sent=pec_time(row.sent_at),
+                        final=final_notice,
+                    )
+                    notices.append((row, final_notice, tx, notice))
+            except Exception:
+                # One bad row must not hold back everybody else's notices.
+                log.exception("timer notice for %s / %s failed", row.pec_msgid, row.recipient)
         outbox = Outbox.for_worker(svc, self.worker)
         sent = 0
         async with svc.db.session() as s, s.begin():
@@ -100,7 +108,7 @@ class Timers:
                     now=now,
                     outbox=outbox,
                 )
-                await _record(s, svc, tx, notice, row.recipient, hours)
+                await _record(s, svc, tx, notice, row.recipient, hours, now)
                 sent += 1
         svc.wake.set()
         await flush(svc, outbox)
@@ -108,14 +116,20 @@ class Timers:
 
 
 async def _record(
-    s: AsyncSession, svc: Services, tx: Transmission, notice: BuiltMessage, rcpt: str, hours: str
+    s: AsyncSession,
+    svc: Services,
+    tx: Transmission,
+    notice: BuiltMessage,
+    rcpt: str,
+    hours: str,
+    at: datetime,
 ) -> None:
     await record(
         s,
         _event(
             Ricevuta.PREAVVISO_ERRORE_CONSEGNA.value,
             tx,
-            svc.clock.now(),
+            at,
             svc.provider,
             [notice],
             error=f"timeout {hours}",
