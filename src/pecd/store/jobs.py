@@ -187,18 +187,21 @@ def _done(now: datetime | None) -> dict[str, Any]:
 
 
 async def complete_many(
-    session: AsyncSession, job_ids: Sequence[int], *, now: datetime | None = None
+    session: AsyncSession,
+    job_ids: Sequence[int],
+    *,
+    now: datetime | None = None,
+    worker: str | None = None,
 ) -> int:
-    """:func:`complete` for several jobs in one statement; returns how many exist. Does not commit."""
+    """:func:`complete` for several jobs in one statement; returns how many it completed. With
+    ``worker``, only jobs still running under that worker's lease count: one whose lease ran
+    out meanwhile belongs to another worker now. Does not commit."""
     if not job_ids:
         return 0
-    stmt = (
-        update(Job)
-        .where(Job.id.in_(list(job_ids)))
-        .values(**_done(now))
-        .returning(Job.id)
-        .execution_options(synchronize_session=False)
-    )
+    stmt = update(Job).where(Job.id.in_(list(job_ids)))
+    if worker is not None:
+        stmt = stmt.where(Job.state == RUNNING, Job.locked_by == worker)
+    stmt = stmt.values(**_done(now)).returning(Job.id).execution_options(synchronize_session=False)
     return len((await session.execute(stmt)).all())
 
 
@@ -240,10 +243,15 @@ async def retry_or_park(
     max_attempts: int,
     base_delay: timedelta,
     max_delay: timedelta,
+    worker: str | None = None,
 ) -> str:
     """Record a failed attempt: back to ``ready`` after :func:`backoff`, or ``parked`` once
-    ``attempts >= max_attempts``. Returns the new state. Does not commit."""
+    ``attempts >= max_attempts``. Returns the new state. With ``worker``, a job that is no
+    longer running under that worker's lease is left as it is (its state is returned). Does
+    not commit."""
     job = await _job(session, job_id)
+    if worker is not None and (job.state != RUNNING or job.locked_by != worker):
+        return job.state
     job.last_error = error
     job.locked_by = None
     job.locked_until = None
