@@ -16,6 +16,7 @@ from pecd.config import Config
 from pecd.imap.service import ImapService
 from pecd.index import IndexService
 from pecd.mailbox.maildir import MaildirStore
+from pecd.memory import return_freed_messages_to_the_system
 from pecd.pec.checks import SubmissionLimits
 from pecd.points.access import AccessPoint
 from pecd.points.formats import FormatWorkers, provider_identity
@@ -69,6 +70,7 @@ class App:
 
     async def start(self) -> None:
         cfg = self.cfg
+        return_freed_messages_to_the_system()
         await migrate_async(cfg.database_url)
         db = await Database.open(cfg.database_url)
         self.stack.push_async_callback(db.close)
@@ -112,6 +114,7 @@ class App:
             self.clock,
             every=cfg.log.seal_seconds,
             node=f"{socket.gethostname()}:{os.getpid()}",
+            retention_months=cfg.log.retention_months,
         )
         await self.sealer.start(self.stack)
         tls = server_tls_context(cfg)

@@ -125,8 +125,7 @@ def classify(
     trust_roots: Sequence[x509.Certificate] | None = None,
 ) -> Classification:
     """Classify ``raw``; raises only NotMailError, when there is no header at all."""
-    head, _ = mime.split_head(raw)
-    if not mime.header_fields(head):
+    if not mime.header_fields(mime.head_of(raw)):
         raise NotMailError("no RFC 5322 header fields found")
     errors: list[str] = []
     trasporto, err = _enum_header(raw, H_TRASPORTO, Trasporto)

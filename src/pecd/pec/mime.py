@@ -19,18 +19,32 @@ _HEAD_END = re.compile(rb"\r?\n\r?\n")
 _FIELD_START = re.compile(rb"^[!-9;-~]+[ \t]*:", re.MULTILINE)
 _LONE_LF = re.compile(rb"(?<!\r)\n")
 
+Buffer = bytes | memoryview
+
 
 def to_crlf(data: bytes) -> bytes:
-    """Canonical line endings (every lone LF becomes CRLF), as S/MIME signing requires."""
+    """Canonical line endings (every lone LF becomes CRLF), as S/MIME signing requires.
+
+    Data that is CRLF already (what SMTP delivers) comes back as the same object, no copy."""
+    if data.count(b"\n") == data.count(b"\r\n"):
+        return data
     return _LONE_LF.sub(b"\r\n", data)
 
 
 def split_head(raw: bytes) -> tuple[bytes, bytes]:
-    """(header block without the blank line, body). A message with no blank line is all header."""
+    """(header block without the blank line, body). A message with no blank line is all header.
+
+    The body is a copy: to read header fields, :func:`head_of` does not make one."""
     m = _HEAD_END.search(raw)
     if m is None:
         return raw, b""
     return raw[: m.start()], raw[m.end() :]
+
+
+def head_of(raw: bytes) -> bytes:
+    """The header block of ``raw`` without the blank line (all of it when there is none)."""
+    m = _HEAD_END.search(raw)
+    return raw if m is None else raw[: m.start()]
 
 
 def header_fields(head: bytes) -> list[tuple[str, bytes]]:
@@ -54,9 +68,8 @@ def _unfold(raw_field: bytes) -> str:
 
 def get_all(raw: bytes, name: str) -> list[str]:
     """Unfolded raw values of every field called ``name`` (any letter case) in the top header block."""
-    head, _ = split_head(raw)
     wanted = name.lower()
-    return [_unfold(chunk) for n, chunk in header_fields(head) if n.lower() == wanted]
+    return [_unfold(chunk) for n, chunk in header_fields(head_of(raw)) if n.lower() == wanted]
 
 
 def get_first(raw: bytes, name: str) -> str | None:
@@ -91,9 +104,8 @@ def format_mailbox(display: str, address: str) -> str:
 def copy_fields(raw: bytes, names: Iterable[str]) -> list[bytes]:
     """The raw fields of the top header block whose names are in ``names``, in original order, CRLF."""
     wanted = {n.lower() for n in names}
-    head, _ = split_head(raw)
     out = []
-    for name, chunk in header_fields(head):
+    for name, chunk in header_fields(head_of(raw)):
         if name.lower() in wanted:
             chunk = to_crlf(chunk)
             out.append(chunk if chunk.endswith(CRLF) else chunk + CRLF)
@@ -108,8 +120,9 @@ def replace_fields(raw: bytes, drop: Iterable[str], append: Sequence[tuple[str, 
     """
     dropped = {n.lower() for n in drop}
     raw = to_crlf(raw)
-    m = re.search(rb"\r\n\r\n", raw)
-    head, rest = (raw, b"") if m is None else (raw[: m.start() + 2], raw[m.start() + 2 :])
+    cut = raw.find(b"\r\n\r\n")
+    # The body is not sliced out (a copy of a whole message): the join below reads it in place.
+    head, rest = (raw, CRLF) if cut < 0 else (raw[: cut + 2], memoryview(raw)[cut + 2 :])
     if not head.endswith(CRLF):
         head += CRLF
     kept = [chunk for name, chunk in header_fields(head) if name.lower() not in dropped]
@@ -117,9 +130,7 @@ def replace_fields(raw: bytes, drop: Iterable[str], append: Sequence[tuple[str, 
     first = _FIELD_START.search(head)
     prefix = head[: first.start()] if first else head
     added = [f"{n}: {v}".encode() + CRLF for n, v in append]
-    if not rest:
-        rest = CRLF
-    return prefix + b"".join(kept) + b"".join(added) + rest
+    return b"".join([prefix, *kept, *added, rest])
 
 
 def new_boundary(*contents: bytes) -> str:
@@ -153,13 +164,13 @@ def rfc822_part(filename: str, message: bytes) -> bytes:
     """A ``message/rfc822`` part; 7bit when the message is ASCII, else 8bit (RFC 2046 allows no other)."""
     message = to_crlf(message)
     cte = "7bit" if message.isascii() else "8bit"
-    if not message.endswith(CRLF):
-        message += CRLF
-    return (
+    head = (
         f'Content-Type: message/rfc822; name="{filename}"\r\n'
         f"Content-Transfer-Encoding: {cte}\r\n"
         f'Content-Disposition: inline; filename="{filename}"\r\n\r\n'
-    ).encode() + message
+    ).encode()
+    # One join, one copy of the message.
+    return b"".join([head, message] if message.endswith(CRLF) else [head, message, CRLF])
 
 
 def multipart(subtype: str, parts: Sequence[bytes]) -> bytes:
@@ -169,8 +180,9 @@ def multipart(subtype: str, parts: Sequence[bytes]) -> bytes:
     for part in parts:
         out.append(f"--{boundary}\r\n".encode())
         # The CRLF before a delimiter belongs to the delimiter: adding one keeps each part's own
-        # final line ending, so a wrapped message comes back out byte for byte.
-        out.append(part + CRLF)
+        # final line ending, so a wrapped message comes back out byte for byte. (Appended, not
+        # concatenated: a part may be a whole message, and the join below copies it once.)
+        out += [part, CRLF]
     out.append(f"--{boundary}--\r\n".encode())
     return b"".join(out)
 
@@ -182,14 +194,23 @@ MAX_DEPTH = 32
 
 @dataclass
 class Entity:
-    """One MIME entity with its exact bytes: ``head`` and ``body`` slice the original."""
+    """One MIME entity with its exact bytes: ``head`` and ``body`` slice the original.
+
+    The body is kept as a view into the parsed message (``view``): a tree of nested parts costs no
+    copy of them, however large. ``body`` makes the bytes of one part when they are asked for.
+    """
 
     head: bytes
-    body: bytes
+    view: memoryview
     content_type: str
     params: dict[str, str]
     filename: str | None
     children: list[Entity] = field(default_factory=list)
+
+    @property
+    def body(self) -> bytes:
+        """The body's bytes (a new copy at each access)."""
+        return self.view.tobytes()
 
     def walk(self, *, into_messages: bool = False) -> Iterator[Entity]:
         """This entity and its descendants; wrapped messages are not entered unless asked."""
@@ -212,33 +233,45 @@ def _params(head: bytes) -> tuple[str, dict[str, str], str | None]:
     return ctype, params, None if fname is None else decode_words(str(fname))
 
 
-def split_multipart(body: bytes, boundary: str) -> list[bytes] | None:
+_NL = re.compile(rb"\n")
+
+
+def split_multipart(body: Buffer, boundary: str) -> list[Buffer] | None:
     """The body parts between ``--boundary`` delimiters (each without the delimiter's line ending),
-    or None when the opening delimiter is missing."""
+    or None when the opening delimiter is missing. Parts slice ``body``: views of a memoryview."""
     delim = re.compile(
         rb"(?:^|\r?\n)--"
         + re.escape(boundary.encode("latin-1", "replace"))
         + rb"(--)?[ \t]*(?=\r?\n|$)"
     )
-    parts: list[bytes] = []
+    parts: list[Buffer] = []
     start: int | None = None
     for m in delim.finditer(body):
         if start is not None:
             parts.append(body[start : m.start()])
         if m.group(1):
             return parts
-        nl = body.find(b"\n", m.end())
-        start = len(body) if nl < 0 else nl + 1
+        nl = _NL.search(body, m.end())
+        start = len(body) if nl is None else nl.end()
     if start is None:
         return None
     parts.append(body[start:])  # no closing delimiter: keep what is there
     return parts
 
 
-def parse_entity(raw: bytes, _depth: int = 0) -> Entity:
+def parse_entity(raw: Buffer, _depth: int = 0) -> Entity:
     """Parse ``raw`` into a tree that keeps the exact bytes of every part. Never raises on bad input:
-    what cannot be split stays a leaf."""
-    head, body = split_head(raw)
+    what cannot be split stays a leaf. The tree holds views of ``raw``, not copies."""
+    view = raw if isinstance(raw, memoryview) else memoryview(raw)
+    m = _HEAD_END.search(view)
+    head, body = (
+        (view.tobytes(), view[len(view) :])
+        if m is None
+        else (
+            view[: m.start()].tobytes(),
+            view[m.end() :],
+        )
+    )
     try:
         ctype, params, fname = _params(head)
     except Exception:  # any header the stdlib cannot make sense of

@@ -22,6 +22,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from pecd.config import Config
+from pecd.memory import return_freed_messages_to_the_system
 from pecd.pec import builders
 from pecd.pec.builders import BuiltMessage, ProviderIdentity
 from pecd.pec.classify import Classification, classify
@@ -65,6 +66,7 @@ _PROVIDER: ProviderIdentity | None = None
 
 def _init(cfg: Config, parent: int) -> None:
     global _PROVIDER
+    return_freed_messages_to_the_system()
     _PROVIDER = provider_identity(cfg)
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
 
@@ -90,6 +92,16 @@ def _build(name: str, kwargs: dict[str, Any]) -> BuiltMessage:
 def _classify(raw: bytes) -> Classification:
     # The signer's certificate object does not cross a process boundary; its report does.
     return dataclasses.replace(classify(raw), signature_info=None)
+
+
+def _carries_a_message(args: Any) -> bool:
+    """Whether call arguments hold bytes of message size (at least 1 MiB)."""
+    for arg in args:
+        if isinstance(arg, bytes | bytearray | memoryview) and len(arg) >= 1024 * 1024:
+            return True
+        if isinstance(arg, dict) and _carries_a_message(arg.values()):
+            return True
+    return False
 
 
 # --- in the server --------------------------------------------------------------------------------
@@ -133,7 +145,7 @@ class FormatWorkers:
             return fn(*args)
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._pool, functools.partial(fn, *args))
+            result = await loop.run_in_executor(self._pool, functools.partial(fn, *args))
         except BrokenProcessPool:
             # A worker died (killed, out of memory): replace the pool; the job is retried.
             log.error("a format worker process died; starting new ones")
@@ -142,6 +154,13 @@ class FormatWorkers:
                 old.shutdown(wait=False, cancel_futures=True)
             await self._new_pool()
             raise
+        if self._pool is not None and _carries_a_message(args):
+            # The call queue's feeder thread keeps the last call it pickled (a whole message
+            # here) until it pickles the next one (multiprocessing.Queue._feed): give it a
+            # small one, so that the message's bytes do not outlive its job.
+            with contextlib.suppress(RuntimeError):  # shutting down
+                self._pool.submit(_ready)
+        return result
 
     async def build(self, name: str, **kwargs: Any) -> BuiltMessage:
         if name not in BUILDERS:

@@ -68,22 +68,29 @@ class Intake:
     async def _run(self) -> None:
         stopping = False
         while not stopping:
-            first = await self._queue.get()
-            if first is None:
-                break
-            batch = [first]
-            while len(batch) < self.max_batch and not self._queue.empty():
-                nxt = self._queue.get_nowait()
-                if nxt is None:
-                    stopping = True
-                    break
-                batch.append(nxt)
-            await self._commit_batch(batch)
+            batch, stopping = await self._take()
+            if batch:
+                await self._commit_batch(batch)
+            # Committed: let the messages' bytes go now, not when the next message comes.
+            del batch
         # Anything submitted after the stop marker is refused rather than left hanging.
         while not self._queue.empty():
             item = self._queue.get_nowait()
             if item is not None and not item.done.done():
                 item.done.set_exception(RuntimeError("the intake has stopped"))
+
+    async def _take(self) -> tuple[list[_Pending], bool]:
+        """The next batch (whatever has queued up, at least one item), and whether to stop."""
+        first = await self._queue.get()
+        if first is None:
+            return [], True
+        batch = [first]
+        while len(batch) < self.max_batch and not self._queue.empty():
+            nxt = self._queue.get_nowait()
+            if nxt is None:
+                return batch, True
+            batch.append(nxt)
+        return batch, False
 
     async def _commit_batch(self, batch: list[_Pending]) -> None:
         try:

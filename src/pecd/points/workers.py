@@ -81,6 +81,8 @@ class WorkerPool:
                 await self._wait_for_work()
                 continue
             await self._run_batch(worker, batch)
+            # Done with these jobs and their bytes: not kept while the next batch is claimed.
+            del batch
 
     async def _run_batch(self, worker: str, batch: Sequence[Job]) -> None:
         """Prepare every job, then commit all their outputs and completions in one transaction.
