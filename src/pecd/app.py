@@ -126,7 +126,14 @@ class App:
         # only the worker talking to it, never local delivery. (Its retries until the message
         # expires are new jobs made by the stage; the pool's attempts count only crashes.)
         self.relay_workers = WorkerPool(
-            self.svc, {RELAY: stage_relay}, count=cfg.relay.workers, name="relay", batch=1
+            self.svc,
+            {RELAY: stage_relay},
+            count=cfg.relay.workers,
+            name="relay",
+            batch=1,
+            # Long enough for a whole SMTP dialogue with every MX of a slow destination, so
+            # that no second worker takes the job over while the first is still sending.
+            lease_seconds=max(cfg.queue.lease_seconds, cfg.relay.timeout_seconds * 8),
         )
         await self.relay_workers.start(self.stack)
         self.timers = Timers(

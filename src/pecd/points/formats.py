@@ -115,6 +115,16 @@ class FormatWorkers:
         self.provider = provider
         self.processes = processes
         self._pool: ProcessPoolExecutor | None = None
+        self._replacing = asyncio.Lock()
+
+    async def _current(self) -> ProcessPoolExecutor:
+        """The pool; never runs the work inline when processes were asked for."""
+        if self._pool is None:
+            async with self._replacing:
+                if self._pool is None:
+                    await self._new_pool()
+        assert self._pool is not None
+        return self._pool
 
     async def start(self, stack: contextlib.AsyncExitStack) -> None:
         if self.processes > 0:
@@ -141,18 +151,21 @@ class FormatWorkers:
             await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
 
     async def _run(self, fn: Any, *args: Any) -> Any:
-        if self._pool is None:
+        if self.processes == 0:
             return fn(*args)
+        pool = await self._current()
         loop = asyncio.get_running_loop()
         try:
-            result = await loop.run_in_executor(self._pool, functools.partial(fn, *args))
+            result = await loop.run_in_executor(pool, functools.partial(fn, *args))
         except BrokenProcessPool:
-            # A worker died (killed, out of memory): replace the pool; the job is retried.
-            log.error("a format worker process died; starting new ones")
-            old, self._pool = self._pool, None
-            if old is not None:
-                old.shutdown(wait=False, cancel_futures=True)
-            await self._new_pool()
+            # A worker died (killed, out of memory): the first to notice replaces the pool,
+            # the others find the new one; the job is retried.
+            async with self._replacing:
+                if self._pool is pool:
+                    log.error("a format worker process died; starting new ones")
+                    self._pool = None
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    await self._new_pool()
             raise
         if self._pool is not None and _carries_a_message(args):
             # The call queue's feeder thread keeps the last call it pickled (a whole message
@@ -165,14 +178,14 @@ class FormatWorkers:
     async def build(self, name: str, **kwargs: Any) -> BuiltMessage:
         if name not in BUILDERS:
             raise ValueError(f"unknown builder {name!r}")
-        if self._pool is None:
+        if self.processes == 0:
             result: BuiltMessage = getattr(builders, name)(provider=self.provider, **kwargs)
             return result
         built: BuiltMessage = await self._run(_build, name, kwargs)
         return built
 
     async def classify(self, raw: bytes) -> Classification:
-        if self._pool is None:
+        if self.processes == 0:
             return classify(raw)
         result: Classification = await self._run(_classify, raw)
         return result

@@ -18,6 +18,10 @@ from pecd.store.models import Job
 log = logging.getLogger(__name__)
 
 
+class LeaseLost(Exception):
+    """A job's lease expired before its stage committed."""
+
+
 class WorkerPool:
     """``count`` tasks that claim jobs of ``stages``' kinds until stopped."""
 
@@ -30,7 +34,9 @@ class WorkerPool:
         name: str,
         batch: int | None = None,
         max_attempts: int | None = None,
+        lease_seconds: float | None = None,
     ) -> None:
+        self.lease_seconds = lease_seconds or svc.cfg.queue.lease_seconds
         self.svc = svc
         self.stages = stages
         self.count = count
@@ -70,7 +76,7 @@ class WorkerPool:
                     kinds=kinds,
                     worker=worker,
                     now=self.svc.clock.now(),
-                    lease=timedelta(seconds=q.lease_seconds),
+                    lease=timedelta(seconds=self.lease_seconds),
                     limit=self.batch,
                 )
             except Exception:
@@ -80,7 +86,12 @@ class WorkerPool:
             if not batch:
                 await self._wait_for_work()
                 continue
-            await self._run_batch(worker, batch)
+            try:
+                await self._run_batch(worker, batch)
+            except Exception:
+                # Never lose a worker task: the jobs of a batch that broke here are still
+                # leased to us and run again once the lease expires.
+                log.exception("a batch of %d jobs broke; their leases will expire", len(batch))
             # Done with these jobs and their bytes: not kept while the next batch is claimed.
             del batch
 
@@ -130,7 +141,13 @@ class WorkerPool:
             async with self.svc.db.session() as s, s.begin():
                 for _job, writer in prepared:
                     await writer(s, outbox)
-                await jobs.complete_many(s, [job.id for job, _ in prepared])
+                done = await jobs.complete_many(
+                    s, [job.id for job, _ in prepared], worker=outbox.worker
+                )
+                if done != len(prepared):
+                    # A lease ran out while we worked: that job is another worker's now, and
+                    # what we made for it must not commit beside what that worker makes.
+                    raise LeaseLost(f"{len(prepared) - done} of {len(prepared)} leases lost")
         except BaseException:
             del outbox.items[mark:]  # rolled back: nothing of it is durable
             raise
@@ -149,6 +166,7 @@ class WorkerPool:
                     max_attempts=self.max_attempts,
                     base_delay=timedelta(seconds=q.base_delay_seconds),
                     max_delay=timedelta(seconds=q.max_delay_seconds),
+                    worker=job.locked_by,
                 )
             if state == "parked":
                 log.error(
