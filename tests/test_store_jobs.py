@@ -310,3 +310,18 @@ def test_list_jobs_filters(db: Backend) -> None:
             ]
 
     assert db.run(main) == [["r0"], ["r1", "r2"], [], ["d0", "r0", "d1"]]
+
+
+def test_purge_done_keeps_everything_else(db: Backend) -> None:
+    async def main(d: Database) -> list[str]:
+        for key in ("old-done", "new-done", "old-ready"):
+            await add(d, key)
+        async with d.session() as s, s.begin():
+            found = {j.key: j for j in await jobs.list_jobs(s)}
+            await jobs.complete(s, found["old-done"].id, now=T0)
+            await jobs.complete(s, found["new-done"].id, now=T0 + timedelta(days=10))
+        async with d.session() as s, s.begin():
+            assert await jobs.purge_done(s, older_than=T0 + timedelta(days=3)) == 1
+            return [j.key for j in await jobs.list_jobs(s)]
+
+    assert db.run(main) == ["new-done", "old-ready"]

@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from datetime import timedelta
 
 from pecd.clock import Clock
 from pecd.pec.smime import Signer
 from pecd.store.db import Database
+from pecd.store.jobs import purge_done
 from pecd.store.seals import purge, seal_pending
 
 log = logging.getLogger(__name__)
@@ -59,11 +61,17 @@ class Sealer:
             total += seal.count
 
     async def purge_now(self) -> tuple[int, int]:
+        now = self.clock.now()
         seals, events = await purge(
-            self.db, self.signer, now=self.clock.now(), retention_months=self.retention_months
+            self.db, self.signer, now=now, retention_months=self.retention_months
         )
         if seals:
             log.info("retention: purged %d seals and %d trace events", seals, events)
+        # Finished jobs are kept a week for `pecd queue list --state done`, then dropped.
+        async with self.db.session() as s, s.begin():
+            done = await purge_done(s, older_than=now - timedelta(days=7))
+        if done:
+            log.info("removed %d jobs finished more than 7 days ago", done)
         return seals, events
 
     async def _loop(self) -> None:

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, bindparam, or_, select, update
+from sqlalchemy import and_, bindparam, delete, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -325,3 +325,15 @@ async def list_jobs(
     if kinds is not None:
         stmt = stmt.where(Job.kind.in_(list(kinds)))
     return list((await session.scalars(stmt)).all())
+
+
+async def purge_done(session: AsyncSession, *, older_than: datetime) -> int:
+    """Delete finished jobs last touched before ``older_than`` (their bytes are gone already;
+    the trace log keeps what happened). Returns how many. Does not commit."""
+    result = await session.execute(
+        delete(Job)
+        .where(Job.state == DONE, Job.updated_at < older_than)
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    )
+    return len(result.all())
