@@ -34,6 +34,7 @@ from pecd.pec.classify import Classification
 from pecd.pec.mime import get_first
 from pecd.pec.timefmt import pec_time
 from pecd.pec.vocab import DaticertTipo, Errore, Kind, Ricevuta, Trasporto
+from pecd.points.access import IntakeEnvelope, IntakeSMTP
 from pecd.points.intake import Intake
 from pecd.points.pipeline import (
     DELIVERY,
@@ -100,13 +101,21 @@ class ReceptionHandler:
         envelope.rcpt_tos.append(addr)
         return Reply.RCPT_OK
 
+    async def data_prefix(self, server: SMTP, session: Session, envelope: Envelope) -> bytes:
+        """The Received: field, written ahead of the message as DATA begins (IntakeSMTP reads
+        the message into one buffer after it: one copy of it, however large)."""
+        assert isinstance(envelope, IntakeEnvelope)
+        key = envelope.intake_key = "rx-" + secrets.token_hex(12)
+        now = envelope.received_at = self.svc.clock.now()
+        protocol = "ESMTPS" if session.ssl else "ESMTP"
+        return received_header(session, by=self.hostname, protocol=protocol, key=key, now=now)
+
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         if not envelope.rcpt_tos:
             return Reply.NO_RCPTS
-        key = "rx-" + secrets.token_hex(12)
-        now = self.svc.clock.now()
-        protocol = "ESMTPS" if session.ssl else "ESMTP"
-        received = received_header(session, by=self.hostname, protocol=protocol, key=key, now=now)
+        assert isinstance(envelope, IntakeEnvelope)
+        key, now = envelope.intake_key, envelope.received_at
+        assert key is not None and now is not None
         try:
             await self.intake.submit(
                 kind=RECEPTION,
@@ -118,7 +127,7 @@ class ReceptionHandler:
                     "peer": peer_of(session),
                     "tls": bool(session.ssl),
                 },
-                data=received + (envelope.original_content or b""),
+                data=envelope.original_content or b"",
                 now=now,
             )
         except Exception:
@@ -147,7 +156,7 @@ class ReceptionPoint:
         self.server: asyncio.Server | None = None
 
     def _factory(self) -> SMTP:
-        return SMTP(
+        return IntakeSMTP(
             self.handler,
             hostname=self.hostname,
             ident="pecd",
