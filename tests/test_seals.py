@@ -280,3 +280,66 @@ def test_months_before() -> None:
     assert seals.months_before(datetime(2026, 8, 29, tzinfo=UTC), 30) == datetime(
         2024, 2, 29, tzinfo=UTC
     )
+
+
+SEALING_NODE = r"""
+import asyncio, sys
+from datetime import UTC, datetime, timedelta
+sys.path.insert(0, sys.argv[3])
+from test_seals import add_events
+from pecd.pec.pki import create_dev_pki
+from pecd.pec.smime import KeySigner
+from pecd.store import seals
+from pecd.store.db import Database
+
+async def main(url, start):
+    pki = create_dev_pki(domain="pec.test", name="Node", now=datetime.now(UTC))
+    signer = KeySigner.from_pem(pki.signing.key_pem, pki.signing.cert_pem)
+    db = await Database.open(url)
+    try:
+        for k in range(20):
+            await add_events(db, 10, start=start + 10 * k)
+            await seals.seal_pending(db, signer, now=datetime.now(UTC), node=f"node{start}")
+    finally:
+        await db.close()
+
+asyncio.run(main(sys.argv[1], int(sys.argv[2])))
+"""
+
+
+@pytest.mark.skipif(
+    not __import__("os").environ.get("PECD_TEST_POSTGRES_URL"), reason="needs PostgreSQL"
+)
+def test_two_processes_write_and_seal_one_postgresql(pg_url: str) -> None:
+    """Two pecd processes on one PostgreSQL, each writing events and sealing at the same time:
+    the chain verifies and every event is covered exactly once."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from store_fixtures import _empty_tables
+
+    asyncio.run(_empty_tables(pg_url))
+    here = str(Path(__file__).resolve().parent)
+    procs = [
+        subprocess.Popen([sys.executable, "-c", SEALING_NODE, pg_url, str(start), here])
+        for start in (0, 100_000)
+    ]
+    assert [p.wait(120) for p in procs] == [0, 0]
+
+    async def check() -> tuple[seals.Report, int]:
+        d = await Database.open(pg_url)
+        try:
+            async with d.read_session() as s:
+                unsealed = (
+                    await s.execute(text("SELECT count(*) FROM trace_events WHERE seal_id IS NULL"))
+                ).scalar()
+            return await seals.verify(d, now=datetime.now(UTC), unsealed_grace=GRACE), int(
+                unsealed or 0
+            )
+        finally:
+            await d.close()
+
+    report, unsealed = asyncio.run(check())
+    assert report.ok, [str(f) for f in report.findings]
+    assert report.events == 400 and unsealed == 0 and report.seals >= 2

@@ -65,11 +65,12 @@ def canonical(dialect: str) -> Any:
     parts = []
     for name in _COLUMNS:
         col = getattr(TraceEvent, name)
-        if name == "at" and dialect == "postgresql":
-            as_text = cast(func.timezone("UTC", col), Text)  # whatever the session's TimeZone
+        if dialect != "postgresql":
+            parts.append(quote(col))  # SQLite: quote() takes any stored value as it is
+        elif name == "at":
+            parts.append(quote(cast(func.timezone("UTC", col), Text)))  # whatever the TimeZone
         else:
-            as_text = cast(col, Text)
-        parts.append(quote(as_text))
+            parts.append(quote(cast(col, Text)))
     expr = parts[0]
     for part in parts[1:]:
         expr = expr.op("||")(",").op("||")(part)
