@@ -440,16 +440,12 @@ def _check_seal(
 
 async def _check_events(s: AsyncSession, seal: TraceSeal, report: Report) -> None:
     rows = (
-        (
-            await s.execute(
-                select(TraceEvent.id, canonical(s.get_bind().dialect.name))
-                .where(TraceEvent.seal_id == seal.id)
-                .order_by(TraceEvent.id)
-            )
+        await s.execute(
+            select(TraceEvent.id, canonical(s.get_bind().dialect.name))
+            .where(TraceEvent.seal_id == seal.id)
+            .order_by(TraceEvent.id)
         )
-        .tuples()
-        .all()
-    )
+    ).all()
     report.events += len(rows)
     sha256 = hashlib.sha256
     actual = b"".join(_DIGEST.pack(eid, sha256(text_.encode()).digest()) for eid, text_ in rows)
