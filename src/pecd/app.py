@@ -131,6 +131,7 @@ class App:
             count=cfg.relay.workers,
             name="relay",
             batch=1,
+            wake=self.svc.relay_wake,
             # Long enough for a whole SMTP dialogue with every MX of a slow destination, so
             # that no second worker takes the job over while the first is still sending.
             lease_seconds=max(cfg.queue.lease_seconds, cfg.relay.timeout_seconds * 8),

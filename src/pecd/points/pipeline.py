@@ -74,6 +74,7 @@ class Services:
     formats: FormatWorkers
     relay: RelayClient | None = None
     index: IndexService | None = None
+    relay_wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     _mailboxes: dict[str, tuple[float, Mailbox | None]] = field(default_factory=dict)
 
@@ -151,6 +152,7 @@ class Outbox:
     worker: str
     lease_until: datetime
     items: list[tuple[str, str, bytes]] = field(default_factory=list)  # key, mailbox, bytes
+    relayed: bool = False  # the commit queues work for the relay: wake its workers
 
     @classmethod
     def for_worker(cls, svc: Services, worker: str) -> Outbox:
@@ -184,6 +186,7 @@ async def _store_job(
         if created:
             outbox.items.append((key, mailbox, msg.raw))
         return created
+    outbox.relayed = True
     return await jobs.enqueue(
         s,
         kind=RELAY,
@@ -330,6 +333,7 @@ async def stage_submission(svc: Services, job: Job) -> Writer:
             sent_at=now,
         )
         for dom, rcpts in sorted(remote.items()):
+            outbox.relayed = True
             await jobs.enqueue(
                 s,
                 kind=RELAY,

@@ -293,6 +293,7 @@ async def stage_relay(svc: Services, job: Job) -> Writer:
             )
             q = svc.cfg.queue
             delay = min(q.base_delay_seconds * 2 ** (attempt - 1), q.max_delay_seconds)
+            outbox.relayed = True
             await jobs.enqueue(
                 s,
                 kind=RELAY,

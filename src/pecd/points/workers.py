@@ -35,8 +35,12 @@ class WorkerPool:
         batch: int | None = None,
         max_attempts: int | None = None,
         lease_seconds: float | None = None,
+        wake: asyncio.Event | None = None,
     ) -> None:
         self.lease_seconds = lease_seconds or svc.cfg.queue.lease_seconds
+        # Each pool has its own wake-up: waking the relay's many workers for every local
+        # commit would send each of them to the database for nothing.
+        self.wake = wake or svc.wake
         self.svc = svc
         self.stages = stages
         self.count = count
@@ -56,15 +60,15 @@ class WorkerPool:
 
     async def stop(self) -> None:
         self._stopping.set()
-        self.svc.wake.set()
+        self.wake.set()
         # A stage finishing its transaction is allowed to complete: that is the drain.
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _wait_for_work(self) -> None:
         q = self.svc.cfg.queue
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.svc.wake.wait(), timeout=q.poll_seconds)
-        self.svc.wake.clear()
+            await asyncio.wait_for(self.wake.wait(), timeout=q.poll_seconds)
+        self.wake.clear()
 
     async def _run(self, worker: str) -> None:
         q = self.svc.cfg.queue
@@ -127,6 +131,8 @@ class WorkerPool:
                 except Exception as exc:
                     await self._failed(job, exc)
         self.svc.wake.set()
+        if outbox.relayed:
+            self.svc.relay_wake.set()
         await flush(self.svc, outbox)
         log.debug(
             "%d jobs (%s) done in %.1f ms",
