@@ -417,7 +417,7 @@ async def _log_select(db: Any, args: argparse.Namespace) -> int:
         try:
             writer = csv.writer(out) if args.format == "csv" else None
             if writer is not None:
-                writer.writerow(list(_EXPORT_COLUMNS))
+                writer.writerow(list(trace.FIELDS))
             with Progress(transient=True, disable=not args.output) as bar:
                 task = bar.add_task("exporting", total=total)
                 async for chunk in trace.stream(s, query):
@@ -429,7 +429,7 @@ async def _log_select(db: Any, args: argparse.Namespace) -> int:
                                     json.dumps(row[c], ensure_ascii=False)
                                     if isinstance(row[c], dict | list)
                                     else row[c]
-                                    for c in _EXPORT_COLUMNS
+                                    for c in trace.FIELDS
                                 ]
                             )
                         else:
@@ -441,25 +441,6 @@ async def _log_select(db: Any, args: argparse.Namespace) -> int:
         if args.output:
             print(f"pecd: exported {total} events to {args.output}", file=sys.stderr)
         return EXIT_OK
-
-
-_EXPORT_COLUMNS = (
-    "id",
-    "at",
-    "event",
-    "pec_msgid",
-    "client_msgid",
-    "sender",
-    "recipients",
-    "subject",
-    "provider",
-    "generated_ids",
-    "error",
-    "daticert",
-    "data",
-    "node",
-    "seal_id",
-)
 
 
 def cmd_receipt(args: argparse.Namespace) -> int:

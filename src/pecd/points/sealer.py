@@ -13,6 +13,7 @@ from pecd.pec.smime import Signer
 from pecd.store.db import Database
 from pecd.store.jobs import purge_done
 from pecd.store.seals import purge, seal_pending
+from pecd.tasks import Background
 
 log = logging.getLogger(__name__)
 
@@ -35,19 +36,14 @@ class Sealer:
         self.clock = clock
         self.every = every
         self.node = node
-        self._task: asyncio.Task[None] | None = None
+        self._background = Background("sealer", self._loop)
 
     async def start(self, stack: contextlib.AsyncExitStack) -> None:
-        self._task = asyncio.create_task(self._loop(), name="sealer")
-        stack.push_async_callback(self.stop)
+        stack.push_async_callback(self._last_seal)  # runs after the loop is cancelled
+        await self._background.start(stack)
 
-    async def stop(self) -> None:
-        """Seal what the last moments wrote, then end."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+    async def _last_seal(self) -> None:
+        """Seal what the last moments wrote."""
         with contextlib.suppress(Exception):
             await self.seal_now()
 

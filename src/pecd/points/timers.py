@@ -25,6 +25,7 @@ from pecd.points.pipeline import Outbox, Services, _event, _store_job, flush
 from pecd.store import expectations
 from pecd.store.models import Expectation
 from pecd.store.trace import record
+from pecd.tasks import Background
 
 log = logging.getLogger(__name__)
 
@@ -36,18 +37,10 @@ class Timers:
         self.svc = svc
         self.check_seconds = check_seconds
         self.worker = f"{node}:timers"
-        self._task: asyncio.Task[None] | None = None
+        self._background = Background("timers", self._loop)
 
     async def start(self, stack: contextlib.AsyncExitStack) -> None:
-        self._task = asyncio.create_task(self._loop(), name="timers")
-        stack.push_async_callback(self.stop)
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._background.start(stack)
 
     async def _loop(self) -> None:
         while True:

@@ -167,22 +167,28 @@ async def count(session: AsyncSession, query: Query) -> int:
     return int(await session.scalar(query.where(select(func.count()).select_from(TraceEvent))) or 0)
 
 
+#: The fields of an event in extracts (``--json``, JSONL and CSV exports), in this order.
+FIELDS: tuple[str, ...] = (
+    "id",
+    "at",
+    "event",
+    "pec_msgid",
+    "client_msgid",
+    "sender",
+    "recipients",
+    "subject",
+    "provider",
+    "generated_ids",
+    "error",
+    "daticert",
+    "data",
+    "node",
+    "seal_id",
+)
+
+
 def as_json(e: TraceEvent) -> dict[str, Any]:
     """One event as a JSON object (extracts for holders, ``--json``)."""
-    return {
-        "id": e.id,
-        "at": e.at.isoformat(),
-        "event": e.event,
-        "pec_msgid": e.pec_msgid,
-        "client_msgid": e.client_msgid,
-        "sender": e.sender,
-        "recipients": e.recipients,
-        "subject": e.subject,
-        "provider": e.provider,
-        "generated_ids": e.generated_ids,
-        "error": e.error,
-        "daticert": e.daticert,
-        "data": e.data,
-        "node": e.node,
-        "seal_id": e.seal_id,
-    }
+    out = {name: getattr(e, name) for name in FIELDS}
+    out["at"] = e.at.isoformat()
+    return out
