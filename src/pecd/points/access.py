@@ -17,6 +17,7 @@ import io
 import logging
 import secrets
 import ssl
+import warnings
 from datetime import datetime
 from typing import Any
 
@@ -315,8 +316,11 @@ class AccessPoint:
         )
         if implicit_tls:
             # The socket is TLS from the first byte, which aiosmtpd cannot see (aiosmtpd
-            # issue 281): AUTH must not wait for a STARTTLS that will never come.
-            return IntakeSMTP(self.handler, auth_require_tls=False, **common)
+            # issue 281): AUTH must not wait for a STARTTLS that will never come. Its warning
+            # about AUTH without TLS is about plain sockets, so it is silenced here only.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "Requiring AUTH while not requiring TLS")
+                return IntakeSMTP(self.handler, auth_require_tls=False, **common)
         return IntakeSMTP(
             self.handler,
             tls_context=self.tls,
