@@ -9,7 +9,7 @@ import smtplib
 import socket
 import ssl
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -32,7 +32,7 @@ from pecd.pec.vocab import Kind, Ricevuta, TipoRicevuta
 from pecd.points.formats import provider_identity
 from pecd.store.accounts import Accounts
 from pecd.store.db import Database
-from test_e2e_local import PASSWORD, Server, message, openssl_ok
+from test_e2e_local import PASSWORD, Server, message, openssl_ok, wait_for
 
 A, B = "pec-a.test", "pec-b.test"
 
@@ -146,17 +146,6 @@ def inbox(p: Provider, user: str) -> list[bytes]:
             _, msg = imap.fetch(num, "(BODY.PEEK[])")
             out.append(bytes(msg[0][1]))  # type: ignore[index]
         return out
-
-
-def wait_for(pred: Callable[[], Any], timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.2)
 
 
 def kinds(msgs: list[bytes]) -> list[Classification]:

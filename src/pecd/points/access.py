@@ -263,24 +263,16 @@ class AccessHandler:
         assert isinstance(envelope, IntakeEnvelope)
         key, now = envelope.intake_key, envelope.received_at
         assert key is not None and now is not None
-        try:
-            await self.intake.submit(
-                kind=SUBMISSION,
-                key=key,
-                payload={
-                    "mail_from": envelope.mail_from,
-                    "rcpt_to": list(envelope.rcpt_tos),
-                    "user": session.auth_data,
-                    "received_at": now.isoformat(),
-                    "peer": peer_of(session),
-                },
-                data=envelope.original_content or b"",
-                now=now,
-            )
-        except Exception:
-            log.exception("durable intake failed; answering 451")
-            return Reply.TEMP_FAILURE
-        return Reply.queued(key)
+        return await self.intake.reply(
+            kind=SUBMISSION,
+            key=key,
+            now=now,
+            mail_from=envelope.mail_from,
+            rcpt_to=list(envelope.rcpt_tos),
+            data=envelope.original_content or b"",
+            peer=peer_of(session),
+            user=session.auth_data,
+        )
 
 
 class AccessPoint:

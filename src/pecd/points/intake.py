@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from pecd.points.smtp import Reply
 from pecd.store import jobs
 from pecd.store.db import Database
 
@@ -35,7 +36,8 @@ class _Pending:
 
 
 class Intake:
-    """``await intake.submit(...)`` returns once the job is committed, or raises."""
+    """``await intake.submit(...)`` returns once the job is committed, or raises;
+    ``await intake.reply(...)`` does the same for an SMTP point and gives its DATA reply."""
 
     def __init__(self, db: Database, wake: asyncio.Event, *, max_batch: int = 64) -> None:
         self.db = db
@@ -64,6 +66,39 @@ class Intake:
         item = _Pending(kind, key, payload, data, now)
         self._queue.put_nowait(item)
         await asyncio.shield(item.done)
+
+    async def reply(
+        self,
+        *,
+        kind: str,
+        key: str,
+        now: datetime,
+        mail_from: str | None,
+        rcpt_to: list[str],
+        data: bytes,
+        peer: str,
+        **extra: Any,
+    ) -> str:
+        """Commit one SMTP transaction as a job of ``kind`` and give the DATA reply: 250 with
+        the key once it is durable (design.md invariant 1), 451 if it could not be stored."""
+        try:
+            await self.submit(
+                kind=kind,
+                key=key,
+                payload={
+                    "mail_from": mail_from,
+                    "rcpt_to": rcpt_to,
+                    "received_at": now.isoformat(),
+                    "peer": peer,
+                    **extra,
+                },
+                data=data,
+                now=now,
+            )
+        except Exception:
+            log.exception("durable intake of %s failed; answering 451", kind)
+            return Reply.TEMP_FAILURE
+        return Reply.queued(key)
 
     async def _run(self) -> None:
         stopping = False

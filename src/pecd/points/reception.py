@@ -116,24 +116,16 @@ class ReceptionHandler:
         assert isinstance(envelope, IntakeEnvelope)
         key, now = envelope.intake_key, envelope.received_at
         assert key is not None and now is not None
-        try:
-            await self.intake.submit(
-                kind=RECEPTION,
-                key=key,
-                payload={
-                    "mail_from": envelope.mail_from,
-                    "rcpt_to": list(envelope.rcpt_tos),
-                    "received_at": now.isoformat(),
-                    "peer": peer_of(session),
-                    "tls": bool(session.ssl),
-                },
-                data=envelope.original_content or b"",
-                now=now,
-            )
-        except Exception:
-            log.exception("durable intake failed at the reception point; answering 451")
-            return Reply.TEMP_FAILURE
-        return Reply.queued(key)
+        return await self.intake.reply(
+            kind=RECEPTION,
+            key=key,
+            now=now,
+            mail_from=envelope.mail_from,
+            rcpt_to=list(envelope.rcpt_tos),
+            data=envelope.original_content or b"",
+            peer=peer_of(session),
+            tls=bool(session.ssl),
+        )
 
 
 class ReceptionPoint:

@@ -52,25 +52,12 @@ from pecd.pec.smime import Signer
 from pecd.store import sealcheck
 from pecd.store.db import Database
 from pecd.store.models import TraceEvent, TraceHorizon, TraceSeal, TraceSigner
+from pecd.store.trace import FIELDS
 
 _SEAL_LOCK = 0x7365616C  # "seal": one sealer at a time on PostgreSQL
 _DIGEST = struct.Struct(">q32s")  # event id, SHA-256
-_COLUMNS = (
-    "id",
-    "at",
-    "event",
-    "pec_msgid",
-    "client_msgid",
-    "sender",
-    "recipients",
-    "subject",
-    "provider",
-    "generated_ids",
-    "error",
-    "daticert",
-    "data",
-    "node",
-)
+# What a seal covers of an event: every field but the seal mark itself.
+_COLUMNS = tuple(name for name in FIELDS if name != "seal_id")
 
 
 def canonical(dialect: str) -> Any:
