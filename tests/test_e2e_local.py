@@ -363,3 +363,57 @@ def test_smtp_refusals(server: Server) -> None:
         smtp.login(alice, PASSWORD)
         with pytest.raises(smtplib.SMTPSenderRefused):
             smtp.sendmail(bob, [alice], message(bob, [alice], [], "forged"))
+
+
+def test_a_delivery_that_keeps_failing_ends_in_errore_consegna(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A recipient whose mailbox cannot be written gets an errore-consegna after the last
+    attempt; the other recipient is delivered once; nothing is left parked."""
+    from pecd.mailbox.maildir import MaildirStore
+
+    real = MaildirStore.deliver
+
+    def broken_for_carol(self: MaildirStore, address: str, *a: Any, **kw: Any) -> Any:
+        if address == f"carol@{DOMAIN}":
+            raise OSError(28, "No space left on device")
+        return real(self, address, *a, **kw)
+
+    monkeypatch.setattr(MaildirStore, "deliver", broken_for_carol)
+    cfg = asyncio.run(_install(tmp_path / "inst", None))
+    assert cfg.source is not None
+    cfg.source.write_text(
+        cfg.source.read_text("utf-8").replace(
+            "base_delay_seconds = 0.2", "base_delay_seconds = 0.2\nmax_attempts = 3"
+        ),
+        "utf-8",
+    )
+    cfg = load_config(cfg.source)
+    assert cfg.queue.max_attempts == 3
+    srv = Server(cfg).start()
+    try:
+        alice, bob, carol = (f"{u}@{DOMAIN}" for u in ("alice", "bob", "carol"))
+        with smtplib.SMTP_SSL("127.0.0.1", srv.port("smtps"), context=client_tls(cfg)) as smtp:
+            smtp.login(alice, PASSWORD)
+            smtp.sendmail(alice, [bob, carol], message(alice, [bob, carol], [], "Disco pieno"))
+        inbox = wait_for(lambda: (m := fetch_all(srv, "alice")) and len(m) >= 3 and m)
+        time.sleep(1)
+        inbox = fetch_all(srv, "alice")
+        assert srv.app is not None and srv.app.svc is not None
+        svc = srv.app.svc
+
+        async def parked() -> int:
+            from pecd.store import jobs
+
+            async with svc.db.read_session() as s:
+                return len(await jobs.list_jobs(s, states=["parked"]))
+
+        assert srv.call(parked()) == 0
+    finally:
+        srv.stop()
+    got = {(c.ricevuta.value, c.daticert.consegna) for c in map(classify, inbox)}  # type: ignore[union-attr]
+    assert got == {
+        ("accettazione", None),
+        ("avvenuta-consegna", bob),
+        ("errore-consegna", carol),
+    }

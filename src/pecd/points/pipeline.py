@@ -378,7 +378,21 @@ async def stage_delivery(svc: Services, job: Job) -> Writer:
     presa = await svc.formats.build(
         "presa_in_carico", tx=tx, when=taken, ricezione=recipients, mail_receipt=mail_receipt
     )
-    outcomes = [(rcpt, await _deliver_one(svc, tx, rcpt, env)) for rcpt in recipients]
+    # On its last attempt a delivery that keeps failing for a recipient (a disk error, say)
+    # becomes that recipient's errore-consegna: every recipient gets exactly one answer, even
+    # when the job would otherwise be parked.
+    last_try = job.attempts >= svc.cfg.queue.max_attempts
+    outcomes: list[tuple[str, tuple[Errore, str] | None]] = []
+    for rcpt in recipients:
+        try:
+            outcomes.append((rcpt, await _deliver_one(svc, tx, rcpt, env)))
+        except Exception:
+            if not last_try:
+                raise
+            log.exception("delivery to %s failed on the last attempt", rcpt)
+            outcomes.append(
+                (rcpt, (Errore.ALTRO, f"5.3.0 - {svc.provider.name} - errore di sistema"))
+            )
     when = pec_time(svc.clock.now())
     receipts: list[tuple[str, str, BuiltMessage, str | None]] = []
     for rcpt, outcome in outcomes:
