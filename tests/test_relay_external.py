@@ -75,3 +75,54 @@ def test_external_recipient_gets_the_envelope_as_ordinary_mail(
     assert tipo == {bob: DestinatarioTipo.CERTIFICATO, ext: DestinatarioTipo.ESTERNO}
     kinds = sorted(classify(m).ricevuta.value for m in inbox)  # type: ignore[union-attr]
     assert kinds == [Ricevuta.ACCETTAZIONE.value, Ricevuta.AVVENUTA_CONSEGNA.value]
+
+
+def test_stop_cuts_a_relay_stuck_on_a_silent_server(tmp_path: Path) -> None:
+    """SIGTERM drains for queue.drain_seconds, then cancels the relay still waiting on a peer
+    that never answers; its job stays in the queue for the next start."""
+    import socket
+
+    from pecd.store import jobs
+    from pecd.store.db import Database
+
+    black_hole = socket.socket()
+    black_hole.bind(("127.0.0.1", 0))
+    black_hole.listen(4)
+    port = black_hole.getsockname()[1]
+    extra = f'\n[relay]\nstarttls = "off"\ntimeout_seconds = 120\n\n[routes]\n"slow.example" = "127.0.0.1:{port}"\n'
+    cfg = asyncio.run(_install(tmp_path / "inst", None, extra=extra))
+    assert cfg.source is not None
+    cfg.source.write_text(
+        cfg.source.read_text("utf-8").replace(
+            "base_delay_seconds = 0.2", "base_delay_seconds = 0.2\ndrain_seconds = 1"
+        ),
+        "utf-8",
+    )
+    from pecd.config import load_config
+
+    cfg = load_config(cfg.source)
+    srv = Server(cfg).start()
+    try:
+        alice = f"alice@{DOMAIN}"
+        ctx = ssl.create_default_context(cafile=str(cfg.tls.ca))
+        with smtplib.SMTP_SSL("127.0.0.1", srv.port("smtps"), context=ctx) as smtp:
+            smtp.login(alice, PASSWORD)
+            smtp.sendmail(
+                alice, ["x@slow.example"], message(alice, ["x@slow.example"], [], "Lento")
+            )
+        wait_for(lambda: fetch_all(srv, "alice"))  # accepted; the relay is now talking to the hole
+        time.sleep(0.5)
+    finally:
+        srv.stop()
+        black_hole.close()
+    assert not srv.thread.is_alive()
+
+    async def relay_jobs() -> list[str]:
+        db = await Database.open(cfg.database_url)
+        try:
+            async with db.read_session() as s:
+                return [j.state for j in await jobs.list_jobs(s, kinds=["relay"])]
+        finally:
+            await db.close()
+
+    assert asyncio.run(relay_jobs()) == ["running"]  # released at the next start

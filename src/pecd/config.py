@@ -163,6 +163,7 @@ class QueueConfig(_Section):
     max_delay_seconds: float = Field(default=600.0, gt=0)
     lease_seconds: float = Field(default=120.0, gt=0)
     poll_seconds: float = Field(default=0.5, gt=0)
+    drain_seconds: float = Field(default=20.0, gt=0)  # on SIGTERM, then work in progress is cut
 
 
 class RelayConfig(_Section):

@@ -61,8 +61,17 @@ class WorkerPool:
     async def stop(self) -> None:
         self._stopping.set()
         self.wake.set()
-        # A stage finishing its transaction is allowed to complete: that is the drain.
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # A stage finishing its transaction is allowed to complete: that is the drain. One
+        # that takes longer (a relay waiting on a silent peer) is cancelled: its transaction
+        # rolls back and the job runs again after a restart (every stage is idempotent).
+        if not self._tasks:
+            return
+        _, late = await asyncio.wait(self._tasks, timeout=self.svc.cfg.queue.drain_seconds)
+        for task in late:
+            task.cancel()
+        if late:
+            log.warning("%s: %d workers cancelled after the drain time", self.name, len(late))
+            await asyncio.gather(*late, return_exceptions=True)
 
     async def _wait_for_work(self) -> None:
         q = self.svc.cfg.queue
