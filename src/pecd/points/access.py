@@ -12,137 +12,29 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import enum
-import io
 import logging
 import secrets
 import ssl
 import warnings
-from datetime import datetime
 from typing import Any
 
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, syntax
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 
 from pecd.config import Endpoint
 from pecd.points.intake import Intake
 from pecd.points.pipeline import SUBMISSION, Services
 from pecd.points.smtp import (
+    IntakeEnvelope,
+    IntakeSMTP,
     Reply,
     bare,
     bound_port,
     close_servers,
-    peer_of,
     received_header,
     valid_address,
 )
 
 log = logging.getLogger(__name__)
-
-
-class IntakeEnvelope(Envelope):
-    """aiosmtpd's envelope plus what :meth:`AccessHandler.data_prefix` decided at DATA."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.intake_key: str | None = None
-        self.received_at: datetime | None = None
-
-
-class _DataState(enum.Enum):
-    NOMINAL = enum.auto()
-    TOO_LONG = enum.auto()
-    TOO_MUCH = enum.auto()
-
-
-class IntakeSMTP(SMTP):
-    """aiosmtpd's SMTP with a DATA reader that holds one copy of the message, never more.
-
-    aiosmtpd 1.4 keeps every line of DATA as its own bytearray and joins them at the end, so a
-    message costs about three times its size while it arrives (an object per ~80-byte line,
-    then the joined copy), and its handler then copies it once more to put a Received: field in
-    front. Here the handler's ``data_prefix`` (that field) is written first and each line goes
-    straight into one buffer, whose ``getvalue()`` hands its bytes over without a copy: the
-    handler gets exactly the bytes it stores. Beyond ``data_size_limit`` (advertised in EHLO as
-    SIZE) nothing more is kept, and the reply after the final dot is 552, as in aiosmtpd. The
-    rest (line limit, dot-unstuffing, replies) follows aiosmtpd's ``smtp_DATA``.
-    Only for ``decode_data=False``.
-    """
-
-    def _create_envelope(self) -> Envelope:
-        return IntakeEnvelope()
-
-    @syntax("DATA")
-    async def smtp_DATA(self, arg: str) -> None:
-        if await self.check_helo_needed():
-            return
-        if await self.check_auth_needed("DATA"):
-            return
-        assert self.envelope is not None and self.session is not None
-        assert not self._decode_data, "IntakeSMTP hands the handler bytes only"
-        if not self.envelope.rcpt_tos:
-            await self.push("503 Error: need RCPT command")
-            return
-        if arg:
-            await self.push("501 Syntax: DATA")
-            return
-        buf = io.BytesIO()
-        prefix = getattr(self.event_handler, "data_prefix", None)
-        if prefix is not None:
-            buf.write(await prefix(self, self.session, self.envelope))
-        await self.push("354 End data with <CR><LF>.<CR><LF>")
-        limit = self.data_size_limit
-        num_bytes = 0
-        fragments: list[bytes] = []
-        state = _DataState.NOMINAL
-        while self.transport is not None:  # pragma: nobranch
-            try:
-                line = await self._reader.readuntil(b"\r\n")
-            except asyncio.CancelledError:
-                log.info("connection lost during DATA")
-                self._writer.close()
-                raise
-            except asyncio.LimitOverrunError as e:
-                # A line longer than the stream limit: drain it, answer 500 after the dot.
-                if state is _DataState.NOMINAL:
-                    state = _DataState.TOO_LONG
-                    buf = io.BytesIO()
-                line = await self._reader.read(e.consumed)
-            if not fragments and line == b".\r\n":
-                break
-            num_bytes += len(line)
-            if state is _DataState.NOMINAL and limit and num_bytes > limit:
-                # Keep reading to the final dot (RFC 5321 4.2.5), keeping nothing.
-                state = _DataState.TOO_MUCH
-                buf = io.BytesIO()
-            fragments.append(line)
-            if not line.endswith(b"\r\n"):
-                continue
-            whole = fragments[0] if len(fragments) == 1 else b"".join(fragments)
-            fragments.clear()
-            if state is not _DataState.NOMINAL:
-                continue
-            if len(whole) > self.line_length_limit:
-                state = _DataState.TOO_LONG
-                buf = io.BytesIO()
-                continue
-            # RFC 5321 4.5.2: a leading dot was doubled by the client.
-            buf.write(memoryview(whole)[1:] if whole.startswith(b".") else whole)
-
-        if state is not _DataState.NOMINAL:
-            if state is _DataState.TOO_LONG:
-                await self.push("500 Line too long (see RFC5321 4.5.3.1.6)")
-            else:
-                await self.push("552 5.3.4 Message size exceeds fixed maximum message size")
-            self._set_post_data_state()
-            return
-        assert not fragments  # a partial last line only if the connection closed
-        content = buf.getvalue()  # buf's own bytes, no copy
-        del buf
-        self.envelope.content = self.envelope.original_content = content
-        del content
-        status = await self._call_handler_hook("DATA")
-        self._set_post_data_state()
-        await self.push("250 OK" if status is MISSING else status)
 
 
 class AccessHandler:
@@ -259,20 +151,7 @@ class AccessHandler:
             return Reply.AUTH_REQUIRED
         if not envelope.rcpt_tos:
             return Reply.NO_RCPTS
-        # IntakeSMTP has put the Received: field in front already: these are the job's bytes.
-        assert isinstance(envelope, IntakeEnvelope)
-        key, now = envelope.intake_key, envelope.received_at
-        assert key is not None and now is not None
-        return await self.intake.reply(
-            kind=SUBMISSION,
-            key=key,
-            now=now,
-            mail_from=envelope.mail_from,
-            rcpt_to=list(envelope.rcpt_tos),
-            data=envelope.original_content or b"",
-            peer=peer_of(session),
-            user=session.auth_data,
-        )
+        return await self.intake.reply(SUBMISSION, session, envelope, user=session.auth_data)
 
 
 class AccessPoint:

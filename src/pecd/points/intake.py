@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from pecd.points.smtp import Reply
+from aiosmtpd.smtp import Envelope, Session
+
+from pecd.points.smtp import IntakeEnvelope, Reply, peer_of
 from pecd.store import jobs
 from pecd.store.db import Database
 
@@ -67,32 +69,26 @@ class Intake:
         self._queue.put_nowait(item)
         await asyncio.shield(item.done)
 
-    async def reply(
-        self,
-        *,
-        kind: str,
-        key: str,
-        now: datetime,
-        mail_from: str | None,
-        rcpt_to: list[str],
-        data: bytes,
-        peer: str,
-        **extra: Any,
-    ) -> str:
-        """Commit one SMTP transaction as a job of ``kind`` and give the DATA reply: 250 with
-        the key once it is durable (design.md invariant 1), 451 if it could not be stored."""
+    async def reply(self, kind: str, session: Session, envelope: Envelope, **extra: Any) -> str:
+        """Commit one SMTP transaction, read by :class:`IntakeSMTP` (its ``data_prefix`` has put
+        the Received: field in front: these are the job's bytes), as a job of ``kind``, and give
+        the DATA reply: 250 with the key once it is durable (design.md invariant 1), 451 if it
+        could not be stored."""
+        assert isinstance(envelope, IntakeEnvelope)
+        key, now = envelope.intake_key, envelope.received_at
+        assert key is not None and now is not None
         try:
             await self.submit(
                 kind=kind,
                 key=key,
                 payload={
-                    "mail_from": mail_from,
-                    "rcpt_to": rcpt_to,
+                    "mail_from": envelope.mail_from,
+                    "rcpt_to": list(envelope.rcpt_tos),
                     "received_at": now.isoformat(),
-                    "peer": peer,
+                    "peer": peer_of(session),
                     **extra,
                 },
-                data=data,
+                data=envelope.original_content or b"",
                 now=now,
             )
         except Exception:

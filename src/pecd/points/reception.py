@@ -34,7 +34,6 @@ from pecd.pec.classify import Classification
 from pecd.pec.mime import get_first
 from pecd.pec.timefmt import pec_time
 from pecd.pec.vocab import DaticertTipo, Errore, Kind, Ricevuta, Trasporto
-from pecd.points.access import IntakeEnvelope, IntakeSMTP
 from pecd.points.intake import Intake
 from pecd.points.pipeline import (
     DELIVERY,
@@ -46,11 +45,12 @@ from pecd.points.pipeline import (
     domain_of,
 )
 from pecd.points.smtp import (
+    IntakeEnvelope,
+    IntakeSMTP,
     Reply,
     bare,
     bound_port,
     close_servers,
-    peer_of,
     received_header,
     valid_address,
 )
@@ -113,19 +113,7 @@ class ReceptionHandler:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         if not envelope.rcpt_tos:
             return Reply.NO_RCPTS
-        assert isinstance(envelope, IntakeEnvelope)
-        key, now = envelope.intake_key, envelope.received_at
-        assert key is not None and now is not None
-        return await self.intake.reply(
-            kind=RECEPTION,
-            key=key,
-            now=now,
-            mail_from=envelope.mail_from,
-            rcpt_to=list(envelope.rcpt_tos),
-            data=envelope.original_content or b"",
-            peer=peer_of(session),
-            tls=bool(session.ssl),
-        )
+        return await self.intake.reply(RECEPTION, session, envelope, tls=bool(session.ssl))
 
 
 class ReceptionPoint:

@@ -1,16 +1,21 @@
 """What the two SMTP points (access and reception) share: reply codes, address and trace-header
-helpers, and the listener lifecycle."""
+helpers, the one-copy DATA reader, and the listener lifecycle."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
+import io
+import logging
 from collections.abc import Sequence
 from datetime import datetime
 from email.utils import format_datetime
 from typing import Any
 
-from aiosmtpd.smtp import Session
+from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, syntax
+
+log = logging.getLogger(__name__)
 
 
 class Reply:
@@ -69,3 +74,109 @@ async def close_servers(servers: Sequence[asyncio.Server]) -> None:
     for srv in servers:
         with contextlib.suppress(Exception):
             await srv.wait_closed()
+
+
+class IntakeEnvelope(Envelope):
+    """aiosmtpd's envelope plus what the handler's ``data_prefix`` decided at DATA."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.intake_key: str | None = None
+        self.received_at: datetime | None = None
+
+
+class _DataState(enum.Enum):
+    NOMINAL = enum.auto()
+    TOO_LONG = enum.auto()
+    TOO_MUCH = enum.auto()
+
+
+class IntakeSMTP(SMTP):
+    """aiosmtpd's SMTP with a DATA reader that holds one copy of the message, never more.
+
+    aiosmtpd 1.4 keeps every line of DATA as its own bytearray and joins them at the end, so a
+    message costs about three times its size while it arrives (an object per ~80-byte line,
+    then the joined copy), and its handler then copies it once more to put a Received: field in
+    front. Here the handler's ``data_prefix`` (that field) is written first and each line goes
+    straight into one buffer, whose ``getvalue()`` hands its bytes over without a copy: the
+    handler gets exactly the bytes it stores. Beyond ``data_size_limit`` (advertised in EHLO as
+    SIZE) nothing more is kept, and the reply after the final dot is 552, as in aiosmtpd. The
+    rest (line limit, dot-unstuffing, replies) follows aiosmtpd's ``smtp_DATA``.
+    Only for ``decode_data=False``.
+    """
+
+    def _create_envelope(self) -> Envelope:
+        return IntakeEnvelope()
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None and self.session is not None
+        assert not self._decode_data, "IntakeSMTP hands the handler bytes only"
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        buf = io.BytesIO()
+        prefix = getattr(self.event_handler, "data_prefix", None)
+        if prefix is not None:
+            buf.write(await prefix(self, self.session, self.envelope))
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        limit = self.data_size_limit
+        num_bytes = 0
+        fragments: list[bytes] = []
+        state = _DataState.NOMINAL
+        while self.transport is not None:  # pragma: nobranch
+            try:
+                line = await self._reader.readuntil(b"\r\n")
+            except asyncio.CancelledError:
+                log.info("connection lost during DATA")
+                self._writer.close()
+                raise
+            except asyncio.LimitOverrunError as e:
+                # A line longer than the stream limit: drain it, answer 500 after the dot.
+                if state is _DataState.NOMINAL:
+                    state = _DataState.TOO_LONG
+                    buf = io.BytesIO()
+                line = await self._reader.read(e.consumed)
+            if not fragments and line == b".\r\n":
+                break
+            num_bytes += len(line)
+            if state is _DataState.NOMINAL and limit and num_bytes > limit:
+                # Keep reading to the final dot (RFC 5321 4.2.5), keeping nothing.
+                state = _DataState.TOO_MUCH
+                buf = io.BytesIO()
+            fragments.append(line)
+            if not line.endswith(b"\r\n"):
+                continue
+            whole = fragments[0] if len(fragments) == 1 else b"".join(fragments)
+            fragments.clear()
+            if state is not _DataState.NOMINAL:
+                continue
+            if len(whole) > self.line_length_limit:
+                state = _DataState.TOO_LONG
+                buf = io.BytesIO()
+                continue
+            # RFC 5321 4.5.2: a leading dot was doubled by the client.
+            buf.write(memoryview(whole)[1:] if whole.startswith(b".") else whole)
+
+        if state is not _DataState.NOMINAL:
+            if state is _DataState.TOO_LONG:
+                await self.push("500 Line too long (see RFC5321 4.5.3.1.6)")
+            else:
+                await self.push("552 5.3.4 Message size exceeds fixed maximum message size")
+            self._set_post_data_state()
+            return
+        assert not fragments  # a partial last line only if the connection closed
+        content = buf.getvalue()  # buf's own bytes, no copy
+        del buf
+        self.envelope.content = self.envelope.original_content = content
+        del content
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        await self.push("250 OK" if status is MISSING else status)
