@@ -203,6 +203,21 @@ async def _store_job(
     )
 
 
+async def emit(
+    s: AsyncSession,
+    svc: Services,
+    outbox: Outbox,
+    *,
+    key: str,
+    mailbox: str,
+    msg: BuiltMessage,
+    event: TraceEventData,
+) -> None:
+    """Send one generated message (keyed, so at most once) and log it, at the event's time."""
+    await _store_job(s, svc, key=key, mailbox=mailbox, msg=msg, now=event.at, outbox=outbox)
+    await record(s, event)
+
+
 async def flush(svc: Services, outbox: Outbox) -> None:
     """Store the outbox's committed messages now and complete their jobs in one transaction."""
     if not outbox.items:
@@ -263,18 +278,14 @@ async def stage_submission(svc: Services, job: Job) -> Writer:
         )
 
         async def refuse(s: AsyncSession, outbox: Outbox) -> None:
-            await _store_job(
+            await emit(
                 s,
                 svc,
+                outbox,
                 key=f"{job.key}:non-accettazione",
                 mailbox=tx.mittente,
                 msg=notice,
-                now=now,
-                outbox=outbox,
-            )
-            await record(
-                s,
-                _event(
+                event=_event(
                     Ricevuta.NON_ACCETTAZIONE.value,
                     tx,
                     now,
@@ -298,18 +309,14 @@ async def stage_submission(svc: Services, job: Job) -> Writer:
             remote.setdefault(domain_of(r), []).append(r)
 
     async def accept(s: AsyncSession, outbox: Outbox) -> None:
-        await _store_job(
+        await emit(
             s,
             svc,
+            outbox,
             key=f"{job.key}:accettazione",
             mailbox=tx.mittente,
             msg=acc,
-            now=now,
-            outbox=outbox,
-        )
-        await record(
-            s,
-            _event(
+            event=_event(
                 Ricevuta.ACCETTAZIONE.value, tx, now, svc.provider, [acc], data={"intake": job.key}
             ),
         )
@@ -414,18 +421,14 @@ async def stage_delivery(svc: Services, job: Job) -> Writer:
             receipts.append((rcpt, Ricevuta.ERRORE_CONSEGNA.value, receipt, esteso))
 
     async def write(s: AsyncSession, outbox: Outbox) -> None:
-        await _store_job(
+        await emit(
             s,
             svc,
+            outbox,
             key=f"{job.key}:presa-in-carico",
             mailbox=mail_receipt,
             msg=presa,
-            now=taken.instant,
-            outbox=outbox,
-        )
-        await record(
-            s,
-            _event(
+            event=_event(
                 Ricevuta.PRESA_IN_CARICO.value,
                 tx,
                 taken.instant,
@@ -435,20 +438,16 @@ async def stage_delivery(svc: Services, job: Job) -> Writer:
             ),
         )
         for rcpt, event, receipt, error in receipts:
-            await _store_job(
+            await emit(
                 s,
                 svc,
+                outbox,
                 # Keyed by transmission and recipient, not by job: an envelope that reaches us
                 # twice (a peer's retry) is delivered once and answered once.
                 key=f"esito:{tx.identificativo}:{rcpt}",
                 mailbox=tx.mittente,
                 msg=receipt,
-                now=when.instant,
-                outbox=outbox,
-            )
-            await record(
-                s,
-                _event(
+                event=_event(
                     event,
                     tx,
                     when.instant,

@@ -43,6 +43,7 @@ from pecd.points.pipeline import (
     _event,
     _store_job,
     domain_of,
+    emit,
 )
 from pecd.points.smtp import (
     IntakeEnvelope,
@@ -389,19 +390,15 @@ async def _receipt_back(
         if ours and c.daticert is not None:
             await _settle(s, ricevuta, ident, c, now)
         if virus_notice is not None and sender and c.daticert is not None and c.daticert.consegna:
-            await _store_job(
+            await expectations.close(s, ident, c.daticert.consegna, now, "virus")
+            await emit(
                 s,
                 svc,
+                outbox,
                 key=f"virus:{ident}:{c.daticert.consegna}",
-                mailbox=sender or c.daticert.mittente,
+                mailbox=sender,
                 msg=virus_notice,
-                now=now,
-                outbox=outbox,
-            )
-            await expectations.close(s, ident, c.daticert.consegna, now, "virus")
-            await record(
-                s,
-                _event(
+                event=_event(
                     Ricevuta.ERRORE_CONSEGNA.value,
                     Transmission.from_daticert(c.daticert),
                     now,

@@ -35,8 +35,8 @@ from pecd.points.pipeline import (
     Services,
     Writer,
     _event,
-    _store_job,
     domain_of,
+    emit,
 )
 from pecd.store import expectations, jobs
 from pecd.store.models import Job
@@ -257,21 +257,17 @@ async def stage_relay(svc: Services, job: Job) -> Writer:
             )
         for rcpt, notice, reply in notices:
             assert tx is not None
-            await _store_job(
-                s,
-                svc,
-                key=f"esito:{tx.identificativo}:{rcpt}",  # one esito per recipient, ever
-                mailbox=tx.mittente,
-                msg=notice,
-                now=now,
-                outbox=outbox,
-            )
             await expectations.close(
                 s, tx.identificativo, rcpt, now, Ricevuta.ERRORE_CONSEGNA.value
             )
-            await record(
+            await emit(
                 s,
-                _event(
+                svc,
+                outbox,
+                key=f"esito:{tx.identificativo}:{rcpt}",  # one esito per recipient, ever
+                mailbox=tx.mittente,
+                msg=notice,
+                event=_event(
                     Ricevuta.ERRORE_CONSEGNA.value,
                     tx,
                     now,

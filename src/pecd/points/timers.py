@@ -14,17 +14,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from datetime import datetime, timedelta
-
-from sqlalchemy.ext.asyncio import AsyncSession
+from datetime import timedelta
 
 from pecd.pec.builders import BuiltMessage, Transmission
 from pecd.pec.timefmt import pec_time
 from pecd.pec.vocab import Ricevuta
-from pecd.points.pipeline import Outbox, Services, _event, _store_job, flush
+from pecd.points.pipeline import Outbox, Services, _event, emit, flush
 from pecd.store import expectations
 from pecd.store.models import Expectation
-from pecd.store.trace import record
 from pecd.tasks import Background
 
 log = logging.getLogger(__name__)
@@ -92,40 +89,24 @@ class Timers:
                 ):
                     continue  # another node was first
                 hours = "24h" if final_notice else "12h"
-                await _store_job(
+                await emit(
                     s,
                     svc,
+                    outbox,
                     key=f"timer:{row.pec_msgid}:{row.recipient}:{hours}",
                     mailbox=row.sender,
                     msg=notice,
-                    now=now,
-                    outbox=outbox,
+                    event=_event(
+                        Ricevuta.PREAVVISO_ERRORE_CONSEGNA.value,
+                        tx,
+                        now,
+                        svc.provider,
+                        [notice],
+                        error=f"timeout {hours}",
+                        data={"consegna": row.recipient, "timer": hours},
+                    ),
                 )
-                await _record(s, svc, tx, notice, row.recipient, hours, now)
                 sent += 1
         svc.wake.set()
         await flush(svc, outbox)
         return sent
-
-
-async def _record(
-    s: AsyncSession,
-    svc: Services,
-    tx: Transmission,
-    notice: BuiltMessage,
-    rcpt: str,
-    hours: str,
-    at: datetime,
-) -> None:
-    await record(
-        s,
-        _event(
-            Ricevuta.PREAVVISO_ERRORE_CONSEGNA.value,
-            tx,
-            at,
-            svc.provider,
-            [notice],
-            error=f"timeout {hours}",
-            data={"consegna": rcpt, "timer": hours},
-        ),
-    )
