@@ -139,6 +139,23 @@ async def fresh_postgres(server: str) -> str:
     return make_url(server).set(database=name).render_as_string(hide_password=False)
 
 
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(CPU seconds of process ``pid``, of its child processes now alive), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def own(p: int) -> float:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        children += [int(c) for c in task.read_text().split()]
+    return own(pid), sum(own(c) for c in children)
+
+
 class Scanner:
     """Per client msgid: when its accettazione and its avvenuta-consegna were first seen in the
     senders' Maildirs. Each file is read once, so watching costs the server's machine little."""
@@ -240,6 +257,7 @@ async def main() -> None:
     )
     wait_port(ports["smtps"], proc)
     store = MaildirStore(cfg.maildir_root)
+    cpu0 = cpu_seconds(proc.pid)
     started: dict[str, float] = {}
     t0 = time.monotonic()
     sub_elapsed = await run_clients(
@@ -257,6 +275,7 @@ async def main() -> None:
     e2e_elapsed = (
         max(v.get("avvenuta-consegna", 0) for v in seen.values()) - t0 if seen else float("nan")
     )
+    cpu1 = cpu_seconds(proc.pid)
     latencies = sorted(
         (v["accettazione"] - started[mid]) * 1000
         for mid, v in seen.items()
@@ -281,6 +300,11 @@ async def main() -> None:
         f"  pecd end-to-end messages/s            : {done / e2e_elapsed:8.1f}  ({done}/{total} delivery receipts)"
     )
     print(f"  DATA -> accettazione stored p50 / p99 : {p(0.5):8.1f} ms / {p(0.99):.1f} ms")
+    if done:
+        print(
+            f"  pecd CPU per message, main / formats  : {(cpu1[0] - cpu0[0]) / done * 1000:8.1f} ms"
+            f" / {(cpu1[1] - cpu0[1]) / done * 1000:.1f} ms"
+        )
     if args.postgres:
         await admin(args.postgres, f'DROP DATABASE IF EXISTS "{db_name(args.database_url)}"')
     if args.keep:

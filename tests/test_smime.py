@@ -291,6 +291,30 @@ def test_cms_structure(signer: KeySigner) -> None:
     assert "smime_capabilities" in attrs
 
 
+@pytest.mark.parametrize("digest", ["sha1", "sha256"])
+@pytest.mark.parametrize("with_chain", [False, True])
+def test_the_rsa_template_gives_the_bytes_asn1crypto_builds(
+    dev_pki: DevPki, digest: Any, with_chain: bool
+) -> None:
+    from pecd.pec import smime
+
+    signer = KeySigner.from_pem(
+        dev_pki.signing.key_pem,
+        dev_pki.signing.cert_pem,
+        dev_pki.ca.cert_pem if with_chain else None,
+    )
+    for i, content in enumerate([b"", b"hello\r\n", INNER * 40]):
+        when = SIGN_TIME + timedelta(days=400 * i, seconds=7 * i, microseconds=1234 * i)
+        fast = cms_sign_detached(content, signer, digest=digest, signing_time=when)
+        built = smime._cms_sign_built(content, signer, digest, when)
+        assert fast == built  # RSA PKCS#1 v1.5 is deterministic: the bytes must be the same
+    # Outside UTCTime's years the general path is taken, and still verifies.
+    late = datetime(2051, 1, 1, tzinfo=UTC)
+    der = cms_sign_detached(b"x", signer, digest=digest, signing_time=late)
+    assert der == smime._cms_sign_built(b"x", signer, digest, late)
+    assert smime._templates.cache_info().hits > 0
+
+
 def test_chain_is_included(dev_pki: DevPki, signer: KeySigner) -> None:
     ca = load_cert(dev_pki.ca.cert_pem)
     with_chain = KeySigner.from_pem(
