@@ -155,7 +155,8 @@ def classify(
         )
 
     # Legal data comes from the verified signed part; without one, from the message as received.
-    tree = mime.parse_entity(info.signed_content if info else raw)
+    # Only the outer structure counts: the wrapped original is not looked into.
+    tree = mime.parse_entity(info.signed_content if info else raw, into_messages=False)
     if info is None and present and tree.children:
         tree = tree.children[0]
     dc_bytes, postacert, n_dc = _find_parts(tree)

@@ -259,9 +259,12 @@ def split_multipart(body: Buffer, boundary: str) -> list[Buffer] | None:
     return parts
 
 
-def parse_entity(raw: Buffer, _depth: int = 0) -> Entity:
+def parse_entity(raw: Buffer, _depth: int = 0, *, into_messages: bool = True) -> Entity:
     """Parse ``raw`` into a tree that keeps the exact bytes of every part. Never raises on bad input:
-    what cannot be split stays a leaf. The tree holds views of ``raw``, not copies."""
+    what cannot be split stays a leaf. The tree holds views of ``raw``, not copies.
+
+    With ``into_messages`` false a wrapped message (message/rfc822) stays a leaf: a caller that
+    only looks at the outer structure does not pay for parsing the message inside."""
     view = raw if isinstance(raw, memoryview) else memoryview(raw)
     m = _HEAD_END.search(view)
     head, body = (
@@ -281,7 +284,7 @@ def parse_entity(raw: Buffer, _depth: int = 0) -> Entity:
         return entity
     if ctype.startswith("multipart/") and params.get("boundary"):
         for part in split_multipart(body, params["boundary"]) or []:
-            entity.children.append(parse_entity(part, _depth + 1))
-    elif ctype == "message/rfc822":
+            entity.children.append(parse_entity(part, _depth + 1, into_messages=into_messages))
+    elif ctype == "message/rfc822" and into_messages:
         entity.children.append(parse_entity(body, _depth + 1))
     return entity

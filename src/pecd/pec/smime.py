@@ -639,10 +639,12 @@ def _single_attr(attrs: Any, name: str) -> Any:
 
 def _sid_matches(sid: Any, cert: Any) -> bool:
     if sid.name == "issuer_and_serial_number":
-        return bool(
-            cert.serial_number == sid.chosen["serial_number"].native
-            and cert.issuer == sid.chosen["issuer"]
-        )
+        if cert.serial_number != sid.chosen["serial_number"].native:
+            return False
+        issuer = sid.chosen["issuer"]
+        # The same encoding is the same name; only differently encoded names need the
+        # (slow) RFC 5280 comparison.
+        return cert.issuer.dump() == issuer.dump() or bool(cert.issuer == issuer)
     ski = cert.key_identifier
     return ski is not None and bytes(ski) == bytes(sid.chosen.native)
 
