@@ -305,7 +305,6 @@ def _templates(
     filling in three fields gives the very bytes the general path gives (a test compares them),
     at a small part of the cost.
     """
-
     size = hashlib.new(digest).digest_size
     digest_slot, signature_slot = b"\xa5" * size, b"\x5a" * signature_size
     attrs = _signed_attrs(digest, _PLACEHOLDER_TIME, digest_slot)
@@ -331,13 +330,16 @@ def cms_sign_detached(
     public_key = signer.certificate.public_key()
     if not isinstance(public_key, rsa.RSAPublicKey) or not 1950 <= when.year < 2050:
         return _cms_sign_built(content, signer, digest, signing_time)
-    templates = _templates(*_signer_der(signer), digest, (public_key.key_size + 7) // 8)
+    size = (public_key.key_size + 7) // 8
+    templates = _templates(*_signer_der(signer), digest, size)
     if templates is None:
         return _cms_sign_built(content, signer, digest, signing_time)
     attrs_template, whole_template = templates
     time_der = when.strftime("%y%m%d%H%M%SZ").encode("ascii")
     message_digest = hashlib.new(digest, content).digest()
     signature = signer.sign_digest_input(attrs_template.fill([time_der, message_digest]), digest)
+    if len(signature) != size:  # a signer (an HSM adapter) that drops leading zero bytes
+        return _cms_sign_built(content, signer, digest, signing_time)
     return whole_template.fill([time_der, message_digest, signature])
 
 
