@@ -92,7 +92,10 @@ class Server:
         return self.app.access.port(name)
 
 
-async def _install(directory: Path, postgres_url: str | None, extra: str = "") -> Config:
+async def _install(
+    directory: Path, postgres_url: str | None, extra: str = "", queue: str = ""
+) -> Config:
+    """A test installation; ``queue`` adds lines to its [queue] section, ``extra`` sections."""
     await init_installation(
         directory, domain=DOMAIN, name="Example PEC S.p.A.", clock=SystemClock(), demo=False
     )
@@ -103,7 +106,7 @@ async def _install(directory: Path, postgres_url: str | None, extra: str = "") -
         text = text.replace(
             'data_dir = "data"', f'data_dir = "data"\ndatabase_url = "{postgres_url}"'
         )
-    text += "\n[queue]\nbase_delay_seconds = 0.2\n"
+    text += f"\n[queue]\nbase_delay_seconds = 0.2\n{queue}\n"
     text += '\n[limits]\nmax_recipients = 50\nmax_recipients_times_size = "30M"\n' + extra
     (directory / "pecd.toml").write_text(text, "utf-8")
     cfg = load_config(directory / "pecd.toml")
@@ -380,15 +383,7 @@ def test_a_delivery_that_keeps_failing_ends_in_errore_consegna(
         return real(self, address, *a, **kw)
 
     monkeypatch.setattr(MaildirStore, "deliver", broken_for_carol)
-    cfg = asyncio.run(_install(tmp_path / "inst", None))
-    assert cfg.source is not None
-    cfg.source.write_text(
-        cfg.source.read_text("utf-8").replace(
-            "base_delay_seconds = 0.2", "base_delay_seconds = 0.2\nmax_attempts = 3"
-        ),
-        "utf-8",
-    )
-    cfg = load_config(cfg.source)
+    cfg = asyncio.run(_install(tmp_path / "inst", None, queue="max_attempts = 3"))
     assert cfg.queue.max_attempts == 3
     srv = Server(cfg).start()
     try:

@@ -90,17 +90,8 @@ def test_stop_cuts_a_relay_stuck_on_a_silent_server(tmp_path: Path) -> None:
     black_hole.listen(4)
     port = black_hole.getsockname()[1]
     extra = f'\n[relay]\nstarttls = "off"\ntimeout_seconds = 120\n\n[routes]\n"slow.example" = "127.0.0.1:{port}"\n'
-    cfg = asyncio.run(_install(tmp_path / "inst", None, extra=extra))
-    assert cfg.source is not None
-    cfg.source.write_text(
-        cfg.source.read_text("utf-8").replace(
-            "base_delay_seconds = 0.2", "base_delay_seconds = 0.2\ndrain_seconds = 1"
-        ),
-        "utf-8",
-    )
-    from pecd.config import load_config
-
-    cfg = load_config(cfg.source)
+    cfg = asyncio.run(_install(tmp_path / "inst", None, extra=extra, queue="drain_seconds = 1"))
+    assert cfg.queue.drain_seconds == 1
     srv = Server(cfg).start()
     try:
         alice = f"alice@{DOMAIN}"
