@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from aiosmtpd.smtp import Envelope, Session
+from aiosmtpd.smtp import Envelope
+from aiosmtpd.smtp import Session as SMTPSession
+from sqlalchemy.orm import Session
 
 from pecd.points.smtp import IntakeEnvelope, Reply, peer_of
 from pecd.store import jobs
@@ -69,7 +71,7 @@ class Intake:
         self._queue.put_nowait(item)
         await asyncio.shield(item.done)
 
-    async def reply(self, kind: str, session: Session, envelope: Envelope, **extra: Any) -> str:
+    async def reply(self, kind: str, session: SMTPSession, envelope: Envelope, **extra: Any) -> str:
         """Commit one SMTP transaction, read by :class:`IntakeSMTP` (its ``data_prefix`` has put
         the Received: field in front: these are the job's bytes), as a job of ``kind``, and give
         the DATA reply: 250 with the key once it is durable (design.md invariant 1), 451 if it
@@ -148,9 +150,9 @@ class Intake:
         self.wake.set()
 
     async def _commit(self, batch: list[_Pending]) -> None:
-        async with self.db.session() as s, s.begin():
+        def commit(s: Session) -> None:
             for item in batch:
-                await jobs.enqueue(
+                jobs.enqueue_sync(
                     s,
                     kind=item.kind,
                     key=item.key,
@@ -158,6 +160,8 @@ class Intake:
                     data=item.data,
                     now=item.now,
                 )
+
+        await self.db.write(commit)
 
 
 def _succeed(item: _Pending) -> None:

@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives import serialization
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from pecd.clock import Clock
 from pecd.config import Config
@@ -33,7 +33,7 @@ from pecd.store import expectations, jobs
 from pecd.store.accounts import Accounts
 from pecd.store.db import Database
 from pecd.store.models import Job, Mailbox
-from pecd.store.trace import TraceEventData, record
+from pecd.store.trace import TraceEventData, record_sync
 
 if TYPE_CHECKING:
     from pecd.index import IndexService
@@ -160,8 +160,8 @@ class Outbox:
         return cls(worker=worker, lease_until=svc.clock.now() + lease)
 
 
-async def _store_job(
-    s: AsyncSession,
+def _store_job(
+    s: Session,
     svc: Services,
     *,
     key: str,
@@ -173,7 +173,7 @@ async def _store_job(
     """Queue ``msg`` for one mailbox: local mailboxes get a store job (in ``outbox``), others
     go to the relay."""
     if svc.is_local(mailbox):
-        created = await jobs.enqueue(
+        created = jobs.enqueue_sync(
             s,
             kind=STORE,
             key=key,
@@ -187,7 +187,7 @@ async def _store_job(
             outbox.items.append((key, mailbox, msg.raw))
         return created
     outbox.relayed = True
-    return await jobs.enqueue(
+    return jobs.enqueue_sync(
         s,
         kind=RELAY,
         key=key,
@@ -203,8 +203,8 @@ async def _store_job(
     )
 
 
-async def emit(
-    s: AsyncSession,
+def emit(
+    s: Session,
     svc: Services,
     outbox: Outbox,
     *,
@@ -214,8 +214,8 @@ async def emit(
     event: TraceEventData,
 ) -> None:
     """Send one generated message (keyed, so at most once) and log it, at the event's time."""
-    await _store_job(s, svc, key=key, mailbox=mailbox, msg=msg, now=event.at, outbox=outbox)
-    await record(s, event)
+    _store_job(s, svc, key=key, mailbox=mailbox, msg=msg, now=event.at, outbox=outbox)
+    record_sync(s, event)
 
 
 async def flush(svc: Services, outbox: Outbox) -> None:
@@ -229,8 +229,8 @@ async def flush(svc: Services, outbox: Outbox) -> None:
 
     try:
         await asyncio.to_thread(deliver_all)
-        async with svc.db.session() as s, s.begin():
-            await jobs.complete_leased(s, [k for k, _, _ in outbox.items], outbox.worker)
+        keys = [k for k, _, _ in outbox.items]
+        await svc.db.write(lambda s: jobs.complete_leased(s, keys, outbox.worker))
     except Exception:
         # Committed already: the store jobs run again when their lease expires.
         log.warning("storing %d messages failed; retried later", len(outbox.items), exc_info=True)
@@ -243,12 +243,14 @@ async def flush(svc: Services, outbox: Outbox) -> None:
 # stage's outputs (next jobs, trace events) into a session. The worker runs the writers of a whole
 # batch of claimed jobs in one transaction together with their completion, so the cost of a
 # commit is shared by the batch (design.md invariant 2 holds per job: a job's outputs and its
-# completion still commit together).
+# completion still commit together). Writers are synchronous and do database work only: the batch
+# runs as one :meth:`Database.write` (on SQLite in the writer thread, the lock held for its
+# statements alone).
 
-Writer = Callable[[AsyncSession, "Outbox"], Awaitable[None]]
+Writer = Callable[[Session, "Outbox"], None]
 
 
-async def _nothing(s: AsyncSession, outbox: Outbox) -> None:
+def _nothing(s: Session, outbox: Outbox) -> None:
     return None
 
 
@@ -277,8 +279,8 @@ async def stage_submission(svc: Services, job: Job) -> Writer:
             "non_accettazione", tx=tx, when=when, violations=violations
         )
 
-        async def refuse(s: AsyncSession, outbox: Outbox) -> None:
-            await emit(
+        def refuse(s: Session, outbox: Outbox) -> None:
+            emit(
                 s,
                 svc,
                 outbox,
@@ -308,8 +310,8 @@ async def stage_submission(svc: Services, job: Job) -> Writer:
         if not svc.is_local(r):
             remote.setdefault(domain_of(r), []).append(r)
 
-    async def accept(s: AsyncSession, outbox: Outbox) -> None:
-        await emit(
+    def accept(s: Session, outbox: Outbox) -> None:
+        emit(
             s,
             svc,
             outbox,
@@ -320,9 +322,9 @@ async def stage_submission(svc: Services, job: Job) -> Writer:
                 Ricevuta.ACCETTAZIONE.value, tx, now, svc.provider, [acc], data={"intake": job.key}
             ),
         )
-        await record(s, _event(Trasporto.POSTA_CERTIFICATA.value, tx, now, svc.provider, [env]))
+        record_sync(s, _event(Trasporto.POSTA_CERTIFICATA.value, tx, now, svc.provider, [env]))
         if local:
-            await jobs.enqueue(
+            jobs.enqueue_sync(
                 s,
                 kind=DELIVERY,
                 key=f"{job.key}:delivery",
@@ -331,7 +333,7 @@ async def stage_submission(svc: Services, job: Job) -> Writer:
                 now=now,
             )
         # The 12 h / 24 h timers run for PEC recipients at other providers (spec 9).
-        await expectations.expect(
+        expectations.expect_sync(
             s,
             pec_msgid=tx.identificativo,
             recipients=[r for rs in remote.values() for r in rs if svc.is_certified(r)],
@@ -341,7 +343,7 @@ async def stage_submission(svc: Services, job: Job) -> Writer:
         )
         for dom, rcpts in sorted(remote.items()):
             outbox.relayed = True
-            await jobs.enqueue(
+            jobs.enqueue_sync(
                 s,
                 kind=RELAY,
                 key=f"{job.key}:relay:{dom}",
@@ -420,8 +422,8 @@ async def stage_delivery(svc: Services, job: Job) -> Writer:
             )
             receipts.append((rcpt, Ricevuta.ERRORE_CONSEGNA.value, receipt, esteso))
 
-    async def write(s: AsyncSession, outbox: Outbox) -> None:
-        await emit(
+    def write(s: Session, outbox: Outbox) -> None:
+        emit(
             s,
             svc,
             outbox,
@@ -438,7 +440,7 @@ async def stage_delivery(svc: Services, job: Job) -> Writer:
             ),
         )
         for rcpt, event, receipt, error in receipts:
-            await emit(
+            emit(
                 s,
                 svc,
                 outbox,

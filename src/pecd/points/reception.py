@@ -24,9 +24,10 @@ import secrets
 import ssl
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, Envelope
+from aiosmtpd.smtp import Session as SMTPSession
 from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from pecd.config import Endpoint
 from pecd.pec.builders import Transmission
@@ -57,7 +58,7 @@ from pecd.points.smtp import (
 )
 from pecd.store import expectations, jobs
 from pecd.store.models import Job, TraceEvent
-from pecd.store.trace import TraceEventData, record
+from pecd.store.trace import TraceEventData, record_sync
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +84,24 @@ class ReceptionHandler:
         self.rcpt_cap = max(svc.cfg.limits.max_recipients * 2, 1000)
 
     async def handle_MAIL(
-        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+        self,
+        server: SMTP,
+        session: SMTPSession,
+        envelope: Envelope,
+        address: str,
+        options: list[str],
     ) -> str:
         envelope.mail_from = bare(address)
         envelope.mail_options.extend(options)
         return Reply.OK
 
     async def handle_RCPT(
-        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+        self,
+        server: SMTP,
+        session: SMTPSession,
+        envelope: Envelope,
+        address: str,
+        options: list[str],
     ) -> str:
         addr = bare(address)
         if not valid_address(addr):
@@ -102,7 +113,7 @@ class ReceptionHandler:
         envelope.rcpt_tos.append(addr)
         return Reply.RCPT_OK
 
-    async def data_prefix(self, server: SMTP, session: Session, envelope: Envelope) -> bytes:
+    async def data_prefix(self, server: SMTP, session: SMTPSession, envelope: Envelope) -> bytes:
         """The Received: field, written ahead of the message as DATA begins (IntakeSMTP reads
         the message into one buffer after it: one copy of it, however large)."""
         assert isinstance(envelope, IntakeEnvelope)
@@ -111,7 +122,7 @@ class ReceptionHandler:
         protocol = "ESMTPS" if session.ssl else "ESMTP"
         return received_header(session, by=self.hostname, protocol=protocol, key=key, now=now)
 
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+    async def handle_DATA(self, server: SMTP, session: SMTPSession, envelope: Envelope) -> str:
         if not envelope.rcpt_tos:
             return Reply.NO_RCPTS
         return await self.intake.reply(RECEPTION, session, envelope, tls=bool(session.ssl))
@@ -208,9 +219,9 @@ async def stage_reception(svc: Services, job: Job) -> Writer:
 
 
 def _both(first: Writer, second: Writer) -> Writer:
-    async def write(s: AsyncSession, outbox: Outbox) -> None:
-        await first(s, outbox)
-        await second(s, outbox)
+    def write(s: Session, outbox: Outbox) -> None:
+        first(s, outbox)
+        second(s, outbox)
 
     return write
 
@@ -238,9 +249,9 @@ async def _anomaly(
         "anomaly_envelope", received=raw, when=when, rcpt_to=rcpts or ["-"], error=reason
     )
 
-    async def wrap(s: AsyncSession, outbox: Outbox) -> None:
+    def wrap(s: Session, outbox: Outbox) -> None:
         for rcpt in rcpts:
-            await _store_job(
+            _store_job(
                 s,
                 svc,
                 key=f"{job.key}:anomalia:{rcpt}",
@@ -249,7 +260,7 @@ async def _anomaly(
                 now=now,
                 outbox=outbox,
             )
-        await record(
+        record_sync(
             s,
             TraceEventData(
                 at=now,
@@ -298,10 +309,10 @@ def _take_in_charge(
     # To and Cc (which receipt kind each recipient earns) from the signed original.
     tx = Transmission.from_daticert(c.daticert, envelope=c.postacert or b"")
 
-    async def write(s: AsyncSession, outbox: Outbox) -> None:
+    def write(s: Session, outbox: Outbox) -> None:
         # One delivery job for the whole SMTP transaction: one presa in carico covering every
         # recipient of it (spec 2.3), to the sending provider's service mailbox.
-        await jobs.enqueue(
+        jobs.enqueue_sync(
             s,
             kind=DELIVERY,
             key=f"{job.key}:delivery",
@@ -314,7 +325,7 @@ def _take_in_charge(
             data=raw,
             now=now,
         )
-        await record(
+        record_sync(
             s,
             TraceEventData(
                 at=now,
@@ -372,10 +383,10 @@ async def _receipt_back(
             errore_esteso=c.daticert.errore_esteso or "virus rilevato dal gestore del destinatario",
         )
 
-    async def write(s: AsyncSession, outbox: Outbox) -> None:
+    def write(s: Session, outbox: Outbox) -> None:
         for rcpt in targets:
             msg_key = f"ricevuta:{mid}:{rcpt}"
-            created = await jobs.enqueue(
+            created = jobs.enqueue_sync(
                 s,
                 kind="store",
                 key=msg_key,
@@ -388,10 +399,10 @@ async def _receipt_back(
             if created:
                 outbox.items.append((msg_key, rcpt, raw))
         if ours and c.daticert is not None:
-            await _settle(s, ricevuta, ident, c, now)
+            _settle(s, ricevuta, ident, c, now)
         if virus_notice is not None and sender and c.daticert is not None and c.daticert.consegna:
-            await expectations.close(s, ident, c.daticert.consegna, now, "virus")
-            await emit(
+            expectations.close_sync(s, ident, c.daticert.consegna, now, "virus")
+            emit(
                 s,
                 svc,
                 outbox,
@@ -408,7 +419,7 @@ async def _receipt_back(
                     data={"consegna": c.daticert.consegna, "rilevazione": job.key},
                 ),
             )
-        await record(
+        record_sync(
             s,
             TraceEventData(
                 at=now,
@@ -436,15 +447,13 @@ async def _receipt_back(
     return write
 
 
-async def _settle(
-    s: AsyncSession, ricevuta: Ricevuta, ident: str, c: Classification, now: Any
-) -> None:
+def _settle(s: Session, ricevuta: Ricevuta, ident: str, c: Classification, now: Any) -> None:
     """What a receipt that came back settles for the timers."""
     assert c.daticert is not None
     if ricevuta is Ricevuta.PRESA_IN_CARICO:
-        await expectations.took_charge(s, ident, list(c.daticert.ricezione), now)
+        expectations.took_charge_sync(s, ident, list(c.daticert.ricezione), now)
     elif ricevuta in (Ricevuta.AVVENUTA_CONSEGNA, Ricevuta.ERRORE_CONSEGNA) and c.daticert.consegna:
-        await expectations.close(s, ident, c.daticert.consegna, now, ricevuta.value)
+        expectations.close_sync(s, ident, c.daticert.consegna, now, ricevuta.value)
 
 
 __all__ = ["RECEPTION", "ReceptionPoint", "domain_of", "stage_reception"]

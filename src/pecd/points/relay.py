@@ -23,7 +23,7 @@ import aiosmtplib
 import dns.asyncresolver
 import dns.exception
 import dns.resolver
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from pecd.config import Config
 from pecd.pec.builders import BuiltMessage, Transmission
@@ -40,7 +40,7 @@ from pecd.points.pipeline import (
 )
 from pecd.store import expectations, jobs
 from pecd.store.models import Job
-from pecd.store.trace import TraceEventData, record
+from pecd.store.trace import TraceEventData, record_sync
 
 log = logging.getLogger(__name__)
 
@@ -246,21 +246,19 @@ async def stage_relay(svc: Services, job: Job) -> Writer:
             )
             notices.append((rcpt, notice, reply))
 
-    async def write(s: AsyncSession, outbox: Outbox) -> None:
+    def write(s: Session, outbox: Outbox) -> None:
         if accepted:
-            await record(s, _relay_event(RELAYED, job, tx, now, accepted, None))
+            record_sync(s, _relay_event(RELAYED, job, tx, now, accepted, None))
         failed = {**refused, **gave_up}
         if failed:
-            await record(
+            record_sync(
                 s,
                 _relay_event(RELAY_FAILED, job, tx, now, list(failed), "; ".join(failed.values())),
             )
         for rcpt, notice, reply in notices:
             assert tx is not None
-            await expectations.close(
-                s, tx.identificativo, rcpt, now, Ricevuta.ERRORE_CONSEGNA.value
-            )
-            await emit(
+            expectations.close_sync(s, tx.identificativo, rcpt, now, Ricevuta.ERRORE_CONSEGNA.value)
+            emit(
                 s,
                 svc,
                 outbox,
@@ -281,7 +279,7 @@ async def stage_relay(svc: Services, job: Job) -> Writer:
             # Every attempt is in the trace log; the next one is a job of its own, due after
             # an exponential backoff, which keeps the time of the first attempt for the expiry.
             attempt = int(p.get("attempt", 1))
-            await record(
+            record_sync(
                 s,
                 _relay_event(
                     RELAY_RETRY, job, tx, now, sorted(retry), "; ".join(sorted(set(retry.values())))
@@ -290,7 +288,7 @@ async def stage_relay(svc: Services, job: Job) -> Writer:
             q = svc.cfg.queue
             delay = min(q.base_delay_seconds * 2 ** (attempt - 1), q.max_delay_seconds)
             outbox.relayed = True
-            await jobs.enqueue(
+            jobs.enqueue_sync(
                 s,
                 kind=RELAY,
                 key=f"{job.key.split(':retry:')[0]}:retry:{attempt}",

@@ -16,6 +16,8 @@ import contextlib
 import logging
 from datetime import timedelta
 
+from sqlalchemy.orm import Session
+
 from pecd.pec.builders import BuiltMessage, Transmission
 from pecd.pec.timefmt import pec_time
 from pecd.pec.vocab import Ricevuta
@@ -81,15 +83,16 @@ class Timers:
                 # One bad row must not hold back everybody else's notices.
                 log.exception("timer notice for %s / %s failed", row.pec_msgid, row.recipient)
         outbox = Outbox.for_worker(svc, self.worker)
-        sent = 0
-        async with svc.db.session() as s, s.begin():
+
+        def write(s: Session) -> int:
+            sent = 0
             for row, final_notice, tx, notice in notices:
-                if not await expectations.noticed(
+                if not expectations.noticed_sync(
                     s, row.pec_msgid, row.recipient, now, final=final_notice
                 ):
                     continue  # another node was first
                 hours = "24h" if final_notice else "12h"
-                await emit(
+                emit(
                     s,
                     svc,
                     outbox,
@@ -107,6 +110,9 @@ class Timers:
                     ),
                 )
                 sent += 1
+            return sent
+
+        sent = await svc.db.write(write)
         svc.wake.set()
         await flush(svc, outbox)
         return sent

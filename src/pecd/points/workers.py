@@ -11,6 +11,8 @@ import time
 from collections.abc import Sequence
 from datetime import timedelta
 
+from sqlalchemy.orm import Session
+
 from pecd.points.pipeline import Outbox, Services, Stage, Writer, flush
 from pecd.store import jobs
 from pecd.store.models import Job
@@ -152,17 +154,19 @@ class WorkerPool:
 
     async def _commit(self, prepared: Sequence[tuple[Job, Writer]], outbox: Outbox) -> None:
         mark = len(outbox.items)
+        ids = [job.id for job, _ in prepared]
+
+        def commit(s: Session) -> None:
+            for _job, writer in prepared:
+                writer(s, outbox)
+            done = jobs.complete_many_sync(s, ids, worker=outbox.worker)
+            if done != len(prepared):
+                # A lease ran out while we worked: that job is another worker's now, and
+                # what we made for it must not commit beside what that worker makes.
+                raise LeaseLost(f"{len(prepared) - done} of {len(prepared)} leases lost")
+
         try:
-            async with self.svc.db.session() as s, s.begin():
-                for _job, writer in prepared:
-                    await writer(s, outbox)
-                done = await jobs.complete_many(
-                    s, [job.id for job, _ in prepared], worker=outbox.worker
-                )
-                if done != len(prepared):
-                    # A lease ran out while we worked: that job is another worker's now, and
-                    # what we made for it must not commit beside what that worker makes.
-                    raise LeaseLost(f"{len(prepared) - done} of {len(prepared)} leases lost")
+            await self.svc.db.write(commit)
         except BaseException:
             del outbox.items[mark:]  # rolled back: nothing of it is durable
             raise

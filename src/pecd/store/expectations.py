@@ -1,6 +1,7 @@
 """What PEC recipients at other providers still owe (presa in carico, delivery): the timers' table.
 
-Every function takes a session and does not commit; times are passed in.
+Every function takes a session and does not commit; times are passed in. The writes have a
+``_sync`` form for :meth:`~pecd.store.db.Database.write` and an async one (same arguments).
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ from typing import Any
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from pecd.store.models import Expectation
 
 
-async def expect(
-    session: AsyncSession,
+def expect_sync(
+    session: Session,
     *,
     pec_msgid: str,
     recipients: Sequence[str],
@@ -33,7 +35,7 @@ async def expect(
         {"pec_msgid": pec_msgid, "recipient": r, "sender": sender, "tx": tx, "sent_at": sent_at}
         for r in recipients
     ]
-    await session.execute(
+    session.execute(
         insert(Expectation.__table__).on_conflict_do_nothing(
             index_elements=["pec_msgid", "recipient"]
         ),
@@ -41,11 +43,11 @@ async def expect(
     )
 
 
-async def took_charge(
-    session: AsyncSession, pec_msgid: str, recipients: Sequence[str], at: datetime
+def took_charge_sync(
+    session: Session, pec_msgid: str, recipients: Sequence[str], at: datetime
 ) -> int:
     """A presa in carico covering ``recipients`` came back. Returns how many rows it touched."""
-    result = await session.execute(
+    result = session.execute(
         update(Expectation)
         .where(
             Expectation.pec_msgid == pec_msgid,
@@ -59,14 +61,14 @@ async def took_charge(
     return len(result.all())
 
 
-async def close(
-    session: AsyncSession, pec_msgid: str, recipient: str, at: datetime, outcome: str
+def close_sync(
+    session: Session, pec_msgid: str, recipient: str, at: datetime, outcome: str
 ) -> bool:
     """The recipient's transaction ended (delivered, error notice, final timeout)."""
     values: dict[str, Any] = {"closed_at": at, "outcome": outcome}
     if outcome != "scaduto":
         values["delivered_at"] = at
-    result = await session.execute(
+    result = session.execute(
         update(Expectation)
         .where(
             Expectation.pec_msgid == pec_msgid,
@@ -101,15 +103,15 @@ async def due(
     return list((await session.scalars(stmt)).all())
 
 
-async def noticed(
-    session: AsyncSession, pec_msgid: str, recipient: str, at: datetime, *, final: bool
+def noticed_sync(
+    session: Session, pec_msgid: str, recipient: str, at: datetime, *, final: bool
 ) -> bool:
     """Record that a notice went out; False if another node did it first."""
     column = Expectation.final_notice_at if final else Expectation.first_notice_at
     values: dict[str, Any] = {column.key: at}
     if final:
         values.update(closed_at=at, outcome="scaduto")
-    result = await session.execute(
+    result = session.execute(
         update(Expectation)
         .where(
             Expectation.pec_msgid == pec_msgid,
@@ -122,3 +124,19 @@ async def noticed(
         .execution_options(synchronize_session=False)
     )
     return result.first() is not None
+
+
+async def expect(session: AsyncSession, **kw: Any) -> None:
+    await session.run_sync(lambda s: expect_sync(s, **kw))
+
+
+async def took_charge(session: AsyncSession, *args: Any) -> int:
+    return await session.run_sync(lambda s: took_charge_sync(s, *args))
+
+
+async def close(session: AsyncSession, *args: Any) -> bool:
+    return await session.run_sync(lambda s: close_sync(s, *args))
+
+
+async def noticed(session: AsyncSession, *args: Any, final: bool) -> bool:
+    return await session.run_sync(lambda s: noticed_sync(s, *args, final=final))

@@ -24,6 +24,7 @@ from typing import Any
 from sqlalchemy import and_, bindparam, delete, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from pecd.store.db import Database
 from pecd.store.models import Job
@@ -38,8 +39,13 @@ class JobError(ValueError):
     """A job operation that cannot be done (no such job, or not in a suitable state)."""
 
 
-async def enqueue(
-    session: AsyncSession,
+async def enqueue(session: AsyncSession, **job: Any) -> bool:
+    """:func:`enqueue_sync` in an async session (same arguments)."""
+    return await session.run_sync(lambda s: enqueue_sync(s, **job))
+
+
+def enqueue_sync(
+    session: Session,
     *,
     kind: str,
     key: str,
@@ -72,7 +78,7 @@ async def enqueue(
         "created_at": now,
         "updated_at": now,
     }
-    result = await session.execute(_insert_stmt(session.get_bind().dialect.name), values)
+    result = session.execute(_insert_stmt(session.get_bind().dialect.name), values)
     return result.first() is not None
 
 
@@ -119,9 +125,13 @@ async def claim_batch(
         "until": now + lease,
         "limit": limit,
     }
-    async with db.session() as session, session.begin():
-        result = await session.execute(_claim_stmt(db.dialect), params)
-        return sorted(result.scalars().all(), key=lambda j: (j.next_run_at, j.id))
+    stmt = _claim_stmt(db.dialect)
+
+    def claim(session: Session) -> list[Job]:
+        return list(session.execute(stmt, params).scalars().all())
+
+    claimed = await db.write(claim)
+    return sorted(claimed, key=lambda j: (j.next_run_at, j.id))
 
 
 @functools.cache
@@ -186,8 +196,13 @@ def _done(now: datetime | None) -> dict[str, Any]:
     return values
 
 
-async def complete_many(
-    session: AsyncSession,
+async def complete_many(session: AsyncSession, job_ids: Sequence[int], **kw: Any) -> int:
+    """:func:`complete_many_sync` in an async session (same arguments)."""
+    return await session.run_sync(lambda s: complete_many_sync(s, job_ids, **kw))
+
+
+def complete_many_sync(
+    session: Session,
     job_ids: Sequence[int],
     *,
     now: datetime | None = None,
@@ -202,11 +217,11 @@ async def complete_many(
     if worker is not None:
         stmt = stmt.where(Job.state == RUNNING, Job.locked_by == worker)
     stmt = stmt.values(**_done(now)).returning(Job.id).execution_options(synchronize_session=False)
-    return len((await session.execute(stmt)).all())
+    return len(session.execute(stmt).all())
 
 
-async def complete_leased(
-    session: AsyncSession, keys: Sequence[str], worker: str, *, now: datetime | None = None
+def complete_leased(
+    session: Session, keys: Sequence[str], worker: str, *, now: datetime | None = None
 ) -> int:
     """Complete the jobs among ``keys`` that are still running under ``worker``'s lease (one a
     worker made for itself with ``enqueue(lease_to=...)``); returns how many. Does not commit."""
@@ -219,7 +234,7 @@ async def complete_leased(
         .returning(Job.id)
         .execution_options(synchronize_session=False)
     )
-    return len((await session.execute(stmt)).all())
+    return len(session.execute(stmt).all())
 
 
 def backoff(attempts: int, base_delay: timedelta, max_delay: timedelta) -> timedelta:

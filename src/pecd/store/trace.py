@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy import String, cast, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from pecd.store.models import TraceEvent
 
@@ -42,10 +43,15 @@ class TraceEventData:
 
 async def record(session: AsyncSession, event: TraceEventData) -> None:
     """Append ``event`` to the trace log (does not commit)."""
+    await session.run_sync(record_sync, event)
+
+
+def record_sync(session: Session, event: TraceEventData) -> None:
+    """:func:`record` in a synchronous session (:meth:`Database.write`)."""
     if event.at.tzinfo is None:
         raise ValueError("trace events need an aware datetime")
     # A Core INSERT: the ORM's unit of work costs more than the row itself on this hot path.
-    await session.execute(
+    session.execute(
         _INSERT,
         {
             "at": event.at,
