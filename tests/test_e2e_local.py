@@ -375,16 +375,13 @@ def test_a_delivery_that_keeps_failing_ends_in_errore_consegna(
     attempt; the other recipient is delivered once; nothing is left parked."""
     from pecd.mailbox.maildir import MaildirStore
 
-    real = MaildirStore.deliver
-
-    def broken_for_carol(self: MaildirStore, address: str, *a: Any, **kw: Any) -> Any:
-        if address == f"carol@{DOMAIN}":
-            raise OSError(28, "No space left on device")
-        return real(self, address, *a, **kw)
-
-    monkeypatch.setattr(MaildirStore, "deliver", broken_for_carol)
     cfg = asyncio.run(_install(tmp_path / "inst", None, queue="max_attempts = 3"))
     assert cfg.queue.max_attempts == 3
+    # Deliveries run in the format processes, out of a monkeypatch's reach: break the disk
+    # instead. carol's INBOX/tmp is a file, so every write into her INBOX fails.
+    inbox_dir = MaildirStore(cfg.maildir_root).ensure(f"carol@{DOMAIN}")
+    (inbox_dir / "tmp").rmdir()
+    (inbox_dir / "tmp").write_bytes(b"")
     srv = Server(cfg).start()
     try:
         alice, bob, carol = (f"{u}@{DOMAIN}" for u in ("alice", "bob", "carol"))

@@ -87,7 +87,9 @@ class App:
         maildir = MaildirStore(cfg.maildir_root)
         accounts = Accounts(db)
         provider = provider_identity(cfg)
-        formats = FormatWorkers(cfg, provider, processes=cfg.queue.format_processes)
+        formats = FormatWorkers(
+            cfg, provider, processes=cfg.queue.format_processes, maildir=maildir
+        )
         await formats.start(self.stack)
         limits = SubmissionLimits(
             max_size=cfg.limits.max_message_size,

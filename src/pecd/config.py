@@ -154,9 +154,10 @@ class LimitsConfig(_Section):
 class QueueConfig(_Section):
     workers: int = Field(default=2, ge=1, le=64)
     batch: int = Field(default=16, ge=1, le=1000)  # jobs a worker claims and commits at once
-    # Processes that build, sign and verify messages (0: inline, in the server process).
+    # Processes that build, sign and verify messages and write them into the Maildirs (0:
+    # inline, in the server process). They wait on fsync too, so one more than the CPUs.
     format_processes: int = Field(
-        default_factory=lambda: min(4, max(1, (os.cpu_count() or 1) - 1)), ge=0, le=64
+        default_factory=lambda: min(8, (os.cpu_count() or 1) + 1), ge=0, le=64
     )
     max_attempts: int = Field(default=10, ge=1)
     base_delay_seconds: float = Field(default=2.0, gt=0)

@@ -1,9 +1,16 @@
-"""The CPU-heavy PEC format work (building and signing messages, verifying envelopes), run in
-worker processes so that it uses the machine's other cores instead of stalling the event loop.
+"""The CPU-heavy PEC format work (building and signing messages, verifying envelopes) and the
+Maildir writes, run in worker processes so that they use the machine's other cores instead of
+stalling the event loop.
 
 The functions of ``pec/`` are pure, so a worker process only needs the provider identity, which
 it builds once from the config (a private key cannot be pickled, so it is loaded there, not
-sent). With ``processes = 0`` everything runs inline, as the tests of ``pec/`` do.
+sent), and the Maildir root. Each round trip to a worker costs the server a few hundred
+microseconds of CPU (pickling, the pool's feeder and result threads), so the stages ask for
+everything they can at once: :meth:`FormatWorkers.build_many`, :meth:`FormatWorkers.deliver_many`
+and :meth:`FormatWorkers.take_in_charge` (verify an envelope, store it for its recipients, build
+the presa in carico). Maildir deliveries are idempotent and process-safe (an flock per mailbox),
+so where they run does not matter. With ``processes = 0`` everything runs inline (the Maildir
+writes in a thread), as the tests of ``pec/`` do.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from pecd.config import Config
+from pecd.mailbox.maildir import MailboxFull, MaildirStore
 from pecd.memory import return_freed_messages_to_the_system
 from pecd.pec import builders
 from pecd.pec.builders import BuiltMessage, ProviderIdentity
@@ -62,12 +70,14 @@ def provider_identity(cfg: Config) -> ProviderIdentity:
 # --- inside a worker process --------------------------------------------------------------------
 
 _PROVIDER: ProviderIdentity | None = None
+_MAILDIR: MaildirStore | None = None
 
 
 def _init(cfg: Config, parent: int) -> None:
-    global _PROVIDER
+    global _PROVIDER, _MAILDIR
     return_freed_messages_to_the_system()
     _PROVIDER = provider_identity(cfg)
+    _MAILDIR = MaildirStore(cfg.maildir_root)
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
 
 
@@ -89,9 +99,73 @@ def _build(name: str, kwargs: dict[str, Any]) -> BuiltMessage:
     return result
 
 
+def _build_many(calls: list[tuple[str, dict[str, Any]]]) -> list[BuiltMessage]:
+    return [_build(name, kwargs) for name, kwargs in calls]
+
+
 def _classify(raw: bytes) -> Classification:
     # The signer's certificate object does not cross a process boundary; its report does.
     return dataclasses.replace(classify(raw), signature_info=None)
+
+
+# One Maildir delivery: (address, key, bytes, quota in bytes or None).
+Delivery = tuple[str, str, bytes, int | None]
+DELIVERED = "delivered"
+FULL = "full"
+
+
+def deliver_each(store: MaildirStore, items: list[Delivery]) -> list[str]:
+    """Deliver every item; for each, ``DELIVERED`` (now or before), ``FULL`` (over its quota),
+    or the error that stopped it. One failure does not stop the others."""
+    outcomes = []
+    for address, key, data, quota in items:
+        try:
+            store.deliver(address, key, data, quota_bytes=quota)
+        except MailboxFull:
+            outcomes.append(FULL)
+        except Exception as exc:  # reported to the stage, which retries or gives up
+            log.exception("delivery of %s to %s failed", key, address)
+            outcomes.append(f"{type(exc).__name__}: {exc}")
+        else:
+            outcomes.append(DELIVERED)
+    return outcomes
+
+
+def _deliver_many(items: list[Delivery]) -> list[str]:
+    assert _MAILDIR is not None
+    return deliver_each(_MAILDIR, items)
+
+
+@dataclasses.dataclass(frozen=True)
+class TakenInCharge:
+    """What :meth:`FormatWorkers.take_in_charge` gives: the envelope's classification; when it
+    is valid PEC, each delivery's outcome (as :func:`deliver_each`) and the presa in carico."""
+
+    classification: Classification
+    outcomes: list[str]
+    presa: BuiltMessage | None
+
+
+def take_in_charge(
+    provider: ProviderIdentity,
+    store: MaildirStore,
+    env: bytes,
+    deliveries: list[Delivery],
+    presa: dict[str, Any],
+) -> TakenInCharge:
+    c = classify(env)
+    if not c.is_valid_pec:
+        return TakenInCharge(c, [], None)
+    outcomes = deliver_each(store, deliveries)
+    return TakenInCharge(c, outcomes, builders.presa_in_carico(provider=provider, **presa))
+
+
+def _take_in_charge(env: bytes, deliveries: list[Delivery], presa: dict[str, Any]) -> TakenInCharge:
+    assert _PROVIDER is not None and _MAILDIR is not None
+    taken = take_in_charge(_PROVIDER, _MAILDIR, env, deliveries, presa)
+    return dataclasses.replace(
+        taken, classification=dataclasses.replace(taken.classification, signature_info=None)
+    )
 
 
 def _carries_a_message(args: Any) -> bool:
@@ -100,6 +174,8 @@ def _carries_a_message(args: Any) -> bool:
         if isinstance(arg, bytes | bytearray | memoryview) and len(arg) >= 1024 * 1024:
             return True
         if isinstance(arg, dict) and _carries_a_message(arg.values()):
+            return True
+        if isinstance(arg, list | tuple) and _carries_a_message(arg):
             return True
     return False
 
@@ -110,10 +186,18 @@ def _carries_a_message(args: Any) -> bool:
 class FormatWorkers:
     """``await formats.build("accettazione", tx=..., when=...)``, ``await formats.classify(raw)``."""
 
-    def __init__(self, cfg: Config, provider: ProviderIdentity, *, processes: int) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        provider: ProviderIdentity,
+        *,
+        processes: int,
+        maildir: MaildirStore | None = None,
+    ) -> None:
         self.cfg = cfg
         self.provider = provider
         self.processes = processes
+        self.maildir = maildir or MaildirStore(cfg.maildir_root)
         self._pool: ProcessPoolExecutor | None = None
         self._replacing = asyncio.Lock()
 
@@ -189,3 +273,34 @@ class FormatWorkers:
             return classify(raw)
         result: Classification = await self._run(_classify, raw)
         return result
+
+    async def build_many(self, *calls: tuple[str, dict[str, Any]]) -> list[BuiltMessage]:
+        """Several :meth:`build` calls in one round trip, results in order."""
+        for name, _ in calls:
+            if name not in BUILDERS:
+                raise ValueError(f"unknown builder {name!r}")
+        if self.processes == 0:
+            return [getattr(builders, name)(provider=self.provider, **kw) for name, kw in calls]
+        built: list[BuiltMessage] = await self._run(_build_many, list(calls))
+        return built
+
+    async def deliver_many(self, items: list[Delivery]) -> list[str]:
+        """Maildir deliveries, outcomes in order (see :func:`deliver_each`)."""
+        if not items:
+            return []
+        if self.processes == 0:
+            return await asyncio.to_thread(deliver_each, self.maildir, items)
+        outcomes: list[str] = await self._run(_deliver_many, items)
+        return outcomes
+
+    async def take_in_charge(
+        self, env: bytes, deliveries: list[Delivery], presa: dict[str, Any]
+    ) -> TakenInCharge:
+        """Verify ``env``; if it is valid PEC, deliver it (``deliveries``) and build the presa in
+        carico from the ``presa`` arguments, all in one round trip."""
+        if self.processes == 0:
+            return await asyncio.to_thread(
+                take_in_charge, self.provider, self.maildir, env, deliveries, presa
+            )
+        taken: TakenInCharge = await self._run(_take_in_charge, env, deliveries, presa)
+        return taken

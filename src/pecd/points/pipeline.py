@@ -21,14 +21,14 @@ from sqlalchemy.orm import Session
 
 from pecd.clock import Clock
 from pecd.config import Config
-from pecd.mailbox.maildir import MailboxFull, MaildirStore
+from pecd.mailbox.maildir import MaildirStore
 from pecd.pec.builders import BuiltMessage, ProviderIdentity, Transmission
 from pecd.pec.checks import Submission, SubmissionLimits, check_submission
 from pecd.pec.daticert import Daticert
 from pecd.pec.daticert import to_json as daticert_json
 from pecd.pec.timefmt import pec_time
 from pecd.pec.vocab import Errore, Ricevuta, Trasporto
-from pecd.points.formats import FormatWorkers
+from pecd.points.formats import DELIVERED, FULL, Delivery, FormatWorkers
 from pecd.store import expectations, jobs
 from pecd.store.accounts import Accounts
 from pecd.store.db import Database
@@ -223,13 +223,13 @@ async def flush(svc: Services, outbox: Outbox) -> None:
     if not outbox.items:
         return
 
-    def deliver_all() -> None:
-        for key, mailbox, data in outbox.items:
-            svc.maildir.deliver(mailbox, key, data)
-
     try:
-        await asyncio.to_thread(deliver_all)
-        keys = [k for k, _, _ in outbox.items]
+        # Receipts are never refused for quota: losing one would lose the holder's legal proof.
+        outcomes = await svc.formats.deliver_many(
+            [(mailbox, key, data, None) for key, mailbox, data in outbox.items]
+        )
+        # A message that could not be stored keeps its job: it runs again when its lease ends.
+        keys = [k for (k, _, _), o in zip(outbox.items, outcomes, strict=True) if o == DELIVERED]
         await svc.db.write(lambda s: jobs.complete_leased(s, keys, outbox.worker))
     except Exception:
         # Committed already: the store jobs run again when their lease expires.
@@ -300,9 +300,9 @@ async def stage_submission(svc: Services, job: Job) -> Writer:
 
         return refuse
 
-    acc, env = await asyncio.gather(
-        svc.formats.build("accettazione", tx=tx, when=when),
-        svc.formats.build("transport_envelope", original=raw, tx=tx, when=when),
+    acc, env = await svc.formats.build_many(
+        ("accettazione", {"tx": tx, "when": when}),
+        ("transport_envelope", {"original": raw, "tx": tx, "when": when}),
     )
     local = [r for r in tx.addresses if svc.is_local(r)]
     remote: dict[str, list[str]] = {}
@@ -374,53 +374,79 @@ async def stage_delivery(svc: Services, job: Job) -> Writer:
     p = job.payload
     env = job.data or b""
     tx = Transmission.from_json(p["tx"])
-    c = await svc.formats.classify(env)
-    if not c.is_valid_pec:
-        # Our own envelope failing our own verification is a bug or corruption: never deliver it.
-        raise StageError(f"envelope {tx.identificativo} does not verify: {'; '.join(c.errors)}")
     recipients: list[str] = list(p["recipients"])
+    name = svc.provider.name
+    # Who cannot receive it, from the accounts; the others get it in their INBOX.
+    refused: dict[str, tuple[Errore, str]] = {}
+    deliveries: list[Delivery] = []
+    for rcpt in recipients:
+        mb = await svc.mailbox(rcpt)
+        if mb is None:
+            refused[rcpt] = (Errore.NO_DEST, f"5.1.1 - {name} - indirizzo non valido")
+        elif mb.disabled:
+            refused[rcpt] = (Errore.ALTRO, f"5.2.1 - {name} - casella disabilitata")
+        else:
+            deliveries.append((rcpt, f"{tx.identificativo}:{rcpt}", env, mb.quota_bytes))
     # Same-provider mail gets full processing (RFC 6109 3.4): one presa in carico per
     # transaction, covering every recipient here, to our own service mailbox.
     taken = pec_time(svc.clock.now())
     # Our own service mailbox for same-provider mail; the sending provider's for relayed mail.
     mail_receipt = p.get("mail_receipt") or svc.cfg.provider.mail_receipt
-    presa = await svc.formats.build(
-        "presa_in_carico", tx=tx, when=taken, ricezione=recipients, mail_receipt=mail_receipt
+    # Verified as a reception point would, stored, and taken in charge: one round trip.
+    done = await svc.formats.take_in_charge(
+        env,
+        deliveries,
+        {"tx": tx, "when": taken, "ricezione": recipients, "mail_receipt": mail_receipt},
     )
+    c = done.classification
+    if not c.is_valid_pec or done.presa is None:
+        # Our own envelope failing our own verification is a bug or corruption: never deliver it.
+        raise StageError(f"envelope {tx.identificativo} does not verify: {'; '.join(c.errors)}")
+    presa = done.presa
     # On its last attempt a delivery that keeps failing for a recipient (a disk error, say)
     # becomes that recipient's errore-consegna: every recipient gets exactly one answer, even
     # when the job would otherwise be parked.
     last_try = job.attempts >= svc.cfg.queue.max_attempts
-    outcomes: list[tuple[str, tuple[Errore, str] | None]] = []
-    for rcpt in recipients:
-        try:
-            outcomes.append((rcpt, await _deliver_one(svc, tx, rcpt, env)))
-        except Exception:
+    for (rcpt, _key, _data, _quota), outcome in zip(deliveries, done.outcomes, strict=True):
+        if outcome == FULL:
+            refused[rcpt] = (Errore.ALTRO, f"5.2.2 - {name} - casella piena")
+        elif outcome != DELIVERED:
             if not last_try:
-                raise
-            log.exception("delivery to %s failed on the last attempt", rcpt)
-            outcomes.append(
-                (rcpt, (Errore.ALTRO, f"5.3.0 - {svc.provider.name} - errore di sistema"))
-            )
+                raise StageError(f"delivery to {rcpt} failed: {outcome}")
+            log.error("delivery to %s failed on the last attempt: %s", rcpt, outcome)
+            refused[rcpt] = (Errore.ALTRO, f"5.3.0 - {name} - errore di sistema")
+    # The receipts' time is after the deliveries they attest.
     when = pec_time(svc.clock.now())
-    receipts: list[tuple[str, str, BuiltMessage, str | None]] = []
-    for rcpt, outcome in outcomes:
-        if outcome is None:
-            receipt = await svc.formats.build(
-                "avvenuta_consegna", tx=tx, when=when, recipient=rcpt, postacert=c.postacert
+    calls: list[tuple[str, dict[str, Any]]] = []
+    for rcpt in recipients:
+        if rcpt not in refused:
+            calls.append(
+                (
+                    "avvenuta_consegna",
+                    {"tx": tx, "when": when, "recipient": rcpt, "postacert": c.postacert},
+                )
             )
-            receipts.append((rcpt, Ricevuta.AVVENUTA_CONSEGNA.value, receipt, None))
         else:
-            errore, esteso = outcome
-            receipt = await svc.formats.build(
-                "errore_consegna",
-                tx=tx,
-                when=when,
-                recipient=rcpt,
-                errore=errore,
-                errore_esteso=esteso,
+            errore, esteso = refused[rcpt]
+            calls.append(
+                (
+                    "errore_consegna",
+                    {
+                        "tx": tx,
+                        "when": when,
+                        "recipient": rcpt,
+                        "errore": errore,
+                        "errore_esteso": esteso,
+                    },
+                )
             )
-            receipts.append((rcpt, Ricevuta.ERRORE_CONSEGNA.value, receipt, esteso))
+    built = await svc.formats.build_many(*calls)
+    receipts: list[tuple[str, str, BuiltMessage, str | None]] = [
+        (rcpt, Ricevuta.AVVENUTA_CONSEGNA.value, receipt, None)
+        if rcpt not in refused
+        else (rcpt, Ricevuta.ERRORE_CONSEGNA.value, receipt, refused[rcpt][1])
+        for rcpt, receipt in zip(recipients, built, strict=True)
+    ]
 
     def write(s: Session, outbox: Outbox) -> None:
         emit(
@@ -463,24 +489,6 @@ async def stage_delivery(svc: Services, job: Job) -> Writer:
     return write
 
 
-async def _deliver_one(
-    svc: Services, tx: Transmission, rcpt: str, env: bytes
-) -> tuple[Errore, str] | None:
-    """Store the envelope in ``rcpt``'s INBOX; None on success, else (errore, errore-esteso)."""
-    name = svc.provider.name
-    mb = await svc.mailbox(rcpt)
-    if mb is None:
-        return Errore.NO_DEST, f"5.1.1 - {name} - indirizzo non valido"
-    if mb.disabled:
-        return Errore.ALTRO, f"5.2.1 - {name} - casella disabilitata"
-    key = f"{tx.identificativo}:{rcpt}"
-    try:
-        await asyncio.to_thread(svc.maildir.deliver, rcpt, key, env, quota_bytes=mb.quota_bytes)
-    except MailboxFull:
-        return Errore.ALTRO, f"5.2.2 - {name} - casella piena"
-    return None
-
-
 # --- stage: store (a finished message into one local mailbox) --------------------------------
 
 
@@ -490,7 +498,9 @@ async def stage_store(svc: Services, job: Job) -> Writer:
     if mb is None:
         raise StageError(f"mailbox {mailbox} does not exist")
     # Receipts are never refused for quota: losing one would lose the holder's legal proof.
-    await asyncio.to_thread(svc.maildir.deliver, mailbox, job.key, job.data or b"")
+    [outcome] = await svc.formats.deliver_many([(mailbox, job.key, job.data or b"", None)])
+    if outcome != DELIVERED:
+        raise StageError(f"storing in {mailbox} failed: {outcome}")
     return _nothing
 
 
