@@ -198,6 +198,7 @@ async def main() -> None:
     ap.add_argument(
         "--format-processes", type=int, default=None, help="default: the config default"
     )
+    ap.add_argument("--batch", type=int, default=None, help="queue.batch; default: the config's")
     ap.add_argument(
         "--postgres",
         default="",
@@ -220,6 +221,8 @@ async def main() -> None:
     text += f"\n[queue]\nworkers = {args.workers}\npoll_seconds = 0.2\n"
     if args.format_processes is not None:
         text += f"format_processes = {args.format_processes}\n"
+    if args.batch is not None:
+        text += f"batch = {args.batch}\n"
     (inst / "pecd.toml").write_text(text)
     cfg = load_config(inst / "pecd.toml")
     from pecd.store.db import migrate_async

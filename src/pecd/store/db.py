@@ -121,6 +121,32 @@ def _install_sqlite_events(engine: Engine) -> None:
         conn.exec_driver_sql(f"BEGIN {mode}")
 
 
+_DEFERRED = "pecd.deferred"
+
+
+def defer(session: Session, stmt: Any, params: dict[str, Any]) -> None:
+    """Execute the INSERT ``stmt`` with ``params`` now or, inside :meth:`Database.write`, with
+    the other rows deferred to it in one executemany just before the commit (for rows nothing
+    in the transaction reads back, such as trace events)."""
+    deferred: dict[Any, list[dict[str, Any]]] | None = session.info.get(_DEFERRED)
+    if deferred is None:
+        session.execute(stmt, params)
+    else:
+        deferred.setdefault(stmt, []).append(params)
+
+
+def _with_deferred(session: Session, fn: Callable[[Session], T]) -> T:
+    deferred: dict[Any, list[dict[str, Any]]] = {}
+    session.info[_DEFERRED] = deferred
+    try:
+        result = fn(session)
+        for stmt, rows in deferred.items():
+            session.execute(stmt, rows)
+        return result
+    finally:
+        session.info.pop(_DEFERRED, None)
+
+
 class Database:
     """An open database: the async engine(s) and their session factories.
 
@@ -200,12 +226,12 @@ class Database:
         """
         if self._writer_thread is None or self._writer_sessions is None:
             async with self.session() as s, s.begin():
-                return await s.run_sync(fn)
+                return await s.run_sync(_with_deferred, fn)
         sessions = self._writer_sessions
 
         def run() -> T:
             with sessions() as s, s.begin():
-                return fn(s)
+                return _with_deferred(s, fn)
 
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._writer_thread, run)

@@ -15,6 +15,7 @@ from sqlalchemy import String, cast, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
+from pecd.store.db import defer
 from pecd.store.models import TraceEvent
 
 
@@ -51,7 +52,9 @@ def record_sync(session: Session, event: TraceEventData) -> None:
     if event.at.tzinfo is None:
         raise ValueError("trace events need an aware datetime")
     # A Core INSERT: the ORM's unit of work costs more than the row itself on this hot path.
-    session.execute(
+    # Nothing reads an event back in the transaction that writes it: one executemany at its end.
+    defer(
+        session,
         _INSERT,
         {
             "at": event.at,
