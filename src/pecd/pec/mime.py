@@ -234,22 +234,40 @@ def _params(head: bytes) -> tuple[str, dict[str, str], str | None]:
 
 
 _NL = re.compile(rb"\n")
+# Any line that starts with "--", with the rest of the line (its ending excluded). Boundaries
+# are compared with the line's text, not built into a pattern: compiling a pattern for each
+# message's own boundary cost more than the search.
+_DASH_LINE = re.compile(rb"(?:\A|\n)--([^\r\n]*)(?=\r?\n|\Z)")
+
+
+def delimiter_kind(line: bytes, boundary: bytes) -> int:
+    """For the text after ``--`` of a line: 1 if it is ``boundary``'s delimiter, 2 if its closing
+    delimiter, 0 if neither (trailing spaces and tabs allowed, RFC 2046 5.1.1)."""
+    line = line.rstrip(b" \t")
+    if line == boundary:
+        return 1
+    if line == boundary + b"--":
+        return 2
+    return 0
 
 
 def split_multipart(body: Buffer, boundary: str) -> list[Buffer] | None:
     """The body parts between ``--boundary`` delimiters (each without the delimiter's line ending),
     or None when the opening delimiter is missing. Parts slice ``body``: views of a memoryview."""
-    delim = re.compile(
-        rb"(?:^|\r?\n)--"
-        + re.escape(boundary.encode("latin-1", "replace"))
-        + rb"(--)?[ \t]*(?=\r?\n|$)"
-    )
+    bnd = boundary.encode("latin-1", "replace")
     parts: list[Buffer] = []
     start: int | None = None
-    for m in delim.finditer(body):
+    for m in _DASH_LINE.finditer(body):
+        kind = delimiter_kind(m.group(1), bnd)
+        if not kind:
+            continue
+        # The delimiter includes the line ending before it.
+        at = m.start()
+        if at > 0 and body[at - 1] == 13:  # \r
+            at -= 1
         if start is not None:
-            parts.append(body[start : m.start()])
-        if m.group(1):
+            parts.append(body[start:at])
+        if kind == 2:
             return parts
         nl = _NL.search(body, m.end())
         start = len(body) if nl is None else nl.end()

@@ -34,6 +34,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
+from pecd.pec.mime import delimiter_kind
 from pecd.pec.vocab import CT_SIGNATURE, CT_SIGNATURE_ALIASES, SMIME_FILENAME, SMIME_PREAMBLE
 
 __all__ = [
@@ -532,6 +533,21 @@ def _decode_signature_part(part: bytes) -> bytes:
     return der
 
 
+# A line starting with "--" (its text after the dashes, without the line ending).
+_DASH_LINE = re.compile(rb"^--([^\r\n]*)\r?$", re.MULTILINE)
+
+
+def _delimiter(body: bytes, boundary: bytes, pos: int) -> tuple[int, int, bool] | None:
+    """The first delimiter line of ``boundary`` at or after ``pos``: (start of the line, end of
+    its text, whether it is the closing one); None if there is none. A pattern compiled for
+    each message's own boundary would cost more than the search."""
+    for m in _DASH_LINE.finditer(body, pos):
+        kind = delimiter_kind(m.group(1), boundary)
+        if kind:
+            return m.start(), m.end(), kind == 2
+    return None
+
+
 def _split_signed(raw: bytes) -> tuple[bytes, bytes, str | None]:
     split = _split_head(raw)
     if split is None:
@@ -555,25 +571,23 @@ def _split_signed(raw: bytes) -> tuple[bytes, bytes, str | None]:
         )
     micalg = params.get("micalg")
 
-    delimiter = re.compile(
-        rb"^--" + re.escape(boundary.encode("latin-1")) + rb"(--)?[ \t]*\r?$", re.MULTILINE
-    )
-    first = delimiter.search(body)
-    if first is None or first.group(1):
+    bnd = boundary.encode("latin-1")
+    first = _delimiter(body, bnd, 0)
+    if first is None or first[2]:
         raise SignatureError("malformed-mime", "the boundary of multipart/signed is never opened")
-    start = _line_end(body, first.end())
-    second = delimiter.search(body, start)
+    start = _line_end(body, first[1])
+    second = _delimiter(body, bnd, start)
     if second is None:
         raise SignatureError("malformed-mime", "multipart/signed has a single unterminated part")
-    signed = body[start : _part_end(body, start, second.start())]
-    if second.group(1):
+    signed = body[start : _part_end(body, start, second[0])]
+    if second[2]:
         raise SignatureError("malformed-mime", "multipart/signed has no signature part")
-    sig_start = _line_end(body, second.end())
-    third = delimiter.search(body, sig_start)
+    sig_start = _line_end(body, second[1])
+    third = _delimiter(body, bnd, sig_start)
     sig_part = (
         body[sig_start:]
         if third is None
-        else body[sig_start : _part_end(body, sig_start, third.start())]
+        else body[sig_start : _part_end(body, sig_start, third[0])]
     )
     return _to_crlf(signed), _decode_signature_part(sig_part), micalg
 
