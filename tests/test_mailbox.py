@@ -120,6 +120,23 @@ def test_deliver_is_idempotent_after_imap_claimed_and_flagged(store: MaildirStor
     assert store.list_folder(ADDR) == [claimed]
 
 
+def test_a_fresh_delivery_does_not_read_the_folder(
+    store: MaildirStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fresh=True (the key was never delivered) skips the search for an earlier copy, which
+    reads the whole folder; a second delivery of the key is still caught in new/."""
+    store.deliver(ADDR, "older", b"Subject: o\r\n\r\no\r\n")
+
+    def no_search(*_: object) -> None:
+        raise AssertionError("searched the folder")
+
+    monkeypatch.setattr(MaildirStore, "_find", staticmethod(no_search))
+    first = store.deliver(ADDR, "k", b"Subject: a\r\n\r\na\r\n", fresh=True)
+    again = store.deliver(ADDR, "k", b"Subject: a\r\n\r\na\r\n", fresh=True)
+    assert first.created and not again.created
+    assert len(store.list_folder(ADDR)) == 2
+
+
 def test_concurrent_deliveries_of_one_key_create_one_file(store: MaildirStore) -> None:
     data = b"Subject: race\r\n\r\nx\r\n"
     with ThreadPoolExecutor(8) as pool:

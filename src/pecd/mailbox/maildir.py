@@ -15,7 +15,10 @@ stored byte for byte, which keeps S/MIME signatures (computed over the CRLF cano
 
 Delivery file names are ``<sha256(key) hex[:40]>,S=<size>``: the base name derives only from the
 delivery key, so a re-run of the same delivery finds the earlier file (in ``new/``, or in ``cur/``
-once an IMAP server has claimed it and added ``:2,<flags>``) and writes nothing.
+once an IMAP server has claimed it and added ``:2,<flags>``) and writes nothing. That search
+reads the whole folder; a caller that knows the key was never delivered (its job was created in
+the transaction just committed) passes ``fresh=True`` and skips it, so that a folder that only
+grows (the provider's service mailbox gets every presa in carico) is not read on each delivery.
 """
 
 from __future__ import annotations
@@ -232,21 +235,29 @@ class MaildirStore:
         *,
         folder: str = INBOX,
         quota_bytes: int | None = None,
+        fresh: bool = False,
     ) -> Delivered:
         """Store one message atomically and idempotently (see the module docstring).
 
         Raises MailboxFull (before writing anything) when ``quota_bytes`` is set and the
-        mailbox usage plus this message would exceed it.
+        mailbox usage plus this message would exceed it. ``fresh``: ``key`` has never been
+        delivered anywhere (skip the search for an earlier copy; ``new/`` is still checked).
         """
         try:
-            return self._deliver(address, key, data, folder, quota_bytes)
+            return self._deliver(address, key, data, folder, quota_bytes, fresh)
         except FileNotFoundError:
             # The tree changed under us (a mailbox removed by hand): make it again, once.
             self._ready.pop((address.strip().lower(), folder), None)
-            return self._deliver(address, key, data, folder, quota_bytes)
+            return self._deliver(address, key, data, folder, quota_bytes, fresh)
 
     def _deliver(
-        self, address: str, key: str, data: bytes, folder: str, quota_bytes: int | None
+        self,
+        address: str,
+        key: str,
+        data: bytes,
+        folder: str,
+        quota_bytes: int | None,
+        fresh: bool = False,
     ) -> Delivered:
         ready = self._ready.get((address.strip().lower(), folder))
         if ready is None:
@@ -261,7 +272,7 @@ class MaildirStore:
         # deliveries of one key could both pass the check while an IMAP server moves the first
         # file from new/ to cur/ in between.
         with self._delivery_lock(base):
-            existing = self._find(path, stem)
+            existing = None if fresh else self._find(path, stem)
             if existing is not None:
                 return Delivered(existing, created=False)
             if quota_bytes is not None:

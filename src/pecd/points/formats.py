@@ -114,13 +114,14 @@ DELIVERED = "delivered"
 FULL = "full"
 
 
-def deliver_each(store: MaildirStore, items: list[Delivery]) -> list[str]:
+def deliver_each(store: MaildirStore, items: list[Delivery], fresh: bool = False) -> list[str]:
     """Deliver every item; for each, ``DELIVERED`` (now or before), ``FULL`` (over its quota),
-    or the error that stopped it. One failure does not stop the others."""
+    or the error that stopped it. One failure does not stop the others. ``fresh``: no key of
+    ``items`` was ever delivered (see :meth:`MaildirStore.deliver`)."""
     outcomes = []
     for address, key, data, quota in items:
         try:
-            store.deliver(address, key, data, quota_bytes=quota)
+            store.deliver(address, key, data, quota_bytes=quota, fresh=fresh)
         except MailboxFull:
             outcomes.append(FULL)
         except Exception as exc:  # reported to the stage, which retries or gives up
@@ -131,9 +132,9 @@ def deliver_each(store: MaildirStore, items: list[Delivery]) -> list[str]:
     return outcomes
 
 
-def _deliver_many(items: list[Delivery]) -> list[str]:
+def _deliver_many(items: list[Delivery], fresh: bool) -> list[str]:
     assert _MAILDIR is not None
-    return deliver_each(_MAILDIR, items)
+    return deliver_each(_MAILDIR, items, fresh)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,13 +285,13 @@ class FormatWorkers:
         built: list[BuiltMessage] = await self._run(_build_many, list(calls))
         return built
 
-    async def deliver_many(self, items: list[Delivery]) -> list[str]:
+    async def deliver_many(self, items: list[Delivery], *, fresh: bool = False) -> list[str]:
         """Maildir deliveries, outcomes in order (see :func:`deliver_each`)."""
         if not items:
             return []
         if self.processes == 0:
-            return await asyncio.to_thread(deliver_each, self.maildir, items)
-        outcomes: list[str] = await self._run(_deliver_many, items)
+            return await asyncio.to_thread(deliver_each, self.maildir, items, fresh)
+        outcomes: list[str] = await self._run(_deliver_many, items, fresh)
         return outcomes
 
     async def take_in_charge(

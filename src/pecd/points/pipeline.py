@@ -225,8 +225,10 @@ async def flush(svc: Services, outbox: Outbox) -> None:
 
     try:
         # Receipts are never refused for quota: losing one would lose the holder's legal proof.
+        # Each one's store job was created by the transaction just committed, so none of them
+        # was ever delivered: no search for an earlier copy (fresh).
         outcomes = await svc.formats.deliver_many(
-            [(mailbox, key, data, None) for key, mailbox, data in outbox.items]
+            [(mailbox, key, data, None) for key, mailbox, data in outbox.items], fresh=True
         )
         # A message that could not be stored keeps its job: it runs again when its lease ends.
         keys = [k for (k, _, _), o in zip(outbox.items, outcomes, strict=True) if o == DELIVERED]
