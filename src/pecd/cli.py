@@ -209,6 +209,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = _load(args)
     if os.environ.get("PECD_DEBUG"):
         logging.getLogger("pecd").setLevel(logging.DEBUG)
+    else:
+        # aiosmtpd echoes every SMTP command and address at INFO: five lines per message that
+        # say less than the trace log does, cost the event loop a write each, and spread
+        # addresses over an ordinary log file. Its warnings and errors still show.
+        logging.getLogger("mail.log").setLevel(logging.WARNING)
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
