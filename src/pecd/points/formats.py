@@ -18,14 +18,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
+import itertools
 import logging
 import multiprocessing
 import os
+import pickle
+import socket
+import struct
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from pecd.config import Config
@@ -82,10 +83,53 @@ def _init(cfg: Config, parent: int) -> None:
 
 
 def _exit_with_parent(parent: int) -> None:
-    # A server killed with SIGKILL cannot stop its pool: its workers must notice by themselves.
+    # A server killed with SIGKILL cannot stop its workers: they must notice by themselves
+    # (one busy with a long call would not see its socket close until the call ends).
     while os.getppid() == parent:
         time.sleep(1)
     os._exit(0)
+
+
+_HEADER = struct.Struct("!QQ")  # call id, length of the pickle that follows
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes | None:
+    """``n`` bytes from ``sock``, or None at end of stream (the server has gone)."""
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if k == 0:
+            return None
+        got += k
+    return bytes(buf)
+
+
+def _serve(sock: socket.socket, cfg: Config, parent: int) -> None:
+    """A worker process: answer calls on ``sock`` until the server closes it."""
+    _init(cfg, parent)
+    while True:
+        head = _recv_exactly(sock, _HEADER.size)
+        if head is None:
+            return
+        call_id, size = _HEADER.unpack(head)
+        body = _recv_exactly(sock, size)
+        if body is None:
+            return
+        try:
+            fn, args = pickle.loads(body)
+            del body
+            reply = pickle.dumps((True, fn(*args)), protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:
+            try:
+                reply = pickle.dumps((False, exc), protocol=pickle.HIGHEST_PROTOCOL)
+            except Exception:  # an exception that cannot be pickled: its text can
+                failure = RuntimeError(f"{type(exc).__name__}: {exc}")
+                reply = pickle.dumps((False, failure), protocol=pickle.HIGHEST_PROTOCOL)
+        sock.sendall(_HEADER.pack(call_id, len(reply)))
+        sock.sendall(reply)
+        del reply
 
 
 def _ready() -> bool:
@@ -169,19 +213,51 @@ def _take_in_charge(env: bytes, deliveries: list[Delivery], presa: dict[str, Any
     )
 
 
-def _carries_a_message(args: Any) -> bool:
-    """Whether call arguments hold bytes of message size (at least 1 MiB)."""
-    for arg in args:
-        if isinstance(arg, bytes | bytearray | memoryview) and len(arg) >= 1024 * 1024:
-            return True
-        if isinstance(arg, dict) and _carries_a_message(arg.values()):
-            return True
-        if isinstance(arg, list | tuple) and _carries_a_message(arg):
-            return True
-    return False
-
-
 # --- in the server --------------------------------------------------------------------------------
+
+
+class WorkerDied(Exception):
+    """A format worker process died (killed, out of memory) with this call in hand; the call's
+    job fails this attempt and is retried, and a new process takes the dead one's place."""
+
+
+class _Worker:
+    """One worker process and the server's end of its socket. Calls are pickled and written
+    by the event loop, answers read by a task of it: no helper threads in the server, which
+    multiprocessing's pool needs two of (and a hand-off between threads for every call)."""
+
+    def __init__(self, proc: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.proc = proc
+        self.reader = reader
+        self.writer = writer
+        self.pending: dict[int, asyncio.Future[Any]] = {}
+        self.alive = True
+        self.task: asyncio.Task[None] | None = None
+
+    async def read_answers(self) -> None:
+        try:
+            while True:
+                head = await self.reader.readexactly(_HEADER.size)
+                call_id, size = _HEADER.unpack(head)
+                body = await self.reader.readexactly(size)
+                ok, value = pickle.loads(body)
+                del body
+                fut = self.pending.pop(call_id, None)
+                if fut is None or fut.done():
+                    continue
+                if ok:
+                    fut.set_result(value)
+                else:
+                    fut.set_exception(value)
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            pass
+        finally:
+            self.alive = False
+            for fut in self.pending.values():
+                if not fut.done():
+                    fut.set_exception(WorkerDied("a format worker process died"))
+            self.pending.clear()
+            self.writer.close()
 
 
 class FormatWorkers:
@@ -199,66 +275,92 @@ class FormatWorkers:
         self.provider = provider
         self.processes = processes
         self.maildir = maildir or MaildirStore(cfg.maildir_root)
-        self._pool: ProcessPoolExecutor | None = None
+        self._workers: list[_Worker] = []
+        self._ids = itertools.count(1)
         self._replacing = asyncio.Lock()
-
-    async def _current(self) -> ProcessPoolExecutor:
-        """The pool; never runs the work inline when processes were asked for."""
-        if self._pool is None:
-            async with self._replacing:
-                if self._pool is None:
-                    await self._new_pool()
-        assert self._pool is not None
-        return self._pool
+        self._stopped = False
 
     async def start(self, stack: contextlib.AsyncExitStack) -> None:
-        if self.processes > 0:
-            await self._new_pool()
         stack.push_async_callback(self.stop)
+        if self.processes > 0:
+            # Started now, so that a bad key fails startup and not the first message.
+            self._workers = list(
+                await asyncio.gather(*(self._spawn() for _ in range(self.processes)))
+            )
 
-    async def _new_pool(self) -> None:
-        # spawn, not fork: the server has threads (database, Maildir) that fork would copy
-        # in whatever state they are.
-        pool = ProcessPoolExecutor(
-            max_workers=self.processes,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_init,
-            initargs=(self.cfg, os.getpid()),
+    async def _spawn(self) -> _Worker:
+        # spawn, not fork: the server has threads (database) that fork would copy in whatever
+        # state they are.
+        ctx = multiprocessing.get_context("spawn")
+        ours, theirs = socket.socketpair()
+        proc = ctx.Process(  # type: ignore[attr-defined]
+            target=_serve, args=(theirs, self.cfg, os.getpid()), daemon=True
         )
-        loop = asyncio.get_running_loop()
-        # Start them now, so that a bad key fails startup and not the first message.
-        await asyncio.gather(*(loop.run_in_executor(pool, _ready) for _ in range(self.processes)))
-        self._pool = pool
+        await asyncio.to_thread(proc.start)
+        theirs.close()
+        reader, writer = await asyncio.open_unix_connection(sock=ours, limit=1 << 20)
+        worker = _Worker(proc, reader, writer)
+        worker.task = asyncio.create_task(worker.read_answers(), name="format-worker")
+        try:
+            if not await self._call(worker, _ready):
+                raise RuntimeError("a format worker did not initialise")
+        except WorkerDied:
+            await asyncio.to_thread(proc.join, 5)
+            raise RuntimeError(
+                f"a format worker process could not start (exit code {proc.exitcode}); "
+                "see its error above"
+            ) from None
+        return worker
+
+    async def _call(self, worker: _Worker, fn: Any, *args: Any) -> Any:
+        call_id = next(self._ids)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        worker.pending[call_id] = fut
+        try:
+            body = pickle.dumps((fn, args), protocol=pickle.HIGHEST_PROTOCOL)
+            worker.writer.write(_HEADER.pack(call_id, len(body)))
+            worker.writer.write(body)
+            del body
+            await worker.writer.drain()
+        except (ConnectionError, OSError):
+            worker.pending.pop(call_id, None)
+            raise WorkerDied("a format worker process died") from None
+        except BaseException:
+            worker.pending.pop(call_id, None)
+            raise
+        return await fut
+
+    async def _worker(self) -> _Worker:
+        """The live worker with the fewest calls in hand; dead ones are replaced first."""
+        if any(not w.alive for w in self._workers) and not self._stopped:
+            async with self._replacing:
+                for i, w in enumerate(self._workers):
+                    if not w.alive:
+                        log.error("a format worker process died; starting a new one")
+                        await asyncio.to_thread(w.proc.join, 5)
+                        self._workers[i] = await self._spawn()
+        live = [w for w in self._workers if w.alive]
+        if not live:
+            raise WorkerDied("no format worker process is running")
+        return min(live, key=lambda w: len(w.pending))
 
     async def stop(self) -> None:
-        if self._pool is not None:
-            pool, self._pool = self._pool, None
-            await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
+        self._stopped = True
+        workers, self._workers = self._workers, []
+        for w in workers:
+            w.writer.close()  # the worker sees the end of its socket and exits
+        for w in workers:
+            if w.task is not None:
+                await asyncio.gather(w.task, return_exceptions=True)
+            await asyncio.to_thread(w.proc.join, 10)
+            if w.proc.is_alive():
+                w.proc.kill()
+                await asyncio.to_thread(w.proc.join, 5)
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         if self.processes == 0:
             return fn(*args)
-        pool = await self._current()
-        loop = asyncio.get_running_loop()
-        try:
-            result = await loop.run_in_executor(pool, functools.partial(fn, *args))
-        except BrokenProcessPool:
-            # A worker died (killed, out of memory): the first to notice replaces the pool,
-            # the others find the new one; the job is retried.
-            async with self._replacing:
-                if self._pool is pool:
-                    log.error("a format worker process died; starting new ones")
-                    self._pool = None
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    await self._new_pool()
-            raise
-        if self._pool is not None and _carries_a_message(args):
-            # The call queue's feeder thread keeps the last call it pickled (a whole message
-            # here) until it pickles the next one (multiprocessing.Queue._feed): give it a
-            # small one, so that the message's bytes do not outlive its job.
-            with contextlib.suppress(RuntimeError):  # shutting down
-                self._pool.submit(_ready)
-        return result
+        return await self._call(await self._worker(), fn, *args)
 
     async def build(self, name: str, **kwargs: Any) -> BuiltMessage:
         if name not in BUILDERS:
