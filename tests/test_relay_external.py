@@ -117,3 +117,44 @@ def test_stop_cuts_a_relay_stuck_on_a_silent_server(tmp_path: Path) -> None:
             await db.close()
 
     assert asyncio.run(relay_jobs()) == ["running"]  # released at the next start
+
+
+class SlowSink(Sink):
+    async def handle_DATA(self, server: object, session: object, envelope: object) -> str:
+        await asyncio.sleep(0.3)
+        return await super().handle_DATA(server, session, envelope)
+
+
+def test_a_busy_destination_makes_relays_wait_not_bounce(tmp_path: Path) -> None:
+    """With one connection allowed per destination, sends beyond it wait for the connection
+    to free instead of failing at once into the retry backoff."""
+    from pecd.points import relay
+
+    handler = SlowSink()
+    port = free_port()
+    ctl = Controller(handler, hostname="127.0.0.1", port=port)
+    ctl.start()
+    try:
+        extra = (
+            f'\n[relay]\nstarttls = "off"\nmax_per_destination = 1\n\n'
+            f'[routes]\n"example.org" = "127.0.0.1:{port}"\n'
+        )
+        cfg = asyncio.run(_install(tmp_path / "inst", None, extra=extra))
+
+        async def three() -> list[object]:
+            client = relay.RelayClient(cfg, "pecd.test")
+            return await asyncio.gather(
+                *(
+                    client.send(
+                        "example.org", f"a{i}@{DOMAIN}", ["x@example.org"], b"S: x\r\n\r\nx\r\n"
+                    )
+                    for i in range(3)
+                ),
+                return_exceptions=True,
+            )
+
+        results = asyncio.run(three())
+    finally:
+        ctl.stop()
+    assert results == [{}, {}, {}]
+    assert len(handler.messages) == 3

@@ -100,6 +100,9 @@ class Router:
             raise TemporaryFailure(f"DNS lookup of {domain} failed: {exc}") from None
 
 
+BUSY_WAIT_SECONDS = 5.0  # how long a relay job waits for a busy destination's free connection
+
+
 class RelayClient:
     """SMTP client side of the relay (aiosmtplib), with a connection limit per destination."""
 
@@ -126,19 +129,24 @@ class RelayClient:
         last: Exception | None = None
         for dest in await self.router.resolve(domain):
             limit = self._limit(dest)
-            if limit.locked():
-                # Every connection to it is busy (a slow peer, say): come back later rather
-                # than hold a relay worker that other destinations need.
+            # Every connection to it busy: a busy peer frees one within milliseconds, so wait
+            # a little; a slow one does not, so come back later rather than hold a relay worker
+            # that other destinations need. (Bouncing at once sent most jobs of a burst to the
+            # retry backoff, seconds each.)
+            try:
+                await asyncio.wait_for(limit.acquire(), timeout=BUSY_WAIT_SECONDS)
+            except TimeoutError:
                 last = TemporaryFailure(
                     f"{dest}: {self.cfg.relay.max_per_destination} connections busy"
                 )
                 continue
             try:
-                async with limit:
-                    return await self._send_to(dest, mail_from, rcpts, data)
+                return await self._send_to(dest, mail_from, rcpts, data)
             except TemporaryFailure as exc:
                 log.info("relay to %s for %s: %s", dest, domain, exc)
                 last = exc
+            finally:
+                limit.release()
         raise last or TemporaryFailure(f"no destination for {domain}")
 
     async def _send_to(
