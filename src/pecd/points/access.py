@@ -37,6 +37,23 @@ from pecd.points.smtp import (
 log = logging.getLogger(__name__)
 
 
+class _ExpectedAiosmtpdWarnings(logging.Filter):
+    """aiosmtpd logs two warnings for every session that are about what pecd does on purpose:
+    AUTH on the implicit-TLS port (TLS it cannot see, see AccessPoint), and its own deprecated
+    ``Session.login_data``, which it sets itself after each AUTH. Its other warnings pass."""
+
+    EXPECTED = (
+        "auth_required == True but auth_require_tls == False",
+        "Session.login_data is deprecated",
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.EXPECTED)
+
+
+logging.getLogger("mail.log").addFilter(_ExpectedAiosmtpdWarnings())
+
+
 class AccessHandler:
     """aiosmtpd handler of the access point."""
 
