@@ -102,6 +102,50 @@ def test_authenticate(db: Backend) -> None:
     assert db.run(main) == [ok, ok, None, None, None, None]
 
 
+def test_successful_logins_are_remembered_not_wrong_ones(db: Backend) -> None:
+    """A right password is checked with argon2 once per login_cache_seconds; a wrong one, a
+    changed password or a disabled mailbox always goes to the full check."""
+    address = f"mario.rossi@{DOMAIN}"
+
+    async def main(d: Database) -> list[tuple[str | None, int]]:
+        acc = await with_mailbox(d)
+        calls = 0
+        real = acc._verify
+
+        def counting(stored: str, password: str) -> bool:
+            nonlocal calls
+            calls += 1
+            return real(stored, password)
+
+        acc._verify = counting  # type: ignore[method-assign]
+        seen = []
+        for password in (PASSWORD, PASSWORD, "wrong password", PASSWORD):
+            seen.append((await acc.authenticate(address, password), calls))
+        await acc.set_password(address, "another long password")
+        seen.append((await acc.authenticate(address, PASSWORD), calls))
+        seen.append((await acc.authenticate(address, "another long password"), calls))
+        await acc.disable(address)
+        seen.append((await acc.authenticate(address, "another long password"), calls))
+        await acc.enable(address)
+        acc.login_cache_seconds = 0
+        acc._logins.clear()
+        seen.append((await acc.authenticate(address, "another long password"), calls))
+        seen.append((await acc.authenticate(address, "another long password"), calls))
+        return seen
+
+    assert db.run(main) == [
+        (address, 1),
+        (address, 1),  # remembered
+        (None, 2),  # a wrong password is always checked
+        (address, 2),
+        (None, 3),  # the old password after a change
+        (address, 4),
+        (None, 5),  # disabled
+        (address, 6),  # no cache: every login is checked
+        (address, 7),
+    ]
+
+
 def test_disable_enable_and_password_change(db: Backend) -> None:
     address = f"mario.rossi@{DOMAIN}"
 
