@@ -409,3 +409,49 @@ def test_a_delivery_that_keeps_failing_ends_in_errore_consegna(
         ("avvenuta-consegna", bob),
         ("errore-consegna", carol),
     }
+
+
+def test_disabled_and_full_mailboxes_get_errore_consegna(tmp_path: Path) -> None:
+    """A disabled mailbox (dan) and one over its quota (erin) each give the sender one
+    errore-consegna with errore "altro" and the reason in errore-esteso; nothing is stored for
+    them; the other recipient is delivered as usual."""
+    cfg = asyncio.run(_install(tmp_path / "inst", None))
+    alice, bob, dan, erin = (f"{u}@{DOMAIN}" for u in ("alice", "bob", "dan", "erin"))
+
+    async def add_erin() -> None:
+        db = await Database.open(cfg.database_url)
+        try:
+            await Accounts(db).add_mailbox(erin, PASSWORD, quota_bytes=1024)
+        finally:
+            await db.close()
+
+    asyncio.run(add_erin())
+    srv = Server(cfg).start()
+    try:
+        with smtplib.SMTP_SSL("127.0.0.1", srv.port("smtps"), context=client_tls(cfg)) as smtp:
+            smtp.login(alice, PASSWORD)
+            smtp.sendmail(alice, [bob, dan, erin], message(alice, [bob, dan, erin], [], "Piena"))
+        inbox = wait_for(lambda: (m := fetch_all(srv, "alice")) and len(m) >= 4 and m)
+        time.sleep(1)  # nothing more may come
+        inbox = fetch_all(srv, "alice")
+        assert len(fetch_all(srv, "bob")) == 1
+        assert fetch_all(srv, "erin") == []
+    finally:
+        srv.stop()
+    answers = {}
+    for raw in inbox:
+        c = classify(raw)
+        assert c.is_valid_pec and c.daticert is not None and c.ricevuta is not None
+        if c.ricevuta is not Ricevuta.ACCETTAZIONE:
+            d = c.daticert
+            answers[d.consegna] = (
+                c.ricevuta.value,
+                d.errore.value if d.errore else None,
+                d.errore_esteso,
+            )
+    assert answers[bob] == ("avvenuta-consegna", "nessuno", None)
+    assert answers[dan][:2] == ("errore-consegna", "altro")
+    assert "casella disabilitata" in (answers[dan][2] or "")
+    assert answers[erin][:2] == ("errore-consegna", "altro")
+    assert "casella piena" in (answers[erin][2] or "")
+    assert len(inbox) == 4

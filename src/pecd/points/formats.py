@@ -27,15 +27,18 @@ import socket
 import struct
 import threading
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 from pecd.config import Config
 from pecd.mailbox.maildir import MailboxFull, MaildirStore
 from pecd.memory import return_freed_messages_to_the_system
 from pecd.pec import builders
-from pecd.pec.builders import BuiltMessage, ProviderIdentity
+from pecd.pec.builders import BuiltMessage, ProviderIdentity, Transmission
 from pecd.pec.classify import Classification, classify
 from pecd.pec.smime import KeySigner
+from pecd.pec.timefmt import PecTime, pec_time
+from pecd.pec.vocab import Errore, Ricevuta
 
 log = logging.getLogger(__name__)
 
@@ -182,13 +185,34 @@ def _deliver_many(items: list[Delivery], fresh: bool) -> list[str]:
 
 
 @dataclasses.dataclass(frozen=True)
+class Answers:
+    """What the delivery point owes the sender for one envelope, given to
+    :meth:`FormatWorkers.take_in_charge`: ``refused`` are the recipients refused before any
+    delivery (no such mailbox, disabled) with their (errore, errore-esteso); on ``last_try`` a
+    delivery that fails becomes an errore-consegna instead of failing the job; ``when`` is the
+    receipts' time, None for the worker's clock once the deliveries are done."""
+
+    tx: Transmission
+    recipients: list[str]
+    refused: dict[str, tuple[Errore, str]]
+    last_try: bool
+    when: PecTime | None
+
+
+@dataclasses.dataclass(frozen=True)
 class TakenInCharge:
     """What :meth:`FormatWorkers.take_in_charge` gives: the envelope's classification; when it
-    is valid PEC, each delivery's outcome (as :func:`deliver_each`) and the presa in carico."""
+    is valid PEC, each delivery's outcome (as :func:`deliver_each`), the presa in carico, and
+    one (recipient, ricevuta, message, errore-esteso or None) per recipient, unless a delivery
+    failed before the last try (``failed``: recipient -> error; the job is to be retried),
+    and the receipts' time (``answered``)."""
 
     classification: Classification
     outcomes: list[str]
     presa: BuiltMessage | None
+    receipts: list[tuple[str, str, BuiltMessage, str | None]]
+    failed: dict[str, str]
+    answered: PecTime | None = None
 
 
 def take_in_charge(
@@ -197,17 +221,56 @@ def take_in_charge(
     env: bytes,
     deliveries: list[Delivery],
     presa: dict[str, Any],
+    answers: Answers,
 ) -> TakenInCharge:
     c = classify(env)
     if not c.is_valid_pec:
-        return TakenInCharge(c, [], None)
+        return TakenInCharge(c, [], None, [], {})
     outcomes = deliver_each(store, deliveries)
-    return TakenInCharge(c, outcomes, builders.presa_in_carico(provider=provider, **presa))
+    taken = builders.presa_in_carico(provider=provider, **presa)
+    name = provider.name
+    refused = dict(answers.refused)
+    failed: dict[str, str] = {}
+    for (rcpt, _key, _data, _quota), outcome in zip(deliveries, outcomes, strict=True):
+        if outcome == FULL:
+            refused[rcpt] = (Errore.ALTRO, f"5.2.2 - {name} - casella piena")
+        elif outcome != DELIVERED:
+            if answers.last_try:
+                # Every recipient gets exactly one answer, even when the job would be parked.
+                refused[rcpt] = (Errore.ALTRO, f"5.3.0 - {name} - errore di sistema")
+            else:
+                failed[rcpt] = outcome
+    if failed:
+        return TakenInCharge(c, outcomes, taken, [], failed)
+    # The receipts' time is after the deliveries they attest.
+    when = answers.when or pec_time(datetime.now(UTC))
+    tx = answers.tx
+    receipts: list[tuple[str, str, BuiltMessage, str | None]] = []
+    for rcpt in answers.recipients:
+        if rcpt in refused:
+            errore, esteso = refused[rcpt]
+            receipt = builders.errore_consegna(
+                provider=provider,
+                tx=tx,
+                when=when,
+                recipient=rcpt,
+                errore=errore,
+                errore_esteso=esteso,
+            )
+            receipts.append((rcpt, Ricevuta.ERRORE_CONSEGNA.value, receipt, esteso))
+        else:
+            receipt = builders.avvenuta_consegna(
+                provider=provider, tx=tx, when=when, recipient=rcpt, postacert=c.postacert
+            )
+            receipts.append((rcpt, Ricevuta.AVVENUTA_CONSEGNA.value, receipt, None))
+    return TakenInCharge(c, outcomes, taken, receipts, failed, when)
 
 
-def _take_in_charge(env: bytes, deliveries: list[Delivery], presa: dict[str, Any]) -> TakenInCharge:
+def _take_in_charge(
+    env: bytes, deliveries: list[Delivery], presa: dict[str, Any], answers: Answers
+) -> TakenInCharge:
     assert _PROVIDER is not None and _MAILDIR is not None
-    taken = take_in_charge(_PROVIDER, _MAILDIR, env, deliveries, presa)
+    taken = take_in_charge(_PROVIDER, _MAILDIR, env, deliveries, presa, answers)
     return dataclasses.replace(
         taken, classification=dataclasses.replace(taken.classification, signature_info=None)
     )
@@ -397,13 +460,14 @@ class FormatWorkers:
         return outcomes
 
     async def take_in_charge(
-        self, env: bytes, deliveries: list[Delivery], presa: dict[str, Any]
+        self, env: bytes, deliveries: list[Delivery], presa: dict[str, Any], answers: Answers
     ) -> TakenInCharge:
-        """Verify ``env``; if it is valid PEC, deliver it (``deliveries``) and build the presa in
-        carico from the ``presa`` arguments, all in one round trip."""
+        """Verify ``env``; if it is valid PEC, deliver it (``deliveries``), build the presa in
+        carico from the ``presa`` arguments and the receipts ``answers`` calls for, all in one
+        round trip."""
         if self.processes == 0:
             return await asyncio.to_thread(
-                take_in_charge, self.provider, self.maildir, env, deliveries, presa
+                take_in_charge, self.provider, self.maildir, env, deliveries, presa, answers
             )
-        taken: TakenInCharge = await self._run(_take_in_charge, env, deliveries, presa)
+        taken: TakenInCharge = await self._run(_take_in_charge, env, deliveries, presa, answers)
         return taken

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy.orm import Session
 
-from pecd.clock import Clock
+from pecd.clock import Clock, SystemClock
 from pecd.config import Config
 from pecd.mailbox.maildir import MaildirStore
 from pecd.pec.builders import BuiltMessage, ProviderIdentity, Transmission
@@ -28,7 +28,7 @@ from pecd.pec.daticert import Daticert
 from pecd.pec.daticert import to_json as daticert_json
 from pecd.pec.timefmt import pec_time
 from pecd.pec.vocab import Errore, Ricevuta, Trasporto
-from pecd.points.formats import DELIVERED, FULL, Delivery, FormatWorkers
+from pecd.points.formats import DELIVERED, FULL, Answers, Delivery, FormatWorkers
 from pecd.store import expectations, jobs
 from pecd.store.accounts import Accounts
 from pecd.store.db import Database
@@ -394,61 +394,38 @@ async def stage_delivery(svc: Services, job: Job) -> Writer:
     taken = pec_time(svc.clock.now())
     # Our own service mailbox for same-provider mail; the sending provider's for relayed mail.
     mail_receipt = p.get("mail_receipt") or svc.cfg.provider.mail_receipt
-    # Verified as a reception point would, stored, and taken in charge: one round trip.
+    # On its last attempt a delivery that keeps failing for a recipient (a disk error, say)
+    # becomes that recipient's errore-consegna: every recipient gets exactly one answer, even
+    # when the job would otherwise be parked.
+    last_try = job.attempts >= svc.cfg.queue.max_attempts
+    # Verified as a reception point would, stored, taken in charge and answered: one round trip.
     done = await svc.formats.take_in_charge(
         env,
         deliveries,
         {"tx": tx, "when": taken, "ricezione": recipients, "mail_receipt": mail_receipt},
+        Answers(
+            tx=tx,
+            recipients=recipients,
+            refused=refused,
+            last_try=last_try,
+            # The receipts' time is read after the deliveries (by the worker, on the system
+            # clock); an injected clock is read here.
+            when=None if isinstance(svc.clock, SystemClock) else pec_time(svc.clock.now()),
+        ),
     )
     c = done.classification
     if not c.is_valid_pec or done.presa is None:
         # Our own envelope failing our own verification is a bug or corruption: never deliver it.
         raise StageError(f"envelope {tx.identificativo} does not verify: {'; '.join(c.errors)}")
-    presa = done.presa
-    # On its last attempt a delivery that keeps failing for a recipient (a disk error, say)
-    # becomes that recipient's errore-consegna: every recipient gets exactly one answer, even
-    # when the job would otherwise be parked.
-    last_try = job.attempts >= svc.cfg.queue.max_attempts
+    if done.failed:
+        raise StageError(
+            "; ".join(f"delivery to {rcpt} failed: {error}" for rcpt, error in done.failed.items())
+        )
     for (rcpt, _key, _data, _quota), outcome in zip(deliveries, done.outcomes, strict=True):
-        if outcome == FULL:
-            refused[rcpt] = (Errore.ALTRO, f"5.2.2 - {name} - casella piena")
-        elif outcome != DELIVERED:
-            if not last_try:
-                raise StageError(f"delivery to {rcpt} failed: {outcome}")
+        if outcome not in (DELIVERED, FULL):
             log.error("delivery to %s failed on the last attempt: %s", rcpt, outcome)
-            refused[rcpt] = (Errore.ALTRO, f"5.3.0 - {name} - errore di sistema")
-    # The receipts' time is after the deliveries they attest.
-    when = pec_time(svc.clock.now())
-    calls: list[tuple[str, dict[str, Any]]] = []
-    for rcpt in recipients:
-        if rcpt not in refused:
-            calls.append(
-                (
-                    "avvenuta_consegna",
-                    {"tx": tx, "when": when, "recipient": rcpt, "postacert": c.postacert},
-                )
-            )
-        else:
-            errore, esteso = refused[rcpt]
-            calls.append(
-                (
-                    "errore_consegna",
-                    {
-                        "tx": tx,
-                        "when": when,
-                        "recipient": rcpt,
-                        "errore": errore,
-                        "errore_esteso": esteso,
-                    },
-                )
-            )
-    built = await svc.formats.build_many(*calls)
-    receipts: list[tuple[str, str, BuiltMessage, str | None]] = [
-        (rcpt, Ricevuta.AVVENUTA_CONSEGNA.value, receipt, None)
-        if rcpt not in refused
-        else (rcpt, Ricevuta.ERRORE_CONSEGNA.value, receipt, refused[rcpt][1])
-        for rcpt, receipt in zip(recipients, built, strict=True)
-    ]
+    presa, receipts, when = done.presa, done.receipts, done.answered
+    assert when is not None
 
     def write(s: Session, outbox: Outbox) -> None:
         emit(
