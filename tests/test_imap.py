@@ -521,3 +521,28 @@ def test_stop_closes_idling_clients(tmp_path: Path, pki: Pki) -> None:
     finally:
         if not stopped:
             srv.__exit__(None, None, None)
+
+
+def test_a_message_moved_by_another_session_is_still_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file another session moves from new/ to cur/ between the lookup and the read is looked
+    up again, not served as expunged."""
+    import mailbox as stdlib_mailbox
+    import os
+
+    from pecd.imap.backend import ExactMaildir
+
+    md = ExactMaildir(str(tmp_path / "md"), create=True)
+    key = md.add(b"Subject: moved\r\n\r\nbody\r\n")
+    md._refresh()
+    new_path = tmp_path / "md" / md._toc[key]
+    os.rename(new_path, tmp_path / "md" / "cur" / (new_path.name + ":2,S"))
+    # The lookup still trusts its table of contents (as when the move lands just after it).
+    real_exists = os.path.exists
+    monkeypatch.setattr(
+        stdlib_mailbox.os.path,
+        "exists",
+        lambda p: True if str(p) == str(new_path) else real_exists(p),
+    )
+    assert bytes(md.get_message(key)) == b"Subject: moved\r\n\r\nbody\r\n"

@@ -108,7 +108,16 @@ class ExactMaildir(Maildir):
     def get_message(self, key: str) -> ExactMessage:
         subpath = self._lookup(key)
         path = self._join(subpath)
-        with open(path, "rb") as fh:
+        try:
+            fh = open(path, "rb")  # noqa: SIM115 - closed below, after one retry
+        except FileNotFoundError:
+            # Another session moved it from new/ to cur/ (or renamed it with new flags) after
+            # the lookup: look again. Without this pymap would serve it as expunged.
+            self._refresh()  # type: ignore[attr-defined]
+            subpath = self._lookup(key)
+            path = self._join(subpath)
+            fh = open(path, "rb")  # noqa: SIM115
+        with fh:
             msg = ExactMessage(fh.read())
         subdir, name = self._split(subpath)
         msg.set_subdir(subdir)

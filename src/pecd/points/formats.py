@@ -27,9 +27,9 @@ import socket
 import struct
 import threading
 import time
-from datetime import UTC, datetime
 from typing import Any
 
+from pecd.clock import Clock
 from pecd.config import Config
 from pecd.mailbox.maildir import MailboxFull, MaildirStore
 from pecd.memory import return_freed_messages_to_the_system
@@ -189,14 +189,15 @@ class Answers:
     """What the delivery point owes the sender for one envelope, given to
     :meth:`FormatWorkers.take_in_charge`: ``refused`` are the recipients refused before any
     delivery (no such mailbox, disabled) with their (errore, errore-esteso); on ``last_try`` a
-    delivery that fails becomes an errore-consegna instead of failing the job; ``when`` is the
-    receipts' time, None for the worker's clock once the deliveries are done."""
+    delivery that fails becomes an errore-consegna instead of failing the job; ``clock`` gives
+    the receipts' time, read once the deliveries are done (it crosses to the worker process:
+    the system clock, or a fixed copy of an injected one)."""
 
     tx: Transmission
     recipients: list[str]
     refused: dict[str, tuple[Errore, str]]
     last_try: bool
-    when: PecTime | None
+    clock: Clock
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,7 +244,7 @@ def take_in_charge(
     if failed:
         return TakenInCharge(c, outcomes, taken, [], failed)
     # The receipts' time is after the deliveries they attest.
-    when = answers.when or pec_time(datetime.now(UTC))
+    when = pec_time(answers.clock.now())
     tx = answers.tx
     receipts: list[tuple[str, str, BuiltMessage, str | None]] = []
     for rcpt in answers.recipients:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy.orm import Session
 
-from pecd.clock import Clock, SystemClock
+from pecd.clock import Clock, FixedClock, SystemClock
 from pecd.config import Config
 from pecd.mailbox.maildir import MaildirStore
 from pecd.pec.builders import BuiltMessage, ProviderIdentity, Transmission
@@ -408,9 +408,9 @@ async def stage_delivery(svc: Services, job: Job) -> Writer:
             recipients=recipients,
             refused=refused,
             last_try=last_try,
-            # The receipts' time is read after the deliveries (by the worker, on the system
-            # clock); an injected clock is read here.
-            when=None if isinstance(svc.clock, SystemClock) else pec_time(svc.clock.now()),
+            # The receipts' time is read after the deliveries, in the worker: the system clock
+            # goes there as it is, an injected one as a fixed copy of its time now.
+            clock=svc.clock if isinstance(svc.clock, SystemClock) else FixedClock(svc.clock.now()),
         ),
     )
     c = done.classification

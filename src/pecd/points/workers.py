@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -101,14 +102,34 @@ class WorkerPool:
             if not batch:
                 await self._wait_for_work()
                 continue
+            renewal = asyncio.create_task(self._renew([job.id for job in batch], worker))
             try:
                 await self._run_batch(worker, batch)
             except Exception:
                 # Never lose a worker task: the jobs of a batch that broke here are still
                 # leased to us and run again once the lease expires.
                 log.exception("a batch of %d jobs broke; their leases will expire", len(batch))
+            finally:
+                renewal.cancel()
             # Done with these jobs and their bytes: not kept while the next batch is claimed.
             del batch
+
+    async def _renew(self, job_ids: list[int], worker: str) -> None:
+        """Keep extending the leases of the jobs in hand while their stage runs (a relay to a
+        slow peer may try several hosts, each up to its timeout): a lease that ran out would
+        hand a job still being worked to another worker, which would do it a second time."""
+        period = self.lease_seconds / 3
+        while True:
+            await asyncio.sleep(period)
+            until = self.svc.clock.now() + timedelta(seconds=self.lease_seconds)
+            try:
+                await self.svc.db.write(
+                    functools.partial(
+                        jobs.extend_leases, job_ids=job_ids, worker=worker, until=until
+                    )
+                )
+            except Exception:
+                log.warning("extending the leases of %d jobs failed", len(job_ids), exc_info=True)
 
     async def _run_batch(self, worker: str, batch: Sequence[Job]) -> None:
         """Prepare every job, then commit all their outputs and completions in one transaction.

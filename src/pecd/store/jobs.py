@@ -241,6 +241,21 @@ def complete_leased(
     return len(session.execute(stmt).all())
 
 
+def extend_leases(session: Session, job_ids: Sequence[int], worker: str, until: datetime) -> int:
+    """Extend to ``until`` the leases ``worker`` still holds among ``job_ids`` (a stage that runs
+    longer than a lease keeps its jobs); returns how many. Does not commit."""
+    if not job_ids:
+        return 0
+    t = _JOBS.c
+    stmt = (
+        update(_JOBS)
+        .where(t.id.in_(list(job_ids)), t.state == RUNNING, t.locked_by == worker)
+        .values(locked_until=until)
+        .returning(t.id)
+    )
+    return len(session.execute(stmt).all())
+
+
 def backoff(attempts: int, base_delay: timedelta, max_delay: timedelta) -> timedelta:
     """The deterministic delay after the ``attempts``-th failure: base * 2^(attempts-1), capped."""
     exponent = max(attempts - 1, 0)
