@@ -65,3 +65,29 @@ def test_inline_formats_deliver_in_a_thread(tmp_path: Path) -> None:
             assert len(fw.maildir.list_folder(ALICE)) == 1
 
     asyncio.run(scenario())
+
+
+class Picky(Exception):
+    """An exception that pickles but cannot be rebuilt (its __init__ wants two arguments)."""
+
+    def __init__(self, a: str, b: str) -> None:
+        super().__init__(f"{a}/{b}")
+
+
+def raise_picky() -> None:
+    raise Picky("x", "y")
+
+
+def test_an_answer_that_cannot_be_read_fails_only_its_call(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        cfg = await install(tmp_path / "inst", None)
+        fw = FormatWorkers(cfg, provider_identity(cfg), processes=1)
+        async with contextlib.AsyncExitStack() as stack:
+            await fw.start(stack)
+            [worker] = fw._workers
+            with pytest.raises(RuntimeError, match="unreadable answer"):
+                await fw._run(raise_picky)
+            assert worker.alive and fw._workers == [worker]
+            assert await fw.deliver_many([(ALICE, "k", MESSAGE, None)]) == [DELIVERED]
+
+    asyncio.run(scenario())

@@ -17,8 +17,9 @@ Delivery file names are ``<sha256(key) hex[:40]>,S=<size>``: the base name deriv
 delivery key, so a re-run of the same delivery finds the earlier file (in ``new/``, or in ``cur/``
 once an IMAP server has claimed it and added ``:2,<flags>``) and writes nothing. That search
 reads the whole folder; a caller that knows the key was never delivered (its job was created in
-the transaction just committed) passes ``fresh=True`` and skips it, so that a folder that only
-grows (the provider's service mailbox gets every presa in carico) is not read on each delivery.
+the transaction just committed, and no other job will ever carry that key) passes ``fresh=True``
+and skips it, so that a folder that only grows (the provider's service mailbox gets every presa
+in carico) is not read on each delivery.
 """
 
 from __future__ import annotations

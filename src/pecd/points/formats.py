@@ -123,7 +123,10 @@ def _serve(sock: socket.socket, cfg: Config, parent: int) -> None:
         try:
             fn, args = pickle.loads(body)
             del body
-            reply = pickle.dumps((True, fn(*args)), protocol=pickle.HIGHEST_PROTOCOL)
+            result = fn(*args)
+            del fn, args  # the message is not kept until the next call
+            reply = pickle.dumps((True, result), protocol=pickle.HIGHEST_PROTOCOL)
+            del result
         except Exception as exc:
             try:
                 reply = pickle.dumps((False, exc), protocol=pickle.HIGHEST_PROTOCOL)
@@ -272,12 +275,19 @@ def _take_in_charge(
 ) -> TakenInCharge:
     assert _PROVIDER is not None and _MAILDIR is not None
     taken = take_in_charge(_PROVIDER, _MAILDIR, env, deliveries, presa, answers)
+    # The wrapped original went into the receipts already: it does not cross back a second time.
     return dataclasses.replace(
-        taken, classification=dataclasses.replace(taken.classification, signature_info=None)
+        taken,
+        classification=dataclasses.replace(
+            taken.classification, signature_info=None, postacert=None
+        ),
     )
 
 
 # --- in the server --------------------------------------------------------------------------------
+
+
+CALL_TIMEOUT_SECONDS = 600  # far beyond any call (a 100 MB message takes seconds)
 
 
 class WorkerDied(Exception):
@@ -304,15 +314,21 @@ class _Worker:
                 head = await self.reader.readexactly(_HEADER.size)
                 call_id, size = _HEADER.unpack(head)
                 body = await self.reader.readexactly(size)
-                ok, value = pickle.loads(body)
-                del body
                 fut = self.pending.pop(call_id, None)
-                if fut is None or fut.done():
-                    continue
-                if ok:
-                    fut.set_result(value)
-                else:
-                    fut.set_exception(value)
+                try:
+                    ok, value = pickle.loads(body)
+                except Exception as exc:  # an exception class that cannot be rebuilt here
+                    ok, value = False, RuntimeError(f"unreadable answer from a worker: {exc!r}")
+                del body
+                if fut is not None and not fut.done():
+                    if ok:
+                        fut.set_result(value)
+                    elif isinstance(value, Exception) and not isinstance(value, StopIteration):
+                        fut.set_exception(value)
+                    else:
+                        fut.set_exception(RuntimeError(f"worker failed: {value!r}"))
+                # Not kept until the next answer: an answer may hold a whole message.
+                del fut, value
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
             pass
         finally:
@@ -348,9 +364,14 @@ class FormatWorkers:
         stack.push_async_callback(self.stop)
         if self.processes > 0:
             # Started now, so that a bad key fails startup and not the first message.
-            self._workers = list(
-                await asyncio.gather(*(self._spawn() for _ in range(self.processes)))
+            started = await asyncio.gather(
+                *(self._spawn() for _ in range(self.processes)), return_exceptions=True
             )
+            self._workers = [w for w in started if isinstance(w, _Worker)]
+            for failure in started:
+                if isinstance(failure, BaseException):
+                    await self.stop()  # the ones that did start
+                    raise failure
 
     async def _spawn(self) -> _Worker:
         # spawn, not fork: the server has threads (database) that fork would copy in whatever
@@ -392,17 +413,37 @@ class FormatWorkers:
         except BaseException:
             worker.pending.pop(call_id, None)
             raise
-        return await fut
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), CALL_TIMEOUT_SECONDS)
+        except TimeoutError:
+            # Stuck (an fsync that never returns, a stopped process): its calls must not hold
+            # their jobs for ever. Killed, it fails them all (WorkerDied) and is replaced.
+            log.error("a format worker did not answer in %d s; killing it", CALL_TIMEOUT_SECONDS)
+            worker.pending.pop(call_id, None)
+            fut.cancel()
+            worker.proc.kill()
+            raise WorkerDied("a format worker process did not answer") from None
 
     async def _worker(self) -> _Worker:
         """The live worker with the fewest calls in hand; dead ones are replaced first."""
         if any(not w.alive for w in self._workers) and not self._stopped:
             async with self._replacing:
-                for i, w in enumerate(self._workers):
-                    if not w.alive:
-                        log.error("a format worker process died; starting a new one")
-                        await asyncio.to_thread(w.proc.join, 5)
-                        self._workers[i] = await self._spawn()
+                for i, w in enumerate(list(self._workers)):
+                    if w.alive or self._stopped:
+                        continue
+                    log.error("a format worker process died; starting a new one")
+                    await asyncio.to_thread(w.proc.join, 5)
+                    try:
+                        new = await self._spawn()
+                    except Exception:
+                        # The others still serve; the next call tries again.
+                        log.exception("a new format worker process could not start")
+                        break
+                    if self._stopped or i >= len(self._workers):
+                        new.writer.close()
+                        await asyncio.to_thread(new.proc.join, 10)
+                        break
+                    self._workers[i] = new
         live = [w for w in self._workers if w.alive]
         if not live:
             raise WorkerDied("no format worker process is running")

@@ -151,7 +151,8 @@ class Outbox:
 
     worker: str
     lease_until: datetime
-    items: list[tuple[str, str, bytes]] = field(default_factory=list)  # key, mailbox, bytes
+    # key, mailbox, bytes, and whether the key is new for good (see flush)
+    items: list[tuple[str, str, bytes, bool]] = field(default_factory=list)
     relayed: bool = False  # the commit queues work for the relay: wake its workers
 
     @classmethod
@@ -169,9 +170,11 @@ def _store_job(
     msg: BuiltMessage,
     now: datetime,
     outbox: Outbox,
+    unique: bool = False,
 ) -> bool:
     """Queue ``msg`` for one mailbox: local mailboxes get a store job (in ``outbox``), others
-    go to the relay."""
+    go to the relay. ``unique``: ``key`` derives from one SMTP transaction's own intake key, so
+    no other job, now or after finished jobs are purged, will ever carry it."""
     if svc.is_local(mailbox):
         created = jobs.enqueue_sync(
             s,
@@ -184,7 +187,7 @@ def _store_job(
             lease_until=outbox.lease_until,
         )
         if created:
-            outbox.items.append((key, mailbox, msg.raw))
+            outbox.items.append((key, mailbox, msg.raw, unique))
         return created
     outbox.relayed = True
     return jobs.enqueue_sync(
@@ -212,9 +215,13 @@ def emit(
     mailbox: str,
     msg: BuiltMessage,
     event: TraceEventData,
+    unique: bool = False,
 ) -> None:
-    """Send one generated message (keyed, so at most once) and log it, at the event's time."""
-    _store_job(s, svc, key=key, mailbox=mailbox, msg=msg, now=event.at, outbox=outbox)
+    """Send one generated message (keyed, so at most once) and log it, at the event's time.
+    ``unique``: see :func:`_store_job`."""
+    _store_job(
+        s, svc, key=key, mailbox=mailbox, msg=msg, now=event.at, outbox=outbox, unique=unique
+    )
     record_sync(s, event)
 
 
@@ -224,14 +231,24 @@ async def flush(svc: Services, outbox: Outbox) -> None:
         return
 
     try:
-        # Receipts are never refused for quota: losing one would lose the holder's legal proof.
-        # Each one's store job was created by the transaction just committed, so none of them
-        # was ever delivered: no search for an earlier copy (fresh).
-        outcomes = await svc.formats.deliver_many(
-            [(mailbox, key, data, None) for key, mailbox, data in outbox.items], fresh=True
-        )
-        # A message that could not be stored keeps its job: it runs again when its lease ends.
-        keys = [k for (k, _, _), o in zip(outbox.items, outcomes, strict=True) if o == DELIVERED]
+        # Each store job was created by the transaction just committed and is still leased to
+        # us, so nobody delivered it yet; if its key is also unique for good (no later job can
+        # carry it again), there is no earlier copy to search the folder for (fresh): the
+        # service mailbox, which gets every presa in carico and is never read, is not read on
+        # each delivery. Not when the lease is near its end: another worker may have begun.
+        lease_left = (outbox.lease_until - svc.clock.now()).total_seconds()
+        may_be_fresh = lease_left > svc.cfg.queue.lease_seconds / 2
+        groups: dict[bool, list[tuple[str, str, bytes, bool]]] = {}
+        for item in outbox.items:
+            groups.setdefault(may_be_fresh and item[3], []).append(item)
+        keys = []
+        for fresh, items in groups.items():
+            # Receipts are never refused for quota: losing one would lose the holder's proof.
+            outcomes = await svc.formats.deliver_many(
+                [(mailbox, key, data, None) for key, mailbox, data, _ in items], fresh=fresh
+            )
+            # One that could not be stored keeps its job: it runs again when its lease ends.
+            keys += [i[0] for i, o in zip(items, outcomes, strict=True) if o == DELIVERED]
         await svc.db.write(lambda s: jobs.complete_leased(s, keys, outbox.worker))
     except Exception:
         # Committed already: the store jobs run again when their lease expires.
@@ -287,6 +304,7 @@ async def stage_submission(svc: Services, job: Job) -> Writer:
                 svc,
                 outbox,
                 key=f"{job.key}:non-accettazione",
+                unique=True,  # from this transaction's own intake key
                 mailbox=tx.mittente,
                 msg=notice,
                 event=_event(
@@ -318,6 +336,7 @@ async def stage_submission(svc: Services, job: Job) -> Writer:
             svc,
             outbox,
             key=f"{job.key}:accettazione",
+            unique=True,  # from this transaction's own intake key
             mailbox=tx.mittente,
             msg=acc,
             event=_event(
@@ -433,6 +452,7 @@ async def stage_delivery(svc: Services, job: Job) -> Writer:
             svc,
             outbox,
             key=f"{job.key}:presa-in-carico",
+            unique=True,  # from this transaction's own intake key
             mailbox=mail_receipt,
             msg=presa,
             event=_event(

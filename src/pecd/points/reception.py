@@ -397,7 +397,7 @@ async def _receipt_back(
                 lease_until=outbox.lease_until,
             )
             if created:
-                outbox.items.append((msg_key, rcpt, raw))
+                outbox.items.append((msg_key, rcpt, raw, False))
         if ours and c.daticert is not None:
             _settle(s, ricevuta, ident, c, now)
         if virus_notice is not None and sender and c.daticert is not None and c.daticert.consegna:

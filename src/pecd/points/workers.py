@@ -21,6 +21,9 @@ from pecd.store.models import Job
 log = logging.getLogger(__name__)
 
 
+RENEWALS = 30  # a batch keeps its leases for at most ten lease periods more
+
+
 class LeaseLost(Exception):
     """A job's lease expired before its stage committed."""
 
@@ -65,8 +68,9 @@ class WorkerPool:
         self._stopping.set()
         self.wake.set()
         # A stage finishing its transaction is allowed to complete: that is the drain. One
-        # that takes longer (a relay waiting on a silent peer) is cancelled: its transaction
-        # rolls back and the job runs again after a restart (every stage is idempotent).
+        # that takes longer (a relay waiting on a silent peer) is cancelled: it has not
+        # committed, so its job runs again after a restart (every stage is idempotent). A
+        # commit already running in the SQLite writer thread still completes.
         if not self._tasks:
             return
         _, late = await asyncio.wait(self._tasks, timeout=self.svc.cfg.queue.drain_seconds)
@@ -119,7 +123,8 @@ class WorkerPool:
         slow peer may try several hosts, each up to its timeout): a lease that ran out would
         hand a job still being worked to another worker, which would do it a second time."""
         period = self.lease_seconds / 3
-        while True:
+        # Not for ever: a stage stuck beyond this lets its jobs go to another worker.
+        for _ in range(RENEWALS):
             await asyncio.sleep(period)
             until = self.svc.clock.now() + timedelta(seconds=self.lease_seconds)
             try:

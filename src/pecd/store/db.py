@@ -98,7 +98,18 @@ def _sqlite_sync_writer(url: str) -> Engine:
         connect_args={"check_same_thread": False},
     )
     _install_sqlite_events(engine)
+
+    @event.listens_for(engine, "connect")
+    def _patient(dbapi_connection: Any, _record: Any) -> None:
+        # Writes through the async engine (sealing, purges, accounts) hold the lock across
+        # event-loop turns; the hot path waits for them as long as the async writers' pool
+        # waits for its connection, rather than failing with "database is locked".
+        dbapi_connection.execute(f"PRAGMA busy_timeout={WRITER_BUSY_TIMEOUT_MS}")
+
     return engine
+
+
+WRITER_BUSY_TIMEOUT_MS = 60_000
 
 
 def _install_sqlite_events(engine: Engine) -> None:
