@@ -217,11 +217,17 @@ def complete_many_sync(
     out meanwhile belongs to another worker now. Does not commit."""
     if not job_ids:
         return 0
+    return _update_jobs(session, _JOBS.c.id.in_(list(job_ids)), worker, _done(now))
+
+
+def _update_jobs(session: Session, which: Any, worker: str | None, values: dict[str, Any]) -> int:
+    """Set ``values`` on the jobs ``which`` selects (with ``worker``: only those still running
+    under its lease); returns how many."""
     t = _JOBS.c
-    stmt = update(_JOBS).where(t.id.in_(list(job_ids)))
+    stmt = update(_JOBS).where(which)
     if worker is not None:
         stmt = stmt.where(t.state == RUNNING, t.locked_by == worker)
-    return len(session.execute(stmt.values(**_done(now)).returning(t.id)).all())
+    return len(session.execute(stmt.values(**values).returning(t.id)).all())
 
 
 def complete_leased(
@@ -231,14 +237,7 @@ def complete_leased(
     worker made for itself with ``enqueue(lease_to=...)``); returns how many. Does not commit."""
     if not keys:
         return 0
-    t = _JOBS.c
-    stmt = (
-        update(_JOBS)
-        .where(t.key.in_(list(keys)), t.state == RUNNING, t.locked_by == worker)
-        .values(**_done(now))
-        .returning(t.id)
-    )
-    return len(session.execute(stmt).all())
+    return _update_jobs(session, _JOBS.c.key.in_(list(keys)), worker, _done(now))
 
 
 def extend_leases(session: Session, job_ids: Sequence[int], worker: str, until: datetime) -> int:
@@ -246,14 +245,7 @@ def extend_leases(session: Session, job_ids: Sequence[int], worker: str, until: 
     longer than a lease keeps its jobs); returns how many. Does not commit."""
     if not job_ids:
         return 0
-    t = _JOBS.c
-    stmt = (
-        update(_JOBS)
-        .where(t.id.in_(list(job_ids)), t.state == RUNNING, t.locked_by == worker)
-        .values(locked_until=until)
-        .returning(t.id)
-    )
-    return len(session.execute(stmt).all())
+    return _update_jobs(session, _JOBS.c.id.in_(list(job_ids)), worker, {"locked_until": until})
 
 
 def backoff(attempts: int, base_delay: timedelta, max_delay: timedelta) -> timedelta:
