@@ -288,6 +288,7 @@ def _take_in_charge(
 
 
 CALL_TIMEOUT_SECONDS = 600  # far beyond any call (a 100 MB message takes seconds)
+RESPAWN_DELAY_SECONDS = 5.0  # between tries to replace a dead worker that would not start
 
 
 class WorkerDied(Exception):
@@ -359,6 +360,7 @@ class FormatWorkers:
         self._ids = itertools.count(1)
         self._replacing = asyncio.Lock()
         self._stopped = False
+        self._respawn_after = 0.0  # after a failed respawn, when to try again
 
     async def start(self, stack: contextlib.AsyncExitStack) -> None:
         stack.push_async_callback(self.stop)
@@ -426,7 +428,11 @@ class FormatWorkers:
 
     async def _worker(self) -> _Worker:
         """The live worker with the fewest calls in hand; dead ones are replaced first."""
-        if any(not w.alive for w in self._workers) and not self._stopped:
+        if (
+            any(not w.alive for w in self._workers)
+            and not self._stopped
+            and time.monotonic() >= self._respawn_after
+        ):
             async with self._replacing:
                 for i, w in enumerate(list(self._workers)):
                     if w.alive or self._stopped:
@@ -436,8 +442,9 @@ class FormatWorkers:
                     try:
                         new = await self._spawn()
                     except Exception:
-                        # The others still serve; the next call tries again.
+                        # The others still serve; calls try again a little later.
                         log.exception("a new format worker process could not start")
+                        self._respawn_after = time.monotonic() + RESPAWN_DELAY_SECONDS
                         break
                     if self._stopped or i >= len(self._workers):
                         new.writer.close()
