@@ -101,7 +101,6 @@ class App:
             clock=self.clock,
             db=db,
             accounts=accounts,
-            maildir=maildir,
             provider=provider,
             limits=limits,
             wake=asyncio.Event(),

@@ -21,7 +21,6 @@ from sqlalchemy.orm import Session
 
 from pecd.clock import Clock, FixedClock, SystemClock
 from pecd.config import Config
-from pecd.mailbox.maildir import MaildirStore
 from pecd.pec.builders import BuiltMessage, ProviderIdentity, Transmission
 from pecd.pec.checks import Submission, SubmissionLimits, check_submission
 from pecd.pec.daticert import Daticert
@@ -67,7 +66,6 @@ class Services:
     clock: Clock
     db: Database
     accounts: Accounts
-    maildir: MaildirStore
     provider: ProviderIdentity
     limits: SubmissionLimits
     wake: asyncio.Event
