@@ -130,6 +130,8 @@ class ListenersConfig(_Section):
     imaps: OptionalEndpoint = None  # IMAP, implicit TLS (993)
     imap: OptionalEndpoint = None  # IMAP with STARTTLS (143), optional
     reception: OptionalEndpoint = None  # reception point for other providers (25), STARTTLS offered
+    pop3s: OptionalEndpoint = None  # POP3, implicit TLS (995)
+    pop3: OptionalEndpoint = None  # POP3 with STLS (110), optional, off by default
     hostname: str = "localhost"  # the name shown to clients and in Received:
 
 
@@ -149,6 +151,51 @@ class LimitsConfig(_Section):
                 "max_recipients_times_size must be at least 30 MB (DM 2 nov 2005 art. 12)"
             )
         return self
+
+
+class MailboxConfig(_Section):
+    """Who serves the holders' mailboxes (IMAP, POP3) and how that process is kept alive.
+
+    ``server = "pecd"``: pecd's own IMAP and POP3, in a process of their own supervised by
+    ``pecd serve``. ``server = "dovecot"``: Dovecot serves IMAPS/POP3S over the same Maildir tree
+    (``pecd init --mailbox-server dovecot`` writes its config); pecd opens no IMAP/POP3 listener.
+    """
+
+    server: Literal["pecd", "dovecot"] = "pecd"
+    # The mailbox process answers a heartbeat every heartbeat_seconds; one silent for
+    # heartbeat_timeout_seconds (an event loop stuck in a loop, a deadlock) is killed and replaced.
+    heartbeat_seconds: float = Field(default=1.0, gt=0)
+    heartbeat_timeout_seconds: float = Field(default=10.0, gt=0)
+    # Idle connections: before login (RFC 3501 leaves it to the server; about a minute) and after
+    # (RFC 3501 5.4: at least 30 minutes; IDLE is re-armed by the client per RFC 2177).
+    idle_timeout_unauthenticated: float = Field(default=60.0, gt=0)
+    idle_timeout_authenticated: float = Field(default=1800.0, gt=0)
+    # Largest literal accepted before login (RFC 7888 LITERAL-: 4096); after login the limit
+    # is limits.max_message_size.
+    max_literal_unauthenticated: int = Field(default=4096, ge=256)
+    # Longest command line (without literals).
+    max_line_length: int = Field(default=64 * 1024, ge=1024)
+
+
+class SecurityConfig(_Section):
+    """Login throttling and connection limits, on every listener that takes a password.
+
+    Failures are counted per client address and per account over ``failure_window_seconds``.
+    After ``delay_after_failures`` of them, each further login attempt waits
+    ``delay_base_seconds`` doubled per failure, up to ``delay_max_seconds``; a connection with
+    ``disconnect_after_failures`` failed logins is closed. At most ``max_hash_checks`` password
+    hashes are checked at once in a process, so guessing cannot take every CPU from real logins.
+    """
+
+    delay_after_failures: int = Field(default=3, ge=0)
+    delay_base_seconds: float = Field(default=0.5, ge=0)
+    delay_max_seconds: float = Field(default=15.0, ge=0)
+    disconnect_after_failures: int = Field(default=5, ge=1)
+    failure_window_seconds: float = Field(default=900.0, gt=0)
+    max_hash_checks: int = Field(default_factory=lambda: max(1, os.cpu_count() or 1), ge=1)
+    # Connections at once from one client address, and in total, per listener.
+    max_connections_per_address: int = Field(default=20, ge=1)
+    max_connections: int = Field(default=1000, ge=1)
 
 
 class QueueConfig(_Section):
@@ -238,6 +285,8 @@ class Config(_Section):
     listeners: ListenersConfig = ListenersConfig()
     limits: LimitsConfig = LimitsConfig()
     queue: QueueConfig = QueueConfig()
+    mailbox: MailboxConfig = MailboxConfig()
+    security: SecurityConfig = SecurityConfig()
     timers: TimersConfig = TimersConfig()
     relay: RelayConfig = RelayConfig()
     index: IndexConfig = IndexConfig()
