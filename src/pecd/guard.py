@@ -1,0 +1,304 @@
+"""Login throttling and connection limits, shared by every listener that takes a password.
+
+One ``Guard`` per process. A listener asks ``admit()`` when a connection arrives and releases
+the admission when it closes; a login first awaits ``before_login()``, then reports
+``failed()`` or ``succeeded()``. The Guard keeps only counters in memory, bounded in size.
+
+Choices:
+
+- **Client address.** IPv4 addresses count one by one; IPv6 addresses count per /64 (one
+  subscriber usually gets a whole /64, so counting single addresses would let one client use
+  2^64 of them). An IPv4-mapped IPv6 address counts as its IPv4 address. Anything else (a
+  Unix socket peer) counts as itself.
+- **Delay.** After ``delay_after_failures`` failures within ``failure_window_seconds``, the
+  n-th failure makes the next attempt wait ``delay_base_seconds * 2**(n - delay_after_failures)``,
+  at most ``delay_max_seconds``. For a client address the attempts are also *serialised*: one
+  attempt passes the gate per delay, however many connections the address opens in parallel
+  (so 20 parallel guessers do not get 20 guesses per delay). For an account the delay is
+  waited once, at most ``delay_max_seconds``, and not serialised, so that a guessing attack
+  spread over many addresses cannot lock the holder out for longer than that; a client address
+  from which the account logged in successfully in the last ``known_seconds`` skips the
+  account's delay altogether.
+- **Success** from an address forgets the failures of that address and of that account.
+- **Memory.** Each table holds at most ``max_tracked`` entries (least recently failed dropped
+  first) and entries older than the window are dropped as new failures come in.
+- **Log.** One line per failed login (protocol, client address, account), at most
+  ``log_lines_per_second``; past that the lines are counted and one summary line says how many
+  were suppressed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from types import TracebackType
+
+from pecd.config import SecurityConfig
+
+log = logging.getLogger(__name__)
+
+ACCOUNT_MAX_LENGTH = 320  # longer names are cut: an attacker chooses them
+
+
+def client_key(peer: str) -> str:
+    """The key a client address is counted under (IPv6 per /64, see the module docstring)."""
+    text = peer.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    text = text.split("%", 1)[0]  # zone index of a link-local address
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return peer
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+def account_key(account: str) -> str:
+    return account.strip().lower()[:ACCOUNT_MAX_LENGTH]
+
+
+@dataclass(slots=True)
+class _Failures:
+    count: int = 0
+    last: float = 0.0  # time of the last failure
+    gate: float = float("-inf")  # time the last attempt passed the gate (addresses only)
+
+
+class Admission:
+    """One admitted connection; ``release()`` (idempotent) when it closes."""
+
+    __slots__ = ("_guard", "_key", "_listener", "_released")
+
+    def __init__(self, guard: Guard, listener: str, key: str) -> None:
+        self._guard = guard
+        self._listener = listener
+        self._key = key
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._guard._release(self._listener, self._key)
+
+    def __enter__(self) -> Admission:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+
+class Guard:
+    """Connection limits and login throttling for one process (see the module docstring)."""
+
+    def __init__(
+        self,
+        cfg: SecurityConfig,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        max_tracked: int = 100_000,
+        known_seconds: float = 30 * 86400.0,
+        log_lines_per_second: int = 20,
+    ) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        self.sleep = sleep
+        self.max_tracked = max_tracked
+        self.known_seconds = known_seconds
+        self.log_lines_per_second = log_lines_per_second
+        self.disconnect_after: int = cfg.disconnect_after_failures
+        # (listener, client key) -> open connections; listener -> open connections.
+        self._conns: dict[tuple[str, str], int] = {}
+        self._totals: dict[str, int] = {}
+        # Ordered by the time of the last failure, oldest first.
+        self._by_client: OrderedDict[str, _Failures] = OrderedDict()
+        self._by_account: OrderedDict[str, _Failures] = OrderedDict()
+        # (account, client key) -> time of the last successful login, oldest first.
+        self._known: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self._log_second = 0.0
+        self._log_lines = 0
+        self._suppressed = 0
+        # What the throttle did, for tests and benchmarks: the delays waited (the most recent),
+        # and how many connections were refused.
+        self.waits: deque[float] = deque(maxlen=1000)
+        self.refused = 0
+
+    # --- connections -------------------------------------------------------------------------
+
+    def admit(self, listener: str, peer: str) -> Admission | None:
+        """An admission for a new connection, or None when the client address or the listener
+        already has as many connections as allowed (the caller replies "too many connections"
+        in its protocol and closes)."""
+        key = client_key(peer)
+        per = self._conns.get((listener, key), 0)
+        total = self._totals.get(listener, 0)
+        if per >= self.cfg.max_connections_per_address or total >= self.cfg.max_connections:
+            self.refused += 1
+            return None
+        self._conns[(listener, key)] = per + 1
+        self._totals[listener] = total + 1
+        return Admission(self, listener, key)
+
+    def connections(self, listener: str, peer: str | None = None) -> int:
+        """Open connections on ``listener``, from ``peer``'s address key or in total."""
+        if peer is None:
+            return self._totals.get(listener, 0)
+        return self._conns.get((listener, client_key(peer)), 0)
+
+    def _release(self, listener: str, key: str) -> None:
+        per = self._conns.get((listener, key), 0) - 1
+        if per > 0:
+            self._conns[(listener, key)] = per
+        else:
+            self._conns.pop((listener, key), None)
+        total = self._totals.get(listener, 0) - 1
+        if total > 0:
+            self._totals[listener] = total
+        else:
+            self._totals.pop(listener, None)
+
+    # --- logins ------------------------------------------------------------------------------
+
+    def delay_for(self, failures: int) -> float:
+        """The delay owed after ``failures`` recent failures."""
+        extra = failures - self.cfg.delay_after_failures
+        if extra < 0:
+            return 0.0
+        # Capped exponent: 2**64 would only overflow into the cap anyway.
+        return min(self.cfg.delay_base_seconds * 2.0 ** min(extra, 64), self.cfg.delay_max_seconds)
+
+    def failures(self, peer: str | None = None, account: str | None = None) -> int:
+        """Recent failures of a client address (or of an account)."""
+        now = self.clock()
+        if peer is not None:
+            rec = self._live(self._by_client, client_key(peer), now)
+        else:
+            rec = self._live(self._by_account, account_key(account or ""), now)
+        return 0 if rec is None else rec.count
+
+    def clean(self, peer: str) -> bool:
+        """True when the client address has no recent failure: its logins may go first."""
+        return self._live(self._by_client, client_key(peer), self.clock()) is None
+
+    def _live(self, table: OrderedDict[str, _Failures], key: str, now: float) -> _Failures | None:
+        rec = table.get(key)
+        if rec is not None and now - rec.last > self.cfg.failure_window_seconds:
+            del table[key]
+            return None
+        return rec
+
+    async def before_login(self, peer: str, account: str) -> None:
+        """Wait the delay owed for the earlier failures of this client address or account."""
+        ckey, akey = client_key(peer), account_key(account)
+        start = self.clock()
+        # The account's delay: once, never more than delay_max_seconds (see the docstring).
+        arec = self._live(self._by_account, akey, start)
+        if arec is not None and not self._is_known(akey, ckey, start):
+            owed = arec.last + self.delay_for(arec.count) - start
+            if owed > 0:
+                await self.sleep(min(owed, self.cfg.delay_max_seconds))
+        # The client address's gate: one attempt per delay.
+        while True:
+            now = self.clock()
+            crec = self._live(self._by_client, ckey, now)
+            if crec is None:
+                break
+            delay = self.delay_for(crec.count)
+            if delay <= 0:
+                break
+            owed = max(crec.last, crec.gate) + delay - now
+            if owed <= 0:
+                crec.gate = now
+                break
+            await self.sleep(owed)
+        waited = self.clock() - start
+        if waited > 0:
+            self.waits.append(waited)
+
+    def _is_known(self, akey: str, ckey: str, now: float) -> bool:
+        seen = self._known.get((akey, ckey))
+        return seen is not None and now - seen <= self.known_seconds
+
+    def failed(self, protocol: str, peer: str, account: str) -> None:
+        """Record a failed login; logs one line (rate-limited)."""
+        now = self.clock()
+        ckey, akey = client_key(peer), account_key(account)
+        crec = self._bump(self._by_client, ckey, now)
+        arec = self._bump(self._by_account, akey, now)
+        self._log(
+            now,
+            "failed login: protocol=%s client=%s account=%r failures: client %d, account %d",
+            protocol,
+            peer,
+            akey,
+            crec.count,
+            arec.count,
+        )
+
+    def _bump(self, table: OrderedDict[str, _Failures], key: str, now: float) -> _Failures:
+        rec = self._live(table, key, now)
+        if rec is None:
+            rec = table[key] = _Failures()
+        else:
+            table.move_to_end(key)
+        rec.count += 1
+        rec.last = now
+        window = self.cfg.failure_window_seconds
+        # Oldest first: drop what expired, then what is over the cap.
+        while table:
+            first_key, first = next(iter(table.items()))
+            if now - first.last > window or len(table) > self.max_tracked:
+                del table[first_key]
+            else:
+                break
+        return rec
+
+    def succeeded(self, peer: str, account: str) -> None:
+        """Record a successful login: forget the failures of this address and this account."""
+        now = self.clock()
+        ckey, akey = client_key(peer), account_key(account)
+        self._by_client.pop(ckey, None)
+        self._by_account.pop(akey, None)
+        self._known.pop((akey, ckey), None)
+        self._known[(akey, ckey)] = now
+        while self._known:
+            first_key, seen = next(iter(self._known.items()))
+            if now - seen > self.known_seconds or len(self._known) > self.max_tracked:
+                del self._known[first_key]
+            else:
+                break
+
+    # --- the log -----------------------------------------------------------------------------
+
+    def _log(self, now: float, msg: str, *args: object) -> None:
+        if now - self._log_second >= 1.0:
+            if self._suppressed:
+                log.info("failed login: %d more lines suppressed", self._suppressed)
+            self._log_second = now
+            self._log_lines = 0
+            self._suppressed = 0
+        if self._log_lines < self.log_lines_per_second:
+            self._log_lines += 1
+            log.info(msg, *args)
+        else:
+            self._suppressed += 1
+
+    def flush_log(self) -> None:
+        """Write the summary of suppressed lines now (at shutdown)."""
+        if self._suppressed:
+            log.info("failed login: %d more lines suppressed", self._suppressed)
+            self._suppressed = 0
