@@ -197,3 +197,68 @@ def test_log_is_rate_limited(caplog: pytest.LogCaptureFixture) -> None:
 def test_disconnect_after_comes_from_config() -> None:
     g, _ = make(disconnect_after_failures=7)
     assert g.disconnect_after == 7
+
+
+def test_hash_slots_bound_and_let_clean_clients_first() -> None:
+    import threading
+
+    from pecd.store.accounts import HashSlots
+
+    slots = HashSlots(2)
+    running = 0
+    most = 0
+    order: list[str] = []
+    lock = threading.Lock()
+    gate = threading.Event()
+
+    def work(name: str) -> str:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        gate.wait(5)
+        with lock:
+            running -= 1
+            order.append(name)
+        return name
+
+    async def run() -> list[str]:
+        # Two guesses take both slots; eight more wait; then a clean client's check arrives.
+        busy = [asyncio.create_task(slots.run(False, work, f"guess{i}")) for i in range(10)]
+        await asyncio.sleep(0.05)
+        clean = asyncio.create_task(slots.run(True, work, "clean"))
+        await asyncio.sleep(0.05)
+        assert slots.waiting() == 9
+        gate.set()
+        return await asyncio.gather(*busy, clean)
+
+    results = asyncio.run(run())
+    assert results[-1] == "clean"
+    assert most == 2
+    # The clean client's check was the first to start after the two that held the slots.
+    assert order.index("clean") <= 3
+    assert slots.free == 2
+
+
+def test_hash_slots_cancelled_waiter_gives_nothing_away() -> None:
+    from pecd.store.accounts import HashSlots
+
+    slots = HashSlots(1)
+
+    async def run() -> None:
+        import threading
+
+        ev = threading.Event()
+        first = asyncio.create_task(slots.run(False, ev.wait, 5))
+        await asyncio.sleep(0.02)
+        second = asyncio.create_task(slots.run(False, ev.wait, 5))
+        await asyncio.sleep(0.02)
+        second.cancel()
+        await asyncio.gather(second, return_exceptions=True)
+        assert slots.waiting() == 0
+        ev.set()
+        await first
+        await asyncio.sleep(0.02)
+        assert slots.free == 1
+
+    asyncio.run(run())

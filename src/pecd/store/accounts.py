@@ -7,12 +7,16 @@ worker thread (``asyncio.to_thread``) so a login never blocks the event loop.
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import hmac
+import os
 import re
 import secrets
 import time
+from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
+from typing import TypeVar
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
@@ -24,6 +28,7 @@ from pecd.store.db import Database
 from pecd.store.models import Domain, Mailbox
 
 MIN_PASSWORD_LENGTH = 8
+_T = TypeVar("_T")
 
 _LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
 _DOMAIN_RE = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})+$")
@@ -63,6 +68,50 @@ def _check_password(password: str) -> None:
         raise AccountError(f"password must be at least {MIN_PASSWORD_LENGTH} characters")
 
 
+class HashSlots:
+    """At most ``n`` password-hash computations at once (each one holds a CPU for ~150 ms), so
+    guessing cannot take every CPU from real logins. Waiting computations with ``first=True``
+    (logins from a client address with no recent failure) are served before the others."""
+
+    def __init__(self, n: int) -> None:
+        self.free = n
+        self._first: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._rest: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    def waiting(self) -> int:
+        return len(self._first) + len(self._rest)
+
+    async def run(self, first: bool, fn: Callable[..., _T], *args: object) -> _T:
+        """``fn(*args)`` in a worker thread, in a free slot."""
+        if self.free > 0 and not self._first and not self._rest:
+            self.free -= 1
+        else:
+            waiter = asyncio.get_running_loop().create_future()
+            queue = self._first if first else self._rest
+            queue.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._release()  # handed a slot just as we were cancelled
+                else:
+                    queue.remove(waiter)
+                raise
+        # The slot is given back when the thread ends, not when a cancelled caller leaves.
+        task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+        task.add_done_callback(lambda _: self._release())
+        return await asyncio.shield(task)
+
+    def _release(self) -> None:
+        for queue in (self._first, self._rest):
+            while queue:
+                waiter = queue.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)
+                    return
+        self.free += 1
+
+
 class Accounts:
     """Domains and mailboxes in the database.
 
@@ -77,6 +126,9 @@ class Accounts:
     and never stored, next to the stored hash it was checked against: a changed password (its
     hash changes) or a disabled mailbox is seen at once, a wrong password always pays the full
     check, and nothing of it is written anywhere.
+
+    At most ``max_hash_checks`` (default: the CPU count) password checks run at once
+    (``HashSlots``); a login found in the cache takes no slot.
     """
 
     LOGIN_CACHE_MAX = 100_000
@@ -88,8 +140,10 @@ class Accounts:
         hasher: PasswordHasher | None = None,
         clock: Clock | None = None,
         login_cache_seconds: float = 300.0,
+        max_hash_checks: int | None = None,
     ) -> None:
         self.db = db
+        self.hash_slots = HashSlots(max_hash_checks or max(1, os.cpu_count() or 1))
         self.hasher = hasher if hasher is not None else PasswordHasher()
         self.clock: Clock = clock if clock is not None else SystemClock()
         self._dummy_hash: str | None = None
@@ -198,22 +252,23 @@ class Accounts:
         except (VerifyMismatchError, VerificationError, InvalidHashError):
             return False
 
-    async def authenticate(self, address: str, password: str) -> str | None:
+    async def authenticate(self, address: str, password: str, *, first: bool = False) -> str | None:
         """The canonical address if ``password`` is right and the mailbox is enabled, else None.
 
         Takes about the same time whether or not the mailbox exists (an unknown address is
-        checked against a dummy hash).
+        checked against a dummy hash). ``first``: the client address has no recent failed
+        login (``Guard.clean``), so its check goes ahead of those waiting for a slot.
         """
         canonical = address.strip().lower()
         async with self.db.read_session() as s:
             mailbox = await s.get(Mailbox, canonical)
         if mailbox is None:
-            await asyncio.to_thread(self._verify, await self._dummy(), password)
+            await self.hash_slots.run(first, self._verify, await self._dummy(), password)
             return None
         stored = mailbox.password_hash
         if mailbox.disabled:
             # The same work as a wrong password: a disabled mailbox is not told apart by time.
-            await asyncio.to_thread(self._verify, stored, password)
+            await self.hash_slots.run(first, self._verify, stored, password)
             return None
         mac = hmac.new(self._login_key, password.encode("utf-8"), hashlib.sha256).digest()
         seen = self._logins.get(canonical)
@@ -221,20 +276,20 @@ class Accounts:
         fresh = seen is not None and seen[0] == stored and now < seen[2]
         if fresh and seen is not None and hmac.compare_digest(seen[1], mac):
             return canonical
-        if not await asyncio.to_thread(self._verify, stored, password):
+        if not await self.hash_slots.run(first, self._verify, stored, password):
             return None
         if self.login_cache_seconds > 0:
             if len(self._logins) >= self.LOGIN_CACHE_MAX:
                 self._logins.clear()
             self._logins[canonical] = (stored, mac, now + self.login_cache_seconds)
         if self.hasher.check_needs_rehash(stored):
-            fresh = await asyncio.to_thread(self.hasher.hash, password)
+            rehashed = await self.hash_slots.run(first, self.hasher.hash, password)
             async with self.db.session() as s, s.begin():
                 # Only if the password did not change meanwhile.
                 await s.execute(
                     update(Mailbox)
                     .where(Mailbox.address == canonical, Mailbox.password_hash == stored)
-                    .values(password_hash=fresh)
+                    .values(password_hash=rehashed)
                 )
         return canonical
 
