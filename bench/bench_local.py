@@ -140,7 +140,7 @@ async def fresh_postgres(server: str) -> str:
 
 
 def cpu_seconds(pid: int) -> tuple[float, float]:
-    """(CPU seconds of process ``pid``, of its child processes now alive), from /proc."""
+    """(CPU seconds of process ``pid``, of its format processes now alive), from /proc."""
     tick = os.sysconf("SC_CLK_TCK")
 
     def own(p: int) -> float:
@@ -150,10 +150,16 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
             return 0.0
         return (int(fields[11]) + int(fields[12])) / tick  # utime + stime
 
+    def is_mailbox_process(p: int) -> bool:  # IMAP/POP3, not a format process
+        try:
+            return b"mailbox_process" in Path(f"/proc/{p}/cmdline").read_bytes()
+        except OSError:
+            return False
+
     children: list[int] = []
     for task in Path(f"/proc/{pid}/task").glob("*/children"):
         children += [int(c) for c in task.read_text().split()]
-    return own(pid), sum(own(c) for c in children)
+    return own(pid), sum(own(c) for c in children if not is_mailbox_process(c))
 
 
 class Scanner:

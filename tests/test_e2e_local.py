@@ -85,9 +85,9 @@ class Server:
         if name == "reception":
             assert self.app.reception is not None
             return self.app.reception.port
-        if name == "imaps":
-            assert self.app.imap is not None
-            return self.app.imap.bound_ports[0]
+        if name in ("imaps", "imap", "pop3s", "pop3"):
+            assert self.app.mailboxes is not None
+            return self.app.mailboxes.port(name)
         assert self.app.access is not None
         return self.app.access.port(name)
 

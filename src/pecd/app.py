@@ -7,13 +7,12 @@ import contextlib
 import logging
 import os
 import socket
-import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pecd.clock import Clock, SystemClock
 from pecd.config import Config
-from pecd.imap.service import ImapService
+from pecd.guard import Guard
 from pecd.index import IndexService
 from pecd.mailbox.maildir import MaildirStore
 from pecd.memory import return_freed_messages_to_the_system
@@ -27,17 +26,12 @@ from pecd.points.relay import RelayClient, stage_relay
 from pecd.points.sealer import Sealer
 from pecd.points.timers import Timers
 from pecd.points.workers import WorkerPool
+from pecd.runtime.supervisor import MailboxSupervisor
+from pecd.runtime.tls import server_tls_context
 from pecd.store.accounts import Accounts
 from pecd.store.db import Database, migrate_async
 
 log = logging.getLogger(__name__)
-
-
-def server_tls_context(cfg: Config) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(str(cfg.tls.cert), str(cfg.tls.key))
-    return ctx
 
 
 @dataclass
@@ -49,7 +43,7 @@ class App:
     stack: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
     svc: Services | None = None
     access: AccessPoint | None = None
-    imap: ImapService | None = None
+    mailboxes: MailboxSupervisor | None = None
     workers: WorkerPool | None = None
     relay_workers: WorkerPool | None = None
     timers: Timers | None = None
@@ -85,7 +79,7 @@ class App:
         self.index = IndexService(cfg)
         await self.index.start(self.stack)
         maildir = MaildirStore(cfg.maildir_root)
-        accounts = Accounts(db)
+        accounts = Accounts(db, max_hash_checks=cfg.security.max_hash_checks)
         provider = provider_identity(cfg)
         formats = FormatWorkers(
             cfg, provider, processes=cfg.queue.format_processes, maildir=maildir
@@ -152,23 +146,22 @@ class App:
             smtps=lst.smtps,
             submission=lst.submission,
             hostname=lst.hostname,
+            guard=(guard := Guard(cfg.security)),
         )
         await self.access.start(self.stack)
         if lst.reception is not None:
             self.reception = ReceptionPoint(
-                self.svc, tls, intake=intake, endpoint=lst.reception, hostname=lst.hostname
+                self.svc,
+                tls,
+                intake=intake,
+                endpoint=lst.reception,
+                hostname=lst.hostname,
+                guard=guard,
             )
             await self.reception.start(self.stack)
-        if lst.imaps is not None or lst.imap is not None:
-            self.imap = ImapService(
-                store=maildir,
-                auth=accounts,
-                tls_context=tls,
-                host=(lst.imaps or lst.imap).host,  # type: ignore[union-attr]
-                port=lst.imaps.port if lst.imaps else 0,
-                starttls_port=lst.imap.port if lst.imap else None,
-            )
-            await self.imap.start(self.stack)
+        # IMAP and POP3 run in a supervised process of their own (see runtime/supervisor.py).
+        self.mailboxes = MailboxSupervisor(cfg, debug=log.isEnabledFor(logging.DEBUG))
+        await self.mailboxes.start(self.stack)
 
     def client_settings(self) -> list[str]:
         """What a person types into a mail client, printed at startup."""
@@ -183,10 +176,17 @@ class App:
             lines.append(
                 f"  SMTP (send):   {host} port {self.access.port('submission')}, STARTTLS, normal password"
             )
-        if self.imap:
-            ports = self.imap.bound_ports
-            if ports:
-                lines.append(f"  IMAP (read):   {host} port {ports[0]}, SSL/TLS, normal password")
+        ports = self.mailboxes.ports if self.mailboxes else {}
+        for name, label, how in (
+            ("imaps", "IMAP (read):  ", "SSL/TLS"),
+            ("imap", "IMAP (read):  ", "STARTTLS"),
+            ("pop3s", "POP3 (read):  ", "SSL/TLS"),
+            ("pop3", "POP3 (read):  ", "STARTTLS"),
+        ):
+            if name in ports:
+                lines.append(f"  {label} {host} port {ports[name]}, {how}, normal password")
+        if self.cfg.mailbox.server == "dovecot":
+            lines.append("  IMAP and POP3: served by Dovecot (see its configuration)")
         lines.append("  User name:     your full PEC address")
         if self.reception and self.reception.server:
             lines.append(f"  Other providers deliver to: {host} port {self.reception.port} (SMTP)")

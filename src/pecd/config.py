@@ -68,6 +68,8 @@ class Endpoint(BaseModel):
             return None
         if isinstance(value, Endpoint):
             return value
+        if isinstance(value, dict):  # a config passed on as JSON (the mailbox process)
+            return cls.model_validate(value)
         if not isinstance(value, str) or ":" not in value:
             raise ValueError(f"{value!r} is not host:port (example: 127.0.0.1:465)")
         host, _, port = value.rpartition(":")

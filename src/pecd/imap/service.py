@@ -19,6 +19,8 @@ from pymap.imap import IMAPConnection
 from pymap.imap.state import ConnectionState
 from pymap.parsing.response import CommandResponse, ResponseOk
 
+from pecd.config import MailboxConfig
+from pecd.guard import Guard
 from pecd.imap.backend import Authenticator, PecdImapConfig, PecdLogin
 from pecd.mailbox.maildir import MaildirStore
 
@@ -52,10 +54,15 @@ class ImapService:
         auth: Authenticator,
         tls_context: ssl.SSLContext | None,
         host: str = "127.0.0.1",
-        port: int = 993,
+        port: int | None = 993,
         starttls_port: int | None = None,
         hostname: str | None = None,
         failed_login_delay: float = 1.0,
+        guard: Guard | None = None,
+        limits: MailboxConfig | None = None,
+        max_message_size: int = 100 * 1024 * 1024,
+        sock: socket.socket | None = None,
+        starttls_sock: socket.socket | None = None,
     ) -> None:
         if tls_context is None:
             raise ValueError(
@@ -66,6 +73,12 @@ class ImapService:
         self.port = port
         self.starttls_port = starttls_port
         self._tls = tls_context
+        # Pre-bound listening sockets (the supervised mailbox process gets them from its parent).
+        self._sock = sock
+        self._starttls_sock = starttls_sock
+        self.guard = guard
+        self.limits = limits
+        self.max_message_size = max_message_size
         name = hostname or (host if host not in ("", "0.0.0.0", "::") else socket.gethostname())
 
         def config(tls_enabled: bool, listen_port: int) -> PecdImapConfig:
@@ -79,10 +92,14 @@ class ImapService:
                 failed_login_delay=failed_login_delay,
             )
 
-        self._implicit = config(False, port)
-        self._starttls = config(True, starttls_port) if starttls_port is not None else None
+        self._implicit = config(False, port or 0) if port is not None or sock is not None else None
+        self._starttls = (
+            config(True, starttls_port or 0)
+            if starttls_port is not None or starttls_sock is not None
+            else None
+        )
         # One login for both listeners; it reads only invalid_user_sleep from the config.
-        self._login = PecdLogin(auth, self._implicit)
+        self._login = PecdLogin(auth, self._implicit or self._starttls or config(False, 0))
         self._servers: list[asyncio.Server] = []
         self._connections: set[asyncio.Task[None]] = set()
 
@@ -102,14 +119,25 @@ class ImapService:
         self._warn_tmpdir()
         await asyncio.to_thread(self.store.root.mkdir, parents=True, exist_ok=True)
         stack.push_async_callback(self._stop)
-        server = await asyncio.start_server(
-            partial(self._serve, self._implicit), self.host, self.port, ssl=self._tls
-        )
-        self._servers.append(server)
+        if self._implicit is not None:
+            if self._sock is not None:
+                server = await asyncio.start_server(
+                    partial(self._serve, self._implicit), sock=self._sock, ssl=self._tls
+                )
+            else:
+                server = await asyncio.start_server(
+                    partial(self._serve, self._implicit), self.host, self.port, ssl=self._tls
+                )
+            self._servers.append(server)
         if self._starttls is not None:
-            server = await asyncio.start_server(
-                partial(self._serve, self._starttls), self.host, self.starttls_port
-            )
+            if self._starttls_sock is not None:
+                server = await asyncio.start_server(
+                    partial(self._serve, self._starttls), sock=self._starttls_sock
+                )
+            else:
+                server = await asyncio.start_server(
+                    partial(self._serve, self._starttls), self.host, self.starttls_port
+                )
             self._servers.append(server)
         _log.info("IMAP listening on %s ports %s", self.host, self.bound_ports)
 

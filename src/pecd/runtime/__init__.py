@@ -1,0 +1,1 @@
+"""The runtime around the PEC rules: processes, supervision, servers."""

@@ -1,0 +1,140 @@
+"""Entry point of the mailbox process (IMAP and POP3): ``python -m pecd.runtime.mailbox_process FD``.
+
+Started only by :class:`pecd.runtime.supervisor.MailboxSupervisor`. ``FD`` is its end of the
+control socket: the first line read from it is JSON with the config, the inherited listening
+sockets (name -> file descriptor) and the debug switch; the process answers ``ready`` once it
+serves them, then a heartbeat line every ``mailbox.heartbeat_seconds`` from its event loop. It
+stops on SIGTERM/SIGINT, and when the control socket reaches end-of-file (the parent is gone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import socket
+import sys
+from typing import Any
+
+from pecd.config import Config
+
+log = logging.getLogger("pecd.mailbox")
+
+
+async def _serve(
+    cfg: Config, listeners: dict[str, int], started: asyncio.Event, stop: asyncio.Event
+) -> None:
+    from pecd.guard import Guard
+    from pecd.imap.service import ImapService
+    from pecd.mailbox.maildir import MaildirStore
+    from pecd.pop3 import Pop3Service
+    from pecd.runtime.tls import server_tls_context
+    from pecd.store.accounts import Accounts
+    from pecd.store.db import Database
+
+    socks = {name: socket.socket(fileno=fd) for name, fd in listeners.items()}
+    for sock in socks.values():
+        sock.setblocking(False)
+    lst = cfg.listeners
+    async with contextlib.AsyncExitStack() as stack:
+        db = await Database.open(cfg.database_url)
+        stack.push_async_callback(db.close)
+        accounts = Accounts(db, max_hash_checks=cfg.security.max_hash_checks)
+        guard = Guard(cfg.security)
+        store = MaildirStore(cfg.maildir_root)
+        tls = server_tls_context(cfg)
+        if "imaps" in socks or "imap" in socks:
+            imap = ImapService(
+                store=store,
+                auth=accounts,
+                tls_context=tls,
+                hostname=lst.hostname,
+                guard=guard,
+                limits=cfg.mailbox,
+                max_message_size=cfg.limits.max_message_size,
+                sock=socks.get("imaps"),
+                starttls_sock=socks.get("imap"),
+                port=0 if "imaps" in socks else None,
+                starttls_port=0 if "imap" in socks else None,
+            )
+            await imap.start(stack)
+        if "pop3s" in socks or "pop3" in socks:
+            pop3 = Pop3Service(
+                store=store,
+                auth=accounts,
+                tls_context=tls,
+                guard=guard,
+                limits=cfg.mailbox,
+                hostname=lst.hostname,
+                sock=socks.get("pop3s"),
+                stls_sock=socks.get("pop3"),
+                port=0 if "pop3s" in socks else None,
+                stls_port=0 if "pop3" in socks else None,
+            )
+            await pop3.start(stack)
+        started.set()
+        await stop.wait()
+        log.info("mailbox process stopping")
+
+
+async def _main(ctrl_fd: int) -> int:
+    ctrl = socket.socket(fileno=ctrl_fd)
+    reader, writer = await asyncio.open_connection(sock=ctrl)
+    hello: dict[str, Any] = json.loads(await reader.readline())
+    cfg = Config.model_validate(hello["config"])
+    if hello.get("debug"):
+        logging.getLogger("pecd").setLevel(logging.DEBUG)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s [mailbox] %(name)s: %(message)s",
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def parent_gone() -> None:
+        # Anything read after the hello is ignored; end-of-file means the parent is gone.
+        while await reader.read(4096):
+            pass
+        stop.set()
+
+    started = asyncio.Event()
+    serving = asyncio.create_task(_serve(cfg, hello["listeners"], started, stop))
+    ready = asyncio.create_task(started.wait())
+    watch = asyncio.create_task(parent_gone())
+    try:
+        await asyncio.wait({serving, ready}, return_when=asyncio.FIRST_COMPLETED)
+        if serving.done():
+            serving.result()
+            return 0
+        writer.write(b"ready\n")
+        await writer.drain()
+        every = cfg.mailbox.heartbeat_seconds
+        while not serving.done():
+            await asyncio.wait({serving}, timeout=every)
+            if not serving.done():
+                writer.write(b"alive\n")
+                await writer.drain()
+        serving.result()
+        return 0
+    finally:
+        watch.cancel()
+        ready.cancel()
+        writer.close()
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2 or not argv[1].isdigit():
+        print("pecd's mailbox process is started by `pecd serve`, not by hand", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(_main(int(argv[1])))
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

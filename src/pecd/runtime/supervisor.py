@@ -1,0 +1,216 @@
+"""The mailbox process: IMAP and POP3 in a child process that ``pecd serve`` keeps alive.
+
+Why a process of its own: the access point, the reception point and the pipeline must keep
+answering whatever happens to the mailbox protocols. A parser bug that spins forever (pymap's
+modified UTF-7 decoder did), a memory blow-up or a crash in IMAP or POP3 code then stops only the
+child, which the supervisor replaces. The layout:
+
+* The parent (``pecd serve``) binds every IMAP/POP3 listening socket itself, once, and hands
+  them to the child as inherited file descriptors. A replacement child serves the same sockets:
+  the ports never change (port 0 in a test stays the port first bound) and a connection that
+  arrives while the child is being replaced waits in the listen backlog instead of being refused.
+* The child gets its config over a control socket (a ``socketpair``), opens its own database
+  connection (accounts are read-only there), and writes a heartbeat line every
+  ``mailbox.heartbeat_seconds`` from its event loop. A child whose event loop stops turning
+  (no heartbeat for ``mailbox.heartbeat_timeout_seconds``) is killed; one that exits is
+  restarted, with a growing pause if it keeps dying at once. Every such event is one log line.
+* SIGTERM of the parent stops the child with SIGTERM (it closes its listeners and sessions) and
+  kills it if it has not gone within the drain time. A child whose parent dies sees end-of-file
+  on the control socket and exits on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+
+from pecd.config import Config, Endpoint
+
+__all__ = ["MailboxSupervisor", "mailbox_listeners"]
+
+log = logging.getLogger(__name__)
+
+#: The listeners the mailbox process serves, in the order ports are reported.
+LISTENERS = ("imaps", "imap", "pop3s", "pop3")
+
+_MIN_RESTART_PAUSE = 0.2
+_MAX_RESTART_PAUSE = 30.0
+# A child that lived this long before dying is not crash-looping: its next start is immediate.
+_HEALTHY_SECONDS = 30.0
+
+
+def mailbox_listeners(cfg: Config) -> dict[str, Endpoint]:
+    """The IMAP/POP3 listeners pecd itself serves under ``cfg`` (none when Dovecot serves)."""
+    if cfg.mailbox.server != "pecd":
+        return {}
+    lst = cfg.listeners
+    found = {name: getattr(lst, name) for name in LISTENERS}
+    return {name: ep for name, ep in found.items() if ep is not None}
+
+
+def _bind(ep: Endpoint) -> socket.socket:
+    family = socket.AF_INET6 if ":" in ep.host else socket.AF_INET
+    sock = socket.create_server((ep.host, ep.port), family=family, backlog=512)
+    sock.setblocking(False)
+    return sock
+
+
+@dataclass
+class MailboxSupervisor:
+    """Runs and watches the mailbox process. ``await start(stack)``; the stack stops it."""
+
+    cfg: Config
+    debug: bool = False
+    sockets: dict[str, socket.socket] = field(default_factory=dict)
+    restarts: int = 0
+    pid: int | None = None
+    _proc: asyncio.subprocess.Process | None = None
+    _task: asyncio.Task[None] | None = None
+    _stopping: bool = False
+    _ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def ports(self) -> dict[str, int]:
+        """Listener name -> bound port."""
+        return {name: int(s.getsockname()[1]) for name, s in self.sockets.items()}
+
+    def port(self, name: str) -> int:
+        return self.ports[name]
+
+    async def start(self, stack: contextlib.AsyncExitStack) -> None:
+        """Bind the listeners, start the child and wait until it serves them."""
+        for name, ep in mailbox_listeners(self.cfg).items():
+            self.sockets[name] = _bind(ep)
+        stack.callback(self._close_sockets)
+        if not self.sockets:
+            return
+        stack.push_async_callback(self.stop)
+        self._task = asyncio.create_task(self._supervise(), name="mailbox-supervisor")
+        ready = asyncio.create_task(self._ready.wait())
+        done, _ = await asyncio.wait({ready, self._task}, return_when=asyncio.FIRST_COMPLETED)
+        if ready not in done:
+            ready.cancel()
+            self._task.result()  # raises what ended the supervisor
+            raise RuntimeError("the mailbox process did not start")
+        log.info("mailbox process serving %s", ", ".join(f"{n} {p}" for n, p in self.ports.items()))
+
+    def _close_sockets(self) -> None:
+        for sock in self.sockets.values():
+            sock.close()
+
+    async def stop(self) -> None:
+        self._stopping = True
+        proc = self._proc
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), self.cfg.queue.drain_seconds)
+            except TimeoutError:
+                log.warning("mailbox process %d did not stop in time; killing it", proc.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    async def _supervise(self) -> None:
+        pause = _MIN_RESTART_PAUSE
+        while not self._stopping:
+            started = time.monotonic()
+            try:
+                reason = await self._run_once()
+            except OSError as exc:  # could not even start the child (fork failed, no memory)
+                reason = f"could not start: {exc}"
+            if self._stopping:
+                return
+            self.restarts += 1
+            if time.monotonic() - started >= _HEALTHY_SECONDS:
+                pause = _MIN_RESTART_PAUSE
+            log.error("mailbox process %s; starting a new one in %.1f s", reason, pause)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, _MAX_RESTART_PAUSE)
+
+    async def _run_once(self) -> str:
+        """Start one child and watch it; return why it is gone."""
+        parent_end, child_end = socket.socketpair()
+        fds = {name: sock.fileno() for name, sock in self.sockets.items()}
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "pecd.runtime.mailbox_process",
+                str(child_end.fileno()),
+                pass_fds=[child_end.fileno(), *fds.values()],
+                stdin=asyncio.subprocess.DEVNULL,
+            )
+        finally:
+            child_end.close()
+        self._proc = proc
+        self.pid = proc.pid
+        try:
+            reader, writer = await asyncio.open_connection(sock=parent_end)
+        except BaseException:
+            parent_end.close()
+            raise
+        try:
+            hello = {
+                "config": self.cfg.model_dump(mode="json"),
+                "listeners": fds,
+                "debug": self.debug,
+            }
+            writer.write(json.dumps(hello).encode("utf-8") + b"\n")
+            await writer.drain()
+            return await self._watch(proc, reader)
+        except (ConnectionError, OSError) as exc:
+            return f"{proc.pid} lost its control channel ({exc})"
+        finally:
+            writer.close()
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+
+    async def _watch(self, proc: asyncio.subprocess.Process, reader: asyncio.StreamReader) -> str:
+        timeout = self.cfg.mailbox.heartbeat_timeout_seconds
+        # The first start may import a lot and open the database: give it longer to say ready.
+        first = max(timeout, 60.0)
+        line = b""
+        try:
+            line = await asyncio.wait_for(reader.readline(), first)
+        except TimeoutError:
+            return f"{proc.pid} did not start within {first:.0f} s; killed"
+        if line.strip() != b"ready":
+            code = await proc.wait()
+            return f"{proc.pid} failed to start (exit status {code})"
+        self._ready.set()
+        while True:
+            try:
+                line = await asyncio.wait_for(reader.readline(), timeout)
+            except TimeoutError:
+                if self._stopping:
+                    return "stopping"
+                log.error(
+                    "mailbox process %d sent no heartbeat for %.0f s (its event loop is stuck); "
+                    "killing it",
+                    proc.pid,
+                    timeout,
+                )
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+                return f"{proc.pid} was killed after its heartbeat stopped"
+            if not line:
+                code = await proc.wait()
+                return f"{proc.pid} exited with status {code}"

@@ -1,0 +1,249 @@
+"""The mailbox process: IMAP and POP3 apart from SMTP, kept alive by ``pecd serve``.
+
+Attacks on the mailbox protocols, a stuck event loop (SIGSTOP) and a crash (SIGKILL) of the
+mailbox process never stop the access point or the reception point, and a new mailbox process
+serves the same ports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import imaplib
+import os
+import signal
+import smtplib
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pecd.clock import SystemClock
+from pecd.config import Config, load_config
+from pecd.devinit import config_text, init_installation
+from pecd.store.accounts import Accounts
+from pecd.store.db import Database, migrate_async
+from test_e2e_local import Server, client_tls, message, wait_for
+
+DOMAIN = "pec.example.test"
+PASSWORD = "correct horse battery"
+TIMEOUT = 10
+
+
+async def _install(directory: Path) -> Config:
+    await init_installation(
+        directory, domain=DOMAIN, name="Example PEC S.p.A.", clock=SystemClock(), demo=False
+    )
+    ports = {"smtps": 0, "submission": 0, "imaps": 0, "pop3s": 0, "reception": 0}
+    text = config_text(domain=DOMAIN, name="Example PEC S.p.A.", ports=ports)
+    text = text.replace('imaps = "127.0.0.1:0"\n', 'imaps = "127.0.0.1:0"\nimap = "127.0.0.1:0"\n')
+    text += (
+        "\n[queue]\nbase_delay_seconds = 0.2\n"
+        "\n[mailbox]\nheartbeat_seconds = 0.2\nheartbeat_timeout_seconds = 2\n"
+    )
+    (directory / "pecd.toml").write_text(text, "utf-8")
+    cfg = load_config(directory / "pecd.toml")
+    await migrate_async(cfg.database_url)
+    db = await Database.open(cfg.database_url)
+    try:
+        acc = Accounts(db)
+        for user in ("alice", "bob"):
+            await acc.add_mailbox(f"{user}@{DOMAIN}", PASSWORD)
+    finally:
+        await db.close()
+    return cfg
+
+
+@pytest.fixture
+def srv(tmp_path: Path) -> Iterator[Server]:
+    cfg = asyncio.run(_install(tmp_path / "inst"))
+    server = Server(cfg).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _supervisor(srv: Server):  # type: ignore[no-untyped-def]
+    assert srv.app is not None and srv.app.mailboxes is not None
+    return srv.app.mailboxes
+
+
+def _imap_login(srv: Server) -> None:
+    with imaplib.IMAP4_SSL(
+        "127.0.0.1", srv.port("imaps"), ssl_context=client_tls(srv.cfg), timeout=TIMEOUT
+    ) as imap:
+        imap.login(f"alice@{DOMAIN}", PASSWORD)
+        typ, _ = imap.select("INBOX")
+        assert typ == "OK"
+
+
+def _smtp_answers(srv: Server) -> float:
+    """Submit one PEC over SMTPS; the time from connect to the 250 (returned, not asserted)."""
+    start = time.monotonic()
+    with smtplib.SMTP_SSL(
+        "127.0.0.1", srv.port("smtps"), context=client_tls(srv.cfg), timeout=TIMEOUT
+    ) as smtp:
+        smtp.login(f"alice@{DOMAIN}", PASSWORD)
+        raw = message(f"alice@{DOMAIN}", [f"bob@{DOMAIN}"], [], f"alive {time.time()}")
+        smtp.sendmail(f"alice@{DOMAIN}", [f"bob@{DOMAIN}"], raw)
+    return time.monotonic() - start
+
+
+def _reception_answers(srv: Server) -> float:
+    """An ordinary (not PEC) message to the reception point: it must be taken (250)."""
+    start = time.monotonic()
+    with smtplib.SMTP("127.0.0.1", srv.port("reception"), timeout=TIMEOUT) as smtp:
+        smtp.ehlo("peer.example")
+        raw = message("someone@elsewhere.example", [f"bob@{DOMAIN}"], [], "ordinary mail")
+        smtp.sendmail("someone@elsewhere.example", [f"bob@{DOMAIN}"], raw)
+    return time.monotonic() - start
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_imap_is_served_by_a_process_of_its_own(srv: Server) -> None:
+    sup = _supervisor(srv)
+    assert sup.pid is not None and sup.pid != os.getpid()
+    _imap_login(srv)
+
+
+def test_a_stuck_mailbox_process_is_replaced_and_smtp_keeps_answering(srv: Server) -> None:
+    sup = _supervisor(srv)
+    first = sup.pid
+    assert first is not None
+    os.kill(first, signal.SIGSTOP)  # its event loop stops turning, as in an endless loop
+    try:
+        # The access point and the reception point answer while the mailbox process is stuck.
+        _smtp_answers(srv)
+        _reception_answers(srv)
+        wait_for(lambda: sup.pid != first and sup.restarts >= 1, timeout=30)
+    finally:
+        if sup.pid == first:
+            os.kill(first, signal.SIGCONT)
+    # The new process serves the same port; a client that connects now logs in.
+    wait_for(lambda: _try(lambda: _imap_login(srv)), timeout=30)
+
+
+def test_a_killed_mailbox_process_is_restarted_on_the_same_ports(srv: Server) -> None:
+    sup = _supervisor(srv)
+    ports = dict(sup.ports)
+    first = sup.pid
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    wait_for(lambda: sup.pid != first and sup.restarts >= 1, timeout=30)
+    assert sup.ports == ports
+    wait_for(lambda: _try(lambda: _imap_login(srv)), timeout=30)
+
+
+def test_the_mailbox_process_stops_with_the_server(tmp_path: Path) -> None:
+    cfg = asyncio.run(_install(tmp_path / "inst"))
+    server = Server(cfg).start()
+    pid = _supervisor(server).pid
+    assert pid is not None
+    server.stop()
+    assert not Path(f"/proc/{pid}").exists() or _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def _try(fn) -> bool:  # type: ignore[no-untyped-def]
+    try:
+        fn()
+    except (OSError, imaplib.IMAP4.error, ssl.SSLError):
+        return False
+    return True
+
+
+def _tls_client(port: int, cfg: Config) -> ssl.SSLSocket:
+    raw = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+    return client_tls(cfg).wrap_socket(raw, server_hostname="localhost")
+
+
+def _plain_client(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+
+
+def _attack(
+    sock: socket.socket | ssl.SSLSocket, payloads: list[bytes], stop: threading.Event
+) -> None:
+    """Send the hostile commands, then keep streaming literal bytes until told to stop."""
+    try:
+        sock.recv(4096)  # greeting
+        for p in payloads:
+            sock.sendall(p)
+        junk = b"x" * 65536
+        while not stop.is_set():
+            sock.sendall(junk)
+    except OSError:
+        pass  # the server closed the connection: what it should do
+    finally:
+        sock.close()
+
+
+@pytest.mark.slow
+def test_attacks_on_imap_leave_smtp_answering_and_memory_bounded(srv: Server) -> None:
+    sup = _supervisor(srv)
+    assert sup.pid is not None
+    before = _rss_kib(sup.pid)
+    stop = threading.Event()
+    attacks = [
+        (_tls_client(srv.port("imaps"), srv.cfg), [b"a1 SELECT &Jjo\r\n"]),
+        (_tls_client(srv.port("imaps"), srv.cfg), [b'a1 EXAMINE "&Jjo"\r\n']),
+        (_tls_client(srv.port("imaps"), srv.cfg), [b"a1 LOGIN x {999999999+}\r\n"]),
+        (_plain_client(srv.port("imap")), [b"a1 LOGIN x {999999999+}\r\n"]),
+        (_plain_client(srv.port("imap")), [b"a1 SELECT &Jjo\r\n"]),
+    ]
+    threads = [threading.Thread(target=_attack, args=(s, p, stop), daemon=True) for s, p in attacks]
+    # A logged-in client announcing a 100 MB APPEND.
+    big = _tls_client(srv.port("imaps"), srv.cfg)
+    big.recv(4096)
+    big.sendall(f'a1 LOGIN alice@{DOMAIN} "{PASSWORD}"\r\n'.encode())
+    assert b"a1 OK" in _read_until(big, b"a1 ")
+    threads.append(
+        threading.Thread(
+            target=_attack, args=(big, [b"a2 APPEND INBOX {104857600+}\r\n"], stop), daemon=True
+        )
+    )
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1)
+        smtp_s = _smtp_answers(srv)
+        reception_s = _reception_answers(srv)
+        print(f"SMTPS submission {smtp_s:.3f} s, reception {reception_s:.3f} s under attack")
+        # IMAP itself keeps serving others.
+        _imap_login(srv)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(TIMEOUT)
+    # Nothing had to be killed: the mailbox process refused every attack itself.
+    assert sup.restarts == 0
+    assert sup.pid is not None
+    grown = _rss_kib(sup.pid) - before
+    print(f"mailbox process grew by {grown} KiB")
+    assert grown < 64 * 1024, f"the mailbox process grew by {grown} KiB under attack"
+
+
+def _read_until(sock: ssl.SSLSocket, marker: bytes) -> bytes:
+    data = b""
+    while marker not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
