@@ -8,8 +8,10 @@ serves the same ports.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import imaplib
 import os
+import random
 import signal
 import smtplib
 import socket
@@ -247,3 +249,129 @@ def _read_until(sock: ssl.SSLSocket, marker: bytes) -> bytes:
             break
         data += chunk
     return data
+
+
+_IMAP_SEEDS = [
+    b"a1 CAPABILITY",
+    b"a1 NOOP",
+    b'a1 LOGIN "alice@pec.example.test" "correct horse battery"',
+    b"a1 AUTHENTICATE PLAIN",
+    b"a1 SELECT INBOX",
+    b'a1 EXAMINE "&Jjo"',
+    b'a1 LIST "" *',
+    b"a1 STATUS INBOX (MESSAGES UIDNEXT)",
+    b"a1 FETCH 1:* (FLAGS BODYSTRUCTURE BODY.PEEK[1.MIME])",
+    b"a1 UID SEARCH ALL",
+    b"a1 APPEND INBOX {5}\r\nhello",
+    b"a1 APPEND INBOX {10+}\r\n0123456789",
+    b"a1 STORE 1 +FLAGS (\\Seen $Forwarded)",
+    b"a1 GETQUOTAROOT INBOX",
+    b"a1 IDLE\r\nDONE",
+    b"a1 STARTTLS",
+    b"a1 LOGOUT",
+]
+_POP3_SEEDS = [
+    b"CAPA",
+    b"USER alice@pec.example.test",
+    b"PASS correct horse battery",
+    b"AUTH PLAIN",
+    b"STAT",
+    b"LIST",
+    b"UIDL 1",
+    b"RETR 1",
+    b"TOP 1 0",
+    b"DELE 1",
+    b"RSET",
+    b"NOOP",
+    b"STLS",
+    b"QUIT",
+]
+_NASTY = [
+    b"\x00",
+    b"\xff",
+    b"{4294967296}",
+    b"{99999999999999999999+}",
+    b"&",
+    b"&-",
+    b"(",
+    b")",
+    b'"',
+    b"\\",
+    b"*",
+    b"%",
+    b"\r",
+    b"\n",
+    b" ",
+    b"~{3}",
+    b"1:4294967295",
+    b"BODY[1.2.3.4.5.6]",
+]
+
+
+def _mutate(rng: random.Random, seeds: list[bytes]) -> bytes:
+    line = bytearray(rng.choice(seeds))
+    for _ in range(rng.randint(0, 4)):
+        op = rng.randrange(4)
+        pos = rng.randint(0, len(line))
+        if op == 0:
+            line[pos:pos] = rng.choice(_NASTY)
+        elif op == 1 and line:
+            del line[pos : pos + rng.randint(1, 8)]
+        elif op == 2:
+            line[pos:pos] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 16)))
+        else:
+            line[pos:pos] = line[: rng.randint(0, len(line))]
+    return bytes(line) + b"\r\n"
+
+
+def _fuzz_session(
+    port: int, cfg: Config, seeds: list[bytes], rng: random.Random, tls: bool
+) -> None:
+    sock: socket.socket | ssl.SSLSocket = _tls_client(port, cfg) if tls else _plain_client(port)
+    sock.settimeout(2)
+    try:
+        sock.recv(4096)
+        for _ in range(rng.randint(1, 12)):
+            sock.sendall(_mutate(rng, seeds))
+            # A timeout: the server waits for a literal or a continuation; the next line feeds it.
+            with contextlib.suppress(TimeoutError):
+                sock.recv(65536)
+    except (OSError, ssl.SSLError):
+        pass  # closed by the server: allowed
+    finally:
+        sock.close()
+
+
+@pytest.mark.slow
+def test_fuzzed_imap_and_pop3_lines_never_kill_or_stall_the_mailbox_process(srv: Server) -> None:
+    """Random and mutated command lines, before and after login, on every mailbox listener,
+    for a bounded number of sessions: the process is never restarted and keeps answering."""
+    sup = _supervisor(srv)
+    pid = sup.pid
+    rng = random.Random(20261130)
+    targets = [
+        (srv.port("imaps"), _IMAP_SEEDS, True),
+        (srv.port("imap"), _IMAP_SEEDS, False),
+        (srv.port("pop3s"), _POP3_SEEDS, True),
+    ]
+    deadline = time.monotonic() + 20
+    sessions = 0
+    while time.monotonic() < deadline and sessions < 400:
+        port, seeds, tls = rng.choice(targets)
+        _fuzz_session(port, srv.cfg, seeds, rng, tls)
+        sessions += 1
+    print(f"{sessions} fuzzed sessions")
+    assert sup.restarts == 0 and sup.pid == pid
+    _imap_login(srv)
+    import poplib
+
+    pop = poplib.POP3_SSL(
+        "127.0.0.1", srv.port("pop3s"), context=client_tls(srv.cfg), timeout=TIMEOUT
+    )
+    try:
+        pop.user(f"alice@{DOMAIN}")
+        pop.pass_(PASSWORD)
+        pop.stat()
+    finally:
+        pop.quit()
+    _smtp_answers(srv)

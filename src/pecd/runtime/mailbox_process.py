@@ -29,7 +29,6 @@ async def _serve(
     from pecd.guard import Guard
     from pecd.imap.service import ImapService
     from pecd.mailbox.maildir import MaildirStore
-    from pecd.pop3 import Pop3Service
     from pecd.runtime.tls import server_tls_context
     from pecd.store.accounts import Accounts
     from pecd.store.db import Database
@@ -61,6 +60,8 @@ async def _serve(
             )
             await imap.start(stack)
         if "pop3s" in socks or "pop3" in socks:
+            from pecd.pop3 import Pop3Service
+
             pop3 = Pop3Service(
                 store=store,
                 auth=accounts,
