@@ -18,25 +18,28 @@ pymap (0.36) is used as a library. What is replaced and why:
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
 import secrets
 import socket
 import time
 from argparse import Namespace
-from collections.abc import AsyncIterator, Set
+from collections.abc import AsyncIterator, Iterable, Sequence, Set
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from mailbox import MaildirMessage
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from pymap.backend.maildir import Config as MaildirConfig
 from pymap.backend.maildir import FilterSet, Session
+from pymap.backend.maildir.flags import MaildirFlags
 from pymap.backend.maildir.layout import MaildirLayout
-from pymap.backend.maildir.mailbox import MailboxData, MailboxSet, Maildir, Message
-from pymap.backend.maildir.uidlist import Record, UidList
+from pymap.backend.maildir.mailbox import MailboxData, Maildir, Message
+from pymap.backend.maildir.uidlist import UidList
 from pymap.concurrent import Subsystem
+from pymap.context import socket_info
 from pymap.exceptions import (
     AuthorizationFailure,
     InvalidAuth,
@@ -47,23 +50,35 @@ from pymap.interfaces.login import IdentityInterface, LoginInterface
 from pymap.interfaces.token import TokenCredentials, TokensInterface
 from pymap.parsing.message import AppendMessage
 from pymap.parsing.response import ResponseCode, ResponseNo
-from pymap.parsing.specials import ObjectId
+from pymap.parsing.response.code import AppendUid, CopyUid
+from pymap.parsing.specials import ObjectId, SequenceSet
+from pymap.parsing.specials.flag import Flag, Wildcard
+from pymap.selected import SelectedMailbox
 from pymap.user import UserMetadata
 from pysasl import SASLAuth
 from pysasl.creds.server import ServerCredentials
 from pysasl.exception import MechanismUnusable
 from pysasl.hashing import BuiltinHash
 
+from pecd.imap import structure
+from pecd.imap.uids import UidListMailboxData, UidListMailboxSet, mailbox_id_of
 from pecd.mailbox.maildir import MaildirStore, to_crlf, write_atomic
+
+if TYPE_CHECKING:
+    from pecd.guard import Guard
 
 __all__ = [
     "Authenticator",
     "ExactMailboxData",
     "ExactMailboxSet",
     "ExactMaildir",
+    "OverQuota",
     "PecdIdentity",
     "PecdImapConfig",
     "PecdLogin",
+    "PecdMaildirFlags",
+    "PecdSession",
+    "QuotaLookup",
 ]
 
 _log = logging.getLogger(__name__)
@@ -75,6 +90,24 @@ class Authenticator(Protocol):
     async def authenticate(self, address: str, password: str) -> str | None:
         """The canonical address of the mailbox, or None when the login is refused."""
         ...
+
+
+class HasQuota(Protocol):
+    """A mailbox record with its storage quota (``pecd.store.models.Mailbox`` fits)."""
+
+    @property
+    def quota_bytes(self) -> int | None: ...
+
+
+@runtime_checkable
+class QuotaLookup(Protocol):
+    """An Authenticator that can also tell a mailbox's quota (``Accounts`` fits).
+
+    When the Authenticator given to IMAP has this ``get``, APPEND and COPY are refused with
+    ``NO [OVERQUOTA]`` past the quota and GETQUOTA answers it; otherwise mailboxes are unlimited.
+    """
+
+    async def get(self, address: str) -> HasQuota | None: ...
 
 
 # -- exact message bytes ----------------------------------------------------------------------
@@ -92,6 +125,10 @@ class ExactMessage(MaildirMessage):
 
     def as_bytes(self, unixfrom: bool = False, policy: Any = None) -> bytes:
         return self._raw
+
+# FETCH BODYSTRUCTURE, BODY, ENVELOPE, BODY[section] and RFC822.SIZE from these bytes (RFC 3501,
+# Dovecot-compatible) instead of pymap's email-based parse: see pecd.imap.structure.
+structure.install()
 
 
 def _unique_name(size: int) -> str:
@@ -143,13 +180,109 @@ class ExactMaildir(Maildir):
         return key
 
 
-class ExactMailboxData(MailboxData):
+# -- keywords ---------------------------------------------------------------------------------
+
+_KEYWORD_CODES = "abcdefghijklmnopqrstuvwxyz"
+
+
+class PecdMaildirFlags(MaildirFlags):
+    """pymap's keyword table that also *adds* keywords, in Dovecot's ``dovecot-keywords`` file.
+
+    pymap only reads the file, so a keyword a client sets is dropped. Here a keyword not in
+    the table yet gets the next free letter (Dovecot's layout: line ``<n> <keyword>`` is letter
+    ``a`` + n, at most 26), written under a lock and renamed into place; a letter another
+    session added meanwhile is picked up by re-reading the file.
+    """
+
+    def _reload(self) -> None:
+        try:
+            with open(self.get_file(self.path)) as fp:
+                self.read(fp)
+        except FileNotFoundError:
+            pass
+        except ValueError as exc:
+            _log.warning("IMAP: unreadable %s: %s", self.get_file(self.path), exc)
+
+    def _allocate(self, keywords: Sequence[Flag]) -> None:
+        lock_path = os.path.join(self.path, "dovecot-keywords.lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._reload()
+            table: dict[int, Flag] = {
+                ord(code) - ord("a"): flag for code, flag in self._to_kwd.items()
+            }
+            changed = False
+            for flag in keywords:
+                if flag in self._from_kwd or flag in table.values():
+                    continue
+                free = [i for i in range(len(_KEYWORD_CODES)) if i not in table]
+                if not free:
+                    _log.info("IMAP: no free keyword letter in %s for %r", self.path, flag)
+                    break
+                table[free[0]] = flag
+                changed = True
+            if changed:
+                text = "".join(f"{i} {table[i].value.decode('ascii')}\n" for i in sorted(table))
+                tmp = self.get_file(self.path) + f".{os.getpid()}.tmp"
+                with open(tmp, "w") as out:
+                    out.write(text)
+                    out.flush()
+                    os.fsync(out.fileno())
+                os.replace(tmp, self.get_file(self.path))
+                self._reload()
+        finally:
+            os.close(fd)
+
+    def to_maildir(self, flags: Iterable[bytes | Flag]) -> str:
+        wanted = [flag if isinstance(flag, Flag) else Flag(flag) for flag in flags]
+        missing = [
+            flag
+            for flag in wanted
+            if not flag.is_system and flag != Wildcard and flag not in self._from_kwd
+        ]
+        if missing:
+            self._allocate(missing)
+        return super().to_maildir(wanted)
+
+    def from_maildir(self, codes: str) -> frozenset[Flag]:
+        head = codes.split(",", 1)[0]
+        if any(c in _KEYWORD_CODES and c not in self._to_kwd for c in head):
+            self._reload()
+        return super().from_maildir(codes)
+
+
+class ExactMailboxData(UidListMailboxData):
     """pymap's MailboxData with APPEND and COPY that keep the message bytes."""
 
     def __init__(self, mailbox_id: ObjectId, maildir: ExactMaildir, path: str) -> None:
         super().__init__(mailbox_id, maildir, path)
         self._exact = maildir
         self._dir = path
+
+    @property
+    def maildir_flags(self) -> MaildirFlags:
+        if self._flags is None:
+            self._flags = PecdMaildirFlags.file_read(self._dir)
+        return self._flags
+
+    @property
+    def permanent_flags(self) -> frozenset[Flag]:
+        # "\\*": clients may create keywords (PecdMaildirFlags stores them).
+        return self.maildir_flags.permanent_flags | {Wildcard}
+
+    async def sizes(self, uids: Iterable[int]) -> int:
+        """The total size in bytes of the messages with these UIDs (missing ones count 0)."""
+        total = 0
+        async with UidList.with_read(self._dir) as uidl:
+            records = uidl.get_all(uids)
+        for record in records.values():
+            try:
+                path = self._exact._join(self._exact._lookup(record.key))
+                total += await asyncio.to_thread(os.path.getsize, path)
+            except (KeyError, FileNotFoundError):
+                continue
+        return total
 
     @staticmethod
     def _meta(flags: str, *, recent: bool, when: float) -> MaildirMessage:
@@ -158,13 +291,6 @@ class ExactMailboxData(MailboxData):
         meta.set_subdir("new" if recent else "cur")
         meta.set_date(when)
         return meta
-
-    async def _add_record(self, key: str, info: str, fields: dict[str, str]) -> Record:
-        async with UidList.with_write(self._dir) as uidl:
-            record = Record(uidl.next_uid, fields, key + ":" + info)
-            uidl.next_uid += 1
-            uidl.set(record)
-        return record
 
     async def append(self, append_msg: AppendMessage, *, recent: bool = False) -> Message:
         email_id = ObjectId.random_email_id()
@@ -208,7 +334,7 @@ def _check_name(name: str, delimiter: str) -> None:
             raise NotAllowedError("Invalid mailbox name: '.' and empty levels are not allowed.")
 
 
-class ExactMailboxSet(MailboxSet):
+class ExactMailboxSet(UidListMailboxSet):
     """pymap's MailboxSet handing out ExactMailboxData, with folder names checked."""
 
     def __init__(self, maildir: ExactMaildir, layout: MaildirLayout[Any]) -> None:
@@ -234,8 +360,7 @@ class ExactMailboxSet(MailboxSet):
                     raise KeyError(name) from exc
             assert isinstance(maildir, ExactMaildir)
             path = self._folders.get_path(name, self.delimiter)
-            async with UidList.with_init(path) as uidl:
-                mailbox_id = ObjectId(uidl.global_uid)
+            mailbox_id = await mailbox_id_of(path)  # the list's GUID (pecd.mailbox.uidlist)
             mbx = ExactMailboxData(mailbox_id, maildir, path)
             self._mailboxes[name] = mbx
         elif name != "INBOX" and not os.path.isdir(self._folders.get_path(name, self.delimiter)):
@@ -348,6 +473,80 @@ class AuthUnavailable(ResponseError):
         )
 
 
+class OverQuota(ResponseError):
+    """APPEND or COPY would take the mailbox past its quota (``NO [OVERQUOTA]``, RFC 9208)."""
+
+    def get_response(self, tag: bytes) -> ResponseNo:
+        return ResponseNo(tag, b"Mailbox quota exceeded.", ResponseCode.of(b"OVERQUOTA"))
+
+
+class PecdSession(Session):
+    """pymap's maildir session with the mailbox quota enforced on APPEND and COPY.
+
+    Every folder counts against one quota (``MaildirStore.usage``). MOVE is not checked: it
+    renames within the mailbox, so it never adds to the usage, and refusing it would keep an
+    over-quota holder from moving mail to Trash.
+    """
+
+    def __init__(
+        self,
+        owner: str,
+        config: PecdImapConfig,
+        mailbox_set: ExactMailboxSet,
+        filter_set: FilterSet,
+        *,
+        quotas: QuotaLookup | None,
+    ) -> None:
+        super().__init__(owner, config, mailbox_set, filter_set)
+        self._store = config.store
+        self._quotas = quotas
+
+    async def quota(self) -> tuple[int, int | None]:
+        """(bytes used by every folder, quota in bytes or None for unlimited)."""
+        limit: int | None = None
+        if self._quotas is not None:
+            record = await self._quotas.get(self.owner)
+            limit = record.quota_bytes if record is not None else None
+        used = await asyncio.to_thread(self._store.usage, self.owner)
+        return used, limit
+
+    async def _check_quota(self, adding: int) -> None:
+        if self._quotas is None:
+            return
+        used, limit = await self.quota()
+        if limit is not None and used + adding > limit:
+            raise OverQuota()
+
+    async def append_messages(
+        self,
+        name: str,
+        messages: Sequence[AppendMessage],
+        selected: SelectedMailbox | None = None,
+    ) -> tuple[AppendUid, SelectedMailbox | None]:
+        await self._check_quota(sum(len(msg.literal) for msg in messages))
+        return await super().append_messages(name, messages, selected)
+
+    async def copy_messages(
+        self, selected: SelectedMailbox, sequence_set: SequenceSet, mailbox: str
+    ) -> tuple[CopyUid | None, SelectedMailbox]:
+        if self._quotas is not None:
+            source = await self._get_selected(selected)
+            uids = [uid for _, uid in selected.messages.get_uids(sequence_set)]
+            size = await source.sizes(uids) if isinstance(source, ExactMailboxData) else 0
+            await self._check_quota(size)
+        return await super().copy_messages(selected, sequence_set, mailbox)
+
+
+def _peer_address() -> str:
+    """The client's IP address on the current connection (pymap's socket_info)."""
+    try:
+        info = socket_info.get()
+    except LookupError:
+        return "?"
+    ip = info.peername_ip
+    return str(ip) if ip is not None else str(info.peername_str or "?")
+
+
 class _NoTokens(TokensInterface):
     """pecd issues no pymap bearer tokens."""
 
@@ -382,10 +581,14 @@ class _NoTokens(TokensInterface):
 class PecdLogin(LoginInterface):
     """Checks LOGIN/AUTHENTICATE credentials through pecd's Authenticator."""
 
-    def __init__(self, auth: Authenticator, config: PecdImapConfig) -> None:
+    def __init__(
+        self, auth: Authenticator, config: PecdImapConfig, *, guard: Guard | None = None
+    ) -> None:
         self._auth = auth
         self._config = config
         self._tokens = _NoTokens()
+        self._guard = guard
+        self._quotas = auth if isinstance(auth, QuotaLookup) else None
 
     @property
     def tokens(self) -> TokensInterface:
@@ -406,6 +609,9 @@ class PecdLogin(LoginInterface):
             raise await self._refuse() from None
         if capture.secret is None:
             raise await self._refuse()
+        peer = _peer_address()
+        if self._guard is not None:
+            await self._guard.before_login(peer, credentials.authcid)
         try:
             canonical = await self._auth.authenticate(credentials.authcid, capture.secret)
         except Exception as exc:
@@ -415,9 +621,14 @@ class PecdLogin(LoginInterface):
             _log.debug("account store failure", exc_info=True)
             raise AuthUnavailable() from exc
         if canonical is None:
-            _log.info("IMAP login refused for %r", credentials.authcid)
+            if self._guard is not None:
+                self._guard.failed("imap", peer, credentials.authcid)
+            else:
+                _log.info("IMAP login refused for %r", credentials.authcid)
             raise await self._refuse()
-        return PecdIdentity(canonical, credentials.authcid, self._config)
+        if self._guard is not None:
+            self._guard.succeeded(peer, credentials.authcid)
+        return PecdIdentity(canonical, credentials.authcid, self._config, quotas=self._quotas)
 
     async def authorize(self, authenticated: IdentityInterface, authzid: str) -> PecdIdentity:
         if not isinstance(authenticated, PecdIdentity):  # pragma: no cover - one backend
@@ -431,10 +642,18 @@ class PecdLogin(LoginInterface):
 class PecdIdentity(IdentityInterface):
     """A logged-in mailbox holder; the session serves ``store.path_for(name)``."""
 
-    def __init__(self, name: str, authcid: str, config: PecdImapConfig) -> None:
+    def __init__(
+        self,
+        name: str,
+        authcid: str,
+        config: PecdImapConfig,
+        *,
+        quotas: QuotaLookup | None = None,
+    ) -> None:
         self._name = name
         self.authcid = authcid
         self._config = config
+        self._quotas = quotas
 
     @property
     def name(self) -> str:
@@ -454,7 +673,9 @@ class PecdIdentity(IdentityInterface):
         inbox = ExactMaildir(str(path), create=False)
         layout = MaildirLayout.get(str(path), "++", ExactMaildir)
         mailbox_set = ExactMailboxSet(inbox, layout)
-        yield Session(self._name, config, mailbox_set, FilterSet(str(path)))
+        yield PecdSession(
+            self._name, config, mailbox_set, FilterSet(str(path)), quotas=self._quotas
+        )
 
     async def get(self) -> UserMetadata:
         return UserMetadata(self._config, self._name)

@@ -15,13 +15,12 @@ from functools import partial
 
 from proxyprotocol.sock import SocketInfo
 from pymap.context import connection_exit
-from pymap.imap import IMAPConnection
-from pymap.imap.state import ConnectionState
-from pymap.parsing.response import CommandResponse, ResponseOk
 
 from pecd.config import MailboxConfig
-from pecd.guard import Guard
+from pecd.guard import Admission, Guard
 from pecd.imap.backend import Authenticator, PecdImapConfig, PecdLogin
+from pecd.imap.connection import ConnectionLimits, PecdConnection
+from pecd.imap.state import PecdCommands, PecdConnectionState
 from pecd.mailbox.maildir import MaildirStore
 
 __all__ = ["ImapService"]
@@ -29,15 +28,7 @@ __all__ = ["ImapService"]
 _log = logging.getLogger(__name__)
 
 
-class _ConnectionState(ConnectionState):
-    """pymap's connection state without its loopback exception.
-
-    pymap offers login mechanisms before TLS to clients connecting from localhost; pecd never
-    accepts a password on an unencrypted connection, whoever connects.
-    """
-
-    async def do_greeting(self) -> CommandResponse:
-        return ResponseOk(b"*", self.config.greeting, self.capability)
+_TOO_MANY = b"* BYE [UNAVAILABLE] Too many connections\r\n"
 
 
 class ImapService:
@@ -99,7 +90,19 @@ class ImapService:
             else None
         )
         # One login for both listeners; it reads only invalid_user_sleep from the config.
-        self._login = PecdLogin(auth, self._implicit or self._starttls or config(False, 0))
+        self._login = PecdLogin(
+            auth, self._implicit or self._starttls or config(False, 0), guard=guard
+        )
+        mb = limits if limits is not None else MailboxConfig()
+        self._limits = ConnectionLimits(
+            max_line=mb.max_line_length,
+            max_literal_unauthenticated=mb.max_literal_unauthenticated,
+            max_message=max_message_size,
+            idle_unauthenticated=mb.idle_timeout_unauthenticated,
+            idle_authenticated=mb.idle_timeout_authenticated,
+            disconnect_after_failures=guard.disconnect_after if guard is not None else 0,
+        )
+        self._commands = PecdCommands()
         self._servers: list[asyncio.Server] = []
         self._connections: set[asyncio.Task[None]] = set()
 
@@ -122,21 +125,33 @@ class ImapService:
         if self._implicit is not None:
             if self._sock is not None:
                 server = await asyncio.start_server(
-                    partial(self._serve, self._implicit), sock=self._sock, ssl=self._tls
+                    partial(self._serve, self._implicit),
+                    sock=self._sock,
+                    ssl=self._tls,
+                    limit=self._limits.max_line,
                 )
             else:
                 server = await asyncio.start_server(
-                    partial(self._serve, self._implicit), self.host, self.port, ssl=self._tls
+                    partial(self._serve, self._implicit),
+                    self.host,
+                    self.port,
+                    ssl=self._tls,
+                    limit=self._limits.max_line,
                 )
             self._servers.append(server)
         if self._starttls is not None:
             if self._starttls_sock is not None:
                 server = await asyncio.start_server(
-                    partial(self._serve, self._starttls), sock=self._starttls_sock
+                    partial(self._serve, self._starttls),
+                    sock=self._starttls_sock,
+                    limit=self._limits.max_line,
                 )
             else:
                 server = await asyncio.start_server(
-                    partial(self._serve, self._starttls), self.host, self.starttls_port
+                    partial(self._serve, self._starttls),
+                    self.host,
+                    self.starttls_port,
+                    limit=self._limits.max_line,
                 )
             self._servers.append(server)
         _log.info("IMAP listening on %s ports %s", self.host, self.bound_ports)
@@ -158,20 +173,37 @@ class ImapService:
         task = asyncio.current_task()
         assert task is not None
         self._connections.add(task)
+        admission: Admission | None = None
         try:
+            if self.guard is not None:
+                peer = writer.get_extra_info("peername")
+                host = str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
+                listener = "imap" if config is self._starttls else "imaps"
+                admission = self.guard.admit(listener, host)
+                if admission is None:
+                    writer.write(_TOO_MANY)
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(writer.drain(), 5)
+                    return
             config.apply_context()
             sock_info = SocketInfo.get(writer, None, unique_id=uuid.uuid4().bytes)
-            conn = IMAPConnection(config.commands, config, reader, writer, sock_info)
-            state = _ConnectionState(self._login, config)
+            conn = PecdConnection(
+                self._commands, config, reader, writer, sock_info, limits=self._limits
+            )
+            state = PecdConnectionState(self._login, config, max_message=self._limits.max_message)
             async with AsyncExitStack() as conn_stack:
                 connection_exit.set(conn_stack)
                 conn_stack.enter_context(closing(conn))
                 await conn.run(state)
         except asyncio.CancelledError:
             pass
-        except Exception:
-            _log.exception("IMAP connection failed")
+        except Exception as exc:
+            # One line per failed session; the traceback only in the debug log.
+            _log.warning("IMAP connection failed: %s: %s", type(exc).__name__, exc)
+            _log.debug("IMAP connection failure", exc_info=True)
         finally:
+            if admission is not None:
+                admission.release()
             self._connections.discard(task)
             with contextlib.suppress(Exception):
                 writer.close()

@@ -47,7 +47,7 @@ __all__ = [
 
 INBOX = "INBOX"
 #: The folders every mailbox gets, as IMAP names (clients find them by these names).
-FOLDERS: tuple[str, ...] = ("Sent", "Drafts", "Trash")
+FOLDERS: tuple[str, ...] = ("Sent", "Drafts", "Trash", "Junk", "Archive")
 #: IMAP hierarchy delimiter used for folder names given to this module (pymap uses "/").
 DELIMITER = "/"
 
