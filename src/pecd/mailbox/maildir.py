@@ -30,6 +30,7 @@ import hashlib
 import os
 import re
 import secrets
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,9 +126,9 @@ def write_atomic(
         while view:
             written = os.write(fd, view)
             view = view[written:]
-        os.fsync(fd)
         if mtime is not None:
             os.utime(fd, (mtime, mtime))
+        os.fsync(fd)
     except BaseException:
         os.close(fd)
         os.unlink(tmp)
@@ -280,7 +281,10 @@ class MaildirStore:
                 used = self.usage(address)
                 if used + len(body) > quota_bytes:
                     raise MailboxFull(address.lower(), used, quota_bytes)
-            dest = write_atomic(path, name, body)
+            # The mtime is the arrival time, to the microsecond: files not numbered yet get
+            # their UIDs in mtime order (pecd.mailbox.uidlist), and the kernel's own file
+            # times are too coarse (a few ms) to order deliveries made in quick succession.
+            dest = write_atomic(path, name, body, mtime=time.time())
             if dest is None:  # someone else linked the same name meanwhile
                 return Delivered(path / "new" / name, created=False)
             return Delivered(dest, created=True)

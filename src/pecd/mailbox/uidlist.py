@@ -291,11 +291,11 @@ def _size_of(f: _File) -> int:
         return 0
 
 
-def _arrival_key(f: _File) -> tuple[float, str]:
+def _arrival_key(f: _File) -> tuple[int, str]:
     try:
-        mtime = f.path.stat().st_mtime
+        mtime = f.path.stat().st_mtime_ns
     except FileNotFoundError:
-        mtime = float("inf")
+        mtime = 1 << 80  # gone meanwhile: last
     return (mtime, f.name)
 
 
