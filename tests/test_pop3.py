@@ -434,6 +434,25 @@ def test_stls_injection_closes(server: Server, user: tuple[str, str], pki: Pki) 
         raw.close()
 
 
+def test_stls_injection_in_a_second_write_closes(server: Server, pki: Pki) -> None:
+    """The same, with the injected line in its own packet right behind STLS."""
+    raw = server.raw_plain()
+    try:
+        raw.send(b"STLS\r\n")
+        raw.send(b"CAPA\r\n")
+        assert raw.line().startswith(b"+OK")
+        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+            tls = pki.client_context().wrap_socket(raw.sock, server_hostname="localhost")
+            tls.sendall(b"NOOP\r\n")
+            answer = tls.recv(100)
+            # Either the CAPA was refused as plaintext (closed), or it reached the TLS layer
+            # and broke the handshake; never a CAPA listing inside TLS.
+            assert answer == b"", answer
+            raise ConnectionError("closed")
+    finally:
+        raw.close()
+
+
 def test_uidl_stable_and_equal_to_uidlist(server: Server, user: tuple[str, str]) -> None:
     address, password = user
     server.deliver(address, PLAIN)
@@ -660,6 +679,81 @@ def test_message_moved_by_imap(server: Server, user: tuple[str, str]) -> None:
         client.dele(1)
         client.quit()
     assert not moved.exists()
+
+
+def test_dropped_during_retr_and_store_errors(server: Server, user: tuple[str, str]) -> None:
+    address, password = user
+    lines = [b"Subject: big", b""] + [b"%07d " % i + b"q" * 90 for i in range(40_000)]
+    server.deliver(address, b"\r\n".join(lines) + b"\r\n")
+    raw = server.raw_tls()
+    raw.send(f"USER {address}\r\nPASS {password}\r\nDELE 1\r\nRETR 1\r\n".encode())
+    raw.send(b"RSET\r\nRETR 1\r\n")
+    while not raw.line().startswith(b"+OK 4"):  # the RETR after RSET: "+OK <size> octets"
+        pass
+    raw.line()
+    raw.sock.shutdown(socket.SHUT_RDWR)  # mid-message
+    raw.close()
+    server.wait_unlocked(address)
+    # A listing that fails (the disk, the uidlist lock) answers [SYS/TEMP] and unlocks.
+    real = server.service.maildrop
+
+    def broken(address: str) -> tuple[Path, list[Message]]:
+        raise OSError("disk on fire")
+
+    server.service.maildrop = broken  # type: ignore[method-assign]
+    try:
+        client = server.pop3s()
+        client.user(address)
+        with pytest.raises(poplib.error_proto, match=r"\[SYS/TEMP\]"):
+            client.pass_(password)
+        client.close()
+    finally:
+        server.service.maildrop = real  # type: ignore[method-assign]
+    with server.logged_in(address, password) as client:
+        assert client.stat()[0] == 1
+
+
+def test_prebound_sockets(tmp_path: Path, pki: Pki) -> None:
+    socks = []
+    for _ in range(2):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        socks.append(sock)
+    accounts = FakeAccounts()
+    accounts.passwords["a@example.org"] = "pw"
+    store = MaildirStore(tmp_path / "mail")
+    store.deliver("a@example.org", "k", PLAIN)
+    service = Pop3Service(
+        store=store,
+        auth=accounts,
+        tls_context=pki.server_context(),
+        guard=None,
+        limits=MailboxConfig(),
+        port=None,
+        sock=socks[0],
+        stls_sock=socks[1],
+    )
+
+    async def run() -> list[int]:
+        async with contextlib.AsyncExitStack() as stack:
+            await service.start(stack)
+            ports = service.bound_ports
+
+            def client() -> bytes:
+                pop = poplib.POP3("127.0.0.1", ports[1], timeout=TIMEOUT)
+                pop.stls(pki.client_context())
+                pop.user("a@example.org")
+                pop.pass_("pw")
+                data = retr(pop, 1)
+                pop.quit()
+                return data
+
+            assert await asyncio.to_thread(client) == PLAIN
+            return ports
+
+    expected = [s.getsockname()[1] for s in socks]
+    assert asyncio.run(run()) == expected
 
 
 def test_guard_limits_connections(tmp_path: Path, pki: Pki) -> None:

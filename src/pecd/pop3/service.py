@@ -66,7 +66,12 @@ _STOP_WAIT = 5.0
 
 
 class _SessionEnd(Exception):
-    """The session is over (the protocol closed it, or the transport did)."""
+    """The session is over (the protocol closed it, or the transport did); ``level`` is how
+    loudly the one log line says so."""
+
+    def __init__(self, reason: str, level: int = logging.DEBUG) -> None:
+        super().__init__(reason)
+        self.level = level
 
 
 def _peer_of(writer: asyncio.StreamWriter) -> str:
@@ -203,7 +208,8 @@ class _Connection:
             if isinstance(effect, Send):
                 await self._send(effect.data)
             elif isinstance(effect, Close):
-                raise _SessionEnd(effect.reason)
+                level = logging.DEBUG if effect.reason == "quit" else logging.INFO
+                raise _SessionEnd(effect.reason, level)
             elif isinstance(effect, StartTls):
                 await self._start_tls()
             elif isinstance(effect, Login):
@@ -224,16 +230,33 @@ class _Connection:
 
     async def _send(self, data: bytes) -> None:
         self.writer.write(data)
-        await self.writer.drain()
+        await self._drain()
+
+    async def _drain(self) -> None:
+        """Wait until the client has taken what was written; a client that reads nothing for
+        the idle timeout (while it holds the maildrop lock, perhaps) is dropped."""
+        limits = self.service.limits
+        idle = (
+            limits.idle_timeout_authenticated
+            if self.session.authenticated
+            else limits.idle_timeout_unauthenticated
+        )
+        try:
+            async with asyncio.timeout(idle):
+                await self.writer.drain()
+        except TimeoutError:
+            raise _SessionEnd("client stopped reading", logging.INFO) from None
 
     # -- effects --------------------------------------------------------------------------
 
     async def _start_tls(self) -> None:
-        await self.writer.drain()
+        await self._drain()
         # No await between this check and start_tls pausing the transport: whatever the client
         # sent after STLS in plaintext is in the buffer now, or will reach the TLS layer.
         if _buffered(self.reader):
-            raise _SessionEnd("data pipelined after STLS (possible command injection)")
+            raise _SessionEnd(
+                "data pipelined after STLS (possible command injection)", logging.WARNING
+            )
         await self.writer.start_tls(
             self.service.tls_context,
             ssl_handshake_timeout=self.service.limits.idle_timeout_unauthenticated,
@@ -289,7 +312,7 @@ class _Connection:
                 if not chunk:
                     break
                 self.writer.write(chunk)
-                await self.writer.drain()
+                await self._drain()
             await self._send(b".\r\n")
         finally:
             await asyncio.to_thread(file.close)
@@ -303,7 +326,9 @@ class _Connection:
         self._unlock()
         with contextlib.suppress(Exception):
             self.writer.close()
-        with contextlib.suppress(Exception):
+        # Bounded (a TLS peer may never answer close_notify), and not cancellable: the
+        # connection task must end normally, or asyncio's stream callback logs the cancel.
+        with contextlib.suppress(Exception, asyncio.CancelledError):
             async with asyncio.timeout(1):
                 await self.writer.wait_closed()
 
@@ -446,7 +471,7 @@ class Pop3Service:
                     return
             await conn.run()
         except _SessionEnd as end:
-            _log.debug("POP3 %s session from %s ended: %s", listener, conn.peer, end)
+            _log.log(end.level, "POP3 %s session from %s ended: %s", listener, conn.peer, end)
         except (ConnectionError, ssl.SSLError, TimeoutError) as exc:
             _log.info("POP3 %s session from %s dropped: %r", listener, conn.peer, exc)
         except asyncio.CancelledError:
