@@ -155,7 +155,9 @@ class ExactMaildir(Maildir):
             path = self._join(subpath)
             fh = open(path, "rb")  # noqa: SIM115
         with fh:
-            msg = ExactMessage(fh.read())
+            # CRLF on the wire (RFC 3501): files pecd wrote are CRLF already and served as
+            # they are; a bare-LF file (Dovecot without mail_save_crlf, its LDA) is converted.
+            msg = ExactMessage(to_crlf(fh.read()))
         subdir, name = self._split(subpath)
         msg.set_subdir(subdir)
         if self.colon in name:
