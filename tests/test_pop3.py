@@ -53,6 +53,7 @@ from pecd.pop3.protocol import (
 )
 from pecd.pop3.wire import WireReader
 from test_imap import FakeAccounts, Pki, make_pki
+from test_imap import Server as ImapServer
 
 TIMEOUT = 10
 
@@ -480,6 +481,30 @@ def test_uidl_stable_and_equal_to_uidlist(server: Server, user: tuple[str, str])
     with server.logged_in(address, password) as client:
         third = client.uidl()[1]
         assert [line.split()[1] for line in third] == [line.split()[1] for line in second[1:]]
+
+
+def test_uidl_is_the_imap_uid(server: Server, user: tuple[str, str]) -> None:
+    """POP3 and IMAP over one Maildir: the UIDL carries the IMAP UID and UIDVALIDITY."""
+    address, password = user
+    for i in range(3):
+        server.deliver(address, PLAIN.replace(b"dots", f"i{i}".encode()))
+    imap = ImapServer(server.store, server.accounts, server.pki)
+    with imap, imap.logged_in(address, password) as client:
+        typ, data = client.select("INBOX")
+        assert typ == "OK"
+        typ, data = client.response("UIDVALIDITY")
+        assert data[0] is not None
+        validity = int(data[0])
+        typ, data = client.uid("SEARCH", "ALL")
+        assert typ == "OK" and data[0] is not None
+        uids = [int(u) for u in data[0].split()]
+        # IMAP marks the second one seen: the file moves to cur/ with flags.
+        typ, _ = client.uid("STORE", str(uids[1]), "+FLAGS", "(\\Seen)")
+        assert typ == "OK"
+    with server.logged_in(address, password) as client:
+        listed = [line.split()[1].decode() for line in client.uidl()[1]]
+        assert listed == [uidl_of(uid, validity) for uid in uids]
+        assert b"Subject: i1" in retr(client, 2)
 
 
 def test_dele_quit_rset_and_drop(server: Server, user: tuple[str, str]) -> None:
