@@ -126,6 +126,7 @@ class ExactMessage(MaildirMessage):
     def as_bytes(self, unixfrom: bool = False, policy: Any = None) -> bytes:
         return self._raw
 
+
 # FETCH BODYSTRUCTURE, BODY, ENVELOPE, BODY[section] and RFC822.SIZE from these bytes (RFC 3501,
 # Dovecot-compatible) instead of pymap's email-based parse: see pecd.imap.structure.
 structure.install()
