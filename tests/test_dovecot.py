@@ -40,11 +40,7 @@ from pecd.mailbox.maildir import MaildirStore
 DOMAIN = "pec.dovecot.test"
 TIMEOUT = 10
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(shutil.which("dovecot") is None, reason="Dovecot is not installed"),
-    pytest.mark.skipif(os.geteuid() != 0, reason="starting Dovecot needs root"),
-]
+pytestmark = [pytest.mark.slow]
 
 
 def free_port() -> int:
@@ -123,6 +119,10 @@ def _wait_listening(port: int, proc: subprocess.Popen[bytes], log: Path) -> None
 
 @pytest.fixture(scope="module")
 def env() -> Iterator[Env]:
+    if shutil.which("dovecot") is None:
+        pytest.skip("Dovecot is not installed")
+    if os.geteuid() != 0:
+        pytest.skip("starting Dovecot needs root")
     try:
         pw = pwd.getpwnam("nobody")
     except KeyError:
@@ -495,3 +495,42 @@ def test_dovecot_list_with_next_uid_above_listed_uids_keeps_uids(
     assert seen[0] == before[0]
     assert {u: b for u, b in seen[1].items() if u <= 3} == before[1]
     assert seen[1][7] == text_message(50)
+
+
+# -- the config without a server ------------------------------------------------------------------
+
+
+def test_init_with_dovecot_and_postgresql_passdb(tmp_path: Path) -> None:
+    from pecd.dovecot import lookup_mail_user, render
+
+    if os.geteuid() == 0:
+        with pytest.raises(ValueError, match="root"):
+            lookup_mail_user(None)
+    user = lookup_mail_user("nobody")
+    result = asyncio.run(
+        init_installation(
+            tmp_path / "i",
+            domain=DOMAIN,
+            name="T",
+            clock=SystemClock(),
+            demo=False,
+            mailbox_server="dovecot",
+            mail_user="nobody",
+        )
+    )
+    cfg = load_config(result.config)
+    assert cfg.mailbox.server == "dovecot"
+    conf = (tmp_path / "i" / "dovecot" / "dovecot.conf").read_text()
+    assert f"mail_uid = {user.uid}" in conf and "user = nobody" in conf
+    assert f"port = {cfg.listeners.imaps.port}" in conf if cfg.listeners.imaps else False
+    pg = cfg.model_copy(
+        update={
+            "storage": cfg.storage.model_copy(
+                update={"database_url": "postgresql://pecd:s3cr'et@127.0.0.1:5432/pecd"}
+            )
+        }
+    )
+    sql = render(pg, tmp_path / "d", mail_user=user)["sql.conf.ext"]
+    assert "driver = pgsql" in sql
+    assert "connect = host='127.0.0.1' port='5432' dbname='pecd' user='pecd'" in sql
+    assert "password='s3cr\\'et'" in sql

@@ -178,14 +178,41 @@ def cmd_init(args: argparse.Namespace) -> int:
     directory = Path(args.dir)
     try:
         result = asyncio.run(
-            init_installation(directory, domain=args.domain, name=args.name, clock=SystemClock())
+            init_installation(
+                directory,
+                domain=args.domain,
+                name=args.name,
+                clock=SystemClock(),
+                mailbox_server=args.mailbox_server,
+                mail_user=args.mail_user,
+            )
         )
-    except FileExistsError as exc:
+    except (FileExistsError, ValueError) as exc:
         return _fail(str(exc), 1)
     print(f"pecd: wrote {result.config}")
+    if args.mailbox_server == "dovecot":
+        conf = directory.resolve() / "dovecot" / "dovecot.conf"
+        print(f"pecd: wrote {conf}; run: dovecot -c {conf} (see docs/dovecot.md)")
     print("Mailboxes (passwords are shown only now):")
     for addr, pw in result.mailboxes.items():
         print(f"  {addr:<40} {pw}")
+    return EXIT_OK
+
+
+def cmd_dovecot_config(args: argparse.Namespace) -> int:
+    from pecd.dovecot import lookup_mail_user, mail_user_for, write_config
+
+    cfg = _load(args)
+    try:
+        user = (
+            lookup_mail_user(args.mail_user) if args.mail_user is not None else mail_user_for(cfg)
+        )
+        files = write_config(cfg, Path(args.dir) if args.dir else None, mail_user=user)
+    except ValueError as exc:
+        return _fail(str(exc), 1)
+    print(f"pecd: wrote {files.conf} and {files.sql}; run: dovecot -c {files.conf}")
+    if cfg.mailbox.server != "dovecot":
+        print('pecd: set [mailbox] server = "dovecot" so that pecd serve opens no IMAP/POP3')
     return EXIT_OK
 
 
@@ -622,7 +649,21 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--dir", default=str(DEFAULT_DIR))
     i.add_argument("--domain", default="pec.localhost")
     i.add_argument("--name", default="pecd Development PEC")
+    i.add_argument(
+        "--mailbox-server",
+        choices=("pecd", "dovecot"),
+        default="pecd",
+        help="who serves IMAPS/POP3S: pecd itself, or Dovecot (writes dovecot/dovecot.conf)",
+    )
+    i.add_argument("--mail-user", help="with dovecot: the user pecd and Dovecot's mail run as")
     i.set_defaults(func=cmd_init)
+
+    dv = with_config(
+        sub.add_parser("dovecot-config", help="(re)write Dovecot's config for this installation")
+    )
+    dv.add_argument("--dir", help="where (default: dovecot/ beside the config file)")
+    dv.add_argument("--mail-user", help="the user pecd and Dovecot's mail run as")
+    dv.set_defaults(func=cmd_dovecot_config)
 
     sv = with_config(
         sub.add_parser("serve", help="run the provider (initialises ./pecd-data if needed)")

@@ -21,7 +21,8 @@ class InitResult:
 
 
 def config_text(*, domain: str, name: str, ports: dict[str, int], host: str = "127.0.0.1") -> str:
-    return f"""# pecd configuration, written by `pecd init`. Every key is documented in config/pecd.example.toml.
+    return (
+        f"""# pecd configuration, written by `pecd init`. Every key is documented in config/pecd.example.toml.
 # Relative paths are relative to this file.
 
 [provider]
@@ -49,13 +50,32 @@ hostname = "localhost"
 smtps = "{host}:{ports["smtps"]}"
 submission = "{host}:{ports["submission"]}"
 imaps = "{host}:{ports["imaps"]}"
-""" + (f'pop3s = "{host}:{ports["pop3s"]}"\n' if "pop3s" in ports else "") + (f'reception = "{host}:{ports["reception"]}"\n' if "reception" in ports else "")
+"""
+        + (f'pop3s = "{host}:{ports["pop3s"]}"\n' if "pop3s" in ports else "")
+        + (f'reception = "{host}:{ports["reception"]}"\n' if "reception" in ports else "")
+    )
 
 
 async def init_installation(
-    directory: Path, *, domain: str, name: str, clock: Clock, demo: bool = True
+    directory: Path,
+    *,
+    domain: str,
+    name: str,
+    clock: Clock,
+    demo: bool = True,
+    mailbox_server: str = "pecd",
+    mail_user: str | None = None,
 ) -> InitResult:
-    """Write config + PKI + database + mailboxes into ``directory``; refuse to overwrite."""
+    """Write config + PKI + database + mailboxes into ``directory``; refuse to overwrite.
+
+    ``mailbox_server="dovecot"``: ``[mailbox] server = "dovecot"`` in the config and Dovecot's
+    config in ``directory/dovecot`` (pecd.dovecot; ``mail_user``: the user it reads mail as)."""
+    if mailbox_server not in ("pecd", "dovecot"):
+        raise ValueError(f"unknown mailbox server {mailbox_server!r}")
+    if mailbox_server == "dovecot":
+        from pecd.dovecot import lookup_mail_user, write_config
+
+        dovecot_user = lookup_mail_user(mail_user)  # before writing anything: no root, known
     from pecd.config import load_config
     from pecd.store.accounts import Accounts
     from pecd.store.db import Database, migrate_async
@@ -65,8 +85,15 @@ async def init_installation(
         raise FileExistsError(f"{cfg_path} already exists; pecd init does not overwrite")
     directory.mkdir(parents=True, exist_ok=True)
     write_dev_pki(directory / "pki", create_dev_pki(domain=domain, name=name, now=clock.now()))
-    cfg_path.write_text(config_text(domain=domain, name=name, ports=DEV_PORTS), "utf-8")
+    text = config_text(domain=domain, name=name, ports=DEV_PORTS)
+    if mailbox_server == "dovecot":
+        text += (
+            '\n[mailbox]\nserver = "dovecot"  # Dovecot serves IMAPS/POP3S: dovecot/dovecot.conf\n'
+        )
+    cfg_path.write_text(text, "utf-8")
     cfg = load_config(cfg_path)
+    if mailbox_server == "dovecot":
+        write_config(cfg, directory / "dovecot", mail_user=dovecot_user)
     cfg.storage.data_dir.mkdir(parents=True, exist_ok=True)
     await migrate_async(cfg.database_url)
     db = await Database.open(cfg.database_url)

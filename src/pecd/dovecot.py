@@ -42,6 +42,7 @@ from pecd.config import Config, Endpoint
 __all__ = [
     "DovecotFiles",
     "MailUser",
+    "lookup_mail_user",
     "mail_user_for",
     "render",
     "write_config",
@@ -87,6 +88,26 @@ def mail_user_for(cfg: Config, name: str | None = None) -> MailUser:
     except KeyError:
         user = str(uid)
     return MailUser(user, uid, gid)
+
+
+def lookup_mail_user(name: str | None = None) -> MailUser:
+    """``name`` (default: the user running this) as a MailUser; ValueError for an unknown user
+    or root, which Dovecot refuses to read mail as ("userdb returned 0 as uid")."""
+    try:
+        pw = pwd.getpwnam(name) if name is not None else pwd.getpwuid(os.getuid())
+    except KeyError:
+        raise ValueError(f"no such user: {name}") from None
+    user = MailUser(pw.pw_name, pw.pw_uid, pw.pw_gid)
+    _check_not_root(user)
+    return user
+
+
+def _check_not_root(user: MailUser) -> None:
+    if user.uid == 0:
+        raise ValueError(
+            "Dovecot does not read mail as root: name the user pecd runs as (--mail-user), "
+            "which must own the data directory"
+        )
 
 
 def _quote(value: str) -> str:
@@ -152,6 +173,7 @@ def render(
     """The files of ``directory`` (name -> text) for ``cfg``."""
     directory = directory.resolve()
     user = mail_user or mail_user_for(cfg)
+    _check_not_root(user)
     lst = cfg.listeners
     protocols = []
     if lst.imaps or lst.imap:
@@ -178,8 +200,8 @@ shutdown_clients = yes
 # the SQL auth worker as the owner of pecd's Maildir tree ({user.name}), whose files are 0600.
 default_internal_user = {internal_user}
 default_login_user = {login_user}
-first_valid_uid = {min(user.uid, 500) if user.uid else 0}
-first_valid_gid = {min(user.gid, 500) if user.gid else 0}
+first_valid_uid = {min(user.uid, 500)}
+first_valid_gid = {min(user.gid, 500)}
 
 # pecd's Maildir tree: root/<domain>/<localpart>, INBOX at the top, Maildir++ ".Sent".
 mail_location = maildir:{home}
@@ -230,7 +252,7 @@ userdb {{
 }}
 
 service auth-worker {{
-  user = {user.name if user.uid else "root"}
+  user = {user.name}
 }}
 service imap-login {{
 {_listener("imap", "imap", lst.imap, ssl=False)}{_listener("imap", "imaps", lst.imaps, ssl=True)}}}
