@@ -103,6 +103,7 @@ def test_before_login_waits_after_failures() -> None:
     waits = asyncio.run(run())
     assert waits[:3] == [0.0, 0.0, 0.0]
     assert waits[3:] == [0.5, 1.0, 2.0, 4.0, 8.0]
+    assert list(g.owed) == [0.0, 0.0, 0.0, 0.5, 1.0, 2.0, 4.0, 8.0]
     assert g.failures("192.0.2.1") == 8
     assert g.failures(account="ALICE@x.it") == 8
     assert not g.clean("192.0.2.1")
@@ -160,15 +161,15 @@ def test_failures_expire_after_the_window() -> None:
 
 def test_tables_stay_bounded_under_many_addresses() -> None:
     g, t = make(failure_window_seconds=60.0)
-    g.max_tracked = 1000
-    for i in range(20_000):
+    g.max_tracked = 500
+    for i in range(4000):
         g.failed("smtp", f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", f"u{i}@x.it")
         g.succeeded(f"11.0.{i >> 8 & 255}.{i & 255}", f"v{i}@x.it")
-    assert len(g._by_client) <= 1000
-    assert len(g._by_account) <= 1000
-    assert len(g._known) <= 1000
+    assert len(g._by_client) <= 500
+    assert len(g._by_account) <= 500
+    assert len(g._known) <= 500
     # The most recent are the ones kept.
-    assert g.failures("10.0.78.31") == 1  # i = 19999
+    assert g.failures("10.0.15.159") == 1  # i = 3999
     # Expired entries go as new failures come in.
     t.now += 120
     g.failed("smtp", "192.0.2.1", "a@x.it")

@@ -132,8 +132,10 @@ class Guard:
         self._log_second = 0.0
         self._log_lines = 0
         self._suppressed = 0
-        # What the throttle did, for tests and benchmarks: the delays waited (the most recent),
-        # and how many connections were refused.
+        # What the throttle did, for tests and benchmarks (the most recent attempts): the delay
+        # each login attempt owed by the counts (0 for none), the time it actually waited, and
+        # how many connections were refused.
+        self.owed: deque[float] = deque(maxlen=1000)
         self.waits: deque[float] = deque(maxlen=1000)
         self.refused = 0
 
@@ -207,6 +209,15 @@ class Guard:
         start = self.clock()
         # The account's delay: once, never more than delay_max_seconds (see the docstring).
         arec = self._live(self._by_account, akey, start)
+        crec = self._live(self._by_client, ckey, start)
+        self.owed.append(
+            max(
+                0.0 if crec is None else self.delay_for(crec.count),
+                0.0
+                if arec is None or self._is_known(akey, ckey, start)
+                else self.delay_for(arec.count),
+            )
+        )
         if arec is not None and not self._is_known(akey, ckey, start):
             owed = arec.last + self.delay_for(arec.count) - start
             if owed > 0:

@@ -21,6 +21,7 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 
 from pecd.config import Endpoint
+from pecd.guard import Guard
 from pecd.points.intake import Intake
 from pecd.points.pipeline import SUBMISSION, Services
 from pecd.points.smtp import (
@@ -30,6 +31,7 @@ from pecd.points.smtp import (
     bare,
     bound_port,
     close_servers,
+    peer_of,
     received_header,
     valid_address,
 )
@@ -57,10 +59,11 @@ logging.getLogger("mail.log").addFilter(_ExpectedAiosmtpdWarnings())
 class AccessHandler:
     """aiosmtpd handler of the access point."""
 
-    def __init__(self, svc: Services, hostname: str, intake: Intake) -> None:
+    def __init__(self, svc: Services, hostname: str, intake: Intake, guard: Guard) -> None:
         self.svc = svc
         self.hostname = hostname
         self.intake = intake
+        self.guard = guard
         limits = svc.cfg.limits
         # RCPTs beyond the formal limit still get a non-accettazione; past this hard cap
         # the SMTP session refuses them.
@@ -68,16 +71,34 @@ class AccessHandler:
 
     # -- AUTH: checked off the event loop (argon2 is deliberately slow) --------------------------
 
-    async def _check(self, login: bytes, password: bytes) -> AuthResult:
+    async def _check(self, server: SMTP, login: bytes, password: bytes) -> AuthResult:
+        assert server.session is not None
+        peer = peer_of(server.session)
+        account = login.decode("utf-8", "replace").strip().lower()
+        # The delay owed for earlier failures comes before the password check, and so before
+        # a hash slot is taken: throttled guesses do not queue ahead of real logins.
+        await self.guard.before_login(peer, account)
         try:
-            user, pw = login.decode("utf-8"), password.decode("utf-8")
+            pw = password.decode("utf-8")
         except UnicodeDecodeError:
-            return AuthResult(success=False, handled=False)
-        address = await self.svc.accounts.authenticate(user.strip().lower(), pw)
+            address = None
+        else:
+            address = await self.svc.accounts.authenticate(
+                account, pw, first=self.guard.clean(peer)
+            )
         if address is None:
-            log.info("failed login for %r", user)
-            return AuthResult(success=False, handled=False)
+            return await self._failed(server, peer, account)
+        self.guard.succeeded(peer, address)
         return AuthResult(success=True, auth_data=address)
+
+    async def _failed(self, server: SMTP, peer: str, account: str) -> AuthResult:
+        self.guard.failed("smtp", peer, account)
+        if isinstance(server, IntakeSMTP):
+            server.login_failures += 1
+            if server.login_failures >= self.guard.disconnect_after:
+                await server.close_with(Reply.TOO_MANY_FAILURES)
+                return AuthResult(success=False, handled=True)
+        return AuthResult(success=False, handled=False)
 
     async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:
         if len(args) == 1:
@@ -96,8 +117,10 @@ class AccessHandler:
             return AuthResult(success=False, handled=True)
         authzid, login, password = parts
         if authzid and authzid != login:
-            return AuthResult(success=False, handled=False)
-        return await self._check(login, password)
+            assert server.session is not None
+            account = login.decode("utf-8", "replace").strip().lower()
+            return await self._failed(server, peer_of(server.session), account)
+        return await self._check(server, login, password)
 
     async def auth_LOGIN(self, server: SMTP, args: list[str]) -> AuthResult:
         if len(args) == 2:
@@ -113,7 +136,7 @@ class AccessHandler:
         password = await server.challenge_auth("Password\x00")
         if not isinstance(password, bytes):
             return AuthResult(success=False)
-        return await self._check(login, password)
+        return await self._check(server, login, password)
 
     # -- the transaction ---------------------------------------------------------------------------
 
@@ -183,13 +206,16 @@ class AccessPoint:
         smtps: Endpoint | None,
         submission: Endpoint | None,
         hostname: str,
+        guard: Guard | None = None,
     ) -> None:
         self.svc = svc
         self.tls = tls
         self.smtps = smtps
         self.submission = submission
         self.hostname = hostname
-        self.handler = AccessHandler(svc, hostname, intake)
+        # Connection limits and login throttling; one Guard per process, shared by listeners.
+        self.guard = guard if guard is not None else Guard(svc.cfg.security)
+        self.handler = AccessHandler(svc, hostname, intake, self.guard)
         self.servers: dict[str, asyncio.Server] = {}
 
     def _factory(self, implicit_tls: bool) -> IntakeSMTP:
@@ -201,6 +227,8 @@ class AccessPoint:
             auth_required=True,
             enable_SMTPUTF8=False,
             auth_exclude_mechanism=[],
+            guard=self.guard,
+            listener="smtps" if implicit_tls else "submission",
         )
         if implicit_tls:
             # The socket is TLS from the first byte, which aiosmtpd cannot see (aiosmtpd

@@ -30,6 +30,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from pecd.config import Endpoint
+from pecd.guard import Guard
 from pecd.pec.builders import Transmission
 from pecd.pec.classify import Classification
 from pecd.pec.mime import get_first
@@ -139,11 +140,14 @@ class ReceptionPoint:
         intake: Intake,
         endpoint: Endpoint,
         hostname: str,
+        guard: Guard | None = None,
     ) -> None:
         self.svc = svc
         self.tls = tls
         self.endpoint = endpoint
         self.hostname = hostname
+        # Connection limits per client address and in total (no AUTH here).
+        self.guard = guard if guard is not None else Guard(svc.cfg.security)
         self.handler = ReceptionHandler(svc, hostname, intake)
         self.server: asyncio.Server | None = None
 
@@ -160,6 +164,8 @@ class ReceptionPoint:
             data_size_limit=self.svc.cfg.limits.max_message_size,
             decode_data=False,
             enable_SMTPUTF8=False,
+            guard=self.guard,
+            listener="reception",
         )
 
     async def start(self, stack: contextlib.AsyncExitStack) -> None:

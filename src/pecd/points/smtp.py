@@ -15,6 +15,8 @@ from typing import Any
 
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, syntax
 
+from pecd.guard import Admission, Guard
+
 log = logging.getLogger(__name__)
 
 
@@ -30,6 +32,9 @@ class Reply:
     TOO_MANY_RCPTS = "452 4.5.3 Too many recipients"
     NO_RCPTS = "554 5.5.1 No valid recipients"
     TEMP_FAILURE = "451 4.3.0 Temporary failure, message not accepted; try again later"
+    TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections, try again later"
+    TOO_MANY_FAILURES = "421 4.7.0 Too many failed logins, closing connection"
+    PIPELINED_STARTTLS = "421 4.7.0 Commands pipelined after STARTTLS, closing connection"
     OK = "250 2.1.0 OK"
     RCPT_OK = "250 2.1.5 OK"
 
@@ -103,7 +108,61 @@ class IntakeSMTP(SMTP):
     SIZE) nothing more is kept, and the reply after the final dot is 552, as in aiosmtpd. The
     rest (line limit, dot-unstuffing, replies) follows aiosmtpd's ``smtp_DATA``.
     Only for ``decode_data=False``.
+
+    With a ``guard``, each connection is admitted by it under the name ``listener`` (refused
+    with 421 before the greeting when the client address or the listener has too many) and
+    ``login_failures`` counts the failed AUTHs of the connection for the handler. STARTTLS
+    followed by more bytes in the same read (CVE-2011-0411: commands injected in plain text to
+    run inside TLS) closes the connection; aiosmtpd also drops such bytes, this does not rely on it.
     """
+
+    def __init__(
+        self, handler: Any, *, guard: Guard | None = None, listener: str = "smtp", **kwargs: Any
+    ) -> None:
+        super().__init__(handler, **kwargs)
+        self.guard = guard
+        self.listener = listener
+        self.admission: Admission | None = None
+        self.refused = False
+        self.login_failures = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Called again after a STARTTLS handshake: only the first call is a new connection.
+        first = self._original_transport is None and self.admission is None
+        if self.guard is not None and first and not self.refused:
+            peer = transport.get_extra_info("peername")
+            host = peer[0] if isinstance(peer, tuple) else str(peer)
+            self.admission = self.guard.admit(self.listener, host)
+            self.refused = self.admission is None
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self.admission is not None:
+            self.admission.release()
+        super().connection_lost(error)
+
+    async def close_with(self, reply: str) -> None:
+        """Send ``reply`` and close the connection; nothing the client sent after is read."""
+        await self.push(reply)
+        self._reader._buffer.clear()  # type: ignore[attr-defined]
+        if self.transport is not None:
+            self.transport.close()
+
+    async def _handle_client(self) -> None:
+        if self.refused:
+            await self.close_with(Reply.TOO_MANY_CONNECTIONS)
+            return
+        await super()._handle_client()
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        if not arg and self.tls_context and not self._tls_protocol and self._reader._buffer:  # type: ignore[attr-defined]
+            log.warning(
+                "%r pipelined commands after STARTTLS: closing", self.session and self.session.peer
+            )
+            await self.close_with(Reply.PIPELINED_STARTTLS)
+            return
+        await super().smtp_STARTTLS(arg)
 
     def _create_envelope(self) -> Envelope:
         return IntakeEnvelope()
