@@ -44,7 +44,7 @@ async def _install(directory: Path) -> Config:
     text = text.replace('imaps = "127.0.0.1:0"\n', 'imaps = "127.0.0.1:0"\nimap = "127.0.0.1:0"\n')
     text += (
         "\n[queue]\nbase_delay_seconds = 0.2\n"
-        "\n[mailbox]\nheartbeat_seconds = 0.2\nheartbeat_timeout_seconds = 2\n"
+        "\n[mailbox]\nheartbeat_seconds = 0.2\nheartbeat_timeout_seconds = 5\n"
     )
     (directory / "pecd.toml").write_text(text, "utf-8")
     cfg = load_config(directory / "pecd.toml")
