@@ -191,7 +191,7 @@ class MaildirStore:
     # -- creation ---------------------------------------------------------------------------
 
     def ensure(self, address: str) -> Path:
-        """Create the mailbox with INBOX, Sent, Drafts and Trash if missing; return its root."""
+        """Create the mailbox with INBOX and the FOLDERS if missing; return its root."""
         base = self.path_for(address)
         self._ensure_folder(base, INBOX)
         for folder in FOLDERS:
