@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import imaplib
 import itertools
+import logging
 import re
 import socket
 import ssl
@@ -636,3 +637,34 @@ def fuzz_user(server: Server) -> tuple[str, str]:
     with server.logged_in(address, password) as c:
         c.append("INBOX", None, None, PLAIN_CRLF)
     return address, password
+
+
+def test_session_error_closes_that_session_with_one_log_line(
+    server: Server,
+    user: tuple[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from pecd.imap.state import PecdConnectionState
+
+    async def broken(self: PecdConnectionState, cmd: object) -> object:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(PecdConnectionState, "do_noop", broken)
+    caplog.set_level(logging.INFO, logger="pecd")
+    client = server.raw()
+    try:
+        client.send(b"a NOOP\r\n")
+        line = client.line()
+        assert line.startswith(b"* BYE [SERVERBUG]"), line
+        assert client.at_eof()
+    finally:
+        client.close()
+    monkeypatch.undo()
+    server.alive()
+    records = [
+        r for r in caplog.records if r.name.startswith("pecd.imap") and r.levelno >= logging.WARNING
+    ]
+    assert len(records) == 1, records
+    assert "disk on fire" in records[0].getMessage()
+    assert records[0].exc_info is None

@@ -160,12 +160,12 @@ class PecdConnection(IMAPConnection):
             raise self._reject(b"Command too long.", None, no=False, close=True)
         if self._first_line:
             self._first_line = False
-            parts = line.split(b" ", 3)
+            parts = line.rstrip(b"\r\n").split(b" ", 3)
             match = _TAG.fullmatch(parts[0])
             self._tag = parts[0] if match is not None and len(parts[0]) <= 64 else b"*"
-            name = parts[1].rstrip(b"\r\n").upper() if len(parts) > 1 else b""
+            name = parts[1].upper() if len(parts) > 1 else b""
             if name == b"UID" and len(parts) > 2:
-                name = b"UID " + parts[2].rstrip(b"\r\n").upper()
+                name = b"UID " + parts[2].upper()
             self._command_name = name
         return line
 
