@@ -248,3 +248,15 @@ def test_parse_size_refuses(text: str) -> None:
 def test_parse_size_round_trip(n: int, unit: str) -> None:
     factor = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[unit]
     assert parse_size(f"{n}{unit}") == n * factor
+
+
+def test_a_login_with_undecodable_or_nul_text_is_refused_not_an_error(db: Backend) -> None:
+    async def main(d: Database) -> list[str | None]:
+        acc = await with_mailbox(d)
+        return [
+            await acc.authenticate(f"mario.rossi@{DOMAIN}\udccb", PASSWORD),
+            await acc.authenticate(f"mario.rossi@{DOMAIN}", PASSWORD + "\udcff"),
+            await acc.authenticate(f"mario.rossi\x00@{DOMAIN}", PASSWORD),
+        ]
+
+    assert db.run(main) == [None, None, None]

@@ -260,6 +260,11 @@ class Accounts:
         login (``Guard.clean``), so its check goes ahead of those waiting for a slot.
         """
         canonical = address.strip().lower()
+        if not _encodable(canonical) or not _encodable(password):
+            # Bytes that are not UTF-8 (lone surrogates from a client's raw bytes) name no
+            # mailbox and are no password: a refused login, not a store failure.
+            await self.hash_slots.run(first, self._verify, await self._dummy(), "")
+            return None
         async with self.db.read_session() as s:
             mailbox = await s.get(Mailbox, canonical)
         if mailbox is None:
@@ -292,6 +297,14 @@ class Accounts:
                     .values(password_hash=rehashed)
                 )
         return canonical
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in text
 
 
 _UNITS: dict[str, int] = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
