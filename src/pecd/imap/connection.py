@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from ssl import SSLError
 from typing import Any, TypeVar
 
-from pymap.context import current_command, socket_info
+from pymap.context import current_command, socket_info, subsystem
 from pymap.exceptions import ResponseError
 from pymap.imap import IMAPConnection
 from pymap.imap.state import ConnectionState
@@ -48,6 +48,7 @@ from pymap.parsing.response import (
     ResponseBad,
     ResponseBye,
     ResponseCode,
+    ResponseContinuation,
     ResponseNo,
     ResponseOk,
 )
@@ -228,6 +229,32 @@ class PecdConnection(IMAPConnection):
             return await super().read_command(state)
         except _Rejected as rejected:
             return RejectedCommand(self._tag, rejected.response, rejected.close)
+
+    async def idle(self, state: ConnectionState, cmd: IdleCommand) -> CommandResponse:
+        # pymap's IDLE, except that a cancelled connection also ends its updates task (pymap
+        # leaves it pending, "Task was destroyed but it is pending" when the loop closes).
+        response = await self._exec(state.do_command(cmd))
+        if not isinstance(response, ResponseOk):
+            return response
+        await self.write_response(ResponseContinuation(b"Idling."))
+        done = subsystem.get().new_event()
+        updates_task = asyncio.create_task(self.handle_updates(state, done, cmd))
+        try:
+            ok = await self.read_idle_done(cmd)
+        finally:
+            done.set()
+            if not updates_task.done():
+                try:
+                    await asyncio.wait_for(asyncio.shield(updates_task), 5)
+                except (Exception, asyncio.CancelledError):
+                    updates_task.cancel()
+        if updates_task.done() and not updates_task.cancelled():
+            updates_exc = updates_task.exception()
+            if updates_exc is not None:
+                raise updates_exc
+        if not ok:
+            return ResponseBad(cmd.tag, b'Expected "DONE".')
+        return response
 
     # -- STARTTLS -----------------------------------------------------------------------------
 
