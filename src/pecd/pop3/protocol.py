@@ -55,9 +55,10 @@ IMPLEMENTATION = "pecd"
 
 
 def uidl_of(uid: int, uid_validity: int) -> str:
-    """The unique-id listing of a message: Dovecot's default ``%08Xu%08Xv`` format, so that
-    pecd and Dovecot serving the same Maildir give every message the same UIDL."""
-    return f"{uid:08X}{uid_validity:08X}"
+    """The unique-id listing of a message: Dovecot's default ``%08Xu%08Xv`` format, whose hex
+    digits Dovecot writes in lower case, so that pecd and Dovecot serving the same Maildir give
+    every message the same UIDL."""
+    return f"{uid:08x}{uid_validity:08x}"
 
 
 class State(enum.Enum):
