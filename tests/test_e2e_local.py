@@ -166,6 +166,16 @@ def message(
     return "\r\n".join(lines).encode("utf-8")
 
 
+def fetched_literal(data: list[Any]) -> bytes:
+    """The message of an imaplib FETCH answer. imaplib also returns the unsolicited FETCH
+    responses it collected (a flag change of another message, sent as plain bytes), and they
+    can come first: the message is the one (head, literal) pair."""
+    for item in data:
+        if isinstance(item, tuple):
+            return bytes(item[1])
+    raise AssertionError(f"no message literal in {data!r}")
+
+
 def fetch_all(srv: Server, user: str) -> list[bytes]:
     with imaplib.IMAP4_SSL("127.0.0.1", srv.port("imaps"), ssl_context=client_tls(srv.cfg)) as imap:
         imap.login(f"{user}@{DOMAIN}", PASSWORD)
@@ -176,7 +186,7 @@ def fetch_all(srv: Server, user: str) -> list[bytes]:
         for num in data[0].split():
             typ, msg = imap.fetch(num, "(BODY.PEEK[])")
             assert typ == "OK"
-            out.append(bytes(msg[0][1]))  # type: ignore[index]
+            out.append(fetched_literal(msg))
         return out
 
 

@@ -32,7 +32,7 @@ from pecd.pec.vocab import Kind, Ricevuta, TipoRicevuta
 from pecd.points.formats import provider_identity
 from pecd.store.accounts import Accounts
 from pecd.store.db import Database
-from test_e2e_local import PASSWORD, Server, message, openssl_ok, wait_for
+from test_e2e_local import PASSWORD, Server, fetched_literal, message, openssl_ok, wait_for
 
 A, B = "pec-a.test", "pec-b.test"
 
@@ -144,7 +144,7 @@ def inbox(p: Provider, user: str) -> list[bytes]:
         out = []
         for num in data[0].split():
             _, msg = imap.fetch(num, "(BODY.PEEK[])")
-            out.append(bytes(msg[0][1]))  # type: ignore[index]
+            out.append(fetched_literal(msg))
         return out
 
 
