@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aioimaplib
@@ -94,13 +95,27 @@ def tree_stats(root: int) -> tuple[float, int]:
     return cpu / tick, rss
 
 
+class Phase:
+    """Every session reports when it idles; deliveries wait until all do."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.idling = 0
+        self.all_idle = asyncio.Event()
+        self.go = asyncio.Event()
+
+    def idle(self) -> None:
+        self.idling += 1
+        if self.idling == self.n:
+            self.all_idle.set()
+
+
 async def session(
     port: int,
     ctx: ssl.SSLContext,
     user: str,
-    store: MaildirStore,
-    size_kb: int,
-    gate: asyncio.Event,
+    phase: Phase,
+    deliver: Callable[[str], Awaitable[None]],
 ) -> int:
     client = aioimaplib.IMAP4_SSL("127.0.0.1", port, ssl_context=ctx, timeout=60)
     await client.wait_hello_from_server()
@@ -115,8 +130,11 @@ async def session(
     for n in range(1, count + 1):
         r = await client.fetch(str(n), "(BODY.PEEK[])")
         assert r.result == "OK", r
-    idle = await client.idle_start(timeout=60)
-    gate.set()  # at least one session idles: deliveries may start
+    idle = await client.idle_start(timeout=120)
+    await asyncio.sleep(0.2)  # the server's "+ idling" has come back by then
+    phase.idle()
+    await phase.go.wait()
+    await deliver(user)  # one new message while this session idles: its EXISTS is awaited
     while client.has_pending_idle():
         push = await client.wait_server_push(timeout=60)
         if any(b"EXISTS" in (p if isinstance(p, bytes) else p.encode()) for p in push):
@@ -124,7 +142,7 @@ async def session(
     client.idle_done()
     await asyncio.wait_for(idle, 60)
     await client.logout()
-    return count
+    return count + 1
 
 
 async def run(
@@ -134,16 +152,29 @@ async def run(
     store: MaildirStore,
     args: argparse.Namespace,
     root: int,
+    lend_to: tuple[str, str] | None = None,
 ) -> dict[str, float]:
-    gate = asyncio.Event()
+    phase = Phase(len(users))
+
+    async def deliver(user: str) -> None:
+        done = await asyncio.to_thread(
+            store.deliver, user, f"idle-{port}-{user}", message(10_000, 1, user)
+        )
+        if lend_to is not None:
+            shutil.chown(done.path, *lend_to)
+
     cpu0, rss0 = tree_stats(root)
     t0 = time.monotonic()
-    tasks = [asyncio.create_task(session(port, ctx, u, store, args.size_kb, gate)) for u in users]
-    await gate.wait()
-    await asyncio.sleep(1.0)  # let every session reach IDLE
+    tasks = [asyncio.create_task(session(port, ctx, u, phase, deliver)) for u in users]
+    waiter = asyncio.create_task(phase.all_idle.wait())
+    await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    for t in tasks:
+        if t.done() and t.exception() is not None:
+            waiter.cancel()
+            raise SystemExit(f"an IMAP session failed: {t.exception()!r}")
+    await asyncio.sleep(0.5)
     _, rss_idle = tree_stats(root)
-    for i, u in enumerate(users):
-        await asyncio.to_thread(store.deliver, u, f"idle-{port}-{i}", message(10_000 + i, 1, u))
+    phase.go.set()
     fetched = sum(await asyncio.gather(*tasks))
     elapsed = time.monotonic() - t0
     cpu1, _ = tree_stats(root)
@@ -174,19 +205,18 @@ ssl_key = <{cfg.tls.key}
 disable_plaintext_auth = yes
 auth_mechanisms = plain login
 mail_location = maildir:{cfg.maildir_root}/%d/%n
-mail_uid = root
-mail_gid = root
-first_valid_uid = 0
-default_internal_user = root
-default_login_user = root
-default_internal_group = root
+mail_uid = nobody
+mail_gid = nogroup
+first_valid_uid = 1
+default_internal_user = dovecot
+default_login_user = dovenull
 passdb {{
   driver = passwd-file
-  args = scheme=PLAIN {passwd}
+  args = {passwd}
 }}
 userdb {{
   driver = static
-  args = uid=root gid=root home={cfg.maildir_root}/%d/%n
+  args = uid=nobody gid=nogroup home={cfg.maildir_root}/%d/%n
 }}
 service imap-login {{
   inet_listener imap {{
@@ -229,8 +259,9 @@ async def main() -> None:
     acc = Accounts(db)
     users = [f"user{i}@{DOMAIN}" for i in range(args.clients)]
     store = MaildirStore(cfg.maildir_root)
+    hashes: dict[str, str] = {}
     for u in users:
-        await acc.add_mailbox(u, PASSWORD)
+        hashes[u] = (await acc.add_mailbox(u, PASSWORD)).password_hash
         for m in range(args.messages):
             store.deliver(u, f"{u}-{m}", message(m, args.size_kb, u))
     await db.close()
@@ -240,14 +271,21 @@ async def main() -> None:
     results: dict[str, dict[str, float]] = {}
     if not args.no_dovecot and shutil.which("dovecot"):
         passwd = tmp / "passwd"
-        passwd.write_text("".join(f"{u}:{{PLAIN}}{PASSWORD}\n" for u in users))
+        # The same argon2id hashes pecd checks: both servers pay the same for a login.
+        passwd.write_text("".join(f"{u}:{{ARGON2ID}}{hashes[u]}\n" for u in users))
         dport = free_port()
         conf = dovecot_conf(cfg, tmp, dport, passwd)
+        # Dovecot will not serve mail as root: the tree is lent to "nobody" for its turn (pecd,
+        # running as root here, reads it all the same).
+        subprocess.run(["chown", "-R", "nobody:nogroup", str(cfg.maildir_root)], check=True)
+        tmp.chmod(0o755)
         dove = subprocess.Popen(["dovecot", "-F", "-c", str(conf)])
         try:
             wait_port(dport, dove)
             await asyncio.sleep(0.5)
-            results["dovecot"] = await run(dport, ctx, users, store, args, dove.pid)
+            results["dovecot"] = await run(
+                dport, ctx, users, store, args, dove.pid, lend_to=("nobody", "nogroup")
+            )
         finally:
             dove.terminate()
             dove.wait(30)
