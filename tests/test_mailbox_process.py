@@ -220,6 +220,22 @@ def test_attacks_on_imap_leave_smtp_answering_and_memory_bounded(srv: Server) ->
             target=_attack, args=(big, [b"a2 APPEND INBOX {104857600+}\r\n"], stop), daemon=True
         )
     )
+    # The same over the STARTTLS port: TLS first, then the login and the 100 MB APPEND.
+    plain = _plain_client(srv.port("imap"))
+    plain.recv(4096)
+    plain.sendall(b"s1 STARTTLS\r\n")
+    assert b"s1 OK" in _read_until(plain, b"s1 ")
+    upgraded = client_tls(srv.cfg).wrap_socket(plain, server_hostname="localhost")
+    upgraded.sendall(f'a1 LOGIN alice@{DOMAIN} "{PASSWORD}"\r\n'.encode())
+    assert b"a1 OK" in _read_until(upgraded, b"a1 ")
+    upgraded.sendall(b"a0 NOOP\r\n")  # _attack reads one answer first, as for a greeting
+    threads.append(
+        threading.Thread(
+            target=_attack,
+            args=(upgraded, [b"a2 APPEND INBOX {104857600+}\r\n"], stop),
+            daemon=True,
+        )
+    )
     for t in threads:
         t.start()
     try:
@@ -241,7 +257,7 @@ def test_attacks_on_imap_leave_smtp_answering_and_memory_bounded(srv: Server) ->
     assert grown < 64 * 1024, f"the mailbox process grew by {grown} KiB under attack"
 
 
-def _read_until(sock: ssl.SSLSocket, marker: bytes) -> bytes:
+def _read_until(sock: socket.socket | ssl.SSLSocket, marker: bytes) -> bytes:
     data = b""
     while marker not in data:
         chunk = sock.recv(4096)
