@@ -25,7 +25,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import os
+import time
 from collections.abc import AsyncIterable, Iterable, Mapping
+from mailbox import MaildirMessage
 from pathlib import Path
 from typing import Any
 
@@ -62,12 +65,61 @@ class UidListMailboxData(MailboxData):
 
     _listing: Listing | None = None
 
+    # What the folder looked like when _listing was made (see _unchanged), and when it was made.
+    _stamp: tuple[int, ...] | None = None
+    _listed_at: float = 0.0
+    # The messages made by the last messages(), by (UID, file path).
+    _built: dict[tuple[int, str], Message] | None = None
+
+    def _folder_stamp(self) -> tuple[int, ...] | None:
+        """mtime of new/ and cur/ and mtime and size of the list, or None if one is missing."""
+        folder = Path(self._path)
+        try:
+            new = os.stat(folder / "new").st_mtime_ns
+            cur = os.stat(folder / "cur").st_mtime_ns
+            ul = os.stat(folder / uidlist.FILE_NAME)
+        except OSError:
+            return None
+        return (new, cur, ul.st_mtime_ns, ul.st_size)
+
+    def _unchanged(self, stamp: tuple[int, ...] | None) -> bool:
+        """True when nothing was added, removed or renamed in the folder since ``_listing``.
+
+        A directory's mtime changes with every file linked, renamed or removed in it, but only
+        as finely as the kernel's clock tick: two changes within one tick leave the same mtime.
+        So an unchanged stamp is trusted only when the folder's last change is more than a
+        second older than the listing (as Dovecot does with its own mtime checks)."""
+        if stamp is None or stamp != self._stamp or self._listing is None:
+            return False
+        newest = max(stamp[0], stamp[1], stamp[2]) / 1e9
+        return newest < self._listed_at - 1.0
+
     async def _sync(self, fields: Mapping[str, Mapping[str, str]] | None = None) -> Listing:
+        if fields is None and self._listing is not None:
+            stamp = self._folder_stamp()
+            if self._unchanged(stamp):
+                return self._listing
+        listed_at = time.time()
         listing = await asyncio.to_thread(uidlist.sync, Path(self._path), fields=fields)
+        # The stamp after the sync: a sync that rewrote the list changed its mtime.
+        self._stamp = self._folder_stamp()
+        self._listed_at = listed_at
         self._listing = listing
         self._uid_validity = listing.uid_validity
         self._next_uid = listing.next_uid
         return listing
+
+    def _metadata(self, entry: uidlist.Entry) -> MaildirMessage:
+        """pymap's message metadata from the listing's path, without looking the file up again:
+        its subdirectory and flags are in its path, its INTERNALDATE is its mtime."""
+        path = entry.path
+        meta = MaildirMessage()
+        meta.set_subdir("new" if path.parent.name == "new" else "cur")
+        info = _info_of(path)
+        if info:
+            meta.set_info(info)
+        meta.set_date(path.stat().st_mtime)
+        return meta
 
     async def _entry(self, uid: int) -> uidlist.Entry:
         """The entry of ``uid``; KeyError when it is not (or no longer) in the folder."""
@@ -100,23 +152,40 @@ class UidListMailboxData(MailboxData):
         return _record(entry), meta
 
     async def messages(self) -> AsyncIterable[Message]:
+        """Every message of the folder (pymap compares them with what the client saw, at every
+        command). A message object is reused while its UID and file name stay the same: the
+        name carries its subdirectory and flags, and pymap never changes a message it was given,
+        so only what was added, renamed or removed since the last call costs a lookup."""
         listing = await self._sync()
         maildir = self._maildir
+        previous = self._built or {}
+        built: dict[tuple[int, str], Message] = {}
         async with self.messages_lock.read_lock():
             for entry in listing.entries:
-                try:
-                    meta = maildir.get_message_metadata(entry.name)
-                except (KeyError, FileNotFoundError):
-                    continue
-                yield Message.from_maildir(
-                    entry.uid,
-                    meta,
-                    maildir,
-                    entry.name,
-                    self._get_object_id(_record(entry), "E"),
-                    self._get_object_id(_record(entry), "T"),
-                    self.maildir_flags,
-                )
+                ident = (entry.uid, str(entry.path))
+                msg = previous.get(ident)
+                if msg is None:
+                    try:
+                        meta = self._metadata(entry)
+                    except FileNotFoundError:
+                        # Renamed (flags) or expunged by another session since the listing.
+                        try:
+                            meta = maildir.get_message_metadata(entry.name)
+                        except (KeyError, FileNotFoundError):
+                            continue
+                    record = _record(entry)
+                    msg = Message.from_maildir(
+                        entry.uid,
+                        meta,
+                        maildir,
+                        entry.name,
+                        self._get_object_id(record, "E"),
+                        self._get_object_id(record, "T"),
+                        self.maildir_flags,
+                    )
+                built[ident] = msg
+                yield msg
+        self._built = built
 
     async def move(self, uid: int, destination: MailboxData, *, recent: bool = False) -> int | None:
         if not isinstance(destination, UidListMailboxData):  # pragma: no cover - one backend

@@ -103,11 +103,21 @@ class Listing:
     #: The mailbox GUID of the list's header (32 hex digits).
     guid: str = ""
 
+    # Indexes of ``entries``, made on first use (a listing never changes once made).
+    _by_uid: dict[int, Entry] | None = field(default=None, init=False, repr=False, compare=False)
+    _by_name: dict[str, Entry] | None = field(default=None, init=False, repr=False, compare=False)
+
     def by_uid(self) -> dict[int, Entry]:
-        return {e.uid: e for e in self.entries}
+        if self._by_uid is None:
+            object.__setattr__(self, "_by_uid", {e.uid: e for e in self.entries})
+        assert self._by_uid is not None
+        return self._by_uid
 
     def by_name(self) -> dict[str, Entry]:
-        return {e.name: e for e in self.entries}
+        if self._by_name is None:
+            object.__setattr__(self, "_by_name", {e.name: e for e in self.entries})
+        assert self._by_name is not None
+        return self._by_name
 
 
 # -- the file ---------------------------------------------------------------------------------
@@ -235,18 +245,57 @@ def _format(ul: _UidList) -> str:
     return "".join(out)
 
 
+# Parsed lists by file, with the (inode, size, mtime) they were read at: a list is replaced by
+# a rename (a new inode) or grows by an append (a new size), so an unchanged key is the same
+# text and need not be parsed again. Sync mutates what it is given: it gets a copy.
+_PARSED: dict[str, tuple[tuple[int, int, int], _UidList]] = {}
+_PARSED_MAX = 256
+# Path objects of message files by their text: making a Path parses its text, and a large
+# folder would make one per file at every sync.
+_PATHS: dict[str, Path] = {}
+_PATHS_MAX = 200_000
+
+
 def _read_file(folder: Path) -> tuple[_UidList | None, int]:
     """The parsed list (None when absent or unreadable) and, for an unreadable one, its
     UIDVALIDITY if that much could be read (0 otherwise)."""
+    path = folder / FILE_NAME
     try:
-        text = (folder / FILE_NAME).read_text("utf-8", errors="surrogateescape")
+        with open(path, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            key = (st.st_ino, st.st_size, st.st_mtime_ns)
+            cached = _PARSED.get(str(path))
+            if cached is not None and cached[0] == key:
+                return _copy(cached[1]), 0
+            text = fh.read().decode("utf-8", errors="surrogateescape")
     except FileNotFoundError:
         return None, 0
     try:
-        return _parse(text), 0
+        ul = _parse(text)
     except _Corrupt as exc:
         _log.warning("%s/%s is corrupt (%s): making a new list", folder, FILE_NAME, exc)
         return None, exc.uid_validity
+    if len(_PARSED) >= _PARSED_MAX:
+        _PARSED.clear()
+    _PARSED[str(path)] = (key, _copy(ul))
+    return ul, 0
+
+
+def _copy(ul: _UidList) -> _UidList:
+    """A copy sync may change: its own header values and record table (records are not
+    changed in place, only added and removed)."""
+    return _UidList(
+        ul.uid_validity, ul.next_uid, ul.guid, dict(ul.extra), dict(ul.records), ul.dirty
+    )
+
+
+def _path(text: str) -> Path:
+    path = _PATHS.get(text)
+    if path is None:
+        if len(_PATHS) >= _PATHS_MAX:
+            _PATHS.clear()
+        path = _PATHS[text] = Path(text)
+    return path
 
 
 # -- the folder -------------------------------------------------------------------------------
@@ -277,7 +326,7 @@ def _scan(folder: Path) -> dict[str, _File]:
                 except OSError:
                     continue
                 base = entry.name.split(":", 1)[0]
-                found[base] = _File(Path(entry.path), base)
+                found[base] = _File(_path(entry.path), base)
     return found
 
 
