@@ -167,7 +167,8 @@ class MailboxConfig(_Section):
     # The mailbox process answers a heartbeat every heartbeat_seconds; one silent for
     # heartbeat_timeout_seconds (an event loop stuck in a loop, a deadlock) is killed and replaced.
     heartbeat_seconds: float = Field(default=1.0, gt=0)
-    heartbeat_timeout_seconds: float = Field(default=10.0, gt=0)
+    # 30 s: long enough for a command on a very large folder on a loaded machine.
+    heartbeat_timeout_seconds: float = Field(default=30.0, gt=0)
     # Idle connections: before login (RFC 3501 leaves it to the server; about a minute) and after
     # (RFC 3501 5.4: at least 30 minutes; IDLE is re-armed by the client per RFC 2177).
     idle_timeout_unauthenticated: float = Field(default=60.0, gt=0)

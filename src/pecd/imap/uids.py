@@ -161,7 +161,10 @@ class UidListMailboxData(MailboxData):
         previous = self._built or {}
         built: dict[tuple[int, str], Message] = {}
         async with self.messages_lock.read_lock():
-            for entry in listing.entries:
+            for n, entry in enumerate(listing.entries):
+                if n % 512 == 511:
+                    # A large folder: let other sessions (and the heartbeat) have the loop.
+                    await asyncio.sleep(0)
                 ident = (entry.uid, str(entry.path))
                 msg = previous.get(ident)
                 if msg is None:
