@@ -30,10 +30,12 @@ from pathlib import Path
 
 import pytest
 
+from helpers import BackgroundService, mbsyncrc
 from pecd.clock import SystemClock
 from pecd.config import Endpoint, ListenersConfig, load_config
 from pecd.devinit import init_installation
 from pecd.dovecot import MailUser, write_config
+from pecd.imap import ImapService
 from pecd.mailbox import uidlist
 from pecd.mailbox.maildir import MaildirStore
 
@@ -336,19 +338,14 @@ class FakeAccounts:
         return canonical if self.passwords.get(canonical) == password else None
 
 
-class PecdImap:
+class PecdImap(BackgroundService[ImapService]):
     """pecd.imap.ImapService over the same Maildir tree, in a background event loop."""
 
     def __init__(self, env: Env) -> None:
-        from pecd.imap import ImapService
-
         self.env = env
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.load_cert_chain(env.tls_cert, env.tls_key)
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.stack = contextlib.AsyncExitStack()
-        self.service = ImapService(
+        service = ImapService(
             store=env.store,
             auth=FakeAccounts(env.passwords),
             tls_context=ctx,
@@ -357,18 +354,12 @@ class PecdImap:
             hostname="localhost",
             failed_login_delay=0.0,
         )
+        super().__init__(service)
 
     def __enter__(self) -> PecdImap:
-        self.thread.start()
-        asyncio.run_coroutine_threadsafe(self.service.start(self.stack), self.loop).result(10)
+        super().__enter__()
         self.port = self.service.bound_ports[0]
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        asyncio.run_coroutine_threadsafe(self.stack.aclose(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
 
     @contextlib.contextmanager
     def login(self, address: str) -> Iterator[imaplib.IMAP4_SSL]:
@@ -583,28 +574,14 @@ def test_mbsync_over_imaps(env: Env, signed_receipt: bytes) -> None:
     local.mkdir()
     rc = env.base / "mbsyncrc"
     rc.write_text(
-        f"""IMAPAccount pecd
-Host localhost
-Port {env.imaps_port}
-User {address}
-Pass "{env.passwords[address]}"
-SSLType IMAPS
-CertificateFile {env.ca}
-
-IMAPStore far
-Account pecd
-
-MaildirStore near
-Path {local}/
-Inbox {local}/INBOX
-
-Channel all
-Far :far:
-Near :near:
-Patterns INBOX
-Create Near
-SyncState *
-"""
+        mbsyncrc(
+            port=env.imaps_port,
+            user=address,
+            password=env.passwords[address],
+            ca=env.ca,
+            local=local,
+            patterns="INBOX",
+        )
     )
     r = subprocess.run(
         ["mbsync", "-c", str(rc), "-a"], capture_output=True, check=False, timeout=60

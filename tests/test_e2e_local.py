@@ -7,7 +7,6 @@ import imaplib
 import smtplib
 import ssl
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from pecd.app import App
-from pecd.clock import Clock, SystemClock
+from helpers import AppThread as Server
+from pecd.clock import SystemClock
 from pecd.config import Config, load_config
 from pecd.devinit import config_text, init_installation
 from pecd.pec.checks import (
@@ -34,62 +33,6 @@ from pecd.store.db import Database, migrate_async
 
 DOMAIN = "pec.example.test"
 PASSWORD = "correct horse battery"
-
-
-class Server:
-    """pecd running in a background thread with its own event loop, as a real client sees it."""
-
-    def __init__(self, cfg: Config, clock: Clock | None = None) -> None:
-        self.cfg = cfg
-        self.clock = clock or SystemClock()
-        self.loop = asyncio.new_event_loop()
-        self.app: App | None = None
-        self._ready = threading.Event()
-        self._stop: asyncio.Event | None = None
-        self._error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_until_complete(self._main())
-
-    async def _main(self) -> None:
-        self._stop = asyncio.Event()
-        try:
-            async with App(self.cfg, clock=self.clock) as app:
-                self.app = app
-                self._ready.set()
-                await self._stop.wait()
-        except BaseException as exc:
-            self._error = exc
-            self._ready.set()
-
-    def start(self) -> Server:
-        self.thread.start()
-        self._ready.wait(30)
-        if self._error:
-            raise self._error
-        return self
-
-    def stop(self) -> None:
-        assert self._stop is not None
-        self.loop.call_soon_threadsafe(self._stop.set)
-        self.thread.join(30)
-
-    def call(self, coro: Any, timeout: float = 60) -> Any:
-        """Run ``coro`` on the server's event loop and return its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def port(self, name: str) -> int:
-        assert self.app is not None
-        if name == "reception":
-            assert self.app.reception is not None
-            return self.app.reception.port
-        if name in ("imaps", "imap", "pop3s", "pop3"):
-            assert self.app.mailboxes is not None
-            return self.app.mailboxes.port(name)
-        assert self.app.access is not None
-        return self.app.access.port(name)
 
 
 async def _install(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import datetime as dt
 import imaplib
@@ -10,7 +9,6 @@ import ipaddress
 import itertools
 import re
 import ssl
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
+from helpers import BackgroundService
 from pecd.imap import ImapService
 from pecd.mailbox.maildir import MaildirStore, to_crlf
 
@@ -137,15 +136,12 @@ class FakeAccounts:
         return None
 
 
-class Server:
+class Server(BackgroundService[ImapService]):
     def __init__(self, store: MaildirStore, accounts: FakeAccounts, pki: Pki) -> None:
         self.store = store
         self.accounts = accounts
         self.pki = pki
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.stack = contextlib.AsyncExitStack()
-        self.service = ImapService(
+        service = ImapService(
             store=store,
             auth=accounts,
             tls_context=pki.server_context(),
@@ -155,19 +151,13 @@ class Server:
             hostname="localhost",
             failed_login_delay=0.0,
         )
+        super().__init__(service)
         self._users = itertools.count(1)
 
     def __enter__(self) -> Server:
-        self.thread.start()
-        asyncio.run_coroutine_threadsafe(self.service.start(self.stack), self.loop).result(10)
+        super().__enter__()
         self.imaps_port, self.imap_port = self.service.bound_ports
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        asyncio.run_coroutine_threadsafe(self.stack.aclose(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
 
     def new_user(self) -> tuple[str, str]:
         n = next(self._users)

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from helpers import every_kind, mbsyncrc, openssl_verify
 from pecd.pec.pki import DevPki
 from test_imap import Server
 from test_imap import pki as pki
 from test_imap import server as server
-from test_pop3 import every_kind, openssl_verify
 
 TIMEOUT = 120
 
@@ -44,28 +44,14 @@ def test_mbsync_mirrors_every_pec_kind(server: Server, dev_pki: DevPki, tmp_path
     local.mkdir()
     rc = tmp_path / "mbsyncrc"
     rc.write_text(
-        f"""IMAPAccount pecd
-Host localhost
-Port {server.imaps_port}
-User {address}
-Pass "{password}"
-SSLType IMAPS
-CertificateFile {server.pki.ca_file}
-
-IMAPStore far
-Account pecd
-
-MaildirStore near
-Path {local}/
-Inbox {local}/INBOX
-
-Channel all
-Far :far:
-Near :near:
-Patterns *
-Create Near
-SyncState *
-"""
+        mbsyncrc(
+            port=server.imaps_port,
+            user=address,
+            password=password,
+            ca=server.pki.ca_file,
+            local=local,
+            patterns="*",
+        )
     )
     rc.chmod(0o600)
     r = subprocess.run(

@@ -8,7 +8,6 @@ fuzz of command lines before and after login.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import imaplib
 import itertools
@@ -16,7 +15,6 @@ import logging
 import re
 import socket
 import ssl
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from helpers import BackgroundService
 from pecd.config import MailboxConfig, SecurityConfig
 from pecd.guard import Guard
 from pecd.imap import ImapService
@@ -65,7 +64,7 @@ class QuotaAccounts:
 # -- the server in a background event loop ----------------------------------------------------
 
 
-class Server:
+class Server(BackgroundService[ImapService]):
     def __init__(
         self,
         base: Path,
@@ -77,10 +76,7 @@ class Server:
         self.store = MaildirStore(base / "mail")
         self.accounts = QuotaAccounts()
         self.pki = pki
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.stack = contextlib.AsyncExitStack()
-        self.service = ImapService(
+        service = ImapService(
             store=self.store,
             auth=self.accounts,
             tls_context=pki.server_context(),
@@ -93,19 +89,13 @@ class Server:
             limits=limits,
             max_message_size=MAX_MESSAGE,
         )
+        super().__init__(service)
         self._users = itertools.count(1)
 
     def __enter__(self) -> Server:
-        self.thread.start()
-        asyncio.run_coroutine_threadsafe(self.service.start(self.stack), self.loop).result(10)
+        super().__enter__()
         self.imaps_port, self.imap_port = self.service.bound_ports
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        asyncio.run_coroutine_threadsafe(self.stack.aclose(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
 
     def new_user(self, quota: int | None = None) -> tuple[str, str]:
         n = next(self._users)

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from argon2 import PasswordHasher
 
-from pecd.app import App
+from helpers import AppThread
 from pecd.clock import SystemClock
 from pecd.config import Config, load_config
 from pecd.devinit import config_text, init_installation
@@ -73,52 +73,8 @@ async def install(directory: Path) -> Config:
     return cfg
 
 
-class Server:
+class Server(AppThread):
     """pecd's App in a thread with its own event loop."""
-
-    def __init__(self, cfg: Config) -> None:
-        self.cfg = cfg
-        self.loop = asyncio.new_event_loop()
-        self.app: App | None = None
-        self._ready = threading.Event()
-        self._stop: asyncio.Event | None = None
-        self._error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_until_complete(self._main())
-
-    async def _main(self) -> None:
-        self._stop = asyncio.Event()
-        try:
-            async with App(self.cfg) as app:
-                self.app = app
-                self._ready.set()
-                await self._stop.wait()
-        except BaseException as exc:
-            self._error = exc
-            self._ready.set()
-
-    def start(self) -> Server:
-        self.thread.start()
-        self._ready.wait(60)
-        if self._error:
-            raise self._error
-        return self
-
-    def stop(self) -> None:
-        assert self._stop is not None
-        self.loop.call_soon_threadsafe(self._stop.set)
-        self.thread.join(30)
-
-    def port(self, name: str) -> int:
-        assert self.app is not None
-        if name == "reception":
-            assert self.app.reception is not None
-            return self.app.reception.port
-        assert self.app.access is not None
-        return self.app.access.port(name)
 
     @property
     def guard(self) -> Guard:

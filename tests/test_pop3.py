@@ -19,24 +19,18 @@ import ssl
 import subprocess
 import threading
 from collections.abc import Iterator, Sequence
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from helpers import BackgroundService, every_kind, openssl_verify
 from pecd.config import MailboxConfig, SecurityConfig
 from pecd.guard import Guard
 from pecd.mailbox import uidlist
 from pecd.mailbox.maildir import MaildirStore
-from pecd.pec import builders as b
-from pecd.pec.builders import ProviderIdentity, Transmission
-from pecd.pec.checks import Violation
 from pecd.pec.pki import DevPki
-from pecd.pec.smime import KeySigner
-from pecd.pec.timefmt import pec_time
-from pecd.pec.vocab import Errore, TipoRicevuta
 from pecd.pop3 import Pop3Service
 from pecd.pop3.protocol import (
     MAX_BAD_LINES,
@@ -60,7 +54,7 @@ TIMEOUT = 10
 # -- the server in a background event loop ----------------------------------------------------
 
 
-class Server:
+class Server(BackgroundService[Pop3Service]):
     def __init__(
         self,
         store: MaildirStore,
@@ -73,10 +67,7 @@ class Server:
         self.store = store
         self.accounts = accounts
         self.pki = pki
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.stack = contextlib.AsyncExitStack()
-        self.service = Pop3Service(
+        service = Pop3Service(
             store=store,
             auth=accounts,
             tls_context=pki.server_context(),
@@ -87,20 +78,14 @@ class Server:
             stls_port=0,
             hostname="localhost",
         )
+        super().__init__(service)
         self._users = itertools.count(1)
         self._keys = itertools.count(1)
 
     def __enter__(self) -> Server:
-        self.thread.start()
-        asyncio.run_coroutine_threadsafe(self.service.start(self.stack), self.loop).result(10)
+        super().__enter__()
         self.pop3s_port, self.pop3_port = self.service.bound_ports
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        asyncio.run_coroutine_threadsafe(self.stack.aclose(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
 
     def new_user(self) -> tuple[str, str]:
         n = next(self._users)
@@ -217,21 +202,6 @@ def retr(client: poplib.POP3, n: int) -> bytes:
     return b"".join(line + b"\r\n" for line in lines)
 
 
-def openssl_verify(raw: bytes, ca_file: Path, tmp_path: Path) -> None:
-    msg = tmp_path / "pop3-msg.eml"
-    msg.write_bytes(raw)
-    r = subprocess.run(
-        [
-            *("openssl", "cms", "-verify", "-inform", "SMIME", "-in", str(msg)),
-            *("-CAfile", str(ca_file), "-purpose", "any", "-out", "/dev/null"),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert r.returncode == 0, r.stderr
-
-
 PLAIN = (
     b"From: Anna <anna@example.org>\r\n"
     b"To: holder@example.org\r\n"
@@ -246,98 +216,6 @@ PLAIN = (
 )
 
 # -- every message pecd emits, downloaded and verified ------------------------------------------
-
-DOMAIN = "pec.example.test"
-WHEN = pec_time(datetime(2026, 3, 2, 9, 15, 30, tzinfo=UTC))
-ORIGINAL = (
-    b"Date: Mon, 02 Mar 2026 10:15:00 +0100\r\n"
-    b"From: Alice Rossi <alice@pec.example.test>\r\n"
-    b"To: Bob <bob@pec.example.test>\r\n"
-    b"Cc: carol@pec.example.test\r\n"
-    b"Subject: Fattura n. 12\r\n"
-    b"Message-ID: <client-42@alice.laptop>\r\n"
-    b"MIME-Version: 1.0\r\n"
-    b'Content-Type: multipart/mixed; boundary="XYZ"\r\n'
-    b"\r\n"
-    b"--XYZ\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nCiao Bob.\r\n.\r\n.. dots\r\n"
-    b'--XYZ\r\nContent-Type: application/pdf; name="f.pdf"\r\n'
-    b"Content-Transfer-Encoding: base64\r\n\r\n"
-    b"JVBERi0xLjQKJcfsj6IKNSAwIG9iago8PC9MZW5ndGggNiAwIFI+PgpzdHJlYW0K\r\n--XYZ--\r\n"
-)
-
-
-def every_kind(dev_pki: DevPki) -> dict[str, bytes]:
-    signer = KeySigner.from_pem(dev_pki.signing.key_pem, dev_pki.signing.cert_pem)
-    provider = ProviderIdentity(
-        name="Example PEC S.p.A.",
-        domain=DOMAIN,
-        service_address=f"posta-certificata@{DOMAIN}",
-        signer=signer,
-    )
-    tx = Transmission.from_submission(
-        ORIGINAL,
-        mail_from="alice@pec.example.test",
-        rcpt_to=["bob@pec.example.test", "carol@pec.example.test"],
-        identificativo="pecd.20260302101530.0123456789abcdef@pec.example.test",
-        is_certified=lambda _: True,
-    )
-    postacert = b.postacert_of(ORIGINAL, tx.identificativo, tx.msgid)
-    bob = "bob@pec.example.test"
-    v = Violation("bcc-present", "Il campo Bcc non è ammesso", "Bcc is not allowed")
-    built = {
-        "busta-di-trasporto": b.transport_envelope(ORIGINAL, tx, provider, WHEN),
-        "accettazione": b.accettazione(tx, provider, WHEN),
-        "non-accettazione": b.non_accettazione(tx, provider, WHEN, violations=[v]),
-        "non-accettazione-virus": b.non_accettazione(tx, provider, WHEN, virus="Eicar"),
-        "presa-in-carico": b.presa_in_carico(
-            tx, provider, WHEN, ricezione=[bob], mail_receipt="ricevute@pec.sender.test"
-        ),
-        "avvenuta-consegna-completa": b.avvenuta_consegna(
-            tx, provider, WHEN, recipient=bob, postacert=postacert, kind=TipoRicevuta.COMPLETA
-        ),
-        "avvenuta-consegna-breve": b.avvenuta_consegna(
-            tx, provider, WHEN, recipient=bob, postacert=postacert, kind=TipoRicevuta.BREVE
-        ),
-        "avvenuta-consegna-sintetica": b.avvenuta_consegna(
-            tx, provider, WHEN, recipient=bob, postacert=postacert, kind=TipoRicevuta.SINTETICA
-        ),
-        "errore-consegna": b.errore_consegna(
-            tx,
-            provider,
-            WHEN,
-            recipient="nobody@pec.example.test",
-            errore=Errore.NO_DEST,
-            errore_esteso="5.1.1 - indirizzo non valido",
-        ),
-        "preavviso-12h": b.preavviso_errore_consegna(
-            tx,
-            provider,
-            WHEN,
-            recipient=bob,
-            sent=pec_time(WHEN.instant - timedelta(hours=12)),
-            final=False,
-        ),
-        "preavviso-24h": b.preavviso_errore_consegna(
-            tx,
-            provider,
-            WHEN,
-            recipient=bob,
-            sent=pec_time(WHEN.instant - timedelta(hours=24)),
-            final=True,
-        ),
-        "rilevazione-virus": b.rilevazione_virus(
-            tx,
-            provider,
-            WHEN,
-            recipient=bob,
-            errore_esteso="virus Eicar",
-            mail_receipt="ricevute@pec.sender.test",
-        ),
-        "busta-di-anomalia": b.anomaly_envelope(
-            ORIGINAL, provider, WHEN, rcpt_to=[bob], error="firma non valida"
-        ),
-    }
-    return {name: m.raw for name, m in built.items()}
 
 
 def test_every_pec_kind_byte_exact_and_verifies(
@@ -417,6 +295,17 @@ def test_stls_login_and_retrieve(server: Server, user: tuple[str, str], pki: Pki
         client.quit()
 
 
+def assert_nothing_answered_inside_tls(raw: RawClient, pki: Pki) -> None:
+    """After STLS on ``raw``: the TLS handshake fails, or the connection inside TLS is closed
+    without a byte (the server never answers inside TLS what was sent before it)."""
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+        tls = pki.client_context().wrap_socket(raw.sock, server_hostname="localhost")
+        tls.sendall(b"NOOP\r\n")
+        answer = tls.recv(100)
+        assert answer == b"", answer
+        raise ConnectionError("closed")
+
+
 def test_stls_injection_closes(server: Server, user: tuple[str, str], pki: Pki) -> None:
     """CVE-2011-0411: commands pipelined in plaintext after STLS must not run inside TLS."""
     address, _ = user
@@ -425,12 +314,7 @@ def test_stls_injection_closes(server: Server, user: tuple[str, str], pki: Pki) 
         raw.send(b"STLS\r\nUSER " + address.encode() + b"\r\n")
         assert raw.line().startswith(b"+OK")
         # Whatever happens next, the USER line must never be answered inside TLS.
-        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
-            tls = pki.client_context().wrap_socket(raw.sock, server_hostname="localhost")
-            tls.sendall(b"NOOP\r\n")
-            answer = tls.recv(100)
-            assert answer == b"", answer
-            raise ConnectionError("closed")
+        assert_nothing_answered_inside_tls(raw, pki)
     finally:
         raw.close()
 
@@ -442,14 +326,9 @@ def test_stls_injection_in_a_second_write_closes(server: Server, pki: Pki) -> No
         raw.send(b"STLS\r\n")
         raw.send(b"CAPA\r\n")
         assert raw.line().startswith(b"+OK")
-        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
-            tls = pki.client_context().wrap_socket(raw.sock, server_hostname="localhost")
-            tls.sendall(b"NOOP\r\n")
-            answer = tls.recv(100)
-            # Either the CAPA was refused as plaintext (closed), or it reached the TLS layer
-            # and broke the handshake; never a CAPA listing inside TLS.
-            assert answer == b"", answer
-            raise ConnectionError("closed")
+        # Either the CAPA was refused as plaintext (closed), or it reached the TLS layer and
+        # broke the handshake; never a CAPA listing inside TLS.
+        assert_nothing_answered_inside_tls(raw, pki)
     finally:
         raw.close()
 

@@ -55,6 +55,7 @@ from pecd.pop3.protocol import (
     uidl_of,
 )
 from pecd.pop3.wire import WireReader
+from pecd.runtime.listen import bound_ports, listen
 
 __all__ = ["Pop3Service"]
 
@@ -171,20 +172,20 @@ class _Connection:
     async def run(self) -> None:
         await self._send(self.session.greeting())
         while True:
-            limits = self.service.limits
-            idle = (
-                limits.idle_timeout_authenticated
-                if self.session.authenticated
-                else limits.idle_timeout_unauthenticated
-            )
             try:
-                async with asyncio.timeout(idle):
+                async with asyncio.timeout(self._idle_timeout()):
                     line, too_long = await self._read_line()
             except TimeoutError:
                 effects = self.session.timed_out()
             else:
                 effects = self.session.receive(line, too_long=too_long)
             await self._run(effects)
+
+    def _idle_timeout(self) -> float:
+        limits = self.service.limits
+        if self.session.authenticated:
+            return limits.idle_timeout_authenticated
+        return limits.idle_timeout_unauthenticated
 
     async def _read_line(self) -> tuple[bytes, bool]:
         """The next line, or (b"", True) for a line too long (discarded up to its end)."""
@@ -235,14 +236,8 @@ class _Connection:
     async def _drain(self) -> None:
         """Wait until the client has taken what was written; a client that reads nothing for
         the idle timeout (while it holds the maildrop lock, perhaps) is dropped."""
-        limits = self.service.limits
-        idle = (
-            limits.idle_timeout_authenticated
-            if self.session.authenticated
-            else limits.idle_timeout_unauthenticated
-        )
         try:
-            async with asyncio.timeout(idle):
+            async with asyncio.timeout(self._idle_timeout()):
                 await self.writer.drain()
         except TimeoutError:
             raise _SessionEnd("client stopped reading", logging.INFO) from None
@@ -375,15 +370,7 @@ class Pop3Service:
     @property
     def bound_ports(self) -> list[int]:
         """The ports listened on: implicit TLS first, then STLS."""
-        ports: list[int] = []
-        for server in (self._implicit, self._stls):
-            if server is None:
-                continue
-            for sock in server.sockets:
-                port = int(sock.getsockname()[1])
-                if port not in ports:
-                    ports.append(port)
-        return ports
+        return bound_ports((self._implicit, self._stls))
 
     async def start(self, stack: AsyncExitStack) -> None:
         """Listen; on stack exit stop listening and close every open connection."""
@@ -404,18 +391,14 @@ class Pop3Service:
         callback = partial(self._serve, listener, implicit_tls)
         tls = self.tls_context if implicit_tls else None
         timeout = self.limits.idle_timeout_unauthenticated if implicit_tls else None
-        if sock is not None:
-            return await asyncio.start_server(
-                callback, sock=sock, ssl=tls, ssl_handshake_timeout=timeout, limit=_READ_LIMIT
-            )
-        return await asyncio.start_server(
+        return await listen(
             callback,
-            self.host,
-            port,
-            ssl=tls,
+            sock=sock,
+            host=self.host,
+            port=port,
+            tls=tls,
             ssl_handshake_timeout=timeout,
             limit=_READ_LIMIT,
-            reuse_address=True,
         )
 
     async def _stop(self) -> None:
