@@ -22,6 +22,7 @@ from pecd.imap.backend import Authenticator, PecdImapConfig, PecdLogin
 from pecd.imap.connection import ConnectionLimits, PecdConnection
 from pecd.imap.state import PecdCommands, PecdConnectionState
 from pecd.mailbox.maildir import MaildirStore
+from pecd.runtime.listen import bound_ports, listen
 
 __all__ = ["ImapService"]
 
@@ -109,13 +110,7 @@ class ImapService:
     @property
     def bound_ports(self) -> list[int]:
         """The ports actually listened on: implicit TLS first, then STARTTLS (if any)."""
-        ports: list[int] = []
-        for server in self._servers:
-            for sock in server.sockets:
-                port = int(sock.getsockname()[1])
-                if port not in ports:
-                    ports.append(port)
-        return ports
+        return bound_ports(self._servers)
 
     async def start(self, stack: AsyncExitStack) -> None:
         """Listen; on stack exit stop listening and close every open connection."""
@@ -123,37 +118,26 @@ class ImapService:
         await asyncio.to_thread(self.store.root.mkdir, parents=True, exist_ok=True)
         stack.push_async_callback(self._stop)
         if self._implicit is not None:
-            if self._sock is not None:
-                server = await asyncio.start_server(
+            self._servers.append(
+                await listen(
                     partial(self._serve, self._implicit),
                     sock=self._sock,
-                    ssl=self._tls,
+                    host=self.host,
+                    port=self.port,
+                    tls=self._tls,
                     limit=self._limits.max_line,
                 )
-            else:
-                server = await asyncio.start_server(
-                    partial(self._serve, self._implicit),
-                    self.host,
-                    self.port,
-                    ssl=self._tls,
-                    limit=self._limits.max_line,
-                )
-            self._servers.append(server)
+            )
         if self._starttls is not None:
-            if self._starttls_sock is not None:
-                server = await asyncio.start_server(
+            self._servers.append(
+                await listen(
                     partial(self._serve, self._starttls),
                     sock=self._starttls_sock,
+                    host=self.host,
+                    port=self.starttls_port,
                     limit=self._limits.max_line,
                 )
-            else:
-                server = await asyncio.start_server(
-                    partial(self._serve, self._starttls),
-                    self.host,
-                    self.starttls_port,
-                    limit=self._limits.max_line,
-                )
-            self._servers.append(server)
+            )
         _log.info("IMAP listening on %s ports %s", self.host, self.bound_ports)
 
     async def _stop(self) -> None:
