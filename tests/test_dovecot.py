@@ -38,6 +38,7 @@ from pecd.dovecot import MailUser, write_config
 from pecd.imap import ImapService
 from pecd.mailbox import uidlist
 from pecd.mailbox.maildir import MaildirStore
+from pecd.pop3.protocol import uidl_of
 
 DOMAIN = "pec.dovecot.test"
 TIMEOUT = 10
@@ -305,12 +306,14 @@ def test_signed_receipt_served_byte_exact_over_imaps_and_pop3s(
     body = b"\r\n".join(lines) + b"\r\n"
     assert body == signed_receipt
     assert listing[0] == f"1 {len(signed_receipt)}".encode()
-    # Dovecot's %08Xu%08Xv: UID then UIDVALIDITY, 8 hex digits each, in lowercase.
+    # Dovecot's %08Xu%08Xv: UID then UIDVALIDITY, 8 hex digits each, in lowercase; pecd's
+    # own POP3 gives the same UIDL for the same message, so clients can move between them.
     folder = env.store.folder_path(address)
     listing_now = uidlist.read(folder)
     assert listing_now is not None
     entry = listing_now.entries[0]
     assert uidl.split()[-1].decode() == f"{entry.uid:08x}{listing_now.uid_validity:08x}"
+    assert uidl.split()[-1].decode() == uidl_of(entry.uid, listing_now.uid_validity)
 
 
 def test_pop3_wrong_password_fails(env: Env) -> None:

@@ -377,6 +377,7 @@ def test_fuzzed_imap_and_pop3_lines_never_kill_or_stall_the_mailbox_process(srv:
         _fuzz_session(port, srv.cfg, seeds, rng, tls)
         sessions += 1
     print(f"{sessions} fuzzed sessions")
+    assert sessions >= 20  # the fuzz really ran (a server that hangs would time every one out)
     assert sup.restarts == 0 and sup.pid == pid
     _imap_login(srv)
     import poplib
