@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shutil
 import ssl
@@ -22,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import aioimaplib
@@ -237,6 +238,40 @@ service imap {{
     return conf
 
 
+@contextlib.contextmanager
+def dovecot_running(cfg: Config, tmp: Path, passwd: Path) -> Iterator[tuple[int, int]]:
+    """Dovecot over pecd's Maildir tree on a free port; yields (port, master pid). Dovecot will
+    not serve mail as root: the tree is lent to "nobody" (pecd, as root here, reads it all the
+    same)."""
+    port = free_port()
+    conf = dovecot_conf(cfg, tmp, port, passwd)
+    subprocess.run(["chown", "-R", "nobody:nogroup", str(cfg.maildir_root)], check=True)
+    tmp.chmod(0o755)
+    dove = subprocess.Popen(["dovecot", "-F", "-c", str(conf)])
+    try:
+        wait_port(port, dove)
+        yield port, dove.pid
+    finally:
+        dove.terminate()
+        dove.wait(30)
+
+
+@contextlib.contextmanager
+def pecd_running(inst: Path, tmp: Path, imaps_port: int) -> Iterator[int]:
+    """``pecd serve`` of the installation in ``inst``; yields its pid once IMAPS answers."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pecd", "serve", "-c", str(inst / "pecd.toml")],
+        stdout=(tmp / "pecd.log").open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_port(imaps_port, proc)
+        yield proc.pid
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--clients", type=int, default=50)
@@ -273,43 +308,23 @@ async def main() -> None:
         passwd = tmp / "passwd"
         # The same argon2id hashes pecd checks: both servers pay the same for a login.
         passwd.write_text("".join(f"{u}:{{ARGON2ID}}{hashes[u]}\n" for u in users))
-        dport = free_port()
-        conf = dovecot_conf(cfg, tmp, dport, passwd)
-        # Dovecot will not serve mail as root: the tree is lent to "nobody" for its turn (pecd,
-        # running as root here, reads it all the same).
-        subprocess.run(["chown", "-R", "nobody:nogroup", str(cfg.maildir_root)], check=True)
-        tmp.chmod(0o755)
-        dove = subprocess.Popen(["dovecot", "-F", "-c", str(conf)])
-        try:
-            wait_port(dport, dove)
+        with dovecot_running(cfg, tmp, passwd) as (dport, dpid):
             await asyncio.sleep(0.5)
             results["dovecot"] = await run(
-                dport, ctx, users, store, args, dove.pid, lend_to=("nobody", "nogroup")
+                dport, ctx, users, store, args, dpid, lend_to=("nobody", "nogroup")
             )
-        finally:
-            dove.terminate()
-            dove.wait(30)
 
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pecd", "serve", "-c", str(inst / "pecd.toml")],
-        stdout=(tmp / "pecd.log").open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_port(ports["imaps"], proc)
+    with pecd_running(inst, tmp, ports["imaps"]) as pid:
         await asyncio.sleep(0.5)
         children = [
             int(c)
-            for t in Path(f"/proc/{proc.pid}/task").glob("*/children")
+            for t in Path(f"/proc/{pid}/task").glob("*/children")
             for c in t.read_text().split()
         ]
         mailbox = [
             c for c in children if b"mailbox_process" in Path(f"/proc/{c}/cmdline").read_bytes()
         ]
         results["pecd"] = await run(ports["imaps"], ctx, users, store, args, mailbox[0])
-    finally:
-        proc.terminate()
-        proc.wait(60)
 
     print(
         f"IMAP bench: {args.clients} clients, {args.messages} messages x {args.size_kb} KB each, "

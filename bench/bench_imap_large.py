@@ -16,7 +16,6 @@ import asyncio
 import imaplib
 import shutil
 import ssl
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,8 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from bench_imap import DOMAIN, PASSWORD, dovecot_conf, message
-from bench_local import free_port, wait_port
+from bench_imap import DOMAIN, PASSWORD, dovecot_running, message, pecd_running
+from bench_local import free_port
 
 from pecd.clock import SystemClock
 from pecd.config import load_config
@@ -85,29 +84,11 @@ async def main() -> None:
     if not args.no_dovecot and shutil.which("dovecot"):
         passwd = tmp / "passwd"
         passwd.write_text(f"{user}:{{ARGON2ID}}{mailbox.password_hash}\n")
-        dport = free_port()
-        conf = dovecot_conf(cfg, tmp, dport, passwd)
-        subprocess.run(["chown", "-R", "nobody:nogroup", str(cfg.maildir_root)], check=True)
-        tmp.chmod(0o755)
-        dove = subprocess.Popen(["dovecot", "-F", "-c", str(conf)])
-        try:
-            wait_port(dport, dove)
+        with dovecot_running(cfg, tmp, passwd) as (dport, _):
             results["dovecot"] = measure(dport, ctx, user, store, lend_to=True)
-        finally:
-            dove.terminate()
-            dove.wait(30)
 
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pecd", "serve", "-c", str(inst / "pecd.toml")],
-        stdout=(tmp / "pecd.log").open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_port(ports["imaps"], proc)
+    with pecd_running(inst, tmp, ports["imaps"]):
         results["pecd"] = measure(ports["imaps"], ctx, user, store, lend_to=False)
-    finally:
-        proc.terminate()
-        proc.wait(60)
 
     print(f"IMAP on one folder of {args.messages} messages (seconds per command)")
     names = list(next(iter(results.values())))
