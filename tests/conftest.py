@@ -15,7 +15,9 @@ from pecd.pec.smime import KeySigner
 PKI_DOMAIN = "pec.example.test"
 PKI_NAME = "Example PEC S.p.A."
 PKI_NOW = datetime(2026, 1, 15, 10, 0, tzinfo=UTC)
-CORPUS_DIR = Path(__file__).resolve().parents[2] / "shared/corpus/pec-real"
+# Real messages from real providers, kept in the repository (MANIFEST.tsv names each public
+# source), so that a fresh clone needs nothing beside it.
+CORPUS_DIR = Path(__file__).resolve().parent / "data" / "pec-real"
 
 
 @pytest.fixture(scope="session")

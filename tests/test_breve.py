@@ -8,17 +8,16 @@ import re
 from email import policy
 from email.message import Message
 from email.utils import collapse_rfc2231_value
-from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import CORPUS_DIR as CORPUS
 from pecd.pec.breve import HashedPart, to_breve
 from pecd.pec.vocab import HASH_SUFFIX
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared/corpus/pec-real"
 ATTACH = "postacert-inner__aruba__toniorusso-postacert.eml"
 NOATTACH = "postacert-inner__aruba__toniorusso-postacertnoattach.eml"
 XDCR = "posta-certificata__aruba__fabioportieri-xdcr-2022-02-00583.eml"

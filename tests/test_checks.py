@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import CORPUS_DIR as CORPUS
 from pecd.pec.checks import (
     CODES,
     Submission,
@@ -18,8 +17,6 @@ from pecd.pec.checks import (
     parse_address_list,
 )
 from pecd.pec.vocab import MIN_RECIPIENTS_GUARANTEED, MIN_RECIPIENTS_TIMES_SIZE
-
-CORPUS = Path(__file__).resolve().parents[2] / "shared/corpus/pec-real"
 
 SENDER = "mario.rossi@pec.example.it"
 TO = "anna@pec.example.it"

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import CORPUS_DIR as CORPUS
 from pecd.pec.classify import NotMailError, classify
 from pecd.pec.vocab import Kind, Ricevuta
-
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "pec-real"
 
 
 def _manifest() -> list[dict[str, str]]:
