@@ -261,13 +261,10 @@ class Database:
 
 
 def migrations_dir() -> Path:
-    """The repository's ``migrations`` folder (pecd runs from a source checkout / editable install)."""
-    path = Path(pecd.__file__).resolve().parents[2] / "migrations"
+    """pecd's Alembic migrations, shipped inside the package (so a wheel install migrates too)."""
+    path = Path(pecd.__file__).resolve().parent / "migrations"
     if not (path / "env.py").is_file():
-        raise RuntimeError(
-            f"Alembic migrations not found at {path} (expected env.py there): "
-            "pecd must run from its source tree or an editable install"
-        )
+        raise RuntimeError(f"Alembic migrations not found at {path} (expected env.py there)")
     return path
 
 
