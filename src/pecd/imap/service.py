@@ -22,7 +22,7 @@ from pecd.imap.backend import Authenticator, PecdImapConfig, PecdLogin
 from pecd.imap.connection import ConnectionLimits, PecdConnection
 from pecd.imap.state import PecdCommands, PecdConnectionState
 from pecd.mailbox.maildir import MaildirStore
-from pecd.runtime.listen import bound_ports, listen
+from pecd.runtime.listen import bound_ports, listen, stop_serving
 
 __all__ = ["ImapService"]
 
@@ -141,14 +141,7 @@ class ImapService:
         _log.info("IMAP listening on %s ports %s", self.host, self.bound_ports)
 
     async def _stop(self) -> None:
-        for server in self._servers:
-            server.close()
-        for task in list(self._connections):
-            task.cancel()
-        if self._connections:
-            await asyncio.wait(self._connections, timeout=5)
-        for server in self._servers:
-            await server.wait_closed()
+        await stop_serving(self._servers, list(self._connections))
         self._servers.clear()
 
     async def _serve(

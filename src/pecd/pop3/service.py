@@ -55,7 +55,7 @@ from pecd.pop3.protocol import (
     uidl_of,
 )
 from pecd.pop3.wire import WireReader
-from pecd.runtime.listen import bound_ports, listen
+from pecd.runtime.listen import bound_ports, listen, stop_serving
 
 __all__ = ["Pop3Service"]
 
@@ -402,17 +402,7 @@ class Pop3Service:
         )
 
     async def _stop(self) -> None:
-        servers = [s for s in (self._implicit, self._stls) if s is not None]
-        for server in servers:
-            server.close()
-        for task in list(self._connections):
-            task.cancel()
-        if self._connections:
-            await asyncio.wait(list(self._connections), timeout=_STOP_WAIT)
-        for server in servers:
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(_STOP_WAIT):
-                    await server.wait_closed()
+        await stop_serving((self._implicit, self._stls), list(self._connections), wait=_STOP_WAIT)
         self._implicit = self._stls = None
 
     def maildrop(self, address: str) -> tuple[Path, list[Message]]:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Iterable
 
-__all__ = ["bound_ports", "listen"]
+__all__ = ["bound_ports", "listen", "stop_serving"]
 
 ClientConnected = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -50,3 +51,31 @@ def bound_ports(servers: Iterable[asyncio.Server | None]) -> list[int]:
             if port not in ports:
                 ports.append(port)
     return ports
+
+
+async def stop_serving(
+    servers: Iterable[asyncio.Server | None],
+    connections: Iterable[asyncio.Task[None]],
+    *,
+    wait: float = 5.0,
+) -> None:
+    """Stop listening, cancel every connection task and wait for them (at most ``wait``
+    seconds), then close what is left. Since Python 3.12 ``Server.wait_closed`` also waits for
+    every connection's transport; a TLS peer that never answers close_notify would hold it for
+    the SSL shutdown timeout, so what is still open after the wait is aborted (3.13's
+    ``abort_clients``) and the wait for the server itself is bounded too."""
+    live = [s for s in servers if s is not None]
+    for server in live:
+        server.close()
+    tasks = [t for t in connections if not t.done()]
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks, timeout=wait)
+    for server in live:
+        abort = getattr(server, "abort_clients", None)
+        if abort is not None:
+            abort()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait):
+                await server.wait_closed()
