@@ -91,7 +91,9 @@ class RejectedCommand(Command):
 
     @classmethod
     def parse(cls, buf: memoryview, params: Params) -> tuple[Command, memoryview]:
-        raise NotImplementedError
+        # Made by the connection while reading, never parsed from the wire: no command name
+        # maps to it in the parser's table.
+        raise TypeError("RejectedCommand is never parsed")
 
 
 class _Rejected(Exception):
