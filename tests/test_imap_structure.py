@@ -779,3 +779,26 @@ def test_pecd_answers_like_dovecot(
         f"{len(messages)} messages, {parts} parts: {identical} items identical to Dovecot's,"
         f" {known} differ only by the close-delimiter CRLF, {skipped} inside base64 rfc822"
     )
+
+
+def test_a_message_of_a_million_boundaries_is_described_in_bounded_parts() -> None:
+    """A hostile message of boundary lines only: at most MAX_PARTS parts are split out (the rest
+    is the last part's body), so describing it costs bounded time and memory on the event loop."""
+    import time
+
+    from pecd.imap.structure import MAX_PARTS
+    from pecd.imap.structure import parse as parse_structure
+
+    raw = b"Content-Type: multipart/mixed; boundary=b\r\n\r\n" + b"--b\r\n" * 1_000_000
+    start = time.monotonic()
+    tree = parse_structure(raw)
+    elapsed = time.monotonic() - start
+
+    def count(part: object) -> int:
+        children = getattr(part, "children", None) or []
+        message = getattr(part, "message", None)
+        return 1 + sum(count(c) for c in children) + (count(message) if message else 0)
+
+    print(f"parsed in {elapsed:.3f} s")
+    assert count(tree) <= MAX_PARTS
+    assert tree.children[-1].end == len(raw)  # nothing is lost: the rest is the last part's

@@ -60,6 +60,11 @@ __all__ = [
 ]
 
 MAX_DEPTH = 100
+#: Parts of one message that are split out at most; past that the rest of a multipart is the
+#: body of its last part. A message of a million boundary lines would otherwise cost seconds
+#: of CPU and hundreds of MB to describe, on the mailbox process's event loop.
+MAX_PARTS = 1000
+MAX_HEADER_LINES = 10_000
 _ADDRESS_FIELDS = ("from", "sender", "reply-to", "to", "cc", "bcc")
 _BLANK_LINE = re.compile(rb"\n\r?\n")
 
@@ -135,7 +140,9 @@ def _fields(block: bytes) -> list[tuple[str, bytes]]:
     out: list[tuple[str, bytes]] = []
     name: str | None = None
     value: list[bytes] = []
-    for line in block.split(b"\n"):
+    # Only the first MAX_HEADER_LINES lines are read for fields (the header's bytes are still
+    # served whole): a "header" of a million lines must not cost a million fields.
+    for line in block.split(b"\n", MAX_HEADER_LINES)[:MAX_HEADER_LINES]:
         if line[:1] in (b" ", b"\t"):
             if name is not None:
                 value.append(b"\n" + line)
@@ -161,14 +168,27 @@ def parse(data: bytes, *, dovecot_crlf: bool = False) -> Part:
     message/rfc822 part up to the next delimiter line. pecd does not: that CRLF is the next
     delimiter's, so ``BODY[1.MIME]`` + ``BODY[1]`` of a multipart/signed is exactly the signed
     content, whose signature a client can check."""
-    return _parse_part(data, 0, len(data), len(data), 0, digest=False, compat=dovecot_crlf)
+    budget = [MAX_PARTS]
+    return _parse_part(
+        data, 0, len(data), len(data), 0, digest=False, compat=dovecot_crlf, budget=budget
+    )
 
 
 def _parse_part(
-    data: bytes, start: int, end: int, limit: int, depth: int, *, digest: bool, compat: bool
+    data: bytes,
+    start: int,
+    end: int,
+    limit: int,
+    depth: int,
+    *,
+    digest: bool,
+    compat: bool,
+    budget: list[int],
 ) -> Part:
     """The entity in ``[start, end)``. With ``compat`` it may grow up to ``limit`` (the next
-    delimiter line of the enclosing multipart), as Dovecot counts (see :func:`parse`)."""
+    delimiter line of the enclosing multipart), as Dovecot counts (see :func:`parse`).
+    ``budget[0]``: how many more parts may be made (see ``MAX_PARTS``)."""
+    budget[0] -= 1
     body_start = _header_end(data, start, end)
     fields = _fields(data[start:body_start])
     ctype = _last(fields, "content-type")
@@ -183,21 +203,23 @@ def _parse_part(
         part.params = [(b"charset", b"us-ascii")]
     elif maintype.lower() == b"text" and not any(k.lower() == b"charset" for k, _ in params):
         part.params = [*params, (b"charset", b"us-ascii")]
-    if depth >= MAX_DEPTH:
+    if depth >= MAX_DEPTH or budget[0] <= 0:
         return part
     kind = maintype.lower()
     if kind == b"multipart":
         boundary = next((v for k, v in params if k.lower() == b"boundary"), None)
         spans: list[tuple[int, int, int]] = []
         if boundary:
-            spans, close_end = _split_multipart(data, body_start, end, limit, boundary)
+            spans, close_end = _split_multipart(
+                data, body_start, end, limit, boundary, max_spans=budget[0]
+            )
             if close_end is not None and compat:
                 part.end = max(part.end, close_end)
         if not spans:
             spans = [(part.end, part.end, part.end)]
         is_digest = subtype.lower() == b"digest"
         part.children = [
-            _parse_part(data, s, e, lim, depth + 1, digest=is_digest, compat=compat)
+            _parse_part(data, s, e, lim, depth + 1, digest=is_digest, compat=compat, budget=budget)
             for s, e, lim in spans
         ]
         part.end = max(part.end, part.children[-1].end)
@@ -207,10 +229,12 @@ def _parse_part(
             if compat:
                 part.end = limit
             at = part.end
-            part.message = _parse_part(data, at, at, at, depth + 1, digest=False, compat=compat)
+            part.message = _parse_part(
+                data, at, at, at, depth + 1, digest=False, compat=compat, budget=budget
+            )
         else:
             part.message = _parse_part(
-                data, body_start, end, limit, depth + 1, digest=False, compat=compat
+                data, body_start, end, limit, depth + 1, digest=False, compat=compat, budget=budget
             )
             part.end = max(part.end, part.message.end)
     return part
@@ -225,10 +249,11 @@ def _last(fields: list[tuple[str, bytes]], name: str) -> bytes | None:
 
 
 def _split_multipart(
-    data: bytes, start: int, end: int, limit: int, boundary: bytes
+    data: bytes, start: int, end: int, limit: int, boundary: bytes, *, max_spans: int
 ) -> tuple[list[tuple[int, int, int]], int | None]:
     """(start, end, limit) of each body part between the delimiters of ``boundary``, and where
-    the close delimiter line ends (None when there is none)."""
+    the close delimiter line ends (None when there is none). After ``max_spans`` parts the
+    rest, delimiters included, is the last part's (as if the close delimiter were missing)."""
     dash = b"--" + boundary
     spans: list[tuple[int, int, int]] = []
     part_start: int | None = None
@@ -254,6 +279,9 @@ def _split_multipart(
             spans.append((part_start, max(part_start, stop), max(part_start, at)))
         if rest == b"--":
             return spans, line_end
+        if len(spans) + 1 >= max(1, max_spans):
+            spans.append((min(line_end, end), end, limit))
+            return spans, None
         part_start = min(line_end, end)
         pos = part_start
     if part_start is not None:
