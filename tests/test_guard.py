@@ -263,3 +263,21 @@ def test_hash_slots_cancelled_waiter_gives_nothing_away() -> None:
         assert slots.free == 1
 
     asyncio.run(run())
+
+
+def test_logging_into_ones_own_account_does_not_reset_the_gate_for_guesses_at_another() -> None:
+    g, t = make()
+
+    async def attempt(account: str) -> float:
+        before = t.now
+        await g.before_login("192.0.2.7", account)
+        return t.now - before
+
+    for _ in range(6):  # guesses at the victim's password
+        g.failed("imap", "192.0.2.7", "victim@x.it")
+    g.succeeded("192.0.2.7", "mallory@x.it")  # the guesser's own account, from the same address
+    # The guesses at the victim are still held at the gate ...
+    assert not g.clean("192.0.2.7")
+    assert asyncio.run(attempt("victim@x.it")) > 0
+    # ... while the account that logged in from this address is not held by them.
+    assert asyncio.run(attempt("mallory@x.it")) == 0.0

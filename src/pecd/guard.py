@@ -35,7 +35,7 @@ import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 
 from pecd.config import SecurityConfig
@@ -71,6 +71,11 @@ class _Failures:
     count: int = 0
     last: float = 0.0  # time of the last failure
     gate: float = float("-inf")  # time the last attempt passed the gate (addresses only)
+    # Accounts the failures of an address were against (at most _MAX_NAMED; None: more).
+    accounts: set[str] | None = field(default_factory=set)
+
+
+_MAX_NAMED = 16
 
 
 class Admission:
@@ -222,8 +227,10 @@ class Guard:
             owed = arec.last + self.delay_for(arec.count) - start
             if owed > 0:
                 await self.sleep(min(owed, self.cfg.delay_max_seconds))
-        # The client address's gate: one attempt per delay.
-        while True:
+        # The client address's gate: one attempt per delay. An account that logged in from this
+        # address before is not held by failures against other accounts (a shared NAT, or a
+        # guesser who also holds an account of their own).
+        while not self._is_known(akey, ckey, start):
             now = self.clock()
             crec = self._live(self._by_client, ckey, now)
             if crec is None:
@@ -249,6 +256,10 @@ class Guard:
         now = self.clock()
         ckey, akey = client_key(peer), account_key(account)
         crec = self._bump(self._by_client, ckey, now)
+        if crec.accounts is not None:
+            crec.accounts.add(akey)
+            if len(crec.accounts) > _MAX_NAMED:
+                crec.accounts = None
         arec = self._bump(self._by_account, akey, now)
         self._log(
             now,
@@ -282,7 +293,12 @@ class Guard:
         """Record a successful login: forget the failures of this address and this account."""
         now = self.clock()
         ckey, akey = client_key(peer), account_key(account)
-        self._by_client.pop(ckey, None)
+        crec = self._by_client.get(ckey)
+        if crec is not None and crec.accounts is not None and crec.accounts <= {akey}:
+            # Every failure of the address was against this account: all is forgiven. Failures
+            # against other accounts stay (logging into one's own account between guesses at
+            # another's must not reset the gate); this account is exempt from them as known.
+            del self._by_client[ckey]
         self._by_account.pop(akey, None)
         self._known.pop((akey, ckey), None)
         self._known[(akey, ckey)] = now

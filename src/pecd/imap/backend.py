@@ -37,7 +37,6 @@ from pymap.backend.maildir import FilterSet, Session
 from pymap.backend.maildir.flags import MaildirFlags
 from pymap.backend.maildir.layout import MaildirLayout
 from pymap.backend.maildir.mailbox import MailboxData, Maildir, Message
-from pymap.backend.maildir.uidlist import UidList
 from pymap.concurrent import Subsystem
 from pymap.context import socket_info
 from pymap.exceptions import (
@@ -276,16 +275,8 @@ class ExactMailboxData(UidListMailboxData):
 
     async def sizes(self, uids: Iterable[int]) -> int:
         """The total size in bytes of the messages with these UIDs (missing ones count 0)."""
-        total = 0
-        async with UidList.with_read(self._dir) as uidl:
-            records = uidl.get_all(uids)
-        for record in records.values():
-            try:
-                path = self._exact._join(self._exact._lookup(record.key))
-                total += await asyncio.to_thread(os.path.getsize, path)
-            except (KeyError, FileNotFoundError):
-                continue
-        return total
+        by_uid = (await self._sync()).by_uid()
+        return sum(by_uid[uid].size for uid in uids if uid in by_uid)
 
     @staticmethod
     def _meta(flags: str, *, recent: bool, when: float) -> MaildirMessage:

@@ -54,6 +54,8 @@ from pymap.parsing.response import (
 )
 from pysasl.exception import AuthenticationError
 
+from pecd.runtime.listen import buffered_bytes
+
 __all__ = ["ConnectionLimits", "PecdConnection", "RejectedCommand"]
 
 _log = logging.getLogger(__name__)
@@ -264,8 +266,7 @@ class PecdConnection(IMAPConnection):
         """Stop reading plaintext; True when the client already sent more after STARTTLS."""
         transport = self.writer.transport
         transport.pause_reading()  # type: ignore[attr-defined]
-        buffered = getattr(self.reader, "_buffer", b"")
-        return len(buffered) > 0
+        return buffered_bytes(self.reader) > 0
 
     async def start_tls(self) -> None:
         await self.writer.start_tls(self.config.ssl_context)

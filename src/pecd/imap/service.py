@@ -125,6 +125,9 @@ class ImapService:
                     host=self.host,
                     port=self.port,
                     tls=self._tls,
+                    # A handshake that never completes holds a socket: no longer than an idle
+                    # client before login may.
+                    ssl_handshake_timeout=self._limits.idle_unauthenticated,
                     limit=self._limits.max_line,
                 )
             )

@@ -34,14 +34,25 @@ from typing import Any
 
 from pymap.backend.maildir.mailbox import MailboxData, MailboxSet, Maildir, Message
 from pymap.backend.maildir.uidlist import Record
-from pymap.exceptions import MailboxHasChildren
+from pymap.exceptions import MailboxHasChildren, ResponseError
+from pymap.parsing.response import ResponseCode, ResponseNo
 from pymap.parsing.specials import ObjectId
 from pymap.selected import SelectedMailbox
 
 from pecd.mailbox import uidlist
 from pecd.mailbox.uidlist import Listing
 
-__all__ = ["UidListMailboxData", "UidListMailboxSet", "mailbox_id_of"]
+__all__ = ["ExpungedMeanwhile", "UidListMailboxData", "UidListMailboxSet", "mailbox_id_of"]
+
+
+class ExpungedMeanwhile(ResponseError):
+    """A message just stored (APPEND, COPY, MOVE) was expunged by another session before its
+    UID was listed: ``NO [EXPUNGEISSUED]`` (RFC 5530)."""
+
+    def get_response(self, tag: bytes) -> ResponseNo:
+        return ResponseNo(
+            tag, b"The message was expunged by another session.", ResponseCode.of(b"EXPUNGEISSUED")
+        )
 
 
 def _info_of(path: Path) -> str:
@@ -141,8 +152,10 @@ class UidListMailboxData(MailboxData):
         """The UID of a file just stored under base name ``key`` (APPEND, COPY, MOVE)."""
         listing = await self._sync({key: fields})
         entry = listing.by_name().get(key)
-        if entry is None:  # expunged by another session already: its UID is still spent
-            return Record(listing.next_uid - 1, dict(fields), key + (":" + info if info else ""))
+        if entry is None:
+            # Expunged by another session before it got its UID listed: there is no UID to
+            # answer with (guessing one could name another message).
+            raise ExpungedMeanwhile()
         return _record(entry)
 
     async def _get_maildir_msg(self, uid: int) -> tuple[Record, Any]:

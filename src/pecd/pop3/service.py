@@ -55,7 +55,7 @@ from pecd.pop3.protocol import (
     uidl_of,
 )
 from pecd.pop3.wire import WireReader
-from pecd.runtime.listen import bound_ports, listen, stop_serving
+from pecd.runtime.listen import bound_ports, buffered_bytes, listen, stop_serving
 
 __all__ = ["Pop3Service"]
 
@@ -80,15 +80,6 @@ def _peer_of(writer: asyncio.StreamWriter) -> str:
     if isinstance(peer, tuple) and peer:
         return str(peer[0])
     return str(peer or "unknown")
-
-
-def _buffered(reader: asyncio.StreamReader) -> int:
-    """Bytes received and not read yet. The StreamReader has no public call for it; if its
-    internals ever change this raises, and STLS fails closed."""
-    buffer = vars(reader).get("_buffer")
-    if not isinstance(buffer, bytes | bytearray):
-        raise RuntimeError("cannot inspect the stream buffer before STLS")
-    return len(buffer)
 
 
 def _locate(folder: Path, name: str) -> Path | None:
@@ -248,7 +239,7 @@ class _Connection:
         await self._drain()
         # No await between this check and start_tls pausing the transport: whatever the client
         # sent after STLS in plaintext is in the buffer now, or will reach the TLS layer.
-        if _buffered(self.reader):
+        if buffered_bytes(self.reader):
             raise _SessionEnd(
                 "data pipelined after STLS (possible command injection)", logging.WARNING
             )

@@ -8,7 +8,7 @@ import socket
 import ssl
 from collections.abc import Awaitable, Callable, Iterable
 
-__all__ = ["bound_ports", "listen", "stop_serving"]
+__all__ = ["bound_ports", "buffered_bytes", "listen", "stop_serving"]
 
 ClientConnected = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -79,3 +79,13 @@ async def stop_serving(
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(wait):
                 await server.wait_closed()
+
+
+def buffered_bytes(reader: asyncio.StreamReader) -> int:
+    """Bytes received and not read yet (a client that pipelined commands after STARTTLS/STLS:
+    CVE-2011-0411). The StreamReader has no public call for it; if its internals ever change
+    this raises, so the check fails closed, never open."""
+    buffer = vars(reader).get("_buffer")
+    if not isinstance(buffer, bytes | bytearray):
+        raise RuntimeError("cannot inspect the stream buffer before starting TLS")
+    return len(buffer)

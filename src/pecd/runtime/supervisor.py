@@ -155,6 +155,9 @@ class MailboxSupervisor:
                 pass_fds=[child_end.fileno(), *fds.values()],
                 stdin=asyncio.subprocess.DEVNULL,
             )
+        except BaseException:
+            parent_end.close()  # or every failed start would leak a descriptor
+            raise
         finally:
             child_end.close()
         self._proc = proc
