@@ -45,6 +45,9 @@ async def _install(directory: Path) -> Config:
     text += (
         "\n[queue]\nbase_delay_seconds = 0.2\n"
         "\n[mailbox]\nheartbeat_seconds = 0.2\nheartbeat_timeout_seconds = 5\n"
+        # These tests are about isolation: the fuzz's failed logins must not make the checks
+        # after it wait out login delays (throttling has tests of its own).
+        "\n[security]\ndelay_after_failures = 1000000\n"
     )
     (directory / "pecd.toml").write_text(text, "utf-8")
     cfg = load_config(directory / "pecd.toml")
