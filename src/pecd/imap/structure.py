@@ -35,6 +35,7 @@ pymap ``LoadedMessage`` that answers FETCH from it.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
@@ -947,7 +948,9 @@ async def _load_exact_content(self: Message, requirement: FetchRequirement) -> L
     if key is None or maildir is None or requirement.has_none(FetchRequirement.CONTENT):
         return ExactLoadedMessage(self, requirement, None)
     try:
-        raw = bytes(maildir.get_message(key))
+        # In a worker thread: a message may be up to the largest size accepted (100 MB), and
+        # reading it must not hold the event loop every other session shares.
+        raw = await asyncio.to_thread(lambda: bytes(maildir.get_message(key)))
     except (KeyError, FileNotFoundError):
         return ExactLoadedMessage(self, requirement, None)
     return ExactLoadedMessage(self, requirement, raw)
