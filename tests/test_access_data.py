@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from pecd.points.smtp import IntakeSMTP
+from pecd.runtime.smtp import IntakeSMTP
 
 PREFIX = b"Received: by test\r\n"
 LIMIT = 200

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from helpers import DOMAIN, install
-from pecd.points.formats import DELIVERED, FormatWorkers, WorkerDied, provider_identity
+from pecd.runtime.formats import DELIVERED, FormatWorkers, WorkerDied, provider_identity
 
 ALICE = f"alice@{DOMAIN}"
 MESSAGE = b"Subject: x\r\n\r\nx\r\n"

@@ -22,7 +22,7 @@ from pecd.clock import SystemClock
 from pecd.config import Config, load_config
 from pecd.devinit import config_text, init_installation
 from pecd.guard import Guard
-from pecd.points.smtp import Reply
+from pecd.runtime.smtp import Reply
 from pecd.store.accounts import Accounts
 from pecd.store.db import Database, migrate_async
 

@@ -128,7 +128,7 @@ class SlowSink(Sink):
 def test_a_busy_destination_makes_relays_wait_not_bounce(tmp_path: Path) -> None:
     """With one connection allowed per destination, sends beyond it wait for the connection
     to free instead of failing at once into the retry backoff."""
-    from pecd.points import relay
+    from pecd.runtime import relay
 
     handler = SlowSink()
     port = free_port()

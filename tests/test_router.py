@@ -11,8 +11,8 @@ from typing import Any
 import dns.resolver
 import pytest
 
-from pecd.points import relay
-from pecd.points.relay import Destination, PermanentFailure, Router, TemporaryFailure
+from pecd.runtime import relay
+from pecd.runtime.relay import Destination, PermanentFailure, Router, TemporaryFailure
 
 
 @dataclass

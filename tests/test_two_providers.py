@@ -29,7 +29,7 @@ from pecd.pec.pki import create_dev_pki
 from pecd.pec.smime import KeySigner
 from pecd.pec.timefmt import pec_time
 from pecd.pec.vocab import Kind, Ricevuta, TipoRicevuta
-from pecd.points.formats import provider_identity
+from pecd.runtime.formats import provider_identity
 from pecd.store.accounts import Accounts
 from pecd.store.db import Database
 from test_e2e_local import PASSWORD, Server, fetched_literal, message, openssl_ok, wait_for

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from helpers import install
 from pecd.clock import SystemClock
-from pecd.points.workers import WorkerPool
+from pecd.runtime.workers import WorkerPool
 from pecd.store import jobs
 from pecd.store.db import Database
 

@@ -17,17 +17,17 @@ from pecd.index import IndexService
 from pecd.mailbox.maildir import MaildirStore
 from pecd.memory import return_freed_messages_to_the_system
 from pecd.pec.checks import SubmissionLimits
-from pecd.points.access import AccessPoint
-from pecd.points.formats import FormatWorkers, provider_identity
-from pecd.points.intake import Intake
-from pecd.points.pipeline import RELAY, STAGES, Services
-from pecd.points.reception import RECEPTION, ReceptionPoint, stage_reception
-from pecd.points.relay import RelayClient, stage_relay
-from pecd.points.sealer import Sealer
-from pecd.points.timers import Timers
-from pecd.points.workers import WorkerPool
+from pecd.runtime.access import AccessPoint
+from pecd.runtime.formats import FormatWorkers, provider_identity
+from pecd.runtime.intake import Intake
+from pecd.runtime.pipeline import RELAY, STAGES, Services
+from pecd.runtime.reception import RECEPTION, ReceptionPoint, stage_reception
+from pecd.runtime.relay import RelayClient, stage_relay
+from pecd.runtime.sealer import Sealer
 from pecd.runtime.supervisor import MailboxSupervisor
+from pecd.runtime.timers import Timers
 from pecd.runtime.tls import server_tls_context
+from pecd.runtime.workers import WorkerPool
 from pecd.store.accounts import Accounts
 from pecd.store.db import Database, migrate_async
 

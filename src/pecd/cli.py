@@ -479,7 +479,7 @@ def cmd_receipt(args: argparse.Namespace) -> int:
     from pecd.pec import builders
     from pecd.pec.daticert import DaticertError, from_json
     from pecd.pec.timefmt import pec_time
-    from pecd.points.formats import provider_identity
+    from pecd.runtime.formats import provider_identity
     from pecd.store.db import Database
     from pecd.store.trace import Query, search
 
@@ -544,7 +544,7 @@ def cmd_log(args: argparse.Namespace) -> int:
 
     from rich.progress import Progress
 
-    from pecd.points.formats import load_signer
+    from pecd.runtime.formats import load_signer
     from pecd.store import seals
     from pecd.store.db import Database
 

@@ -22,9 +22,9 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 
 from pecd.config import Endpoint
 from pecd.guard import Guard
-from pecd.points.intake import Intake
-from pecd.points.pipeline import SUBMISSION, Services
-from pecd.points.smtp import (
+from pecd.runtime.intake import Intake
+from pecd.runtime.pipeline import SUBMISSION, Services
+from pecd.runtime.smtp import (
     IntakeEnvelope,
     IntakeSMTP,
     Reply,

@@ -20,7 +20,7 @@ from aiosmtpd.smtp import Envelope
 from aiosmtpd.smtp import Session as SMTPSession
 from sqlalchemy.orm import Session
 
-from pecd.points.smtp import IntakeEnvelope, Reply, peer_of
+from pecd.runtime.smtp import IntakeEnvelope, Reply, peer_of
 from pecd.store import jobs
 from pecd.store.db import Database
 

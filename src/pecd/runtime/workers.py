@@ -14,7 +14,7 @@ from datetime import timedelta
 
 from sqlalchemy.orm import Session
 
-from pecd.points.pipeline import Outbox, Services, Stage, Writer, flush
+from pecd.runtime.pipeline import Outbox, Services, Stage, Writer, flush
 from pecd.store import jobs
 from pecd.store.models import Job
 

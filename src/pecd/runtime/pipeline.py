@@ -27,7 +27,7 @@ from pecd.pec.daticert import Daticert
 from pecd.pec.daticert import to_json as daticert_json
 from pecd.pec.timefmt import pec_time
 from pecd.pec.vocab import Errore, Ricevuta, Trasporto
-from pecd.points.formats import DELIVERED, FULL, Answers, Delivery, FormatWorkers
+from pecd.runtime.formats import DELIVERED, FULL, Answers, Delivery, FormatWorkers
 from pecd.store import expectations, jobs
 from pecd.store.accounts import Accounts
 from pecd.store.db import Database
@@ -36,7 +36,7 @@ from pecd.store.trace import TraceEventData, record_sync
 
 if TYPE_CHECKING:
     from pecd.index import IndexService
-    from pecd.points.relay import RelayClient
+    from pecd.runtime.relay import RelayClient
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from pecd.config import Config
 from pecd.pec.builders import BuiltMessage, Transmission
 from pecd.pec.timefmt import pec_time
 from pecd.pec.vocab import DestinatarioTipo, Errore, Ricevuta
-from pecd.points.pipeline import (
+from pecd.runtime.pipeline import (
     RELAY,
     Outbox,
     Services,

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from pecd.pec.builders import BuiltMessage, Transmission
 from pecd.pec.timefmt import pec_time
 from pecd.pec.vocab import Ricevuta
-from pecd.points.pipeline import Outbox, Services, _event, emit, flush
+from pecd.runtime.pipeline import Outbox, Services, _event, emit, flush
 from pecd.store import expectations
 from pecd.store.models import Expectation
 from pecd.tasks import Background

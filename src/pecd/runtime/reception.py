@@ -36,8 +36,8 @@ from pecd.pec.classify import Classification
 from pecd.pec.mime import get_first
 from pecd.pec.timefmt import pec_time
 from pecd.pec.vocab import DaticertTipo, Errore, Kind, Ricevuta, Trasporto
-from pecd.points.intake import Intake
-from pecd.points.pipeline import (
+from pecd.runtime.intake import Intake
+from pecd.runtime.pipeline import (
     DELIVERY,
     Outbox,
     Services,
@@ -47,7 +47,7 @@ from pecd.points.pipeline import (
     domain_of,
     emit,
 )
-from pecd.points.smtp import (
+from pecd.runtime.smtp import (
     IntakeEnvelope,
     IntakeSMTP,
     Reply,

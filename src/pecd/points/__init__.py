@@ -1,1 +1,0 @@
-"""The three PEC points (access, reception, delivery), the pipeline that joins them, and the relay."""
