@@ -1,23 +1,17 @@
-"""Shared fixtures: a development PKI, a signer over it, and the real-message corpus."""
+"""Shared fixtures: a development PKI, a signer over it, the real-message corpus, a database for
+end-to-end tests. Their constants and helpers live in the support module, helpers.py."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
+from helpers import CORPUS_DIR, PKI_DOMAIN, PKI_NAME, PKI_NOW, read_manifest
 from pecd.pec.pki import DevPki, create_dev_pki
 from pecd.pec.smime import KeySigner
-
-PKI_DOMAIN = "pec.example.test"
-PKI_NAME = "Example PEC S.p.A."
-PKI_NOW = datetime(2026, 1, 15, 10, 0, tzinfo=UTC)
-# Real messages from real providers, kept in the repository (MANIFEST.tsv names each public
-# source), so that a fresh clone needs nothing beside it.
-CORPUS_DIR = Path(__file__).resolve().parent / "data" / "pec-real"
 
 
 @pytest.fixture(scope="session")
@@ -35,13 +29,6 @@ def corpus_dir() -> Path:
     # The corpus is part of the test data: a missing corpus is a failure, never a skip.
     assert (CORPUS_DIR / "MANIFEST.tsv").is_file(), f"corpus not found at {CORPUS_DIR}"
     return CORPUS_DIR
-
-
-def read_manifest(corpus: Path) -> list[dict[str, str]]:
-    """MANIFEST.tsv as one dict per row, keyed by the header line's column names."""
-    lines = (corpus / "MANIFEST.tsv").read_text("utf-8").splitlines()
-    header = lines[0].split("\t")
-    return [dict(zip(header, line.split("\t"), strict=True)) for line in lines[1:] if line]
 
 
 @pytest.fixture(scope="session")

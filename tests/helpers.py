@@ -1,37 +1,109 @@
-"""What several test modules share: pecd as a separate process (`python -m pecd serve -c FILE`),
-pecd's App or one of its services in a background event loop, every PEC message kind, and the
-configuration of stock clients (mbsync)."""
+"""The one support module of the tests: every helper and shared fixture a test module uses from
+elsewhere lives here (test modules never import each other, nor conftest).
+
+What is here: the test PKI's constants and the real-message corpus; waiting on a condition with
+a deadline (``wait_for``, ``wait_for_async``); pecd as a separate process (``python -m pecd
+serve -c FILE``) and its memory; pecd's App or one of its services in a background event loop;
+installations and clients for end-to-end tests; a throwaway TLS PKI and an IMAP server over a
+Maildir; every PEC message kind; the configuration of stock clients (mbsync)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
+import imaplib
+import ipaddress
+import itertools
+import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Generic, Protocol, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, Self, TypeVar
 
-from pecd.app import App
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+
 from pecd.clock import Clock, SystemClock
-from pecd.config import Config, load_config
-from pecd.devinit import config_text, init_installation
-from pecd.pec import builders as b
-from pecd.pec.builders import ProviderIdentity, Transmission
-from pecd.pec.checks import Violation
-from pecd.pec.pki import DevPki
-from pecd.pec.smime import KeySigner
-from pecd.pec.timefmt import pec_time
-from pecd.pec.vocab import Errore, TipoRicevuta
-from pecd.store.accounts import Accounts
-from pecd.store.db import Database, migrate_async
+from pecd.mailbox.maildir import MaildirStore
+
+if TYPE_CHECKING:
+    from pecd.app import App
+    from pecd.config import Config
+    from pecd.imap import ImapService  # noqa: F401 (a quoted type argument below)
+    from pecd.pec.pki import DevPki
+
+# Most of pecd (the App, IMAP, the store, the builders) is imported where it is used: conftest
+# imports this module, and a run of the format tests need not load all of pecd.
 
 DOMAIN = "pec.example.test"
 PASSWORD = "correct horse battery"
+
+# --- the test PKI and the real-message corpus ------------------------------------------------
+
+PKI_DOMAIN = "pec.example.test"
+PKI_NAME = "Example PEC S.p.A."
+PKI_NOW = datetime(2026, 1, 15, 10, 0, tzinfo=UTC)
+# Real messages from real providers, kept in the repository (MANIFEST.tsv names each public
+# source), so that a fresh clone needs nothing beside it.
+CORPUS_DIR = Path(__file__).resolve().parent / "data" / "pec-real"
+
+
+def read_manifest(corpus: Path) -> list[dict[str, str]]:
+    """MANIFEST.tsv as one dict per row, keyed by the header line's column names."""
+    lines = (corpus / "MANIFEST.tsv").read_text("utf-8").splitlines()
+    header = lines[0].split("\t")
+    return [dict(zip(header, line.split("\t"), strict=True)) for line in lines[1:] if line]
+
+
+def openssl() -> str:
+    path = shutil.which("openssl")
+    assert path, "openssl is needed by these tests"
+    return path
+
+
+# --- waiting on a condition ----------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+def wait_for(
+    pred: Callable[[], T], timeout: float = 30.0, what: str = "condition", interval: float = 0.1
+) -> T:
+    """Poll ``pred`` every ``interval`` s until it returns something true, and return that; fail
+    the test if it has not within ``timeout`` s (a deadline, not a timing check)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not met within {timeout} s")
+        time.sleep(interval)
+
+
+async def wait_for_async(
+    pred: Callable[[], T], timeout: float = 10.0, what: str = "condition", interval: float = 0.005
+) -> T:
+    """:func:`wait_for` inside an event loop: other tasks run while it polls."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not met within {timeout} s")
+        await asyncio.sleep(interval)
 
 
 def free_port() -> int:
@@ -48,6 +120,11 @@ async def install(
 ) -> Config:
     """A fresh installation in ``directory`` with mailboxes alice, bob and carol (password
     PASSWORD) on free loopback ports; ``extra_config`` is appended to the config file."""
+    from pecd.config import load_config
+    from pecd.devinit import config_text, init_installation
+    from pecd.store.accounts import Accounts
+    from pecd.store.db import Database, migrate_async
+
     await init_installation(
         directory, domain=DOMAIN, name="Example PEC S.p.A.", clock=SystemClock(), demo=False
     )
@@ -79,16 +156,19 @@ def start(cfg: Config, log: Path) -> subprocess.Popen[bytes]:
         stdout=log.open("ab"),
         stderr=subprocess.STDOUT,
     )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+    port = cfg.listeners.smtps.port
+
+    def listening() -> bool:
         try:
-            socket.create_connection(("127.0.0.1", cfg.listeners.smtps.port), timeout=0.5).close()
-            return proc
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return True
         except OSError:
             if proc.poll() is not None:
                 raise AssertionError(f"pecd exited: {log.read_text()[-3000:]}") from None
-            time.sleep(0.1)
-    raise AssertionError("pecd did not start listening")
+            return False
+
+    wait_for(listening, 30, "pecd listening on SMTPS", interval=0.05)
+    return proc
 
 
 # --- memory of a running process (Linux /proc) ---------------------------------------------------
@@ -223,6 +303,8 @@ class AppThread:
         self.loop.run_until_complete(self._main())
 
     async def _main(self) -> None:
+        from pecd.app import App
+
         self._stop = asyncio.Event()
         try:
             async with App(self.cfg, clock=self.clock) as app:
@@ -261,9 +343,139 @@ class AppThread:
         return self.app.access.port(name)
 
 
-# --- every message pecd emits -------------------------------------------------------------------
+# --- end to end in one process: an installation, its clients -------------------------------------
 
-WHEN = pec_time(datetime(2026, 3, 2, 9, 15, 30, tzinfo=UTC))
+
+async def install_e2e(
+    directory: Path, postgres_url: str | None, extra: str = "", queue: str = ""
+) -> Config:
+    """An installation for an in-process App (:class:`AppThread`), ports chosen at bind time,
+    mailboxes alice, bob, carol and dan (disabled), password PASSWORD. ``queue`` adds lines to
+    its [queue] section, ``extra`` sections."""
+    from pecd.config import load_config
+    from pecd.devinit import config_text, init_installation
+    from pecd.store.accounts import Accounts
+    from pecd.store.db import Database, migrate_async
+
+    await init_installation(
+        directory, domain=DOMAIN, name="Example PEC S.p.A.", clock=SystemClock(), demo=False
+    )
+    text = config_text(
+        domain=DOMAIN, name="Example PEC S.p.A.", ports={"smtps": 0, "submission": 0, "imaps": 0}
+    )
+    if postgres_url:
+        text = text.replace(
+            'data_dir = "data"', f'data_dir = "data"\ndatabase_url = "{postgres_url}"'
+        )
+    text += f"\n[queue]\nbase_delay_seconds = 0.2\n{queue}\n"
+    text += '\n[limits]\nmax_recipients = 50\nmax_recipients_times_size = "30M"\n' + extra
+    (directory / "pecd.toml").write_text(text, "utf-8")
+    cfg = load_config(directory / "pecd.toml")
+    if postgres_url:
+        await migrate_async(cfg.database_url)
+    db = await Database.open(cfg.database_url)
+    acc = Accounts(db)
+    if postgres_url:
+        # init wrote the domain and the service mailbox into the SQLite file it created.
+        await acc.add_domain(DOMAIN)
+        await acc.add_mailbox(cfg.provider.mail_receipt, PASSWORD)
+    else:
+        await acc.set_password(cfg.provider.mail_receipt, PASSWORD)
+    try:
+        for user in ("alice", "bob", "carol", "dan"):
+            await acc.add_mailbox(f"{user}@{DOMAIN}", PASSWORD)
+        await acc.disable(f"dan@{DOMAIN}")
+    finally:
+        await db.close()
+    return cfg
+
+
+def client_tls(cfg: Config) -> ssl.SSLContext:
+    assert cfg.tls.ca is not None
+    return ssl.create_default_context(cafile=str(cfg.tls.ca))
+
+
+def message(
+    frm: str, to: list[str], cc: list[str], subject: str, extra: str = "", pad: int = 0
+) -> bytes:
+    """A plain submission as a mail client writes it (``pad`` bytes of filler lines)."""
+    lines = [
+        f"From: {frm}",
+        "To: " + ",\r\n ".join(to),  # folded, as clients do
+        *([f"Cc: {', '.join(cc)}"] if cc else []),
+        f"Subject: {subject}",
+        "Message-ID: <test-" + subject.replace(" ", "-") + "@client.example>",
+        "Date: Tue, 24 Nov 2026 10:00:00 +0100",
+        "MIME-Version: 1.0",
+        "Content-Type: text/plain; charset=utf-8",
+        "Content-Transfer-Encoding: 8bit",
+        *([extra] if extra else []),
+        "",
+        "Buongiorno, questo è un messaggio di posta certificata.",
+        *(["x" * 76] * (pad // 78)),
+        "",
+    ]
+    return "\r\n".join(lines).encode("utf-8")
+
+
+def fetched_literal(data: list[Any]) -> bytes:
+    """The message of an imaplib FETCH answer. imaplib also returns the unsolicited FETCH
+    responses it collected (a flag change of another message, sent as plain bytes), and they
+    can come first: the message is the one (head, literal) pair."""
+    for item in data:
+        if isinstance(item, tuple):
+            return bytes(item[1])
+    raise AssertionError(f"no message literal in {data!r}")
+
+
+def fetch_all(srv: AppThread, user: str) -> list[bytes]:
+    with imaplib.IMAP4_SSL("127.0.0.1", srv.port("imaps"), ssl_context=client_tls(srv.cfg)) as imap:
+        imap.login(f"{user}@{DOMAIN}", PASSWORD)
+        imap.select("INBOX")
+        typ, data = imap.search(None, "ALL")
+        assert typ == "OK"
+        out = []
+        for num in data[0].split():
+            typ, msg = imap.fetch(num, "(BODY.PEEK[])")
+            assert typ == "OK"
+            out.append(fetched_literal(msg))
+        return out
+
+
+def pending_jobs(srv: AppThread, except_kinds: Sequence[str] = ()) -> list[str]:
+    """The kinds of the jobs of ``srv`` still to be done (ready or running), but for
+    ``except_kinds`` (say, relays to a peer that is down and keeps being retried)."""
+    from pecd.store import jobs
+
+    assert srv.app is not None and srv.app.runner is not None
+    svc = srv.app.runner
+
+    async def query() -> list[str]:
+        async with svc.db.read_session() as s:
+            found = await jobs.list_jobs(s, states=[jobs.READY, jobs.RUNNING], limit=1000)
+            return [j.kind for j in found if j.kind not in except_kinds]
+
+    return list(srv.call(query()))
+
+
+def wait_settled(
+    *servers: AppThread, except_kinds: Sequence[str] = (), timeout: float = 30.0
+) -> None:
+    """Wait until no job is left to do on any of ``servers``: whatever their work would still
+    send or deliver is there. Two passes over all of them, so that a job one provider finishes
+    between two looks (say, a receipt relayed to the other) is seen as the other's new job."""
+    wait_for(
+        lambda: not any(pending_jobs(s, except_kinds) for s in (*servers, *servers)),
+        timeout,
+        "every job done",
+        interval=0.05,
+    )
+
+
+# --- every message pecd emits --------------------------------------------------------------------
+
+#: When every message of :func:`every_kind` is dated.
+WHEN_INSTANT = datetime(2026, 3, 2, 9, 15, 30, tzinfo=UTC)
 #: A submission with lines that start with a dot (POP3 and SMTP dot-stuffing) and an attachment.
 ORIGINAL = (
     b"Date: Mon, 02 Mar 2026 10:15:00 +0100\r\n"
@@ -289,6 +501,14 @@ def every_kind(
 ) -> dict[str, bytes]:
     """Every kind of message pecd emits (name -> bytes, CRLF as built) about the submission
     ``original`` from alice@pec.example.test to ``rcpt_to``, signed with the test PKI."""
+    from pecd.pec import builders as b
+    from pecd.pec.builders import ProviderIdentity, Transmission
+    from pecd.pec.checks import Violation
+    from pecd.pec.smime import KeySigner
+    from pecd.pec.timefmt import pec_time
+    from pecd.pec.vocab import Errore, TipoRicevuta
+
+    when = pec_time(WHEN_INSTANT)
     signer = KeySigner.from_pem(dev_pki.signing.key_pem, dev_pki.signing.cert_pem)
     provider = ProviderIdentity(
         name="Example PEC S.p.A.",
@@ -307,23 +527,23 @@ def every_kind(
     bob = "bob@pec.example.test"
     v = Violation("bcc-present", "Il campo Bcc non è ammesso", "Bcc is not allowed")
     built = {
-        "busta-di-trasporto": b.transport_envelope(original, tx, provider, WHEN),
-        "accettazione": b.accettazione(tx, provider, WHEN),
-        "non-accettazione": b.non_accettazione(tx, provider, WHEN, violations=[v]),
-        "non-accettazione-virus": b.non_accettazione(tx, provider, WHEN, virus="Eicar"),
+        "busta-di-trasporto": b.transport_envelope(original, tx, provider, when),
+        "accettazione": b.accettazione(tx, provider, when),
+        "non-accettazione": b.non_accettazione(tx, provider, when, violations=[v]),
+        "non-accettazione-virus": b.non_accettazione(tx, provider, when, virus="Eicar"),
         "presa-in-carico": b.presa_in_carico(
-            tx, provider, WHEN, ricezione=[bob], mail_receipt="ricevute@pec.sender.test"
+            tx, provider, when, ricezione=[bob], mail_receipt="ricevute@pec.sender.test"
         ),
         **{
             f"avvenuta-consegna-{kind.value}": b.avvenuta_consegna(
-                tx, provider, WHEN, recipient=bob, postacert=postacert, kind=kind
+                tx, provider, when, recipient=bob, postacert=postacert, kind=kind
             )
             for kind in (TipoRicevuta.COMPLETA, TipoRicevuta.BREVE, TipoRicevuta.SINTETICA)
         },
         "errore-consegna": b.errore_consegna(
             tx,
             provider,
-            WHEN,
+            when,
             recipient="nobody@pec.example.test",
             errore=Errore.NO_DEST,
             errore_esteso="5.1.1 - indirizzo non valido",
@@ -332,9 +552,9 @@ def every_kind(
             f"preavviso-{hours}h": b.preavviso_errore_consegna(
                 tx,
                 provider,
-                WHEN,
+                when,
                 recipient=bob,
-                sent=pec_time(WHEN.instant - timedelta(hours=hours)),
+                sent=pec_time(when.instant - timedelta(hours=hours)),
                 final=hours == 24,
             )
             for hours in (12, 24)
@@ -342,13 +562,13 @@ def every_kind(
         "rilevazione-virus": b.rilevazione_virus(
             tx,
             provider,
-            WHEN,
+            when,
             recipient=bob,
             errore_esteso="virus Eicar",
             mail_receipt="ricevute@pec.sender.test",
         ),
         "busta-di-anomalia": b.anomaly_envelope(
-            original, provider, WHEN, rcpt_to=[bob], error="firma non valida"
+            original, provider, when, rcpt_to=[bob], error="firma non valida"
         ),
     }
     return {name: m.raw for name, m in built.items()}
@@ -356,7 +576,7 @@ def every_kind(
 
 def openssl_verify(raw: bytes, ca_file: Path, tmp_path: Path) -> None:
     """``openssl cms -verify`` accepts the S/MIME signature of ``raw`` against ``ca_file``."""
-    msg = tmp_path / "pop3-msg.eml"
+    msg = tmp_path / "verified.eml"
     msg.write_bytes(raw)
     r = subprocess.run(
         [
@@ -370,7 +590,195 @@ def openssl_verify(raw: bytes, ca_file: Path, tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
 
 
-# --- stock clients -----------------------------------------------------------------------------
+# --- a throwaway TLS PKI, an IMAP server over a Maildir ------------------------------------------
+
+IMAP_TIMEOUT = 10
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+    def server_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(self.cert_file, self.key_file)
+        return ctx
+
+    def client_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.ca_file))
+
+
+def make_pki(directory: Path) -> Pki:
+    """A CA and a server certificate for localhost / 127.0.0.1 (RSA 2048)."""
+    now = dt.datetime.now(dt.UTC)
+
+    def name(common_name: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+    ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(name("pecd test CA"))
+        .issuer_name(name("pecd test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name("localhost"))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([x509.OID_SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    pki = Pki(directory / "ca.pem", directory / "server.pem", directory / "server.key")
+    pki.ca_file.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    pki.cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    pki.key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return pki
+
+
+class FakeAccounts:
+    """Authenticator over a dict of address -> password."""
+
+    def __init__(self) -> None:
+        self.passwords: dict[str, str] = {}
+
+    async def authenticate(self, address: str, password: str) -> str | None:
+        canonical = address.strip().lower()
+        if password == "db-down":
+            raise ConnectionError("database unreachable")
+        if self.passwords.get(canonical) == password:
+            return canonical
+        return None
+
+
+class ImapServer(BackgroundService["ImapService"]):
+    """ImapService on loopback (IMAPS and IMAP+STARTTLS) over ``store``, logins checked by
+    ``accounts``; ``new_user`` makes a fresh account."""
+
+    def __init__(self, store: MaildirStore, accounts: FakeAccounts, pki: Pki) -> None:
+        from pecd.imap import ImapService
+
+        self.store = store
+        self.accounts = accounts
+        self.pki = pki
+        service = ImapService(
+            store=store,
+            auth=accounts,
+            tls_context=pki.server_context(),
+            host="127.0.0.1",
+            port=0,
+            starttls_port=0,
+            hostname="localhost",
+            failed_login_delay=0.0,
+        )
+        super().__init__(service)
+        self._users = itertools.count(1)
+
+    def __enter__(self) -> ImapServer:
+        super().__enter__()
+        self.imaps_port, self.imap_port = self.service.bound_ports
+        return self
+
+    def new_user(self) -> tuple[str, str]:
+        n = next(self._users)
+        address, password = f"user{n}@example.org", f"secret-{n}"
+        self.accounts.passwords[address] = password
+        return address, password
+
+    def imaps(self) -> imaplib.IMAP4_SSL:
+        return imaplib.IMAP4_SSL(
+            "localhost",
+            self.imaps_port,
+            ssl_context=self.pki.client_context(),
+            timeout=IMAP_TIMEOUT,
+        )
+
+    @contextlib.contextmanager
+    def logged_in(self, address: str, password: str) -> Iterator[imaplib.IMAP4_SSL]:
+        client = self.imaps()
+        try:
+            client.login(address, password)
+            yield client
+        finally:
+            with contextlib.suppress(Exception):
+                client.logout()
+
+
+@pytest.fixture(scope="module", name="pki")
+def pki_fixture(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A module's throwaway PKI (import it as a fixture: ``pki``)."""
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module", name="server")
+def imap_server_fixture(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[ImapServer]:
+    """A module's :class:`ImapServer` (import it as a fixture: ``server``)."""
+    base = tmp_path_factory.mktemp("imap")
+    with ImapServer(MaildirStore(base / "mail"), FakeAccounts(), pki) as srv:
+        yield srv
+
+
+#: A small CRLF message with a folded header.
+PLAIN_CRLF = (
+    b"From: Anna <anna@example.org>\r\n"
+    b"To: holder@example.org\r\n"
+    b"Subject: Riunione di domani\r\n"
+    b"Message-ID: <m3@example.org>\r\n"
+    b"Date: Thu, 15 Jan 2026 11:00:00 +0100\r\n"
+    b"X-Folded: a header value that is\r\n"
+    b"\tfolded on purpose\r\n"
+    b"\r\n"
+    b"Ci vediamo alle 10.\r\n"
+)
+
+
+# --- stock clients -------------------------------------------------------------------------------
 
 
 def mbsyncrc(*, port: int, user: str, password: str, ca: Path, local: Path, patterns: str) -> str:

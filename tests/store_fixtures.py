@@ -108,7 +108,8 @@ def sqlite_template_fixture(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-async def _empty_tables(url: str) -> None:
+async def empty_tables(url: str) -> None:
+    """Empty every table of the database at ``url`` (PostgreSQL), restarting its sequences."""
     tables = ", ".join(t.name for t in Base.metadata.sorted_tables)
     engine = create_async_engine(async_url(url))
     try:
@@ -125,5 +126,5 @@ def db_fixture(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
         shutil.copyfile(request.getfixturevalue("sqlite_template"), path)
         return Backend("sqlite", f"sqlite:///{path}")
     url: str = request.getfixturevalue("pg_url")
-    asyncio.run(_empty_tables(url))
+    asyncio.run(empty_tables(url))
     return Backend("postgresql", url)

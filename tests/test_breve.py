@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import CORPUS_DIR as CORPUS
+from helpers import CORPUS_DIR as CORPUS
 from pecd.pec.breve import HashedPart, to_breve
 from pecd.pec.vocab import HASH_SUFFIX
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import CORPUS_DIR as CORPUS
+from helpers import CORPUS_DIR as CORPUS
 from pecd.pec.checks import (
     CODES,
     Submission,

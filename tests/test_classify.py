@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import CORPUS_DIR as CORPUS
+from helpers import CORPUS_DIR as CORPUS
 from pecd.pec.classify import NotMailError, classify
 from pecd.pec.vocab import Kind, Ricevuta
 

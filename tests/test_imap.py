@@ -2,195 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
-import datetime as dt
 import imaplib
-import ipaddress
-import itertools
 import re
-import ssl
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
 
-from helpers import BackgroundService
-from pecd.imap import ImapService
+from helpers import IMAP_TIMEOUT as TIMEOUT
+from helpers import PLAIN_CRLF, FakeAccounts, Pki
+from helpers import ImapServer as Server
+from helpers import imap_server_fixture as imap_server_fixture  # the fixture `server`
+from helpers import pki_fixture as pki_fixture  # the fixture `pki`
 from pecd.mailbox.maildir import MaildirStore, to_crlf
-
-TIMEOUT = 10
-
-
-# -- a throwaway PKI --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Pki:
-    ca_file: Path
-    cert_file: Path
-    key_file: Path
-
-    def server_context(self) -> ssl.SSLContext:
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(self.cert_file, self.key_file)
-        return ctx
-
-    def client_context(self) -> ssl.SSLContext:
-        return ssl.create_default_context(cafile=str(self.ca_file))
-
-
-def make_pki(directory: Path) -> Pki:
-    """A CA and a server certificate for localhost / 127.0.0.1 (RSA 2048)."""
-    now = dt.datetime.now(dt.UTC)
-
-    def name(common_name: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-    ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(name("pecd test CA"))
-        .issuer_name(name("pecd test CA"))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name("localhost"))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([x509.OID_SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    pki = Pki(directory / "ca.pem", directory / "server.pem", directory / "server.key")
-    pki.ca_file.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    pki.cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    pki.key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return pki
-
-
-# -- the server in a background event loop ----------------------------------------------------
-
-
-class FakeAccounts:
-    """Authenticator over a dict of address -> password."""
-
-    def __init__(self) -> None:
-        self.passwords: dict[str, str] = {}
-
-    async def authenticate(self, address: str, password: str) -> str | None:
-        canonical = address.strip().lower()
-        if password == "db-down":
-            raise ConnectionError("database unreachable")
-        if self.passwords.get(canonical) == password:
-            return canonical
-        return None
-
-
-class Server(BackgroundService[ImapService]):
-    def __init__(self, store: MaildirStore, accounts: FakeAccounts, pki: Pki) -> None:
-        self.store = store
-        self.accounts = accounts
-        self.pki = pki
-        service = ImapService(
-            store=store,
-            auth=accounts,
-            tls_context=pki.server_context(),
-            host="127.0.0.1",
-            port=0,
-            starttls_port=0,
-            hostname="localhost",
-            failed_login_delay=0.0,
-        )
-        super().__init__(service)
-        self._users = itertools.count(1)
-
-    def __enter__(self) -> Server:
-        super().__enter__()
-        self.imaps_port, self.imap_port = self.service.bound_ports
-        return self
-
-    def new_user(self) -> tuple[str, str]:
-        n = next(self._users)
-        address, password = f"user{n}@example.org", f"secret-{n}"
-        self.accounts.passwords[address] = password
-        return address, password
-
-    def imaps(self) -> imaplib.IMAP4_SSL:
-        return imaplib.IMAP4_SSL(
-            "localhost", self.imaps_port, ssl_context=self.pki.client_context(), timeout=TIMEOUT
-        )
-
-    @contextlib.contextmanager
-    def logged_in(self, address: str, password: str) -> Iterator[imaplib.IMAP4_SSL]:
-        client = self.imaps()
-        try:
-            client.login(address, password)
-            yield client
-        finally:
-            with contextlib.suppress(Exception):
-                client.logout()
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[Server]:
-    base = tmp_path_factory.mktemp("imap")
-    with Server(MaildirStore(base / "mail"), FakeAccounts(), pki) as srv:
-        yield srv
 
 
 @pytest.fixture
@@ -213,18 +38,6 @@ UTF8_LF = (
     "Perché la città è bella.\n"
     "Più righe, àèìòù.\n"
 ).encode()
-
-PLAIN_CRLF = (
-    b"From: Anna <anna@example.org>\r\n"
-    b"To: holder@example.org\r\n"
-    b"Subject: Riunione di domani\r\n"
-    b"Message-ID: <m3@example.org>\r\n"
-    b"Date: Thu, 15 Jan 2026 11:00:00 +0100\r\n"
-    b"X-Folded: a header value that is\r\n"
-    b"\tfolded on purpose\r\n"
-    b"\r\n"
-    b"Ci vediamo alle 10.\r\n"
-)
 
 
 def attachment_message() -> bytes:

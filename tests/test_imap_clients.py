@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from helpers import ImapServer as Server
 from helpers import every_kind, mbsyncrc, openssl_verify
+from helpers import imap_server_fixture as imap_server_fixture  # the fixture `server`
+from helpers import pki_fixture as pki_fixture  # the fixture `pki`
 from pecd.pec.pki import DevPki
-from test_imap import Server
-from test_imap import pki as pki
-from test_imap import server as server
 
 TIMEOUT = 120
 

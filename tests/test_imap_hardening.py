@@ -23,13 +23,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import BackgroundService
+from helpers import PLAIN_CRLF, BackgroundService, Pki, make_pki
 from pecd.config import MailboxConfig, SecurityConfig
 from pecd.guard import Guard
 from pecd.imap import ImapService
 from pecd.imap.modutf7 import ModUtf7Error, decode, encode
 from pecd.mailbox.maildir import MaildirStore
-from test_imap import PLAIN_CRLF, Pki, make_pki
 
 TIMEOUT = 10
 MAX_MESSAGE = 10 * 1024 * 1024

@@ -34,12 +34,11 @@ from typing import Any
 
 import pytest
 
-from conftest import read_manifest
-from helpers import every_kind
+from helpers import FakeAccounts, Pki, every_kind, make_pki, read_manifest
+from helpers import ImapServer as Server
 from pecd.imap.structure import body_structure, envelope, find, parse
 from pecd.mailbox.maildir import MaildirStore, to_crlf
 from pecd.pec.pki import DevPki
-from test_imap import FakeAccounts, Pki, Server, make_pki
 
 DOVECOT = "/usr/sbin/dovecot"
 

@@ -18,6 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from helpers import openssl
 from pecd.cli import main
 from pecd.clock import SystemClock
 from pecd.config import Config, IndexConfig, load_config
@@ -40,7 +41,6 @@ from pecd.index import (
 )
 from pecd.index.ldif import escape_dn_value
 from pecd.pec.pki import DevPki, create_dev_pki
-from test_smime import openssl
 
 NOW = datetime(2026, 1, 15, 10, 0, tzinfo=UTC)
 A_DOMAIN, B_DOMAIN = "pec-a.test", "pec-b.test"

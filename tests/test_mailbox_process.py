@@ -23,12 +23,13 @@ from pathlib import Path
 
 import pytest
 
+from helpers import AppThread as Server
+from helpers import client_tls, message, wait_for
 from pecd.clock import SystemClock
 from pecd.config import Config, load_config
 from pecd.devinit import config_text, init_installation
 from pecd.store.accounts import Accounts
 from pecd.store.db import Database, migrate_async
-from test_e2e_local import Server, client_tls, message, wait_for
 
 DOMAIN = "pec.example.test"
 PASSWORD = "correct horse battery"

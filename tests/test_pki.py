@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
-from conftest import PKI_DOMAIN, PKI_NAME, PKI_NOW
+from helpers import PKI_DOMAIN, PKI_NAME, PKI_NOW
 from pecd.devpki import write_dev_pki
 from pecd.pec.pki import DevPki, create_dev_pki
 from pecd.pec.smime import KeySigner

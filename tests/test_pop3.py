@@ -25,7 +25,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import BackgroundService, every_kind, openssl_verify
+from helpers import (
+    BackgroundService,
+    FakeAccounts,
+    ImapServer,
+    Pki,
+    every_kind,
+    make_pki,
+    openssl_verify,
+)
 from pecd.config import MailboxConfig, SecurityConfig
 from pecd.guard import Guard
 from pecd.mailbox import uidlist
@@ -46,8 +54,6 @@ from pecd.pop3.protocol import (
     uidl_of,
 )
 from pecd.pop3.wire import WireReader
-from test_imap import FakeAccounts, Pki, make_pki
-from test_imap import Server as ImapServer
 
 TIMEOUT = 10
 

@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 from aiosmtpd.controller import Controller
 
-from helpers import free_port
+from helpers import DOMAIN, PASSWORD, fetch_all, free_port, message, wait_for
+from helpers import AppThread as Server
+from helpers import install_e2e as _install
 from pecd.pec.classify import classify
 from pecd.pec.vocab import DestinatarioTipo, Kind, Ricevuta
-from test_e2e_local import DOMAIN, PASSWORD, Server, _install, fetch_all, message, wait_for
 
 
 class Sink:

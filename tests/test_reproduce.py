@@ -8,21 +8,15 @@ import smtplib
 import subprocess
 from pathlib import Path
 
+from helpers import DOMAIN, PASSWORD, client_tls, message, wait_for
+from helpers import AppThread as Server
+from helpers import install_e2e as _install
+from helpers import openssl_verify as openssl_ok
 from pecd.cli import main
 from pecd.mailbox.maildir import MaildirStore
 from pecd.pec.classify import classify
 from pecd.pec.mime import get_first
 from pecd.pec.vocab import H_RIPRODUZIONE
-from test_e2e_local import (
-    DOMAIN,
-    PASSWORD,
-    Server,
-    _install,
-    client_tls,
-    message,
-    openssl_ok,
-    wait_for,
-)
 
 
 def test_every_receipt_kind_is_reproduced_from_the_log(tmp_path: Path) -> None:

@@ -317,9 +317,9 @@ def test_two_processes_write_and_seal_one_postgresql(pg_url: str) -> None:
     import sys
     from pathlib import Path
 
-    from store_fixtures import _empty_tables
+    from store_fixtures import empty_tables
 
-    asyncio.run(_empty_tables(pg_url))
+    asyncio.run(empty_tables(pg_url))
     here = str(Path(__file__).resolve().parent)
     procs = [
         subprocess.Popen([sys.executable, "-c", SEALING_NODE, pg_url, str(start), here])

@@ -7,7 +7,6 @@ import base64
 import functools
 import hashlib
 import re
-import shutil
 import subprocess
 import time
 from collections.abc import Callable
@@ -23,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import CORPUS_DIR, PKI_NOW, read_manifest
+from helpers import CORPUS_DIR, PKI_NOW, openssl, read_manifest
 from pecd.pec.pki import DevPki, create_dev_pki
 from pecd.pec.smime import (
     KeySigner,
@@ -107,12 +106,6 @@ def crlf(data: bytes) -> bytes:
 
 def sign(signer: Any, digest: str = "sha256", **kw: Any) -> bytes:
     return sign_multipart(HEADERS, INNER, signer, digest=digest, signing_time=SIGN_TIME, **kw)  # type: ignore[arg-type]
-
-
-def openssl() -> str:
-    path = shutil.which("openssl")
-    assert path, "openssl is needed by these tests"
-    return path
 
 
 def openssl_attime(when: datetime) -> list[str]:
