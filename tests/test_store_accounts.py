@@ -1,4 +1,4 @@
-"""pecd.store.accounts: domains, mailboxes, argon2id logins, quota sizes."""
+"""pecd.store.accounts: domains, mailboxes, argon2id logins (quota sizes: test_address.py)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,9 @@ from typing import Literal
 
 import pytest
 from argon2 import PasswordHasher
-from hypothesis import given
-from hypothesis import strategies as st
 
 from pecd.clock import FixedClock
-from pecd.store.accounts import AccountError, Accounts, parse_size
+from pecd.store.accounts import AccountError, Accounts
 from pecd.store.db import Database
 from pecd.store.models import Mailbox
 from store_fixtures import (  # noqa: F401 (fixtures)
@@ -217,37 +215,6 @@ def test_password_checks_run_off_the_event_loop(db: Backend) -> None:
     loop_thread = db.run(main)
     assert hasher.threads and loop_thread not in hasher.threads
     assert len(hasher.threads) >= 1
-
-
-@pytest.mark.parametrize(
-    ("text", "size"),
-    [
-        ("1048576", 1048576),
-        ("0", 0),
-        ("500M", 500 * 2**20),
-        ("500m", 500 * 2**20),
-        ("1G", 2**30),
-        ("2.5GB", int(2.5 * 2**30)),
-        ("100KiB", 100 * 1024),
-        (" 3 T ", 3 * 2**40),
-        ("12B", 12),
-        ("1.5", 1),
-    ],
-)
-def test_parse_size(text: str, size: int) -> None:
-    assert parse_size(text) == size
-
-
-@pytest.mark.parametrize("text", ["", "M", "-1G", "1X", "1.2.3M", "1 G B", "lots", "1e9"])
-def test_parse_size_refuses(text: str) -> None:
-    with pytest.raises(ValueError, match=r"^not a size: "):
-        parse_size(text)
-
-
-@given(st.integers(min_value=0, max_value=2**50), st.sampled_from(["", "K", "M", "G"]))
-def test_parse_size_round_trip(n: int, unit: str) -> None:
-    factor = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30}[unit]
-    assert parse_size(f"{n}{unit}") == n * factor
 
 
 def test_a_login_with_undecodable_or_nul_text_is_refused_not_an_error(db: Backend) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -18,36 +17,21 @@ from pydantic import (
     model_validator,
 )
 
+from pecd.pec.address import normalize_address, normalize_domain, valid_address
+from pecd.pec.size import parse_size
 from pecd.pec.vocab import MIN_RECIPIENTS_GUARANTEED, MIN_RECIPIENTS_TIMES_SIZE
-
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
-_ADDR_RE = re.compile(r"^[^@\s<>]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?$")
 
 
 class ConfigError(Exception):
     """A config file pecd refuses to start on. ``str()`` is the one line to show."""
 
 
-def parse_size(value: Any) -> int:
-    """``"25M"``, ``"1G"``, ``"1048576"`` or an int -> bytes (binary units)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value < 0:
-            raise ValueError("a size cannot be negative")
-        return value
-    if isinstance(value, str):
-        m = _SIZE_RE.match(value)
-        if m:
-            return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    raise ValueError(f"{value!r} is not a size (examples: 25M, 1G, 1048576)")
-
-
 Size = Annotated[int, BeforeValidator(parse_size)]
 
 
 def _address(value: str) -> str:
-    value = value.strip().lower()
-    if not _ADDR_RE.match(value):
+    value = normalize_address(value)
+    if not valid_address(value):
         raise ValueError(f"{value!r} is not a mail address")
     return value
 
@@ -99,12 +83,12 @@ class ProviderConfig(_Section):
     @field_validator("domain")
     @classmethod
     def _domain(cls, v: str) -> str:
-        return v.strip().lower()
+        return normalize_domain(v)
 
     @field_validator("local_domains")
     @classmethod
     def _domains(cls, v: list[str]) -> list[str]:
-        return [d.strip().lower() for d in v]
+        return [normalize_domain(d) for d in v]
 
 
 class SigningConfig(_Section):
@@ -239,7 +223,7 @@ def _routes(value: Any) -> dict[str, Endpoint]:
         ep = Endpoint.parse(target)
         if ep is None:
             raise ValueError(f"route of {domain!r} is empty")
-        out[str(domain).strip().lower()] = ep
+        out[normalize_domain(str(domain))] = ep
     return out
 
 

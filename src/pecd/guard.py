@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 
 from pecd.config import SecurityConfig
+from pecd.pec.address import normalize_address
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def client_key(peer: str) -> str:
 
 
 def account_key(account: str) -> str:
-    return account.strip().lower()[:ACCOUNT_MAX_LENGTH]
+    return normalize_address(account)[:ACCOUNT_MAX_LENGTH]
 
 
 @dataclass(slots=True)

@@ -62,6 +62,7 @@ from pysasl.hashing import BuiltinHash
 from pecd.imap import structure
 from pecd.imap.uids import UidListMailboxData, UidListMailboxSet, mailbox_id_of
 from pecd.mailbox.maildir import MaildirStore, to_crlf, write_atomic
+from pecd.pec.address import normalize_address
 
 if TYPE_CHECKING:
     from pecd.guard import Guard
@@ -627,8 +628,9 @@ class PecdLogin(LoginInterface):
     async def authorize(self, authenticated: IdentityInterface, authzid: str) -> PecdIdentity:
         if not isinstance(authenticated, PecdIdentity):  # pragma: no cover - one backend
             raise AuthorizationFailure()
-        wanted = authzid.strip().lower()
-        if wanted and wanted not in (authenticated.name.lower(), authenticated.authcid.lower()):
+        wanted = normalize_address(authzid)
+        own = (normalize_address(authenticated.name), normalize_address(authenticated.authcid))
+        if wanted and wanted not in own:
             raise AuthorizationFailure()  # no proxy logins: every holder reads only their own mail
         return authenticated
 

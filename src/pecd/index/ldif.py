@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 from cryptography import x509
 
-from pecd.index.model import ProviderEntry, certificate_sha1, normalize_domain, normalize_hash
+from pecd.index.model import ProviderEntry, certificate_sha1, normalize_hash
+from pecd.pec.address import normalize_address, normalize_domain, valid_address, valid_domain
 
 __all__ = ["LdifError", "ParsedIndex", "entry_ldif", "escape_dn_value", "parse_ldif", "write_ldif"]
 
@@ -36,8 +37,6 @@ _OIDS = {
 }
 _ATTR_RE = re.compile(r"^(?:[A-Za-z][A-Za-z0-9-]*|\d+(?:\.\d+)+)(?:;[A-Za-z0-9-]+)*$")
 _HASH_RE = re.compile(r"^[0-9a-f]{40}$")
-_DOMAIN_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*$")
-_ADDR_RE = re.compile(r"^[^@\s<>]+@[^@\s<>]+$")
 
 
 class LdifError(ValueError):
@@ -148,14 +147,6 @@ def _single(attrs: dict[str, list[bytes]], name: str, warn: list[str]) -> str | 
     return _text(name, values[0])
 
 
-def _is_domain(d: str) -> bool:
-    try:
-        ascii_form = d if d.isascii() else d.encode("idna").decode("ascii")
-    except UnicodeError:
-        return False
-    return bool(_DOMAIN_RE.match(ascii_form))
-
-
 def _provider(dn: str, attrs: dict[str, list[bytes]], warn: list[str]) -> ProviderEntry:
     name = _single(attrs, "providerName", warn)
     if not name:
@@ -163,13 +154,13 @@ def _provider(dn: str, attrs: dict[str, list[bytes]], warn: list[str]) -> Provid
     receipt = _single(attrs, "mailReceipt", warn)
     if not receipt:
         raise _Skip("no mailReceipt")
-    if not _ADDR_RE.match(receipt):
+    if not valid_address(normalize_address(receipt)):
         raise _Skip(f"mailReceipt {receipt!r} is not a mail address")
 
     domains: list[str] = []
     for v in attrs.get("manageddomains", []):
         d = normalize_domain(_text("managedDomains", v))
-        if _is_domain(d):
+        if valid_domain(d):
             domains.append(d)
         else:
             warn.append(f"managedDomains {d!r} is not a domain, left out")

@@ -15,6 +15,8 @@ from types import MappingProxyType
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from pecd.pec.address import domain_of, normalize_address, normalize_domain
+
 __all__ = [
     "ProviderEntry",
     "ProviderIndex",
@@ -26,19 +28,9 @@ __all__ = [
 ]
 
 
-def normalize_domain(domain: str) -> str:
-    """``managedDomains`` match ignoring case (caseIgnoreIA5Match) and a trailing root dot."""
-    return domain.strip().lower().rstrip(".")
-
-
 def normalize_hash(value: str) -> str:
     """A SHA-1 in hex, lower case; colons and spaces (``AB:CD:…`` as some tools print it) removed."""
     return value.strip().lower().replace(":", "").replace(" ", "")
-
-
-def domain_of(address: str) -> str:
-    """The domain of ``addr@domain``, also when written ``<addr@domain>``."""
-    return normalize_domain(address.strip().strip("<>").rpartition("@")[2])
 
 
 def certificate_der(cert: bytes | x509.Certificate) -> bytes:
@@ -70,7 +62,7 @@ class ProviderEntry:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "name", self.name.strip())
-        object.__setattr__(self, "mail_receipt", self.mail_receipt.strip().lower())
+        object.__setattr__(self, "mail_receipt", normalize_address(self.mail_receipt))
         object.__setattr__(self, "domains", tuple(normalize_domain(d) for d in self.domains))
         object.__setattr__(
             self, "certificate_hashes", tuple(normalize_hash(h) for h in self.certificate_hashes)

@@ -35,6 +35,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from pecd.pec.address import normalize_address
+
 __all__ = [
     "FOLDERS",
     "INBOX",
@@ -164,7 +166,7 @@ class MaildirStore:
 
         Raises ValueError for addresses that are malformed or could name a path outside root.
         """
-        canonical = address.strip().lower()
+        canonical = normalize_address(address)
         local, at, domain = canonical.rpartition("@")
         if not at or not local or not domain:
             raise ValueError(f"not a mailbox address: {address!r}")
@@ -249,7 +251,7 @@ class MaildirStore:
             return self._deliver(address, key, data, folder, quota_bytes, fresh)
         except FileNotFoundError:
             # The tree changed under us (a mailbox removed by hand): make it again, once.
-            self._ready.pop((address.strip().lower(), folder), None)
+            self._ready.pop((normalize_address(address), folder), None)
             return self._deliver(address, key, data, folder, quota_bytes, fresh)
 
     def _deliver(
@@ -261,11 +263,11 @@ class MaildirStore:
         quota_bytes: int | None,
         fresh: bool = False,
     ) -> Delivered:
-        ready = self._ready.get((address.strip().lower(), folder))
+        ready = self._ready.get((normalize_address(address), folder))
         if ready is None:
             base = self.ensure(address)
             ready = base, self._ensure_folder(base, folder)
-            self._ready[(address.strip().lower(), folder)] = ready
+            self._ready[(normalize_address(address), folder)] = ready
         base, path = ready
         stem = self.name_for(key)
         body = to_crlf(data)
@@ -280,7 +282,7 @@ class MaildirStore:
             if quota_bytes is not None:
                 used = self.usage(address)
                 if used + len(body) > quota_bytes:
-                    raise MailboxFull(address.lower(), used, quota_bytes)
+                    raise MailboxFull(normalize_address(address), used, quota_bytes)
             # The mtime is the arrival time, to the microsecond: files not numbered yet get
             # their UIDs in mtime order (pecd.mailbox.uidlist), and the kernel's own file
             # times are too coarse (a few ms) to order deliveries made in quick succession.

@@ -12,8 +12,9 @@ from typing import Any
 
 from pecd.pec import daticert as dc
 from pecd.pec import mime, texts
+from pecd.pec.address import normalize_address
 from pecd.pec.breve import to_breve
-from pecd.pec.checks import Violation, normalize_address, parse_address_list
+from pecd.pec.checks import Violation, parse_address_list
 from pecd.pec.daticert import Daticert, Destinatario
 from pecd.pec.msgid import bracket, new_pec_msgid, unbracket
 from pecd.pec.smime import DigestName, Signer, sign_multipart

@@ -41,11 +41,11 @@ Decisions taken where the rules leave room (all deliberate, see the tests):
 from __future__ import annotations
 
 import datetime as _dt
-import encodings.idna
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from pecd.pec.address import ATEXT, normalize_address, valid_address
 from pecd.pec.vocab import MIN_RECIPIENTS_GUARANTEED, MIN_RECIPIENTS_TIMES_SIZE
 
 __all__ = [
@@ -151,57 +151,10 @@ class Submission:
 
 # --- addresses ----------------------------------------------------------------------------------
 
-_ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff"
-_DOT_ATOM_RE = re.compile(rf"[{_ATEXT}]+(?:\.[{_ATEXT}]+)*")
-_QUOTED_LOCAL_RE = re.compile(r'"(?:[^"\\\r\n@]|\\[^\r\n@])*"')
-_LDH_LABEL_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?", re.IGNORECASE)
 # A display name: words of atext, dots (obs-phrase), white space and quoted strings. Leniency:
 # "@", "[" and "]" are tolerated unquoted (clients write ``mario@pec.it <mario@pec.it>``).
-_PHRASE_RE = re.compile(rf'(?:[{_ATEXT}.@\[\]\s]|"(?:[^"\\]|\\.)*")*', re.DOTALL)
+_PHRASE_RE = re.compile(rf'(?:[{ATEXT}.@\[\]\s]|"(?:[^"\\]|\\.)*")*', re.DOTALL)
 _ROUTE_RE = re.compile(r"@[^:<>]*:")
-
-
-def normalize_address(addr: str) -> str:
-    """Canonical form used to compare addresses: stripped, without ``<>``, lowercase.
-
-    The whole address is lowercased, local part included: PEC providers treat mailboxes
-    case-insensitively.
-    """
-    value = addr.strip()
-    if value.startswith("<") and value.endswith(">"):
-        value = value[1:-1].strip()
-    return value.lower()
-
-
-def _valid_domain(domain: str) -> bool:
-    if not domain or len(domain.encode("utf-8", "surrogatepass")) > 253:
-        return False
-    labels = domain.split(".")
-    if len(labels) < 2:
-        return False
-    for label in labels:
-        if label.isascii():
-            ascii_label = label
-        else:
-            try:
-                ascii_label = encodings.idna.ToASCII(label).decode("ascii")
-            except (UnicodeError, ValueError):
-                return False
-        if not _LDH_LABEL_RE.fullmatch(ascii_label):
-            return False
-    return not labels[-1].isdigit()
-
-
-def _valid_addr_spec(addr: str) -> bool:
-    """An addr-spec as the module docstring describes it."""
-    if addr.count("@") != 1:
-        return False
-    local, domain = addr.split("@")
-    if not local or len(local.encode("utf-8", "surrogatepass")) > 64:
-        return False
-    if not (_DOT_ATOM_RE.fullmatch(local) or _QUOTED_LOCAL_RE.fullmatch(local)):
-        return False
-    return _valid_domain(domain)
 
 
 def _strip_comments(text: str) -> str | None:
@@ -261,7 +214,7 @@ def _parse_mailbox(item: str) -> str | None:
         route = _ROUTE_RE.match(addr)  # obs-route "<@relay:user@dom>": ignore the route
         if route:
             addr = addr[route.end() :].strip()
-    if not _valid_addr_spec(addr):
+    if not valid_address(addr):
         return None
     return addr
 

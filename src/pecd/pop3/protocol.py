@@ -26,6 +26,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pecd.pec.address import normalize_address
+
 __all__ = [
     "MAX_COMMAND_LINE",
     "MAX_SASL_LINE",
@@ -422,7 +424,7 @@ class Pop3Session:
             return self._bad("malformed SASL PLAIN response")
         if not authcid or not password:
             return self._bad("malformed SASL PLAIN response")
-        if authzid and authzid.lower() != authcid.lower():
+        if authzid and normalize_address(authzid) != normalize_address(authcid):
             return [Send(err("authorization identity must be the login name", "AUTH"))]
         self._login_pending = True
         return [Login(authcid, password)]

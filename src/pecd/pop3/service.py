@@ -38,6 +38,7 @@ from pecd.guard import Admission, Guard
 from pecd.imap.backend import Authenticator
 from pecd.mailbox import uidlist
 from pecd.mailbox.maildir import MaildirStore
+from pecd.pec.address import normalize_address
 from pecd.pop3.protocol import (
     MAX_SASL_LINE,
     Close,
@@ -265,7 +266,7 @@ class _Connection:
             return self.session.login_failed(LoginFailure.BAD_CREDENTIALS)
         if guard is not None:
             guard.succeeded(self.peer, address)
-        key = address.strip().lower()
+        key = normalize_address(address)
         if key in service.locks:
             return self.session.login_failed(LoginFailure.IN_USE)
         service.locks.add(key)

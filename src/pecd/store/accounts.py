@@ -15,7 +15,6 @@ import re
 import secrets
 import time
 from collections.abc import Callable
-from decimal import Decimal, InvalidOperation
 from typing import TypeVar
 
 from argon2 import PasswordHasher
@@ -24,6 +23,14 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from pecd.clock import Clock, SystemClock
+from pecd.pec.address import (
+    domain_of,
+    normalize_address,
+    normalize_domain,
+    valid_address,
+    valid_domain,
+)
+from pecd.pec.size import parse_size as parse_size  # re-exported: cli.py imports it from here
 from pecd.store.db import Database
 from pecd.store.models import Domain, Mailbox
 
@@ -39,24 +46,30 @@ class AccountError(ValueError):
     """A refused account operation; the message is one line meant for the operator."""
 
 
-def normalize_domain(name: str) -> str:
-    """The lowercase domain name, or AccountError."""
-    domain = name.strip().lower()
-    if not _DOMAIN_RE.match(domain):
+def _account_domain(name: str) -> str:
+    """A domain pecd hosts mailboxes in, normalised (``pecd.pec.address``), or AccountError.
+
+    Narrower than a valid mail domain: ASCII letters, digits and hyphens only (an IDN is
+    written in punycode), since the name becomes a directory of the Maildir tree.
+    """
+    domain = normalize_domain(name)
+    if not _DOMAIN_RE.match(domain) or not valid_domain(domain):
         raise AccountError(f"not a domain name: {name!r}")
     return domain
 
 
-def normalize_address(address: str) -> str:
-    """The lowercase mail address (``local@domain``), or AccountError."""
-    text = address.strip().lower()
+def _account_address(address: str) -> str:
+    """A mailbox address pecd creates, normalised (``pecd.pec.address``), or AccountError.
+
+    Narrower than a valid mail address: an ASCII dot-atom local part (no quoted strings), in a
+    domain as :func:`_account_domain` takes it.
+    """
+    text = normalize_address(address)
     local, at, domain = text.rpartition("@")
     if (
         not at
+        or not valid_address(text)
         or not _LOCAL_RE.match(local)
-        or local.startswith(".")
-        or local.endswith(".")
-        or ".." in local
         or not _DOMAIN_RE.match(domain)
     ):
         raise AccountError(f"not a mail address: {address!r}")
@@ -155,7 +168,7 @@ class Accounts:
     # --- domains ---------------------------------------------------------------------------
 
     async def add_domain(self, name: str) -> Domain:
-        domain = Domain(name=normalize_domain(name), created_at=self.clock.now())
+        domain = Domain(name=_account_domain(name), created_at=self.clock.now())
         try:
             async with self.db.session() as s, s.begin():
                 if await s.get(Domain, domain.name) is not None:
@@ -175,8 +188,8 @@ class Accounts:
         self, address: str, password: str, quota_bytes: int | None = None
     ) -> Mailbox:
         """Create a mailbox in an existing domain."""
-        canonical = normalize_address(address)
-        domain = canonical.rpartition("@")[2]
+        canonical = _account_address(address)
+        domain = domain_of(canonical)
         _check_password(password)
         if quota_bytes is not None and quota_bytes < 0:
             raise AccountError("quota must not be negative")
@@ -208,25 +221,25 @@ class Accounts:
     async def list_mailboxes(self, domain: str | None = None) -> list[Mailbox]:
         stmt = select(Mailbox).order_by(Mailbox.address)
         if domain is not None:
-            stmt = stmt.where(Mailbox.domain == domain.strip().lower())
+            stmt = stmt.where(Mailbox.domain == normalize_domain(domain))
         async with self.db.read_session() as s:
             return list((await s.scalars(stmt)).all())
 
     async def get(self, address: str) -> Mailbox | None:
         async with self.db.read_session() as s:
-            return await s.get(Mailbox, address.strip().lower())
+            return await s.get(Mailbox, normalize_address(address))
 
     async def set_password(self, address: str, password: str) -> None:
-        canonical = address.strip().lower()
+        canonical = normalize_address(address)
         _check_password(password)
         password_hash = await asyncio.to_thread(self.hasher.hash, password)
         await self._update(canonical, password_hash=password_hash)
 
     async def disable(self, address: str) -> None:
-        await self._update(address.strip().lower(), disabled=True)
+        await self._update(normalize_address(address), disabled=True)
 
     async def enable(self, address: str) -> None:
-        await self._update(address.strip().lower(), disabled=False)
+        await self._update(normalize_address(address), disabled=False)
 
     async def _update(self, canonical: str, **values: object) -> None:
         async with self.db.session() as s, s.begin():
@@ -259,7 +272,7 @@ class Accounts:
         checked against a dummy hash). ``first``: the client address has no recent failed
         login (``Guard.clean``), so its check goes ahead of those waiting for a slot.
         """
-        canonical = address.strip().lower()
+        canonical = normalize_address(address)
         if not _encodable(canonical) or not _encodable(password):
             # Bytes that are not UTF-8 (lone surrogates from a client's raw bytes) name no
             # mailbox and are no password: a refused login, not a store failure.
@@ -305,23 +318,3 @@ def _encodable(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return "\x00" not in text
-
-
-_UNITS: dict[str, int] = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """Bytes from a size such as ``1048576``, ``500M``, ``1G``, ``2.5GB``, ``100KiB``.
-
-    Units are binary (K = 1024, M = 1024², G = 1024³, T = 1024⁴), as for mail quotas; ``B``
-    and ``iB`` suffixes are optional. Fractions are rounded down to whole bytes.
-    """
-    match = _SIZE_RE.match(text)
-    if not match:
-        raise ValueError(f"not a size: {text!r} (examples: 1048576, 500M, 1G, 2.5GB)")
-    try:
-        number = Decimal(match.group(1))
-    except InvalidOperation:  # pragma: no cover - the pattern only lets decimals through
-        raise ValueError(f"not a size: {text!r}") from None
-    return int(number * _UNITS[match.group(2).upper()])
