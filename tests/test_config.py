@@ -50,7 +50,7 @@ def test_documented_example_loads(tmp_path: Path, pki_dir: Path) -> None:
         ("\n[limits]\nmax_recipients = 10\n", "limits: max_recipients must be at least 50"),
         (
             '\n[limits]\nmax_message_size = "lots"\n',
-            "limits.max_message_size: 'lots' is not a size",
+            "limits.max_message_size: not a size: 'lots'",
         ),
         ("\n[queue]\nworkerz = 3\n", "queue.workerz: is not a known key"),
         ('\n[relay]\nstarttls = "maybe"\n', "relay.starttls: Input should be"),
