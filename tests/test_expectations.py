@@ -19,8 +19,8 @@ H = timedelta(hours=1)
 
 async def setup(d: Database) -> None:
     async with d.session() as s, s.begin():
-        await expectations.expect(
-            s,
+        await s.run_sync(
+            expectations.expect_sync,
             pec_msgid="id@pec.a",
             recipients=["nothing@b", "presa@b", "late@b", "ontime@b"],
             sender="alice@pec.a",
@@ -28,8 +28,8 @@ async def setup(d: Database) -> None:
             sent_at=T0,
         )
         # A re-run of the same stage adds nothing.
-        await expectations.expect(
-            s,
+        await s.run_sync(
+            expectations.expect_sync,
             pec_msgid="id@pec.a",
             recipients=["nothing@b"],
             sender="alice@pec.a",
@@ -44,12 +44,12 @@ async def due_at(d: Database, at: datetime) -> list[tuple[str, bool]]:
     async with d.session() as s, s.begin():
         for row in await expectations.due(s, at, FIRST, FINAL):
             final = row.sent_at <= at - FINAL
-            if not final and await expectations.noticed(
-                s, row.pec_msgid, row.recipient, at, final=False
+            if not final and await s.run_sync(
+                expectations.noticed_sync, row.pec_msgid, row.recipient, at, final=False
             ):
                 out.append((row.recipient, False))
-            if final and await expectations.noticed(
-                s, row.pec_msgid, row.recipient, at, final=True
+            if final and await s.run_sync(
+                expectations.noticed_sync, row.pec_msgid, row.recipient, at, final=True
             ):
                 out.append((row.recipient, True))
     return sorted(out)
@@ -60,13 +60,17 @@ def test_the_cases_of_the_rules(db: Backend) -> None:
         await setup(d)
         async with d.session() as s, s.begin():
             # presa@b: presa in carico within 12 h, never delivered.
-            await expectations.took_charge(s, "id@pec.a", ["PRESA@b"], T0 + 2 * H)
+            await s.run_sync(expectations.took_charge_sync, "id@pec.a", ["PRESA@b"], T0 + 2 * H)
             # ontime@b: delivered within 12 h.
-            await expectations.close(s, "id@pec.a", "ontime@b", T0 + 3 * H, "avvenuta-consegna")
+            await s.run_sync(
+                expectations.close_sync, "id@pec.a", "ontime@b", T0 + 3 * H, "avvenuta-consegna"
+            )
         steps = [await due_at(d, T0 + 11 * H), await due_at(d, T0 + 12 * H)]
         async with d.session() as s, s.begin():
             # late@b: delivered between 12 h and 24 h, without presa in carico.
-            await expectations.close(s, "id@pec.a", "late@b", T0 + 15 * H, "avvenuta-consegna")
+            await s.run_sync(
+                expectations.close_sync, "id@pec.a", "late@b", T0 + 15 * H, "avvenuta-consegna"
+            )
         steps += [await due_at(d, T0 + 18 * H), await due_at(d, T0 + 24 * H)]
         steps.append(await due_at(d, T0 + 48 * H))  # tracking has stopped
         return steps
@@ -86,8 +90,10 @@ def test_a_closed_recipient_owes_nothing(db: Backend, outcome: str) -> None:
         await setup(d)
         async with d.session() as s, s.begin():
             for r in ("nothing@b", "presa@b", "late@b", "ontime@b"):
-                assert await expectations.close(s, "id@pec.a", r, T0 + H, outcome)
-            assert not await expectations.close(s, "id@pec.a", "late@b", T0 + H, outcome)
+                assert await s.run_sync(expectations.close_sync, "id@pec.a", r, T0 + H, outcome)
+            assert not await s.run_sync(
+                expectations.close_sync, "id@pec.a", "late@b", T0 + H, outcome
+            )
         return await due_at(d, T0 + 30 * H)
 
     assert db.run(main) == []

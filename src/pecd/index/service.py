@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,7 +138,6 @@ class IndexService:
         self._current: LoadedIndex | None = None
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
-        self.loaded_at: float | None = None  # time.time() of the snapshot in use
         self.last_error: str | None = None  # why the latest reload failed, None after a good one
 
     @property
@@ -180,7 +178,6 @@ class IndexService:
     def _use(self, loaded: LoadedIndex) -> None:
         _log_notes(loaded)
         self._current = loaded
-        self.loaded_at = time.time()
         self.last_error = None
         log.info(
             "provider index loaded from %s: %d entries, %d skipped",

@@ -31,16 +31,6 @@ def to_crlf(data: bytes) -> bytes:
     return _LONE_LF.sub(b"\r\n", data)
 
 
-def split_head(raw: bytes) -> tuple[bytes, bytes]:
-    """(header block without the blank line, body). A message with no blank line is all header.
-
-    The body is a copy: to read header fields, :func:`head_of` does not make one."""
-    m = _HEAD_END.search(raw)
-    if m is None:
-        return raw, b""
-    return raw[: m.start()], raw[m.end() :]
-
-
 def head_of(raw: bytes) -> bytes:
     """The header block of ``raw`` without the blank line (all of it when there is none)."""
     m = _HEAD_END.search(raw)

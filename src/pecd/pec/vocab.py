@@ -102,7 +102,6 @@ CT_SIGNATURE_ALIASES: Final = frozenset(
     {"application/x-pkcs7-signature", "application/pkcs7-signature"}
 )
 CT_PKCS7_MIME: Final = frozenset({"application/x-pkcs7-mime", "application/pkcs7-mime"})
-CT_DATICERT: Final = "application/xml"
 CT_POSTACERT: Final = "message/rfc822"
 
 # --- texts that recipients see in accettazione --------------------------------------------------
@@ -113,11 +112,6 @@ LABEL_POSTA_ORDINARIA: Final = '"posta ordinaria"'
 # --- service limits the rules require a provider to guarantee (DM art. 12) --------------------
 MIN_RECIPIENTS_GUARANTEED: Final = 50
 MIN_RECIPIENTS_TIMES_SIZE: Final = 30 * 1000 * 1000
-
-# --- timers (RFC 6109 2.1.1.1, 3.1.6) ---------------------------------------------------------
-PREAVVISO_FIRST_HOURS: Final = 12
-PREAVVISO_FINAL_HOURS: Final = 24
-PREAVVISO_FINAL_EARLIEST_HOURS: Final = 22
 
 # --- message kinds that classification returns ---------------------------------------------------
 

@@ -15,7 +15,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
-from pecd.store.models import Expectation
+from pecd.pec.address import normalize_address
+from pecd.store.models import Expectation, table_of
 
 
 def expect_sync(
@@ -36,7 +37,7 @@ def expect_sync(
         for r in recipients
     ]
     session.execute(
-        insert(Expectation.__table__).on_conflict_do_nothing(
+        insert(table_of(Expectation)).on_conflict_do_nothing(
             index_elements=["pec_msgid", "recipient"]
         ),
         rows,
@@ -51,7 +52,7 @@ def took_charge_sync(
         update(Expectation)
         .where(
             Expectation.pec_msgid == pec_msgid,
-            Expectation.recipient.in_([r.lower() for r in recipients]),
+            Expectation.recipient.in_([normalize_address(r) for r in recipients]),
             Expectation.presa_at.is_(None),
         )
         .values(presa_at=at)
@@ -72,7 +73,7 @@ def close_sync(
         update(Expectation)
         .where(
             Expectation.pec_msgid == pec_msgid,
-            Expectation.recipient == recipient.lower(),
+            Expectation.recipient == normalize_address(recipient),
             Expectation.closed_at.is_(None),
         )
         .values(**values)
@@ -124,19 +125,3 @@ def noticed_sync(
         .execution_options(synchronize_session=False)
     )
     return result.first() is not None
-
-
-async def expect(session: AsyncSession, **kw: Any) -> None:
-    await session.run_sync(lambda s: expect_sync(s, **kw))
-
-
-async def took_charge(session: AsyncSession, *args: Any) -> int:
-    return await session.run_sync(lambda s: took_charge_sync(s, *args))
-
-
-async def close(session: AsyncSession, *args: Any) -> bool:
-    return await session.run_sync(lambda s: close_sync(s, *args))
-
-
-async def noticed(session: AsyncSession, *args: Any, final: bool) -> bool:
-    return await session.run_sync(lambda s: noticed_sync(s, *args, final=final))

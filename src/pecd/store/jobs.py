@@ -27,9 +27,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from pecd.store.db import Database
-from pecd.store.models import Job
+from pecd.store.models import Job, table_of
 
-_JOBS = Job.__table__  # Core statements on the hot path (see claim_batch)
+_JOBS = table_of(Job)  # Core statements on the hot path (see claim_batch)
 
 READY = "ready"
 RUNNING = "running"
@@ -89,8 +89,8 @@ def _insert_stmt(dialect: str) -> Any:
     """``INSERT … ON CONFLICT (key) DO NOTHING RETURNING id``, built once per dialect: the
     values travel as parameters, so the compiled statement is reused for every job."""
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    table = Job.__table__  # Core, not ORM-enabled: the ORM's bulk-insert path is costly here
-    return insert(table).on_conflict_do_nothing(index_elements=["key"]).returning(table.c.id)
+    # Core, not ORM-enabled: the ORM's bulk-insert path is costly here.
+    return insert(_JOBS).on_conflict_do_nothing(index_elements=["key"]).returning(_JOBS.c.id)
 
 
 async def claim(
@@ -188,7 +188,7 @@ async def complete(session: AsyncSession, job_id: int, *, now: datetime | None =
 
     ``now`` (optional) sets ``updated_at``; without it ``updated_at`` stays the claim time.
     """
-    if not await complete_many(session, [job_id], now=now):
+    if not await session.run_sync(complete_many_sync, [job_id], now=now):
         raise JobError(f"job {job_id} does not exist")
 
 
@@ -198,11 +198,6 @@ def _done(now: datetime | None) -> dict[str, Any]:
     if now is not None:
         values["updated_at"] = now
     return values
-
-
-async def complete_many(session: AsyncSession, job_ids: Sequence[int], **kw: Any) -> int:
-    """:func:`complete_many_sync` in an async session (same arguments)."""
-    return await session.run_sync(lambda s: complete_many_sync(s, job_ids, **kw))
 
 
 def complete_many_sync(

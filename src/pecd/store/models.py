@@ -23,10 +23,13 @@ from sqlalchemy import (
     LargeBinary,
     MetaData,
     String,
+    Table,
     Text,
     TypeDecorator,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, validates
+
+from pecd.pec.address import normalize_address, normalize_domain
 
 NAMING_CONVENTION: dict[str, str] = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -83,6 +86,15 @@ class Base(DeclarativeBase):
     }
 
 
+def table_of(model: type[Base]) -> Table:
+    """The Core ``Table`` of a mapped class, for Core statements on hot paths (the ORM's
+    unit of work costs more than the rows). SQLAlchemy types ``__table__`` as any FromClause;
+    every model here is mapped to one plain Table."""
+    table = model.__table__
+    assert isinstance(table, Table), model
+    return table
+
+
 class Domain(Base):
     """A mail domain served by this provider. ``name`` is lowercase."""
 
@@ -93,7 +105,7 @@ class Domain(Base):
 
     @validates("name")
     def _lower_name(self, _key: str, value: str) -> str:
-        return value.strip().lower()
+        return normalize_domain(value)
 
     def __repr__(self) -> str:
         return f"Domain({self.name!r})"
@@ -112,8 +124,8 @@ class Mailbox(Base):
     created_at: Mapped[datetime]
 
     @validates("address", "domain")
-    def _lower(self, _key: str, value: str) -> str:
-        return value.strip().lower()
+    def _lower(self, key: str, value: str) -> str:
+        return normalize_address(value) if key == "address" else normalize_domain(value)
 
     def __repr__(self) -> str:
         return f"Mailbox({self.address!r}, disabled={self.disabled})"
@@ -209,21 +221,6 @@ class TraceSigner(Base):
     sha1: Mapped[str] = mapped_column(String(40), primary_key=True)
     certificate: Mapped[bytes]
     created_at: Mapped[datetime]
-
-
-class DeliveryRecord(Base):
-    """One idempotent Maildir delivery: ``key`` (PEC msgid + stage + recipient) -> the file."""
-
-    __tablename__ = "delivery_records"
-
-    key: Mapped[str] = mapped_column(String, primary_key=True)
-    mailbox: Mapped[str] = mapped_column(String(320))
-    folder: Mapped[str] = mapped_column(String(255))
-    filename: Mapped[str] = mapped_column(String(255))
-    created_at: Mapped[datetime]
-
-    def __repr__(self) -> str:
-        return f"DeliveryRecord({self.key!r} -> {self.mailbox}/{self.folder}/{self.filename})"
 
 
 class Expectation(Base):

@@ -34,6 +34,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from sqlalchemy import (
+    ColumnElement,
     Text,
     bindparam,
     cast,
@@ -66,7 +67,7 @@ def canonical(dialect: str) -> Any:
     unquoted) and comma-separated, so that no two different rows give the same text. Doing
     this in SQL keeps verification at the speed of reading rows."""
     quote = func.quote_nullable if dialect == "postgresql" else func.quote
-    parts = []
+    parts: list[ColumnElement[Any]] = []
     for name in _COLUMNS:
         col = getattr(TraceEvent, name)
         if dialect != "postgresql":
@@ -171,7 +172,7 @@ async def seal_pending(
                 .execution_options(synchronize_session=False)
             )
         ).all()
-        rows.sort(key=lambda r: r.id)
+        rows = sorted(rows, key=lambda r: r.id)
         seal = await s.get(TraceSeal, seal_id)
         assert seal is not None
         seal.digests = b"".join(_DIGEST.pack(r.id, event_digest(r.canonical)) for r in rows)
