@@ -22,18 +22,17 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 
 from pecd.config import Endpoint
 from pecd.guard import Guard
+from pecd.pec.address import normalize_address, valid_address
 from pecd.runtime.intake import Intake
 from pecd.runtime.pipeline import SUBMISSION, Services
 from pecd.runtime.smtp import (
     IntakeEnvelope,
     IntakeSMTP,
     Reply,
-    bare,
     bound_port,
     close_servers,
     peer_of,
     received_header,
-    valid_address,
 )
 
 log = logging.getLogger(__name__)
@@ -74,7 +73,7 @@ class AccessHandler:
     async def _check(self, server: SMTP, login: bytes, password: bytes) -> AuthResult:
         assert server.session is not None
         peer = peer_of(server.session)
-        account = login.decode("utf-8", "replace").strip().lower()
+        account = normalize_address(login.decode("utf-8", "replace"))
         # The delay owed for earlier failures comes before the password check, and so before
         # a hash slot is taken: throttled guesses do not queue ahead of real logins.
         await self.guard.before_login(peer, account)
@@ -118,7 +117,7 @@ class AccessHandler:
         authzid, login, password = parts
         if authzid and authzid != login:
             assert server.session is not None
-            account = login.decode("utf-8", "replace").strip().lower()
+            account = normalize_address(login.decode("utf-8", "replace"))
             return await self._failed(server, peer_of(server.session), account)
         return await self._check(server, login, password)
 
@@ -150,9 +149,9 @@ class AccessHandler:
     ) -> str:
         if not session.authenticated:
             return Reply.AUTH_REQUIRED
-        if bare(address) != session.auth_data:
+        if normalize_address(address) != session.auth_data:
             return Reply.SENDER_NOT_OWNED
-        envelope.mail_from = bare(address)
+        envelope.mail_from = normalize_address(address)
         envelope.mail_options.extend(mail_options)
         return Reply.OK
 
@@ -164,7 +163,7 @@ class AccessHandler:
         address: str,
         rcpt_options: list[str],
     ) -> str:
-        addr = bare(address)
+        addr = normalize_address(address)
         if not valid_address(addr):
             return Reply.BAD_ADDRESS
         if len(envelope.rcpt_tos) >= self.rcpt_cap:

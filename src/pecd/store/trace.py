@@ -15,8 +15,9 @@ from sqlalchemy import String, cast, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
+from pecd.pec.address import normalize_address
 from pecd.store.db import defer
-from pecd.store.models import TraceEvent
+from pecd.store.models import TraceEvent, table_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +75,7 @@ def record_sync(session: Session, event: TraceEventData) -> None:
     )
 
 
-_INSERT = insert(TraceEvent.__table__)
+_INSERT = insert(table_of(TraceEvent))
 
 
 async def events_for(session: AsyncSession, pec_msgid: str) -> list[TraceEvent]:
@@ -132,10 +133,10 @@ class Query:
                 TraceEvent.client_msgid == (mid if mid.startswith("<") else f"<{mid}>")
             )
         if self.sender:
-            stmt = stmt.where(TraceEvent.sender == self.sender.strip().lower())
+            stmt = stmt.where(TraceEvent.sender == normalize_address(self.sender))
         if self.recipient:
             # Recipients are a JSON list of objects; their text holds the quoted address.
-            needle = f'%"{self.recipient.strip().lower()}"%'
+            needle = f'%"{normalize_address(self.recipient)}"%'
             stmt = stmt.where(cast(TraceEvent.recipients, String).like(needle))
         if self.subject:
             stmt = stmt.where(func.lower(TraceEvent.subject).contains(self.subject.lower()))
