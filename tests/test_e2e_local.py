@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import asyncio
-import imaplib
 import smtplib
-import ssl
-import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from helpers import (
+    DOMAIN,
+    PASSWORD,
+    client_tls,
+    fetch_all,
+    install_e2e,
+    message,
+    openssl_verify,
+    wait_for,
+    wait_settled,
+)
 from helpers import AppThread as Server
-from pecd.clock import SystemClock
-from pecd.config import Config, load_config
-from pecd.devinit import config_text, init_installation
 from pecd.pec.checks import (
     BCC_PRESENT,
     RECIPIENTS_MISMATCH,
@@ -29,147 +33,17 @@ from pecd.pec.checks import (
 from pecd.pec.classify import classify
 from pecd.pec.vocab import Kind, Ricevuta, TipoRicevuta
 from pecd.store.accounts import Accounts
-from pecd.store.db import Database, migrate_async
-
-DOMAIN = "pec.example.test"
-PASSWORD = "correct horse battery"
-
-
-async def _install(
-    directory: Path, postgres_url: str | None, extra: str = "", queue: str = ""
-) -> Config:
-    """A test installation; ``queue`` adds lines to its [queue] section, ``extra`` sections."""
-    await init_installation(
-        directory, domain=DOMAIN, name="Example PEC S.p.A.", clock=SystemClock(), demo=False
-    )
-    text = config_text(
-        domain=DOMAIN, name="Example PEC S.p.A.", ports={"smtps": 0, "submission": 0, "imaps": 0}
-    )
-    if postgres_url:
-        text = text.replace(
-            'data_dir = "data"', f'data_dir = "data"\ndatabase_url = "{postgres_url}"'
-        )
-    text += f"\n[queue]\nbase_delay_seconds = 0.2\n{queue}\n"
-    text += '\n[limits]\nmax_recipients = 50\nmax_recipients_times_size = "30M"\n' + extra
-    (directory / "pecd.toml").write_text(text, "utf-8")
-    cfg = load_config(directory / "pecd.toml")
-    if postgres_url:
-        await migrate_async(cfg.database_url)
-    db = await Database.open(cfg.database_url)
-    acc = Accounts(db)
-    if postgres_url:
-        # init wrote the domain and the service mailbox into the SQLite file it created.
-        await acc.add_domain(DOMAIN)
-        await acc.add_mailbox(cfg.provider.mail_receipt, PASSWORD)
-    else:
-        await acc.set_password(cfg.provider.mail_receipt, PASSWORD)
-    try:
-        for user in ("alice", "bob", "carol", "dan"):
-            await acc.add_mailbox(f"{user}@{DOMAIN}", PASSWORD)
-        await acc.disable(f"dan@{DOMAIN}")
-    finally:
-        await db.close()
-    return cfg
+from pecd.store.db import Database
 
 
 @pytest.fixture
 def server(tmp_path: Path, db_url_for_e2e: str | None) -> Iterator[Server]:
-    cfg = asyncio.run(_install(tmp_path / "inst", db_url_for_e2e))
+    cfg = asyncio.run(install_e2e(tmp_path / "inst", db_url_for_e2e))
     srv = Server(cfg).start()
     try:
         yield srv
     finally:
         srv.stop()
-
-
-def client_tls(cfg: Config) -> ssl.SSLContext:
-    assert cfg.tls.ca is not None
-    return ssl.create_default_context(cafile=str(cfg.tls.ca))
-
-
-def message(
-    frm: str, to: list[str], cc: list[str], subject: str, extra: str = "", pad: int = 0
-) -> bytes:
-    lines = [
-        f"From: {frm}",
-        "To: " + ",\r\n ".join(to),  # folded, as clients do
-        *([f"Cc: {', '.join(cc)}"] if cc else []),
-        f"Subject: {subject}",
-        "Message-ID: <test-" + subject.replace(" ", "-") + "@client.example>",
-        "Date: Tue, 24 Nov 2026 10:00:00 +0100",
-        "MIME-Version: 1.0",
-        "Content-Type: text/plain; charset=utf-8",
-        "Content-Transfer-Encoding: 8bit",
-        *([extra] if extra else []),
-        "",
-        "Buongiorno, questo è un messaggio di posta certificata.",
-        *(["x" * 76] * (pad // 78)),
-        "",
-    ]
-    return "\r\n".join(lines).encode("utf-8")
-
-
-def fetched_literal(data: list[Any]) -> bytes:
-    """The message of an imaplib FETCH answer. imaplib also returns the unsolicited FETCH
-    responses it collected (a flag change of another message, sent as plain bytes), and they
-    can come first: the message is the one (head, literal) pair."""
-    for item in data:
-        if isinstance(item, tuple):
-            return bytes(item[1])
-    raise AssertionError(f"no message literal in {data!r}")
-
-
-def fetch_all(srv: Server, user: str) -> list[bytes]:
-    with imaplib.IMAP4_SSL("127.0.0.1", srv.port("imaps"), ssl_context=client_tls(srv.cfg)) as imap:
-        imap.login(f"{user}@{DOMAIN}", PASSWORD)
-        imap.select("INBOX")
-        typ, data = imap.search(None, "ALL")
-        assert typ == "OK"
-        out = []
-        for num in data[0].split():
-            typ, msg = imap.fetch(num, "(BODY.PEEK[])")
-            assert typ == "OK"
-            out.append(fetched_literal(msg))
-        return out
-
-
-def wait_for(pred: Callable[[], Any], timeout: float = 30.0) -> Any:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.2)
-
-
-def openssl_ok(raw: bytes, ca: Path, tmp: Path) -> None:
-    f = tmp / "m.eml"
-    f.write_bytes(raw)
-    r = subprocess.run(
-        [
-            "openssl",
-            "cms",
-            "-verify",
-            "-inform",
-            "SMIME",
-            "-in",
-            str(f),
-            "-CAfile",
-            str(ca),
-            "-purpose",
-            "any",
-            "-out",
-            "/dev/null",
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert r.returncode == 0, r.stderr
 
 
 def by_ricevuta(msgs: list[bytes]) -> dict[str, list[Any]]:
@@ -207,7 +81,7 @@ def test_alice_sends_to_bob_carol_and_a_missing_mailbox(
     ca = server.cfg.tls.ca
     assert ca is not None
     for raw_msg in inbox:
-        openssl_ok(raw_msg, ca, tmp_path)
+        openssl_verify(raw_msg, ca, tmp_path)
     acc = kinds["accettazione"][0]
     assert acc.is_valid_pec
     d = acc.daticert
@@ -234,7 +108,7 @@ def test_alice_sends_to_bob_carol_and_a_missing_mailbox(
         env = classify(box[0])
         assert env.kind is Kind.TRANSPORT_ENVELOPE and env.is_valid_pec
         assert env.daticert is not None and env.daticert.identificativo == ident
-        openssl_ok(box[0], ca, tmp_path)
+        openssl_verify(box[0], ca, tmp_path)
     # The service mailbox holds exactly one presa in carico covering the local recipients.
     service = fetch_all(server, "ricevute")
     presa = [classify(m) for m in service]
@@ -270,7 +144,7 @@ def test_formal_violations_yield_non_accettazione(
     """Each formal check of spec section 4 refused with its reason; nothing relayed or delivered.
 
     The server of these tests has the legal minimum limits (50 recipients, recipients x size
-    30 MB; see ``_install``). A message over ``max_message_size`` is refused by SMTP itself (552),
+    30 MB; see ``install_e2e``). A message over ``max_message_size`` is refused by SMTP itself (552),
     as the rules allow when it is too large even for a notice (test_large_message.py)."""
     alice = f"alice@{DOMAIN}"
     pad = int(extra.removeprefix("pad:")) if extra.startswith("pad:") else 0
@@ -296,7 +170,7 @@ def test_formal_violations_yield_non_accettazione(
     assert c.postacert is None
     assert c.daticert is not None and c.daticert.errore.value == "altro"
     assert REASON[code] in (c.daticert.errore_esteso or ""), (code, c.daticert.errore_esteso)
-    time.sleep(0.5)  # a delivery would have come by now
+    wait_settled(server)  # every job done: a delivery would have come by now
     for user in ("bob", "carol"):
         assert fetch_all(server, user) == []
 
@@ -328,7 +202,7 @@ def test_a_delivery_that_keeps_failing_ends_in_errore_consegna(
     attempt; the other recipient is delivered once; nothing is left parked."""
     from pecd.mailbox.maildir import MaildirStore
 
-    cfg = asyncio.run(_install(tmp_path / "inst", None, queue="max_attempts = 3"))
+    cfg = asyncio.run(install_e2e(tmp_path / "inst", None, queue="max_attempts = 3"))
     assert cfg.queue.max_attempts == 3
     # Deliveries run in the format processes, out of a monkeypatch's reach: break the disk
     # instead. carol's INBOX/tmp is a file, so every write into her INBOX fails.
@@ -342,10 +216,10 @@ def test_a_delivery_that_keeps_failing_ends_in_errore_consegna(
             smtp.login(alice, PASSWORD)
             smtp.sendmail(alice, [bob, carol], message(alice, [bob, carol], [], "Disco pieno"))
         inbox = wait_for(lambda: (m := fetch_all(srv, "alice")) and len(m) >= 3 and m)
-        time.sleep(1)
+        wait_settled(srv)  # every job done: nothing more may come
         inbox = fetch_all(srv, "alice")
-        assert srv.app is not None and srv.app.svc is not None
-        svc = srv.app.svc
+        assert srv.app is not None and srv.app.runner is not None
+        svc = srv.app.runner
 
         async def parked() -> int:
             from pecd.store import jobs
@@ -368,7 +242,7 @@ def test_disabled_and_full_mailboxes_get_errore_consegna(tmp_path: Path) -> None
     """A disabled mailbox (dan) and one over its quota (erin) each give the sender one
     errore-consegna with errore "altro" and the reason in errore-esteso; nothing is stored for
     them; the other recipient is delivered as usual."""
-    cfg = asyncio.run(_install(tmp_path / "inst", None))
+    cfg = asyncio.run(install_e2e(tmp_path / "inst", None))
     alice, bob, dan, erin = (f"{u}@{DOMAIN}" for u in ("alice", "bob", "dan", "erin"))
 
     async def add_erin() -> None:
@@ -385,7 +259,7 @@ def test_disabled_and_full_mailboxes_get_errore_consegna(tmp_path: Path) -> None
             smtp.login(alice, PASSWORD)
             smtp.sendmail(alice, [bob, dan, erin], message(alice, [bob, dan, erin], [], "Piena"))
         inbox = wait_for(lambda: (m := fetch_all(srv, "alice")) and len(m) >= 4 and m)
-        time.sleep(1)  # nothing more may come
+        wait_settled(srv)  # every job done: nothing more may come
         inbox = fetch_all(srv, "alice")
         assert len(fetch_all(srv, "bob")) == 1
         assert fetch_all(srv, "erin") == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import time
@@ -12,7 +13,11 @@ from pathlib import Path
 import pytest
 
 from helpers import DOMAIN, install
-from pecd.runtime.formats import DELIVERED, FormatWorkers, WorkerDied, provider_identity
+from pecd.engine.effects import Delivery
+from pecd.engine.vocab import DELIVERED
+from pecd.pec import builders
+from pecd.runtime.formats import FormatWorkers, WorkerDied
+from pecd.runtime.identity import provider_identity
 
 ALICE = f"alice@{DOMAIN}"
 MESSAGE = b"Subject: x\r\n\r\nx\r\n"
@@ -31,11 +36,11 @@ def test_a_worker_that_dies_fails_its_calls_and_is_replaced(tmp_path: Path) -> N
             slow = asyncio.create_task(fw._run(time.sleep, 60))
             await asyncio.sleep(0.3)
             busy = next(w for w in first if w.pending)
-            assert await fw.deliver_many([(ALICE, "k1", MESSAGE, None)]) == [DELIVERED]
+            assert await fw.deliver_many([Delivery(ALICE, "k1", MESSAGE)]) == [DELIVERED]
 
             # An exception in the worker reaches the caller with its own type.
             with pytest.raises(TypeError):
-                await fw.build("accettazione")
+                await fw.build_many([functools.partial(builders.accettazione)])
 
             # The process with the long call dies: that call fails, and no call hangs.
             os.kill(busy.proc.pid, signal.SIGKILL)
@@ -43,7 +48,7 @@ def test_a_worker_that_dies_fails_its_calls_and_is_replaced(tmp_path: Path) -> N
                 await asyncio.wait_for(slow, 10)
 
             # The next calls are served, a new process stands in the dead one's place.
-            assert await fw.deliver_many([(ALICE, "k2", MESSAGE, None)]) == [DELIVERED]
+            assert await fw.deliver_many([Delivery(ALICE, "k2", MESSAGE)]) == [DELIVERED]
             now = list(fw._workers)
             assert len(now) == 2 and all(w.alive and w.proc.is_alive() for w in now)
             assert busy.proc.pid not in {w.proc.pid for w in now}
@@ -60,7 +65,9 @@ def test_inline_formats_deliver_in_a_thread(tmp_path: Path) -> None:
         fw = FormatWorkers(cfg, provider_identity(cfg), processes=0)
         async with contextlib.AsyncExitStack() as stack:
             await fw.start(stack)
-            out = await fw.deliver_many([(ALICE, "k", MESSAGE, None), (ALICE, "k", MESSAGE, None)])
+            out = await fw.deliver_many(
+                [Delivery(ALICE, "k", MESSAGE), Delivery(ALICE, "k", MESSAGE)]
+            )
             assert out == [DELIVERED, DELIVERED]
             assert len(fw.maildir.list_folder(ALICE)) == 1
 
@@ -88,6 +95,6 @@ def test_an_answer_that_cannot_be_read_fails_only_its_call(tmp_path: Path) -> No
             with pytest.raises(RuntimeError, match="unreadable answer"):
                 await fw._run(raise_picky)
             assert worker.alive and fw._workers == [worker]
-            assert await fw.deliver_many([(ALICE, "k", MESSAGE, None)]) == [DELIVERED]
+            assert await fw.deliver_many([Delivery(ALICE, "k", MESSAGE)]) == [DELIVERED]
 
     asyncio.run(scenario())

@@ -17,7 +17,15 @@ from typing import Any
 
 import pytest
 
-from helpers import free_port
+from helpers import (
+    PASSWORD,
+    fetched_literal,
+    free_port,
+    message,
+    openssl_verify,
+    wait_for,
+)
+from helpers import AppThread as Server
 from pecd.clock import FixedClock, SystemClock
 from pecd.config import Config, load_config
 from pecd.devinit import config_text, init_installation
@@ -29,10 +37,9 @@ from pecd.pec.pki import create_dev_pki
 from pecd.pec.smime import KeySigner
 from pecd.pec.timefmt import pec_time
 from pecd.pec.vocab import Kind, Ricevuta, TipoRicevuta
-from pecd.runtime.formats import provider_identity
+from pecd.runtime.identity import provider_identity
 from pecd.store.accounts import Accounts
 from pecd.store.db import Database
-from test_e2e_local import PASSWORD, Server, fetched_literal, message, openssl_ok, wait_for
 
 A, B = "pec-a.test", "pec-b.test"
 
@@ -185,7 +192,7 @@ def test_certified_mail_between_two_providers(
         issuer = b if rcpt in (bob, dan) else a
         assert c.daticert.gestore_emittente == issuer.cfg.provider.name
         assert issuer.cfg.tls.ca is not None
-        openssl_ok(raw_of(raws, Ricevuta.AVVENUTA_CONSEGNA, rcpt), issuer.cfg.tls.ca, tmp_path)
+        openssl_verify(raw_of(raws, Ricevuta.AVVENUTA_CONSEGNA, rcpt), issuer.cfg.tls.ca, tmp_path)
     ident = by[(Ricevuta.ACCETTAZIONE, None)].daticert.identificativo  # type: ignore[union-attr]
 
     # A's service mailbox: B's presa in carico, one for the transaction, listing both of B's
@@ -204,7 +211,7 @@ def test_certified_mail_between_two_providers(
         assert env.kind is Kind.TRANSPORT_ENVELOPE and env.is_valid_pec
         assert env.daticert is not None and env.daticert.identificativo == ident
         assert a.cfg.tls.ca is not None
-        openssl_ok(env_raw, a.cfg.tls.ca, tmp_path)
+        openssl_verify(env_raw, a.cfg.tls.ca, tmp_path)
 
 
 def deliver_raw(p: Provider, mail_from: str, rcpts: list[str], raw: bytes) -> None:
@@ -218,8 +225,8 @@ def deliver_raw(p: Provider, mail_from: str, rcpts: list[str], raw: bytes) -> No
 def trace_events(p: Provider, event: str) -> list[Any]:
     from pecd.store.trace import events_of_type
 
-    assert p.server is not None and p.server.app is not None and p.server.app.svc is not None
-    db = p.server.app.svc.db
+    assert p.server is not None and p.server.app is not None and p.server.app.runner is not None
+    db = p.server.app.runner.db
 
     async def go() -> list[Any]:
         async with db.read_session() as s:
@@ -444,8 +451,8 @@ def test_a_slow_peer_does_not_hold_up_another(running: tuple[Provider, Provider]
     port = black_hole.getsockname()[1]
     try:
         assert a.server is not None and a.server.app is not None
-        assert a.server.app.svc is not None and a.server.app.svc.relay is not None
-        router = a.server.app.svc.relay.router
+        assert a.server.app.runner is not None and a.server.app.runner.relay is not None
+        router = a.server.app.runner.relay.router
         router.routes["slow.example"] = type(router.routes[B])("127.0.0.1", port)
         send(a, alice, ["nobody@slow.example"], [], "Verso un server lento")
         send(a, alice, [bob], [], "Verso B")
@@ -513,7 +520,7 @@ def reproduce_and_compare(p: Provider, raws: list[bytes], tmp: Path) -> set[str]
         )
         again = classify(out.read_bytes())
         assert again.is_valid_pec and again.daticert == c.daticert and again.virus == c.virus
-        openssl_ok(out.read_bytes(), p.cfg.tls.ca, tmp)
+        openssl_verify(out.read_bytes(), p.cfg.tls.ca, tmp)
         kinds.add(c.ricevuta.value + ("+virus" if c.virus else ""))  # type: ignore[union-attr]
     return kinds
 

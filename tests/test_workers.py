@@ -4,15 +4,42 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import types
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from helpers import install
-from pecd.clock import SystemClock
+from pecd.clock import Clock, SystemClock
+from pecd.config import Config
+from pecd.engine.effects import Effect
+from pecd.runtime.stages import Outbox
 from pecd.runtime.workers import WorkerPool
 from pecd.store import jobs
 from pecd.store.db import Database
+from pecd.store.models import Job
+
+
+@dataclass
+class SlowRunner:
+    """A job runner whose every stage takes 2.5 s and has no effect."""
+
+    cfg: Config
+    db: Database
+    clock: Clock = field(default_factory=SystemClock)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    relay_wake: asyncio.Event = field(default_factory=asyncio.Event)
+    runs: list[str] = field(default_factory=list)
+
+    async def prepare(self, job: Job) -> list[Effect]:
+        self.runs.append(job.locked_by or "")
+        await asyncio.sleep(2.5)  # the stage under test: longer than two lease periods
+        return []
+
+    def outbox(self, worker: str) -> Outbox:
+        return Outbox(worker, self.clock.now() + timedelta(seconds=self.cfg.queue.lease_seconds))
+
+    async def flush(self, outbox: Outbox) -> None:
+        return None
 
 
 def test_a_long_stage_keeps_its_lease(tmp_path: Path) -> None:
@@ -28,28 +55,13 @@ def test_a_long_stage_keeps_its_lease(tmp_path: Path) -> None:
         )
         db = await Database.open(cfg.database_url)
         try:
-            svc = types.SimpleNamespace(
-                cfg=cfg,
-                clock=SystemClock(),
-                db=db,
-                wake=asyncio.Event(),
-                relay_wake=asyncio.Event(),
-            )
-
-            async def slow(svc: object, job: object) -> object:
-                runs.append(getattr(job, "locked_by", ""))
-                await asyncio.sleep(2.5)
-
-                def nothing(session: object, outbox: object) -> None:
-                    return None
-
-                return nothing
+            runner = SlowRunner(cfg, db, runs=runs)
 
             async with db.session() as s, s.begin():
                 await jobs.enqueue(s, kind="slow", key="k", payload={}, now=datetime.now(UTC))
             async with contextlib.AsyncExitStack() as stack:
                 for name in ("a", "b"):
-                    pool = WorkerPool(svc, {"slow": slow}, count=1, name=name)  # type: ignore[arg-type, dict-item]
+                    pool = WorkerPool(runner, ["slow"], count=1, name=name)
                     await pool.start(stack)
                 for _ in range(100):
                     async with db.read_session() as s:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -12,18 +11,19 @@ from pathlib import Path
 
 from pecd.clock import Clock, SystemClock
 from pecd.config import Config
+from pecd.engine.vocab import LOCAL_KINDS, JobKind
 from pecd.guard import Guard
 from pecd.index import IndexService
 from pecd.mailbox.maildir import MaildirStore
 from pecd.memory import return_freed_messages_to_the_system
-from pecd.pec.checks import SubmissionLimits
 from pecd.runtime.access import AccessPoint
-from pecd.runtime.formats import FormatWorkers, provider_identity
+from pecd.runtime.formats import FormatWorkers
+from pecd.runtime.identity import provider_identity
 from pecd.runtime.intake import Intake
-from pecd.runtime.pipeline import RELAY, STAGES, Services
-from pecd.runtime.reception import RECEPTION, ReceptionPoint, stage_reception
-from pecd.runtime.relay import RelayClient, stage_relay
+from pecd.runtime.reception import ReceptionPoint
+from pecd.runtime.relay import RelayClient
 from pecd.runtime.sealer import Sealer
+from pecd.runtime.stages import StageRunner, make_context
 from pecd.runtime.supervisor import MailboxSupervisor
 from pecd.runtime.timers import Timers
 from pecd.runtime.tls import server_tls_context
@@ -41,7 +41,7 @@ class App:
     cfg: Config
     clock: Clock = field(default_factory=SystemClock)
     stack: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
-    svc: Services | None = None
+    runner: StageRunner | None = None
     access: AccessPoint | None = None
     mailboxes: MailboxSupervisor | None = None
     workers: WorkerPool | None = None
@@ -85,22 +85,14 @@ class App:
             cfg, provider, processes=cfg.queue.format_processes, maildir=maildir
         )
         await formats.start(self.stack)
-        limits = SubmissionLimits(
-            max_size=cfg.limits.max_message_size,
-            max_recipients=cfg.limits.max_recipients,
-            max_recipients_times_size=cfg.limits.max_recipients_times_size,
-        )
-        self.svc = Services(
+        self.runner = runner = StageRunner(
             cfg=cfg,
             clock=self.clock,
+            ctx=make_context(cfg, provider, self.index),
             db=db,
             accounts=accounts,
-            provider=provider,
-            limits=limits,
-            wake=asyncio.Event(),
             formats=formats,
             relay=RelayClient(cfg, cfg.listeners.hostname),
-            index=self.index,
         )
         # Started before the workers, so it stops after them and seals what they drained.
         self.sealer = Sealer(
@@ -114,33 +106,32 @@ class App:
         await self.sealer.start(self.stack)
         tls = server_tls_context(cfg)
         # Stop order is the reverse of start: listeners close first, then workers drain.
-        stages = {**STAGES, RECEPTION: stage_reception}
-        self.workers = WorkerPool(self.svc, stages, count=cfg.queue.workers, name="pipeline")
+        self.workers = WorkerPool(runner, LOCAL_KINDS, count=cfg.queue.workers, name="pipeline")
         await self.workers.start(self.stack)
         # The relay has workers of its own, one job each: a peer that is slow or down holds
         # only the worker talking to it, never local delivery. (Its retries until the message
         # expires are new jobs made by the stage; the pool's attempts count only crashes.)
         self.relay_workers = WorkerPool(
-            self.svc,
-            {RELAY: stage_relay},
+            runner,
+            [JobKind.RELAY],
             count=cfg.relay.workers,
             name="relay",
             batch=1,
-            wake=self.svc.relay_wake,
+            wake=runner.relay_wake,
             # Long enough for a whole SMTP dialogue with every MX of a slow destination, so
             # that no second worker takes the job over while the first is still sending.
             lease_seconds=max(cfg.queue.lease_seconds, cfg.relay.timeout_seconds * 8),
         )
         await self.relay_workers.start(self.stack)
-        self.timers = Timers(
-            self.svc, check_seconds=cfg.timers.check_seconds, node=self.workers.node
-        )
+        self.timers = Timers(runner, check_seconds=cfg.timers.check_seconds, node=self.workers.node)
         await self.timers.start(self.stack)
         lst = cfg.listeners
-        intake = Intake(db, self.svc.wake)
+        intake = Intake(db, runner.wake)
         await intake.start(self.stack)
         self.access = AccessPoint(
-            self.svc,
+            cfg,
+            self.clock,
+            accounts,
             tls,
             intake=intake,
             smtps=lst.smtps,
@@ -151,7 +142,8 @@ class App:
         await self.access.start(self.stack)
         if lst.reception is not None:
             self.reception = ReceptionPoint(
-                self.svc,
+                cfg,
+                self.clock,
                 tls,
                 intake=intake,
                 endpoint=lst.reception,

@@ -20,11 +20,12 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 
-from pecd.config import Endpoint
+from pecd.clock import Clock
+from pecd.config import Config, Endpoint
+from pecd.engine.vocab import JobKind
 from pecd.guard import Guard
 from pecd.pec.address import normalize_address, valid_address
 from pecd.runtime.intake import Intake
-from pecd.runtime.pipeline import SUBMISSION, Services
 from pecd.runtime.smtp import (
     IntakeEnvelope,
     IntakeSMTP,
@@ -34,6 +35,7 @@ from pecd.runtime.smtp import (
     peer_of,
     received_header,
 )
+from pecd.store.accounts import Accounts
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +60,22 @@ logging.getLogger("mail.log").addFilter(_ExpectedAiosmtpdWarnings())
 class AccessHandler:
     """aiosmtpd handler of the access point."""
 
-    def __init__(self, svc: Services, hostname: str, intake: Intake, guard: Guard) -> None:
-        self.svc = svc
+    def __init__(
+        self,
+        cfg: Config,
+        clock: Clock,
+        accounts: Accounts,
+        hostname: str,
+        intake: Intake,
+        guard: Guard,
+    ) -> None:
+        self.cfg = cfg
+        self.clock = clock
+        self.accounts = accounts
         self.hostname = hostname
         self.intake = intake
         self.guard = guard
-        limits = svc.cfg.limits
+        limits = cfg.limits
         # RCPTs beyond the formal limit still get a non-accettazione; past this hard cap
         # the SMTP session refuses them.
         self.rcpt_cap = max(limits.max_recipients * 2, 1000)
@@ -82,9 +94,7 @@ class AccessHandler:
         except UnicodeDecodeError:
             address = None
         else:
-            address = await self.svc.accounts.authenticate(
-                account, pw, first=self.guard.clean(peer)
-            )
+            address = await self.accounts.authenticate(account, pw, first=self.guard.clean(peer))
         if address is None:
             return await self._failed(server, peer, account)
         self.guard.succeeded(peer, address)
@@ -175,7 +185,7 @@ class AccessHandler:
         """The Received: field, written ahead of the message as DATA begins (IntakeSMTP)."""
         assert isinstance(envelope, IntakeEnvelope)
         key = envelope.intake_key = secrets.token_hex(12)
-        now = envelope.received_at = self.svc.clock.now()
+        now = envelope.received_at = self.clock.now()
         return received_header(
             session,
             by=self.hostname,
@@ -190,7 +200,9 @@ class AccessHandler:
             return Reply.AUTH_REQUIRED
         if not envelope.rcpt_tos:
             return Reply.NO_RCPTS
-        return await self.intake.reply(SUBMISSION, session, envelope, user=session.auth_data)
+        return await self.intake.reply(
+            JobKind.SUBMISSION, session, envelope, user=session.auth_data
+        )
 
 
 class AccessPoint:
@@ -198,7 +210,9 @@ class AccessPoint:
 
     def __init__(
         self,
-        svc: Services,
+        cfg: Config,
+        clock: Clock,
+        accounts: Accounts,
         tls: ssl.SSLContext,
         *,
         intake: Intake,
@@ -207,21 +221,21 @@ class AccessPoint:
         hostname: str,
         guard: Guard | None = None,
     ) -> None:
-        self.svc = svc
+        self.cfg = cfg
         self.tls = tls
         self.smtps = smtps
         self.submission = submission
         self.hostname = hostname
         # Connection limits and login throttling; one Guard per process, shared by listeners.
-        self.guard = guard if guard is not None else Guard(svc.cfg.security)
-        self.handler = AccessHandler(svc, hostname, intake, self.guard)
+        self.guard = guard if guard is not None else Guard(cfg.security)
+        self.handler = AccessHandler(cfg, clock, accounts, hostname, intake, self.guard)
         self.servers: dict[str, asyncio.Server] = {}
 
     def _factory(self, implicit_tls: bool) -> IntakeSMTP:
         common: dict[str, Any] = dict(
             hostname=self.hostname,
             ident="pecd",
-            data_size_limit=self.svc.cfg.limits.max_message_size,
+            data_size_limit=self.cfg.limits.max_message_size,
             decode_data=False,
             auth_required=True,
             enable_SMTPUTF8=False,

@@ -27,49 +27,21 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from pecd.clock import Clock
 from pecd.config import Config
-from pecd.mailbox.maildir import MailboxFull, MaildirStore
+from pecd.engine.effects import BuildCall, Delivery, TakeInCharge, TakenInCharge
+from pecd.engine.vocab import Outcome
+from pecd.mailbox.maildir import MaildirStore
 from pecd.memory import return_freed_messages_to_the_system
-from pecd.pec import builders
-from pecd.pec.builders import BuiltMessage, ProviderIdentity, Transmission
+from pecd.pec.builders import BuiltMessage, ProviderIdentity
 from pecd.pec.classify import Classification, classify
-from pecd.pec.smime import KeySigner
-from pecd.pec.timefmt import PecTime, pec_time
-from pecd.pec.vocab import Errore, Ricevuta
+from pecd.runtime.delivering import build_each, deliver_each, portable, take_in_charge
+from pecd.runtime.identity import provider_identity
 
 log = logging.getLogger(__name__)
-
-BUILDERS = frozenset(
-    {
-        "transport_envelope",
-        "anomaly_envelope",
-        "accettazione",
-        "non_accettazione",
-        "presa_in_carico",
-        "avvenuta_consegna",
-        "errore_consegna",
-        "preavviso_errore_consegna",
-    }
-)
-
-
-def load_signer(cfg: Config) -> KeySigner:
-    chain = b"".join(p.read_bytes() for p in cfg.signing.chain) or None
-    return KeySigner.from_pem(cfg.signing.key.read_bytes(), cfg.signing.cert.read_bytes(), chain)
-
-
-def provider_identity(cfg: Config) -> ProviderIdentity:
-    return ProviderIdentity(
-        name=cfg.provider.name,
-        domain=cfg.provider.domain,
-        service_address=cfg.provider.service_address,
-        signer=load_signer(cfg),
-        digest=cfg.signing.digest,
-    )
-
 
 # --- inside a worker process --------------------------------------------------------------------
 
@@ -142,15 +114,9 @@ def _ready() -> bool:
     return _PROVIDER is not None
 
 
-def _build(name: str, kwargs: dict[str, Any]) -> BuiltMessage:
+def _build_many(calls: list[BuildCall]) -> list[BuiltMessage]:
     assert _PROVIDER is not None
-    fn = getattr(builders, name)
-    result: BuiltMessage = fn(provider=_PROVIDER, **kwargs)
-    return result
-
-
-def _build_many(calls: list[tuple[str, dict[str, Any]]]) -> list[BuiltMessage]:
-    return [_build(name, kwargs) for name, kwargs in calls]
+    return build_each(_PROVIDER, calls)
 
 
 def _classify(raw: bytes) -> Classification:
@@ -158,130 +124,14 @@ def _classify(raw: bytes) -> Classification:
     return dataclasses.replace(classify(raw), signature_info=None)
 
 
-# One Maildir delivery: (address, key, bytes, quota in bytes or None).
-Delivery = tuple[str, str, bytes, int | None]
-DELIVERED = "delivered"
-FULL = "full"
-
-
-def deliver_each(store: MaildirStore, items: list[Delivery], fresh: bool = False) -> list[str]:
-    """Deliver every item; for each, ``DELIVERED`` (now or before), ``FULL`` (over its quota),
-    or the error that stopped it. One failure does not stop the others. ``fresh``: no key of
-    ``items`` was ever delivered (see :meth:`MaildirStore.deliver`)."""
-    outcomes = []
-    for address, key, data, quota in items:
-        try:
-            store.deliver(address, key, data, quota_bytes=quota, fresh=fresh)
-        except MailboxFull:
-            outcomes.append(FULL)
-        except Exception as exc:  # reported to the stage, which retries or gives up
-            log.exception("delivery of %s to %s failed", key, address)
-            outcomes.append(f"{type(exc).__name__}: {exc}")
-        else:
-            outcomes.append(DELIVERED)
-    return outcomes
-
-
-def _deliver_many(items: list[Delivery], fresh: bool) -> list[str]:
+def _deliver_many(items: list[Delivery], fresh: bool) -> list[Outcome]:
     assert _MAILDIR is not None
     return deliver_each(_MAILDIR, items, fresh)
 
 
-@dataclasses.dataclass(frozen=True)
-class Answers:
-    """What the delivery point owes the sender for one envelope, given to
-    :meth:`FormatWorkers.take_in_charge`: ``refused`` are the recipients refused before any
-    delivery (no such mailbox, disabled) with their (errore, errore-esteso); on ``last_try`` a
-    delivery that fails becomes an errore-consegna instead of failing the job; ``clock`` gives
-    the receipts' time, read once the deliveries are done (it crosses to the worker process:
-    the system clock, or a fixed copy of an injected one)."""
-
-    tx: Transmission
-    recipients: list[str]
-    refused: dict[str, tuple[Errore, str]]
-    last_try: bool
-    clock: Clock
-
-
-@dataclasses.dataclass(frozen=True)
-class TakenInCharge:
-    """What :meth:`FormatWorkers.take_in_charge` gives: the envelope's classification; when it
-    is valid PEC, each delivery's outcome (as :func:`deliver_each`), the presa in carico, and
-    one (recipient, ricevuta, message, errore-esteso or None) per recipient, unless a delivery
-    failed before the last try (``failed``: recipient -> error; the job is to be retried),
-    and the receipts' time (``answered``)."""
-
-    classification: Classification
-    outcomes: list[str]
-    presa: BuiltMessage | None
-    receipts: list[tuple[str, str, BuiltMessage, str | None]]
-    failed: dict[str, str]
-    answered: PecTime | None = None
-
-
-def take_in_charge(
-    provider: ProviderIdentity,
-    store: MaildirStore,
-    env: bytes,
-    deliveries: list[Delivery],
-    presa: dict[str, Any],
-    answers: Answers,
-) -> TakenInCharge:
-    c = classify(env)
-    if not c.is_valid_pec:
-        return TakenInCharge(c, [], None, [], {})
-    outcomes = deliver_each(store, deliveries)
-    taken = builders.presa_in_carico(provider=provider, **presa)
-    name = provider.name
-    refused = dict(answers.refused)
-    failed: dict[str, str] = {}
-    for (rcpt, _key, _data, _quota), outcome in zip(deliveries, outcomes, strict=True):
-        if outcome == FULL:
-            refused[rcpt] = (Errore.ALTRO, f"5.2.2 - {name} - casella piena")
-        elif outcome != DELIVERED:
-            if answers.last_try:
-                # Every recipient gets exactly one answer, even when the job would be parked.
-                refused[rcpt] = (Errore.ALTRO, f"5.3.0 - {name} - errore di sistema")
-            else:
-                failed[rcpt] = outcome
-    if failed:
-        return TakenInCharge(c, outcomes, taken, [], failed)
-    # The receipts' time is after the deliveries they attest.
-    when = pec_time(answers.clock.now())
-    tx = answers.tx
-    receipts: list[tuple[str, str, BuiltMessage, str | None]] = []
-    for rcpt in answers.recipients:
-        if rcpt in refused:
-            errore, esteso = refused[rcpt]
-            receipt = builders.errore_consegna(
-                provider=provider,
-                tx=tx,
-                when=when,
-                recipient=rcpt,
-                errore=errore,
-                errore_esteso=esteso,
-            )
-            receipts.append((rcpt, Ricevuta.ERRORE_CONSEGNA.value, receipt, esteso))
-        else:
-            receipt = builders.avvenuta_consegna(
-                provider=provider, tx=tx, when=when, recipient=rcpt, postacert=c.postacert
-            )
-            receipts.append((rcpt, Ricevuta.AVVENUTA_CONSEGNA.value, receipt, None))
-    return TakenInCharge(c, outcomes, taken, receipts, failed, when)
-
-
-def _take_in_charge(
-    env: bytes, deliveries: list[Delivery], presa: dict[str, Any], answers: Answers
-) -> TakenInCharge:
+def _take_in_charge(cmd: TakeInCharge, clock: Clock) -> TakenInCharge:
     assert _PROVIDER is not None and _MAILDIR is not None
-    taken = take_in_charge(_PROVIDER, _MAILDIR, env, deliveries, presa, answers)
-    # The wrapped original went into the receipts already: it does not cross back a second time.
-    return dataclasses.replace(
-        taken,
-        classification=dataclasses.replace(
-            taken.classification, signature_info=None, postacert=None
-        ),
-    )
+    return portable(take_in_charge(_PROVIDER, _MAILDIR, cmd, clock))
 
 
 # --- in the server --------------------------------------------------------------------------------
@@ -342,7 +192,8 @@ class _Worker:
 
 
 class FormatWorkers:
-    """``await formats.build("accettazione", tx=..., when=...)``, ``await formats.classify(raw)``."""
+    """The format worker processes: ``await formats.build_many([partial(builders.x, ...)])``,
+    ``await formats.classify(raw)``, deliveries, and the delivery point's round trip."""
 
     def __init__(
         self,
@@ -380,9 +231,7 @@ class FormatWorkers:
         # state they are.
         ctx = multiprocessing.get_context("spawn")
         ours, theirs = socket.socketpair()
-        proc = ctx.Process(  # type: ignore[attr-defined]
-            target=_serve, args=(theirs, self.cfg, os.getpid()), daemon=True
-        )
+        proc = ctx.Process(target=_serve, args=(theirs, self.cfg, os.getpid()), daemon=True)
         await asyncio.to_thread(proc.start)
         theirs.close()
         reader, writer = await asyncio.open_unix_connection(sock=ours, limit=1 << 20)
@@ -474,13 +323,11 @@ class FormatWorkers:
             return fn(*args)
         return await self._call(await self._worker(), fn, *args)
 
-    async def build(self, name: str, **kwargs: Any) -> BuiltMessage:
-        if name not in BUILDERS:
-            raise ValueError(f"unknown builder {name!r}")
+    async def build_many(self, calls: Sequence[BuildCall]) -> list[BuiltMessage]:
+        """Builder calls carried out as this provider, in one round trip, results in order."""
         if self.processes == 0:
-            result: BuiltMessage = getattr(builders, name)(provider=self.provider, **kwargs)
-            return result
-        built: BuiltMessage = await self._run(_build, name, kwargs)
+            return build_each(self.provider, calls)
+        built: list[BuiltMessage] = await self._run(_build_many, list(calls))
         return built
 
     async def classify(self, raw: bytes) -> Classification:
@@ -489,34 +336,22 @@ class FormatWorkers:
         result: Classification = await self._run(_classify, raw)
         return result
 
-    async def build_many(self, *calls: tuple[str, dict[str, Any]]) -> list[BuiltMessage]:
-        """Several :meth:`build` calls in one round trip, results in order."""
-        for name, _ in calls:
-            if name not in BUILDERS:
-                raise ValueError(f"unknown builder {name!r}")
-        if self.processes == 0:
-            return [getattr(builders, name)(provider=self.provider, **kw) for name, kw in calls]
-        built: list[BuiltMessage] = await self._run(_build_many, list(calls))
-        return built
-
-    async def deliver_many(self, items: list[Delivery], *, fresh: bool = False) -> list[str]:
+    async def deliver_many(
+        self, items: Sequence[Delivery], *, fresh: bool = False
+    ) -> list[Outcome]:
         """Maildir deliveries, outcomes in order (see :func:`deliver_each`)."""
         if not items:
             return []
         if self.processes == 0:
             return await asyncio.to_thread(deliver_each, self.maildir, items, fresh)
-        outcomes: list[str] = await self._run(_deliver_many, items, fresh)
+        outcomes: list[Outcome] = await self._run(_deliver_many, list(items), fresh)
         return outcomes
 
-    async def take_in_charge(
-        self, env: bytes, deliveries: list[Delivery], presa: dict[str, Any], answers: Answers
-    ) -> TakenInCharge:
-        """Verify ``env``; if it is valid PEC, deliver it (``deliveries``), build the presa in
-        carico from the ``presa`` arguments and the receipts ``answers`` calls for, all in one
-        round trip."""
+    async def take_in_charge(self, cmd: TakeInCharge, clock: Clock) -> TakenInCharge:
+        """The delivery point's round trip (see :func:`delivering.take_in_charge`). ``clock``
+        gives the receipts' time, read after the deliveries; it crosses to the worker process
+        (the system clock, or a fixed copy of an injected one)."""
         if self.processes == 0:
-            return await asyncio.to_thread(
-                take_in_charge, self.provider, self.maildir, env, deliveries, presa, answers
-            )
-        taken: TakenInCharge = await self._run(_take_in_charge, env, deliveries, presa, answers)
+            return await asyncio.to_thread(take_in_charge, self.provider, self.maildir, cmd, clock)
+        taken: TakenInCharge = await self._run(_take_in_charge, cmd, clock)
         return taken

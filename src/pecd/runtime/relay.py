@@ -1,13 +1,11 @@
-"""The relay: sends transport envelopes and receipts to other providers' reception points, and
-envelopes for esterno recipients to ordinary mail servers.
+"""The relay's SMTP client: sends transport envelopes and receipts to other providers' reception
+points, and envelopes for esterno recipients to ordinary mail servers.
 
-One SMTP transaction per destination domain carries all of its recipients. A 4xx reply or a
-connection failure is retried with backoff until ``relay.expire_hours`` (24 h, RFC 6109 2.2.2);
-a 5xx reply for a PEC recipient of a transport envelope becomes an ``errore-consegna`` to the
-sender, signed by this provider (pecd's choice: the rules expect that notice from the recipient's
-provider, which never saw the message). Relay jobs have their own workers, so a slow or dead
-peer never holds up local delivery, and a per-destination limit keeps one peer from taking all
-of them.
+One SMTP transaction per destination domain carries all of its recipients. What a reply means
+for each recipient (retry, give up, errore-consegna) is the engine's (``engine/relay.py``): this
+only reports, per recipient, refused for good or for now. Relay jobs have their own workers, so a
+slow or dead peer never holds up local delivery, and a per-destination limit keeps one peer from
+taking all of them.
 """
 
 from __future__ import annotations
@@ -17,36 +15,18 @@ import contextlib
 import logging
 import ssl
 from dataclasses import dataclass
-from datetime import datetime, timedelta
 
 import aiosmtplib
 import dns.asyncresolver
 import dns.exception
 import dns.resolver
-from sqlalchemy.orm import Session
 
 from pecd.config import Config
-from pecd.pec.builders import BuiltMessage, Transmission
-from pecd.pec.timefmt import pec_time
-from pecd.pec.vocab import DestinatarioTipo, Errore, Ricevuta
-from pecd.runtime.pipeline import (
-    RELAY,
-    Outbox,
-    Services,
-    Writer,
-    _event,
-    domain_of,
-    emit,
-)
-from pecd.store import expectations, jobs
-from pecd.store.models import Job
-from pecd.store.trace import TraceEventData, record_sync
+from pecd.engine.effects import Sent
+from pecd.pec.address import normalize_domain
+from pecd.pec.vocab import Errore
 
 log = logging.getLogger(__name__)
-
-RELAYED = "relay"  # trace event: handed to the next hop
-RELAY_FAILED = "relay-fallito"  # trace event: given up for these recipients
-RELAY_RETRY = "relay-rinviato"  # trace event: not accepted yet, tried again later
 
 
 class TemporaryFailure(Exception):
@@ -80,13 +60,13 @@ class Router:
         self.port = cfg.relay.port
 
     async def resolve(self, domain: str) -> list[Destination]:
-        domain = domain.lower()
+        domain = normalize_domain(domain)
         if domain in self.routes:
             return [self.routes[domain]]
         try:
             answer = await dns.asyncresolver.resolve(domain, "MX")
-            mx = sorted(answer, key=lambda r: r.preference)  # type: ignore[attr-defined]
-            hosts = [str(r.exchange).rstrip(".") for r in mx]  # type: ignore[attr-defined]
+            mx = sorted(answer, key=lambda r: r.preference)
+            hosts = [str(r.exchange).rstrip(".") for r in mx]
             if hosts == [""]:  # RFC 7505 null MX: the domain accepts no mail
                 raise PermanentFailure(
                     f"5.1.10 {domain} accepts no mail (null MX)", Errore.NO_DOMINIO
@@ -121,7 +101,19 @@ class RelayClient:
             self._limits[key] = asyncio.Semaphore(self.cfg.relay.max_per_destination)
         return self._limits[key]
 
-    async def send(
+    async def send(self, domain: str, mail_from: str, rcpts: list[str], data: bytes) -> Sent:
+        """Send to the next hop for ``domain``; per recipient, refused for good or for now."""
+        try:
+            refused = await self.transmit(domain, mail_from, rcpts, data)
+        except PartialFailure as exc:
+            return Sent(exc.refused, exc.retry)
+        except PermanentFailure as exc:
+            return Sent({r: exc.reply for r in rcpts})
+        except TemporaryFailure as exc:
+            return Sent({}, {r: str(exc) for r in rcpts})
+        return Sent(refused)
+
+    async def transmit(
         self, domain: str, mail_from: str, rcpts: list[str], data: bytes
     ) -> dict[str, str]:
         """Deliver to the first destination that answers. Returns the recipients refused for good
@@ -196,142 +188,3 @@ class PartialFailure(Exception):
         super().__init__("; ".join(retry.values()))
         self.refused = refused
         self.retry = retry
-
-
-def _errore_for(reply: str) -> Errore:
-    code = reply.split(" ", 2)
-    if len(code) > 1 and code[1].startswith("5.1.1"):
-        return Errore.NO_DEST
-    if len(code) > 1 and code[1].startswith("5.1.2"):
-        return Errore.NO_DOMINIO
-    return Errore.ALTRO
-
-
-async def stage_relay(svc: Services, job: Job) -> Writer:
-    """Send one relay job; the writer records what happened and the notices it calls for."""
-    assert svc.relay is not None
-    p = job.payload
-    rcpts: list[str] = list(p["recipients"])
-    data = job.data or b""
-    mail_from = p.get("mail_from") or svc.cfg.provider.service_address
-    now = svc.clock.now()
-    since = datetime.fromisoformat(p["since"]) if p.get("since") else job.created_at
-    expired = now - since > timedelta(hours=svc.cfg.relay.expire_hours)
-    retry: dict[str, str] = {}
-    try:
-        refused = await svc.relay.send(domain_of(rcpts[0]), mail_from, rcpts, data)
-    except PartialFailure as exc:
-        refused, retry = exc.refused, exc.retry
-    except PermanentFailure as exc:
-        refused = {r: exc.reply for r in rcpts}
-    except TemporaryFailure as exc:
-        refused, retry = {}, {r: str(exc) for r in rcpts}
-    # Past the expiry nobody is tried again. No errore-consegna then: the 24 h timer's final
-    # notice is what tells the sender (spec 2.3); the trace log keeps the reason.
-    hours = svc.cfg.relay.expire_hours
-    gave_up = {r: f"4.4.7 expired after {hours:g} h: {m}" for r, m in retry.items()}
-    if not expired:
-        gave_up = {}
-    else:
-        retry = {}
-    accepted = [r for r in rcpts if r not in refused and r not in retry and r not in gave_up]
-
-    tx = Transmission.from_json(p["tx"]) if p.get("tx") else None
-    notices: list[tuple[str, BuiltMessage, str]] = []
-    if tx is not None and p.get("kind", "envelope") == "envelope":
-        certified = {d.address for d in tx.destinatari if d.tipo is DestinatarioTipo.CERTIFICATO}
-        when = pec_time(now)
-        for rcpt, reply in refused.items():
-            if rcpt not in certified:
-                continue  # esterno: the rules owe no PEC notice; the trace log keeps the failure
-            notice = await svc.formats.build(
-                "errore_consegna",
-                tx=tx,
-                when=when,
-                recipient=rcpt,
-                errore=_errore_for(reply),
-                errore_esteso=f"{reply} - {svc.provider.name}"[:500],
-            )
-            notices.append((rcpt, notice, reply))
-
-    def write(s: Session, outbox: Outbox) -> None:
-        if accepted:
-            record_sync(s, _relay_event(RELAYED, job, tx, now, accepted, None))
-        failed = {**refused, **gave_up}
-        if failed:
-            record_sync(
-                s,
-                _relay_event(RELAY_FAILED, job, tx, now, list(failed), "; ".join(failed.values())),
-            )
-        for rcpt, notice, reply in notices:
-            assert tx is not None
-            expectations.close_sync(s, tx.identificativo, rcpt, now, Ricevuta.ERRORE_CONSEGNA.value)
-            emit(
-                s,
-                svc,
-                outbox,
-                key=f"esito:{tx.identificativo}:{rcpt}",  # one esito per recipient, ever
-                mailbox=tx.mittente,
-                msg=notice,
-                event=_event(
-                    Ricevuta.ERRORE_CONSEGNA.value,
-                    tx,
-                    now,
-                    svc.provider,
-                    [notice],
-                    error=reply,
-                    data={"consegna": rcpt, "relay": job.key},
-                ),
-            )
-        if retry:
-            # Every attempt is in the trace log; the next one is a job of its own, due after
-            # an exponential backoff, which keeps the time of the first attempt for the expiry.
-            attempt = int(p.get("attempt", 1))
-            record_sync(
-                s,
-                _relay_event(
-                    RELAY_RETRY, job, tx, now, sorted(retry), "; ".join(sorted(set(retry.values())))
-                ),
-            )
-            q = svc.cfg.queue
-            delay = min(q.base_delay_seconds * 2 ** (attempt - 1), q.max_delay_seconds)
-            outbox.relayed = True
-            jobs.enqueue_sync(
-                s,
-                kind=RELAY,
-                key=f"{job.key.split(':retry:')[0]}:retry:{attempt}",
-                payload={
-                    **p,
-                    "recipients": sorted(retry),
-                    "since": since.isoformat(),
-                    "attempt": attempt + 1,
-                },
-                data=data,
-                now=now,
-                run_at=now + timedelta(seconds=delay),
-            )
-
-    return write
-
-
-def _relay_event(
-    event: str,
-    job: Job,
-    tx: Transmission | None,
-    at: datetime,
-    recipients: list[str],
-    error: str | None,
-) -> TraceEventData:
-    p = job.payload
-    return TraceEventData(
-        at=at,
-        event=event,
-        pec_msgid=tx.identificativo if tx else p.get("pec_msgid"),
-        client_msgid=tx.msgid if tx else None,
-        sender=p.get("mail_from"),
-        recipients=[{"address": r} for r in recipients],
-        subject=tx.oggetto if tx else None,
-        generated_ids=[p["message_id"]] if p.get("message_id") else [],
-        error=error,
-        data={"job": job.key, "kind": p.get("kind", "envelope"), "attempt": p.get("attempt", 1)},
-    )

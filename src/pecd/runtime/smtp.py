@@ -16,8 +16,6 @@ from typing import Any
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, syntax
 
 from pecd.guard import Admission, Guard
-from pecd.pec.address import normalize_address
-from pecd.pec.address import valid_address as valid_address
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +41,6 @@ class Reply:
     @staticmethod
     def queued(key: str) -> str:
         return f"250 2.0.0 OK: queued as {key}"
-
-
-# runtime/reception.py still imports these two names from here; once it imports pecd.pec.address
-# itself, they go.
-bare = normalize_address
 
 
 def peer_of(session: Session) -> str:

@@ -11,11 +11,17 @@ import socket
 import time
 from collections.abc import Sequence
 from datetime import timedelta
+from typing import Protocol
 
 from sqlalchemy.orm import Session
 
-from pecd.runtime.pipeline import Outbox, Services, Stage, Writer, flush
+from pecd.clock import Clock
+from pecd.config import Config
+from pecd.engine.effects import Effect, StoreLocal, relay_wake
+from pecd.runtime.stages import Outbox
 from pecd.store import jobs
+from pecd.store.db import Database
+from pecd.store.effects import Lease, apply
 from pecd.store.models import Job
 
 log = logging.getLogger(__name__)
@@ -28,13 +34,29 @@ class LeaseLost(Exception):
     """A job's lease expired before its stage committed."""
 
 
+class JobRunner(Protocol):
+    """What a pool needs to run jobs (:class:`~pecd.runtime.stages.StageRunner`, or a test's)."""
+
+    cfg: Config
+    clock: Clock
+    db: Database
+    wake: asyncio.Event
+    relay_wake: asyncio.Event
+
+    async def prepare(self, job: Job) -> list[Effect]: ...
+
+    def outbox(self, worker: str) -> Outbox: ...
+
+    async def flush(self, outbox: Outbox) -> None: ...
+
+
 class WorkerPool:
-    """``count`` tasks that claim jobs of ``stages``' kinds until stopped."""
+    """``count`` tasks that claim jobs of ``kinds`` and run their stage until stopped."""
 
     def __init__(
         self,
-        svc: Services,
-        stages: dict[str, Stage],
+        runner: JobRunner,
+        kinds: Sequence[str],
         *,
         count: int,
         name: str,
@@ -43,16 +65,17 @@ class WorkerPool:
         lease_seconds: float | None = None,
         wake: asyncio.Event | None = None,
     ) -> None:
-        self.lease_seconds = lease_seconds or svc.cfg.queue.lease_seconds
+        q = runner.cfg.queue
+        self.lease_seconds = lease_seconds or q.lease_seconds
         # Each pool has its own wake-up: waking the relay's many workers for every local
         # commit would send each of them to the database for nothing.
-        self.wake = wake or svc.wake
-        self.svc = svc
-        self.stages = stages
+        self.wake = wake or runner.wake
+        self.runner = runner
+        self.kinds = list(kinds)
         self.count = count
         self.name = name
-        self.batch = batch or svc.cfg.queue.batch
-        self.max_attempts = max_attempts or svc.cfg.queue.max_attempts
+        self.batch = batch or q.batch
+        self.max_attempts = max_attempts or q.max_attempts
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         self.node = f"{socket.gethostname()}:{os.getpid()}"
@@ -73,7 +96,7 @@ class WorkerPool:
         # commit already running in the SQLite writer thread still completes.
         if not self._tasks:
             return
-        _, late = await asyncio.wait(self._tasks, timeout=self.svc.cfg.queue.drain_seconds)
+        _, late = await asyncio.wait(self._tasks, timeout=self.runner.cfg.queue.drain_seconds)
         for task in late:
             task.cancel()
         if late:
@@ -81,21 +104,20 @@ class WorkerPool:
             await asyncio.gather(*late, return_exceptions=True)
 
     async def _wait_for_work(self) -> None:
-        q = self.svc.cfg.queue
+        q = self.runner.cfg.queue
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.wake.wait(), timeout=q.poll_seconds)
         self.wake.clear()
 
     async def _run(self, worker: str) -> None:
-        q = self.svc.cfg.queue
-        kinds: Sequence[str] = list(self.stages)
+        q = self.runner.cfg.queue
         while not self._stopping.is_set():
             try:
                 batch = await jobs.claim_batch(
-                    self.svc.db,
-                    kinds=kinds,
+                    self.runner.db,
+                    kinds=self.kinds,
                     worker=worker,
-                    now=self.svc.clock.now(),
+                    now=self.runner.clock.now(),
                     lease=timedelta(seconds=self.lease_seconds),
                     limit=self.batch,
                 )
@@ -126,9 +148,9 @@ class WorkerPool:
         # Not for ever: a stage stuck beyond this lets its jobs go to another worker.
         for _ in range(RENEWALS):
             await asyncio.sleep(period)
-            until = self.svc.clock.now() + timedelta(seconds=self.lease_seconds)
+            until = self.runner.clock.now() + timedelta(seconds=self.lease_seconds)
             try:
-                await self.svc.db.write(
+                await self.runner.db.write(
                     functools.partial(
                         jobs.extend_leases, job_ids=job_ids, worker=worker, until=until
                     )
@@ -144,9 +166,9 @@ class WorkerPool:
         t0 = time.perf_counter()
         # Prepared concurrently: their signing runs in the format processes meanwhile.
         results = await asyncio.gather(
-            *(self.stages[job.kind](self.svc, job) for job in batch), return_exceptions=True
+            *(self.runner.prepare(job) for job in batch), return_exceptions=True
         )
-        prepared: list[tuple[Job, Writer]] = []
+        prepared: list[tuple[Job, list[Effect]]] = []
         for job, result in zip(batch, results, strict=True):
             if isinstance(result, Exception):
                 await self._failed(job, result)
@@ -156,21 +178,21 @@ class WorkerPool:
                 prepared.append((job, result))
         if not prepared:
             return
-        outbox = Outbox.for_worker(self.svc, worker)
+        outbox = self.runner.outbox(worker)
         try:
             await self._commit(prepared, outbox)
         except Exception:
             log.warning("a batch of %d jobs failed to commit; committing one by one", len(prepared))
-            outbox = Outbox.for_worker(self.svc, worker)
-            for job, writer in prepared:
+            outbox = self.runner.outbox(worker)
+            for job, effects in prepared:
                 try:
-                    await self._commit([(job, writer)], outbox)
+                    await self._commit([(job, effects)], outbox)
                 except Exception as exc:
                     await self._failed(job, exc)
-        self.svc.wake.set()
+        self.runner.wake.set()
         if outbox.relayed:
-            self.svc.relay_wake.set()
-        await flush(self.svc, outbox)
+            self.runner.relay_wake.set()
+        await self.runner.flush(outbox)
         log.debug(
             "%d jobs (%s) done in %.1f ms",
             len(prepared),
@@ -178,36 +200,37 @@ class WorkerPool:
             (time.perf_counter() - t0) * 1000,
         )
 
-    async def _commit(self, prepared: Sequence[tuple[Job, Writer]], outbox: Outbox) -> None:
-        mark = len(outbox.items)
+    async def _commit(self, prepared: Sequence[tuple[Job, list[Effect]]], outbox: Outbox) -> None:
         ids = [job.id for job, _ in prepared]
+        lease = Lease(outbox.worker, outbox.lease_until)
 
-        def commit(s: Session) -> None:
-            for _job, writer in prepared:
-                writer(s, outbox)
+        def commit(s: Session) -> list[StoreLocal]:
+            stored: list[StoreLocal] = []
+            for _job, effects in prepared:
+                stored += apply(s, effects, lease).stored
             done = jobs.complete_many_sync(s, ids, worker=outbox.worker)
             if done != len(prepared):
                 # A lease ran out while we worked: that job is another worker's now, and
                 # what we made for it must not commit beside what that worker makes.
                 raise LeaseLost(f"{len(prepared) - done} of {len(prepared)} leases lost")
+            return stored
 
-        try:
-            await self.svc.db.write(commit)
-        except BaseException:
-            del outbox.items[mark:]  # rolled back: nothing of it is durable
-            raise
+        # Only once committed are the messages durable, and so the outbox's to store.
+        outbox.items += await self.runner.db.write(commit)
+        if any(relay_wake(effects) for _job, effects in prepared):
+            outbox.relayed = True
 
     async def _failed(self, job: Job, exc: Exception) -> None:
-        q = self.svc.cfg.queue
+        q = self.runner.cfg.queue
         error = f"{type(exc).__name__}: {exc}"
         log.warning("job %s (%s %s) failed: %s", job.id, job.kind, job.key, error, exc_info=exc)
         try:
-            async with self.svc.db.session() as s, s.begin():
+            async with self.runner.db.session() as s, s.begin():
                 state = await jobs.retry_or_park(
                     s,
                     job.id,
                     error=error[:2000],
-                    now=self.svc.clock.now(),
+                    now=self.runner.clock.now(),
                     max_attempts=self.max_attempts,
                     base_delay=timedelta(seconds=q.base_delay_seconds),
                     max_delay=timedelta(seconds=q.max_delay_seconds),

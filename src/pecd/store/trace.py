@@ -6,7 +6,7 @@ this table.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -15,32 +15,10 @@ from sqlalchemy import String, cast, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
+from pecd.engine.vocab import TraceEventData
 from pecd.pec.address import normalize_address
 from pecd.store.db import defer
 from pecd.store.models import TraceEvent, table_of
-
-
-@dataclass(frozen=True, slots=True)
-class TraceEventData:
-    """One event to record; mirrors :class:`~pecd.store.models.TraceEvent` (without ``id``).
-
-    ``recipients``: ``[{"address": ..., "tipo": "certificato"|"esterno"}, ...]``;
-    ``daticert``: every daticert field as JSON; ``data``: anything else worth keeping.
-    """
-
-    at: datetime
-    event: str
-    pec_msgid: str | None = None
-    client_msgid: str | None = None
-    sender: str | None = None
-    recipients: Sequence[Mapping[str, Any]] = ()
-    subject: str | None = None
-    provider: str | None = None
-    generated_ids: Sequence[str] = ()
-    error: str | None = None
-    daticert: Mapping[str, Any] | None = None
-    data: Mapping[str, Any] | None = None
-    node: str | None = None
 
 
 async def record(session: AsyncSession, event: TraceEventData) -> None:

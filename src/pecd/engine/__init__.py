@@ -1,0 +1,1 @@
+"""The PEC rules of the points, sans-I/O: typed inputs in, typed commands and effects out."""

@@ -1,0 +1,252 @@
+"""The reception point's rules (spec 2.2, 2.3): what came in over SMTP is judged by its signature
+and the provider index, never by its unsigned headers.
+
+- a valid transport envelope from a provider in the index: a delivery job for the recipients its
+  signed daticert names (one presa in carico for the transaction, to that provider's
+  ``mailReceipt``); recipients it does not name get it in an anomaly envelope;
+- a valid receipt of a transmission this provider sent: into the sender's mailbox, or for
+  presa-in-carico and rilevazione-virus into the service mailbox, and the timers learn of it; a
+  rilevazione-virus also becomes the sender's errore-consegna (virus); a receipt of a transmission
+  this provider never sent is recorded and dropped;
+- anything else (no signature, a signer not in the index, a broken signature, malformed PEC): an
+  anomaly envelope to the recipients that hold a mailbox here, and no receipt at all.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+
+from pecd.engine.context import Context
+from pecd.engine.effects import (
+    Build,
+    Classify,
+    Effect,
+    Enqueue,
+    FindTransmission,
+    LookUpMailboxes,
+    MailboxState,
+    Record,
+    Settle,
+    Stage,
+    StoreLocal,
+    TookCharge,
+)
+from pecd.engine.vocab import DeliveryPayload, IntakePayload, JobKind, TraceEventData, TraceType
+from pecd.pec import builders
+from pecd.pec.builders import Transmission
+from pecd.pec.classify import Classification
+from pecd.pec.mime import get_first
+from pecd.pec.timefmt import pec_time
+from pecd.pec.vocab import DaticertTipo, Errore, Kind, Ricevuta
+
+# Receipts that go to the service mailbox rather than to a holder (spec section 1).
+SERVICE_RECEIPTS = (Ricevuta.PRESA_IN_CARICO, Ricevuta.RILEVAZIONE_VIRUS)
+NOT_IN_DATICERT = "destinatario non presente nei dati di certificazione"
+
+
+def reception(ctx: Context, key: str, p: IntakePayload, raw: bytes, now: datetime) -> Stage:
+    """Stage of a RECEPTION job ``key``: what came in at ``now``."""
+    rcpts = list(p.rcpt_to)
+    c: Classification = yield Classify(raw)
+    sender = ctx.trusted_provider(c.signer_der) if c.signature.valid else None
+    # Decisions rest on the verified daticert, never on the unsigned outer headers: classify()
+    # reports any disagreement between the two as an error, so is_valid_pec covers both.
+    if sender is not None and c.is_valid_pec and c.daticert is not None:
+        tipo = c.daticert.tipo
+        if tipo is DaticertTipo.POSTA_CERTIFICATA and c.kind is Kind.TRANSPORT_ENVELOPE:
+            listed = {d.address for d in c.daticert.destinatari}
+            # Only recipients the signed daticert names: an envelope replayed to someone else is
+            # not PEC for them.
+            ours = [r for r in rcpts if r in listed]
+            strangers = [r for r in rcpts if r not in listed]
+            if ours:
+                effects = take_in_charge(ctx, key, c, raw, ours, sender.mail_receipt, now)
+                if strangers:
+                    effects += yield from anomaly(
+                        ctx, key, p, c, raw, strangers, now, NOT_IN_DATICERT
+                    )
+                return effects
+        elif c.kind is Kind.RECEIPT and c.ricevuta is not None:
+            return (yield from receipt_back(ctx, key, c, raw, rcpts, now))
+    return (yield from anomaly(ctx, key, p, c, raw, rcpts, now, anomaly_reason(ctx, c)))
+
+
+def anomaly_reason(ctx: Context, c: Classification) -> str:
+    """Why a message is not valid PEC here, in the words the anomaly envelope carries."""
+    if not c.signature.present:
+        return "messaggio privo di firma del gestore (posta ordinaria)"
+    if not c.signature.valid:
+        return f"firma non valida: {c.signature.error or 'verifica fallita'}"
+    if ctx.trusted_provider(c.signer_der) is None:
+        return "firma di un soggetto non presente nell'indice dei gestori PEC"
+    if c.errors:
+        return "messaggio PEC non conforme: " + "; ".join(c.errors)
+    return "messaggio PEC non conforme"
+
+
+def anomaly(
+    ctx: Context,
+    key: str,
+    p: IntakePayload,
+    c: Classification,
+    raw: bytes,
+    rcpts: Sequence[str],
+    now: datetime,
+    reason: str,
+) -> Stage:
+    """An anomaly envelope for those of ``rcpts`` that are open mailboxes here: mail for anyone
+    else is not stored (and no directory is made for an address nobody holds)."""
+    mailboxes: Mapping[str, MailboxState | None] = yield LookUpMailboxes(tuple(rcpts))
+    holders = [r for r in rcpts if (mb := mailboxes.get(r)) is not None and not mb.disabled]
+    [wrapped] = yield Build(
+        (
+            functools.partial(
+                builders.anomaly_envelope,
+                received=raw,
+                when=pec_time(now),
+                rcpt_to=holders or ["-"],
+                error=reason,
+            ),
+        )
+    )
+    effects: list[Effect] = [
+        StoreLocal(f"{key}:anomalia:{r}", r, wrapped.raw, wrapped.message_id, now) for r in holders
+    ]
+    effects.append(
+        Record(
+            TraceEventData(
+                at=now,
+                event=TraceType.ANOMALIA,
+                pec_msgid=c.daticert.identificativo if c.daticert else None,
+                sender=p.mail_from,
+                recipients=[{"address": r} for r in holders],
+                generated_ids=[wrapped.message_id],
+                error=reason,
+                data={
+                    "job": key,
+                    "peer": p.peer,
+                    "kind": c.kind.value,
+                    "not_stored": [r for r in rcpts if r not in holders],
+                },
+            )
+        )
+    )
+    return effects
+
+
+def take_in_charge(
+    ctx: Context,
+    key: str,
+    c: Classification,
+    raw: bytes,
+    rcpts: Sequence[str],
+    mail_receipt: str,
+    now: datetime,
+) -> list[Effect]:
+    """A valid envelope for ``rcpts``: one delivery job for the whole SMTP transaction, so one
+    presa in carico covers every recipient of it (spec 2.3), to the sending provider."""
+    assert c.daticert is not None
+    # To and Cc (which receipt kind each recipient earns) from the signed original.
+    tx = Transmission.from_daticert(c.daticert, envelope=c.postacert or b"")
+    return [
+        Enqueue(
+            JobKind.DELIVERY,
+            f"{key}:delivery",
+            DeliveryPayload(tuple(rcpts), tx, now, mail_receipt),
+            raw,
+            now,
+        ),
+        Record(
+            TraceEventData(
+                at=now,
+                event=TraceType.RICEZIONE,
+                pec_msgid=tx.identificativo,
+                client_msgid=tx.msgid,
+                sender=tx.mittente,
+                recipients=[{"address": r} for r in rcpts],
+                subject=tx.oggetto,
+                provider=c.daticert.gestore_emittente,
+                data={"job": key, "mail_receipt": mail_receipt},
+            )
+        ),
+    ]
+
+
+def receipt_back(
+    ctx: Context, key: str, c: Classification, raw: bytes, rcpts: Sequence[str], now: datetime
+) -> Stage:
+    """A valid receipt signed by a provider of the index."""
+    d, ricevuta = c.daticert, c.ricevuta
+    assert d is not None and ricevuta is not None
+    ident = d.identificativo
+    sender: str | None = yield FindTransmission(ident)
+    ours = sender is not None
+    # Where this receipt may go: the service mailbox for the provider-to-provider receipts, else
+    # only the sender of our transmission (never whoever the unsigned RCPT names).
+    allowed = ctx.mail_receipt if ricevuta in SERVICE_RECEIPTS else sender
+    targets = [r for r in rcpts if r == allowed] if ours else []
+    # A receipt sent to us twice is stored once: its Message-ID names it.
+    mid = (get_first(raw, "Message-ID") or "").strip() or hashlib.sha256(raw).hexdigest()
+    effects: list[Effect] = [StoreLocal(f"ricevuta:{mid}:{r}", r, raw, None, now) for r in targets]
+    if ours:
+        # What the receipt settles for the timers.
+        if ricevuta is Ricevuta.PRESA_IN_CARICO:
+            effects.append(TookCharge(ident, tuple(d.ricezione), now))
+        elif ricevuta in (Ricevuta.AVVENUTA_CONSEGNA, Ricevuta.ERRORE_CONSEGNA) and d.consegna:
+            effects.append(Settle(ident, d.consegna, now, ricevuta.value))
+    if ours and sender and ricevuta is Ricevuta.RILEVAZIONE_VIRUS and d.consegna:
+        # The recipient's provider found a virus: the sender hears it from us, as an
+        # errore-consegna of the virus kind built from the rilevazione (spec 2.3, Virus).
+        tx = Transmission.from_daticert(d)
+        [notice] = yield Build(
+            (
+                functools.partial(
+                    builders.errore_consegna,
+                    tx=tx,
+                    when=pec_time(now),
+                    recipient=d.consegna,
+                    errore=Errore.VIRUS,
+                    errore_esteso=d.errore_esteso or "virus rilevato dal gestore del destinatario",
+                ),
+            )
+        )
+        effects.append(Settle(ident, d.consegna, now, "virus"))
+        effects += ctx.emit(
+            key=f"virus:{ident}:{d.consegna}",
+            mailbox=sender,
+            msg=notice,
+            event=ctx.event(
+                TraceType.ERRORE_CONSEGNA,
+                tx,
+                now,
+                [notice],
+                error="virus",
+                data={"consegna": d.consegna, "rilevazione": key},
+            ),
+        )
+    effects.append(
+        Record(
+            TraceEventData(
+                at=now,
+                event=TraceType.RICEVUTA_RICEVUTA if ours else TraceType.RICEVUTA_SCONOSCIUTA,
+                pec_msgid=ident,
+                client_msgid=d.msgid,
+                sender=d.mittente,
+                recipients=[{"address": r} for r in rcpts],
+                provider=d.gestore_emittente,
+                daticert=None,
+                data={
+                    "job": key,
+                    "ricevuta": ricevuta.value,
+                    "consegna": d.consegna,
+                    "ricezione": list(d.ricezione),
+                    # A receipt of a transmission this provider never sent is kept only here.
+                    "dropped": not ours,
+                },
+            )
+        )
+    )
+    return effects

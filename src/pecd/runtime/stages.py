@@ -1,0 +1,254 @@
+"""Runs the engine's stages: reads a job into its typed payload, drives the stage's generator by
+carrying out each command it yields (the format worker processes, the accounts, the trace log, the
+relay client), and hands back the effects for the worker to commit. No PEC decision is made here.
+
+After the commit, the messages for local mailboxes that the batch made are stored at once by the
+worker that committed them (:class:`Outbox`, :func:`flush`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select
+
+from pecd.clock import Clock, FixedClock, SystemClock
+from pecd.config import Config
+from pecd.engine.context import Context, ProviderIndex, Rules
+from pecd.engine.delivery import delivery, store
+from pecd.engine.effects import (
+    Build,
+    Classify,
+    Command,
+    Deliver,
+    Delivery,
+    Effect,
+    FindTransmission,
+    LookUpMailboxes,
+    MailboxState,
+    Send,
+    Stage,
+    StoreLocal,
+    TakeInCharge,
+)
+from pecd.engine.reception import reception
+from pecd.engine.relay import relay
+from pecd.engine.submission import submission
+from pecd.engine.vocab import (
+    DeliveryPayload,
+    IntakePayload,
+    JobKind,
+    RelayPayload,
+    Stored,
+    StorePayload,
+    TraceType,
+)
+from pecd.pec.builders import ProviderIdentity
+from pecd.pec.checks import SubmissionLimits
+from pecd.runtime.formats import FormatWorkers
+from pecd.runtime.relay import RelayClient
+from pecd.store import jobs
+from pecd.store.accounts import Accounts
+from pecd.store.db import Database
+from pecd.store.models import Job, TraceEvent
+
+log = logging.getLogger(__name__)
+
+MAILBOX_TTL = 2.0  # seconds an account read is reused by deliveries
+
+
+def make_context(cfg: Config, provider: ProviderIdentity, index: ProviderIndex | None) -> Context:
+    """The engine's view of this provider, from the config."""
+    return Context(
+        provider=provider,
+        local_domains=frozenset(cfg.provider.local_domains),
+        mail_receipt=cfg.provider.mail_receipt,
+        index=index,
+        rules=Rules(
+            limits=SubmissionLimits(
+                max_size=cfg.limits.max_message_size,
+                max_recipients=cfg.limits.max_recipients,
+                max_recipients_times_size=cfg.limits.max_recipients_times_size,
+            ),
+            max_attempts=cfg.queue.max_attempts,
+            relay_expire_hours=cfg.relay.expire_hours,
+            base_delay_seconds=cfg.queue.base_delay_seconds,
+            max_delay_seconds=cfg.queue.max_delay_seconds,
+            first_hours=cfg.timers.first_hours,
+            final_hours=cfg.timers.final_hours,
+        ),
+    )
+
+
+@dataclass
+class Outbox:
+    """Messages for local mailboxes that a commit made durable as store jobs leased to the worker
+    that committed them, stored right after the commit (:func:`flush`)."""
+
+    worker: str
+    lease_until: datetime
+    items: list[StoreLocal] = field(default_factory=list)
+    relayed: bool = False  # the commit queued work for the relay: wake its workers
+
+
+@dataclass
+class StageRunner:
+    """What the stages need from the world, and the one place that drives them."""
+
+    cfg: Config
+    clock: Clock
+    ctx: Context
+    db: Database
+    accounts: Accounts
+    formats: FormatWorkers
+    relay: RelayClient | None = None
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    relay_wake: asyncio.Event = field(default_factory=asyncio.Event)
+    _mailboxes: dict[str, tuple[float, MailboxState | None]] = field(default_factory=dict)
+
+    def outbox(self, worker: str) -> Outbox:
+        lease = timedelta(seconds=self.cfg.queue.lease_seconds)
+        return Outbox(worker=worker, lease_until=self.clock.now() + lease)
+
+    # --- one job -------------------------------------------------------------------------------
+
+    def stage(self, job: Job) -> Stage:
+        """The engine's stage for ``job``, over its typed payload."""
+        kind, p, data, ctx = JobKind(job.kind), job.payload, job.data or b"", self.ctx
+        if kind is JobKind.SUBMISSION:
+            return submission(ctx, job.key, IntakePayload.from_json(p), data, self.clock.now())
+        if kind is JobKind.RECEPTION:
+            return reception(ctx, job.key, IntakePayload.from_json(p), data, self.clock.now())
+        if kind is JobKind.DELIVERY:
+            return delivery(
+                ctx,
+                job.key,
+                DeliveryPayload.from_json(p),
+                data,
+                attempts=job.attempts,
+                now=self.clock.now(),
+            )
+        if kind is JobKind.STORE:
+            return store(job.key, StorePayload.from_json(p), data)
+        return relay(
+            ctx,
+            job.key,
+            RelayPayload.from_json(p),
+            data,
+            created_at=job.created_at,
+            now=self.clock.now(),
+        )
+
+    async def prepare(self, job: Job) -> list[Effect]:
+        return await self.drive(self.stage(job))
+
+    async def drive(self, stage: Stage) -> list[Effect]:
+        """Run ``stage`` to its end: each command it yields is carried out and its answer sent
+        back in (a failure is thrown back in, where the stage may handle it)."""
+        try:
+            command = next(stage)
+            while True:
+                try:
+                    answer = await self.execute(command)
+                except Exception as exc:
+                    command = stage.throw(exc)
+                else:
+                    command = stage.send(answer)
+        except StopIteration as done:
+            effects: list[Effect] = done.value
+            return effects
+        finally:
+            stage.close()
+
+    async def execute(self, command: Command) -> Any:
+        if isinstance(command, Build):
+            return await self.formats.build_many(command.calls)
+        if isinstance(command, Classify):
+            return await self.formats.classify(command.raw)
+        if isinstance(command, LookUpMailboxes):
+            return {a: await self.mailbox(a) for a in command.addresses}
+        if isinstance(command, TakeInCharge):
+            # The receipts' time is read after the deliveries, in the worker: the system clock
+            # goes there as it is, an injected one as a fixed copy of its time now.
+            clock = (
+                self.clock if isinstance(self.clock, SystemClock) else FixedClock(self.clock.now())
+            )
+            return await self.formats.take_in_charge(command, clock)
+        if isinstance(command, Deliver):
+            return await self.formats.deliver_many(command.items)
+        if isinstance(command, FindTransmission):
+            return await self.sender_of(command.pec_msgid)
+        if isinstance(command, Send):
+            if self.relay is None:
+                raise RuntimeError("this node has no relay client")
+            return await self.relay.send(
+                command.domain, command.mail_from, list(command.recipients), command.data
+            )
+        raise TypeError(f"unknown command {command!r}")
+
+    async def mailbox(self, address: str) -> MailboxState | None:
+        """The account of a local mailbox, read at most every MAILBOX_TTL seconds: deliveries
+        look every recipient up, and a mailbox disabled or resized is seen within that time."""
+        now = asyncio.get_running_loop().time()
+        hit = self._mailboxes.get(address)
+        if hit is not None and now - hit[0] < MAILBOX_TTL:
+            return hit[1]
+        found = await self.accounts.get(address)
+        state = None if found is None else MailboxState(found.disabled, found.quota_bytes)
+        if len(self._mailboxes) > 10_000:
+            self._mailboxes.clear()
+        self._mailboxes[address] = (now, state)
+        return state
+
+    async def sender_of(self, pec_msgid: str) -> str | None:
+        """The sender of transmission ``pec_msgid`` if this provider sent it."""
+        async with self.db.read_session() as s:
+            row = (
+                await s.execute(
+                    select(TraceEvent.sender)
+                    .where(
+                        TraceEvent.pec_msgid == pec_msgid,
+                        TraceEvent.event == TraceType.POSTA_CERTIFICATA.value,
+                    )
+                    .limit(1)
+                )
+            ).first()
+        return None if row is None else row[0]
+
+    # --- after the commit ------------------------------------------------------------------------
+
+    async def flush(self, outbox: Outbox) -> None:
+        """Store the outbox's committed messages now and complete their jobs in one
+        transaction. Whatever fails keeps its job, which runs again when its lease ends."""
+        if not outbox.items:
+            return
+        try:
+            # Each store job was created by the transaction just committed and is still leased to
+            # us, so nobody delivered it yet; if its key is also unique for good (no later job can
+            # carry it again), there is no earlier copy to search the folder for (fresh): the
+            # service mailbox, which gets every presa in carico and is never read, is not read on
+            # each delivery. Not when the lease is near its end: another worker may have begun.
+            lease_left = (outbox.lease_until - self.clock.now()).total_seconds()
+            may_be_fresh = lease_left > self.cfg.queue.lease_seconds / 2
+            groups: dict[bool, list[StoreLocal]] = {}
+            for item in outbox.items:
+                groups.setdefault(may_be_fresh and item.unique, []).append(item)
+            keys = []
+            for fresh, items in groups.items():
+                outcomes = await self.formats.deliver_many(
+                    [Delivery(i.mailbox, i.key, i.data, None) for i in items], fresh=fresh
+                )
+                keys += [
+                    i.key
+                    for i, o in zip(items, outcomes, strict=True)
+                    if o.stored is Stored.DELIVERED
+                ]
+            await self.db.write(lambda s: jobs.complete_leased(s, keys, outbox.worker))
+        except Exception:
+            log.warning(
+                "storing %d messages failed; retried later", len(outbox.items), exc_info=True
+            )

@@ -1,0 +1,184 @@
+"""Playbooks for the engine's stages: a stage is driven by hand, each command it yields answered
+by an in-memory fake (real builders and real verification, no socket, file or database), and what
+it yields and returns is there to assert on."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import pytest
+
+from helpers import PKI_NOW
+from pecd.engine.context import Context, Rules
+from pecd.engine.effects import (
+    Build,
+    Classify,
+    Command,
+    Deliver,
+    Effect,
+    FindTransmission,
+    LookUpMailboxes,
+    MailboxState,
+    Send,
+    Sent,
+    Stage,
+    TakeInCharge,
+    TakenInCharge,
+)
+from pecd.engine.vocab import DELIVERED, Outcome
+from pecd.pec.builders import ProviderIdentity
+from pecd.pec.checks import SubmissionLimits
+from pecd.pec.classify import classify
+from pecd.pec.pki import create_dev_pki
+from pecd.pec.smime import KeySigner
+from pecd.pec.timefmt import pec_time
+
+OURS = "pec.ours.test"
+THEIRS = "pec.theirs.test"
+NOW = PKI_NOW + timedelta(days=30)  # inside the development certificates' validity
+
+
+def identity(domain: str, name: str) -> ProviderIdentity:
+    pki = create_dev_pki(domain=domain, name=name, now=PKI_NOW)
+    return ProviderIdentity(
+        name=name,
+        domain=domain,
+        service_address=f"posta-certificata@{domain}",
+        signer=KeySigner.from_pem(pki.signing.key_pem, pki.signing.cert_pem),
+    )
+
+
+@dataclass(frozen=True)
+class Entry:
+    mail_receipt: str
+
+
+@dataclass
+class Index:
+    """The provider index: certified domains, and signer certificates (DER) -> entry."""
+
+    domains: set[str] = field(default_factory=set)
+    signers: dict[bytes, Entry] = field(default_factory=dict)
+
+    def is_certified(self, address: str) -> bool:
+        return address.rpartition("@")[2].lower() in self.domains
+
+    def provider_for_certificate(self, der: bytes) -> Entry | None:
+        return self.signers.get(der)
+
+
+RULES = Rules(
+    limits=SubmissionLimits(
+        max_size=10 * 1024 * 1024, max_recipients=50, max_recipients_times_size=100 * 1024 * 1024
+    ),
+    max_attempts=5,
+    relay_expire_hours=24,
+    base_delay_seconds=60,
+    max_delay_seconds=3600,
+    first_hours=12,
+    final_hours=24,
+)
+
+
+@dataclass
+class World:
+    """What the fakes answer: mailboxes, sent transmissions, Maildir outcomes, SMTP results."""
+
+    provider: ProviderIdentity
+    mailboxes: dict[str, MailboxState] = field(default_factory=dict)
+    sent: dict[str, str] = field(default_factory=dict)  # pec msgid -> sender
+    outcomes: dict[str, Outcome] = field(default_factory=dict)  # mailbox -> outcome
+    smtp: Sent = field(default_factory=Sent)
+    fail_builds: Callable[[Build], bool] = lambda b: False
+    commands: list[Command] = field(default_factory=list)
+    now: datetime = NOW
+    receipts_at: datetime = NOW + timedelta(seconds=1)
+
+    def answer(self, cmd: Command) -> Any:
+        if isinstance(cmd, Build):
+            if self.fail_builds(cmd):
+                raise ValueError("this build fails")
+            return [call(provider=self.provider) for call in cmd.calls]
+        if isinstance(cmd, Classify):
+            return classify(cmd.raw)
+        if isinstance(cmd, LookUpMailboxes):
+            return {a: self.mailboxes.get(a) for a in cmd.addresses}
+        if isinstance(cmd, FindTransmission):
+            return self.sent.get(cmd.pec_msgid)
+        if isinstance(cmd, Deliver):
+            return [self.outcomes.get(d.mailbox, DELIVERED) for d in cmd.items]
+        if isinstance(cmd, Send):
+            return self.smtp
+        if isinstance(cmd, TakeInCharge):
+            c = classify(cmd.envelope)
+            if not c.is_valid_pec:
+                return TakenInCharge(c)
+            outcomes = tuple(self.outcomes.get(d.mailbox, DELIVERED) for d in cmd.deliveries)
+            when = pec_time(self.receipts_at)
+            answered = cmd.answer(c, outcomes, when)
+            presa = cmd.presa(provider=self.provider)
+            if answered.failed:
+                return TakenInCharge(c, outcomes, presa, (), answered.failed)
+            receipts = tuple(
+                (r, e, call(provider=self.provider), err) for r, e, call, err in answered.receipts
+            )
+            return TakenInCharge(c, outcomes, presa, receipts, {}, when)
+        raise AssertionError(f"unexpected command {cmd!r}")
+
+    @staticmethod
+    def of(effects: list[Effect], kind: type[Any]) -> list[Any]:
+        """The effects of one type, in order."""
+        return [e for e in effects if isinstance(e, kind)]
+
+    def play(self, stage: Stage) -> list[Effect]:
+        """Drive ``stage`` to its end; its commands are kept in ``commands``."""
+        try:
+            cmd = next(stage)
+            while True:
+                self.commands.append(cmd)
+                try:
+                    answer = self.answer(cmd)
+                except Exception as exc:
+                    cmd = stage.throw(exc)
+                else:
+                    cmd = stage.send(answer)
+        except StopIteration as done:
+            effects: list[Effect] = done.value
+            return effects
+
+
+@pytest.fixture(scope="session")
+def ours() -> ProviderIdentity:
+    return identity(OURS, "Gestore Nostro")
+
+
+@pytest.fixture(scope="session")
+def theirs() -> ProviderIdentity:
+    return identity(THEIRS, "Gestore Altrui")
+
+
+@pytest.fixture
+def index(theirs: ProviderIdentity) -> Index:
+    from cryptography.hazmat.primitives import serialization
+
+    der = theirs.signer.certificate.public_bytes(serialization.Encoding.DER)
+    return Index({THEIRS}, {der: Entry(f"posta-certificata@{THEIRS}")})
+
+
+@pytest.fixture
+def ctx(ours: ProviderIdentity, index: Index) -> Context:
+    return Context(
+        provider=ours,
+        local_domains=frozenset({OURS}),
+        mail_receipt=f"posta-certificata@{OURS}",
+        rules=RULES,
+        index=index,
+    )
+
+
+@pytest.fixture
+def world(ours: ProviderIdentity) -> World:
+    return World(ours)
