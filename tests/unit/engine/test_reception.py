@@ -1,0 +1,180 @@
+"""The reception point's rules (engine/reception.py): judged by signature and provider index."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pecd.engine.context import Context
+from pecd.engine.effects import (
+    Build,
+    Enqueue,
+    FindTransmission,
+    MailboxState,
+    Record,
+    Settle,
+    StoreLocal,
+    TookCharge,
+)
+from pecd.engine.reception import NOT_IN_DATICERT, reception
+from pecd.engine.vocab import DeliveryPayload, IntakePayload, JobKind, TraceType
+from pecd.pec import builders
+from pecd.pec.builders import ProviderIdentity, Transmission
+from pecd.pec.timefmt import pec_time
+from pecd.pec.vocab import Errore
+
+BOB, CAROL, DAN = "bob@pec.ours.test", "carol@pec.ours.test", "dan@pec.ours.test"
+ZOE = "zoe@pec.theirs.test"
+ALICE = "alice@pec.ours.test"
+PEER_RECEIPTS = "posta-certificata@pec.theirs.test"
+OPEN = MailboxState(False, None)
+
+
+def tx_from(sender: str, rcpts: list[str], provider: ProviderIdentity, world: Any) -> Transmission:
+    original = (
+        f"From: {sender}\r\nTo: {', '.join(rcpts)}\r\nSubject: Prova\r\n"
+        "Message-ID: <m1@mua.test>\r\n\r\ncorpo\r\n"
+    ).encode()
+    return Transmission.from_submission(
+        original,
+        mail_from=sender,
+        rcpt_to=rcpts,
+        identificativo=provider.new_msgid(pec_time(world.now)),
+        is_certified=lambda a: True,
+    )
+
+
+def their_envelope(theirs: ProviderIdentity, world: Any, rcpts: list[str]) -> bytes:
+    tx = tx_from(ZOE, rcpts, theirs, world)
+    original = b"From: " + ZOE.encode() + b"\r\nSubject: Prova\r\n\r\ncorpo\r\n"
+    return builders.transport_envelope(
+        original=original, tx=tx, when=pec_time(world.now), provider=theirs
+    ).raw
+
+
+def receive(ctx: Context, world: Any, raw: bytes, rcpts: list[str]) -> list[Any]:
+    p = IntakePayload("posta-certificata@pec.theirs.test", tuple(rcpts), peer="192.0.2.7")
+    return world.play(reception(ctx, "rx-1", p, raw, world.now))
+
+
+def test_a_valid_envelope_is_taken_in_charge_for_the_recipients_it_names(
+    ctx: Context, world: Any, theirs: ProviderIdentity
+) -> None:
+    world.mailboxes = {BOB: OPEN, CAROL: OPEN, DAN: OPEN}
+    raw = their_envelope(theirs, world, [BOB, CAROL])
+    effects = receive(ctx, world, raw, [BOB, CAROL, DAN])
+    [job] = world.of(effects, Enqueue)
+    assert job.kind is JobKind.DELIVERY and job.key == "rx-1:delivery" and job.data == raw
+    assert isinstance(job.payload, DeliveryPayload)
+    assert job.payload.recipients == (BOB, CAROL)
+    # The presa in carico goes to the sending provider's mailReceipt, from the index.
+    assert job.payload.mail_receipt == PEER_RECEIPTS
+    assert job.payload.tx.mittente == ZOE
+    # DAN is not in the signed daticert: for him it is an anomaly.
+    [wrapped] = world.of(effects, StoreLocal)
+    assert (wrapped.key, wrapped.mailbox) == ("rx-1:anomalia:" + DAN, DAN)
+    assert b"X-Trasporto: errore" in wrapped.data
+    events = {r.event.event: r.event for r in world.of(effects, Record)}
+    assert events[TraceType.RICEZIONE].recipients == [{"address": BOB}, {"address": CAROL}]
+    assert events[TraceType.ANOMALIA].error == NOT_IN_DATICERT
+
+
+def test_plain_mail_is_wrapped_for_the_holders_only(ctx: Context, world: Any) -> None:
+    world.mailboxes = {BOB: OPEN, CAROL: MailboxState(True, None)}
+    raw = b"From: x@mail.example\r\nSubject: ciao\r\n\r\nciao\r\n"
+    effects = receive(ctx, world, raw, [BOB, CAROL, DAN])
+    assert [s.mailbox for s in world.of(effects, StoreLocal)] == [BOB]
+    [record] = world.of(effects, Record)
+    assert record.event.event == TraceType.ANOMALIA
+    assert record.event.error == "messaggio privo di firma del gestore (posta ordinaria)"
+    assert record.event.data["not_stored"] == [CAROL, DAN]
+    assert world.of(effects, Enqueue) == []  # no receipt at all
+
+
+def test_a_signer_outside_the_index_is_an_anomaly(
+    ctx: Context, world: Any, ours: ProviderIdentity, theirs: ProviderIdentity
+) -> None:
+    world.mailboxes = {BOB: OPEN}
+    # Signed by us, as if we were a peer: valid signature, but not a provider of the index.
+    raw = their_envelope(ours, world, [BOB])
+    effects = receive(ctx, world, raw, [BOB])
+    [record] = world.of(effects, Record)
+    assert record.event.error == "firma di un soggetto non presente nell'indice dei gestori PEC"
+    # A broken signature says so.
+    broken = their_envelope(theirs, world, [BOB]).replace(b"corpo", b"CORPO")
+    [record] = world.of(receive(ctx, world, broken, [BOB]), Record)
+    assert record.event.error.startswith("firma non valida")
+
+
+def receipt(theirs: ProviderIdentity, world: Any, kind: str) -> tuple[Transmission, bytes]:
+    """A receipt from their provider about a transmission of ours (ALICE -> ZOE)."""
+    tx = tx_from(ALICE, [ZOE], world.provider, world)
+    when = pec_time(world.now)
+    if kind == "avvenuta":
+        built = builders.avvenuta_consegna(
+            tx=tx, when=when, recipient=ZOE, postacert=b"x", provider=theirs
+        )
+    elif kind == "presa":
+        built = builders.presa_in_carico(
+            tx=tx, when=when, ricezione=[ZOE], mail_receipt=PEER_RECEIPTS, provider=theirs
+        )
+    else:
+        built = builders.rilevazione_virus(
+            tx=tx,
+            when=when,
+            recipient=ZOE,
+            errore_esteso="Eicar-Test-Signature",
+            mail_receipt=PEER_RECEIPTS,
+            provider=theirs,
+        )
+    return tx, built.raw
+
+
+def test_a_receipt_of_ours_goes_to_the_sender_and_settles_the_timer(
+    ctx: Context, world: Any, theirs: ProviderIdentity
+) -> None:
+    tx, raw = receipt(theirs, world, "avvenuta")
+    world.sent[tx.identificativo] = ALICE
+    effects = receive(ctx, world, raw, [ALICE, BOB])
+    assert isinstance(world.commands[1], FindTransmission)
+    # Only to the sender of the transmission, never to whoever else the RCPT names.
+    assert [s.mailbox for s in world.of(effects, StoreLocal)] == [ALICE]
+    assert world.of(effects, Settle) == [
+        Settle(tx.identificativo, ZOE, world.now, "avvenuta-consegna")
+    ]
+    [record] = world.of(effects, Record)
+    assert record.event.event == TraceType.RICEVUTA_RICEVUTA
+
+
+def test_a_presa_in_carico_goes_to_the_service_mailbox(
+    ctx: Context, world: Any, theirs: ProviderIdentity
+) -> None:
+    tx, raw = receipt(theirs, world, "presa")
+    world.sent[tx.identificativo] = ALICE
+    effects = receive(ctx, world, raw, [ctx.mail_receipt, ALICE])
+    assert [s.mailbox for s in world.of(effects, StoreLocal)] == [ctx.mail_receipt]
+    assert world.of(effects, TookCharge) == [TookCharge(tx.identificativo, (ZOE,), world.now)]
+
+
+def test_a_receipt_of_a_transmission_we_never_sent_is_dropped(
+    ctx: Context, world: Any, theirs: ProviderIdentity
+) -> None:
+    _tx, raw = receipt(theirs, world, "avvenuta")
+    effects = receive(ctx, world, raw, [ALICE])
+    assert world.of(effects, StoreLocal) == [] and world.of(effects, Settle) == []
+    [record] = world.of(effects, Record)
+    assert record.event.event == TraceType.RICEVUTA_SCONOSCIUTA
+    assert record.event.data["dropped"] is True
+
+
+def test_a_rilevazione_virus_becomes_the_senders_errore_consegna(
+    ctx: Context, world: Any, theirs: ProviderIdentity
+) -> None:
+    tx, raw = receipt(theirs, world, "virus")
+    world.sent[tx.identificativo] = ALICE
+    effects = receive(ctx, world, raw, [ctx.mail_receipt])
+    [build] = [c for c in world.commands if isinstance(c, Build)]
+    assert build.calls[0].keywords["errore"] is Errore.VIRUS
+    stored = {s.key: s for s in world.of(effects, StoreLocal)}
+    notice = stored[f"virus:{tx.identificativo}:{ZOE}"]
+    assert notice.mailbox == ALICE and b"X-Ricevuta: errore-consegna" in notice.data
+    assert Settle(tx.identificativo, ZOE, world.now, "virus") in effects
