@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PKI_NOW
+from helpers import PKI_NOW
 from pecd.cli import main
 from pecd.config import ConfigError, load_config
 from pecd.devinit import config_text
