@@ -7,6 +7,7 @@ import logging
 
 import pytest
 
+from helpers import wait_for_async
 from pecd.config import SecurityConfig
 from pecd.guard import Guard, client_key
 
@@ -226,9 +227,9 @@ def test_hash_slots_bound_and_let_clean_clients_first() -> None:
     async def run() -> list[str]:
         # Two guesses take both slots; eight more wait; then a clean client's check arrives.
         busy = [asyncio.create_task(slots.run(False, work, f"guess{i}")) for i in range(10)]
-        await asyncio.sleep(0.05)
+        await wait_for_async(lambda: slots.waiting() == 8 and running == 2, what="guesses queued")
         clean = asyncio.create_task(slots.run(True, work, "clean"))
-        await asyncio.sleep(0.05)
+        await wait_for_async(lambda: slots.waiting() == 9, what="the clean check queued")
         assert slots.waiting() == 9
         gate.set()
         return await asyncio.gather(*busy, clean)
@@ -251,15 +252,15 @@ def test_hash_slots_cancelled_waiter_gives_nothing_away() -> None:
 
         ev = threading.Event()
         first = asyncio.create_task(slots.run(False, ev.wait, 5))
-        await asyncio.sleep(0.02)
+        await wait_for_async(lambda: slots.free == 0, what="the first takes the slot")
         second = asyncio.create_task(slots.run(False, ev.wait, 5))
-        await asyncio.sleep(0.02)
+        await wait_for_async(lambda: slots.waiting() == 1, what="the second waits")
         second.cancel()
         await asyncio.gather(second, return_exceptions=True)
         assert slots.waiting() == 0
         ev.set()
         await first
-        await asyncio.sleep(0.02)
+        await wait_for_async(lambda: slots.free == 1, what="the slot given back")
         assert slots.free == 1
 
     asyncio.run(run())
