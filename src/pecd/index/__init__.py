@@ -9,7 +9,7 @@ an interval and on demand (SIGHUP). A reload that fails keeps the last good copy
 - :mod:`pecd.index.ldif`: LDIF read/write (sans I/O);
 - :mod:`pecd.index.signed`: the ``.p7m`` made and checked (sans I/O);
 - :mod:`pecd.index.service`: loading from the config and the reloading service;
-- :mod:`pecd.index.cli`: ``pecd index show|lookup|export``.
+- :mod:`pecd.cli.index`: ``pecd index show|lookup|export``.
 """
 
 from __future__ import annotations

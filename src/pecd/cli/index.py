@@ -5,27 +5,35 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from pecd.cli.common import (
+    EXIT_INVALID,
+    EXIT_OK,
+    Handler,
+    Subcommands,
+    fail,
+    load,
+    print_table,
+    with_config,
+)
 from pecd.clock import SystemClock
 from pecd.index.ldif import write_ldif
 from pecd.index.model import ProviderEntry, domain_of, normalize_hash
 from pecd.index.service import IndexLoadError, load_index_report, own_entry
 from pecd.index.signed import sign_index
 
-__all__ = ["cmd_index", "register"]
+__all__ = ["cmd_index", "cmd_index_export", "cmd_index_lookup", "cmd_index_show", "register"]
 
 _SHA1_RE = re.compile(r"^[0-9a-f]{40}$")
 _COLUMNS = ["provider", "unit", "mail_receipt", "domains", "certificate_sha1"]
 
 
-def _row(e: ProviderEntry, as_json: bool) -> list[Any]:
+def _row(e: ProviderEntry, as_json: bool) -> list[object]:
     if as_json:
         return [e.name, e.unit, e.mail_receipt, list(e.domains), list(e.certificate_hashes)]
     return [
@@ -37,10 +45,8 @@ def _row(e: ProviderEntry, as_json: bool) -> list[Any]:
     ]
 
 
-def _show(args: argparse.Namespace) -> int:
-    from pecd import cli
-
-    loaded = load_index_report(cli._load(args))
+def cmd_index_show(args: argparse.Namespace) -> int:
+    loaded = load_index_report(load(args))
     if not args.json:
         print(f"source: {loaded.source or '(no index.path: this provider only)'}")
         if loaded.signer is not None:
@@ -48,14 +54,12 @@ def _show(args: argparse.Namespace) -> int:
     for note in (*loaded.skipped, *loaded.warnings):
         print(f"pecd: index: {note}", file=sys.stderr)
     rows = [_row(e, args.json) for e in loaded.index]
-    cli._print_table("Provider index", _COLUMNS, rows, args.json)
-    return cli.EXIT_OK
+    print_table("Provider index", _COLUMNS, rows, args.json)
+    return EXIT_OK
 
 
-def _lookup(args: argparse.Namespace) -> int:
-    from pecd import cli
-
-    index = load_index_report(cli._load(args)).index
+def cmd_index_lookup(args: argparse.Namespace) -> int:
+    index = load_index_report(load(args)).index
     what = args.what.strip()
     if _SHA1_RE.match(normalize_hash(what)):
         found = list(index.providers_for_hash(what))
@@ -63,15 +67,13 @@ def _lookup(args: argparse.Namespace) -> int:
         entry = index.provider_for_domain(domain_of(what) if "@" in what else what)
         found = [entry] if entry else []
     if not found:
-        return cli._fail(f"{what}: not in the provider index (not PEC)", cli.EXIT_INVALID)
-    cli._print_table("Provider index", _COLUMNS, [_row(e, args.json) for e in found], args.json)
-    return cli.EXIT_OK
+        return fail(f"{what}: not in the provider index (not PEC)", EXIT_INVALID)
+    print_table("Provider index", _COLUMNS, [_row(e, args.json) for e in found], args.json)
+    return EXIT_OK
 
 
-def _export(args: argparse.Namespace) -> int:
-    from pecd import cli
-
-    cfg = cli._load(args)
+def cmd_index_export(args: argparse.Namespace) -> int:
+    cfg = load(args)
     data = write_ldif([own_entry(cfg)]).encode("utf-8")
     if args.sign:
         try:
@@ -80,7 +82,7 @@ def _export(args: argparse.Namespace) -> int:
         except (OSError, ValueError, TypeError) as exc:
             raise IndexLoadError(f"cannot load the signing key or certificate: {exc}") from None
         if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
-            return cli._fail(f"{cfg.signing.key}: an RSA or EC key is needed to sign", 1)
+            return fail(f"{cfg.signing.key}: an RSA or EC key is needed to sign", 1)
         data = sign_index(
             data, cert, key, digest=cfg.signing.digest, signing_time=SystemClock().now()
         )
@@ -90,24 +92,21 @@ def _export(args: argparse.Namespace) -> int:
     else:
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
-    return cli.EXIT_OK
+    return EXIT_OK
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    commands: dict[str, Callable[[argparse.Namespace], int]] = {
-        "show": _show,
-        "lookup": _lookup,
-        "export": _export,
+    commands: dict[str, Handler] = {
+        "show": cmd_index_show,
+        "lookup": cmd_index_lookup,
+        "export": cmd_index_export,
     }
     return commands[args.index_command](args)
 
 
-def register(
-    subparsers: Any,  # argparse's _SubParsersAction, which has no public type
-    with_config: Callable[[argparse.ArgumentParser], argparse.ArgumentParser],
-) -> None:
+def register(sub: Subcommands) -> None:
     """Add ``pecd index …`` to the ``pecd`` parser."""
-    ix = subparsers.add_parser("index", help="the provider index (indice dei gestori PEC)")
+    ix = sub.add_parser("index", help="the provider index (indice dei gestori PEC)")
     ix_sub = ix.add_subparsers(dest="index_command", required=True)
     show = with_config(ix_sub.add_parser("show", help="every provider known, this one included"))
     show.add_argument("--json", action="store_true", help="print JSON")

@@ -1,0 +1,105 @@
+"""``pecd domain`` and ``pecd mailbox``: the domains this provider serves, holders' mailboxes."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from typing import TYPE_CHECKING
+
+from pecd.cli.common import EXIT_OK, Subcommands, load, print_table, with_accounts, with_config
+
+if TYPE_CHECKING:
+    from pecd.store.accounts import Accounts
+    from pecd.store.db import Database
+
+
+def cmd_domain(args: argparse.Namespace) -> int:
+    cfg = load(args)
+
+    async def go(acc: Accounts, db: Database) -> int:
+        if args.domain_command == "add":
+            await acc.add_domain(args.name)
+            print(f"pecd: domain {args.name.lower()} added")
+            if args.name.lower() not in cfg.provider.local_domains:
+                print(
+                    f"pecd: note: add it to provider.local_domains in {cfg.source} to receive mail for it"
+                )
+            return EXIT_OK
+        rows = [(d.name, d.created_at) for d in await acc.list_domains()]
+        print_table("Domains", ["domain", "created_at"], rows, args.json)
+        return EXIT_OK
+
+    return asyncio.run(with_accounts(cfg, go))
+
+
+def read_password(args: argparse.Namespace) -> str:
+    """One line of standard input with ``--password-stdin``, else asked twice on the terminal."""
+    if getattr(args, "password_stdin", False):
+        return sys.stdin.readline().rstrip("\r\n")
+    import getpass
+
+    first = getpass.getpass("Password: ")
+    if first != getpass.getpass("Again: "):
+        raise ValueError("the two passwords differ")
+    return first
+
+
+def cmd_mailbox(args: argparse.Namespace) -> int:
+    from pecd.store.accounts import parse_size
+
+    cfg = load(args)
+
+    async def go(acc: Accounts, db: Database) -> int:
+        c = args.mailbox_command
+        if c == "add":
+            quota = parse_size(args.quota) if args.quota else None
+            await acc.add_mailbox(args.address, read_password(args), quota)
+            print(f"pecd: mailbox {args.address.lower()} added")
+        elif c == "passwd":
+            await acc.set_password(args.address, read_password(args))
+            print(f"pecd: password of {args.address.lower()} changed")
+        elif c == "disable":
+            await acc.disable(args.address)
+            print(f"pecd: mailbox {args.address.lower()} disabled")
+        elif c == "enable":
+            await acc.enable(args.address)
+            print(f"pecd: mailbox {args.address.lower()} enabled")
+        else:
+            rows = [
+                (m.address, m.quota_bytes, "yes" if m.disabled else "no", m.created_at)
+                for m in await acc.list_mailboxes(args.domain)
+            ]
+            print_table(
+                "Mailboxes", ["address", "quota_bytes", "disabled", "created_at"], rows, args.json
+            )
+        return EXIT_OK
+
+    return asyncio.run(with_accounts(cfg, go))
+
+
+def register(sub: Subcommands) -> None:
+    """Add ``pecd domain …`` and ``pecd mailbox …`` to the ``pecd`` parser."""
+    dom = sub.add_parser("domain", help="PEC domains this provider serves")
+    dom_sub = dom.add_subparsers(dest="domain_command", required=True)
+    da = with_config(dom_sub.add_parser("add"))
+    da.add_argument("name")
+    dl = with_config(dom_sub.add_parser("list"))
+    dl.add_argument("--json", action="store_true")
+    dom.set_defaults(func=cmd_domain)
+
+    mb = sub.add_parser("mailbox", help="holders' mailboxes")
+    mb_sub = mb.add_subparsers(dest="mailbox_command", required=True)
+    ma = with_config(mb_sub.add_parser("add"))
+    ma.add_argument("address")
+    ma.add_argument("--quota", help="e.g. 1G, 500M")
+    ma.add_argument("--password-stdin", action="store_true")
+    mp = with_config(mb_sub.add_parser("passwd"))
+    mp.add_argument("address")
+    mp.add_argument("--password-stdin", action="store_true")
+    for name in ("disable", "enable"):
+        with_config(mb_sub.add_parser(name)).add_argument("address")
+    ml = with_config(mb_sub.add_parser("list"))
+    ml.add_argument("--domain")
+    ml.add_argument("--json", action="store_true")
+    mb.set_defaults(func=cmd_mailbox)

@@ -1,0 +1,76 @@
+"""``pecd serve``: run the provider until SIGTERM or SIGINT (SIGHUP reloads the provider index)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from pecd import __version__
+from pecd.cli.common import DEFAULT_DIR, EXIT_OK, Subcommands, load, with_config
+from pecd.clock import SystemClock
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pecd.app import App
+    from pecd.devinit import CONFIG_NAME, init_installation
+
+    if not args.config and not (DEFAULT_DIR / CONFIG_NAME).exists():
+        print(f"pecd: no configuration found; initialising {DEFAULT_DIR}/ for development")
+        result = asyncio.run(
+            init_installation(
+                DEFAULT_DIR,
+                domain="pec.localhost",
+                name="pecd Development PEC",
+                clock=SystemClock(),
+            )
+        )
+        print("Mailboxes (passwords are shown only now):")
+        for addr, pw in result.mailboxes.items():
+            print(f"  {addr:<40} {pw}")
+    cfg = load(args)
+    if os.environ.get("PECD_DEBUG"):
+        logging.getLogger("pecd").setLevel(logging.DEBUG)
+    else:
+        # aiosmtpd echoes every SMTP command and address at INFO: five lines per message that
+        # say less than the trace log does, cost the event loop a write each, and spread
+        # addresses over an ordinary log file. Its warnings and errors still show.
+        logging.getLogger("mail.log").setLevel(logging.WARNING)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        async with App(cfg) as app:
+            index = app.index
+            if index is not None:
+                loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(index.reload()))
+            print(
+                f"pecd {__version__} serving {cfg.provider.name} ({', '.join(cfg.provider.local_domains)})"
+            )
+            print("Mail client settings:")
+            for line in app.client_settings():
+                print(line)
+            sys.stdout.flush()
+            await stop.wait()
+            print("pecd: stopping (draining work in progress)")
+        print("pecd: stopped")
+
+    asyncio.run(run())
+    return EXIT_OK
+
+
+def register(sub: Subcommands) -> None:
+    """Add ``pecd serve`` to the ``pecd`` parser."""
+    sv = with_config(
+        sub.add_parser("serve", help="run the provider (initialises ./pecd-data if needed)")
+    )
+    sv.set_defaults(func=cmd_serve)
