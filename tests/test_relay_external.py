@@ -146,7 +146,7 @@ def test_a_busy_destination_makes_relays_wait_not_bounce(tmp_path: Path) -> None
             client = relay.RelayClient(cfg, "pecd.test")
             return await asyncio.gather(
                 *(
-                    client.send(
+                    client.transmit(
                         "example.org", f"a{i}@{DOMAIN}", ["x@example.org"], b"S: x\r\n\r\nx\r\n"
                     )
                     for i in range(3)

@@ -115,13 +115,15 @@ def _time(v: object) -> datetime | None:
 @dataclass(frozen=True, slots=True)
 class IntakePayload:
     """A message one of the SMTP points took in (kinds SUBMISSION and RECEPTION): its envelope,
-    and for a submission the authenticated holder."""
+    the client's address, for a submission the authenticated holder, for a reception whether
+    the session was under TLS."""
 
     mail_from: str
     rcpt_to: tuple[str, ...]
     received_at: datetime | None = None
     peer: str | None = None
     user: str | None = None
+    tls: bool | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -132,6 +134,8 @@ class IntakePayload:
         }
         if self.user is not None:
             out["user"] = self.user
+        if self.tls is not None:
+            out["tls"] = self.tls
         return out
 
     @classmethod
@@ -142,6 +146,7 @@ class IntakePayload:
             received_at=_time(p.get("received_at")),
             peer=_opt_str(p.get("peer")),
             user=_opt_str(p.get("user")),
+            tls=None if p.get("tls") is None else bool(p["tls"]),
         )
 
 

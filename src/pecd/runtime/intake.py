@@ -14,12 +14,12 @@ import contextlib
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
 
 from aiosmtpd.smtp import Envelope
 from aiosmtpd.smtp import Session as SMTPSession
 from sqlalchemy.orm import Session
 
+from pecd.engine.vocab import IntakePayload, JobKind
 from pecd.runtime.smtp import IntakeEnvelope, Reply, peer_of
 from pecd.store import jobs
 from pecd.store.db import Database
@@ -29,9 +29,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class _Pending:
-    kind: str
+    kind: JobKind
     key: str
-    payload: dict[str, Any]
+    payload: IntakePayload
     data: bytes
     now: datetime
     done: asyncio.Future[None] = field(
@@ -63,7 +63,7 @@ class Intake:
         self._task = None
 
     async def submit(
-        self, *, kind: str, key: str, payload: dict[str, Any], data: bytes, now: datetime
+        self, *, kind: JobKind, key: str, payload: IntakePayload, data: bytes, now: datetime
     ) -> None:
         if self._task is None or self._task.done():
             raise RuntimeError("the intake is not running")
@@ -71,7 +71,15 @@ class Intake:
         self._queue.put_nowait(item)
         await asyncio.shield(item.done)
 
-    async def reply(self, kind: str, session: SMTPSession, envelope: Envelope, **extra: Any) -> str:
+    async def reply(
+        self,
+        kind: JobKind,
+        session: SMTPSession,
+        envelope: Envelope,
+        *,
+        user: str | None = None,
+        tls: bool | None = None,
+    ) -> str:
         """Commit one SMTP transaction, read by :class:`IntakeSMTP` (its ``data_prefix`` has put
         the Received: field in front: these are the job's bytes), as a job of ``kind``, and give
         the DATA reply: 250 with the key once it is durable (design.md invariant 1), 451 if it
@@ -83,13 +91,14 @@ class Intake:
             await self.submit(
                 kind=kind,
                 key=key,
-                payload={
-                    "mail_from": envelope.mail_from,
-                    "rcpt_to": list(envelope.rcpt_tos),
-                    "received_at": now.isoformat(),
-                    "peer": peer_of(session),
-                    **extra,
-                },
+                payload=IntakePayload(
+                    mail_from=envelope.mail_from or "",
+                    rcpt_to=tuple(envelope.rcpt_tos),
+                    received_at=now,
+                    peer=peer_of(session),
+                    user=user,
+                    tls=tls,
+                ),
                 data=envelope.original_content or b"",
                 now=now,
             )
@@ -156,7 +165,7 @@ class Intake:
                     s,
                     kind=item.kind,
                     key=item.key,
-                    payload=item.payload,
+                    payload=item.payload.to_json(),
                     data=item.data,
                     now=item.now,
                 )
