@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pecd.pec import builders
+from pecd.pec.address import normalize_address
 from pecd.pec.builders import BuiltMessage, ProviderIdentity
 from pecd.pec.daticert import Daticert, from_json
 from pecd.pec.timefmt import PecTime
@@ -100,7 +101,7 @@ def matching(events: Iterable[LoggedEvent], wanted: Wanted) -> list[LoggedEvent]
         d = e.daticert or {}
         if wanted.tipo and d.get("tipo") != wanted.tipo:
             continue
-        if wanted.recipient and (d.get("consegna") or "") != wanted.recipient.strip().lower():
+        if wanted.recipient and (d.get("consegna") or "") != normalize_address(wanted.recipient):
             continue
         if wanted.event_id is not None and e.id != wanted.event_id:
             continue
