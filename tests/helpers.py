@@ -682,6 +682,12 @@ def make_pki(directory: Path) -> Pki:
     return pki
 
 
+class Authenticates(Protocol):
+    passwords: dict[str, str]
+
+    async def authenticate(self, address: str, password: str) -> str | None: ...
+
+
 class FakeAccounts:
     """Authenticator over a dict of address -> password."""
 
@@ -701,7 +707,11 @@ class ImapServer(BackgroundService["ImapService"]):
     """ImapService on loopback (IMAPS and IMAP+STARTTLS) over ``store``, logins checked by
     ``accounts``; ``new_user`` makes a fresh account."""
 
-    def __init__(self, store: MaildirStore, accounts: FakeAccounts, pki: Pki) -> None:
+    def __init__(
+        self, store: MaildirStore, accounts: Authenticates, pki: Pki, **options: Any
+    ) -> None:
+        """``accounts``: FakeAccounts or any other authenticator; ``options``: more keyword
+        arguments for ImapService (limits, guard, ...)."""
         from pecd.imap import ImapService
 
         self.store = store
@@ -716,6 +726,7 @@ class ImapServer(BackgroundService["ImapService"]):
             starttls_port=0,
             hostname="localhost",
             failed_login_delay=0.0,
+            **options,
         )
         super().__init__(service)
         self._users = itertools.count(1)
@@ -806,3 +817,64 @@ Patterns {patterns}
 Create Near
 SyncState *
 """
+
+
+# --- settling: memory, the trace log ---------------------------------------------------------
+
+
+def wait_rss_steady(
+    pid: int,
+    *,
+    tolerance_kib: int = 1024,
+    steady_for: float = 0.5,
+    timeout: float = 30.0,
+    interval: float = 0.05,
+) -> int:
+    """Wait until the VmRSS of ``pid`` and of each of its descendants (the same ones all along)
+    has stayed within ``tolerance_kib`` of one reading for ``steady_for`` s, a start-up or a
+    finished message settled, and return the process's own VmRSS then; fail the test if that
+    has not happened within ``timeout`` s."""
+
+    def reading() -> dict[int, int]:
+        return {p: proc_status_kib(p, "VmRSS") for p in (pid, *children(pid))}
+
+    deadline = time.monotonic() + timeout
+    ref, since = reading(), time.monotonic()
+    while True:
+        time.sleep(interval)
+        now = reading()
+        if now.keys() != ref.keys() or any(abs(now[p] - ref[p]) > tolerance_kib for p in now):
+            ref, since = now, time.monotonic()
+        elif time.monotonic() - since >= steady_for:
+            return now[pid]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"VmRSS of {pid} and its children not steady within {timeout} s")
+
+
+if TYPE_CHECKING:
+    from pecd.store.db import Database
+
+
+#: When the first event :func:`add_events` writes is dated (one more second for each next one).
+EVENTS_T0 = datetime(2026, 5, 4, 8, 0, tzinfo=UTC)
+
+
+async def add_events(d: Database, n: int, start: int = 0) -> None:
+    """Append ``n`` accettazione events numbered from ``start`` to the trace log of the
+    ``Database`` ``d``, in one transaction (the seal tests, and the sealing nodes they start)."""
+    from pecd.store.trace import TraceEventData, record_sync
+
+    events = [
+        TraceEventData(
+            at=EVENTS_T0 + timedelta(seconds=i),
+            event="accettazione",
+            pec_msgid=f"id{i}@pec.test",
+            sender="alice@pec.test",
+            recipients=[{"address": "bob@pec.test", "tipo": "certificato"}],
+            subject=f"Oggetto {i} è qui",
+            daticert={"tipo": "accettazione", "identificativo": f"id{i}@pec.test"},
+        )
+        for i in range(start, start + n)
+    ]
+    async with d.session() as s, s.begin():
+        await s.run_sync(lambda sync: [record_sync(sync, e) for e in events])

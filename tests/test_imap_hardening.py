@@ -9,8 +9,6 @@ fuzz of command lines before and after login.
 from __future__ import annotations
 
 import contextlib
-import imaplib
-import itertools
 import logging
 import re
 import socket
@@ -23,10 +21,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import PLAIN_CRLF, BackgroundService, Pki, make_pki
+from helpers import PLAIN_CRLF, ImapServer, Pki, make_pki
 from pecd.config import MailboxConfig, SecurityConfig
 from pecd.guard import Guard
-from pecd.imap import ImapService
 from pecd.imap.modutf7 import ModUtf7Error, decode, encode
 from pecd.mailbox.maildir import MaildirStore
 
@@ -63,7 +60,11 @@ class QuotaAccounts:
 # -- the server in a background event loop ----------------------------------------------------
 
 
-class Server(BackgroundService[ImapService]):
+class Server(ImapServer):
+    """The helpers' IMAP server with quotas, limits and a guard of the test's choosing."""
+
+    accounts: QuotaAccounts
+
     def __init__(
         self,
         base: Path,
@@ -72,34 +73,17 @@ class Server(BackgroundService[ImapService]):
         limits: MailboxConfig | None = None,
         guard: Guard | None = None,
     ) -> None:
-        self.store = MaildirStore(base / "mail")
-        self.accounts = QuotaAccounts()
-        self.pki = pki
-        service = ImapService(
-            store=self.store,
-            auth=self.accounts,
-            tls_context=pki.server_context(),
-            host="127.0.0.1",
-            port=0,
-            starttls_port=0,
-            hostname="localhost",
-            failed_login_delay=0.0,
+        super().__init__(
+            MaildirStore(base / "mail"),
+            QuotaAccounts(),
+            pki,
             guard=guard,
             limits=limits,
             max_message_size=MAX_MESSAGE,
         )
-        super().__init__(service)
-        self._users = itertools.count(1)
-
-    def __enter__(self) -> Server:
-        super().__enter__()
-        self.imaps_port, self.imap_port = self.service.bound_ports
-        return self
 
     def new_user(self, quota: int | None = None) -> tuple[str, str]:
-        n = next(self._users)
-        address, password = f"user{n}@example.org", f"secret-{n}"
-        self.accounts.passwords[address] = password
+        address, password = super().new_user()
         self.accounts.quotas[address] = quota
         return address, password
 
@@ -115,21 +99,6 @@ class Server(BackgroundService[ImapService]):
         client = Raw(sock)
         assert client.line().startswith(b"* OK")
         return client
-
-    def imaps(self) -> imaplib.IMAP4_SSL:
-        return imaplib.IMAP4_SSL(
-            "localhost", self.imaps_port, ssl_context=self.pki.client_context(), timeout=TIMEOUT
-        )
-
-    @contextlib.contextmanager
-    def logged_in(self, address: str, password: str) -> Iterator[imaplib.IMAP4_SSL]:
-        client = self.imaps()
-        try:
-            client.login(address, password)
-            yield client
-        finally:
-            with contextlib.suppress(Exception):
-                client.logout()
 
     def alive(self) -> None:
         """The server still answers a new connection."""

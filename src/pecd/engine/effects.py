@@ -10,7 +10,7 @@ each command with what they like (``tests/unit/engine``).
 from __future__ import annotations
 
 import functools
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -226,6 +226,24 @@ Effect = Enqueue | StoreLocal | Record | Expect | TookCharge | Settle | ClaimNot
 
 # A stage: yields commands, is sent their answers, returns its effects.
 Stage = Generator[Command, Any, list[Effect]]
+
+
+def play(stage: Stage, answer: Callable[[Command], Any]) -> list[Effect]:
+    """Drive ``stage`` to its end, synchronously, answering each command with ``answer`` (a
+    failure of ``answer`` is thrown into the stage). The runtime's driver is the same loop with
+    an ``await`` (``runtime/stages.py``); tests and tools use this one."""
+    try:
+        command = next(stage)
+        while True:
+            try:
+                reply = answer(command)
+            except Exception as exc:
+                command = stage.throw(exc)
+            else:
+                command = stage.send(reply)
+    except StopIteration as done:
+        effects: list[Effect] = done.value
+        return effects
 
 
 class StageError(Exception):

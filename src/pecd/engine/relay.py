@@ -10,6 +10,7 @@ recipient refused for now (4xx, no connection) is tried again after an exponenti
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
@@ -126,16 +127,8 @@ def again(
     the trace log."""
     reasons = "; ".join(sorted(set(retry.values())))
     delay = retry_delay(ctx.rules.base_delay_seconds, ctx.rules.max_delay_seconds, p.attempt)
-    nxt = RelayPayload(
-        recipients=tuple(sorted(retry)),
-        message_id=p.message_id,
-        mail_from=p.mail_from,
-        kind=p.kind,
-        tx=p.tx,
-        pec_msgid=p.pec_msgid,
-        sent_at=p.sent_at,
-        since=since,
-        attempt=p.attempt + 1,
+    nxt = dataclasses.replace(
+        p, recipients=tuple(sorted(retry)), since=since, attempt=p.attempt + 1
     )
     return [
         Record(relay_event(TraceType.RELAY_RETRY, key, p, now, sorted(retry), reasons)),

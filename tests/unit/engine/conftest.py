@@ -27,6 +27,7 @@ from pecd.engine.effects import (
     Stage,
     TakeInCharge,
     TakenInCharge,
+    play,
 )
 from pecd.engine.vocab import DELIVERED, Outcome
 from pecd.pec.builders import ProviderIdentity
@@ -135,19 +136,12 @@ class World:
 
     def play(self, stage: Stage) -> list[Effect]:
         """Drive ``stage`` to its end; its commands are kept in ``commands``."""
-        try:
-            cmd = next(stage)
-            while True:
-                self.commands.append(cmd)
-                try:
-                    answer = self.answer(cmd)
-                except Exception as exc:
-                    cmd = stage.throw(exc)
-                else:
-                    cmd = stage.send(answer)
-        except StopIteration as done:
-            effects: list[Effect] = done.value
-            return effects
+
+        def answer(cmd: Command) -> Any:
+            self.commands.append(cmd)
+            return self.answer(cmd)
+
+        return play(stage, answer)
 
 
 @pytest.fixture(scope="session")
