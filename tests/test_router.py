@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any
 
 import dns.resolver
@@ -29,7 +28,7 @@ def router_with(answers: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> Rou
         return value
 
     monkeypatch.setattr(relay.dns.asyncresolver, "resolve", resolve)
-    return Router(SimpleNamespace(relay=SimpleNamespace(port=25), routes={}))  # type: ignore[arg-type]
+    return Router({}, 25)
 
 
 def test_mx_by_preference_then_implicit_mx(monkeypatch: pytest.MonkeyPatch) -> None:

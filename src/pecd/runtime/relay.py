@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import aiosmtplib
@@ -55,9 +56,13 @@ class Router:
     """Where mail for a domain goes: a static route from the config, else DNS MX (RFC 5321 5.1:
     the domain's own address when it has no MX)."""
 
-    def __init__(self, cfg: Config) -> None:
-        self.routes = {d: Destination(e.host, e.port) for d, e in cfg.routes.items()}
-        self.port = cfg.relay.port
+    def __init__(self, routes: Mapping[str, Destination], port: int) -> None:
+        self.routes = dict(routes)
+        self.port = port
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Router:
+        return cls({d: Destination(e.host, e.port) for d, e in cfg.routes.items()}, cfg.relay.port)
 
     async def resolve(self, domain: str) -> list[Destination]:
         domain = normalize_domain(domain)
@@ -88,7 +93,7 @@ class RelayClient:
 
     def __init__(self, cfg: Config, hostname: str) -> None:
         self.cfg = cfg
-        self.router = Router(cfg)
+        self.router = Router.from_config(cfg)
         self.hostname = hostname
         self._limits: dict[str, asyncio.Semaphore] = {}
         r = cfg.relay
