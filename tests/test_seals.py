@@ -11,34 +11,18 @@ from typing import Any
 import pytest
 from sqlalchemy import delete, text, update
 
+from helpers import EVENTS_T0, add_events
 from pecd.pec.smime import KeySigner
 from pecd.store import seals
 from pecd.store.db import Database
 from pecd.store.models import TraceEvent, TraceSeal
-from pecd.store.trace import TraceEventData, record
+from pecd.store.trace import TraceEventData, record_sync
 from store_fixtures import Backend, db_fixture, pg_url_fixture, sqlite_template_fixture
 
 __all__ = ["db_fixture", "pg_url_fixture", "sqlite_template_fixture"]
 
-T0 = datetime(2026, 5, 4, 8, 0, tzinfo=UTC)
+T0 = EVENTS_T0  # add_events dates its events from here
 GRACE = timedelta(minutes=5)
-
-
-async def add_events(d: Database, n: int, start: int = 0) -> None:
-    async with d.session() as s, s.begin():
-        for i in range(start, start + n):
-            await record(
-                s,
-                TraceEventData(
-                    at=T0 + timedelta(seconds=i),
-                    event="accettazione",
-                    pec_msgid=f"id{i}@pec.test",
-                    sender="alice@pec.test",
-                    recipients=[{"address": "bob@pec.test", "tipo": "certificato"}],
-                    subject=f"Oggetto {i} è qui",
-                    daticert={"tipo": "accettazione", "identificativo": f"id{i}@pec.test"},
-                ),
-            )
 
 
 async def sealed_log(d: Database, signer: KeySigner) -> None:
@@ -79,14 +63,18 @@ async def _delete_event(s: Any) -> None:
 
 
 async def _insert_sealed_event(s: Any) -> None:
-    await record(s, TraceEventData(at=T0, event="accettazione", pec_msgid="forged@pec.test"))
+    await s.run_sync(
+        record_sync, TraceEventData(at=T0, event="accettazione", pec_msgid="forged@pec.test")
+    )
     await s.execute(
         update(TraceEvent).where(TraceEvent.pec_msgid == "forged@pec.test").values(seal_id=2)
     )
 
 
 async def _insert_unsealed_event(s: Any) -> None:
-    await record(s, TraceEventData(at=T0, event="accettazione", pec_msgid="late@pec.test"))
+    await s.run_sync(
+        record_sync, TraceEventData(at=T0, event="accettazione", pec_msgid="late@pec.test")
+    )
 
 
 async def _change_seal(s: Any) -> None:
@@ -173,12 +161,12 @@ def test_concurrent_sealers_cover_every_event_once(db: Backend, signer: KeySigne
         async def writer(base: Database, start: int) -> None:
             for k in range(10):
                 await add_events(base, 5, start=start + 5 * k)
-                await asyncio.sleep(0)
+                await asyncio.sleep(0)  # a turn for the others: the interleaving under test
 
         async def sealer(base: Database, node: str) -> None:
             for k in range(12):
                 await seals.seal_pending(base, signer, now=T0 + timedelta(seconds=k), node=node)
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.01)  # spreads the 12 seals over the writers' run: under test
 
         try:
             await asyncio.gather(
@@ -286,7 +274,7 @@ SEALING_NODE = r"""
 import asyncio, sys
 from datetime import UTC, datetime, timedelta
 sys.path.insert(0, sys.argv[3])
-from test_seals import add_events
+from helpers import add_events
 from pecd.pec.pki import create_dev_pki
 from pecd.pec.smime import KeySigner
 from pecd.store import seals
