@@ -15,7 +15,7 @@ from pecd.clock import SystemClock
 from pecd.config import load_config
 from pecd.devinit import init_installation
 from pecd.store.db import Database
-from pecd.store.trace import TraceEventData, record
+from pecd.store.trace import TraceEventData, record_sync
 
 T0 = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 
@@ -32,20 +32,20 @@ def config(tmp_path: Path) -> str:
     async def fill() -> None:
         db = await Database.open(cfg.database_url)
         try:
+            events = [
+                TraceEventData(
+                    at=T0 + timedelta(minutes=i),
+                    event="accettazione" if i % 2 else "avvenuta-consegna",
+                    pec_msgid=f"m{i // 2}@pec.test",
+                    client_msgid=f"<c{i // 2}@client>",
+                    sender="alice@pec.test" if i < 20 else "bob@pec.test",
+                    recipients=[{"address": f"r{i % 3}@pec.test", "tipo": "certificato"}],
+                    subject=f"Fattura n. {i}" if i % 5 == 0 else f"Oggetto {i}",
+                )
+                for i in range(40)
+            ]
             async with db.session() as s, s.begin():
-                for i in range(40):
-                    await record(
-                        s,
-                        TraceEventData(
-                            at=T0 + timedelta(minutes=i),
-                            event="accettazione" if i % 2 else "avvenuta-consegna",
-                            pec_msgid=f"m{i // 2}@pec.test",
-                            client_msgid=f"<c{i // 2}@client>",
-                            sender="alice@pec.test" if i < 20 else "bob@pec.test",
-                            recipients=[{"address": f"r{i % 3}@pec.test", "tipo": "certificato"}],
-                            subject=f"Fattura n. {i}" if i % 5 == 0 else f"Oggetto {i}",
-                        ),
-                    )
+                await s.run_sync(lambda sync: [record_sync(sync, e) for e in events])
         finally:
             await db.close()
 

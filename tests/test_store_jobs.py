@@ -26,7 +26,14 @@ LEASE = timedelta(seconds=30)
 
 async def add(d: Database, key: str, *, kind: str = "delivery", **kw: object) -> bool:
     async with d.session() as s, s.begin():
-        return await jobs.enqueue(s, kind=kind, key=key, payload={"k": key}, now=T0, **kw)  # type: ignore[arg-type]
+        return await s.run_sync(
+            jobs.enqueue_sync,
+            kind=kind,
+            key=key,
+            payload={"k": key},
+            now=T0,
+            **kw,  # type: ignore[arg-type]
+        )
 
 
 async def one(d: Database, job_id: int) -> Job:
@@ -41,12 +48,21 @@ def test_enqueue_is_idempotent(db: Backend) -> None:
         created = [await add(d, "a", data=b"first")]
         async with d.session() as s, s.begin():
             created.append(
-                await jobs.enqueue(
-                    s, kind="relay", key="a", payload={"other": 1}, data=b"second", now=T0
+                await s.run_sync(
+                    jobs.enqueue_sync,
+                    kind="relay",
+                    key="a",
+                    payload={"other": 1},
+                    data=b"second",
+                    now=T0,
                 )
             )
-            created.append(await jobs.enqueue(s, kind="relay", key="b", payload={}, now=T0))
-            created.append(await jobs.enqueue(s, kind="relay", key="b", payload={}, now=T0))
+            created.append(
+                await s.run_sync(jobs.enqueue_sync, kind="relay", key="b", payload={}, now=T0)
+            )
+            created.append(
+                await s.run_sync(jobs.enqueue_sync, kind="relay", key="b", payload={}, now=T0)
+            )
         async with d.read_session() as s:
             return created, await jobs.list_jobs(s)
 
@@ -75,7 +91,7 @@ def test_enqueue_key_stays_taken_after_done(db: Backend) -> None:
 def test_enqueue_does_not_commit(db: Backend) -> None:
     async def main(d: Database) -> int:
         async with d.session() as s:
-            assert await jobs.enqueue(s, kind="x", key="k", payload={}, now=T0)
+            assert await s.run_sync(jobs.enqueue_sync, kind="x", key="k", payload={}, now=T0)
             await s.rollback()
         async with d.read_session() as s:
             return len(await jobs.list_jobs(s))
@@ -131,12 +147,14 @@ def test_concurrent_claimers_take_every_job_exactly_once(db: Backend) -> None:
             if job is None:
                 return taken
             taken.append(job.id)
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # a turn for the other claimers: the contention under test
 
     async def main(d1: Database) -> tuple[list[list[int]], list[Job]]:
         async with d1.session() as s, s.begin():
             for i in range(n_jobs):
-                await jobs.enqueue(s, kind="delivery", key=f"j{i}", payload={}, now=T0)
+                await s.run_sync(
+                    jobs.enqueue_sync, kind="delivery", key=f"j{i}", payload={}, now=T0
+                )
         d2 = await Database.open(db.url)  # a second node on the same database
         try:
             results = await asyncio.gather(

@@ -9,7 +9,7 @@ import pytest
 
 from pecd.store.db import Database
 from pecd.store.models import TraceEvent
-from pecd.store.trace import TraceEventData, count_events, events_for, record
+from pecd.store.trace import TraceEventData, count_events, events_for, record_sync
 from store_fixtures import (  # noqa: F401 (fixtures)
     Backend,
     db_fixture,
@@ -56,10 +56,14 @@ def accettazione(at: datetime = T0, **changes: object) -> TraceEventData:
 def test_record_and_read_back(db: Backend) -> None:
     async def main(d: Database) -> tuple[list[TraceEvent], list[int]]:
         async with d.session() as s, s.begin():
-            await record(s, accettazione(T0 + timedelta(seconds=2), event="consegna"))
-            await record(s, accettazione())
-            await record(s, accettazione(T0 + timedelta(seconds=2), event="busta-trasporto"))
-            await record(s, TraceEventData(at=T0, event="non-accettazione", error="virus"))
+            await s.run_sync(record_sync, accettazione(T0 + timedelta(seconds=2), event="consegna"))
+            await s.run_sync(record_sync, accettazione())
+            await s.run_sync(
+                record_sync, accettazione(T0 + timedelta(seconds=2), event="busta-trasporto")
+            )
+            await s.run_sync(
+                record_sync, TraceEventData(at=T0, event="non-accettazione", error="virus")
+            )
         async with d.read_session() as s:
             found = await events_for(s, MSGID)
             counts = [
@@ -92,7 +96,7 @@ def test_record_and_read_back(db: Backend) -> None:
 def test_minimal_event_has_empty_lists(db: Backend) -> None:
     async def main(d: Database) -> TraceEvent:
         async with d.session() as s, s.begin():
-            await record(s, TraceEventData(at=T0, event="errore", pec_msgid="m"))
+            await s.run_sync(record_sync, TraceEventData(at=T0, event="errore", pec_msgid="m"))
         async with d.read_session() as s:
             return (await events_for(s, "m"))[0]
 
@@ -103,7 +107,7 @@ def test_minimal_event_has_empty_lists(db: Backend) -> None:
 def test_record_belongs_to_the_callers_transaction(db: Backend) -> None:
     async def main(d: Database) -> int:
         async with d.session() as s:
-            await record(s, accettazione())
+            await s.run_sync(record_sync, accettazione())
             assert await count_events(s) == 1  # visible inside the transaction
             await s.rollback()
         async with d.read_session() as s:
@@ -115,7 +119,7 @@ def test_record_belongs_to_the_callers_transaction(db: Backend) -> None:
 def test_naive_time_is_refused(db: Backend) -> None:
     async def main(d: Database) -> None:
         async with d.session() as s:
-            await record(s, accettazione(datetime(2025, 3, 1, 12, 0)))
+            await s.run_sync(record_sync, accettazione(datetime(2025, 3, 1, 12, 0)))
 
     with pytest.raises(ValueError, match="aware"):
         db.run(main)

@@ -57,8 +57,11 @@ def test_a_long_stage_keeps_its_lease(tmp_path: Path) -> None:
         try:
             runner = SlowRunner(cfg, db, runs=runs)
 
-            async with db.session() as s, s.begin():
-                await jobs.enqueue(s, kind="slow", key="k", payload={}, now=datetime.now(UTC))
+            await db.write(
+                lambda s: jobs.enqueue_sync(
+                    s, kind="slow", key="k", payload={}, now=datetime.now(UTC)
+                )
+            )
             async with contextlib.AsyncExitStack() as stack:
                 for name in ("a", "b"):
                     pool = WorkerPool(runner, ["slow"], count=1, name=name)
@@ -68,8 +71,9 @@ def test_a_long_stage_keeps_its_lease(tmp_path: Path) -> None:
                         job = await jobs.get_job(s, 1)
                     if job is not None and job.state == jobs.DONE:
                         break
-                    await asyncio.sleep(0.1)
-                await asyncio.sleep(1.5)  # two more lease periods: nobody takes it again
+                    await asyncio.sleep(0.1)  # the poll of a wait for DONE, 10 s at most
+                # Stays: no event marks "nobody took it", so two more lease periods must pass.
+                await asyncio.sleep(1.5)
             assert job is not None
             return job.state
         finally:

@@ -41,11 +41,6 @@ class JobError(ValueError):
     """A job operation that cannot be done (no such job, or not in a suitable state)."""
 
 
-async def enqueue(session: AsyncSession, **job: Any) -> bool:
-    """:func:`enqueue_sync` in an async session (same arguments)."""
-    return await session.run_sync(lambda s: enqueue_sync(s, **job))
-
-
 def enqueue_sync(
     session: Session,
     *,
@@ -229,7 +224,7 @@ def complete_leased(
     session: Session, keys: Sequence[str], worker: str, *, now: datetime | None = None
 ) -> int:
     """Complete the jobs among ``keys`` that are still running under ``worker``'s lease (one a
-    worker made for itself with ``enqueue(lease_to=...)``); returns how many. Does not commit."""
+    worker made for itself with ``enqueue_sync(lease_to=...)``); returns how many. Does not commit."""
     if not keys:
         return 0
     return _update_jobs(session, _JOBS.c.key.in_(list(keys)), worker, _done(now))

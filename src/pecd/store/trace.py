@@ -21,13 +21,9 @@ from pecd.store.db import defer
 from pecd.store.models import TraceEvent, table_of
 
 
-async def record(session: AsyncSession, event: TraceEventData) -> None:
-    """Append ``event`` to the trace log (does not commit)."""
-    await session.run_sync(record_sync, event)
-
-
 def record_sync(session: Session, event: TraceEventData) -> None:
-    """:func:`record` in a synchronous session (:meth:`Database.write`)."""
+    """Append ``event`` to the trace log in a synchronous session (:meth:`Database.write`, or
+    ``AsyncSession.run_sync``); does not commit."""
     if event.at.tzinfo is None:
         raise ValueError("trace events need an aware datetime")
     # A Core INSERT: the ORM's unit of work costs more than the row itself on this hot path.
