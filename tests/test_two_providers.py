@@ -8,7 +8,6 @@ import imaplib
 import smtplib
 import socket
 import ssl
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -24,6 +23,7 @@ from helpers import (
     message,
     openssl_verify,
     wait_for,
+    wait_settled,
 )
 from helpers import AppThread as Server
 from pecd.clock import FixedClock, SystemClock
@@ -175,7 +175,8 @@ def test_certified_mail_between_two_providers(
     send(a, alice, [bob, carol], [dan], "Tra gestori")
 
     got = wait_for(lambda: (m := inbox(a, "alice")) and len(m) >= 4 and m)
-    time.sleep(1)
+    assert a.server is not None and b.server is not None
+    wait_settled(a.server, b.server)  # whatever else would come is there
     raws = inbox(a, "alice")
     got = kinds(raws)
     by = {(c.ricevuta, c.daticert.consegna if c.daticert else None): c for c in got}
@@ -288,7 +289,8 @@ def test_what_is_not_valid_pec_becomes_an_anomaly(running: tuple[Provider, Provi
         deliver_raw(b, mail_from, [bob], raw)
 
     got = wait_for(lambda: (m := inbox(b, "bob")) and len(m) >= 3 and m)
-    time.sleep(1)
+    assert a.server is not None
+    wait_settled(a.server, b.server)  # whatever else would come is there
     got = inbox(b, "bob")
     assert len(got) == 3
     for raw in got:
@@ -324,7 +326,8 @@ def test_a_receipt_for_an_unknown_transaction_is_recorded_and_dropped(
     receipt = builders.avvenuta_consegna(tx, b_id, when, recipient=bob, postacert=None)
     deliver_raw(a, b.cfg.provider.service_address, [alice], receipt.raw)
     wait_for(lambda: trace_events(a, "ricevuta-sconosciuta"))
-    time.sleep(0.5)
+    assert a.server is not None and b.server is not None
+    wait_settled(a.server, b.server)  # a delivery to alice, were there one, is done
     assert inbox(a, "alice") == []
     (ev,) = trace_events(a, "ricevuta-sconosciuta")
     assert ev.pec_msgid == tx.identificativo and ev.data["dropped"] is True
@@ -344,7 +347,8 @@ def test_peer_down_then_back_and_local_mail_never_waits(pair: tuple[Provider, Pr
             "accettazione",
             "avvenuta-consegna",
         ]
-        time.sleep(1.5)  # a few relay attempts fail meanwhile
+        # A few relay attempts fail meanwhile (each one is in the trace log).
+        wait_for(lambda: len(trace_events(a, "relay-rinviato")) >= 2, what="two relay retries")
         assert trace_events(a, "relay") == []
         b.server = Server(b.cfg).start()
         got = kinds(wait_for(lambda: (m := inbox(a, "alice")) and len(m) >= 4 and m, timeout=60))
@@ -388,7 +392,7 @@ def test_timers_send_each_notice_once(pair: tuple[Provider, Provider], tmp_path:
         clock.advance(timedelta(hours=30))
         assert srv.call(timers.run_once()) == 0  # tracking has stopped
         both = wait_for(lambda: (n := notices()) and len(n) >= 2 and n)
-        time.sleep(0.5)
+        wait_settled(srv, except_kinds=("relay",))  # B stays down: its relay keeps retrying
         both = notices()
     finally:
         srv.stop()
@@ -546,7 +550,8 @@ def test_replayed_or_redirected_envelopes_give_no_second_receipt(
     deliver_raw(b, alice, [carol], env)
     deliver_raw(b, alice, ["nobody@" + B], message("x@example.org", ["nobody@" + B], [], "Spam"))
     wait_for(lambda: inbox(b, "carol"))
-    time.sleep(1.5)
+    assert a.server is not None and b.server is not None
+    wait_settled(a.server, b.server)  # a second receipt or delivery, were there one, is there
     assert len(inbox(b, "bob")) == 1
     (to_carol,) = inbox(b, "carol")
     assert classify(to_carol).kind is Kind.ANOMALY_ENVELOPE
