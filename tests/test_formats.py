@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import DOMAIN, install
+from helpers import DOMAIN, install, wait_for_async
 from pecd.engine.effects import Delivery
 from pecd.engine.vocab import DELIVERED
 from pecd.pec import builders
@@ -34,8 +34,9 @@ def test_a_worker_that_dies_fails_its_calls_and_is_replaced(tmp_path: Path) -> N
 
             # Calls are spread over the processes: a long one in one, others go to the other.
             slow = asyncio.create_task(fw._run(time.sleep, 60))
-            await asyncio.sleep(0.3)
-            busy = next(w for w in first if w.pending)
+            busy = await wait_for_async(
+                lambda: next((w for w in first if w.pending), None), what="the long call sent"
+            )
             assert await fw.deliver_many([Delivery(ALICE, "k1", MESSAGE)]) == [DELIVERED]
 
             # An exception in the worker reaches the caller with its own type.

@@ -18,7 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from helpers import openssl
+from helpers import openssl, wait_for_async
 from pecd.cli import main
 from pecd.clock import SystemClock
 from pecd.config import Config, IndexConfig, load_config
@@ -585,10 +585,9 @@ def test_reload_on_an_interval(install: Path, pki_b: DevPki, tmp_path: Path) -> 
             ),
             "utf-8",
         )
-        for _ in range(200):
-            if svc.is_certified("x@later.test"):
-                break
-            await asyncio.sleep(0.02)
+        await wait_for_async(
+            lambda: svc.is_certified("x@later.test"), 4, "the new copy loaded", interval=0.02
+        )
         assert svc.is_certified("x@later.test")
 
     asyncio.run(_service_run(cfg, body))

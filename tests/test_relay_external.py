@@ -6,14 +6,13 @@ import asyncio
 import smtplib
 import ssl
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from aiosmtpd.controller import Controller
 
-from helpers import DOMAIN, PASSWORD, fetch_all, free_port, message, wait_for
+from helpers import DOMAIN, PASSWORD, fetch_all, free_port, message, wait_for, wait_settled
 from helpers import AppThread as Server
 from helpers import install_e2e as _install
 from pecd.pec.classify import classify
@@ -63,7 +62,7 @@ def test_external_recipient_gets_the_envelope_as_ordinary_mail(
             smtp.sendmail(alice, [bob, ext], raw)
         wait_for(lambda: handler.messages)
         inbox = wait_for(lambda: (m := fetch_all(srv, "alice")) and len(m) >= 2 and m)
-        time.sleep(1)  # nothing more may come: no receipt is owed for the esterno recipient
+        wait_settled(srv)  # nothing more may come: no receipt is owed for the esterno recipient
         inbox = fetch_all(srv, "alice")
     finally:
         srv.stop()
@@ -94,6 +93,7 @@ def test_stop_cuts_a_relay_stuck_on_a_silent_server(tmp_path: Path) -> None:
     cfg = asyncio.run(_install(tmp_path / "inst", None, extra=extra, queue="drain_seconds = 1"))
     assert cfg.queue.drain_seconds == 1
     srv = Server(cfg).start()
+    hole: socket.socket | None = None
     try:
         alice = f"alice@{DOMAIN}"
         ctx = ssl.create_default_context(cafile=str(cfg.tls.ca))
@@ -102,11 +102,14 @@ def test_stop_cuts_a_relay_stuck_on_a_silent_server(tmp_path: Path) -> None:
             smtp.sendmail(
                 alice, ["x@slow.example"], message(alice, ["x@slow.example"], [], "Lento")
             )
-        wait_for(lambda: fetch_all(srv, "alice"))  # accepted; the relay is now talking to the hole
-        time.sleep(0.5)
+        wait_for(lambda: fetch_all(srv, "alice"))  # accepted
+        black_hole.settimeout(30)
+        hole, _ = black_hole.accept()  # the relay is now talking to the hole, which never answers
     finally:
         srv.stop()
         black_hole.close()
+        if hole is not None:
+            hole.close()
     assert not srv.thread.is_alive()
 
     async def relay_jobs() -> list[str]:
@@ -122,7 +125,7 @@ def test_stop_cuts_a_relay_stuck_on_a_silent_server(tmp_path: Path) -> None:
 
 class SlowSink(Sink):
     async def handle_DATA(self, server: object, session: object, envelope: object) -> str:
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)  # stays: the slow destination under test
         return await super().handle_DATA(server, session, envelope)
 
 
