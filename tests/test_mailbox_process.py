@@ -243,6 +243,8 @@ def test_attacks_on_imap_leave_smtp_answering_and_memory_bounded(srv: Server) ->
     for t in threads:
         t.start()
     try:
+        # Stays for now: the IMAPS APPEND attack's _attack waits for a greeting already read and
+        # never gets under way, so no counter of started attacks would ever be complete.
         time.sleep(1)
         smtp_s = _smtp_answers(srv)
         reception_s = _reception_answers(srv)
