@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import signal
 import smtplib
 import ssl
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
-from helpers import DOMAIN, PASSWORD, install, start
+from helpers import DOMAIN, PASSWORD, install, start, wait_for
 from pecd.mailbox.maildir import MaildirStore
 from pecd.pec.classify import classify
 
 pytestmark = pytest.mark.slow
 
 CLIENTS = 4
+# Acknowledged messages before the kill: the clients are well under way, jobs are in flight.
+LOADED = 40
 
 
 def test_sigkill_mid_run_loses_and_duplicates_nothing(
@@ -54,17 +56,19 @@ def test_sigkill_mid_run_loses_and_duplicates_nothing(
                         with lock:
                             accepted.append(mid)  # got 250
             except (OSError, smtplib.SMTPException):
-                time.sleep(0.05)  # server gone: try again until told to stop
+                stop.wait(0.05)  # server gone: try again until told to stop
 
     threads = [threading.Thread(target=client, args=(n,)) for n in range(CLIENTS)]
     for t in threads:
         t.start()
-    time.sleep(4)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    stop.set()
-    for t in threads:
-        t.join(30)
+    try:
+        wait_for(lambda: len(accepted) >= LOADED, 60, f"{LOADED} acknowledged", interval=0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        stop.set()
+        for t in threads:
+            t.join(30)
     n_accepted = len(accepted)
     assert n_accepted > 5, "too few messages got through before the kill to test anything"
 
@@ -88,20 +92,23 @@ def test_sigkill_mid_run_loses_and_duplicates_nothing(
                 envelopes[(c.daticert.msgid or "", user)] += 1
         return receipts, envelopes
 
-    deadline = time.monotonic() + 120
-    while True:
-        receipts, envelopes = tally()
-        done = all(
+    def all_receipts() -> bool:
+        receipts, _ = tally()
+        return all(
             receipts[(mid, "accettazione:")] >= 1
             and receipts[(mid, f"avvenuta-consegna:{bob}")] >= 1
             and receipts[(mid, f"avvenuta-consegna:{carol}")] >= 1
             for mid in accepted
         )
-        if done or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(30) == 0, log.read_text()[-3000:]
+
+    # 120 s at most; then the counts below name what is missing.
+    try:
+        with contextlib.suppress(AssertionError):
+            wait_for(all_receipts, 120, "every receipt of the acknowledged messages", interval=0.5)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log.read_text()[-3000:]
+    receipts, envelopes = tally()
 
     missing = [mid for mid in accepted if receipts[(mid, "accettazione:")] == 0]
     assert not missing, f"{len(missing)} of {n_accepted} accepted messages lost their accettazione"
