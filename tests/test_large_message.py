@@ -16,10 +16,9 @@ import smtplib
 import ssl
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 
@@ -32,6 +31,8 @@ from helpers import (
     proc_status_kib,
     reset_hwm,
     start,
+    wait_for,
+    wait_rss_steady,
 )
 from pecd.config import Config
 from pecd.mailbox.maildir import MaildirStore
@@ -42,7 +43,6 @@ pytestmark = pytest.mark.slow
 
 MiB = 1024 * 1024
 ALICE, BOB = f"alice@{DOMAIN}", f"bob@{DOMAIN}"
-T = TypeVar("T")
 
 
 @dataclass
@@ -122,18 +122,6 @@ def attachment_of(raw: bytes) -> bytes:
     raise AssertionError("no attachment in the message")
 
 
-def wait_for(pred: Callable[[], T | None], timeout: float, what: str) -> T:
-    """A deadline for a condition (it fails the test only if it never holds; no timing check)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        time.sleep(0.5)
-
-
 def folder(store: MaildirStore, user: str) -> list[Classification]:
     return [classify(p.read_bytes()) for p in store.list_folder(user)]
 
@@ -182,8 +170,7 @@ def test_25mb_message_goes_through_with_bounded_memory(
     attachment = os.urandom(b64_input_size(MESSAGE_SIZE))
     raw = mime_message("Capitolato di gara", attachment, "<large-25mb@client.example>")
     assert abs(len(raw) - MESSAGE_SIZE) < 64 * 1024, len(raw)
-    time.sleep(1)  # let start-up settle before reading the idle figures
-    idle = proc_status_kib(pid, "VmRSS")
+    idle = wait_rss_steady(pid)  # start-up settled (format workers too): the idle figures
     idle_children = {c: proc_status_kib(c, "VmRSS") for c in children(pid)}
     store = MaildirStore(srv.cfg.maildir_root)
 
@@ -199,12 +186,11 @@ def test_25mb_message_goes_through_with_bounded_memory(
             done = {Ricevuta.ACCETTAZIONE, Ricevuta.AVVENUTA_CONSEGNA} <= got.keys()
             return got if done and store.list_folder(BOB) else None
 
-        got = wait_for(receipts, 600, "accettazione, avvenuta-consegna and envelope")
+        got = wait_for(receipts, 600, "accettazione, avvenuta-consegna and envelope", interval=0.2)
         t_done = time.monotonic() - t0
     hwm = rss.hwm()
     hwm_children = {c: proc_status_kib(c, "VmHWM") for c in children(pid)}
-    time.sleep(2)
-    after = proc_status_kib(pid, "VmRSS")
+    after = wait_rss_steady(pid)  # the message done and its memory given back, if it is
 
     acc, consegna = got[Ricevuta.ACCETTAZIONE], got[Ricevuta.AVVENUTA_CONSEGNA]
     assert acc.is_valid_pec and consegna.is_valid_pec
@@ -283,8 +269,7 @@ def test_oversize_gets_552_and_memory_stays_bounded(pecd_small_limit: Running) -
         # A client that does not declare it is refused at the end of DATA; the server reads
         # and discards what lies beyond the limit.
         for raw in (just_over, big):
-            time.sleep(0.5)
-            before = proc_status_kib(pid, "VmRSS")
+            before = wait_rss_steady(pid)  # the previous message's memory settled
             reset_hwm(pid)
             assert smtp.mail(ALICE)[0] == 250
             assert smtp.rcpt(BOB)[0] == 250
@@ -308,7 +293,7 @@ def test_oversize_gets_552_and_memory_stays_bounded(pecd_small_limit: Running) -
         got = folder(store, ALICE)
         return got if len(got) >= 2 and store.list_folder(BOB) else None
 
-    got = wait_for(settled, 120, "receipts of the small message")
+    got = wait_for(settled, 120, "receipts of the small message", interval=0.2)
     assert sorted(c.ricevuta.value for c in got if c.ricevuta) == [
         Ricevuta.ACCETTAZIONE.value,
         Ricevuta.AVVENUTA_CONSEGNA.value,
