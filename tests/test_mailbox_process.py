@@ -184,13 +184,17 @@ def _plain_client(port: int) -> socket.socket:
 
 
 def _attack(
-    sock: socket.socket | ssl.SSLSocket, payloads: list[bytes], stop: threading.Event
+    sock: socket.socket | ssl.SSLSocket,
+    payloads: list[bytes],
+    stop: threading.Event,
+    started: list[bool],
 ) -> None:
     """Send the hostile commands, then keep streaming literal bytes until told to stop."""
     try:
-        sock.recv(4096)  # greeting
+        sock.recv(4096)  # greeting (or the answer to a NOOP sent after a login)
         for p in payloads:
             sock.sendall(p)
+        started.append(True)
         junk = b"x" * 65536
         while not stop.is_set():
             sock.sendall(junk)
@@ -213,18 +217,21 @@ def test_attacks_on_imap_leave_smtp_answering_and_memory_bounded(srv: Server) ->
         (_plain_client(srv.port("imap")), [b"a1 LOGIN x {999999999+}\r\n"]),
         (_plain_client(srv.port("imap")), [b"a1 SELECT &Jjo\r\n"]),
     ]
-    threads = [threading.Thread(target=_attack, args=(s, p, stop), daemon=True) for s, p in attacks]
-    # A logged-in client announcing a 100 MB APPEND.
+    started: list[bool] = []
+    threads = [
+        threading.Thread(target=_attack, args=(s, p, stop, started), daemon=True)
+        for s, p in attacks
+    ]
+    # A logged-in client announcing an APPEND one byte over the limit (100 MiB by default): it is
+    # refused before a byte of it is read, and what follows is read as (too long) command lines.
+    over = b"a2 APPEND INBOX {104857601+}\r\n"
     big = _tls_client(srv.port("imaps"), srv.cfg)
     big.recv(4096)
     big.sendall(f'a1 LOGIN alice@{DOMAIN} "{PASSWORD}"\r\n'.encode())
     assert b"a1 OK" in _read_until(big, b"a1 ")
-    threads.append(
-        threading.Thread(
-            target=_attack, args=(big, [b"a2 APPEND INBOX {104857600+}\r\n"], stop), daemon=True
-        )
-    )
-    # The same over the STARTTLS port: TLS first, then the login and the 100 MB APPEND.
+    big.sendall(b"a0 NOOP\r\n")  # _attack reads one answer first, as for a greeting
+    threads.append(threading.Thread(target=_attack, args=(big, [over], stop, started), daemon=True))
+    # The same over the STARTTLS port: TLS first, then the login and the oversized APPEND.
     plain = _plain_client(srv.port("imap"))
     plain.recv(4096)
     plain.sendall(b"s1 STARTTLS\r\n")
@@ -236,16 +243,14 @@ def test_attacks_on_imap_leave_smtp_answering_and_memory_bounded(srv: Server) ->
     threads.append(
         threading.Thread(
             target=_attack,
-            args=(upgraded, [b"a2 APPEND INBOX {104857600+}\r\n"], stop),
+            args=(upgraded, [over], stop, started),
             daemon=True,
         )
     )
     for t in threads:
         t.start()
     try:
-        # Stays for now: the IMAPS APPEND attack's _attack waits for a greeting already read and
-        # never gets under way, so no counter of started attacks would ever be complete.
-        time.sleep(1)
+        wait_for(lambda: len(started) == len(threads), TIMEOUT, "every attack under way")
         smtp_s = _smtp_answers(srv)
         reception_s = _reception_answers(srv)
         print(f"SMTPS submission {smtp_s:.3f} s, reception {reception_s:.3f} s under attack")
