@@ -141,7 +141,28 @@ class Sent:
     retry: Mapping[str, str] = field(default_factory=dict)
 
 
-Command = Build | Classify | LookUpMailboxes | FindTransmission | Deliver | TakeInCharge | Send
+@dataclass(frozen=True, slots=True)
+class Scan:
+    """Scan ``data`` for viruses; the answer is a Scanned. A scanner that cannot answer raises
+    (the stage fails this attempt and is retried: nothing is accepted or delivered unscanned)."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Scanned:
+    """The antivirus verdict: ``signature`` names what was found."""
+
+    infected: bool
+    signature: str | None = None
+
+
+CLEAN = Scanned(False)
+
+
+Command = (
+    Build | Classify | LookUpMailboxes | FindTransmission | Deliver | TakeInCharge | Send | Scan
+)
 
 
 # --- effects ------------------------------------------------------------------------------------
@@ -222,7 +243,22 @@ class ClaimNotice:
     then: tuple[Effect, ...]
 
 
-Effect = Enqueue | StoreLocal | Record | Expect | TookCharge | Settle | ClaimNotice
+@dataclass(frozen=True, slots=True)
+class KeepInfected:
+    """An infected message into the virus store, byte-exact, kept for the log's retention (30
+    months); keyed, so a re-run keeps it once. ``point``: "access" or "reception"."""
+
+    key: str
+    at: datetime
+    point: str
+    signature: str
+    pec_msgid: str | None
+    sender: str | None
+    recipients: tuple[str, ...]
+    data: bytes
+
+
+Effect = Enqueue | StoreLocal | Record | Expect | TookCharge | Settle | ClaimNotice | KeepInfected
 
 # A stage: yields commands, is sent their answers, returns its effects.
 Stage = Generator[Command, Any, list[Effect]]
