@@ -1,5 +1,8 @@
-"""The reception point's rules (spec 2.2, 2.3): what came in over SMTP is judged by its signature
-and the provider index, never by its unsigned headers.
+"""The reception point's rules (spec 2.2, 2.3): what came in over SMTP is scanned for viruses and
+judged by its signature and the provider index, never by its unsigned headers.
+
+- anything infected: delivered to nobody and kept in the virus store; for a valid transport
+  envelope, one rilevazione-virus per affected recipient to the sending provider's mailReceipt;
 
 - a valid transport envelope from a provider in the index: a delivery job for the recipients its
   signed daticert names (one presa in carico for the transaction, to that provider's
@@ -19,16 +22,19 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 
-from pecd.engine.context import Context
+from pecd.engine.context import Context, ProviderEntry
 from pecd.engine.effects import (
     Build,
     Classify,
     Effect,
     Enqueue,
     FindTransmission,
+    KeepInfected,
     LookUpMailboxes,
     MailboxState,
     Record,
+    Scan,
+    Scanned,
     Settle,
     Stage,
     StoreLocal,
@@ -52,6 +58,10 @@ def reception(ctx: Context, key: str, p: IntakePayload, raw: bytes, now: datetim
     rcpts = list(p.rcpt_to)
     c: Classification = yield Classify(raw)
     sender = ctx.trusted_provider(c.signer_der) if c.signature.valid else None
+    # The antivirus, on whatever came in (spec 2.2: "antivirus on the content").
+    scanned: Scanned = yield Scan(raw)
+    if scanned.infected:
+        return (yield from infected(ctx, key, p, c, raw, rcpts, now, scanned, sender))
     # Decisions rest on the verified daticert, never on the unsigned outer headers: classify()
     # reports any disagreement between the two as an error, so is_valid_pec covers both.
     if sender is not None and c.is_valid_pec and c.daticert is not None:
@@ -72,6 +82,99 @@ def reception(ctx: Context, key: str, p: IntakePayload, raw: bytes, now: datetim
         elif c.kind is Kind.RECEIPT and c.ricevuta is not None:
             return (yield from receipt_back(ctx, key, c, raw, rcpts, now))
     return (yield from anomaly(ctx, key, p, c, raw, rcpts, now, anomaly_reason(ctx, c)))
+
+
+def infected(
+    ctx: Context,
+    key: str,
+    p: IntakePayload,
+    c: Classification,
+    raw: bytes,
+    rcpts: Sequence[str],
+    now: datetime,
+    scanned: Scanned,
+    sender: ProviderEntry | None,
+) -> Stage:
+    """An infected message is delivered to nobody and kept in the virus store (spec 2.3, Virus).
+    A valid transport envelope from a provider of the index: one rilevazione-virus per affected
+    recipient (those its signed daticert names) to that provider's mailReceipt, whose sender
+    then hears it as a virus errore-consegna. Anything else (ordinary mail, a receipt, an
+    envelope that is not valid PEC) is dropped: the rules allow dropping ordinary mail with a
+    virus, and wrapping it in an anomaly envelope would deliver the virus."""
+    found = scanned.signature or "virus"
+    d = c.daticert
+    effects: list[Effect] = []
+    envelope = (
+        sender is not None
+        and c.is_valid_pec
+        and d is not None
+        and d.tipo is DaticertTipo.POSTA_CERTIFICATA
+        and c.kind is Kind.TRANSPORT_ENVELOPE
+    )
+    if envelope:
+        assert d is not None and sender is not None
+        listed = {x.address for x in d.destinatari}
+        affected = [r for r in rcpts if r in listed]
+        tx = Transmission.from_daticert(d, envelope=c.postacert or b"")
+        when = pec_time(now)
+        esteso = f"5.7.1 - {ctx.provider.name} - virus rilevato: {found}"
+        built = yield Build(
+            tuple(
+                functools.partial(
+                    builders.rilevazione_virus,
+                    tx=tx,
+                    when=when,
+                    recipient=r,
+                    errore_esteso=esteso,
+                    mail_receipt=sender.mail_receipt,
+                )
+                for r in affected
+            )
+        )
+        for r, notice in zip(affected, built, strict=True):
+            effects += ctx.emit(
+                key=f"{key}:rilevazione-virus:{r}",
+                unique=True,  # from this transaction's own intake key
+                mailbox=sender.mail_receipt,
+                msg=notice,
+                event=ctx.event(
+                    TraceType.RILEVAZIONE_VIRUS,
+                    tx,
+                    now,
+                    [notice],
+                    error=f"virus: {found}",
+                    data={"consegna": r, "virus": found, "to": sender.mail_receipt},
+                ),
+            )
+    effects.append(
+        Record(
+            TraceEventData(
+                at=now,
+                event=TraceType.VIRUS,
+                pec_msgid=d.identificativo if d else None,
+                client_msgid=d.msgid if d else None,
+                sender=d.mittente if d else p.mail_from,
+                recipients=[{"address": r} for r in rcpts],
+                subject=d.oggetto if d else None,
+                provider=d.gestore_emittente if d else None,
+                error=f"virus: {found}",
+                data={"job": key, "peer": p.peer, "kind": c.kind.value, "virus": found},
+            )
+        )
+    )
+    effects.append(
+        KeepInfected(
+            key,
+            now,
+            "reception",
+            found,
+            d.identificativo if d else None,
+            d.mittente if d else p.mail_from,
+            tuple(rcpts),
+            raw,
+        )
+    )
+    return effects
 
 
 def anomaly_reason(ctx: Context, c: Classification) -> str:

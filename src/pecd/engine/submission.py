@@ -1,6 +1,6 @@
-"""The access point's rules for one accepted SMTP transaction: formal checks, then either a
-non-accettazione, or an accettazione and a transport envelope routed to every recipient (spec 2.1,
-2.2)."""
+"""The access point's rules for one accepted SMTP transaction: formal checks and the antivirus,
+then either a non-accettazione (formal, or the virus variant, the message kept in the virus store),
+or an accettazione and a transport envelope routed to every recipient (spec 2.1, 2.2, 4)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,17 @@ from dataclasses import asdict
 from datetime import datetime
 
 from pecd.engine.context import Context
-from pecd.engine.effects import Build, Effect, Enqueue, Expect, Record, Stage
+from pecd.engine.effects import (
+    Build,
+    Effect,
+    Enqueue,
+    Expect,
+    KeepInfected,
+    Record,
+    Scan,
+    Scanned,
+    Stage,
+)
 from pecd.engine.vocab import (
     DeliveryPayload,
     IntakePayload,
@@ -56,6 +66,34 @@ def submission(ctx: Context, key: str, p: IntakePayload, raw: bytes, now: dateti
                 data={"violations": [asdict(v) for v in violations], "intake": key},
             ),
         )
+
+    # Antivirus after the formal checks (spec 4, step 8): an infected message gets the virus
+    # non-accettazione, is neither delivered nor relayed, and goes to the virus store.
+    scanned: Scanned = yield Scan(raw)
+    if scanned.infected:
+        found = scanned.signature or "virus"
+        [notice] = yield Build(
+            (functools.partial(builders.non_accettazione, tx=tx, when=when, virus=found),)
+        )
+        return [
+            *ctx.emit(
+                key=f"{key}:non-accettazione",
+                unique=True,  # from this transaction's own intake key
+                mailbox=tx.mittente,
+                msg=notice,
+                event=ctx.event(
+                    TraceType.NON_ACCETTAZIONE,
+                    tx,
+                    now,
+                    [notice],
+                    error=f"virus: {found}",
+                    data={"virus": found, "intake": key},
+                ),
+            ),
+            KeepInfected(
+                key, now, "access", found, tx.identificativo, tx.mittente, tx.addresses, raw
+            ),
+        ]
 
     acc, env = yield Build(
         (

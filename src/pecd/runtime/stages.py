@@ -12,7 +12,7 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import select
 
@@ -21,6 +21,7 @@ from pecd.config import Config
 from pecd.engine.context import Context, ProviderIndex, Rules
 from pecd.engine.delivery import delivery, store
 from pecd.engine.effects import (
+    CLEAN,
     Build,
     Classify,
     Command,
@@ -30,6 +31,8 @@ from pecd.engine.effects import (
     FindTransmission,
     LookUpMailboxes,
     MailboxState,
+    Scan,
+    Scanned,
     Send,
     Stage,
     StoreLocal,
@@ -59,6 +62,19 @@ from pecd.store.models import Job, TraceEvent
 log = logging.getLogger(__name__)
 
 MAILBOX_TTL = 2.0  # seconds an account read is reused by deliveries
+
+
+class Scanner(Protocol):
+    """The antivirus (``pecd.antivirus``): raises when it cannot answer."""
+
+    async def scan(self, data: bytes) -> Scanned: ...
+
+
+class NoScanner:
+    """Scanning switched off (``[antivirus] enabled = false``): everything is clean."""
+
+    async def scan(self, data: bytes) -> Scanned:
+        return CLEAN
 
 
 def make_context(cfg: Config, provider: ProviderIdentity, index: ProviderIndex | None) -> Context:
@@ -106,6 +122,7 @@ class StageRunner:
     accounts: Accounts
     formats: FormatWorkers
     relay: RelayClient | None = None
+    scanner: Scanner = field(default_factory=NoScanner)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     relay_wake: asyncio.Event = field(default_factory=asyncio.Event)
     _mailboxes: dict[str, tuple[float, MailboxState | None]] = field(default_factory=dict)
@@ -182,6 +199,8 @@ class StageRunner:
             return await self.formats.deliver_many(command.items)
         if isinstance(command, FindTransmission):
             return await self.sender_of(command.pec_msgid)
+        if isinstance(command, Scan):
+            return await self.scanner.scan(command.data)
         if isinstance(command, Send):
             if self.relay is None:
                 raise RuntimeError("this node has no relay client")

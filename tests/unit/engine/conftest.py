@@ -14,6 +14,7 @@ import pytest
 from helpers import PKI_NOW
 from pecd.engine.context import Context, Rules
 from pecd.engine.effects import (
+    CLEAN,
     Build,
     Classify,
     Command,
@@ -22,6 +23,8 @@ from pecd.engine.effects import (
     FindTransmission,
     LookUpMailboxes,
     MailboxState,
+    Scan,
+    Scanned,
     Send,
     Sent,
     Stage,
@@ -93,6 +96,7 @@ class World:
     sent: dict[str, str] = field(default_factory=dict)  # pec msgid -> sender
     outcomes: dict[str, Outcome] = field(default_factory=dict)  # mailbox -> outcome
     smtp: Sent = field(default_factory=Sent)
+    scanned: Scanned = CLEAN  # what the antivirus says of everything
     fail_builds: Callable[[Build], bool] = lambda b: False
     commands: list[Command] = field(default_factory=list)
     now: datetime = NOW
@@ -113,6 +117,8 @@ class World:
             return [self.outcomes.get(d.mailbox, DELIVERED) for d in cmd.items]
         if isinstance(cmd, Send):
             return self.smtp
+        if isinstance(cmd, Scan):
+            return self.scanned
         if isinstance(cmd, TakeInCharge):
             c = classify(cmd.envelope)
             if not c.is_valid_pec:

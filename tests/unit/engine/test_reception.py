@@ -9,8 +9,10 @@ from pecd.engine.effects import (
     Build,
     Enqueue,
     FindTransmission,
+    KeepInfected,
     MailboxState,
     Record,
+    Scanned,
     Settle,
     StoreLocal,
     TookCharge,
@@ -135,7 +137,7 @@ def test_a_receipt_of_ours_goes_to_the_sender_and_settles_the_timer(
     tx, raw = receipt(theirs, world, "avvenuta")
     world.sent[tx.identificativo] = ALICE
     effects = receive(ctx, world, raw, [ALICE, BOB])
-    assert isinstance(world.commands[1], FindTransmission)
+    assert isinstance(world.commands[2], FindTransmission)
     # Only to the sender of the transmission, never to whoever else the RCPT names.
     assert [s.mailbox for s in world.of(effects, StoreLocal)] == [ALICE]
     assert world.of(effects, Settle) == [
@@ -178,3 +180,41 @@ def test_a_rilevazione_virus_becomes_the_senders_errore_consegna(
     notice = stored[f"virus:{tx.identificativo}:{ZOE}"]
     assert notice.mailbox == ALICE and b"X-Ricevuta: errore-consegna" in notice.data
     assert Settle(tx.identificativo, ZOE, world.now, "virus") in effects
+
+
+def test_an_infected_envelope_from_a_peer_warns_the_peer(
+    ctx: Context, world: Any, theirs: ProviderIdentity
+) -> None:
+    world.mailboxes = {BOB: OPEN, CAROL: OPEN}
+    world.scanned = Scanned(True, "Pecd.Test.Signature")
+    raw = their_envelope(theirs, world, [BOB, CAROL])
+    effects = receive(ctx, world, raw, [BOB, CAROL])
+    # The envelope is stored nowhere and makes no delivery job.
+    assert not any(isinstance(e, StoreLocal) for e in effects)
+    assert not any(isinstance(e, Enqueue) and e.kind is JobKind.DELIVERY for e in effects)
+    # One rilevazione-virus per affected recipient, to the sending provider's mailReceipt.
+    warnings = [e for e in effects if isinstance(e, Enqueue) and e.kind is JobKind.RELAY]
+    assert [w.key for w in warnings] == [
+        f"rx-1:rilevazione-virus:{BOB}",
+        f"rx-1:rilevazione-virus:{CAROL}",
+    ]
+    assert all(w.payload.recipients == (PEER_RECEIPTS,) for w in warnings)
+    assert all(b"X-Ricevuta: rilevazione-virus" in w.data for w in warnings)
+    events = [r.event.event for r in world.of(effects, Record)]
+    assert events == [TraceType.RILEVAZIONE_VIRUS, TraceType.RILEVAZIONE_VIRUS, TraceType.VIRUS]
+    [kept] = world.of(effects, KeepInfected)
+    assert (kept.point, kept.signature, kept.data) == ("reception", "Pecd.Test.Signature", raw)
+
+
+def test_infected_ordinary_mail_is_dropped_and_kept(ctx: Context, world: Any) -> None:
+    world.mailboxes = {BOB: OPEN}
+    world.scanned = Scanned(True, "Eicar-Test-Signature")
+    raw = b"From: x@mail.example\r\nSubject: ciao\r\n\r\nX5O!P%@AP\r\n"
+    effects = receive(ctx, world, raw, [BOB])
+    assert not any(isinstance(e, StoreLocal | Enqueue) for e in effects)
+    [record] = world.of(effects, Record)
+    assert (
+        record.event.event == TraceType.VIRUS
+        and record.event.error == "virus: Eicar-Test-Signature"
+    )
+    assert len(world.of(effects, KeepInfected)) == 1

@@ -6,11 +6,21 @@ from __future__ import annotations
 from typing import Any
 
 from pecd.engine.context import Context
-from pecd.engine.effects import Build, Enqueue, Expect, Record, StoreLocal
+from pecd.engine.effects import (
+    Build,
+    Enqueue,
+    Expect,
+    KeepInfected,
+    Record,
+    Scan,
+    Scanned,
+    StoreLocal,
+)
 from pecd.engine.submission import submission
 from pecd.engine.vocab import DeliveryPayload, IntakePayload, JobKind, RelayKind, TraceType
 from pecd.pec.builders import BuiltMessage
-from pecd.pec.vocab import DestinatarioTipo, Ricevuta
+from pecd.pec.classify import classify
+from pecd.pec.vocab import DestinatarioTipo, Errore, Ricevuta
 
 
 def original(sender: str, to: list[str], cc: list[str] | None = None) -> bytes:
@@ -36,8 +46,9 @@ def test_accepted_goes_to_every_kind_of_recipient(ctx: Context, world: Any) -> N
     p = IntakePayload(alice, (bob, carol, dan, ext), user=alice)
     effects = world.play(submission(ctx, "in-1", p, raw, world.now))
 
-    # One round trip builds both the accettazione and the envelope.
-    [build] = world.commands
+    # Scanned, then one round trip builds both the accettazione and the envelope.
+    scan, build = world.commands
+    assert isinstance(scan, Scan) and scan.data == raw
     assert isinstance(build, Build) and len(build.calls) == 2
 
     [acc] = world.of(effects, StoreLocal)
@@ -111,3 +122,36 @@ def test_a_message_for_another_provider_is_relayed_from_our_service_address(
     assert relayed.payload.mail_from == ctx.provider.service_address
     local = ctx.send(key="k", mailbox="bob@pec.ours.test", msg=msg, at=world.now)
     assert isinstance(local, StoreLocal) and local.mailbox == "bob@pec.ours.test"
+
+
+def test_an_infected_submission_gets_the_virus_non_accettazione_and_goes_nowhere(
+    ctx: Context, world: Any
+) -> None:
+    alice, bob, carol = "alice@pec.ours.test", "bob@pec.ours.test", "carol@pec.theirs.test"
+    raw = original(alice, [bob, carol])
+    world.scanned = Scanned(True, "Eicar-Test-Signature")
+    p = IntakePayload(alice, (bob, carol), user=alice)
+    effects = world.play(submission(ctx, "in-5", p, raw, world.now))
+    [notice] = world.of(effects, StoreLocal)
+    assert (notice.key, notice.mailbox) == ("in-5:non-accettazione", alice)
+    assert b"X-VerificaSicurezza: errore" in notice.data
+    c = classify(notice.data)
+    assert c.is_valid_pec and c.daticert is not None and c.daticert.errore is Errore.VIRUS
+    [record] = world.of(effects, Record)
+    assert record.event.event == TraceType.NON_ACCETTAZIONE
+    assert record.event.error == "virus: Eicar-Test-Signature"
+    # Neither delivered nor relayed nor watched by the timers; kept byte-exact.
+    assert world.of(effects, Enqueue) == [] and world.of(effects, Expect) == []
+    [kept] = world.of(effects, KeepInfected)
+    assert (kept.point, kept.signature, kept.data) == ("access", "Eicar-Test-Signature", raw)
+    assert kept.recipients == (bob, carol)
+
+
+def test_formal_errors_come_before_the_antivirus(ctx: Context, world: Any) -> None:
+    bob = "bob@pec.ours.test"
+    world.scanned = Scanned(True, "Eicar-Test-Signature")
+    raw = original("mallory@pec.ours.test", [bob])
+    p = IntakePayload("alice@pec.ours.test", (bob,), user="alice@pec.ours.test")
+    effects = world.play(submission(ctx, "in-6", p, raw, world.now))
+    assert not any(isinstance(c, Scan) for c in world.commands)
+    assert world.of(effects, KeepInfected) == []
