@@ -27,6 +27,11 @@ class ProviderEntry(Protocol):
     @property
     def mail_receipt(self) -> str: ...
 
+    @property
+    def domains(self) -> tuple[str, ...]:
+        """Its managedDomains, lower case."""
+        ...
+
 
 class ProviderIndex(Protocol):
     """The provider index (in memory; reloaded by the runtime)."""

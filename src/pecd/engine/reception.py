@@ -42,6 +42,7 @@ from pecd.engine.effects import (
 )
 from pecd.engine.vocab import DeliveryPayload, IntakePayload, JobKind, TraceEventData, TraceType
 from pecd.pec import builders
+from pecd.pec.address import domain_of
 from pecd.pec.builders import Transmission
 from pecd.pec.classify import Classification
 from pecd.pec.mime import get_first
@@ -51,6 +52,7 @@ from pecd.pec.vocab import DaticertTipo, Errore, Kind, Ricevuta
 # Receipts that go to the service mailbox rather than to a holder (spec section 1).
 SERVICE_RECEIPTS = (Ricevuta.PRESA_IN_CARICO, Ricevuta.RILEVAZIONE_VIRUS)
 NOT_IN_DATICERT = "destinatario non presente nei dati di certificazione"
+NOT_MANAGED = "il dominio del mittente non è tra i domini gestiti dal gestore firmatario"
 
 
 def reception(ctx: Context, key: str, p: IntakePayload, raw: bytes, now: datetime) -> Stage:
@@ -66,6 +68,13 @@ def reception(ctx: Context, key: str, p: IntakePayload, raw: bytes, now: datetim
     # reports any disagreement between the two as an error, so is_valid_pec covers both.
     if sender is not None and c.is_valid_pec and c.daticert is not None:
         tipo = c.daticert.tipo
+        if (
+            tipo is DaticertTipo.POSTA_CERTIFICATA
+            and c.kind is Kind.TRANSPORT_ENVELOPE
+            and domain_of(c.daticert.mittente) not in sender.domains
+        ):
+            # A provider signs only for the domains it manages (its managedDomains).
+            return (yield from anomaly(ctx, key, p, c, raw, rcpts, now, NOT_MANAGED))
         if tipo is DaticertTipo.POSTA_CERTIFICATA and c.kind is Kind.TRANSPORT_ENVELOPE:
             listed = {d.address for d in c.daticert.destinatari}
             # Only recipients the signed daticert names: an envelope replayed to someone else is

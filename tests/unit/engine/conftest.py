@@ -58,6 +58,7 @@ def identity(domain: str, name: str) -> ProviderIdentity:
 @dataclass(frozen=True)
 class Entry:
     mail_receipt: str
+    domains: tuple[str, ...] = ()
 
 
 @dataclass
@@ -165,7 +166,7 @@ def index(theirs: ProviderIdentity) -> Index:
     from cryptography.hazmat.primitives import serialization
 
     der = theirs.signer.certificate.public_bytes(serialization.Encoding.DER)
-    return Index({THEIRS}, {der: Entry(f"posta-certificata@{THEIRS}")})
+    return Index({THEIRS}, {der: Entry(f"posta-certificata@{THEIRS}", (THEIRS,))})
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from pecd.engine.effects import (
     StoreLocal,
     TookCharge,
 )
-from pecd.engine.reception import NOT_IN_DATICERT, reception
+from pecd.engine.reception import NOT_IN_DATICERT, NOT_MANAGED, reception
 from pecd.engine.vocab import DeliveryPayload, IntakePayload, JobKind, TraceType
 from pecd.pec import builders
 from pecd.pec.builders import ProviderIdentity, Transmission
@@ -218,3 +218,22 @@ def test_infected_ordinary_mail_is_dropped_and_kept(ctx: Context, world: Any) ->
         and record.event.error == "virus: Eicar-Test-Signature"
     )
     assert len(world.of(effects, KeepInfected)) == 1
+
+
+def test_a_sender_outside_the_signers_managed_domains_is_an_anomaly(
+    ctx: Context, world: Any, theirs: ProviderIdentity, index: Any
+) -> None:
+    """The envelope verifies and its signer is in the index, but the sender's domain is not one
+    of that provider's managedDomains."""
+    world.mailboxes = {BOB: OPEN}
+    [entry] = index.signers.values()
+    index.signers = {
+        der: type(entry)(entry.mail_receipt, ("pec.other.test",)) for der in index.signers
+    }
+    raw = their_envelope(theirs, world, [BOB])
+    effects = receive(ctx, world, raw, [BOB])
+    assert not any(isinstance(e, Enqueue) for e in effects)
+    [wrapped] = world.of(effects, StoreLocal)
+    assert wrapped.mailbox == BOB and b"X-Trasporto: errore" in wrapped.data
+    [record] = world.of(effects, Record)
+    assert record.event.event == TraceType.ANOMALIA and record.event.error == NOT_MANAGED
