@@ -152,6 +152,10 @@ def test_downgrade_and_upgrade_again(tmp_path: Path) -> None:
         finally:
             await d.close()
 
+    # 0005 made the virus store; going below it drops the table.
+    assert "virus_store" in asyncio.run(tables())
+    command.downgrade(cfg, "0004")
+    assert "virus_store" not in asyncio.run(tables())
     # 0004 dropped the never-used delivery_records; going below it brings the table back.
     assert "delivery_records" not in asyncio.run(tables())
     command.downgrade(cfg, "0003")

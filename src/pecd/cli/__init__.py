@@ -1,6 +1,6 @@
 """The ``pecd`` command line: the parser and :func:`main`; each command group lives in a module of
 its own (``pecd.cli.verify``, ``init``, ``dovecot``, ``serve``, ``accounts``, ``queue``, ``index``,
-``log``, ``receipt``), what they share in :mod:`pecd.cli.common`."""
+``log``, ``receipt``, ``virus``), what they share in :mod:`pecd.cli.common`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from pecd import __version__
-from pecd.cli import accounts, dovecot, index, init, log, queue, receipt, serve, verify
+from pecd.cli import accounts, dovecot, index, init, log, queue, receipt, serve, verify, virus
 from pecd.cli.common import Handler, fail
 from pecd.config import ConfigError
 
@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     index.register(sub)
     log.register(sub)
     receipt.register(sub)
+    virus.register(sub)
     return p
 
 

@@ -260,3 +260,28 @@ class TraceHorizon(Base):
     events_purged: Mapped[int] = mapped_column(BigInteger)
     signer_sha1: Mapped[str] = mapped_column(String(40))
     signature: Mapped[bytes]
+
+
+class InfectedMessage(Base):
+    """An infected message the antivirus stopped at the access or reception point, kept
+    byte-exact (``data``, with its size and SHA-256) with what the trace log says of it, for as
+    long as the trace log keeps its events (``log.retention_months``). ``key`` makes a stage
+    that runs again keep it once."""
+
+    __tablename__ = "virus_store"
+    __table_args__ = (CheckConstraint("point IN ('access', 'reception')", name="point"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    key: Mapped[str] = mapped_column(String, unique=True)
+    at: Mapped[datetime] = mapped_column(index=True)
+    point: Mapped[str] = mapped_column(String(16))
+    signature: Mapped[str] = mapped_column(Text)
+    pec_msgid: Mapped[str | None] = mapped_column(String, index=True)
+    sender: Mapped[str | None] = mapped_column(String(320))
+    recipients: Mapped[list[Any]]
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    data: Mapped[bytes]
+
+    def __repr__(self) -> str:
+        return f"InfectedMessage(id={self.id}, point={self.point!r}, signature={self.signature!r})"

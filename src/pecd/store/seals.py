@@ -50,7 +50,7 @@ from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from pecd.pec.smime import Signer
-from pecd.store import sealcheck
+from pecd.store import sealcheck, virus
 from pecd.store.db import Database
 from pecd.store.models import TraceEvent, TraceHorizon, TraceSeal, TraceSigner
 from pecd.store.trace import FIELDS
@@ -229,7 +229,9 @@ async def purge(
 ) -> tuple[int, int]:
     """Remove whole seals made before ``retention_months`` ago, and their events. The signed
     horizon then says which seal was removed last, so the chain still verifies from there and
-    the removal of anything else is still found. Returns (seals, events) removed."""
+    the removal of anything else is still found. The virus store's messages older than the
+    same cutoff (and than the oldest event left) go in the same transaction
+    (:func:`pecd.store.virus.purge_expired`). Returns (seals, events) removed."""
     if retention_months < 30:
         raise ValueError("the trace log is kept at least 30 months")
     cutoff = months_before(now, retention_months)
@@ -247,6 +249,7 @@ async def purge(
             ).all()
         )
         if not old:
+            await virus.purge_expired(s, cutoff=cutoff)  # the virus store goes with the log
             return 0, 0
         last_id, last_hash = old[-1]
         events = (
@@ -274,6 +277,7 @@ async def purge(
         )
         fresh.signature = _sign(signer, horizon_content(fresh))
         await s.merge(fresh)
+        await virus.purge_expired(s, cutoff=cutoff)  # the virus store goes with the log
         return len(old), len(events)
 
 
