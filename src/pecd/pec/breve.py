@@ -55,6 +55,7 @@ from email.message import Message
 from email.parser import BytesHeaderParser
 from urllib.parse import quote
 
+from pecd.pec.mime import unsurrogate
 from pecd.pec.vocab import CT_PKCS7_MIME, CT_POSTACERT, CT_SIGNATURE_ALIASES, HASH_SUFFIX
 
 __all__ = ["MAX_DEPTH", "HashedPart", "to_breve"]
@@ -237,7 +238,9 @@ def _filename(msg: Message) -> str | None:
         # An unknown charset or a broken encoded word leaves the text as it is.
         with contextlib.suppress(Exception):
             value = str(make_header(decode_header(value)))
-    value = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    # Bytes the parser smuggled as surrogates come back as UTF-8; a lone surrogate from an encoded
+    # word (UTF-7 can make one) becomes U+FFFD instead of failing the encode.
+    value = unsurrogate(value)
     return _CONTROL_RE.sub("", value).strip()
 
 

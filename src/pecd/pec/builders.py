@@ -42,7 +42,8 @@ from pecd.pec.vocab import (
     Trasporto,
 )
 
-# Headers an envelope copies unchanged from what it wraps (spec section 2.1).
+# Headers an envelope copies unchanged from what it wraps (spec section 2.1); a transport
+# envelope also Reply-To when present, an anomaly envelope also Message-ID.
 _ENVELOPE_COPIED = ("Received", "Return-Path", "To", "Cc")
 
 
@@ -78,6 +79,14 @@ class Transmission:
     to: tuple[str, ...] = field(default=())
     cc: tuple[str, ...] = field(default=())
 
+    def __post_init__(self) -> None:
+        # What every receipt repeats in its headers and daticert, cleaned once whatever its source
+        # (a submission, a received daticert, a queued job): no controls, no lone surrogates.
+        for name in ("mittente", "risposte", "oggetto", "msgid"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, mime.clean_header_text(value))
+
     @classmethod
     def from_submission(
         cls,
@@ -93,11 +102,7 @@ class Transmission:
         rcpts = [normalize_address(r) for r in rcpt_to]
         order = {a: i for i, a in enumerate([*to, *cc])}
         ordered = sorted(dict.fromkeys(rcpts), key=lambda a: order.get(a, len(order)))
-        froms = _addresses(original, "From")
-        reply_to = _addresses(original, "Reply-To")
-        risposte = (
-            reply_to[0] if reply_to else (froms[0] if froms else normalize_address(mail_from))
-        )
+        risposte = _risposte(original, mail_from)
         return cls(
             identificativo=unbracket(identificativo),
             mittente=normalize_address(mail_from),
@@ -166,7 +171,7 @@ class Transmission:
             ricevuta=ricevuta,
             consegna=consegna,
             ricezione=tuple(ricezione),
-            errore_esteso=errore_esteso,
+            errore_esteso=None if errore_esteso is None else mime.clean_header_text(errore_esteso),
         )
 
     @property
@@ -220,21 +225,32 @@ class BuiltMessage:
 def _addresses(raw: bytes, name: str) -> list[str]:
     found: list[str] = []
     for value in mime.get_all(raw, name):
-        valid, _ = parse_address_list(value)
+        valid, _ = parse_address_list(mime.clean_header_text(value))
         found += [normalize_address(a) for a in valid]
     return list(dict.fromkeys(found))
 
 
+def _risposte(raw: bytes, mail_from: str) -> str:
+    """daticert ``<risposte>``: the first Reply-To address, else the first From address, else the
+    reverse-path (spec 3: "Reply-To (From when none)"), as a bare address. The envelope's own
+    ``Reply-To`` header is another matter: the original's field, unaltered (``transport_envelope``)."""
+    reply_to = _addresses(raw, "Reply-To")
+    froms = _addresses(raw, "From")
+    return reply_to[0] if reply_to else (froms[0] if froms else normalize_address(mail_from))
+
+
 def _client_msgid(raw: bytes) -> str | None:
-    value = mime.get_first(raw, "Message-ID")
-    if not value or not value.strip():
+    value = mime.clean_header_text(mime.get_first(raw, "Message-ID") or "")
+    if not value.strip():
         return None
     return bracket(value.strip().split()[0])
 
 
 def original_subject(raw: bytes) -> str:
+    """The original's Subject, decoded (RFC 2047) and cleaned (``mime.clean_header_text``): what
+    every builder copies into the headers and the daticert it signs."""
     value = mime.get_first(raw, "Subject")
-    return "" if value is None else mime.decode_words(value)
+    return "" if value is None else mime.clean_header_text(mime.decode_words(value))
 
 
 def requested_receipt(raw: bytes) -> TipoRicevuta:
@@ -346,20 +362,20 @@ def transport_envelope(
         ("Date", when.rfc5322),
         ("Subject", mime.encode_header_text("Subject", SUBJ_POSTA_CERTIFICATA + tx.oggetto)),
         ("From", mime.format_mailbox(PER_CONTO_DI + tx.mittente, provider.service_address)),
-        ("Reply-To", tx.risposte),
+    ]
+    # Reply-To: the original's own field, copied unaltered (display names, every address, letter
+    # case: spec 2.1 and 2.3); only when it has none, the From address that daticert risposte names.
+    copied = mime.copy_fields(original, (*_ENVELOPE_COPIED, "Reply-To"))
+    if not mime.get_all(original, "Reply-To"):
+        headers.append(("Reply-To", tx.risposte))
+    headers += [
         ("Message-ID", bracket(tx.identificativo)),
         (H_TRASPORTO, Trasporto.POSTA_CERTIFICATA.value),
         (H_TIPO_RICEVUTA, tx.ricevuta.value),
     ]
     if tx.msgid:
         headers.append((H_RIFERIMENTO_MESSAGE_ID, tx.msgid))
-    raw = _sign(
-        provider,
-        when,
-        headers,
-        _body(notice, d, wrapped),
-        mime.copy_fields(original, _ENVELOPE_COPIED),
-    )
+    raw = _sign(provider, when, headers, _body(notice, d, wrapped), copied)
     return BuiltMessage(raw, tx.identificativo, d, tx.addresses)
 
 
@@ -373,7 +389,7 @@ def anomaly_envelope(
 ) -> BuiltMessage:
     """Busta di anomalia: anything received that is not valid PEC, wrapped whole, no daticert."""
     froms = _addresses(received, "From")
-    sender = froms[0] if froms else (mime.get_first(received, "From") or "")
+    sender = froms[0] if froms else mime.clean_header_text(mime.get_first(received, "From") or "")
     oggetto = original_subject(received)
     received_id = _client_msgid(received)
     # Keeps the received Message-ID; a message without one gets a new id so it can be referred to.
@@ -428,13 +444,20 @@ def non_accettazione(
     """
     if virus is None and not violations:
         raise ValueError("non_accettazione needs violations or a virus")
-    reasons = [v.it for v in violations] if virus is None else [virus]
+    reasons = [v.it for v in violations] if virus is None else [mime.clean_header_text(virus)]
+    # RFC 3463: 5.7.1 (refused for security: a virus, as at the reception point), 5.6.0 (the
+    # message's format); the reasons in the one errore-esteso format.
+    esteso = (
+        texts.errore_esteso("5.7.1", provider.name, f"virus rilevato: {reasons[0]}")
+        if virus is not None
+        else texts.errore_esteso("5.6.0", provider.name, "; ".join(reasons))
+    )
     d = tx.daticert(
         DaticertTipo.NON_ACCETTAZIONE,
         provider,
         when,
         errore=Errore.VIRUS if virus is not None else Errore.ALTRO,
-        errore_esteso="; ".join(reasons),
+        errore_esteso=esteso,
     )
     notice = texts.non_accettazione(
         when, tx.oggetto, tx.mittente, reasons, tx.identificativo, virus is not None
@@ -567,15 +590,18 @@ def preavviso_errore_consegna(
 
     Goes to the sender (the RFC's "To: original recipient" is a drafting error, spec 2.2)."""
     consegna = normalize_address(recipient)
-    # RFC 3463 4.4.7 / 5.4.7 "delivery time expired": transient at 12 h, permanent at 24 h.
-    code, hours = ("5.4.7", 24) if final else ("4.4.7", 12)
+    # 5.4.1 for the final notice, as opec sends and PagoPA reads; 4.4.1 at 12 h, not a failure
+    # yet (texts.PREAVVISO_CODE_*).
+    code, hours = (texts.PREAVVISO_CODE_FINAL, 24) if final else (texts.PREAVVISO_CODE_FIRST, 12)
     d = tx.daticert(
         DaticertTipo.PREAVVISO_ERRORE_CONSEGNA,
         provider,
         when,
         errore=Errore.ALTRO,
         consegna=consegna,
-        errore_esteso=f"{code} - {provider.name} - messaggio non consegnato entro {hours} ore",
+        errore_esteso=texts.errore_esteso(
+            code, provider.name, f"messaggio non consegnato entro {hours} ore"
+        ),
     )
     notice = texts.preavviso(
         when, sent, tx.oggetto, tx.mittente, consegna, tx.identificativo, final

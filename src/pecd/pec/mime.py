@@ -18,6 +18,15 @@ CRLF = b"\r\n"
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 _FIELD_START = re.compile(rb"^[!-9;-~]+[ \t]*:", re.MULTILINE)
 _LONE_LF = re.compile(rb"(?<!\r)\n")
+# Header text pecd writes into what it signs: no C0 control but TAB, no DEL (spec 2.1; XML 1.0
+# forbids most of them in daticert too). Line breaks become one space, the rest is dropped.
+_LINE_BREAKS = re.compile("[\r\n]+")
+_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f]")
+_ESCAPED_BYTES = re.compile("[\udc80-\udcff]+")
+_SURROGATES = re.compile("[\ud800-\udfff]")
+# The same in a raw field copied byte for byte: controls dropped, CR/LF kept only as folding.
+_FIELD_CONTROLS = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)")
+_BARE_LINE = re.compile(rb"\r\n(?![ \t]|\Z)")
 
 Buffer = bytes | memoryview
 
@@ -67,17 +76,51 @@ def get_first(raw: bytes, name: str) -> str | None:
     return values[0] if values else None
 
 
+def unsurrogate(text: str) -> str:
+    """``text`` with no lone surrogate, so that it can always be encoded.
+
+    Bytes smuggled in by ``surrogateescape`` come back as UTF-8 where they are UTF-8; any other
+    lone surrogate (a UTF-7 or ``unicode-escape`` encoded word can make one) becomes U+FFFD."""
+    if not _SURROGATES.search(text):
+        return text
+    text = _ESCAPED_BYTES.sub(
+        lambda m: m.group().encode("utf-8", "surrogateescape").decode("utf-8", "replace"), text
+    )
+    return _SURROGATES.sub("\ufffd", text)
+
+
+def clean_header_text(text: str) -> str:
+    """Text copied from a message into a header or a daticert pecd signs, made harmless.
+
+    Line breaks become one space (no header injection), other C0 controls but TAB and DEL are
+    dropped (a NUL must never reach a signed header, a database or the XML), lone surrogates
+    become U+FFFD. Every builder passes what it copies through here."""
+    text = unsurrogate(text)
+    return _CONTROLS.sub("", _LINE_BREAKS.sub(" ", text))
+
+
+def clean_field(chunk: bytes) -> bytes:
+    """A raw header field (CRLF) copied byte for byte, less what :func:`clean_header_text` drops:
+    controls go, and a line that is not a continuation is folded (it would start a new field)."""
+    chunk = _FIELD_CONTROLS.sub(b"", chunk)
+    return _BARE_LINE.sub(b"\r\n ", chunk)
+
+
 def decode_words(value: str) -> str:
-    """Decode RFC 2047 encoded words; undecodable input comes back as it was."""
+    """Decode RFC 2047 encoded words; undecodable input comes back as it was. The result never
+    holds a lone surrogate (:func:`unsurrogate`); controls are the caller's to clean."""
     try:
-        return str(email.header.make_header(email.header.decode_header(value)))
+        decoded = str(email.header.make_header(email.header.decode_header(value)))
     except (LookupError, ValueError, UnicodeError, AssertionError):
-        return value
+        decoded = value
+    return unsurrogate(decoded)
 
 
 def encode_header_text(name: str, text: str) -> str:
-    """A header value for ``text``: plain when short ASCII, else folded RFC 2047 UTF-8 words."""
-    text = re.sub(r"[\r\n]+", " ", text)
+    """A header value for ``text``: plain when short ASCII, else folded RFC 2047 UTF-8 words.
+
+    The text is cleaned first (:func:`clean_header_text`)."""
+    text = clean_header_text(text)
     if text.isascii() and len(name) + len(text) < 76:
         return text
     charset = (
@@ -87,18 +130,20 @@ def encode_header_text(name: str, text: str) -> str:
 
 
 def format_mailbox(display: str, address: str) -> str:
-    """``"display" <address>`` with quoting or RFC 2047 as needed."""
-    return formataddr((display, address), charset="utf-8")
+    """``"display" <address>`` with quoting or RFC 2047 as needed; both cleaned first."""
+    return formataddr((clean_header_text(display), clean_header_text(address)), charset="utf-8")
 
 
 def copy_fields(raw: bytes, names: Iterable[str]) -> list[bytes]:
-    """The raw fields of the top header block whose names are in ``names``, in original order, CRLF."""
+    """The raw fields of the top header block whose names are in ``names``, in original order, CRLF,
+    unchanged but for the controls :func:`clean_field` drops (nothing, in a well-formed field)."""
     wanted = {n.lower() for n in names}
     out = []
     for name, chunk in header_fields(head_of(raw)):
         if name.lower() in wanted:
             chunk = to_crlf(chunk)
-            out.append(chunk if chunk.endswith(CRLF) else chunk + CRLF)
+            chunk = chunk if chunk.endswith(CRLF) else chunk + CRLF
+            out.append(clean_field(chunk))
     return out
 
 
@@ -133,6 +178,7 @@ def new_boundary(*contents: bytes) -> str:
 
 def qp_text_part(content_type: str, text: str) -> bytes:
     """A text part in ISO-8859-1 quoted-printable (the rules' charset); UTF-8 when Latin-1 cannot hold it."""
+    text = unsurrogate(text)
     try:
         data, charset = text.encode("iso-8859-1"), "iso-8859-1"
     except UnicodeEncodeError:

@@ -8,9 +8,11 @@ so they always carry the same information; the HTML has no links, images, styles
 from __future__ import annotations
 
 import html
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from pecd.pec.mime import clean_header_text
 from pecd.pec.timefmt import PecTime
 from pecd.pec.vocab import LABEL_POSTA_CERTIFICATA, LABEL_POSTA_ORDINARIA
 
@@ -43,6 +45,75 @@ class Notice:
             + paras
             + "\n</body>\n</html>\n"
         )
+
+
+# --- errore-esteso: one format whatever the path --------------------------------------------------
+
+# The reason's bound: enough for a reply line, short as the DTD's "short error text" asks.
+ERRORE_ESTESO_REASON_MAX = 200
+_ENHANCED_CODE = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
+_REPLY_LINE = re.compile(r"^(\d{3})[ -]?(.*)$")
+_ADDRESS_PREFIX = re.compile(r"^<[^<>]*>:?\s*")
+
+# Avviso di mancata consegna per superamento tempi massimi (RFC 3463 class 4 = transient,
+# 5 = permanent). The final (24 h) notice carries 5.4.1, as opec does at Aruba, Sogei and
+# Namirial: PagoPA's adapters (pagopa/pn-ec ArubaPostacert) read a preavviso whose errore-esteso
+# starts with 5.4.1 as the final failure. The 12 h notice is not a failure yet: 4.4.1.
+PREAVVISO_CODE_FIRST = "4.4.1"
+PREAVVISO_CODE_FINAL = "5.4.1"
+
+
+def errore_esteso(code: str, provider: str, reason: str) -> str:
+    """The one ``<errore-esteso>`` format: ``"<code> - <provider> - <reason>"``, as in the real
+    ``5.1.1 - ARUBA PEC S.p.A. - indirizzo non valido`` (spec 2.3).
+
+    ``code`` must be an RFC 3463 enhanced status code (``5.1.1``); the provider and the reason are
+    cleaned like header text (one line, no controls) and the reason is cut to
+    ``ERRORE_ESTESO_REASON_MAX`` characters."""
+    if not _ENHANCED_CODE.match(code):
+        raise ValueError(f"not an enhanced status code: {code!r}")
+    provider = " ".join(clean_header_text(provider).split())
+    reason = " ".join(clean_header_text(reason).split())
+    if len(reason) > ERRORE_ESTESO_REASON_MAX:
+        reason = reason[: ERRORE_ESTESO_REASON_MAX - 1].rstrip() + "…"
+    return f"{code} - {provider} - {reason or 'errore'}"
+
+
+def smtp_reply_parts(reply: str) -> tuple[str, str]:
+    """An SMTP reply (``550 5.1.1 <bob@x>: user unknown``, multi-line too) as (enhanced code,
+    reason) for :func:`errore_esteso`.
+
+    The code is the reply's enhanced status code, or ``X.0.0`` from its basic code's class when it
+    has none (``5.0.0`` when even that is missing). The reason is the text of every line without
+    the codes and without a leading ``<address>:`` (the recipient is in ``<consegna>`` already);
+    it is not cleaned or cut here, :func:`errore_esteso` does that."""
+    code: str | None = None
+    basic: str | None = None
+    texts: list[str] = []
+    for line in re.split(r"[\r\n]+", reply):
+        line = line.strip()
+        m = _REPLY_LINE.match(line)
+        if m:
+            basic = basic or m.group(1)
+            line = m.group(2).strip()
+        first, _, rest = line.partition(" ")
+        if _ENHANCED_CODE.match(first):
+            code = code or first
+            line = rest.strip()
+        line = _ADDRESS_PREFIX.sub("", line)
+        if line:
+            texts.append(line)
+    if code is None:
+        cls = basic[0] if basic and basic[0] in "45" else "5"
+        code = f"{cls}.0.0"
+    return code, " ".join(texts)
+
+
+def errore_esteso_from_reply(reply: str, provider: str) -> str:
+    """The errore-esteso for a peer's SMTP refusal: :func:`smtp_reply_parts` then
+    :func:`errore_esteso`, ``provider`` being the provider that reports it (pecd itself)."""
+    code, reason = smtp_reply_parts(reply)
+    return errore_esteso(code, provider, reason)
 
 
 def _when(t: PecTime) -> str:
