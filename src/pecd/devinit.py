@@ -35,7 +35,13 @@ local_domains = ["{domain}"]
 [signing]
 key = "pki/signing.key"
 cert = "pki/signing.pem"
-digest = "sha256"
+# The signing certificate's issuer (the development intermediate CA), included in every
+# signature, as every provider's signature carries AgID CA1.
+chain = ["pki/chain.pem"]
+# SHA-1 is the CMS profile every PEC provider emits today (Aruba, Sogei, Namirial up to Dec 2024:
+# digestAlgorithm sha1, micalg="sha1", the issuing CA included): a peer whose checks expect it
+# could make anything else an anomaly. "sha256" is the opt-in; pecd verifies both either way.
+digest = "sha1"
 
 [tls]
 cert = "pki/tls.pem"
@@ -84,7 +90,10 @@ async def init_installation(
     if cfg_path.exists():
         raise FileExistsError(f"{cfg_path} already exists; pecd init does not overwrite")
     directory.mkdir(parents=True, exist_ok=True)
-    write_dev_pki(directory / "pki", create_dev_pki(domain=domain, name=name, now=clock.now()))
+    write_dev_pki(
+        directory / "pki",
+        create_dev_pki(domain=domain, name=name, now=clock.now(), intermediate=True),
+    )
     text = config_text(domain=domain, name=name, ports=DEV_PORTS)
     if mailbox_server == "dovecot":
         text += (

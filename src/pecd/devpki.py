@@ -14,9 +14,10 @@ _KEY_MODE = 0o600
 
 
 def write_dev_pki(directory: Path, pki: DevPki) -> dict[str, Path]:
-    """Write ca.pem, ca.key, signing.pem, signing.key, tls.pem, tls.key into ``directory``.
+    """Write ca.pem, ca.key, signing.pem, signing.key, tls.pem, tls.key into ``directory``, and
+    chain.pem (the intermediate CA, for ``[signing] chain``) when the PKI has one.
 
-    Keys are created mode 0600. If any of the six files already exists nothing is written and
+    Keys are created mode 0600. If any of the files already exists nothing is written and
     :class:`FileExistsError` is raised. Returns the paths keyed by file name.
     """
     files: dict[str, tuple[bytes, int]] = {
@@ -27,6 +28,8 @@ def write_dev_pki(directory: Path, pki: DevPki) -> dict[str, Path]:
         "tls.pem": (pki.tls.cert_pem, _CERT_MODE),
         "tls.key": (pki.tls.key_pem, _KEY_MODE),
     }
+    if pki.chain_pem:
+        files["chain.pem"] = (pki.chain_pem, _CERT_MODE)
     paths = {name: directory / name for name in files}
     existing = [str(p) for p in paths.values() if p.exists() or p.is_symlink()]
     if existing:

@@ -14,7 +14,9 @@ def cmd_pki_init(args: argparse.Namespace) -> int:
     from pecd.devpki import write_dev_pki
     from pecd.pec.pki import create_dev_pki
 
-    pki = create_dev_pki(domain=args.domain, name=args.name, now=SystemClock().now())
+    pki = create_dev_pki(
+        domain=args.domain, name=args.name, now=SystemClock().now(), intermediate=True
+    )
     try:
         paths = write_dev_pki(Path(args.dir), pki)
     except FileExistsError as exc:
@@ -55,7 +57,10 @@ def register_pki(sub: Subcommands) -> None:
     """Add ``pecd pki init`` to the ``pecd`` parser."""
     pki = sub.add_parser("pki", help="development certificates")
     pki_sub = pki.add_subparsers(dest="pki_command", required=True)
-    init = pki_sub.add_parser("init", help="write a development CA, signing and TLS certificates")
+    init = pki_sub.add_parser(
+        "init",
+        help="write a development CA, intermediate (chain.pem), signing and TLS certificates",
+    )
     init.add_argument("dir")
     init.add_argument("--domain", required=True, help="the provider's mail domain")
     init.add_argument("--name", required=True, help="the provider's name (gestore-emittente)")

@@ -1,5 +1,9 @@
 """A development PKI: a CA, a provider signing certificate (spec section 5 profile) and a TLS one.
 
+With ``intermediate=True`` (what ``pecd init`` makes) it has the real shape: a root, an
+intermediate CA that issues the signing certificate (as AgID CA1 issues every provider's, with
+name constraints on the provider's domain), and the chain file that goes into every signature.
+
 Pure: everything comes back as PEM bytes and the time is passed in. For production the signing
 certificate must come from AgID's CA; these certificates only let a test network run end to end.
 """
@@ -29,9 +33,16 @@ class IssuedCert:
 
 @dataclass(frozen=True)
 class DevPki:
-    ca: IssuedCert
+    ca: IssuedCert  # the root: what verifiers trust; it also issues the TLS certificate
     signing: IssuedCert
     tls: IssuedCert
+    intermediate: IssuedCert | None = None  # the signing certificate's issuer, when not the root
+
+    @property
+    def chain_pem(self) -> bytes:
+        """The certificates between the signing certificate and the root (``[signing] chain``):
+        the intermediate's PEM, or nothing when the root issues the signing certificate."""
+        return b"" if self.intermediate is None else self.intermediate.cert_pem
 
 
 def signing_address(domain: str) -> str:
@@ -74,7 +85,7 @@ def _issue(
     ca_key: rsa.RSAPrivateKey,
     ca_cert: x509.Certificate,
 ) -> IssuedCert:
-    """Sign a leaf ``builder`` with the CA, adding SKI and AKI(keyIdentifier)."""
+    """Sign ``builder`` (a leaf or the intermediate) with the CA, adding SKI and AKI(keyIdentifier)."""
     ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     cert = (
         builder.issuer_name(ca_cert.subject)
@@ -98,10 +109,13 @@ def create_dev_pki(
     tls_ips: Sequence[str] = ("127.0.0.1", "::1"),
     key_size: int = 2048,
     validity_days: int = 3 * 365,
+    intermediate: bool = False,
 ) -> DevPki:
     """A fresh CA, provider signing certificate and TLS server certificate for ``domain``.
 
-    All certificates are valid from ``now`` - 1 hour to ``now`` + ``validity_days``.
+    All certificates are valid from ``now`` - 1 hour to ``now`` + ``validity_days``. With
+    ``intermediate`` an intermediate CA (pathLen 0, name constraints: rfc822 ``domain``) issues
+    the signing certificate, the root the TLS one; without it the root issues both.
     """
     if now.tzinfo is None:
         raise ValueError("create_dev_pki needs an aware datetime")
@@ -130,7 +144,9 @@ def create_dev_pki(
         .issuer_name(ca_name)
         .public_key(ca_key.public_key())
         .serial_number(x509.random_serial_number())
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.BasicConstraints(ca=True, path_length=1 if intermediate else 0), critical=True
+        )
         .add_extension(_key_usage(key_cert_sign=True, crl_sign=True), critical=True)
         .add_extension(
             x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
@@ -138,6 +154,36 @@ def create_dev_pki(
         .sign(ca_key, hashes.SHA256())
     )
     ca = IssuedCert(_key_pem(ca_key), ca_cert.public_bytes(serialization.Encoding.PEM))
+
+    # Intermediate CA, the signing certificate's issuer (AgID CA1's place in the real chain).
+    issuer_key, issuer_cert, inter = ca_key, ca_cert, None
+    if intermediate:
+        issuer_key = rsa.generate_private_key(public_exponent=65537, key_size=key_size)
+        inter = _issue(
+            base(
+                x509.Name(
+                    [
+                        x509.NameAttribute(NameOID.COUNTRY_NAME, "IT"),
+                        x509.NameAttribute(NameOID.ORGANIZATION_NAME, name),
+                        x509.NameAttribute(
+                            NameOID.COMMON_NAME, f"{name} Development Intermediate CA"
+                        ),
+                    ]
+                )
+            )
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(_key_usage(key_cert_sign=True, crl_sign=True), critical=True)
+            .add_extension(
+                x509.NameConstraints(
+                    permitted_subtrees=[x509.RFC822Name(domain)], excluded_subtrees=None
+                ),
+                critical=True,
+            ),
+            issuer_key,
+            ca_key,
+            ca_cert,
+        )
+        issuer_cert = x509.load_pem_x509_certificate(inter.cert_pem)
 
     # Provider signing certificate: RFC 6109 section 5.5 profile, no basicConstraints.
     signing_key = rsa.generate_private_key(public_exponent=65537, key_size=key_size)
@@ -159,8 +205,8 @@ def create_dev_pki(
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.EMAIL_PROTECTION]), critical=False
         ),
         signing_key,
-        ca_key,
-        ca_cert,
+        issuer_key,
+        issuer_cert,
     )
 
     # TLS server certificate
@@ -185,4 +231,4 @@ def create_dev_pki(
         ca_key,
         ca_cert,
     )
-    return DevPki(ca=ca, signing=signing, tls=tls)
+    return DevPki(ca=ca, signing=signing, tls=tls, intermediate=inter)
