@@ -878,3 +878,177 @@ async def add_events(d: Database, n: int, start: int = 0) -> None:
     ]
     async with d.session() as s, s.begin():
         await s.run_sync(lambda sync: [record_sync(sync, e) for e in events])
+
+
+# --- a real slapd holding the provider index (RFC 6109 schema) -----------------------------------
+
+#: The RFC 6109 schema for OpenLDAP that pecd ships (spec section 8).
+RFC6109_SCHEMA = Path(__file__).resolve().parents[1] / "config" / "rfc6109.schema"
+LDAP_BASE_DN = "o=postacert"
+LDAP_ADMIN_DN = "cn=admin,o=postacert"
+LDAP_ADMIN_PASSWORD = "slapd admin secret"
+#: A read-only account (simple bind) that the slapd fixture's ACL lets read the index.
+LDAP_READER_DN = "cn=pecd,o=postacert"
+LDAP_READER_PASSWORD = "pecd reader secret"
+
+
+@dataclass
+class Slapd:
+    """Debian's slapd on loopback (``ldap://`` and ``ldaps://``), its own config and mdb database
+    under a temporary directory; ``o=postacert`` and a reader account loaded, nothing else."""
+
+    directory: Path
+    port: int
+    tls_port: int
+    pki: Pki
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def url(self) -> str:
+        return f"ldap://127.0.0.1:{self.port}/"
+
+    @property
+    def ldaps_url(self) -> str:
+        return f"ldaps://127.0.0.1:{self.tls_port}/"
+
+    def _run(self, tool: str, args: Sequence[str], ldif: str | None = None) -> str:
+        proc = subprocess.run(
+            [tool, "-x", "-H", self.url, "-D", LDAP_ADMIN_DN, "-w", LDAP_ADMIN_PASSWORD, *args],
+            input=None if ldif is None else ldif.encode("utf-8"),
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise AssertionError(f"{tool} {' '.join(args)} failed: {proc.stderr.decode()[-2000:]}")
+        return proc.stdout.decode("utf-8", "replace")
+
+    def add(self, ldif: str) -> None:
+        """Add the entries of ``ldif`` (``ldapadd``)."""
+        self._run("ldapadd", [], ldif)
+
+    def modify(self, ldif: str) -> None:
+        """Apply an LDIF of changes (``ldapmodify``: ``changetype: modify``, ``add:``, …)."""
+        self._run("ldapmodify", [], ldif)
+
+    def delete(self, *dns: str) -> None:
+        self._run("ldapdelete", list(dns))
+
+    def providers(self) -> list[str]:
+        """The DNs of every entry under the base but the base itself and the reader."""
+        out = self._run("ldapsearch", ["-LLL", "-b", LDAP_BASE_DN, "(providerName=*)", "1.1"])
+        return [line[4:] for line in out.splitlines() if line.startswith("dn: ")]
+
+    def clear(self) -> None:
+        """Remove every provider entry (deepest first), leaving the base and the reader."""
+        for dn in sorted(self.providers(), key=lambda d: -d.count(",")):
+            self.delete(dn)
+
+
+def _slapd_conf(directory: Path, pki: Pki) -> str:
+    return f"""\
+include /etc/ldap/schema/core.schema
+include {RFC6109_SCHEMA}
+pidfile {directory / "slapd.pid"}
+modulepath /usr/lib/ldap
+moduleload back_mdb
+TLSCACertificateFile {pki.ca_file}
+TLSCertificateFile {pki.cert_file}
+TLSCertificateKeyFile {pki.key_file}
+database mdb
+maxsize 67108864
+suffix "{LDAP_BASE_DN}"
+rootdn "{LDAP_ADMIN_DN}"
+rootpw "{LDAP_ADMIN_PASSWORD}"
+directory {directory / "db"}
+access to attrs=userPassword by anonymous auth by * none
+access to * by * read
+"""
+
+
+def _slapd_base_ldif() -> str:
+    return f"""\
+dn: {LDAP_BASE_DN}
+objectClass: top
+objectClass: organization
+objectClass: LDIFLocationURLObject
+o: postacert
+LDIFLocationURL: https://igpec.rupa.example.com/igpec.ldif.p7m
+
+dn: {LDAP_READER_DN}
+objectClass: person
+cn: pecd
+sn: pecd
+userPassword: {LDAP_READER_PASSWORD}
+"""
+
+
+def slapd_answers(url: str) -> bool:
+    proc = subprocess.run(
+        ["ldapsearch", "-x", "-H", url, "-b", LDAP_BASE_DN, "-s", "base", "-LLL", "1.1"],
+        capture_output=True,
+        timeout=10,
+        check=False,
+    )
+    return proc.returncode == 0
+
+
+@pytest.fixture(scope="session", name="slapd")
+def slapd_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slapd]:
+    """One slapd for the session (import it as a fixture: ``slapd``); tests leave its provider
+    entries as they like, so each starts with :meth:`Slapd.clear`."""
+    for tool in ("/usr/sbin/slapd", "/usr/sbin/slapadd"):
+        assert Path(tool).exists(), f"{tool} missing: run scripts/setup (Debian's slapd)"
+    assert shutil.which("ldapadd"), "ldapadd missing: run scripts/setup (ldap-utils)"
+    directory = tmp_path_factory.mktemp("slapd")
+    (directory / "db").mkdir()
+    (directory / "pki").mkdir()
+    pki = make_pki(directory / "pki")
+    conf = directory / "slapd.conf"
+    conf.write_text(_slapd_conf(directory, pki), "utf-8")
+    base = directory / "base.ldif"
+    base.write_text(_slapd_base_ldif(), "utf-8")
+    # Offline load of the base entries (slapadd), then the server on two free loopback ports.
+    # slapd runs as whoever runs the tests (root in CI is fine: it needs no privileged port).
+    added = subprocess.run(
+        ["/usr/sbin/slapadd", "-f", str(conf), "-l", str(base)],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    if added.returncode != 0:
+        pytest.fail(f"slapadd failed: {added.stderr.decode('utf-8', 'replace')[-2000:]}")
+    port, tls_port = free_port(), free_port()
+    log = (directory / "slapd.log").open("wb")
+    proc = subprocess.Popen(
+        [
+            "/usr/sbin/slapd",
+            "-d",
+            "0",  # in the foreground, logging nothing but errors
+            "-f",
+            str(conf),
+            "-h",
+            f"ldap://127.0.0.1:{port}/ ldaps://127.0.0.1:{tls_port}/",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    server = Slapd(directory, port, tls_port, pki, proc)
+    try:
+        wait_for(
+            lambda: proc.poll() is not None or slapd_answers(server.url),
+            timeout=30,
+            what="slapd answering",
+        )
+        if proc.poll() is not None:
+            text = (directory / "slapd.log").read_text("utf-8", "replace")
+            pytest.fail(f"slapd exited with {proc.returncode}:\n{text[-2000:]}")
+        yield server
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()

@@ -228,11 +228,98 @@ def _routes(value: Any) -> dict[str, Endpoint]:
 
 
 class IndexConfig(_Section):
-    """The local copy of the provider index (spec section 8)."""
+    """The provider index (spec section 8): a local copy (``path``) or an LDAP directory
+    (``source``), reloaded every ``reload_seconds`` and on SIGHUP."""
 
     path: Path | None = None  # LDIF, or a signed .p7m; without it only this provider is known
     trusted_signer: Path | None = None  # PEM certificate that must have signed a .p7m
     reload_seconds: float = Field(default=86400, gt=0)  # also reloaded on SIGHUP
+    # The directory instead of a file: "ldap://host[:port]" or "ldaps://host[:port]".
+    source: str | None = None
+    base_dn: str | None = None  # default o=postacert
+    bind_dn: str | None = None  # simple bind; anonymous when unset
+    bind_password: str | None = None
+    bind_password_file: Path | None = None  # read at each reload; one line, the password
+    ca: Path | None = None  # CA file for ldaps:// or StartTLS (default: the system's)
+    starttls: bool = False  # ldap:// upgraded with StartTLS before the bind
+    timeout_seconds: float = Field(default=10, gt=0, le=600)  # connect, bind, search each
+
+    @field_validator("source", "base_dn", "bind_dn", "bind_password", mode="before")
+    @classmethod
+    def _index_empty_is_none(cls, v: Any) -> Any:
+        return None if isinstance(v, str) and not v.strip() else v
+
+    @field_validator("source")
+    @classmethod
+    def _ldap_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        from urllib.parse import urlsplit
+
+        try:
+            url = urlsplit(v.strip())
+            port = url.port
+        except ValueError as exc:
+            raise ValueError(f"{v!r} is not an LDAP URL: {exc}") from None
+        if url.scheme.lower() not in ("ldap", "ldaps"):
+            raise ValueError(
+                f"{v!r}: must be an ldap:// or ldaps:// URL (a file copy goes in index.path)"
+            )
+        if not url.hostname:
+            raise ValueError(f"{v!r}: the URL names no host (example: ldaps://ldap.example:636)")
+        if url.path not in ("", "/") or url.query or url.fragment or url.username:
+            raise ValueError(
+                f"{v!r}: only scheme://host[:port]; the base DN goes in index.base_dn, "
+                "the bind in index.bind_dn"
+            )
+        host = f"[{url.hostname}]" if ":" in url.hostname else url.hostname
+        return f"{url.scheme.lower()}://{host}" + (f":{port}" if port else "") + "/"
+
+    @model_validator(mode="after")
+    def _index_source(self) -> IndexConfig:
+        if self.source is None:
+            ldap_only = [
+                k
+                for k in ("base_dn", "bind_dn", "bind_password", "bind_password_file", "ca")
+                if getattr(self, k) is not None
+            ] + (["starttls"] if self.starttls else [])
+            if ldap_only:
+                raise ValueError(
+                    f"{', '.join(ldap_only)} only apply to an LDAP index: set index.source"
+                )
+            return self
+        if self.path is not None:
+            raise ValueError("set path (a file copy) or source (an LDAP directory), not both")
+        if self.trusted_signer is not None:
+            raise ValueError(
+                "trusted_signer checks a signed file copy; an LDAP index is trusted through "
+                "its TLS (ca) and bind"
+            )
+        ldaps = self.source.startswith("ldaps:")
+        if ldaps and self.starttls:
+            raise ValueError("starttls is for ldap:// URLs; ldaps:// is TLS already")
+        if self.ca is not None and not (ldaps or self.starttls):
+            raise ValueError("ca is used only with an ldaps:// source or starttls = true")
+        if self.bind_password is not None and self.bind_password_file is not None:
+            raise ValueError("set bind_password or bind_password_file, not both")
+        has_password = self.bind_password is not None or self.bind_password_file is not None
+        if has_password and not self.bind_dn:
+            raise ValueError("a bind password needs bind_dn")
+        if self.bind_dn and not has_password:
+            raise ValueError(
+                "bind_dn needs bind_password or bind_password_file (unset bind_dn to read "
+                "anonymously)"
+            )
+        if has_password and not (ldaps or self.starttls):
+            from urllib.parse import urlsplit
+
+            host = (urlsplit(self.source).hostname or "").lower()
+            if host not in ("localhost", "127.0.0.1", "::1"):
+                raise ValueError(
+                    "a bind password would cross the network in clear: use ldaps:// or "
+                    "starttls = true (plain ldap:// with a password only to a loopback address)"
+                )
+        return self
 
 
 class LogConfig(_Section):
@@ -298,7 +385,7 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
         "tls": ("cert", "key", "ca"),
         "storage": ("data_dir", "maildir_root"),
         "relay": ("ca_bundle",),
-        "index": ("path", "trusted_signer"),
+        "index": ("path", "trusted_signer", "ca", "bind_password_file"),
     }.items():
         sec = data.get(section)
         if not isinstance(sec, dict):

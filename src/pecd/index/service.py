@@ -12,6 +12,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from pecd.config import Config, ConfigError
+from pecd.index.ldap import DEFAULT_BASE_DN, LdapIndexError, LdapSource, read_ldap_index
 from pecd.index.ldif import LdifError, parse_ldif
 from pecd.index.model import ProviderEntry, ProviderIndex, certificate_sha1
 from pecd.index.signed import SignedIndexError, cms_der, verify_signed_index
@@ -21,6 +22,7 @@ __all__ = [
     "IndexService",
     "LoadedIndex",
     "index_from_bytes",
+    "ldap_source",
     "load_index",
     "load_index_report",
     "own_entry",
@@ -97,6 +99,8 @@ def index_from_bytes(
 def load_index_report(cfg: Config) -> LoadedIndex:
     """Read the configured index copy (if any), check it, and add this provider's own entry."""
     own = own_entry(cfg)
+    if cfg.index.source is not None:
+        return _load_ldap(cfg, own)
     path = cfg.index.path
     if path is None:
         return LoadedIndex(ProviderIndex([own]))
@@ -113,6 +117,32 @@ def load_index_report(cfg: Config) -> LoadedIndex:
     except OSError as exc:
         raise IndexLoadError(f"{path}: cannot read the provider index: {exc.strerror}") from None
     return index_from_bytes(data, own=own, trusted=trusted, source=str(path))
+
+
+def ldap_source(cfg: Config) -> LdapSource:
+    """The ``[index]`` settings of an LDAP source (``index.source`` must be set)."""
+    ic = cfg.index
+    assert ic.source is not None
+    return LdapSource(
+        url=ic.source,
+        base_dn=ic.base_dn or DEFAULT_BASE_DN,
+        bind_dn=ic.bind_dn,
+        bind_password=ic.bind_password,
+        bind_password_file=ic.bind_password_file,
+        ca=ic.ca,
+        starttls=ic.starttls,
+        timeout=ic.timeout_seconds,
+    )
+
+
+def _load_ldap(cfg: Config, own: ProviderEntry) -> LoadedIndex:
+    source = ldap_source(cfg)
+    try:
+        parsed = read_ldap_index(source)
+    except LdapIndexError as exc:
+        raise IndexLoadError(f"LDAP index {exc}") from None
+    index = ProviderIndex(parsed.entries).with_own(own)
+    return LoadedIndex(index, source.label, None, parsed.skipped, parsed.warnings)
 
 
 def load_index(cfg: Config) -> ProviderIndex:
