@@ -404,7 +404,7 @@ def test_timers_send_each_notice_once(pair: tuple[Provider, Provider], tmp_path:
     ]
     assert reproduce_and_compare(a, preavvisi, tmp_path) == {"preavviso-errore-consegna"}
     texts = sorted(c.daticert.errore_esteso or "" for c in both if c.daticert)
-    assert texts[0].startswith("4.4.7") and texts[1].startswith("5.4.7")
+    assert texts[0].startswith("4.4.1") and texts[1].startswith("5.4.1")
     assert all(c.daticert and c.daticert.consegna == bob for c in both)
 
 

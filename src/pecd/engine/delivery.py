@@ -26,6 +26,7 @@ from pecd.engine.vocab import DeliveryPayload, Outcome, Stored, StorePayload, Tr
 from pecd.pec import builders
 from pecd.pec.builders import Transmission
 from pecd.pec.classify import Classification
+from pecd.pec.texts import errore_esteso
 from pecd.pec.timefmt import PecTime, pec_time
 from pecd.pec.vocab import Errore
 
@@ -38,9 +39,15 @@ def refusals(
     for rcpt in recipients:
         mb = mailboxes.get(rcpt)
         if mb is None:
-            refused[rcpt] = (Errore.NO_DEST, f"5.1.1 - {provider_name} - indirizzo non valido")
+            refused[rcpt] = (
+                Errore.NO_DEST,
+                errore_esteso("5.1.1", provider_name, "indirizzo non valido"),
+            )
         elif mb.disabled:
-            refused[rcpt] = (Errore.ALTRO, f"5.2.1 - {provider_name} - casella disabilitata")
+            refused[rcpt] = (
+                Errore.ALTRO,
+                errore_esteso("5.2.1", provider_name, "casella disabilitata"),
+            )
     return refused
 
 
@@ -63,10 +70,13 @@ def receipts_owed(
     failed: dict[str, str] = {}
     for rcpt, outcome in zip(tried, outcomes, strict=True):
         if outcome.stored is Stored.FULL:
-            owed[rcpt] = (Errore.ALTRO, f"5.2.2 - {provider_name} - casella piena")
+            owed[rcpt] = (Errore.ALTRO, errore_esteso("5.2.2", provider_name, "casella piena"))
         elif outcome.stored is not Stored.DELIVERED:
             if last_try:
-                owed[rcpt] = (Errore.ALTRO, f"5.3.0 - {provider_name} - errore di sistema")
+                owed[rcpt] = (
+                    Errore.ALTRO,
+                    errore_esteso("5.3.0", provider_name, "errore di sistema"),
+                )
             else:
                 failed[rcpt] = outcome.error or outcome.stored.value
     if failed:

@@ -59,11 +59,23 @@ class LookUpMailboxes:
 
 
 @dataclass(frozen=True, slots=True)
-class FindTransmission:
-    """Did this provider send transmission ``pec_msgid``? The answer is its sender's address
-    (from the trace log's posta-certificata event), or None."""
+class Logged:
+    """One earlier trace-log event about a transmission, as the rules need it."""
+
+    event: str
+    sender: str | None
+    recipients: tuple[str, ...]
+    data: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    """What the trace log holds about transmission ``pec_msgid`` (events of ``types`` only):
+    whether we sent it (posta-certificata), took it in charge before (ricezione), stored a
+    receipt of it (ricevuta-ricevuta). The answer is a tuple of Logged, oldest first."""
 
     pec_msgid: str
+    types: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,9 +172,7 @@ class Scanned:
 CLEAN = Scanned(False)
 
 
-Command = (
-    Build | Classify | LookUpMailboxes | FindTransmission | Deliver | TakeInCharge | Send | Scan
-)
+Command = Build | Classify | LookUpMailboxes | History | Deliver | TakeInCharge | Send | Scan
 
 
 # --- effects ------------------------------------------------------------------------------------

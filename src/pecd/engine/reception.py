@@ -28,8 +28,9 @@ from pecd.engine.effects import (
     Classify,
     Effect,
     Enqueue,
-    FindTransmission,
+    History,
     KeepInfected,
+    Logged,
     LookUpMailboxes,
     MailboxState,
     Record,
@@ -46,6 +47,7 @@ from pecd.pec.address import domain_of
 from pecd.pec.builders import Transmission
 from pecd.pec.classify import Classification
 from pecd.pec.mime import get_first
+from pecd.pec.texts import errore_esteso
 from pecd.pec.timefmt import pec_time
 from pecd.pec.vocab import DaticertTipo, Errore, Kind, Ricevuta
 
@@ -82,7 +84,21 @@ def reception(ctx: Context, key: str, p: IntakePayload, raw: bytes, now: datetim
             ours = [r for r in rcpts if r in listed]
             strangers = [r for r in rcpts if r not in listed]
             if ours:
-                effects = take_in_charge(ctx, key, c, raw, ours, sender.mail_receipt, now)
+                # An identificativo already taken in charge for a recipient is a duplicate (a
+                # peer's retry, or a replay after the holder deleted it): delivered, taken in
+                # charge and answered once only. The trace log keeps ricezione for 30 months.
+                earlier: tuple[Logged, ...] = yield History(
+                    c.daticert.identificativo, (TraceType.RICEZIONE,)
+                )
+                seen = {r for e in earlier for r in e.recipients}
+                fresh = [r for r in ours if r not in seen]
+                effects = (
+                    take_in_charge(ctx, key, c, raw, fresh, sender.mail_receipt, now)
+                    if fresh
+                    else []
+                )
+                if len(fresh) < len(ours):
+                    effects.append(duplicate(key, c, [r for r in ours if r in seen], p.peer, now))
                 if strangers:
                     effects += yield from anomaly(
                         ctx, key, p, c, raw, strangers, now, NOT_IN_DATICERT
@@ -126,7 +142,7 @@ def infected(
         affected = [r for r in rcpts if r in listed]
         tx = Transmission.from_daticert(d, envelope=c.postacert or b"")
         when = pec_time(now)
-        esteso = f"5.7.1 - {ctx.provider.name} - virus rilevato: {found}"
+        esteso = errore_esteso("5.7.1", ctx.provider.name, f"virus rilevato: {found}")
         built = yield Build(
             tuple(
                 functools.partial(
@@ -184,6 +200,37 @@ def infected(
         )
     )
     return effects
+
+
+def duplicate(
+    key: str,
+    c: Classification,
+    rcpts: Sequence[str],
+    peer: str | None,
+    now: datetime,
+    *,
+    message_id: str | None = None,
+) -> Effect:
+    """The one trace event of something received again."""
+    d = c.daticert
+    return Record(
+        TraceEventData(
+            at=now,
+            event=TraceType.DUPLICATE,
+            pec_msgid=d.identificativo if d else None,
+            client_msgid=d.msgid if d else None,
+            sender=d.mittente if d else None,
+            recipients=[{"address": r} for r in rcpts],
+            provider=d.gestore_emittente if d else None,
+            data={
+                "job": key,
+                "peer": peer,
+                "kind": c.kind.value,
+                "ricevuta": c.ricevuta.value if c.ricevuta else None,
+                "message_id": message_id,
+            },
+        )
+    )
 
 
 def anomaly_reason(ctx: Context, c: Classification) -> str:
@@ -294,14 +341,23 @@ def receipt_back(
     d, ricevuta = c.daticert, c.ricevuta
     assert d is not None and ricevuta is not None
     ident = d.identificativo
-    sender: str | None = yield FindTransmission(ident)
+    earlier: tuple[Logged, ...] = yield History(
+        ident, (TraceType.POSTA_CERTIFICATA, TraceType.RICEVUTA_RICEVUTA)
+    )
+    sent = [e for e in earlier if e.event == TraceType.POSTA_CERTIFICATA]
+    sender = sent[0].sender if sent else None
     ours = sender is not None
+    # A receipt sent to us twice is stored once, even after its holder deleted it: its
+    # Message-ID names it, and the trace log remembers it.
+    mid = (get_first(raw, "Message-ID") or "").strip() or hashlib.sha256(raw).hexdigest()
+    if any(
+        e.event == TraceType.RICEVUTA_RICEVUTA and e.data.get("message_id") == mid for e in earlier
+    ):
+        return [duplicate(key, c, list(rcpts), None, now, message_id=mid)]
     # Where this receipt may go: the service mailbox for the provider-to-provider receipts, else
     # only the sender of our transmission (never whoever the unsigned RCPT names).
     allowed = ctx.mail_receipt if ricevuta in SERVICE_RECEIPTS else sender
     targets = [r for r in rcpts if r == allowed] if ours else []
-    # A receipt sent to us twice is stored once: its Message-ID names it.
-    mid = (get_first(raw, "Message-ID") or "").strip() or hashlib.sha256(raw).hexdigest()
     effects: list[Effect] = [StoreLocal(f"ricevuta:{mid}:{r}", r, raw, None, now) for r in targets]
     if ours:
         # What the receipt settles for the timers.
@@ -321,7 +377,10 @@ def receipt_back(
                     when=pec_time(now),
                     recipient=d.consegna,
                     errore=Errore.VIRUS,
-                    errore_esteso=d.errore_esteso or "virus rilevato dal gestore del destinatario",
+                    errore_esteso=d.errore_esteso
+                    or errore_esteso(
+                        "5.7.1", ctx.provider.name, "virus rilevato dal gestore del destinatario"
+                    ),
                 ),
             )
         )
@@ -355,6 +414,7 @@ def receipt_back(
                     "ricevuta": ricevuta.value,
                     "consegna": d.consegna,
                     "ricezione": list(d.ricezione),
+                    "message_id": mid,
                     # A receipt of a transmission this provider never sent is kept only here.
                     "dropped": not ours,
                 },

@@ -21,16 +21,17 @@ from pecd.engine.vocab import JobKind, RelayKind, RelayPayload, TraceEventData, 
 from pecd.pec import builders
 from pecd.pec.address import domain_of
 from pecd.pec.builders import Transmission
+from pecd.pec.texts import errore_esteso_from_reply, smtp_reply_parts
 from pecd.pec.timefmt import pec_time
 from pecd.pec.vocab import DestinatarioTipo, Errore
 
 
 def errore_for(reply: str) -> Errore:
     """The daticert errore for a peer's SMTP reply (``"550 5.1.1 ..."``)."""
-    code = reply.split(" ", 2)
-    if len(code) > 1 and code[1].startswith("5.1.1"):
+    code, _reason = smtp_reply_parts(reply)
+    if code.startswith("5.1.1"):
         return Errore.NO_DEST
-    if len(code) > 1 and code[1].startswith("5.1.2"):
+    if code.startswith("5.1.2"):
         return Errore.NO_DOMINIO
     return Errore.ALTRO
 
@@ -74,7 +75,7 @@ def relay(
                     when=when,
                     recipient=rcpt,
                     errore=errore_for(reply),
-                    errore_esteso=f"{reply} - {ctx.provider.name}"[:500],
+                    errore_esteso=errore_esteso_from_reply(reply, ctx.provider.name),
                 )
                 for rcpt, reply in notices
             )

@@ -28,7 +28,8 @@ from pecd.engine.effects import (
     Deliver,
     Delivery,
     Effect,
-    FindTransmission,
+    History,
+    Logged,
     LookUpMailboxes,
     MailboxState,
     Scan,
@@ -48,7 +49,6 @@ from pecd.engine.vocab import (
     RelayPayload,
     Stored,
     StorePayload,
-    TraceType,
 )
 from pecd.pec.builders import ProviderIdentity
 from pecd.pec.checks import SubmissionLimits
@@ -197,8 +197,8 @@ class StageRunner:
             return await self.formats.take_in_charge(command, clock)
         if isinstance(command, Deliver):
             return await self.formats.deliver_many(command.items)
-        if isinstance(command, FindTransmission):
-            return await self.sender_of(command.pec_msgid)
+        if isinstance(command, History):
+            return await self.history(command.pec_msgid, command.types)
         if isinstance(command, Scan):
             return await self.scanner.scan(command.data)
         if isinstance(command, Send):
@@ -223,20 +223,28 @@ class StageRunner:
         self._mailboxes[address] = (now, state)
         return state
 
-    async def sender_of(self, pec_msgid: str) -> str | None:
-        """The sender of transmission ``pec_msgid`` if this provider sent it."""
+    async def history(self, pec_msgid: str, types: tuple[str, ...]) -> tuple[Logged, ...]:
+        """The trace log's events of ``types`` about transmission ``pec_msgid``, oldest first."""
         async with self.db.read_session() as s:
-            row = (
+            rows = (
                 await s.execute(
-                    select(TraceEvent.sender)
-                    .where(
-                        TraceEvent.pec_msgid == pec_msgid,
-                        TraceEvent.event == TraceType.POSTA_CERTIFICATA.value,
+                    select(
+                        TraceEvent.event, TraceEvent.sender, TraceEvent.recipients, TraceEvent.data
                     )
-                    .limit(1)
+                    .where(TraceEvent.pec_msgid == pec_msgid, TraceEvent.event.in_(types))
+                    .order_by(TraceEvent.id)
+                    .limit(1000)
                 )
-            ).first()
-        return None if row is None else row[0]
+            ).all()
+        return tuple(
+            Logged(
+                event,
+                sender,
+                tuple(str(r.get("address", "")) for r in recipients or () if isinstance(r, dict)),
+                data or {},
+            )
+            for event, sender, recipients, data in rows
+        )
 
     # --- after the commit ------------------------------------------------------------------------
 

@@ -14,13 +14,14 @@ from pecd.engine.effects import (
     Effect,
     Enqueue,
     Expect,
+    KeepInfected,
     Record,
     Settle,
     StoreLocal,
     TookCharge,
 )
 from pecd.engine.vocab import JobKind, StorePayload
-from pecd.store import expectations, jobs
+from pecd.store import expectations, jobs, virus
 from pecd.store.trace import record_sync
 
 
@@ -87,6 +88,18 @@ def apply(
             expectations.took_charge_sync(s, e.pec_msgid, list(e.recipients), e.at)
         elif isinstance(e, Settle):
             expectations.close_sync(s, e.pec_msgid, e.recipient, e.at, e.outcome)
+        elif isinstance(e, KeepInfected):
+            virus.keep_sync(
+                s,
+                key=e.key,
+                at=e.at,
+                point=e.point,
+                signature=e.signature,
+                pec_msgid=e.pec_msgid,
+                sender=e.sender,
+                recipients=list(e.recipients),
+                data=e.data,
+            )
         elif isinstance(e, ClaimNotice):
             # Only the node whose claim marks the row sends the notice.
             if expectations.noticed_sync(s, e.pec_msgid, e.recipient, e.at, final=e.final):

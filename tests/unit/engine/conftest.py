@@ -20,7 +20,8 @@ from pecd.engine.effects import (
     Command,
     Deliver,
     Effect,
-    FindTransmission,
+    History,
+    Logged,
     LookUpMailboxes,
     MailboxState,
     Scan,
@@ -32,7 +33,7 @@ from pecd.engine.effects import (
     TakenInCharge,
     play,
 )
-from pecd.engine.vocab import DELIVERED, Outcome
+from pecd.engine.vocab import DELIVERED, Outcome, TraceType
 from pecd.pec.builders import ProviderIdentity
 from pecd.pec.checks import SubmissionLimits
 from pecd.pec.classify import classify
@@ -95,6 +96,7 @@ class World:
     provider: ProviderIdentity
     mailboxes: dict[str, MailboxState] = field(default_factory=dict)
     sent: dict[str, str] = field(default_factory=dict)  # pec msgid -> sender
+    log: list[tuple[str, Logged]] = field(default_factory=list)  # (pec msgid, event) received
     outcomes: dict[str, Outcome] = field(default_factory=dict)  # mailbox -> outcome
     smtp: Sent = field(default_factory=Sent)
     scanned: Scanned = CLEAN  # what the antivirus says of everything
@@ -112,8 +114,14 @@ class World:
             return classify(cmd.raw)
         if isinstance(cmd, LookUpMailboxes):
             return {a: self.mailboxes.get(a) for a in cmd.addresses}
-        if isinstance(cmd, FindTransmission):
-            return self.sent.get(cmd.pec_msgid)
+        if isinstance(cmd, History):
+            sent = [
+                Logged(TraceType.POSTA_CERTIFICATA, self.sent[cmd.pec_msgid], (), {})
+                for _ in (1,)
+                if cmd.pec_msgid in self.sent
+            ]
+            earlier = [e for m, e in self.log if m == cmd.pec_msgid]
+            return tuple(e for e in [*sent, *earlier] if e.event in cmd.types)
         if isinstance(cmd, Deliver):
             return [self.outcomes.get(d.mailbox, DELIVERED) for d in cmd.items]
         if isinstance(cmd, Send):

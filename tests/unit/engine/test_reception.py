@@ -8,8 +8,9 @@ from pecd.engine.context import Context
 from pecd.engine.effects import (
     Build,
     Enqueue,
-    FindTransmission,
+    History,
     KeepInfected,
+    Logged,
     MailboxState,
     Record,
     Scanned,
@@ -137,7 +138,7 @@ def test_a_receipt_of_ours_goes_to_the_sender_and_settles_the_timer(
     tx, raw = receipt(theirs, world, "avvenuta")
     world.sent[tx.identificativo] = ALICE
     effects = receive(ctx, world, raw, [ALICE, BOB])
-    assert isinstance(world.commands[2], FindTransmission)
+    assert isinstance(world.commands[2], History)
     # Only to the sender of the transmission, never to whoever else the RCPT names.
     assert [s.mailbox for s in world.of(effects, StoreLocal)] == [ALICE]
     assert world.of(effects, Settle) == [
@@ -237,3 +238,44 @@ def test_a_sender_outside_the_signers_managed_domains_is_an_anomaly(
     assert wrapped.mailbox == BOB and b"X-Trasporto: errore" in wrapped.data
     [record] = world.of(effects, Record)
     assert record.event.event == TraceType.ANOMALIA and record.event.error == NOT_MANAGED
+
+
+def test_an_envelope_received_again_is_a_duplicate(
+    ctx: Context, world: Any, theirs: ProviderIdentity
+) -> None:
+    """A replay (or a peer's retry) of an envelope already taken in charge for a recipient, even
+    after the holder deleted it: no delivery, no presa in carico, no receipt; one event."""
+    world.mailboxes = {BOB: OPEN, CAROL: OPEN}
+    raw = their_envelope(theirs, world, [BOB, CAROL])
+    first = receive(ctx, world, raw, [BOB, CAROL])
+    [ricezione] = [r.event for r in world.of(first, Record) if r.event.event == TraceType.RICEZIONE]
+    ident = ricezione.pec_msgid
+    world.log.append((ident, Logged(TraceType.RICEZIONE, ZOE, (BOB,), {})))
+    again = receive(ctx, world, raw, [BOB, CAROL])
+    # CAROL had not had it: she gets it; BOB's copy is the duplicate.
+    [job] = world.of(again, Enqueue)
+    assert job.payload.recipients == (CAROL,)
+    dup = [r.event for r in world.of(again, Record) if r.event.event == TraceType.DUPLICATE]
+    assert [d.recipients for d in dup] == [[{"address": BOB}]]
+    world.log.append((ident, Logged(TraceType.RICEZIONE, ZOE, (CAROL,), {})))
+    third = receive(ctx, world, raw, [BOB, CAROL])
+    assert world.of(third, Enqueue) == [] and world.of(third, StoreLocal) == []
+    [record] = world.of(third, Record)
+    assert record.event.event == TraceType.DUPLICATE
+
+
+def test_a_receipt_received_again_is_stored_once(
+    ctx: Context, world: Any, theirs: ProviderIdentity
+) -> None:
+    tx, raw = receipt(theirs, world, "avvenuta")
+    world.sent[tx.identificativo] = ALICE
+    first = receive(ctx, world, raw, [ALICE])
+    [logged] = [r.event for r in world.of(first, Record)]
+    assert logged.event == TraceType.RICEVUTA_RICEVUTA and logged.data["message_id"]
+    world.log.append(
+        (tx.identificativo, Logged(TraceType.RICEVUTA_RICEVUTA, None, (ALICE,), logged.data))
+    )
+    again = receive(ctx, world, raw, [ALICE])
+    assert world.of(again, StoreLocal) == [] and world.of(again, Settle) == []
+    [record] = world.of(again, Record)
+    assert record.event.event == TraceType.DUPLICATE
