@@ -79,12 +79,22 @@ def cmd_index_export(args: argparse.Namespace) -> int:
         try:
             key = serialization.load_pem_private_key(cfg.signing.key.read_bytes(), None)
             cert = x509.load_pem_x509_certificate(cfg.signing.cert.read_bytes())
+            chain = [
+                c
+                for p in cfg.signing.chain
+                for c in x509.load_pem_x509_certificates(p.read_bytes())
+            ]
         except (OSError, ValueError, TypeError) as exc:
             raise IndexLoadError(f"cannot load the signing key or certificate: {exc}") from None
         if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
             return fail(f"{cfg.signing.key}: an RSA or EC key is needed to sign", 1)
         data = sign_index(
-            data, cert, key, digest=cfg.signing.digest, signing_time=SystemClock().now()
+            data,
+            cert,
+            key,
+            digest=cfg.signing.digest,
+            signing_time=SystemClock().now(),
+            chain=chain,
         )
     if args.output:
         Path(args.output).write_bytes(data)

@@ -14,6 +14,7 @@ import base64
 import binascii
 import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -65,8 +66,10 @@ def sign_index(
     *,
     digest: str = "sha256",
     signing_time: datetime | None = None,
+    chain: Sequence[x509.Certificate] = (),
 ) -> bytes:
-    """``ldif`` signed into a DER ``.p7m`` (content attached, signer certificate included).
+    """``ldif`` signed into a DER ``.p7m`` (content attached, signer certificate included, and
+    the ``chain`` of intermediate CAs that issued it, so a peer reaches the root it trusts).
 
     SHA-2 digests go through cryptography's PKCS7 builder. That builder refuses SHA-1, which PEC
     providers still sign with (spec section 5), so ``sha1`` is made by pecd's own CMS signer
@@ -75,26 +78,28 @@ def sign_index(
     if digest == "sha1":
         if signing_time is None:
             raise ValueError("a sha1 signed index needs signing_time")
-        return _sign_sha1(ldif, cert, key, signing_time)
+        return _sign_sha1(ldif, cert, key, signing_time, chain)
     if digest not in _DIGESTS:
         raise ValueError(f"digest {digest!r} is not one of {', '.join(_DIGESTS)}")
     algorithm: Any = _DIGESTS[digest]()  # PKCS7HashTypes is a union the dict cannot express
-    return (
-        pkcs7.PKCS7SignatureBuilder()
-        .set_data(ldif)
-        .add_signer(cert, key, algorithm)
-        # Binary: the LDIF is signed byte for byte, without S/MIME's CRLF canonicalisation.
-        .sign(serialization.Encoding.DER, [pkcs7.PKCS7Options.Binary])
-    )
+    builder = pkcs7.PKCS7SignatureBuilder().set_data(ldif).add_signer(cert, key, algorithm)
+    for extra in chain:
+        builder = builder.add_certificate(extra)
+    # Binary: the LDIF is signed byte for byte, without S/MIME's CRLF canonicalisation.
+    return builder.sign(serialization.Encoding.DER, [pkcs7.PKCS7Options.Binary])
 
 
 def _sign_sha1(
-    ldif: bytes, cert: x509.Certificate, key: pkcs7.PKCS7PrivateKeyTypes, when: datetime
+    ldif: bytes,
+    cert: x509.Certificate,
+    key: pkcs7.PKCS7PrivateKeyTypes,
+    when: datetime,
+    chain: Sequence[x509.Certificate],
 ) -> bytes:
     if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
         raise TypeError("only RSA and EC keys can sign with sha1")
     detached = cms.ContentInfo.load(
-        cms_sign_detached(ldif, KeySigner(key, cert), digest="sha1", signing_time=when)
+        cms_sign_detached(ldif, KeySigner(key, cert, chain), digest="sha1", signing_time=when)
     )
     sd = detached["content"]
     # The signature covers the signed attributes (which hold the content's digest), not the
