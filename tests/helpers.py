@@ -880,6 +880,82 @@ async def add_events(d: Database, n: int, start: int = 0) -> None:
         await s.run_sync(lambda sync: [record_sync(sync, e) for e in events])
 
 
+# --- a real clamd (pecd.antivirus) --------------------------------------------------------------
+
+#: The largest message the session's clamd is set up for (its StreamMaxLength is one MiB more).
+CLAMD_MAX_SCAN_SIZE = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RunningClamd:
+    """A clamd started for the test session, on the database pecd generates (EICAR and
+    ``Pecd.Test.Signature``): its unix socket, its TCP port on 127.0.0.1, its files."""
+
+    socket: Path
+    port: int
+    config: Path
+    log_file: Path
+    max_scan_size: int
+    proc: subprocess.Popen[bytes]
+
+
+def clamd_pong(sock: Path) -> bool:
+    """True if a clamd answers PING on the unix socket ``sock``."""
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(2)
+            s.connect(str(sock))
+            s.sendall(b"zPING\0")
+            return s.recv(16) == b"PONG\0"
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session", name="clamd")
+def clamd_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningClamd]:
+    """The session's real clamd (import it as a fixture: ``clamd``); stopped at the end. A
+    missing clamd is a failure, never a skip (scripts/setup installs it)."""
+    from pecd.antivirus.clamd import clamd_binary, write_clamd
+
+    program = clamd_binary()
+    if program is None:
+        pytest.fail("clamd is not installed: run scripts/setup (Debian: clamav-daemon)")
+    port = free_port()
+    files = write_clamd(
+        tmp_path_factory.mktemp("clamd"), max_scan_size=CLAMD_MAX_SCAN_SIZE, tcp_port=port
+    )
+    proc = subprocess.Popen(
+        [program, "-c", str(files.config)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(
+            lambda: proc.poll() is not None or clamd_pong(files.socket),
+            timeout=60,
+            what="clamd answering PING",
+        )
+        if proc.poll() is not None:
+            log = files.log_file.read_text("utf-8", "replace") if files.log_file.exists() else ""
+            pytest.fail(f"clamd exited with {proc.returncode}:\n{log[-2000:]}")
+        yield RunningClamd(
+            socket=files.socket,
+            port=port,
+            config=files.config,
+            log_file=files.log_file,
+            max_scan_size=CLAMD_MAX_SCAN_SIZE,
+            proc=proc,
+        )
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 # --- a real slapd holding the provider index (RFC 6109 schema) -----------------------------------
 
 #: The RFC 6109 schema for OpenLDAP that pecd ships (spec section 8).

@@ -351,6 +351,57 @@ class TimersConfig(_Section):
         return self
 
 
+class AntivirusConfig(_Section):
+    """Virus scanning with ClamAV's daemon (clamd) at the access and the reception point.
+
+    Off unless configured: an installation without a clamd keeps working (``pecd serve`` warns
+    at startup that nothing is scanned); ``pecd init`` turns it on when clamd is installed. When
+    on, a message is never accepted or delivered unscanned: while clamd cannot answer (down, slow,
+    an error), the message waits and is retried (``on_unavailable = "wait"``, the only choice).
+    """
+
+    enabled: bool = False
+    # Where clamd listens: its LocalSocket (a path), or its TCPSocket (host, port). One of them.
+    socket: Path | None = None
+    host: str = ""
+    port: int = Field(default=3310, ge=1, le=65535)
+    # One scan, from connecting to the verdict; past it the scan failed and is retried.
+    timeout_seconds: float = Field(default=60.0, gt=0)
+    # Largest message sent to clamd (default: limits.max_message_size; not less than it, since
+    # a message that cannot be scanned is never accepted). clamd's StreamMaxLength must be at
+    # least this.
+    max_scan_size: Size | None = None
+    on_unavailable: Literal["wait"] = "wait"
+    # `pecd serve` starts clamd itself (clamd -c clamd_config, kept running, stopped on exit).
+    managed: bool = False
+    clamd_config: Path | None = None
+
+    @field_validator("socket", "clamd_config", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v: Any) -> Any:
+        return None if v == "" else v
+
+    @field_validator("max_scan_size")
+    @classmethod
+    def _positive(cls, v: int | None) -> int | None:
+        if v is not None and v <= 0:
+            raise ValueError("must be more than 0")
+        return v
+
+    @model_validator(mode="after")
+    def _where(self) -> AntivirusConfig:
+        if self.socket is not None and self.host:
+            raise ValueError("set socket (a unix socket) or host and port (TCP), not both")
+        if self.enabled and self.socket is None and not self.host:
+            raise ValueError(
+                'enabled needs where clamd listens: socket = "/run/clamav/clamd.ctl"'
+                ' or host = "127.0.0.1" (and port)'
+            )
+        if self.managed and self.clamd_config is None:
+            raise ValueError("managed needs clamd_config: the clamd.conf pecd serve starts")
+        return self
+
+
 class Config(_Section):
     provider: ProviderConfig
     signing: SigningConfig
@@ -365,9 +416,21 @@ class Config(_Section):
     relay: RelayConfig = RelayConfig()
     index: IndexConfig = IndexConfig()
     log: LogConfig = LogConfig()
+    antivirus: AntivirusConfig = AntivirusConfig()
     # Static routes: recipient domain -> "host:port", used before DNS (tests, private links).
     routes: Annotated[dict[str, Endpoint], BeforeValidator(_routes)] = {}
     source: Path | None = None
+
+    @model_validator(mode="after")
+    def _scan_size(self) -> Config:
+        size = self.antivirus.max_scan_size
+        if size is not None and size < self.limits.max_message_size:
+            raise ValueError(
+                f"antivirus.max_scan_size ({size}) must be at least limits.max_message_size"
+                f" ({self.limits.max_message_size}): a message that cannot be scanned is never"
+                " accepted"
+            )
+        return self
 
     @property
     def database_url(self) -> str:
@@ -386,6 +449,7 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
         "storage": ("data_dir", "maildir_root"),
         "relay": ("ca_bundle",),
         "index": ("path", "trusted_signer", "ca", "bind_password_file"),
+        "antivirus": ("socket", "clamd_config"),
     }.items():
         sec = data.get(section)
         if not isinstance(sec, dict):

@@ -18,6 +18,20 @@ DEV_PORTS = {"smtps": 2465, "submission": 2587, "imaps": 2993, "pop3s": 2995, "r
 class InitResult:
     config: Path
     mailboxes: dict[str, str]  # address -> password, shown once
+    clamd_config: Path | None = None  # the clamd pecd serve starts, when antivirus is on
+
+
+#: What `pecd init` adds when clamd is installed: `pecd serve` starts that clamd (managed) on
+#: the signature database pecd generates (EICAR and Pecd.Test.Signature, nothing downloaded).
+ANTIVIRUS_SECTION = """
+[antivirus]
+# Every message is scanned by clamd at both points; while clamd cannot answer, messages wait.
+enabled = true
+socket = "clamav/clamd.sock"
+# `pecd serve` starts this clamd and stops it on exit (its database: clamav/db, generated).
+managed = true
+clamd_config = "clamav/clamd.conf"
+"""
 
 
 def config_text(*, domain: str, name: str, ports: dict[str, int], host: str = "127.0.0.1") -> str:
@@ -71,8 +85,13 @@ async def init_installation(
     demo: bool = True,
     mailbox_server: str = "pecd",
     mail_user: str | None = None,
+    antivirus: bool | None = False,
 ) -> InitResult:
     """Write config + PKI + database + mailboxes into ``directory``; refuse to overwrite.
+
+    ``antivirus``: write ``directory/clamav`` (a clamd.conf and the generated signature
+    database) and an ``[antivirus]`` section whose clamd ``pecd serve`` starts; ``None``: only if
+    clamd is installed (``pecd init``), ``False``: not (the default of this function).
 
     ``mailbox_server="dovecot"``: ``[mailbox] server = "dovecot"`` in the config and Dovecot's
     config in ``directory/dovecot`` (pecd.dovecot; ``mail_user``: the user it reads mail as)."""
@@ -99,6 +118,14 @@ async def init_installation(
         text += (
             '\n[mailbox]\nserver = "dovecot"  # Dovecot serves IMAPS/POP3S: dovecot/dovecot.conf\n'
         )
+    clamd_conf = _write_clamd(directory) if antivirus is not False else None
+    if antivirus and clamd_conf is None:
+        raise ValueError(
+            "antivirus: clamd is not installed (Debian: apt-get install clamav-daemon),"
+            f" or {directory.resolve()}/clamav/clamd.sock is too long for a unix socket"
+        )
+    if clamd_conf is not None:
+        text += ANTIVIRUS_SECTION
     cfg_path.write_text(text, "utf-8")
     cfg = load_config(cfg_path)
     if mailbox_server == "dovecot":
@@ -119,4 +146,16 @@ async def init_installation(
             made[addr] = pw
     finally:
         await db.close()
-    return InitResult(cfg_path, made)
+    return InitResult(cfg_path, made, clamd_conf)
+
+
+def _write_clamd(directory: Path) -> Path | None:
+    """``directory/clamav``: clamd.conf and the generated database, sized for the default
+    message limit; None if clamd is not installed or the socket path would be too long."""
+    from pecd.antivirus.clamd import MAX_SOCKET_PATH, clamd_binary, write_clamd
+    from pecd.config import LimitsConfig
+
+    where = directory.resolve() / "clamav"
+    if clamd_binary() is None or len(str(where / "clamd.sock")) > MAX_SOCKET_PATH:
+        return None
+    return write_clamd(where, max_scan_size=LimitsConfig().max_message_size).config

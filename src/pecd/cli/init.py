@@ -39,6 +39,7 @@ def cmd_init(args: argparse.Namespace) -> int:
                 clock=SystemClock(),
                 mailbox_server=args.mailbox_server,
                 mail_user=args.mail_user,
+                antivirus=False if args.no_antivirus else None,
             )
         )
     except (FileExistsError, ValueError) as exc:
@@ -47,6 +48,13 @@ def cmd_init(args: argparse.Namespace) -> int:
     if args.mailbox_server == "dovecot":
         conf = directory.resolve() / "dovecot" / "dovecot.conf"
         print(f"pecd: wrote {conf}; run: dovecot -c {conf} (see docs/dovecot.md)")
+    if result.clamd_config is not None:
+        print(
+            f"pecd: wrote {result.clamd_config} (antivirus on: pecd serve starts this clamd,"
+            " on a signature database pecd generated: EICAR and Pecd.Test.Signature)"
+        )
+    elif not args.no_antivirus:
+        print("pecd: clamd is not installed: antivirus off (apt-get install clamav-daemon)")
     print("Mailboxes (passwords are shown only now):")
     for addr, pw in result.mailboxes.items():
         print(f"  {addr:<40} {pw}")
@@ -80,4 +88,9 @@ def register(sub: Subcommands) -> None:
         help="who serves IMAPS/POP3S: pecd itself, or Dovecot (writes dovecot/dovecot.conf)",
     )
     i.add_argument("--mail-user", help="with dovecot: the user pecd and Dovecot's mail run as")
+    i.add_argument(
+        "--no-antivirus",
+        action="store_true",
+        help="no [antivirus] section even when clamd is installed (default: on when it is)",
+    )
     i.set_defaults(func=cmd_init)

@@ -10,8 +10,13 @@ import signal
 import sys
 
 from pecd import __version__
-from pecd.cli.common import DEFAULT_DIR, EXIT_OK, Subcommands, load, with_config
+from pecd.cli.common import DEFAULT_DIR, EXIT_OK, Subcommands, fail, load, with_config
 from pecd.clock import SystemClock
+from pecd.config import Config
+
+
+class ClamdNotStarted(Exception):
+    """The clamd of ``[antivirus] managed = true`` did not start: pecd serve does not either."""
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -26,6 +31,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 domain="pec.localhost",
                 name="pecd Development PEC",
                 clock=SystemClock(),
+                antivirus=None,  # on when clamd is installed
             )
         )
         print("Mailboxes (passwords are shown only now):")
@@ -49,6 +55,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        clamd = None
+        if cfg.antivirus.enabled and cfg.antivirus.managed and cfg.antivirus.clamd_config:
+            from pecd.antivirus.clamd import ClamdProcess
+
+            # clamd first: scanning fails (and messages wait) until it answers.
+            try:
+                clamd = ClamdProcess(cfg.antivirus.clamd_config)
+                await clamd.start()
+            except (OSError, ValueError, RuntimeError, TimeoutError) as exc:
+                raise ClamdNotStarted(str(exc)) from None
+            clamd.supervise()
+            print(f"pecd: clamd (pid {clamd.pid}) answers on {clamd.socket}")
+        try:
+            await serve(cfg, stop, loop)
+        finally:
+            if clamd is not None:
+                await clamd.stop()
+        print("pecd: stopped")
+
+    async def serve(cfg: Config, stop: asyncio.Event, loop: asyncio.AbstractEventLoop) -> None:
         async with App(cfg) as app:
             index = app.index
             if index is not None:
@@ -62,9 +88,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             sys.stdout.flush()
             await stop.wait()
             print("pecd: stopping (draining work in progress)")
-        print("pecd: stopped")
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    except ClamdNotStarted as exc:
+        return fail(f"antivirus.managed: {exc}", 1)
     return EXIT_OK
 
 
