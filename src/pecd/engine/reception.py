@@ -21,6 +21,7 @@ import functools
 import hashlib
 from collections.abc import Mapping, Sequence
 from datetime import datetime
+from email.utils import getaddresses
 
 from pecd.engine.context import Context, ProviderEntry
 from pecd.engine.effects import (
@@ -43,10 +44,10 @@ from pecd.engine.effects import (
 )
 from pecd.engine.vocab import DeliveryPayload, IntakePayload, JobKind, TraceEventData, TraceType
 from pecd.pec import builders
-from pecd.pec.address import domain_of
+from pecd.pec.address import domain_of, normalize_address
 from pecd.pec.builders import Transmission
 from pecd.pec.classify import Classification
-from pecd.pec.mime import get_first
+from pecd.pec.mime import clean_header_text, decode_words, get_all, get_first
 from pecd.pec.texts import errore_esteso
 from pecd.pec.timefmt import pec_time
 from pecd.pec.vocab import DaticertTipo, Errore, Kind, Ricevuta
@@ -55,6 +56,45 @@ from pecd.pec.vocab import DaticertTipo, Errore, Kind, Ricevuta
 SERVICE_RECEIPTS = (Ricevuta.PRESA_IN_CARICO, Ricevuta.RILEVAZIONE_VIRUS)
 NOT_IN_DATICERT = "destinatario non presente nei dati di certificazione"
 NOT_MANAGED = "il dominio del mittente non è tra i domini gestiti dal gestore firmatario"
+OUTER_ALTERED = "intestazioni esterne non conformi ai dati di certificazione"
+ENVELOPE_SUBJECT = "POSTA CERTIFICATA: "
+ON_BEHALF = "Per conto di:"
+
+
+def _text(value: str | None) -> str:
+    """A header's text as a person reads it: words decoded, controls gone, spaces collapsed."""
+    return " ".join(clean_header_text(decode_words(value or "")).split())
+
+
+def _addresses(values: Sequence[str]) -> set[str]:
+    return {normalize_address(a) for _, a in getaddresses(list(values)) if a}
+
+
+def outer_disagreements(raw: bytes, c: Classification) -> list[str]:
+    """Where the unsigned outer headers of a transport envelope say something else than what is
+    signed (the daticert and the wrapped original). Compared as a reader sees them (encoded
+    words decoded, white space collapsed, addresses case-insensitively): the Subject must be
+    "POSTA CERTIFICATA: " and the certified subject; the From display name "Per conto di: " and
+    the certified sender; a Reply-To the addresses of the original's Reply-To (the sender when
+    it had none). An outer Reply-To may be absent: replies then go to the provider's address."""
+    d = c.daticert
+    assert d is not None
+    wrong = []
+    if _text(get_first(raw, "Subject")) != _text(ENVELOPE_SUBJECT + (d.oggetto or "")):
+        wrong.append("Subject")
+    shown = getaddresses([get_first(raw, "From") or ""])
+    name = _text(shown[0][0]) if shown else ""
+    if not name.startswith(ON_BEHALF) or normalize_address(
+        name[len(ON_BEHALF) :]
+    ) != normalize_address(d.mittente):
+        wrong.append("From")
+    outer_reply = get_all(raw, "Reply-To")
+    if outer_reply:
+        inner_reply = get_all(c.postacert or b"", "Reply-To")
+        expected = _addresses(inner_reply) if inner_reply else {normalize_address(d.risposte)}
+        if _addresses(outer_reply) != expected:
+            wrong.append("Reply-To")
+    return wrong
 
 
 def reception(ctx: Context, key: str, p: IntakePayload, raw: bytes, now: datetime) -> Stage:
@@ -77,6 +117,14 @@ def reception(ctx: Context, key: str, p: IntakePayload, raw: bytes, now: datetim
         ):
             # A provider signs only for the domains it manages (its managedDomains).
             return (yield from anomaly(ctx, key, p, c, raw, rcpts, now, NOT_MANAGED))
+        if (
+            tipo is DaticertTipo.POSTA_CERTIFICATA
+            and c.kind is Kind.TRANSPORT_ENVELOPE
+            and (altered := outer_disagreements(raw, c))
+        ):
+            # Valid signature, edited outer headers: what a reader would see is not certified.
+            reason = f"{OUTER_ALTERED}: {', '.join(altered)}"
+            return (yield from anomaly(ctx, key, p, c, raw, rcpts, now, reason))
         if tipo is DaticertTipo.POSTA_CERTIFICATA and c.kind is Kind.TRANSPORT_ENVELOPE:
             listed = {d.address for d in c.daticert.destinatari}
             # Only recipients the signed daticert names: an envelope replayed to someone else is

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from pecd.engine.context import Context
 from pecd.engine.effects import (
     Build,
@@ -18,10 +20,17 @@ from pecd.engine.effects import (
     StoreLocal,
     TookCharge,
 )
-from pecd.engine.reception import NOT_IN_DATICERT, NOT_MANAGED, reception
+from pecd.engine.reception import (
+    NOT_IN_DATICERT,
+    NOT_MANAGED,
+    OUTER_ALTERED,
+    outer_disagreements,
+    reception,
+)
 from pecd.engine.vocab import DeliveryPayload, IntakePayload, JobKind, TraceType
 from pecd.pec import builders
 from pecd.pec.builders import ProviderIdentity, Transmission
+from pecd.pec.classify import classify
 from pecd.pec.timefmt import pec_time
 from pecd.pec.vocab import Errore
 
@@ -279,3 +288,46 @@ def test_a_receipt_received_again_is_stored_once(
     assert world.of(again, StoreLocal) == [] and world.of(again, Settle) == []
     [record] = world.of(again, Record)
     assert record.event.event == TraceType.DUPLICATE
+
+
+@pytest.mark.parametrize(
+    ("header", "edited", "which"),
+    [
+        (b"Subject: ", b"Subject: POSTA CERTIFICATA: Fattura da pagare subito", "Subject"),
+        (
+            b"From: ",
+            b'From: "Per conto di: boss@pec.theirs.test" <posta-certificata@pec.theirs.test>',
+            "From",
+        ),
+        (b"Reply-To: ", b"Reply-To: attacker@mail.example", "Reply-To"),
+    ],
+)
+def test_edited_outer_headers_of_a_genuine_envelope_make_an_anomaly(
+    ctx: Context, world: Any, theirs: ProviderIdentity, header: bytes, edited: bytes, which: str
+) -> None:
+    """The signature covers the inner parts only: a valid envelope whose outer Subject, From or
+    Reply-To says something else than the certified data is not delivered as PEC."""
+    world.mailboxes = {BOB: OPEN}
+    raw = their_envelope(theirs, world, [BOB])
+    start = raw.index(b"\n" + header) + 1
+    end = raw.index(b"\r\n", start)
+    while raw[end + 2 : end + 3] in (b" ", b"\t"):  # folded continuation lines
+        end = raw.index(b"\r\n", end + 2)
+    tampered = raw[:start] + edited + raw[end:]
+    assert classify(tampered).is_valid_pec  # still a valid signature
+    effects = receive(ctx, world, tampered, [BOB])
+    assert not any(isinstance(e, Enqueue) for e in effects)
+    [record] = world.of(effects, Record)
+    assert record.event.event == TraceType.ANOMALIA
+    assert record.event.error == f"{OUTER_ALTERED}: {which}"
+
+
+def test_outer_headers_of_real_envelopes_agree(corpus_dir: Any) -> None:
+    """What real providers send passes the comparison (valid envelopes of the corpus)."""
+    checked = 0
+    for path in sorted(corpus_dir.glob("posta-certificata__*.eml")):
+        c = classify(path.read_bytes())
+        if c.is_valid_pec and c.daticert is not None:
+            assert outer_disagreements(path.read_bytes(), c) == [], path.name
+            checked += 1
+    assert checked >= 3
