@@ -9,6 +9,7 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pecd.antivirus.scanner import make_scanner
 from pecd.clock import Clock, SystemClock
 from pecd.config import Config
 from pecd.engine.vocab import LOCAL_KINDS, JobKind
@@ -93,7 +94,9 @@ class App:
             accounts=accounts,
             formats=formats,
             relay=RelayClient(cfg, cfg.listeners.hostname),
+            scanner=(scanner := make_scanner(cfg)),
         )
+        self.stack.push_async_callback(scanner.close)
         # Started before the workers, so it stops after them and seals what they drained.
         self.sealer = Sealer(
             db,

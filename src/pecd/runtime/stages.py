@@ -12,16 +12,16 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Protocol
+from typing import Any
 
 from sqlalchemy import select
 
+from pecd.antivirus.scanner import NullScanner, Scanner
 from pecd.clock import Clock, FixedClock, SystemClock
 from pecd.config import Config
 from pecd.engine.context import Context, ProviderIndex, Rules
 from pecd.engine.delivery import delivery, store
 from pecd.engine.effects import (
-    CLEAN,
     Build,
     Classify,
     Command,
@@ -33,7 +33,6 @@ from pecd.engine.effects import (
     LookUpMailboxes,
     MailboxState,
     Scan,
-    Scanned,
     Send,
     Stage,
     StoreLocal,
@@ -62,19 +61,6 @@ from pecd.store.models import Job, TraceEvent
 log = logging.getLogger(__name__)
 
 MAILBOX_TTL = 2.0  # seconds an account read is reused by deliveries
-
-
-class Scanner(Protocol):
-    """The antivirus (``pecd.antivirus``): raises when it cannot answer."""
-
-    async def scan(self, data: bytes) -> Scanned: ...
-
-
-class NoScanner:
-    """Scanning switched off (``[antivirus] enabled = false``): everything is clean."""
-
-    async def scan(self, data: bytes) -> Scanned:
-        return CLEAN
 
 
 def make_context(cfg: Config, provider: ProviderIdentity, index: ProviderIndex | None) -> Context:
@@ -122,7 +108,7 @@ class StageRunner:
     accounts: Accounts
     formats: FormatWorkers
     relay: RelayClient | None = None
-    scanner: Scanner = field(default_factory=NoScanner)
+    scanner: Scanner = field(default_factory=NullScanner)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     relay_wake: asyncio.Event = field(default_factory=asyncio.Event)
     _mailboxes: dict[str, tuple[float, MailboxState | None]] = field(default_factory=dict)
