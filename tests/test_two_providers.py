@@ -4,7 +4,9 @@ index entry: certified mail between them, and what happens when it is not valid 
 from __future__ import annotations
 
 import asyncio
+import base64
 import imaplib
+import json
 import smtplib
 import socket
 import ssl
@@ -18,6 +20,8 @@ import pytest
 
 from helpers import (
     PASSWORD,
+    RunningClamd,
+    clamd_fixture,
     fetched_literal,
     free_port,
     message,
@@ -26,6 +30,8 @@ from helpers import (
     wait_settled,
 )
 from helpers import AppThread as Server
+from pecd.antivirus.testsigs import EICAR
+from pecd.cli import main as cli_main
 from pecd.clock import FixedClock, SystemClock
 from pecd.config import Config, load_config
 from pecd.devinit import config_text, init_installation
@@ -40,6 +46,8 @@ from pecd.pec.vocab import Kind, Ricevuta, TipoRicevuta
 from pecd.runtime.identity import provider_identity
 from pecd.store.accounts import Accounts
 from pecd.store.db import Database
+
+__all__ = ["clamd_fixture"]  # the session clamd, as the fixture `clamd`
 
 A, B = "pec-a.test", "pec-b.test"
 
@@ -443,6 +451,69 @@ def test_rilevazione_virus_becomes_a_virus_errore_consegna(
     assert any(classify(m).ricevuta is Ricevuta.RILEVAZIONE_VIRUS for m in service)
     virus_raw = [m for m in got if classify(m).virus]
     assert reproduce_and_compare(a, virus_raw, tmp_path) == {"errore-consegna+virus"}
+
+
+def infected_message(frm: str, to: str, subject: str) -> bytes:
+    """A message carrying the EICAR test file as a base64 attachment."""
+    attachment = base64.encodebytes(EICAR).decode()
+    return (
+        f"From: {frm}\r\nTo: {to}\r\nSubject: {subject}\r\n"
+        f"Message-ID: <virus-{subject.replace(' ', '-')}@client.example>\r\n"
+        'MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="b1"\r\n\r\n'
+        "--b1\r\nContent-Type: text/plain\r\n\r\nin allegato\r\n"
+        "--b1\r\nContent-Type: application/octet-stream\r\n"
+        'Content-Disposition: attachment; filename="x.com"\r\n'
+        f"Content-Transfer-Encoding: base64\r\n\r\n{attachment}\r\n--b1--\r\n"
+    ).encode()
+
+
+def test_an_infected_envelope_is_stopped_at_the_reception_point(
+    pair: tuple[Provider, Provider], clamd: RunningClamd, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A scans nothing (antivirus off), B scans with a real clamd: B delivers nothing, sends one
+    rilevazione-virus to A's mailReceipt and keeps the envelope; A's sender gets exactly one
+    virus errore-consegna."""
+    a, b = pair
+    path = b.cfg.source
+    assert path is not None
+    text = path.read_text("utf-8")
+    text += (
+        '\n[limits]\nmax_message_size = "8M"\n\n'
+        f'[antivirus]\nenabled = true\nsocket = "{clamd.socket}"\n'
+    )
+    path.write_text(text, "utf-8")
+    b.cfg = load_config(path)
+    alice, bob = a.addr("alice"), b.addr("bob")
+    a.server, b.server = Server(a.cfg).start(), Server(b.cfg).start()
+    try:
+        with smtplib.SMTP_SSL("127.0.0.1", a.server.port("smtps"), context=tls(a)) as smtp:
+            smtp.login(alice, PASSWORD)
+            smtp.sendmail(alice, [bob], infected_message(alice, bob, "Fattura infetta"))
+        got = wait_for(lambda: (m := inbox(a, "alice")) and len(m) >= 2 and m)
+        wait_settled(a.server, b.server)
+        got = inbox(a, "alice")
+        service = inbox(a, "ricevute")
+        assert inbox(b, "bob") == []
+    finally:
+        for p in (a, b):
+            if p.server is not None:
+                p.server.stop()
+    kinds_got = [classify(m) for m in got]
+    assert sorted(c.ricevuta.value for c in kinds_got if c.ricevuta) == [
+        "accettazione",
+        "errore-consegna",
+    ]
+    [err] = [c for c in kinds_got if c.ricevuta is Ricevuta.ERRORE_CONSEGNA]
+    assert err.virus and err.is_valid_pec
+    assert err.daticert is not None and err.daticert.errore.value == "virus"
+    assert err.daticert.consegna == bob
+    [rilevazione] = [c for c in map(classify, service) if c.ricevuta is Ricevuta.RILEVAZIONE_VIRUS]
+    assert rilevazione.is_valid_pec and rilevazione.daticert is not None
+    assert rilevazione.daticert.gestore_emittente == b.cfg.provider.name
+    # B keeps what it found, byte-exact, for the log's retention.
+    assert cli_main(["virus", "list", "--json", "-c", str(path)]) == 0
+    [kept] = json.loads(capsys.readouterr().out)
+    assert kept["point"] == "reception" and kept["signature"].startswith("Eicar-Test-Signature")
 
 
 def test_a_slow_peer_does_not_hold_up_another(running: tuple[Provider, Provider]) -> None:
