@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 
@@ -20,7 +21,9 @@ from pecd.engine.effects import Build, Effect, Enqueue, Record, Send, Sent, Sett
 from pecd.engine.vocab import JobKind, RelayKind, RelayPayload, TraceEventData, TraceType
 from pecd.pec import builders
 from pecd.pec.address import domain_of
-from pecd.pec.builders import Transmission
+from pecd.pec.builders import BuiltMessage, Transmission
+from pecd.pec.dsn import Failure, delivery_status_notification
+from pecd.pec.mime import get_first
 from pecd.pec.texts import errore_esteso_from_reply, smtp_reply_parts
 from pecd.pec.timefmt import pec_time
 from pecd.pec.vocab import DestinatarioTipo, Errore
@@ -51,10 +54,11 @@ def relay(
     refused, retry = dict(sent.refused), dict(sent.retry)
     since = p.since or created_at
     gave_up: dict[str, str] = {}
+    expired: dict[str, str] = {}  # recipient -> the last reason it was not accepted
     if now - since > timedelta(hours=ctx.rules.relay_expire_hours):
         hours = ctx.rules.relay_expire_hours
         gave_up = {r: f"4.4.7 expired after {hours:g} h: {m}" for r, m in retry.items()}
-        retry = {}
+        expired, retry = retry, {}
     accepted = [r for r in rcpts if r not in refused and r not in retry and r not in gave_up]
 
     tx = p.tx
@@ -109,9 +113,57 @@ def relay(
                 data={"consegna": rcpt, "relay": key},
             ),
         )
+    if tx is not None and p.kind is RelayKind.ENVELOPE:
+        effects += status_notification(ctx, key, tx, data, refused, expired, since, now)
     if retry:
         effects += again(ctx, key, p, data, retry, since, now)
     return effects
+
+
+def status_notification(
+    ctx: Context,
+    key: str,
+    tx: Transmission,
+    envelope: bytes,
+    refused: Mapping[str, str],
+    expired: Mapping[str, str],
+    since: datetime,
+    now: datetime,
+) -> list[Effect]:
+    """Ordinary-mail (esterno) recipients refused for good or given up: the rules owe no PEC
+    notice, so the sender hears it as mail does, in an RFC 3464 delivery status notification
+    from our service address (not signed, not a receipt)."""
+    esterni = {d.address for d in tx.destinatari if d.tipo is DestinatarioTipo.ESTERNO}
+    failures = [Failure.refused(r, reply, at=now) for r, reply in refused.items() if r in esterni]
+    failures += [
+        Failure.expired_after(r, why, at=now) for r, why in expired.items() if r in esterni
+    ]
+    if not failures or not tx.mittente:
+        return []
+    raw = delivery_status_notification(
+        reporting_mta=ctx.provider.domain,
+        sender=tx.mittente,
+        from_address=ctx.provider.service_address,
+        from_name=ctx.provider.name,
+        original=envelope,
+        failures=failures,
+        when=now,
+        message_id_domain=ctx.provider.domain,
+        arrival=since,
+        # The same notification if this stage runs again.
+        msgid_token=hashlib.sha256(key.encode()).hexdigest()[:32],
+    )
+    msg = BuiltMessage(raw, (get_first(raw, "Message-ID") or "").strip("<> "), None, (tx.mittente,))
+    event = ctx.event(
+        TraceType.DSN,
+        tx,
+        now,
+        error="; ".join(f"{f.recipient}: {f.status}" for f in failures),
+        data={"relay": key, "esterni": [f.recipient for f in failures]},
+    )
+    # Not signed: no signer in the event, only the notification's id.
+    event = dataclasses.replace(event, generated_ids=[msg.message_id])
+    return ctx.emit(key=f"dsn:{key}", mailbox=tx.mittente, msg=msg, event=event)
 
 
 def again(

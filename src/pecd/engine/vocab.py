@@ -48,6 +48,7 @@ class TraceType(StrEnum):
     RICEVUTA_SCONOSCIUTA = "ricevuta-sconosciuta"  # a receipt of a transmission we never sent
     ANOMALIA = "anomalia"  # wrapped in an anomaly envelope
     VIRUS = "virus"  # infected: kept in the virus store, delivered to nobody
+    DSN = "dsn"  # a delivery status notification for ordinary-mail recipients that failed
     DUPLICATE = "duplicato"  # received again: not delivered, taken in charge or answered again
     # Relay events. "relay" is the value sealed into existing logs: kept, although it reads like
     # the job kind of the same name (a different enum: they are never compared).

@@ -65,13 +65,18 @@ def test_refused_for_good_owes_pec_recipients_an_errore_consegna(ctx: Context, w
     [build] = [c for c in world.commands if isinstance(c, Build)]
     assert [c.keywords["recipient"] for c in build.calls] == [DAN]
     assert build.calls[0].keywords["errore"] is Errore.NO_DEST
-    [notice] = world.of(effects, StoreLocal)
+    [notice] = [e for e in world.of(effects, StoreLocal) if e.key.startswith("esito:")]
     assert notice.key == f"esito:{tx().identificativo}:{DAN}" and notice.mailbox == ALICE
     assert world.of(effects, Settle) == [
         Settle(tx().identificativo, DAN, world.now, TraceType.ERRORE_CONSEGNA)
     ]
     events = [r.event.event for r in world.of(effects, Record)]
-    assert events == [TraceType.RELAYED, TraceType.RELAY_FAILED, TraceType.ERRORE_CONSEGNA]
+    assert events == [
+        TraceType.RELAYED,
+        TraceType.RELAY_FAILED,
+        TraceType.ERRORE_CONSEGNA,
+        TraceType.DSN,  # EXT's failure, as ordinary mail reports it
+    ]
 
 
 def test_refused_for_now_is_tried_again_after_a_backoff(ctx: Context, world: Any) -> None:
@@ -171,3 +176,37 @@ def test_one_notice_that_cannot_be_built_holds_back_no_other(ctx: Context, world
     effects = world.play(timers(ctx, rows, world.now))
     assert len(world.commands) == 3  # together, then each alone
     assert [c.recipient for c in world.of(effects, ClaimNotice)] == [CAROL]
+
+
+def test_ordinary_mail_recipients_that_fail_get_the_sender_a_status_notification(
+    ctx: Context, world: Any
+) -> None:
+    """EXT is esterno: no PEC notice for him, but the sender gets an RFC 3464 DSN (not signed);
+    DAN is certified: an errore-consegna, no DSN."""
+    effects = send(
+        ctx, world, Sent(refused={EXT: "550 5.1.1 <ext>: no such user", DAN: "550 5.1.1 no"})
+    )
+    stored = {e.key: e for e in world.of(effects, StoreLocal)}
+    dsn = stored["dsn:in-1:relay:pec.theirs.test"]
+    assert dsn.mailbox == ALICE
+    assert b"multipart/report; report-type=delivery-status" in dsn.data
+    assert b"Final-Recipient: rfc822; ext@pec.theirs.test" in dsn.data
+    assert (
+        b"Status: 5.1.1" in dsn.data
+        and b"dan@" not in dsn.data.split(b"text/rfc822-headers")[0].split(b"delivery-status")[-1]
+    )
+    assert f"esito:{tx().identificativo}:{DAN}" in stored
+    events = [r.event for r in world.of(effects, Record) if r.event.event == TraceType.DSN]
+    assert [e.data["esterni"] for e in events] == [[EXT]]
+
+
+def test_an_expired_ordinary_recipient_gets_a_4_4_7_notification(ctx: Context, world: Any) -> None:
+    since = world.now - timedelta(hours=25)
+    effects = send(ctx, world, Sent(retry={EXT: "451 4.3.0 try later"}), since=since)
+    [dsn] = [e for e in world.of(effects, StoreLocal) if e.key.startswith("dsn:")]
+    assert b"Status: 4.4.7" in dsn.data and b"451 4.3.0 try later" in dsn.data
+
+
+def test_no_status_notification_for_pec_recipients_or_receipts(ctx: Context, world: Any) -> None:
+    effects = send(ctx, world, Sent(refused={CAROL: "550 5.1.1 no"}))
+    assert not any(e.key.startswith("dsn:") for e in world.of(effects, StoreLocal))
