@@ -77,6 +77,50 @@ def test_external_recipient_gets_the_envelope_as_ordinary_mail(
     assert kinds == [Ricevuta.ACCETTAZIONE.value, Ricevuta.AVVENUTA_CONSEGNA.value]
 
 
+class RefusingSink(Sink):
+    """An ordinary server that refuses one recipient for good."""
+
+    async def handle_RCPT(
+        self, server: object, session: object, envelope: object, address: str, options: list[str]
+    ) -> str:
+        if address.startswith("nobody@"):
+            return "550 5.1.1 <nobody@example.org>: Recipient address rejected: User unknown"
+        envelope.rcpt_tos.append(address)  # type: ignore[attr-defined]
+        return "250 2.1.5 OK"
+
+
+def test_an_ordinary_recipient_refused_for_good_gets_the_sender_a_status_notification(
+    tmp_path: Path,
+) -> None:
+    """No PEC notice is owed for an esterno recipient, but the sender must not be left in the
+    dark: an RFC 3464 delivery status notification reaches her mailbox."""
+    handler, port = RefusingSink(), free_port()
+    ctl = Controller(handler, hostname="127.0.0.1", port=port)
+    ctl.start()
+    extra = f'\n[relay]\nstarttls = "off"\n\n[routes]\n"example.org" = "127.0.0.1:{port}"\n'
+    cfg = asyncio.run(_install(tmp_path / "inst", None, extra=extra))
+    srv = Server(cfg).start()
+    try:
+        alice, nobody, ok = f"alice@{DOMAIN}", "nobody@example.org", "someone@example.org"
+        ctx = ssl.create_default_context(cafile=str(cfg.tls.ca))
+        with smtplib.SMTP_SSL("127.0.0.1", srv.port("smtps"), context=ctx) as smtp:
+            smtp.login(alice, PASSWORD)
+            smtp.sendmail(alice, [nobody, ok], message(alice, [nobody, ok], [], "Ordinaria"))
+        wait_for(lambda: len(fetch_all(srv, "alice")) >= 2)
+        wait_settled(srv)
+        inbox = fetch_all(srv, "alice")
+    finally:
+        srv.stop()
+        ctl.stop()
+    assert [rcpts for _, rcpts, _ in handler.messages] == [[ok]]
+    receipts = [m for m in inbox if classify(m).ricevuta is not None]
+    assert [classify(m).ricevuta for m in receipts] == [Ricevuta.ACCETTAZIONE]
+    [dsn] = [m for m in inbox if classify(m).ricevuta is None]
+    assert b"report-type=delivery-status" in dsn and b"Auto-Submitted: auto-replied" in dsn
+    assert b"Final-Recipient: rfc822; nobody@example.org" in dsn
+    assert b"Status: 5.1.1" in dsn and b"someone@example.org\r\nAction" not in dsn
+
+
 def test_stop_cuts_a_relay_stuck_on_a_silent_server(tmp_path: Path) -> None:
     """SIGTERM drains for queue.drain_seconds, then cancels the relay still waiting on a peer
     that never answers; its job stays in the queue for the next start."""
