@@ -256,6 +256,37 @@ def test_retry_with_backoff_then_park_then_requeue(db: Backend) -> None:
     db.run(main)
 
 
+def test_a_job_that_waits_for_a_dependency_is_never_parked(db: Backend) -> None:
+    """``counted=False`` (the antivirus is down, say): the claim's attempt is given back and
+    the job waits, however often, with its reason visible; it is never parked."""
+    base, cap = timedelta(seconds=10), timedelta(seconds=25)
+
+    async def main(d: Database) -> None:
+        await add(d, "w", data=b"msg")
+        now = T0
+        for _ in range(6):  # far more than max_attempts
+            job = await jobs.claim(d, kinds=["delivery"], worker="w", now=now, lease=LEASE)
+            assert job is not None and job.attempts == 1
+            async with d.session() as s, s.begin():
+                state = await jobs.retry_or_park(
+                    s,
+                    job.id,
+                    error="ScannerUnavailable: clamd down",
+                    now=now,
+                    max_attempts=2,
+                    base_delay=base,
+                    max_delay=cap,
+                    counted=False,
+                )
+            assert state == "ready"
+            stored = await one(d, job.id)
+            assert (stored.attempts, stored.last_error) == (0, "ScannerUnavailable: clamd down")
+            assert stored.next_run_at - now == base
+            now = stored.next_run_at
+
+    db.run(main)
+
+
 @pytest.mark.parametrize(
     ("attempts", "seconds"), [(0, 5), (1, 5), (2, 10), (3, 20), (7, 320), (8, 600), (10**6, 600)]
 )

@@ -10,6 +10,7 @@ import json
 import smtplib
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -108,7 +109,13 @@ def test_an_infected_submission_gets_one_virus_non_accettazione(
 
 
 @pytest.mark.slow
-def test_while_clamd_is_down_nothing_goes_through_unscanned(tmp_path: Path) -> None:
+def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "waits: ScannerUnavailable" in r.getMessage()]
+
+
+def test_while_clamd_is_down_nothing_goes_through_unscanned(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
     """Submissions wait (their jobs are retried) while the scanner cannot answer, and go
     through once it is back; none is accepted or delivered unscanned."""
     program = clamd_binary()
@@ -119,15 +126,30 @@ def test_while_clamd_is_down_nothing_goes_through_unscanned(tmp_path: Path) -> N
             tmp_path / "inst",
             None,
             extra=antivirus(files.socket),
-            queue="max_attempts = 1000\nmax_delay_seconds = 0.5",
+            queue="max_attempts = 2\nmax_delay_seconds = 0.3",
         )
     )
     srv = AppThread(cfg).start()
     clamd = None
     try:
         submit(srv, message(ALICE, [BOB], [], "Attende"))
-        # The submission stays queued, retried, with nothing sent or delivered.
+        # The submission stays queued, retried again and again (far more than max_attempts: a
+        # wait is no attempt, so it is never parked), with nothing sent or delivered, and the
+        # reason shows in `pecd queue list`.
         wait_for(lambda: "submission" in pending_jobs(srv), 10, "the submission waiting")
+        conf = str(tmp_path / "inst/pecd.toml")
+
+        def waiting_row() -> dict[str, Any] | None:
+            capsys.readouterr()
+            assert main(["queue", "list", "--json", "-c", conf]) == 0
+            rows = json.loads(capsys.readouterr().out)
+            return next((r for r in rows if "ScannerUnavailable" in (r["last_error"] or "")), None)
+
+        wait_for(waiting_row, 10, "the wait shown in pecd queue list")
+        retries = len(warnings_of(caplog))
+        wait_for(lambda: len(warnings_of(caplog)) >= retries + 4, 20, "more tries")
+        row = waiting_row()
+        assert row is not None and row["state"] != "parked" and row["attempts"] <= 1
         assert fetch_all(srv, "alice") == [] and fetch_all(srv, "bob") == []
         clamd = subprocess.Popen(
             [program, "-c", str(files.config)],

@@ -25,7 +25,7 @@ import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from pecd.engine.effects import CLEAN, Scanned
+from pecd.engine.effects import CLEAN, Scanned, Unavailable
 
 if TYPE_CHECKING:
     from pecd.config import AntivirusConfig, Config
@@ -45,8 +45,9 @@ MAX_REPLY = 64 * 1024  # clamd's replies are one short line; more is not clamd
 LIMITS_EXCEEDED = "Heuristics.Limits.Exceeded"
 
 
-class ScannerUnavailable(Exception):
-    """The scanner gave no verdict. The message is not clean: its job waits and is retried."""
+class ScannerUnavailable(Unavailable):
+    """The scanner gave no verdict. The message is not clean: its job waits and is retried
+    (an Unavailable: the wait counts no attempt, so the job is never parked for it)."""
 
 
 class Scanner(Protocol):

@@ -292,6 +292,12 @@ def play(stage: Stage, answer: Callable[[Command], Any]) -> list[Effect]:
         return effects
 
 
+class Unavailable(Exception):
+    """Something a stage needs cannot answer now (the antivirus, say): the job waits and is
+    tried again, without counting an attempt, so it is never parked, and never goes on without
+    the answer."""
+
+
 class StageError(Exception):
     """A stage that cannot finish now; its job is retried with backoff, then parked."""
 

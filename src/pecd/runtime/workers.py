@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from pecd.clock import Clock
 from pecd.config import Config
-from pecd.engine.effects import Effect, StoreLocal, relay_wake
+from pecd.engine.effects import Effect, StoreLocal, Unavailable, relay_wake
 from pecd.runtime.stages import Outbox
 from pecd.store import jobs
 from pecd.store.db import Database
@@ -223,7 +223,12 @@ class WorkerPool:
     async def _failed(self, job: Job, exc: Exception) -> None:
         q = self.runner.cfg.queue
         error = f"{type(exc).__name__}: {exc}"
-        log.warning("job %s (%s %s) failed: %s", job.id, job.kind, job.key, error, exc_info=exc)
+        waiting = isinstance(exc, Unavailable)
+        if waiting:
+            # Not the job's fault: it waits, uncounted, and the reason shows in `pecd queue`.
+            log.warning("job %s (%s %s) waits: %s", job.id, job.kind, job.key, error)
+        else:
+            log.warning("job %s (%s %s) failed: %s", job.id, job.kind, job.key, error, exc_info=exc)
         try:
             async with self.runner.db.session() as s, s.begin():
                 state = await jobs.retry_or_park(
@@ -235,6 +240,7 @@ class WorkerPool:
                     base_delay=timedelta(seconds=q.base_delay_seconds),
                     max_delay=timedelta(seconds=q.max_delay_seconds),
                     worker=job.locked_by,
+                    counted=not waiting,
                 )
             if state == "parked":
                 log.error(

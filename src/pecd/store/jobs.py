@@ -260,11 +260,14 @@ async def retry_or_park(
     base_delay: timedelta,
     max_delay: timedelta,
     worker: str | None = None,
+    counted: bool = True,
 ) -> str:
     """Record a failed attempt: back to ``ready`` after :func:`backoff`, or ``parked`` once
     ``attempts >= max_attempts``. Returns the new state. With ``worker``, a job that is no
-    longer running under that worker's lease is left as it is (its state is returned). Does
-    not commit."""
+    longer running under that worker's lease is left as it is (its state is returned).
+    ``counted`` False: the job could not be worked at all (a dependency is down): the claim's
+    attempt is given back, and it waits (backoff capped at ``max_delay``) without ever being
+    parked. Does not commit."""
     job = await _job(session, job_id)
     if worker is not None and (job.state != RUNNING or job.locked_by != worker):
         return job.state
@@ -272,7 +275,11 @@ async def retry_or_park(
     job.locked_by = None
     job.locked_until = None
     job.updated_at = now
-    if job.attempts >= max_attempts:
+    if not counted:
+        job.attempts = max(job.attempts - 1, 0)
+        job.state = READY
+        job.next_run_at = now + backoff(job.attempts + 1, base_delay, max_delay)
+    elif job.attempts >= max_attempts:
         job.state = PARKED
     else:
         job.state = READY
