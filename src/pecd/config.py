@@ -95,7 +95,10 @@ class SigningConfig(_Section):
     key: Path
     cert: Path
     chain: list[Path] = []
-    digest: Literal["sha256", "sha1"] = "sha256"
+    # SHA-1 with the issuing CA included is the profile every real provider emits (Aruba, Sogei,
+    # Namirial, up to the corpus's newest messages): a peer whose checks expect it would turn
+    # anything else into anomalies. SHA-256 is the opt-in; both are always accepted on receipt.
+    digest: Literal["sha256", "sha1"] = "sha1"
 
 
 class TlsConfig(_Section):
