@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import aiosmtplib
 
@@ -195,27 +196,10 @@ class Scanner:
         return self.seen
 
 
-async def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--clients", type=int, default=10)
-    ap.add_argument("--messages", type=int, default=50, help="per client")
-    ap.add_argument("--size-kb", type=int, default=4)
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument(
-        "--format-processes", type=int, default=None, help="default: the config default"
-    )
-    ap.add_argument("--batch", type=int, default=None, help="queue.batch; default: the config's")
-    ap.add_argument(
-        "--postgres",
-        default="",
-        help="a PostgreSQL server URL (e.g. postgresql://postgres@127.0.0.1:5432/test): the run "
-        "uses a fresh database of its own there, dropped afterwards; default: SQLite",
-    )
-    ap.add_argument("--keep", action="store_true")
-    args = ap.parse_args()
-
-    tmp = Path(tempfile.mkdtemp(prefix="pecd-bench-"))
-    args.database_url = await fresh_postgres(args.postgres) if args.postgres else ""
+async def install(
+    tmp: Path, args: argparse.Namespace, extra: str = ""
+) -> tuple[Path, Any, dict[str, int], list[str]]:
+    """A fresh installation under ``tmp`` with one sender and one recipient per client."""
     inst = tmp / "inst"
     await init_installation(inst, domain=DOMAIN, name="Bench PEC", clock=SystemClock(), demo=False)
     ports = {"smtps": free_port(), "submission": free_port(), "imaps": free_port()}
@@ -229,7 +213,7 @@ async def main() -> None:
         text += f"format_processes = {args.format_processes}\n"
     if args.batch is not None:
         text += f"batch = {args.batch}\n"
-    (inst / "pecd.toml").write_text(text)
+    (inst / "pecd.toml").write_text(text + extra)
     cfg = load_config(inst / "pecd.toml")
     from pecd.store.db import migrate_async
 
@@ -244,21 +228,19 @@ async def main() -> None:
         await acc.add_mailbox(senders[i], PASSWORD)
         await acc.add_mailbox(f"rcpt{i}@{DOMAIN}", PASSWORD)
     await db.close()
-    assert cfg.tls.ca is not None
-    ctx = ssl.create_default_context(cafile=str(cfg.tls.ca))
+    return inst, cfg, ports, senders
 
-    # Baseline: a no-op aiosmtpd over the same TLS, no AUTH, nothing stored.
-    bport = free_port()
-    base = subprocess.Popen(
-        [sys.executable, "-c", BASELINE, str(bport), str(cfg.tls.cert), str(cfg.tls.key)]
-    )
-    wait_port(bport, base)
-    b_elapsed = await run_clients(
-        bport, ctx, args.clients, args.messages, args.size_kb, auth=False, started={}
-    )
-    base.terminate()
-    base.wait()
 
+async def measure(
+    tmp: Path,
+    inst: Path,
+    cfg: Any,
+    ports: dict[str, int],
+    senders: list[str],
+    args: argparse.Namespace,
+    ctx: ssl.SSLContext,
+) -> dict[str, float]:
+    """Run ``pecd serve`` on ``inst``, submit, wait for every delivery receipt; the figures."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "pecd", "serve", "-c", str(inst / "pecd.toml")],
         stdout=(tmp / "pecd.log").open("wb"),
@@ -299,21 +281,135 @@ async def main() -> None:
         return latencies[min(len(latencies) - 1, int(q * len(latencies)))]
 
     done = sum(1 for v in seen.values() if "avvenuta-consegna" in v)
+    return {
+        "total": total,
+        "done": done,
+        "submissions": total / sub_elapsed,
+        "e2e": done / e2e_elapsed,
+        "p50": p(0.5),
+        "p99": p(0.99),
+        "cpu_main": (cpu1[0] - cpu0[0]) / done * 1000 if done else float("nan"),
+        "cpu_formats": (cpu1[1] - cpu0[1]) / done * 1000 if done else float("nan"),
+    }
+
+
+def report(label: str, f: dict[str, float]) -> None:
+    rows = [
+        ("submissions/s", f"{f['submissions']:8.1f}"),
+        (
+            "end-to-end messages/s",
+            f"{f['e2e']:8.1f}  ({f['done']:.0f}/{f['total']:.0f} delivery receipts)",
+        ),
+        ("DATA -> accettazione stored p50 / p99", f"{f['p50']:8.1f} ms / {f['p99']:.1f} ms"),
+    ]
+    if f["done"]:
+        rows.append(
+            (
+                "CPU per message, main / formats",
+                f"{f['cpu_main']:8.1f} ms / {f['cpu_formats']:.1f} ms",
+            )
+        )
+    for name, value in rows:
+        print(f"  {label + name:<38}: {value}")
+
+
+def start_clamd(tmp: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    """A clamd on the database pecd generates (EICAR and the project signature), on a socket
+    in ``tmp``: what the access point's scan costs, with ClamAV's own engine."""
+    from pecd.antivirus.clamd import clamd_binary, write_clamd
+
+    program = clamd_binary()
+    if program is None:
+        raise SystemExit("clamd is not installed: run scripts/setup (Debian: clamav-daemon)")
+    files = write_clamd(tmp / "clamd", max_scan_size=100 * 1024 * 1024)
+    proc = subprocess.Popen([program, "-c", str(files.config)], stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(str(files.socket))
+                s.sendall(b"zPING\0")
+                if s.recv(16) == b"PONG\0":
+                    return proc, files.socket
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise SystemExit("clamd did not answer")
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--clients", type=int, default=10)
+    ap.add_argument("--messages", type=int, default=50, help="per client")
+    ap.add_argument("--size-kb", type=int, default=4)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument(
+        "--format-processes", type=int, default=None, help="default: the config default"
+    )
+    ap.add_argument("--batch", type=int, default=None, help="queue.batch; default: the config's")
+    ap.add_argument(
+        "--postgres",
+        default="",
+        help="a PostgreSQL server URL (e.g. postgresql://postgres@127.0.0.1:5432/test): the run "
+        "uses a fresh database of its own there, dropped afterwards; default: SQLite",
+    )
+    ap.add_argument(
+        "--clamd",
+        action="store_true",
+        help="also run pecd with the antivirus on (a real clamd), in the same run, on a fresh "
+        "installation: the figures side by side",
+    )
+    ap.add_argument("--keep", action="store_true")
+    args = ap.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="pecd-bench-"))
+    args.database_url = await fresh_postgres(args.postgres) if args.postgres else ""
+    inst, cfg, ports, senders = await install(tmp, args)
+    assert cfg.tls.ca is not None
+    ctx = ssl.create_default_context(cafile=str(cfg.tls.ca))
+
+    # Baseline: a no-op aiosmtpd over the same TLS, no AUTH, nothing stored.
+    bport = free_port()
+    base = subprocess.Popen(
+        [sys.executable, "-c", BASELINE, str(bport), str(cfg.tls.cert), str(cfg.tls.key)]
+    )
+    wait_port(bport, base)
+    total = args.clients * args.messages
+    b_elapsed = await run_clients(
+        bport, ctx, args.clients, args.messages, args.size_kb, auth=False, started={}
+    )
+    base.terminate()
+    base.wait()
+
+    plain = await measure(tmp, inst, cfg, ports, senders, args, ctx)
+    scanned = None
+    if args.clamd:
+        clamd, sock = start_clamd(tmp)
+        try:
+            if args.postgres:
+                await admin(
+                    args.postgres, f'DROP DATABASE IF EXISTS "{db_name(args.database_url)}"'
+                )
+                args.database_url = await fresh_postgres(args.postgres)
+            tmp2 = tmp / "antivirus"
+            inst2, cfg2, ports2, senders2 = await install(
+                tmp2, args, f'\n[antivirus]\nenabled = true\nsocket = "{sock}"\n'
+            )
+            assert cfg2.tls.ca is not None
+            ctx2 = ssl.create_default_context(cafile=str(cfg2.tls.ca))
+            scanned = await measure(tmp2, inst2, cfg2, ports2, senders2, args, ctx2)
+        finally:
+            clamd.terminate()
+            clamd.wait(10)
+
     print(
         f"pecd bench: {args.clients} clients x {args.messages} messages x {args.size_kb} KB, "
         f"{args.workers} workers, db={'postgresql' if args.database_url else 'sqlite'}, cpus={os.cpu_count()}"
     )
     print(f"  baseline no-op aiosmtpd submissions/s : {total / b_elapsed:8.1f}")
-    print(f"  pecd submissions/s                    : {total / sub_elapsed:8.1f}")
-    print(
-        f"  pecd end-to-end messages/s            : {done / e2e_elapsed:8.1f}  ({done}/{total} delivery receipts)"
-    )
-    print(f"  DATA -> accettazione stored p50 / p99 : {p(0.5):8.1f} ms / {p(0.99):.1f} ms")
-    if done:
-        print(
-            f"  pecd CPU per message, main / formats  : {(cpu1[0] - cpu0[0]) / done * 1000:8.1f} ms"
-            f" / {(cpu1[1] - cpu0[1]) / done * 1000:.1f} ms"
-        )
+    report("pecd ", plain)
+    if scanned is not None:
+        report("pecd+clamd ", scanned)
     if args.postgres:
         await admin(args.postgres, f'DROP DATABASE IF EXISTS "{db_name(args.database_url)}"')
     if args.keep:
