@@ -633,3 +633,41 @@ def test_replayed_or_redirected_envelopes_give_no_second_receipt(
     ]
     assert b.server is not None and b.server.app is not None
     assert not (b.cfg.maildir_root / B / "nobody").exists()  # no mailbox made for a stranger
+
+
+def delete_all(p: Provider, user: str) -> None:
+    """The holder deletes everything in INBOX (IMAP \\Deleted + EXPUNGE)."""
+    assert p.server is not None
+    with imaplib.IMAP4_SSL("127.0.0.1", p.server.port("imaps"), ssl_context=tls(p)) as imap:
+        imap.login(p.addr(user), PASSWORD)
+        imap.select("INBOX")
+        imap.store("1:*", "+FLAGS", "(\\Deleted)")
+        imap.expunge()
+
+
+def test_a_replay_after_the_holder_deleted_it_is_a_duplicate(
+    running: tuple[Provider, Provider],
+) -> None:
+    """An envelope replayed after bob deleted it is not delivered again, taken in charge again
+    or answered again; a receipt replayed after alice deleted it is not stored again. Each
+    replay is one 'duplicato' event in the trace log."""
+    a, b = running
+    alice, bob = a.addr("alice"), b.addr("bob")
+    send(a, alice, [bob], [], "Replay")
+    got = wait_for(lambda: (m := inbox(a, "alice")) and len(m) >= 2 and m)
+    (env,) = inbox(b, "bob")
+    avvenuta = raw_of(got, Ricevuta.AVVENUTA_CONSEGNA, bob)
+    assert a.server is not None and b.server is not None
+    wait_settled(a.server, b.server)
+    presa_before = len(trace_events(b, "presa-in-carico"))
+    esiti_before = len(trace_events(b, "avvenuta-consegna"))
+    delete_all(b, "bob")
+    delete_all(a, "alice")
+    deliver_raw(b, alice, [bob], env)
+    deliver_raw(a, b.cfg.provider.service_address, [alice], avvenuta)
+    wait_for(lambda: trace_events(b, "duplicato") and trace_events(a, "duplicato"))
+    wait_settled(a.server, b.server)
+    assert inbox(b, "bob") == [] and inbox(a, "alice") == []
+    assert len(trace_events(b, "presa-in-carico")) == presa_before
+    assert len(trace_events(b, "avvenuta-consegna")) == esiti_before
+    assert len(trace_events(b, "duplicato")) == 1 and len(trace_events(a, "duplicato")) == 1
