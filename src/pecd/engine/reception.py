@@ -136,9 +136,13 @@ def reception(ctx: Context, key: str, p: IntakePayload, raw: bytes, now: datetim
                 # peer's retry, or a replay after the holder deleted it): delivered, taken in
                 # charge and answered once only. The trace log keeps ricezione for 30 months.
                 earlier: tuple[Logged, ...] = yield History(
-                    c.daticert.identificativo, (TraceType.RICEZIONE,)
+                    c.daticert.identificativo,
+                    (TraceType.RICEZIONE, TraceType.AVVENUTA_CONSEGNA, TraceType.ERRORE_CONSEGNA),
                 )
-                seen = {r for e in earlier for r in e.recipients}
+                # Taken in charge here before, or answered here before (our own envelopes,
+                # delivered locally, have no ricezione event but an esito per recipient).
+                seen = {r for e in earlier if e.event == TraceType.RICEZIONE for r in e.recipients}
+                seen |= {str(e.data["consegna"]) for e in earlier if e.data.get("consegna")}
                 fresh = [r for r in ours if r not in seen]
                 effects = (
                     take_in_charge(ctx, key, c, raw, fresh, sender.mail_receipt, now)
