@@ -2,10 +2,21 @@
 
 Nothing here updates or deletes events. Sealing (hash chain) and the 30-month purge build on
 this table.
+
+Text that cannot be stored is made storable at this adapter, whatever the stage put in the event:
+a NUL (PostgreSQL refuses it in text and JSON: ``invalid byte sequence for encoding "UTF8":
+0x00``) becomes U+FFFD, and so does a lone surrogate (no database encodes one: ``surrogates not
+allowed``), bytes smuggled in by ``surrogateescape`` coming back as UTF-8 where they are UTF-8
+(``pecd.pec.mime.unsurrogate``). Every string of the event is treated, the keys and values of
+its JSON fields too, on every database, so that one event reads the same on SQLite and
+PostgreSQL. An SMTP envelope sender with a NUL (the reception point takes any reverse path) is
+logged with U+FFFD in its place; a well-formed event is stored as it was. The seals hash what is
+stored.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -17,6 +28,7 @@ from sqlalchemy.orm import Session
 
 from pecd.engine.vocab import TraceEventData
 from pecd.pec.address import normalize_address
+from pecd.pec.mime import unsurrogate
 from pecd.store.db import defer
 from pecd.store.models import TraceEvent, table_of
 
@@ -34,22 +46,38 @@ def record_sync(session: Session, event: TraceEventData) -> None:
         {
             "at": event.at,
             "event": event.event,
-            "pec_msgid": event.pec_msgid,
-            "client_msgid": event.client_msgid,
-            "sender": event.sender,
-            "recipients": [dict(r) for r in event.recipients],
-            "subject": event.subject,
-            "provider": event.provider,
-            "generated_ids": list(event.generated_ids),
-            "error": event.error,
-            "daticert": dict(event.daticert) if event.daticert is not None else None,
-            "data": dict(event.data) if event.data is not None else None,
-            "node": event.node,
+            "pec_msgid": storable(event.pec_msgid),
+            "client_msgid": storable(event.client_msgid),
+            "sender": storable(event.sender),
+            "recipients": [storable(dict(r)) for r in event.recipients],
+            "subject": storable(event.subject),
+            "provider": storable(event.provider),
+            "generated_ids": storable(list(event.generated_ids)),
+            "error": storable(event.error),
+            "daticert": storable(dict(event.daticert)) if event.daticert is not None else None,
+            "data": storable(dict(event.data)) if event.data is not None else None,
+            "node": storable(event.node),
         },
     )
 
 
 _INSERT = insert(table_of(TraceEvent))
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def storable(value: Any) -> Any:
+    """``value`` with every string in it (nested lists and dicts, keys too) storable: NUL and
+    lone surrogates become U+FFFD (see the module's docstring). Anything else is returned as is,
+    and so is a string that needs nothing (the common case costs one search)."""
+    if isinstance(value, str):
+        if _UNSTORABLE.search(value) is None:
+            return value
+        return unsurrogate(value).replace("\x00", "\ufffd")
+    if isinstance(value, dict):
+        return {storable(k): storable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [storable(v) for v in value]
+    return value
 
 
 async def events_for(session: AsyncSession, pec_msgid: str) -> list[TraceEvent]:
