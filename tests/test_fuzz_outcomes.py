@@ -637,12 +637,6 @@ def test_every_accepted_message_has_exactly_one_outcome(server: Server) -> None:
     assert not problems, "\n".join(problems)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="runtime/reception.py handle_MAIL normalises aiosmtpd's '<>' to '', which aiosmtpd's"
-    " RCPT then takes for no MAIL at all (503): a null reverse path (RFC 5321 4.5.5, every"
-    " bounce) is refused instead of ending as an anomaly envelope",
-)
 def test_a_null_reverse_path_is_received_as_an_anomaly(server: Server) -> None:
     with smtplib.SMTP("127.0.0.1", server.port("reception"), timeout=30) as smtp:
         smtp.ehlo("mx.esterno.example")

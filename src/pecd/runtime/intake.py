@@ -92,7 +92,8 @@ class Intake:
                 kind=kind,
                 key=key,
                 payload=IntakePayload(
-                    mail_from=envelope.mail_from or "",
+                    # "<>": the null reverse path (see ReceptionHandler.handle_MAIL).
+                    mail_from="" if envelope.mail_from in (None, "<>") else envelope.mail_from,
                     rcpt_to=tuple(envelope.rcpt_tos),
                     received_at=now,
                     peer=peer_of(session),

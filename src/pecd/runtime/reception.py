@@ -63,7 +63,9 @@ class ReceptionHandler:
         address: str,
         options: list[str],
     ) -> str:
-        envelope.mail_from = normalize_address(address)
+        # A null reverse path (bounces) must be accepted (RFC 5321 4.5.5): kept as "<>", since
+        # aiosmtpd takes an empty MAIL FROM for "no MAIL command" (the intake stores "").
+        envelope.mail_from = normalize_address(address) or "<>"
         envelope.mail_options.extend(options)
         return Reply.OK
 
