@@ -309,6 +309,8 @@ def report(label: str, f: dict[str, float]) -> None:
                 f"{f['cpu_main']:8.1f} ms / {f['cpu_formats']:.1f} ms",
             )
         )
+    if "cpu_clamd" in f:
+        rows.append(("CPU per message, clamd", f"{f['cpu_clamd']:8.1f} ms"))
     for name, value in rows:
         print(f"  {label + name:<38}: {value}")
 
@@ -397,7 +399,10 @@ async def main() -> None:
             )
             assert cfg2.tls.ca is not None
             ctx2 = ssl.create_default_context(cafile=str(cfg2.tls.ca))
+            clamd0 = cpu_seconds(clamd.pid)[0]
             scanned = await measure(tmp2, inst2, cfg2, ports2, senders2, args, ctx2)
+            if scanned["done"]:
+                scanned["cpu_clamd"] = (cpu_seconds(clamd.pid)[0] - clamd0) / scanned["done"] * 1000
         finally:
             clamd.terminate()
             clamd.wait(10)
