@@ -16,6 +16,7 @@ import imaplib
 import ipaddress
 import itertools
 import shutil
+import smtplib
 import socket
 import ssl
 import subprocess
@@ -574,14 +575,19 @@ def every_kind(
     return {name: m.raw for name, m in built.items()}
 
 
-def openssl_verify(raw: bytes, ca_file: Path, tmp_path: Path) -> None:
-    """``openssl cms -verify`` accepts the S/MIME signature of ``raw`` against ``ca_file``."""
+def openssl_verify(
+    raw: bytes, ca_file: Path, tmp_path: Path, at: dt.datetime | None = None
+) -> None:
+    """``openssl cms -verify`` accepts the S/MIME signature of ``raw`` against ``ca_file``
+    (checking the certificates as of ``at`` when given)."""
     msg = tmp_path / "verified.eml"
     msg.write_bytes(raw)
+    attime = ("-attime", str(int(at.timestamp()))) if at is not None else ()
     r = subprocess.run(
         [
             *("openssl", "cms", "-verify", "-inform", "SMIME", "-in", str(msg)),
             *("-CAfile", str(ca_file), "-purpose", "any", "-out", "/dev/null"),
+            *attime,
         ],
         capture_output=True,
         text=True,
@@ -1128,3 +1134,99 @@ def slapd_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slapd]:
             proc.kill()
             proc.wait()
         log.close()
+
+
+# --- two providers on loopback (test_two_providers, test_index_ldap) ----------------------------
+
+
+@dataclass
+class Provider:
+    """One of two providers exchanging PEC on loopback: its domain, config, running server."""
+
+    domain: str
+    cfg: Config
+    server: AppThread | None = None
+
+    def addr(self, user: str) -> str:
+        return f"{user}@{self.domain}"
+
+
+async def install_provider(
+    directory: Path,
+    domain: str,
+    name: str,
+    ports: dict[str, int],
+    other: str,
+    index: str,
+    users: Sequence[str] = ("alice", "bob", "carol", "dan"),
+) -> None:
+    """An installation of ``domain`` whose reception point listens on ``ports[domain]`` and whose
+    relay reaches ``other`` at ``ports[other]`` (STARTTLS required, the peers' CAs in
+    ``../peers-ca.pem``); ``index`` is the body of its [index] section. The config is read once
+    both providers exist (the index may name files written from both signing certificates)."""
+    from pecd.devinit import config_text, init_installation
+    from pecd.store.accounts import Accounts
+    from pecd.store.db import Database
+
+    await init_installation(directory, domain=domain, name=name, clock=SystemClock(), demo=False)
+    text = config_text(
+        domain=domain, name=name, ports={"smtps": 0, "submission": 0, "imaps": 0}
+    ).replace('hostname = "localhost"', 'hostname = "localhost"\nreception = "127.0.0.1:%d"')
+    text = text % ports[domain]
+    text += f"""
+[queue]
+base_delay_seconds = 0.2
+max_delay_seconds = 1
+format_processes = 0
+
+[relay]
+starttls = "required"
+ca_bundle = "../peers-ca.pem"
+timeout_seconds = 30
+
+[index]
+{index}
+
+[timers]
+check_seconds = 3600
+
+[routes]
+"{other}" = "127.0.0.1:{ports[other]}"
+"""
+    (directory / "pecd.toml").write_text(text, "utf-8")
+    db = await Database.open(f"sqlite:///{directory / 'data/pecd.db'}")
+    try:
+        acc = Accounts(db)
+        await acc.set_password(f"ricevute@{domain}", PASSWORD)
+        for user in users:
+            await acc.add_mailbox(f"{user}@{domain}", PASSWORD)
+    finally:
+        await db.close()
+
+
+def provider_tls(p: Provider) -> ssl.SSLContext:
+    assert p.cfg.tls.ca is not None
+    return ssl.create_default_context(cafile=str(p.cfg.tls.ca))
+
+
+def provider_send(p: Provider, frm: str, to: list[str], cc: list[str], subject: str) -> None:
+    """``frm`` submits a message to ``p``'s access point over SMTPS."""
+    assert p.server is not None
+    with smtplib.SMTP_SSL("127.0.0.1", p.server.port("smtps"), context=provider_tls(p)) as smtp:
+        smtp.login(frm, PASSWORD)
+        smtp.sendmail(frm, [*to, *cc], message(frm, to, cc, subject))
+
+
+def provider_inbox(p: Provider, user: str) -> list[bytes]:
+    """Every message in ``user``'s INBOX at ``p``, read over IMAPS."""
+    assert p.server is not None
+    ctx = provider_tls(p)
+    with imaplib.IMAP4_SSL("127.0.0.1", p.server.port("imaps"), ssl_context=ctx) as imap:
+        imap.login(p.addr(user), PASSWORD)
+        imap.select("INBOX")
+        _, data = imap.search(None, "ALL")
+        out = []
+        for num in data[0].split():
+            _, msg = imap.fetch(num, "(BODY.PEEK[])")
+            out.append(fetched_literal(msg))
+        return out

@@ -19,9 +19,11 @@ from helpers import clamd_fixture as clamd_fixture  # the fixture `clamd`
 from pecd.antivirus import testsigs
 from pecd.antivirus.clamd import ClamdProcess, clamd_config_text, write_clamd
 from pecd.antivirus.scanner import (
+    HEADER_SLACK,
     ClamdScanner,
     NullScanner,
     ScannerUnavailable,
+    ScanTimedOut,
     make_scanner,
 )
 from pecd.config import ConfigError, load_config
@@ -177,18 +179,28 @@ def test_large_clean_message_near_the_limit(clamd: RunningClamd) -> None:
     assert scan(unix(clamd), raw) == EICAR_FOUND
 
 
-def test_over_max_scan_size_is_not_scanned_and_not_clean(clamd: RunningClamd) -> None:
+def test_over_max_scan_size_is_unscannable_not_clean(clamd: RunningClamd) -> None:
+    """Larger than max_scan_size (beyond the slack for pecd's own Received: field): a verdict
+    about this message, neither clean nor a wait for a scanner that will never say otherwise."""
     s = ClamdScanner(socket=clamd.socket, max_scan_size=1000)
-    with pytest.raises(ScannerUnavailable, match=r"over antivirus\.max_scan_size"):
-        scan(s, b"x" * 1001)
-    assert scan(s, b"x" * 1000) == CLEAN
+    over = scan(s, b"x" * (1000 + HEADER_SLACK + 1))
+    assert not over.infected and over.unscannable is not None
+    assert "over antivirus.max_scan_size" in over.unscannable
+    assert scan(s, b"x" * (1000 + HEADER_SLACK)) == CLEAN
 
 
-def test_clamd_stream_limit_is_unavailable(clamd: RunningClamd) -> None:
-    """pecd allowed more than clamd's StreamMaxLength: clamd's ERROR reply, not clean."""
+def test_clamd_stream_limit_is_never_clean(clamd: RunningClamd) -> None:
+    """pecd allowed more than clamd's StreamMaxLength (a misconfigured clamd): clamd's ERROR
+    reply is an unscannable verdict; a connection it cut first is a scanner that cannot
+    answer. Never clean."""
     s = ClamdScanner(socket=clamd.socket, max_scan_size=64 * 1024 * 1024)
-    with pytest.raises(ScannerUnavailable, match="StreamMaxLength"):
-        scan(s, b"x" * (clamd.max_scan_size + 2 * 1024 * 1024))
+    try:
+        got = scan(s, b"x" * (clamd.max_scan_size + 2 * 1024 * 1024))
+    except ScannerUnavailable as exc:
+        assert "StreamMaxLength" in str(exc)
+    else:
+        assert not got.infected and got.unscannable is not None
+        assert "StreamMaxLength" in got.unscannable
 
 
 def test_ping(clamd: RunningClamd) -> None:
@@ -311,7 +323,8 @@ def test_slow_clamd_times_out(tmp_path: Path) -> None:
 
     async def body(s: ClamdScanner) -> None:
         t = time.monotonic()
-        with pytest.raises(ScannerUnavailable, match=r"no answer within 0.5 s"):
+        # Counted, not waited for: a message that keeps clamd busy every time is parked.
+        with pytest.raises(ScanTimedOut, match=r"no answer within 0.5 s"):
             await s.scan(testsigs.EICAR)
         assert time.monotonic() - t < 5
 
@@ -326,7 +339,6 @@ def test_slow_clamd_times_out(tmp_path: Path) -> None:
         (b"", "closed without a reply"),
         (b"stream: FOUND\0", "unexpected reply|FOUND without a name"),
         (b"x" * 70000, "a reply over 65536 bytes"),
-        (b"stream: Heuristics.Limits.Exceeded.MaxFileSize FOUND\0", "could not scan all of it"),
         (b"Can't allocate memory ERROR\0", "Can't allocate memory ERROR"),
         (b"\xff\xfe garbage\0", "unexpected reply"),
     ],
@@ -345,6 +357,23 @@ def test_replies_that_are_not_a_verdict(tmp_path: Path, reply: bytes, match: str
                 await s.scan(testsigs.EICAR)
 
     fake_clamd(tmp_path / "fake.sock", answer)(body)
+
+
+def test_limits_exceeded_is_an_unscannable_verdict(tmp_path: Path) -> None:
+    """clamd could not scan all of it (a zip bomb, deep nesting): the same on every try, so a
+    verdict about the message (refused, kept), not a wait."""
+
+    async def answer(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_stream(r)
+        w.write(b"stream: Heuristics.Limits.Exceeded.MaxFileSize FOUND\0")
+        await w.drain()
+
+    async def body(s: ClamdScanner) -> None:
+        got = await s.scan(testsigs.EICAR)
+        assert not got.infected and got.unscannable is not None
+        assert "could not scan all of it" in got.unscannable
+
+    fake_clamd(tmp_path / "limits.sock", answer)(body)
 
 
 def test_chunks_are_sent_whole(tmp_path: Path) -> None:

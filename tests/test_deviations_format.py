@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import re
-import subprocess
 import tomllib
 from collections.abc import Collection
 from datetime import UTC, datetime
@@ -20,6 +19,7 @@ from asn1crypto import cms
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+import helpers
 from pecd.pec import builders as b
 from pecd.pec import daticert as dc
 from pecd.pec import mime, smime, texts
@@ -67,19 +67,7 @@ def provider(request: pytest.FixtureRequest, chained_pki: DevPki) -> ProviderIde
 
 
 def openssl_verify(raw: bytes, ca_file: Path, tmp_path: Path) -> None:
-    msg = tmp_path / "msg.eml"
-    msg.write_bytes(raw)
-    r = subprocess.run(
-        [
-            *("openssl", "cms", "-verify", "-inform", "SMIME", "-in", str(msg)),
-            *("-CAfile", str(ca_file), "-purpose", "any", "-out", "/dev/null"),
-            *("-attime", str(int(NOW.timestamp()))),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert r.returncode == 0, r.stderr
+    helpers.openssl_verify(raw, ca_file, tmp_path, at=NOW)
 
 
 def submission(original: bytes, mail_from: str = f"alice@{DOMAIN}") -> Transmission:

@@ -29,7 +29,7 @@ import re
 import smtplib
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -409,19 +409,22 @@ def send_raw(smtp: smtplib.SMTP, mail_from: bytes, rcpt: str, raw: bytes) -> tup
     return code, reply.decode("utf-8", "replace")
 
 
-def submit_all(srv: Server, cases: list[Case], refused: list[str]) -> dict[str, Case]:
-    """Each case submitted as alice over SMTPS; intake key -> case for those answered 250."""
+def hand_all(
+    connect: Callable[[], smtplib.SMTP],
+    mail_from: Callable[[Case], bytes],
+    cases: list[Case],
+    refused: list[str],
+) -> dict[str, Case]:
+    """Each case sent over connections from ``connect`` (a new one after a disconnect); intake
+    key -> case for those answered 250, the others noted in ``refused``."""
     accepted: dict[str, Case] = {}
     smtp: smtplib.SMTP | None = None
     try:
         for case in cases:
             if smtp is None:
-                smtp = smtplib.SMTP_SSL(
-                    "127.0.0.1", srv.port("smtps"), context=client_tls(srv.cfg), timeout=30
-                )
-                smtp.login(ALICE, PASSWORD)
+                smtp = connect()
             try:
-                code, reply = send_raw(smtp, ALICE.encode(), BOB, case.raw)
+                code, reply = send_raw(smtp, mail_from(case), BOB, case.raw)
             except smtplib.SMTPServerDisconnected:
                 refused.append(f"{case.name}: disconnected")
                 smtp = None
@@ -436,34 +439,33 @@ def submit_all(srv: Server, cases: list[Case], refused: list[str]) -> dict[str, 
         if smtp is not None:
             smtp.close()
     return accepted
+
+
+def submit_all(srv: Server, cases: list[Case], refused: list[str]) -> dict[str, Case]:
+    """Each case submitted as alice over SMTPS; intake key -> case for those answered 250."""
+
+    def connect() -> smtplib.SMTP:
+        smtp = smtplib.SMTP_SSL(
+            "127.0.0.1", srv.port("smtps"), context=client_tls(srv.cfg), timeout=30
+        )
+        smtp.login(ALICE, PASSWORD)
+        return smtp
+
+    return hand_all(connect, lambda case: ALICE.encode(), cases, refused)
 
 
 def receive_all(srv: Server, cases: list[Case], refused: list[str]) -> dict[str, Case]:
     """Each case handed to the reception point as another server would (plain SMTP, RCPT bob)."""
-    accepted: dict[str, Case] = {}
-    smtp: smtplib.SMTP | None = None
-    try:
-        for case in cases:
-            if smtp is None:
-                smtp = smtplib.SMTP("127.0.0.1", srv.port("reception"), timeout=30)
-                smtp.ehlo("mx.esterno.example")
-            try:
-                mail_from = OUTSIDER.encode() if case.mail_from is None else case.mail_from
-                code, reply = send_raw(smtp, mail_from, BOB, case.raw)
-            except smtplib.SMTPServerDisconnected:
-                refused.append(f"{case.name}: disconnected")
-                smtp = None
-                continue
-            if code == 250:
-                m = QUEUED.search(reply)
-                assert m, (case.name, reply)
-                accepted[m.group(1)] = case
-            else:
-                refused.append(f"{case.name}: {code} {reply}")
-    finally:
-        if smtp is not None:
-            smtp.close()
-    return accepted
+
+    def connect() -> smtplib.SMTP:
+        smtp = smtplib.SMTP("127.0.0.1", srv.port("reception"), timeout=30)
+        smtp.ehlo("mx.esterno.example")
+        return smtp
+
+    def sender(case: Case) -> bytes:
+        return OUTSIDER.encode() if case.mail_from is None else case.mail_from
+
+    return hand_all(connect, sender, cases, refused)
 
 
 # --- what came of them ---------------------------------------------------------------------------

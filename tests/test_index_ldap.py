@@ -8,14 +8,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import imaplib
 import logging
-import smtplib
 import socket
-import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -27,11 +23,13 @@ from cryptography.hazmat.primitives import serialization
 from helpers import (
     LDAP_READER_DN,
     LDAP_READER_PASSWORD,
-    PASSWORD,
+    Provider,
     Slapd,
-    fetched_literal,
     free_port,
-    message,
+    install_provider,
+    provider_inbox,
+    provider_send,
+    provider_tls,
     slapd_fixture,
     wait_for,
     wait_settled,
@@ -39,14 +37,12 @@ from helpers import (
 from helpers import AppThread as Server
 from pecd.clock import SystemClock
 from pecd.config import Config, ConfigError, IndexConfig, load_config
-from pecd.devinit import config_text, init_installation
+from pecd.devinit import init_installation
 from pecd.index import IndexService, ProviderEntry, certificate_sha1, entry_ldif, own_entry
 from pecd.index.ldap import LdapIndexError, LdapSource, parse_ldap_entries, read_ldap_index
 from pecd.pec.classify import Classification, classify
 from pecd.pec.pki import DevPki, create_dev_pki
 from pecd.pec.vocab import Kind, Ricevuta
-from pecd.store.accounts import Accounts
-from pecd.store.db import Database
 
 __all__ = ["slapd_fixture"]  # the session's slapd, used here as the fixture ``slapd``
 
@@ -365,79 +361,22 @@ def test_password_file_is_read_at_each_reload(
 # -- two providers, the directory their only index ---------------------------------------------
 
 
-@dataclass
-class Provider:
-    domain: str
-    cfg: Config
-    server: Server | None = None
-
-    def addr(self, user: str) -> str:
-        return f"{user}@{self.domain}"
-
-
 async def _install(
     directory: Path, domain: str, name: str, ports: dict[str, int], index: str
 ) -> None:
-    await init_installation(directory, domain=domain, name=name, clock=SystemClock(), demo=False)
-    text = config_text(
-        domain=domain, name=name, ports={"smtps": 0, "submission": 0, "imaps": 0}
-    ).replace('hostname = "localhost"', 'hostname = "localhost"\nreception = "127.0.0.1:%d"')
-    text = text % ports[domain]
     other = B if domain == A else A
-    text += f"""
-[queue]
-base_delay_seconds = 0.2
-max_delay_seconds = 1
-format_processes = 0
-
-[relay]
-starttls = "required"
-ca_bundle = "../peers-ca.pem"
-timeout_seconds = 30
-
-[index]
-{index}
-
-[timers]
-check_seconds = 3600
-
-[routes]
-"{other}" = "127.0.0.1:{ports[other]}"
-"""
-    (directory / "pecd.toml").write_text(text, "utf-8")
-    db = await Database.open(f"sqlite:///{directory / 'data/pecd.db'}")
-    try:
-        acc = Accounts(db)
-        await acc.set_password(f"ricevute@{domain}", PASSWORD)
-        for user in ("alice", "bob"):
-            await acc.add_mailbox(f"{user}@{domain}", PASSWORD)
-    finally:
-        await db.close()
+    await install_provider(directory, domain, name, ports, other, index, users=("alice", "bob"))
 
 
-def tls(p: Provider) -> ssl.SSLContext:
-    assert p.cfg.tls.ca is not None
-    return ssl.create_default_context(cafile=str(p.cfg.tls.ca))
+tls = provider_tls
 
 
 def send(p: Provider, frm: str, to: str, subject: str) -> None:
-    assert p.server is not None
-    with smtplib.SMTP_SSL("127.0.0.1", p.server.port("smtps"), context=tls(p)) as smtp:
-        smtp.login(frm, PASSWORD)
-        smtp.sendmail(frm, [to], message(frm, [to], [], subject))
+    provider_send(p, frm, [to], [], subject)
 
 
 def inbox(p: Provider, user: str) -> list[Classification]:
-    assert p.server is not None
-    with imaplib.IMAP4_SSL("127.0.0.1", p.server.port("imaps"), ssl_context=tls(p)) as imap:
-        imap.login(p.addr(user), PASSWORD)
-        imap.select("INBOX")
-        _, data = imap.search(None, "ALL")
-        out = []
-        for num in data[0].split():
-            _, msg = imap.fetch(num, "(BODY.PEEK[])")
-            out.append(classify(fetched_literal(msg)))
-        return out
+    return [classify(m) for m in provider_inbox(p, user)]
 
 
 def trace_events(p: Provider, event: str) -> list[Any]:

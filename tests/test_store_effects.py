@@ -115,3 +115,21 @@ def test_a_notice_is_claimed_by_one_node_only(db: Backend) -> None:
     assert (two.claimed, two.stored) == (0, [])  # the second claim takes no effect
     assert events == 1
     assert row is not None and row.presa_at is not None and row.outcome == "avvenuta-consegna"
+
+
+def test_what_follows_a_job_takes_effect_only_for_the_stage_that_made_it(db: Backend) -> None:
+    """Two stages racing for one job key (the same envelope on two connections): one job, and
+    only the winner's trace event."""
+    event = TraceEventData(at=T0, event=TraceType.RICEZIONE, pec_msgid="opec-1@pec.a")
+    job = relay_job("delivery:opec-1@pec.a:x")
+    racing = Enqueue(job.kind, job.key, job.payload, job.data, job.at, then=(Record(event),))
+
+    async def main(d: Database) -> tuple[int, int]:
+        await d.write(lambda s: apply(s, [racing], LEASE))
+        await d.write(lambda s: apply(s, [racing], LEASE))
+        async with d.read_session() as s:
+            found = await jobs.list_jobs(s, limit=10)
+            events = len((await s.execute(TraceEvent.__table__.select())).all())
+        return len(found), events
+
+    assert db.run(main) == (1, 1)

@@ -332,3 +332,28 @@ def test_cli_log_purge_takes_the_virus_store_along(db: Backend, config: str) -> 
     # three, from T0, go too if the clock says T0 is 30 months ago).
     young = [k for k in ("a:virus", "b:virus", "c:virus") if seals.months_before(now, 30) <= T0]
     assert sorted(db.run(left)) == sorted([*young, "recent:virus"])
+
+
+def test_hostile_text_is_kept_as_the_trace_log_keeps_it(db: Backend) -> None:
+    """An envelope sender with a NUL or a lone surrogate (from hostile SMTP bytes) must not
+    make the database refuse the row: the job would never end."""
+
+    async def main(d: Database) -> list[Any]:
+        await d.write(
+            lambda s: virus.keep_sync(
+                s,
+                key="k-nul",
+                at=T0,
+                point="reception",
+                signature="Eicar\x00",
+                pec_msgid=None,
+                sender="a\x00b@x.example",
+                recipients=["bob@pec.test", "\udc80@x"],
+                data=b"raw\x00bytes",
+            )
+        )
+        async with d.read_session() as s:
+            return await virus.list_kept(s)
+
+    [kept] = db.run(main)
+    assert kept.sender == "a\ufffdb@x.example" and "\x00" not in kept.signature

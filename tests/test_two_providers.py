@@ -9,9 +9,7 @@ import imaplib
 import json
 import smtplib
 import socket
-import ssl
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -20,21 +18,24 @@ import pytest
 
 from helpers import (
     PASSWORD,
+    Provider,
     RunningClamd,
     clamd_fixture,
-    fetched_literal,
     free_port,
+    install_provider,
     message,
     openssl_verify,
+    provider_inbox,
+    provider_send,
+    provider_tls,
     wait_for,
     wait_settled,
 )
 from helpers import AppThread as Server
 from pecd.antivirus.testsigs import EICAR
 from pecd.cli import main as cli_main
-from pecd.clock import FixedClock, SystemClock
+from pecd.clock import FixedClock
 from pecd.config import Config, load_config
-from pecd.devinit import config_text, init_installation
 from pecd.index import entry_ldif, own_entry
 from pecd.pec import builders
 from pecd.pec.builders import Transmission
@@ -44,7 +45,6 @@ from pecd.pec.smime import KeySigner
 from pecd.pec.timefmt import pec_time
 from pecd.pec.vocab import Kind, Ricevuta, TipoRicevuta
 from pecd.runtime.identity import provider_identity
-from pecd.store.accounts import Accounts
 from pecd.store.db import Database
 
 __all__ = ["clamd_fixture"]  # the session clamd, as the fixture `clamd`
@@ -52,54 +52,11 @@ __all__ = ["clamd_fixture"]  # the session clamd, as the fixture `clamd`
 A, B = "pec-a.test", "pec-b.test"
 
 
-@dataclass
-class Provider:
-    domain: str
-    cfg: Config
-    server: Server | None = None
-
-    def addr(self, user: str) -> str:
-        return f"{user}@{self.domain}"
-
-
 async def _install(directory: Path, domain: str, name: str, ports: dict[str, int]) -> None:
-    """An installation of ``domain`` whose config names its peer's route and index file; the
-    config is read once both exist (the index files are written from both signing certs)."""
-    await init_installation(directory, domain=domain, name=name, clock=SystemClock(), demo=False)
-    text = config_text(
-        domain=domain, name=name, ports={"smtps": 0, "submission": 0, "imaps": 0}
-    ).replace('hostname = "localhost"', 'hostname = "localhost"\nreception = "127.0.0.1:%d"')
-    text = text % ports[domain]
     other = B if domain == A else A
-    text += f"""
-[queue]
-base_delay_seconds = 0.2
-max_delay_seconds = 1
-format_processes = 0
-
-[relay]
-starttls = "required"
-ca_bundle = "../peers-ca.pem"
-timeout_seconds = 30
-
-[index]
-path = "../index-for-{domain}.ldif"
-
-[timers]
-check_seconds = 3600
-
-[routes]
-"{other}" = "127.0.0.1:{ports[other]}"
-"""
-    (directory / "pecd.toml").write_text(text, "utf-8")
-    db = await Database.open(f"sqlite:///{directory / 'data/pecd.db'}")
-    try:
-        acc = Accounts(db)
-        await acc.set_password(f"ricevute@{domain}", PASSWORD)
-        for user in ("alice", "bob", "carol", "dan"):
-            await acc.add_mailbox(f"{user}@{domain}", PASSWORD)
-    finally:
-        await db.close()
+    await install_provider(
+        directory, domain, name, ports, other, f'path = "../index-for-{domain}.ldif"'
+    )
 
 
 @pytest.fixture
@@ -138,29 +95,12 @@ def running(pair: tuple[Provider, Provider]) -> Iterator[tuple[Provider, Provide
                 p.server.stop()
 
 
-def tls(p: Provider) -> ssl.SSLContext:
-    assert p.cfg.tls.ca is not None
-    return ssl.create_default_context(cafile=str(p.cfg.tls.ca))
+tls = provider_tls
+inbox = provider_inbox
 
 
 def send(p: Provider, frm: str, to: list[str], cc: list[str], subject: str) -> None:
-    assert p.server is not None
-    with smtplib.SMTP_SSL("127.0.0.1", p.server.port("smtps"), context=tls(p)) as smtp:
-        smtp.login(frm, PASSWORD)
-        smtp.sendmail(frm, [*to, *cc], message(frm, to, cc, subject))
-
-
-def inbox(p: Provider, user: str) -> list[bytes]:
-    assert p.server is not None
-    with imaplib.IMAP4_SSL("127.0.0.1", p.server.port("imaps"), ssl_context=tls(p)) as imap:
-        imap.login(p.addr(user), PASSWORD)
-        imap.select("INBOX")
-        _, data = imap.search(None, "ALL")
-        out = []
-        for num in data[0].split():
-            _, msg = imap.fetch(num, "(BODY.PEEK[])")
-            out.append(fetched_literal(msg))
-        return out
+    provider_send(p, frm, to, cc, subject)
 
 
 def kinds(msgs: list[bytes]) -> list[Classification]:

@@ -50,6 +50,13 @@ class ScannerUnavailable(Unavailable):
     (an Unavailable: the wait counts no attempt, so the job is never parked for it)."""
 
 
+class ScanTimedOut(Exception):
+    """clamd did not answer in time: this attempt fails and counts (see ClamdScanner)."""
+
+
+HEADER_SLACK = 64 * 1024  # bytes a stored message may hold beyond what SMTP accepted
+
+
 class Scanner(Protocol):
     async def scan(self, data: bytes) -> Scanned: ...
 
@@ -91,10 +98,12 @@ class ClamdScanner:
         return str(self.socket) if self.socket is not None else f"{self.host}:{self.port}"
 
     async def scan(self, data: bytes) -> Scanned:
-        if len(data) > self.max_scan_size:
-            raise ScannerUnavailable(
-                f"{len(data)} bytes is over antivirus.max_scan_size ({self.max_scan_size}):"
-                " not scanned, not clean"
+        # The stored message is what SMTP accepted plus our Received: field: a little slack.
+        if len(data) > self.max_scan_size + HEADER_SLACK:
+            return Scanned(
+                False,
+                None,
+                f"{len(data)} bytes, over antivirus.max_scan_size ({self.max_scan_size})",
             )
         reply = await self._exchange(b"zINSTREAM\0", data)
         return self._verdict(reply)
@@ -117,17 +126,19 @@ class ClamdScanner:
             if not signature:
                 raise ScannerUnavailable(f"clamd at {self.address}: FOUND without a name")
             if signature.startswith(LIMITS_EXCEEDED):
-                raise ScannerUnavailable(
-                    f"clamd at {self.address} could not scan all of it ({signature}): raise"
-                    " clamd's MaxScanSize, MaxFileSize, MaxRecursion or MaxFiles"
-                )
+                # This message is beyond what clamd scans (a zip bomb, deep nesting): neither
+                # clean nor a virus, and the same on every try.
+                return Scanned(False, signature, f"clamd could not scan all of it ({signature})")
             return Scanned(True, signature)
         if reply.endswith("ERROR"):
             if "size limit exceeded" in reply:
-                raise ScannerUnavailable(
-                    f"clamd at {self.address}: {reply} (clamd's StreamMaxLength must be at"
-                    " least antivirus.max_scan_size)"
+                log.warning(
+                    "clamd at %s: %s (clamd's StreamMaxLength must be at least"
+                    " antivirus.max_scan_size)",
+                    self.address,
+                    reply,
                 )
+                return Scanned(False, None, f"over clamd's StreamMaxLength ({reply})")
             raise ScannerUnavailable(f"clamd at {self.address}: {reply}")
         raise ScannerUnavailable(f"clamd at {self.address}: unexpected reply {reply[:200]!r}")
 
@@ -136,7 +147,9 @@ class ClamdScanner:
             async with asyncio.timeout(self.timeout):
                 return await self._talk(command, data)
         except TimeoutError:
-            raise ScannerUnavailable(
+            # Counted as a failed attempt (not a wait): a message that keeps clamd busy past
+            # the timeout every time is parked, with this error, instead of looping for ever.
+            raise ScanTimedOut(
                 f"clamd at {self.address}: no answer within {self.timeout:g} s"
             ) from None
         except OSError as exc:

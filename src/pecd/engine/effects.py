@@ -163,10 +163,13 @@ class Scan:
 
 @dataclass(frozen=True, slots=True)
 class Scanned:
-    """The antivirus verdict: ``signature`` names what was found."""
+    """The antivirus verdict: ``signature`` names what was found. ``unscannable``: the scanner
+    answered, but could not look at all of it (over its size or recursion limits): a fact about
+    the message, not a scanner that is down, so the message is neither clean nor retried."""
 
     infected: bool
     signature: str | None = None
+    unscannable: str | None = None
 
 
 CLEAN = Scanned(False)
@@ -180,7 +183,8 @@ Command = Build | Classify | LookUpMailboxes | History | Deliver | TakeInCharge 
 
 @dataclass(frozen=True, slots=True)
 class Enqueue:
-    """A new job, unless one with ``key`` exists (keys make re-runs harmless)."""
+    """A new job, unless one with ``key`` exists (keys make re-runs harmless); ``then`` take
+    effect only if this one made the job (two stages racing for the same key: one wins)."""
 
     kind: JobKind
     key: str
@@ -188,6 +192,7 @@ class Enqueue:
     data: bytes
     at: datetime
     run_at: datetime | None = None
+    then: tuple[Effect, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,7 +310,7 @@ class StageError(Exception):
 def relay_wake(effects: Sequence[Effect]) -> bool:
     """Whether these effects queue work for the relay."""
     for e in effects:
-        if isinstance(e, Enqueue) and e.kind is JobKind.RELAY:
+        if isinstance(e, Enqueue) and (e.kind is JobKind.RELAY or relay_wake(e.then)):
             return True
         if isinstance(e, ClaimNotice) and relay_wake(e.then):
             return True

@@ -19,14 +19,17 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Mapping, Sequence
+import json
+from collections.abc import Generator, Mapping, Sequence
 from datetime import datetime
 from email.utils import getaddresses
+from typing import Any
 
 from pecd.engine.context import Context, ProviderEntry
 from pecd.engine.effects import (
     Build,
     Classify,
+    Command,
     Effect,
     Enqueue,
     History,
@@ -47,6 +50,8 @@ from pecd.pec import builders
 from pecd.pec.address import domain_of, normalize_address
 from pecd.pec.builders import Transmission
 from pecd.pec.classify import Classification
+from pecd.pec.daticert import Daticert
+from pecd.pec.daticert import to_json as daticert_json
 from pecd.pec.mime import clean_header_text, decode_words, get_all, get_first
 from pecd.pec.texts import errore_esteso
 from pecd.pec.timefmt import pec_time
@@ -79,7 +84,12 @@ def outer_disagreements(raw: bytes, c: Classification) -> list[str]:
     it had none). An outer Reply-To may be absent: replies then go to the provider's address."""
     d = c.daticert
     assert d is not None
-    wrong = []
+    # A field given twice: a reader may see either; neither is certified then.
+    wrong = [
+        f"{name} x{n}"
+        for name in ("Subject", "From", "Reply-To", "Sender")
+        if (n := len(get_all(raw, name))) > 1
+    ]
     if _text(get_first(raw, "Subject")) != _text(ENVELOPE_SUBJECT + (d.oggetto or "")):
         wrong.append("Subject")
     shown = getaddresses([get_first(raw, "From") or ""])
@@ -88,6 +98,11 @@ def outer_disagreements(raw: bytes, c: Classification) -> list[str]:
         name[len(ON_BEHALF) :]
     ) != normalize_address(d.mittente):
         wrong.append("From")
+    sender_field = get_first(raw, "Sender")
+    if sender_field is not None and _addresses([sender_field]) != _addresses(
+        [get_first(raw, "From") or ""]
+    ):
+        wrong.append("Sender")
     outer_reply = get_all(raw, "Reply-To")
     if outer_reply:
         inner_reply = get_all(c.postacert or b"", "Reply-To")
@@ -101,64 +116,74 @@ def reception(ctx: Context, key: str, p: IntakePayload, raw: bytes, now: datetim
     """Stage of a RECEPTION job ``key``: what came in at ``now``."""
     rcpts = list(p.rcpt_to)
     c: Classification = yield Classify(raw)
-    sender = ctx.trusted_provider(c.signer_der) if c.signature.valid else None
-    # The antivirus, on whatever came in (spec 2.2: "antivirus on the content").
-    scanned: Scanned = yield Scan(raw)
-    if scanned.infected:
-        return (yield from infected(ctx, key, p, c, raw, rcpts, now, scanned, sender))
+    signer = ctx.trusted_provider(c.signer_der) if c.signature.valid else None
+    d = c.daticert
     # Decisions rest on the verified daticert, never on the unsigned outer headers: classify()
     # reports any disagreement between the two as an error, so is_valid_pec covers both.
-    if sender is not None and c.is_valid_pec and c.daticert is not None:
-        tipo = c.daticert.tipo
-        if (
-            tipo is DaticertTipo.POSTA_CERTIFICATA
-            and c.kind is Kind.TRANSPORT_ENVELOPE
-            and domain_of(c.daticert.mittente) not in sender.domains
-        ):
+    peer = signer if c.is_valid_pec and d is not None else None
+    envelope = (
+        peer is not None
+        and d is not None
+        and d.tipo is DaticertTipo.POSTA_CERTIFICATA
+        and c.kind is Kind.TRANSPORT_ENVELOPE
+    )
+    refusal = None  # why a signed envelope is not PEC here after all
+    if envelope:
+        assert d is not None and peer is not None
+        if domain_of(d.mittente) not in peer.domains:
             # A provider signs only for the domains it manages (its managedDomains).
-            return (yield from anomaly(ctx, key, p, c, raw, rcpts, now, NOT_MANAGED))
-        if (
-            tipo is DaticertTipo.POSTA_CERTIFICATA
-            and c.kind is Kind.TRANSPORT_ENVELOPE
-            and (altered := outer_disagreements(raw, c))
-        ):
+            refusal = NOT_MANAGED
+        elif altered := outer_disagreements(raw, c):
             # Valid signature, edited outer headers: what a reader would see is not certified.
-            reason = f"{OUTER_ALTERED}: {', '.join(altered)}"
-            return (yield from anomaly(ctx, key, p, c, raw, rcpts, now, reason))
-        if tipo is DaticertTipo.POSTA_CERTIFICATA and c.kind is Kind.TRANSPORT_ENVELOPE:
-            listed = {d.address for d in c.daticert.destinatari}
-            # Only recipients the signed daticert names: an envelope replayed to someone else is
-            # not PEC for them.
-            ours = [r for r in rcpts if r in listed]
-            strangers = [r for r in rcpts if r not in listed]
-            if ours:
-                # An identificativo already taken in charge for a recipient is a duplicate (a
-                # peer's retry, or a replay after the holder deleted it): delivered, taken in
-                # charge and answered once only. The trace log keeps ricezione for 30 months.
-                earlier: tuple[Logged, ...] = yield History(
-                    c.daticert.identificativo,
-                    (TraceType.RICEZIONE, TraceType.AVVENUTA_CONSEGNA, TraceType.ERRORE_CONSEGNA),
-                )
-                # Taken in charge here before, or answered here before (our own envelopes,
-                # delivered locally, have no ricezione event but an esito per recipient).
-                seen = {r for e in earlier if e.event == TraceType.RICEZIONE for r in e.recipients}
-                seen |= {str(e.data["consegna"]) for e in earlier if e.data.get("consegna")}
-                fresh = [r for r in ours if r not in seen]
-                effects = (
-                    take_in_charge(ctx, key, c, raw, fresh, sender.mail_receipt, now)
-                    if fresh
-                    else []
-                )
-                if len(fresh) < len(ours):
-                    effects.append(duplicate(key, c, [r for r in ours if r in seen], p.peer, now))
-                if strangers:
-                    effects += yield from anomaly(
-                        ctx, key, p, c, raw, strangers, now, NOT_IN_DATICERT
-                    )
-                return effects
-        elif c.kind is Kind.RECEIPT and c.ricevuta is not None:
-            return (yield from receipt_back(ctx, key, c, raw, rcpts, now))
+            refusal = f"{OUTER_ALTERED}: {', '.join(altered)}"
+    # The antivirus, on whatever came in (spec 2.2: "antivirus on the content").
+    scanned: Scanned = yield Scan(raw)
+    if scanned.infected or scanned.unscannable is not None:
+        genuine = peer if envelope and refusal is None else None
+        return (yield from infected(ctx, key, p, c, raw, rcpts, now, scanned, genuine))
+    if envelope and refusal is not None:
+        return (yield from anomaly(ctx, key, p, c, raw, rcpts, now, refusal))
+    if envelope:
+        assert d is not None and peer is not None
+        listed = {normalize_address(x.address) for x in d.destinatari}
+        # Only recipients the signed daticert names: an envelope replayed to someone else is
+        # not PEC for them.
+        ours = [r for r in rcpts if r in listed]
+        strangers = [r for r in rcpts if r not in listed]
+        if ours:
+            # An identificativo already taken in charge or answered here for a recipient is a
+            # duplicate (a peer's retry, or a replay after the holder deleted it): delivered,
+            # taken in charge and answered once only. The trace log keeps 30 months.
+            seen = yield from handled(d.identificativo)
+            fresh = [r for r in ours if r not in seen]
+            effects = (
+                take_in_charge(ctx, key, c, raw, fresh, peer.mail_receipt, now) if fresh else []
+            )
+            if len(fresh) < len(ours):
+                effects.append(duplicate(key, c, [r for r in ours if r in seen], p.peer, now))
+            if strangers:
+                effects += yield from anomaly(ctx, key, p, c, raw, strangers, now, NOT_IN_DATICERT)
+            return effects
+    elif peer is not None and c.kind is Kind.RECEIPT and c.ricevuta is not None:
+        return (yield from receipt_back(ctx, key, c, raw, rcpts, now, peer))
     return (yield from anomaly(ctx, key, p, c, raw, rcpts, now, anomaly_reason(ctx, c)))
+
+
+def handled(pec_msgid: str) -> Generator[Command, Any, set[str]]:
+    """The recipients of ``pec_msgid`` taken in charge, answered or warned of a virus here
+    before (our own envelopes, delivered locally, have no ricezione event but an esito)."""
+    earlier: tuple[Logged, ...] = yield History(
+        pec_msgid,
+        (
+            TraceType.RICEZIONE,
+            TraceType.AVVENUTA_CONSEGNA,
+            TraceType.ERRORE_CONSEGNA,
+            TraceType.RILEVAZIONE_VIRUS,
+        ),
+    )
+    seen = {r for e in earlier if e.event == TraceType.RICEZIONE for r in e.recipients}
+    seen |= {normalize_address(str(e.data["consegna"])) for e in earlier if e.data.get("consegna")}
+    return seen
 
 
 def infected(
@@ -170,59 +195,30 @@ def infected(
     rcpts: Sequence[str],
     now: datetime,
     scanned: Scanned,
-    sender: ProviderEntry | None,
+    peer: ProviderEntry | None,
 ) -> Stage:
-    """An infected message is delivered to nobody and kept in the virus store (spec 2.3, Virus).
-    A valid transport envelope from a provider of the index: one rilevazione-virus per affected
-    recipient (those its signed daticert names) to that provider's mailReceipt, whose sender
-    then hears it as a virus errore-consegna. Anything else (ordinary mail, a receipt, an
-    envelope that is not valid PEC) is dropped: the rules allow dropping ordinary mail with a
-    virus, and wrapping it in an anomaly envelope would deliver the virus."""
-    found = scanned.signature or "virus"
+    """An infected message (or one the antivirus could not check whole) is delivered to nobody
+    and kept in the virus store (spec 2.3, Virus). When it is a genuine envelope (``peer``: its
+    signer, the managedDomains and outer-header checks passed) whose *signed* content carries
+    the virus, each affected recipient is warned of once: one rilevazione-virus to the sending
+    provider's mailReceipt, whose sender then hears it as a virus errore-consegna. A virus only
+    in unsigned bytes (added on the way) warns nobody: the sending provider did not send it.
+    Anything else (ordinary mail, a receipt, a message that is not valid PEC) is dropped: the
+    rules allow dropping ordinary mail with a virus, and an anomaly envelope would deliver it."""
     d = c.daticert
-    effects: list[Effect] = []
-    envelope = (
-        sender is not None
-        and c.is_valid_pec
-        and d is not None
-        and d.tipo is DaticertTipo.POSTA_CERTIFICATA
-        and c.kind is Kind.TRANSPORT_ENVELOPE
+    found = (
+        scanned.signature or "virus"
+        if scanned.infected
+        else f"non verificabile: {scanned.unscannable}"
     )
-    if envelope:
-        assert d is not None and sender is not None
-        listed = {x.address for x in d.destinatari}
-        affected = [r for r in rcpts if r in listed]
-        tx = Transmission.from_daticert(d, envelope=c.postacert or b"")
-        when = pec_time(now)
-        esteso = errore_esteso("5.7.1", ctx.provider.name, f"virus rilevato: {found}")
-        built = yield Build(
-            tuple(
-                functools.partial(
-                    builders.rilevazione_virus,
-                    tx=tx,
-                    when=when,
-                    recipient=r,
-                    errore_esteso=esteso,
-                    mail_receipt=sender.mail_receipt,
-                )
-                for r in affected
-            )
-        )
-        for r, notice in zip(affected, built, strict=True):
-            effects += ctx.emit(
-                key=f"{key}:rilevazione-virus:{r}",
-                unique=True,  # from this transaction's own intake key
-                mailbox=sender.mail_receipt,
-                msg=notice,
-                event=ctx.event(
-                    TraceType.RILEVAZIONE_VIRUS,
-                    tx,
-                    now,
-                    [notice],
-                    error=f"virus: {found}",
-                    data={"consegna": r, "virus": found, "to": sender.mail_receipt},
-                ),
-            )
+    effects: list[Effect] = []
+    if peer is not None and scanned.infected and d is not None:
+        signed: Scanned = yield Scan(c.postacert or b"")
+        if signed.infected:
+            listed = {normalize_address(x.address) for x in d.destinatari}
+            seen = yield from handled(d.identificativo)
+            affected = [r for r in rcpts if r in listed and r not in seen]
+            effects += yield from warn(ctx, d, c, affected, peer, now, signed.signature or found)
     effects.append(
         Record(
             TraceEventData(
@@ -251,6 +247,53 @@ def infected(
             raw,
         )
     )
+    return effects
+
+
+def warn(
+    ctx: Context,
+    d: Daticert,
+    c: Classification,
+    affected: Sequence[str],
+    peer: ProviderEntry,
+    now: datetime,
+    found: str,
+) -> Stage:
+    """One rilevazione-virus per affected recipient, to the sending provider's mailReceipt;
+    keyed by transmission and recipient, so never twice."""
+    if not affected:
+        return []
+    tx = Transmission.from_daticert(d, envelope=c.postacert or b"")
+    when = pec_time(now)
+    esteso = errore_esteso("5.7.1", ctx.provider.name, f"virus rilevato: {found}")
+    built = yield Build(
+        tuple(
+            functools.partial(
+                builders.rilevazione_virus,
+                tx=tx,
+                when=when,
+                recipient=r,
+                errore_esteso=esteso,
+                mail_receipt=peer.mail_receipt,
+            )
+            for r in affected
+        )
+    )
+    effects: list[Effect] = []
+    for r, notice in zip(affected, built, strict=True):
+        effects += ctx.emit(
+            key=f"rilevazione:{d.identificativo}:{r}",
+            mailbox=peer.mail_receipt,
+            msg=notice,
+            event=ctx.event(
+                TraceType.RILEVAZIONE_VIRUS,
+                tx,
+                now,
+                [notice],
+                error=f"virus: {found}",
+                data={"consegna": r, "virus": found, "to": peer.mail_receipt},
+            ),
+        )
     return effects
 
 
@@ -358,38 +401,57 @@ def take_in_charge(
     now: datetime,
 ) -> list[Effect]:
     """A valid envelope for ``rcpts``: one delivery job for the whole SMTP transaction, so one
-    presa in carico covers every recipient of it (spec 2.3), to the sending provider."""
+    presa in carico covers every recipient of it (spec 2.3), to the sending provider. The job
+    is keyed by transmission and recipients: the same envelope arriving twice at once (two
+    connections, a retry during a slow commit) makes one job, and only its maker logs it."""
     assert c.daticert is not None
     # To and Cc (which receipt kind each recipient earns) from the signed original.
     tx = Transmission.from_daticert(c.daticert, envelope=c.postacert or b"")
+    who = hashlib.sha256("\n".join(sorted(rcpts)).encode()).hexdigest()[:24]
     return [
         Enqueue(
             JobKind.DELIVERY,
-            f"{key}:delivery",
+            f"delivery:{tx.identificativo}:{who}",
             DeliveryPayload(tuple(rcpts), tx, now, mail_receipt),
             raw,
             now,
-        ),
-        Record(
-            TraceEventData(
-                at=now,
-                event=TraceType.RICEZIONE,
-                pec_msgid=tx.identificativo,
-                client_msgid=tx.msgid,
-                sender=tx.mittente,
-                recipients=[{"address": r} for r in rcpts],
-                subject=tx.oggetto,
-                provider=c.daticert.gestore_emittente,
-                data={"job": key, "mail_receipt": mail_receipt},
-            )
+            then=(
+                Record(
+                    TraceEventData(
+                        at=now,
+                        event=TraceType.RICEZIONE,
+                        pec_msgid=tx.identificativo,
+                        client_msgid=tx.msgid,
+                        sender=tx.mittente,
+                        recipients=[{"address": r} for r in rcpts],
+                        subject=tx.oggetto,
+                        provider=c.daticert.gestore_emittente,
+                        data={"job": key, "mail_receipt": mail_receipt},
+                    )
+                ),
+            ),
         ),
     ]
 
 
+def receipt_id(c: Classification) -> str:
+    """What names a receipt: a digest of its signed daticert (every field, the time included),
+    not its unsigned Message-ID, which anyone on the way can change."""
+    assert c.daticert is not None and c.ricevuta is not None
+    signed = json.dumps([c.ricevuta.value, daticert_json(c.daticert)], sort_keys=True)
+    return hashlib.sha256(signed.encode()).hexdigest()
+
+
 def receipt_back(
-    ctx: Context, key: str, c: Classification, raw: bytes, rcpts: Sequence[str], now: datetime
+    ctx: Context,
+    key: str,
+    c: Classification,
+    raw: bytes,
+    rcpts: Sequence[str],
+    now: datetime,
+    peer: ProviderEntry,
 ) -> Stage:
-    """A valid receipt signed by a provider of the index."""
+    """A valid receipt signed by a provider of the index (``peer``)."""
     d, ricevuta = c.daticert, c.ricevuta
     assert d is not None and ricevuta is not None
     ident = d.identificativo
@@ -398,19 +460,27 @@ def receipt_back(
     )
     sent = [e for e in earlier if e.event == TraceType.POSTA_CERTIFICATA]
     sender = sent[0].sender if sent else None
-    ours = sender is not None
-    # A receipt sent to us twice is stored once, even after its holder deleted it: its
-    # Message-ID names it, and the trace log remembers it.
-    mid = (get_first(raw, "Message-ID") or "").strip() or hashlib.sha256(raw).hexdigest()
+    # The recipients it speaks for must be recipients of our transmission, at a domain of the
+    # provider that signed it: no provider settles our timers or tells our sender of a virus
+    # for somebody else's recipient.
+    concerned = [d.consegna] if d.consegna else list(d.ricezione)
+    recipients = {normalize_address(r) for e in sent for r in e.recipients}
+    pertinent = bool(concerned) and all(
+        normalize_address(r) in recipients and domain_of(r) in peer.domains for r in concerned
+    )
+    ours = sender is not None and pertinent
+    rid = receipt_id(c)
+    # A receipt sent to us twice is stored once, even after its holder deleted it: the trace
+    # log remembers every receipt by its signed content.
     if any(
-        e.event == TraceType.RICEVUTA_RICEVUTA and e.data.get("message_id") == mid for e in earlier
+        e.event == TraceType.RICEVUTA_RICEVUTA and e.data.get("receipt") == rid for e in earlier
     ):
-        return [duplicate(key, c, list(rcpts), None, now, message_id=mid)]
+        return [duplicate(key, c, list(rcpts), None, now, message_id=rid)]
     # Where this receipt may go: the service mailbox for the provider-to-provider receipts, else
     # only the sender of our transmission (never whoever the unsigned RCPT names).
     allowed = ctx.mail_receipt if ricevuta in SERVICE_RECEIPTS else sender
     targets = [r for r in rcpts if r == allowed] if ours else []
-    effects: list[Effect] = [StoreLocal(f"ricevuta:{mid}:{r}", r, raw, None, now) for r in targets]
+    effects: list[Effect] = [StoreLocal(f"ricevuta:{rid}:{r}", r, raw, None, now) for r in targets]
     if ours:
         # What the receipt settles for the timers.
         if ricevuta is Ricevuta.PRESA_IN_CARICO:
@@ -438,7 +508,8 @@ def receipt_back(
         )
         effects.append(Settle(ident, d.consegna, now, "virus"))
         effects += ctx.emit(
-            key=f"virus:{ident}:{d.consegna}",
+            # The recipient's one esito, whichever path it takes.
+            key=f"esito:{ident}:{normalize_address(d.consegna)}",
             mailbox=sender,
             msg=notice,
             event=ctx.event(
@@ -450,6 +521,7 @@ def receipt_back(
                 data={"consegna": d.consegna, "rilevazione": key},
             ),
         )
+    mid = clean_header_text(get_first(raw, "Message-ID") or "")[:300]
     effects.append(
         Record(
             TraceEventData(
@@ -466,9 +538,12 @@ def receipt_back(
                     "ricevuta": ricevuta.value,
                     "consegna": d.consegna,
                     "ricezione": list(d.ricezione),
+                    "receipt": rid,
                     "message_id": mid,
-                    # A receipt of a transmission this provider never sent is kept only here.
+                    # A receipt of a transmission this provider never sent (or about somebody
+                    # who was not its recipient) is kept only here.
                     "dropped": not ours,
+                    "pertinent": pertinent,
                 },
             )
         )

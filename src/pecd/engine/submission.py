@@ -31,8 +31,8 @@ from pecd.engine.vocab import (
 from pecd.pec import builders
 from pecd.pec.address import domain_of
 from pecd.pec.builders import Transmission
-from pecd.pec.checks import Submission, check_submission
-from pecd.pec.timefmt import pec_time
+from pecd.pec.checks import Submission, check_submission, unscannable
+from pecd.pec.timefmt import PecTime, pec_time
 
 
 def submission(ctx: Context, key: str, p: IntakePayload, raw: bytes, now: datetime) -> Stage:
@@ -48,6 +48,15 @@ def submission(ctx: Context, key: str, p: IntakePayload, raw: bytes, now: dateti
         is_certified=ctx.is_certified,
     )
     violations = check_submission(Submission(raw, p.mail_from, p.rcpt_to, p.user), ctx.rules.limits)
+    if not violations:
+        # The antivirus after the formal checks (spec 4, step 8): an infected message gets the
+        # virus non-accettazione, is neither delivered nor relayed, and goes to the virus store;
+        # one it could not check whole is refused like a formal fault, with the reason.
+        scanned: Scanned = yield Scan(raw)
+        if scanned.infected:
+            return (yield from infected(ctx, key, tx, when, raw, scanned))
+        if scanned.unscannable is not None:
+            violations = [unscannable(scanned.unscannable)]
     if violations:
         [notice] = yield Build(
             (functools.partial(builders.non_accettazione, tx=tx, when=when, violations=violations),)
@@ -66,34 +75,6 @@ def submission(ctx: Context, key: str, p: IntakePayload, raw: bytes, now: dateti
                 data={"violations": [asdict(v) for v in violations], "intake": key},
             ),
         )
-
-    # Antivirus after the formal checks (spec 4, step 8): an infected message gets the virus
-    # non-accettazione, is neither delivered nor relayed, and goes to the virus store.
-    scanned: Scanned = yield Scan(raw)
-    if scanned.infected:
-        found = scanned.signature or "virus"
-        [notice] = yield Build(
-            (functools.partial(builders.non_accettazione, tx=tx, when=when, virus=found),)
-        )
-        return [
-            *ctx.emit(
-                key=f"{key}:non-accettazione",
-                unique=True,  # from this transaction's own intake key
-                mailbox=tx.mittente,
-                msg=notice,
-                event=ctx.event(
-                    TraceType.NON_ACCETTAZIONE,
-                    tx,
-                    now,
-                    [notice],
-                    error=f"virus: {found}",
-                    data={"virus": found, "intake": key},
-                ),
-            ),
-            KeepInfected(
-                key, now, "access", found, tx.identificativo, tx.mittente, tx.addresses, raw
-            ),
-        ]
 
     acc, env = yield Build(
         (
@@ -148,3 +129,32 @@ def submission(ctx: Context, key: str, p: IntakePayload, raw: bytes, now: dateti
             )
         )
     return effects
+
+
+def infected(
+    ctx: Context, key: str, tx: Transmission, when: PecTime, raw: bytes, scanned: Scanned
+) -> Stage:
+    """The virus non-accettazione; the message kept byte-exact in the virus store."""
+    found = scanned.signature or "virus"
+    [notice] = yield Build(
+        (functools.partial(builders.non_accettazione, tx=tx, when=when, virus=found),)
+    )
+    return [
+        *ctx.emit(
+            key=f"{key}:non-accettazione",
+            unique=True,  # from this transaction's own intake key
+            mailbox=tx.mittente,
+            msg=notice,
+            event=ctx.event(
+                TraceType.NON_ACCETTAZIONE,
+                tx,
+                when.instant,
+                [notice],
+                error=f"virus: {found}",
+                data={"virus": found, "intake": key},
+            ),
+        ),
+        KeepInfected(
+            key, when.instant, "access", found, tx.identificativo, tx.mittente, tx.addresses, raw
+        ),
+    ]

@@ -71,6 +71,8 @@ TOO_LARGE = "too-large"
 RECIPIENTS_TIMES_SIZE = "recipients-times-size"
 NOT_AUTHENTICATED = "not-authenticated"
 AUTH_MISMATCH = "auth-mismatch"
+# Not a formal check (so not in CODES): the antivirus could not look at all of it.
+UNSCANNABLE = "unscannable"
 
 CODES: tuple[str, ...] = (
     NOT_RFC5322,
@@ -111,9 +113,20 @@ _MAX_ITEM_CHARS = 80
 class Violation:
     """One failed formal check."""
 
-    code: str  # one of CODES
+    code: str  # one of CODES, or UNSCANNABLE
     it: str  # one line, Italian, for the non-accettazione notice
     en: str  # one line, English, for logs and operators
+
+
+def unscannable(reason: str) -> Violation:
+    """The formal reason for a message the antivirus could not check whole: it cannot be
+    accepted (spec 4, step 8: it must be found free of viruses), and is not a virus either."""
+    return Violation(
+        UNSCANNABLE,
+        "il messaggio non può essere verificato dall'antivirus (dimensioni o struttura oltre i"
+        " limiti)",
+        f"the antivirus could not check the whole message: {reason}",
+    )
 
 
 @dataclass(frozen=True)

@@ -164,10 +164,13 @@ class RelayClient:
             await smtp.connect()
             errors, _ = await smtp.sendmail(mail_from, rcpts, data)
         except aiosmtplib.SMTPRecipientsRefused as exc:
-            refused = {e.recipient: f"{e.code} {e.message}" for e in exc.recipients}
-            if any(e.code < 500 for e in exc.recipients):
-                raise TemporaryFailure("; ".join(refused.values())) from None
-            return refused
+            # Every recipient refused: those refused for good are answered now, the others
+            # tried again (not all of them again because one said "later").
+            final = {e.recipient: f"{e.code} {e.message}" for e in exc.recipients if e.code >= 500}
+            later = {e.recipient: f"{e.code} {e.message}" for e in exc.recipients if e.code < 500}
+            if later:
+                raise PartialFailure(final, later) from None
+            return final
         except aiosmtplib.SMTPResponseException as exc:
             if exc.code >= 500:
                 raise PermanentFailure(f"{exc.code} {exc.message}") from None

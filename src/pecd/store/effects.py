@@ -66,15 +66,19 @@ def apply(
             ):
                 created.append(e)
         elif isinstance(e, Enqueue):
-            jobs.enqueue_sync(
-                s,
-                kind=e.kind,
-                key=e.key,
-                payload=e.payload.to_json(),
-                data=e.data,
-                now=e.at,
-                run_at=e.run_at,
-            )
+            if (
+                jobs.enqueue_sync(
+                    s,
+                    kind=e.kind,
+                    key=e.key,
+                    payload=e.payload.to_json(),
+                    data=e.data,
+                    now=e.at,
+                    run_at=e.run_at,
+                )
+                and e.then
+            ):
+                apply(s, e.then, lease, done)
         elif isinstance(e, Expect):
             expectations.expect_sync(
                 s,

@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from pecd.store.models import InfectedMessage, TraceEvent, table_of
+from pecd.store.trace import storable
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +69,16 @@ def keep_sync(
     was kept now. Does not commit."""
     if point not in POINTS:
         raise ValueError(f"virus store: point {point!r} is not one of {', '.join(POINTS)}")
+    # The text comes from hostile bytes (an envelope sender with a NUL, say): stored as the
+    # trace log stores it, or PostgreSQL refuses the row and the job could never end.
     values: dict[str, Any] = {
-        "key": key,
+        "key": storable(key),
         "at": at,
         "point": point,
-        "signature": signature,
-        "pec_msgid": pec_msgid,
-        "sender": sender,
-        "recipients": list(recipients),
+        "signature": storable(signature),
+        "pec_msgid": storable(pec_msgid),
+        "sender": storable(sender),
+        "recipients": storable(list(recipients)),
         "size": len(data),
         "sha256": hashlib.sha256(data).hexdigest(),
         "data": bytes(data),

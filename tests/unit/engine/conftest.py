@@ -4,7 +4,7 @@ it yields and returns is there to assert on."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -16,10 +16,12 @@ from pecd.engine.context import Context, Rules
 from pecd.engine.effects import (
     CLEAN,
     Build,
+    ClaimNotice,
     Classify,
     Command,
     Deliver,
     Effect,
+    Enqueue,
     History,
     Logged,
     LookUpMailboxes,
@@ -96,10 +98,12 @@ class World:
     provider: ProviderIdentity
     mailboxes: dict[str, MailboxState] = field(default_factory=dict)
     sent: dict[str, str] = field(default_factory=dict)  # pec msgid -> sender
+    sent_to: dict[str, tuple[str, ...]] = field(default_factory=dict)  # pec msgid -> recipients
     log: list[tuple[str, Logged]] = field(default_factory=list)  # (pec msgid, event) received
     outcomes: dict[str, Outcome] = field(default_factory=dict)  # mailbox -> outcome
     smtp: Sent = field(default_factory=Sent)
-    scanned: Scanned = CLEAN  # what the antivirus says of everything
+    scanned: Scanned = CLEAN  # what the antivirus says of everything...
+    virus: bytes | None = None  # ...unless set: then infected exactly where these bytes are
     fail_builds: Callable[[Build], bool] = lambda b: False
     commands: list[Command] = field(default_factory=list)
     now: datetime = NOW
@@ -116,7 +120,12 @@ class World:
             return {a: self.mailboxes.get(a) for a in cmd.addresses}
         if isinstance(cmd, History):
             sent = [
-                Logged(TraceType.POSTA_CERTIFICATA, self.sent[cmd.pec_msgid], (), {})
+                Logged(
+                    TraceType.POSTA_CERTIFICATA,
+                    self.sent[cmd.pec_msgid],
+                    self.sent_to.get(cmd.pec_msgid, ()),
+                    {},
+                )
                 for _ in (1,)
                 if cmd.pec_msgid in self.sent
             ]
@@ -127,6 +136,8 @@ class World:
         if isinstance(cmd, Send):
             return self.smtp
         if isinstance(cmd, Scan):
+            if self.virus is not None:
+                return Scanned(True, "Pecd.Test.Signature") if self.virus in cmd.data else CLEAN
             return self.scanned
         if isinstance(cmd, TakeInCharge):
             c = classify(cmd.envelope)
@@ -145,9 +156,16 @@ class World:
         raise AssertionError(f"unexpected command {cmd!r}")
 
     @staticmethod
-    def of(effects: list[Effect], kind: type[Any]) -> list[Any]:
-        """The effects of one type, in order."""
-        return [e for e in effects if isinstance(e, kind)]
+    def of(effects: Sequence[Effect], kind: type[Any]) -> list[Any]:
+        """The effects of one type, in order, those that take effect only after another
+        (``then``) included."""
+        out: list[Any] = []
+        for e in effects:
+            if isinstance(e, kind):
+                out.append(e)
+            if isinstance(e, Enqueue | ClaimNotice):
+                out += World.of(e.then, kind)
+        return out
 
     def play(self, stage: Stage) -> list[Effect]:
         """Drive ``stage`` to its end; its commands are kept in ``commands``."""

@@ -75,7 +75,8 @@ def test_a_valid_envelope_is_taken_in_charge_for_the_recipients_it_names(
     raw = their_envelope(theirs, world, [BOB, CAROL])
     effects = receive(ctx, world, raw, [BOB, CAROL, DAN])
     [job] = world.of(effects, Enqueue)
-    assert job.kind is JobKind.DELIVERY and job.key == "rx-1:delivery" and job.data == raw
+    # Keyed by transmission and recipients: the same envelope twice at once makes one job.
+    assert job.kind is JobKind.DELIVERY and job.key.startswith("delivery:") and job.data == raw
     assert isinstance(job.payload, DeliveryPayload)
     assert job.payload.recipients == (BOB, CAROL)
     # The presa in carico goes to the sending provider's mailReceipt, from the index.
@@ -146,6 +147,7 @@ def test_a_receipt_of_ours_goes_to_the_sender_and_settles_the_timer(
 ) -> None:
     tx, raw = receipt(theirs, world, "avvenuta")
     world.sent[tx.identificativo] = ALICE
+    world.sent_to[tx.identificativo] = (ZOE,)
     effects = receive(ctx, world, raw, [ALICE, BOB])
     assert isinstance(world.commands[2], History)
     # Only to the sender of the transmission, never to whoever else the RCPT names.
@@ -162,6 +164,7 @@ def test_a_presa_in_carico_goes_to_the_service_mailbox(
 ) -> None:
     tx, raw = receipt(theirs, world, "presa")
     world.sent[tx.identificativo] = ALICE
+    world.sent_to[tx.identificativo] = (ZOE,)
     effects = receive(ctx, world, raw, [ctx.mail_receipt, ALICE])
     assert [s.mailbox for s in world.of(effects, StoreLocal)] == [ctx.mail_receipt]
     assert world.of(effects, TookCharge) == [TookCharge(tx.identificativo, (ZOE,), world.now)]
@@ -183,11 +186,12 @@ def test_a_rilevazione_virus_becomes_the_senders_errore_consegna(
 ) -> None:
     tx, raw = receipt(theirs, world, "virus")
     world.sent[tx.identificativo] = ALICE
+    world.sent_to[tx.identificativo] = (ZOE,)
     effects = receive(ctx, world, raw, [ctx.mail_receipt])
     [build] = [c for c in world.commands if isinstance(c, Build)]
     assert build.calls[0].keywords["errore"] is Errore.VIRUS
     stored = {s.key: s for s in world.of(effects, StoreLocal)}
-    notice = stored[f"virus:{tx.identificativo}:{ZOE}"]
+    notice = stored[f"esito:{tx.identificativo}:{ZOE}"]
     assert notice.mailbox == ALICE and b"X-Ricevuta: errore-consegna" in notice.data
     assert Settle(tx.identificativo, ZOE, world.now, "virus") in effects
 
@@ -204,9 +208,10 @@ def test_an_infected_envelope_from_a_peer_warns_the_peer(
     assert not any(isinstance(e, Enqueue) and e.kind is JobKind.DELIVERY for e in effects)
     # One rilevazione-virus per affected recipient, to the sending provider's mailReceipt.
     warnings = [e for e in effects if isinstance(e, Enqueue) and e.kind is JobKind.RELAY]
+    ident = warnings[0].payload.pec_msgid
     assert [w.key for w in warnings] == [
-        f"rx-1:rilevazione-virus:{BOB}",
-        f"rx-1:rilevazione-virus:{CAROL}",
+        f"rilevazione:{ident}:{BOB}",
+        f"rilevazione:{ident}:{CAROL}",
     ]
     assert all(w.payload.recipients == (PEER_RECEIPTS,) for w in warnings)
     assert all(b"X-Ricevuta: rilevazione-virus" in w.data for w in warnings)
@@ -278,9 +283,10 @@ def test_a_receipt_received_again_is_stored_once(
 ) -> None:
     tx, raw = receipt(theirs, world, "avvenuta")
     world.sent[tx.identificativo] = ALICE
+    world.sent_to[tx.identificativo] = (ZOE,)
     first = receive(ctx, world, raw, [ALICE])
     [logged] = [r.event for r in world.of(first, Record)]
-    assert logged.event == TraceType.RICEVUTA_RICEVUTA and logged.data["message_id"]
+    assert logged.event == TraceType.RICEVUTA_RICEVUTA and logged.data["receipt"]
     world.log.append(
         (tx.identificativo, Logged(TraceType.RICEVUTA_RICEVUTA, None, (ALICE,), logged.data))
     )
@@ -331,3 +337,87 @@ def test_outer_headers_of_real_envelopes_agree(corpus_dir: Any) -> None:
             assert outer_disagreements(path.read_bytes(), c) == [], path.name
             checked += 1
     assert checked >= 3
+
+
+def test_a_virus_only_in_unsigned_bytes_warns_nobody(
+    ctx: Context, world: Any, theirs: ProviderIdentity
+) -> None:
+    """A genuine envelope with a virus added on the way (an unsigned header): kept, delivered
+    to nobody, and no rilevazione-virus: the sending provider did not send that virus."""
+    world.mailboxes = {BOB: OPEN}
+    raw = their_envelope(theirs, world, [BOB])
+    marker = b"X5O-UNSIGNED-VIRUS"
+    tampered = raw.replace(b"\r\nSubject:", b"\r\nX-Junk: " + marker + b"\r\nSubject:", 1)
+    world.virus = marker
+    effects = receive(ctx, world, tampered, [BOB])
+    assert not any(isinstance(e, Enqueue | StoreLocal) for e in effects)
+    assert [r.event.event for r in world.of(effects, Record)] == [TraceType.VIRUS]
+    assert len(world.of(effects, KeepInfected)) == 1
+
+
+def test_a_recipient_already_warned_of_is_not_warned_again(
+    ctx: Context, world: Any, theirs: ProviderIdentity
+) -> None:
+    world.mailboxes = {BOB: OPEN}
+    world.scanned = Scanned(True, "Pecd.Test.Signature")
+    raw = their_envelope(theirs, world, [BOB])
+    first = receive(ctx, world, raw, [BOB])
+    [warning] = [e for e in first if isinstance(e, Enqueue)]
+    ident = warning.payload.pec_msgid
+    world.log.append((ident, Logged(TraceType.RILEVAZIONE_VIRUS, None, (), {"consegna": BOB})))
+    again = receive(ctx, world, raw, [BOB])
+    assert not any(isinstance(e, Enqueue) for e in again)
+    assert len(world.of(again, KeepInfected)) == 1  # still kept: it came in
+
+
+def test_daticert_recipients_match_whatever_their_letter_case(
+    ctx: Context, world: Any, theirs: ProviderIdentity
+) -> None:
+    world.mailboxes = {BOB: OPEN}
+    raw = their_envelope(theirs, world, ["Bob@PEC.ours.test"])
+    effects = receive(ctx, world, raw, [BOB])
+    [job] = world.of(effects, Enqueue)
+    assert job.kind is JobKind.DELIVERY and job.payload.recipients == (BOB,)
+
+
+def test_a_repeated_outer_subject_is_an_anomaly(
+    ctx: Context, world: Any, theirs: ProviderIdentity
+) -> None:
+    world.mailboxes = {BOB: OPEN}
+    raw = their_envelope(theirs, world, [BOB])
+    tampered = raw.replace(b"\r\nSubject:", b"\r\nSubject: Urgente: paga\r\nSubject:", 1)
+    assert classify(tampered).is_valid_pec
+    [record] = world.of(receive(ctx, world, tampered, [BOB]), Record)
+    assert record.event.error == f"{OUTER_ALTERED}: Subject x2, Subject"
+
+
+def test_a_receipt_about_somebody_else_settles_nothing(
+    ctx: Context, world: Any, theirs: ProviderIdentity
+) -> None:
+    """A provider of the index signs an avvenuta-consegna for a recipient our transmission
+    never had: dropped, no timer settled, nothing stored."""
+    tx, raw = receipt(theirs, world, "avvenuta")
+    world.sent[tx.identificativo] = ALICE
+    world.sent_to[tx.identificativo] = ("someone-else@pec.theirs.test",)
+    effects = receive(ctx, world, raw, [ALICE])
+    assert world.of(effects, StoreLocal) == [] and world.of(effects, Settle) == []
+    [record] = world.of(effects, Record)
+    assert record.event.data["dropped"] is True and record.event.data["pertinent"] is False
+
+
+def test_a_receipt_is_a_duplicate_by_its_signed_content_not_its_message_id(
+    ctx: Context, world: Any, theirs: ProviderIdentity
+) -> None:
+    tx, raw = receipt(theirs, world, "avvenuta")
+    world.sent[tx.identificativo] = ALICE
+    world.sent_to[tx.identificativo] = (ZOE,)
+    [logged] = [r.event for r in world.of(receive(ctx, world, raw, [ALICE]), Record)]
+    world.log.append(
+        (tx.identificativo, Logged(TraceType.RICEVUTA_RICEVUTA, None, (ALICE,), logged.data))
+    )
+    renamed = raw.replace(b"\r\nMessage-ID: <", b"\r\nMessage-ID: <other-", 1)
+    assert renamed != raw and classify(renamed).is_valid_pec
+    again = receive(ctx, world, renamed, [ALICE])
+    assert world.of(again, StoreLocal) == []
+    [record] = world.of(again, Record)
+    assert record.event.event == TraceType.DUPLICATE

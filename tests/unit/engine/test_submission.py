@@ -155,3 +155,17 @@ def test_formal_errors_come_before_the_antivirus(ctx: Context, world: Any) -> No
     effects = world.play(submission(ctx, "in-6", p, raw, world.now))
     assert not any(isinstance(c, Scan) for c in world.commands)
     assert world.of(effects, KeepInfected) == []
+
+
+def test_a_submission_the_antivirus_cannot_check_whole_is_not_accepted(
+    ctx: Context, world: Any
+) -> None:
+    alice, bob = "alice@pec.ours.test", "bob@pec.ours.test"
+    world.scanned = Scanned(False, "Heuristics.Limits.Exceeded.MaxRecursion", "too deep")
+    p = IntakePayload(alice, (bob,), user=alice)
+    effects = world.play(submission(ctx, "in-7", p, original(alice, [bob]), world.now))
+    [notice] = world.of(effects, StoreLocal)
+    assert notice.key == "in-7:non-accettazione"
+    [record] = world.of(effects, Record)
+    assert record.event.error == "unscannable"
+    assert world.of(effects, Enqueue) == [] and world.of(effects, KeepInfected) == []
