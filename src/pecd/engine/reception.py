@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 from collections.abc import Generator, Mapping, Sequence
 from datetime import datetime
 from email.utils import getaddresses
@@ -71,6 +72,16 @@ def _text(value: str | None) -> str:
     return " ".join(clean_header_text(decode_words(value or "")).split())
 
 
+def _same(outer: str, certified: str) -> bool:
+    """Whether the outer text says what is certified. A byte of the outer header that is not
+    UTF-8 (raw 8-bit Latin-1, as some providers write) reads as U+FFFD: it stands for any one
+    character there, so a genuine envelope is not taken for an altered one."""
+    if "\ufffd" not in outer:
+        return outer == certified
+    pattern = ".".join(re.escape(part) for part in outer.split("\ufffd"))
+    return re.fullmatch(pattern, certified, re.DOTALL) is not None
+
+
 def _addresses(values: Sequence[str]) -> set[str]:
     return {normalize_address(a) for _, a in getaddresses(list(values)) if a}
 
@@ -90,7 +101,7 @@ def outer_disagreements(raw: bytes, c: Classification) -> list[str]:
         for name in ("Subject", "From", "Reply-To", "Sender")
         if (n := len(get_all(raw, name))) > 1
     ]
-    if _text(get_first(raw, "Subject")) != _text(ENVELOPE_SUBJECT + (d.oggetto or "")):
+    if not _same(_text(get_first(raw, "Subject")), _text(ENVELOPE_SUBJECT + (d.oggetto or ""))):
         wrong.append("Subject")
     shown = getaddresses([get_first(raw, "From") or ""])
     name = _text(shown[0][0]) if shown else ""

@@ -421,3 +421,27 @@ def test_a_receipt_is_a_duplicate_by_its_signed_content_not_its_message_id(
     assert world.of(again, StoreLocal) == []
     [record] = world.of(again, Record)
     assert record.event.event == TraceType.DUPLICATE
+
+
+def test_a_raw_8bit_outer_subject_still_agrees(
+    ctx: Context, world: Any, theirs: ProviderIdentity
+) -> None:
+    """Some providers write the outer Subject as raw Latin-1: its undecodable bytes stand for
+    any character, so the genuine envelope is not taken for an altered one."""
+    world.mailboxes = {BOB: OPEN}
+    tx = tx_from(ZOE, [BOB], theirs, world)
+    tx = type(tx)(**{**tx.__dict__, "oggetto": "Caffè pagato"})
+    original = b"From: " + ZOE.encode() + b"\r\nSubject: x\r\n\r\ncorpo\r\n"
+    raw = builders.transport_envelope(
+        original=original, tx=tx, when=pec_time(world.now), provider=theirs
+    ).raw
+    start = raw.index(b"\r\nSubject: ") + 2
+    end = raw.index(b"\r\n", start)
+    while raw[end + 2 : end + 3] in (b" ", b"\t"):
+        end = raw.index(b"\r\n", end + 2)
+    latin = raw[:start] + "Subject: POSTA CERTIFICATA: Caffè pagato".encode("latin-1") + raw[end:]
+    c = classify(latin)
+    assert c.is_valid_pec
+    assert outer_disagreements(latin, c) == []
+    other = latin.replace(b"pagato", b"dovuto")
+    assert outer_disagreements(other, classify(other)) == ["Subject"]
