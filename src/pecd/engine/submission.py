@@ -11,6 +11,7 @@ from datetime import datetime
 from pecd.engine.context import Context
 from pecd.engine.effects import (
     Build,
+    BuildCall,
     Effect,
     Enqueue,
     Expect,
@@ -58,22 +59,18 @@ def submission(ctx: Context, key: str, p: IntakePayload, raw: bytes, now: dateti
         if scanned.unscannable is not None:
             violations = [unscannable(scanned.unscannable)]
     if violations:
-        [notice] = yield Build(
-            (functools.partial(builders.non_accettazione, tx=tx, when=when, violations=violations),)
-        )
-        return ctx.emit(
-            key=f"{key}:non-accettazione",
-            unique=True,  # from this transaction's own intake key
-            mailbox=tx.mittente,
-            msg=notice,
-            event=ctx.event(
-                TraceType.NON_ACCETTAZIONE,
+        return (
+            yield from refuse(
+                ctx,
+                key,
                 tx,
+                functools.partial(
+                    builders.non_accettazione, tx=tx, when=when, violations=violations
+                ),
                 now,
-                [notice],
-                error="; ".join(v.code for v in violations),
-                data={"violations": [asdict(v) for v in violations], "intake": key},
-            ),
+                "; ".join(v.code for v in violations),
+                {"violations": [asdict(v) for v in violations]},
+            )
         )
 
     acc, env = yield Build(
@@ -136,25 +133,35 @@ def infected(
 ) -> Stage:
     """The virus non-accettazione; the message kept byte-exact in the virus store."""
     found = scanned.signature or "virus"
-    [notice] = yield Build(
-        (functools.partial(builders.non_accettazione, tx=tx, when=when, virus=found),)
+    call = functools.partial(builders.non_accettazione, tx=tx, when=when, virus=found)
+    effects = yield from refuse(
+        ctx, key, tx, call, when.instant, f"virus: {found}", {"virus": found}
     )
     return [
-        *ctx.emit(
-            key=f"{key}:non-accettazione",
-            unique=True,  # from this transaction's own intake key
-            mailbox=tx.mittente,
-            msg=notice,
-            event=ctx.event(
-                TraceType.NON_ACCETTAZIONE,
-                tx,
-                when.instant,
-                [notice],
-                error=f"virus: {found}",
-                data={"virus": found, "intake": key},
-            ),
-        ),
+        *effects,
         KeepInfected(
             key, when.instant, "access", found, tx.identificativo, tx.mittente, tx.addresses, raw
         ),
     ]
+
+
+def refuse(
+    ctx: Context,
+    key: str,
+    tx: Transmission,
+    notice_call: BuildCall,
+    now: datetime,
+    error: str,
+    data: dict[str, object],
+) -> Stage:
+    """The one non-accettazione of SMTP transaction ``key``, to the sender, logged."""
+    [notice] = yield Build((notice_call,))
+    return ctx.emit(
+        key=f"{key}:non-accettazione",
+        unique=True,  # from this transaction's own intake key
+        mailbox=tx.mittente,
+        msg=notice,
+        event=ctx.event(
+            TraceType.NON_ACCETTAZIONE, tx, now, [notice], error=error, data={**data, "intake": key}
+        ),
+    )
