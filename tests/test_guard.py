@@ -209,19 +209,21 @@ def test_hash_slots_bound_and_let_clean_clients_first() -> None:
     slots = HashSlots(2)
     running = 0
     most = 0
-    order: list[str] = []
+    started: list[str] = []
     lock = threading.Lock()
-    gate = threading.Event()
+    gate = threading.Event()  # holds the two checks that took the slots first
+    then = threading.Event()  # holds the next two, so that who got the slots is plain to see
 
     def work(name: str) -> str:
         nonlocal running, most
         with lock:
             running += 1
             most = max(most, running)
-        gate.wait(5)
+            started.append(name)
+            first_two = len(started) <= 2
+        (gate if first_two else then).wait(5)
         with lock:
             running -= 1
-            order.append(name)
         return name
 
     async def run() -> list[str]:
@@ -232,13 +234,17 @@ def test_hash_slots_bound_and_let_clean_clients_first() -> None:
         await wait_for_async(lambda: slots.waiting() == 9, what="the clean check queued")
         assert slots.waiting() == 9
         gate.set()
+        # The two slots freed go to the next two checks; the clean one must be one of them.
+        await wait_for_async(lambda: len(started) == 4, what="the next two checks started")
+        then.set()
         return await asyncio.gather(*busy, clean)
 
     results = asyncio.run(run())
     assert results[-1] == "clean"
     assert most == 2
-    # The clean client's check was the first to start after the two that held the slots.
-    assert order.index("clean") <= 3
+    # The clean client's check was among the first to start after the two that held the slots
+    # (started is in the order the slots were taken: nothing else ran meanwhile).
+    assert "clean" in started[2:4]
     assert slots.free == 2
 
 
