@@ -25,7 +25,7 @@ from pecd.runtime.reception import ReceptionPoint
 from pecd.runtime.relay import RelayClient
 from pecd.runtime.sealer import Sealer
 from pecd.runtime.stages import StageRunner, make_context
-from pecd.runtime.supervisor import MailboxSupervisor
+from pecd.runtime.supervisor import MailboxSupervisor, WebSupervisor
 from pecd.runtime.timers import Timers
 from pecd.runtime.tls import server_tls_context
 from pecd.runtime.workers import WorkerPool
@@ -45,6 +45,7 @@ class App:
     runner: StageRunner | None = None
     access: AccessPoint | None = None
     mailboxes: MailboxSupervisor | None = None
+    web: WebSupervisor | None = None
     workers: WorkerPool | None = None
     relay_workers: WorkerPool | None = None
     timers: Timers | None = None
@@ -157,6 +158,10 @@ class App:
         # IMAP and POP3 run in a supervised process of their own (see runtime/supervisor.py).
         self.mailboxes = MailboxSupervisor(cfg, debug=log.isEnabledFor(logging.DEBUG))
         await self.mailboxes.start(self.stack)
+        # The web application (HTTPS) likewise, when listeners.https is set.
+        if lst.https is not None:
+            self.web = WebSupervisor(cfg, debug=log.isEnabledFor(logging.DEBUG))
+            await self.web.start(self.stack)
 
     def client_settings(self) -> list[str]:
         """What a person types into a mail client, printed at startup."""
@@ -183,6 +188,8 @@ class App:
         if self.cfg.mailbox.server == "dovecot":
             lines.append("  IMAP and POP3: served by Dovecot (see its configuration)")
         lines.append("  User name:     your full PEC address")
+        if self.web and "https" in self.web.sockets:
+            lines.append(f"  Web (HTTPS):   https://{host}:{self.web.port('https')}/")
         if self.reception and self.reception.server:
             lines.append(f"  Other providers deliver to: {host} port {self.reception.port} (SMTP)")
         if self.cfg.tls.ca:

@@ -121,6 +121,7 @@ class ListenersConfig(_Section):
     reception: OptionalEndpoint = None  # reception point for other providers (25), STARTTLS offered
     pop3s: OptionalEndpoint = None  # POP3, implicit TLS (995)
     pop3: OptionalEndpoint = None  # POP3 with STLS (110), optional, off by default
+    https: OptionalEndpoint = None  # webmail and REST API (443), in the web process; off by default
     hostname: str = "localhost"  # the name shown to clients and in Received:
 
 

@@ -11,7 +11,14 @@ from pecd.devpki import write_dev_pki
 from pecd.pec.pki import create_dev_pki
 
 CONFIG_NAME = "pecd.toml"
-DEV_PORTS = {"smtps": 2465, "submission": 2587, "imaps": 2993, "pop3s": 2995, "reception": 2525}
+DEV_PORTS = {
+    "smtps": 2465,
+    "submission": 2587,
+    "imaps": 2993,
+    "pop3s": 2995,
+    "reception": 2525,
+    "https": 2443,
+}
 
 
 @dataclass(frozen=True)
@@ -73,6 +80,7 @@ imaps = "{host}:{ports["imaps"]}"
 """
         + (f'pop3s = "{host}:{ports["pop3s"]}"\n' if "pop3s" in ports else "")
         + (f'reception = "{host}:{ports["reception"]}"\n' if "reception" in ports else "")
+        + (f'https = "{host}:{ports["https"]}"\n' if "https" in ports else "")
     )
 
 

@@ -1,4 +1,8 @@
-"""The mailbox process: IMAP and POP3 in a child process that ``pecd serve`` keeps alive.
+"""Supervised child processes: IMAP and POP3 (the mailbox process), HTTPS (the web process).
+
+:class:`ChildSupervisor` is the machinery; :class:`MailboxSupervisor` and :class:`WebSupervisor`
+say which module the child runs and which listeners it serves. What follows is said of the mailbox
+process and holds for the web process alike (same heartbeat settings, ``[mailbox]``'s).
 
 Why a process of its own: the access point, the reception point and the pipeline must keep
 answering whatever happens to the mailbox protocols. A parser bug that spins forever (pymap's
@@ -30,10 +34,17 @@ import socket
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from pecd.config import Config, Endpoint
 
-__all__ = ["MailboxSupervisor", "mailbox_listeners"]
+__all__ = [
+    "ChildSupervisor",
+    "MailboxSupervisor",
+    "WebSupervisor",
+    "mailbox_listeners",
+    "web_listeners",
+]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +66,12 @@ def mailbox_listeners(cfg: Config) -> dict[str, Endpoint]:
     return {name: ep for name, ep in found.items() if ep is not None}
 
 
+def web_listeners(cfg: Config) -> dict[str, Endpoint]:
+    """The HTTPS listener of the web process under ``cfg`` (none when ``listeners.https`` is unset)."""
+    ep = cfg.listeners.https
+    return {} if ep is None else {"https": ep}
+
+
 def _bind(ep: Endpoint) -> socket.socket:
     family = socket.AF_INET6 if ":" in ep.host else socket.AF_INET
     sock = socket.create_server((ep.host, ep.port), family=family, backlog=512)
@@ -63,8 +80,15 @@ def _bind(ep: Endpoint) -> socket.socket:
 
 
 @dataclass
-class MailboxSupervisor:
-    """Runs and watches the mailbox process. ``await start(stack)``; the stack stops it."""
+class ChildSupervisor:
+    """Runs and watches one child process. ``await start(stack)``; the stack stops it.
+
+    A subclass names the child (``label``, in log lines), its entry module (``module``, run as
+    ``python -m module FD``, speaking the protocol of ``pecd.runtime.mailbox_process``) and the
+    listeners it serves (:meth:`listeners`)."""
+
+    label: ClassVar[str] = "child"
+    module: ClassVar[str] = ""
 
     cfg: Config
     debug: bool = False
@@ -84,22 +108,30 @@ class MailboxSupervisor:
     def port(self, name: str) -> int:
         return self.ports[name]
 
+    def listeners(self) -> dict[str, Endpoint]:
+        """The listeners the child serves, bound by :meth:`start`."""
+        raise NotImplementedError
+
     async def start(self, stack: contextlib.AsyncExitStack) -> None:
         """Bind the listeners, start the child and wait until it serves them."""
-        for name, ep in mailbox_listeners(self.cfg).items():
+        for name, ep in self.listeners().items():
             self.sockets[name] = _bind(ep)
         stack.callback(self._close_sockets)
         if not self.sockets:
             return
         stack.push_async_callback(self.stop)
-        self._task = asyncio.create_task(self._supervise(), name="mailbox-supervisor")
+        self._task = asyncio.create_task(self._supervise(), name=f"{self.label}-supervisor")
         ready = asyncio.create_task(self._ready.wait())
         done, _ = await asyncio.wait({ready, self._task}, return_when=asyncio.FIRST_COMPLETED)
         if ready not in done:
             ready.cancel()
             self._task.result()  # raises what ended the supervisor
-            raise RuntimeError("the mailbox process did not start")
-        log.info("mailbox process serving %s", ", ".join(f"{n} {p}" for n, p in self.ports.items()))
+            raise RuntimeError(f"the {self.label} process did not start")
+        log.info(
+            "%s process serving %s",
+            self.label,
+            ", ".join(f"{n} {p}" for n, p in self.ports.items()),
+        )
 
     def _close_sockets(self) -> None:
         for sock in self.sockets.values():
@@ -114,7 +146,7 @@ class MailboxSupervisor:
             try:
                 await asyncio.wait_for(proc.wait(), self.cfg.queue.drain_seconds)
             except TimeoutError:
-                log.warning("mailbox process %d did not stop in time; killing it", proc.pid)
+                log.warning("%s process %d did not stop in time; killing it", self.label, proc.pid)
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 await proc.wait()
@@ -138,7 +170,7 @@ class MailboxSupervisor:
             self.restarts += 1
             if time.monotonic() - started >= _HEALTHY_SECONDS:
                 pause = _MIN_RESTART_PAUSE
-            log.error("mailbox process %s; starting a new one in %.1f s", reason, pause)
+            log.error("%s process %s; starting a new one in %.1f s", self.label, reason, pause)
             await asyncio.sleep(pause)
             pause = min(pause * 2, _MAX_RESTART_PAUSE)
 
@@ -150,7 +182,7 @@ class MailboxSupervisor:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "pecd.runtime.mailbox_process",
+                self.module,
                 str(child_end.fileno()),
                 pass_fds=[child_end.fileno(), *fds.values()],
                 stdin=asyncio.subprocess.DEVNULL,
@@ -205,8 +237,9 @@ class MailboxSupervisor:
                 if self._stopping:
                     return "stopping"
                 log.error(
-                    "mailbox process %d sent no heartbeat for %.0f s (its event loop is stuck); "
+                    "%s process %d sent no heartbeat for %.0f s (its event loop is stuck); "
                     "killing it",
+                    self.label,
                     proc.pid,
                     timeout,
                 )
@@ -217,3 +250,23 @@ class MailboxSupervisor:
             if not line:
                 code = await proc.wait()
                 return f"{proc.pid} exited with status {code}"
+
+
+class MailboxSupervisor(ChildSupervisor):
+    """The mailbox process: IMAP and POP3 (``pecd.runtime.mailbox_process``)."""
+
+    label = "mailbox"
+    module = "pecd.runtime.mailbox_process"
+
+    def listeners(self) -> dict[str, Endpoint]:
+        return mailbox_listeners(self.cfg)
+
+
+class WebSupervisor(ChildSupervisor):
+    """The web process: the ASGI application over HTTPS (``pecd.runtime.web_process``)."""
+
+    label = "web"
+    module = "pecd.runtime.web_process"
+
+    def listeners(self) -> dict[str, Endpoint]:
+        return web_listeners(self.cfg)

@@ -1,0 +1,128 @@
+"""Entry point of the web process (HTTPS): ``python -m pecd.runtime.web_process FD``.
+
+Started only by :class:`pecd.runtime.supervisor.WebSupervisor`, with the protocol of the mailbox
+process (``pecd.runtime.mailbox_process``): ``FD`` is its end of the control socket; the first
+line read from it is JSON with the config, the inherited listening socket (``{"https": fd}``) and
+the debug switch; the process answers ``ready`` once uvicorn serves the application
+(``pecd.web.app.make_app``) on that socket with the ``[tls]`` certificate, then a heartbeat line
+every ``mailbox.heartbeat_seconds`` from its event loop. It stops on SIGTERM/SIGINT, and when the
+control socket reaches end-of-file (the parent is gone): uvicorn stops accepting, lets the
+requests in progress finish (up to the drain time) and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import socket
+import ssl
+import sys
+from collections.abc import Callable, Generator
+from typing import Any
+
+import uvicorn
+
+from pecd.config import Config
+
+log = logging.getLogger("pecd.web")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, leaving the signals to this process (uvicorn would take them over)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def _server(cfg: Config, debug: bool) -> _Server:
+    from pecd.runtime.tls import server_tls_context
+    from pecd.web.app import make_app
+
+    def tls(_config: uvicorn.Config, _default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+        return server_tls_context(cfg)
+
+    config = uvicorn.Config(
+        make_app(cfg),
+        http="h11",
+        ws="none",
+        lifespan="off",
+        ssl_context_factory=tls,
+        log_config=None,  # pecd's logging, set up below
+        access_log=debug,
+        server_header=False,
+        proxy_headers=False,
+        timeout_graceful_shutdown=max(1, int(cfg.queue.drain_seconds) - 1),
+    )
+    return _Server(config)
+
+
+async def _main(ctrl_fd: int) -> int:
+    ctrl = socket.socket(fileno=ctrl_fd)
+    reader, writer = await asyncio.open_connection(sock=ctrl)
+    hello: dict[str, Any] = json.loads(await reader.readline())
+    cfg = Config.model_validate(hello["config"])
+    debug = bool(hello.get("debug"))
+    if debug:
+        logging.getLogger("pecd").setLevel(logging.DEBUG)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s [web] %(name)s: %(message)s",
+    )
+    socks = [socket.socket(fileno=fd) for fd in hello["listeners"].values()]
+    for sock in socks:
+        sock.setblocking(False)
+    server = _server(cfg, debug)
+
+    def stop() -> None:
+        server.should_exit = True
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop)
+
+    async def parent_gone() -> None:
+        # Anything read after the hello is ignored; end-of-file means the parent is gone.
+        while await reader.read(4096):
+            pass
+        stop()
+
+    serving = asyncio.create_task(server.serve(sockets=socks))
+    watch = asyncio.create_task(parent_gone())
+    try:
+        while not server.started and not serving.done():
+            await asyncio.wait({serving}, timeout=0.02)
+        if serving.done():
+            serving.result()
+            return 1  # uvicorn gave up before serving (it logged why)
+        writer.write(b"ready\n")
+        await writer.drain()
+        every = cfg.mailbox.heartbeat_seconds
+        while not serving.done():
+            await asyncio.wait({serving}, timeout=every)
+            if not serving.done():
+                writer.write(b"alive\n")
+                await writer.drain()
+        serving.result()
+        log.info("web process stopped")
+        return 0
+    finally:
+        watch.cancel()
+        writer.close()
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2 or not argv[1].isdigit():
+        print("pecd's web process is started by `pecd serve`, not by hand", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(_main(int(argv[1])))
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,164 @@
+"""The ASGI application pecd serves over HTTPS (``listeners.https``), in the web process.
+
+Starlette: small, typed and well kept, with routing, requests and responses and nothing else to
+carry; pages will be rendered on the server (templates), so no JavaScript build chain. uvicorn
+serves it (``pecd.runtime.web_process``).
+
+What every response gets, whatever route made it (two plain ASGI middlewares, outermost first):
+
+* :class:`SecurityHeaders`: Content-Security-Policy (own origin only, never framed), HSTS,
+  ``nosniff`` and no Referer.
+* :class:`BodyLimit`: a request body over ``limits.max_message_size`` (the mail limit) is
+  answered 413: at once when its Content-Length says so, else as soon as the bytes read pass it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from pecd.config import Config
+
+__all__ = ["SECURITY_HEADERS", "BodyLimit", "RequestTooLarge", "SecurityHeaders", "make_app"]
+
+log = logging.getLogger(__name__)
+
+SECURITY_HEADERS: dict[str, str] = {
+    "Content-Security-Policy": (
+        "default-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+    ),
+    "Strict-Transport-Security": "max-age=31536000",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+class SecurityHeaders:
+    """Adds :data:`SECURITY_HEADERS` to every HTTP response (replacing any the app set)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self._names = {name.lower().encode("latin-1") for name in SECURITY_HEADERS}
+        self._headers = [
+            (name.lower().encode("latin-1"), value.encode("latin-1"))
+            for name, value in SECURITY_HEADERS.items()
+        ]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                kept = [(k, v) for k, v in message.get("headers", []) if k not in self._names]
+                message = {**message, "headers": [*kept, *self._headers]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+class RequestTooLarge(HTTPException):
+    """Raised from ``receive`` when the body read passes the limit. An HTTPException, so that
+    Starlette's exception handling answers it (413) in place of an error page."""
+
+    def __init__(self) -> None:
+        super().__init__(413, "request body too large")
+
+
+class BodyLimit:
+    """Answers 413 to a request whose body is over ``limit`` bytes, reading no more of it."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    await self._answer(send, 400, "invalid Content-Length")
+                    return
+                if declared > self.limit:
+                    await self._answer(send, 413, "request body too large")
+                    return
+        seen = 0
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise RequestTooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except RequestTooLarge:
+            if started:  # too late for a status: the response is cut short instead
+                raise
+            await self._answer(send, 413, "request body too large")
+
+    async def _answer(self, send: Send, status: int, detail: str) -> None:
+        body = f'{{"status": {status}, "detail": "{detail}"}}'.encode("ascii")
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode("ascii")),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+def _api_routes(cfg: Config) -> list[BaseRoute]:
+    """The REST API's routes (``pecd.web.api.api_routes``), if that module is there."""
+    try:
+        api = importlib.import_module("pecd.web.api")
+    except ModuleNotFoundError as exc:
+        if exc.name != "pecd.web.api":  # the module is there but something it needs is not
+            raise
+        return []
+    make: Callable[[Config], list[BaseRoute]] | None = getattr(api, "api_routes", None)
+    return [] if make is None else list(make(cfg))
+
+
+def make_app(cfg: Config) -> Starlette:
+    """The whole web application under ``cfg``."""
+    routes: list[BaseRoute] = [Route("/healthz", healthz, methods=["GET"])]
+    routes += _api_routes(cfg)
+    app = Starlette(routes=routes)
+    # add_middleware wraps outside what was added before: SecurityHeaders is outermost, so the
+    # 413 gets the headers too.
+    app.add_middleware(BodyLimit, limit=cfg.limits.max_message_size)
+    app.add_middleware(SecurityHeaders)
+    return app
