@@ -78,6 +78,38 @@ def cmd_mailbox(args: argparse.Namespace) -> int:
     return asyncio.run(with_accounts(cfg, go))
 
 
+def cmd_token(args: argparse.Namespace) -> int:
+    """``pecd mailbox token create|list|revoke``: REST API tokens (the token is shown once)."""
+    from pecd.store.tokens import Tokens
+
+    cfg = load(args)
+
+    async def go(_acc: Accounts, db: Database) -> int:
+        tokens = Tokens(db)
+        c = args.token_command
+        if c == "create":
+            token_id, token = await tokens.create(args.address, args.name)
+            print(f"pecd: API token {token_id} for {args.address.lower()} (shown only now):")
+            print(token)
+        elif c == "revoke":
+            info = await tokens.revoke(args.id)
+            print(f"pecd: API token {info.id} of {info.mailbox} revoked")
+        else:
+            rows = [
+                (t.id, t.name, t.created_at, t.last_used_at, t.revoked_at)
+                for t in await tokens.list(args.address)
+            ]
+            print_table(
+                f"API tokens of {args.address.lower()}",
+                ["id", "name", "created_at", "last_used_at", "revoked_at"],
+                rows,
+                args.json,
+            )
+        return EXIT_OK
+
+    return asyncio.run(with_accounts(cfg, go))
+
+
 def register(sub: Subcommands) -> None:
     """Add ``pecd domain …`` and ``pecd mailbox …`` to the ``pecd`` parser."""
     dom = sub.add_parser("domain", help="PEC domains this provider serves")
@@ -103,3 +135,15 @@ def register(sub: Subcommands) -> None:
     ml.add_argument("--domain")
     ml.add_argument("--json", action="store_true")
     mb.set_defaults(func=cmd_mailbox)
+
+    tk = mb_sub.add_parser("token", help="REST API tokens of a mailbox")
+    tk_sub = tk.add_subparsers(dest="token_command", required=True)
+    tc = with_config(tk_sub.add_parser("create", help="make a token (shown once)"))
+    tc.add_argument("address")
+    tc.add_argument("--name", required=True, help="what the token is for")
+    tl = with_config(tk_sub.add_parser("list"))
+    tl.add_argument("address")
+    tl.add_argument("--json", action="store_true")
+    tr = with_config(tk_sub.add_parser("revoke"))
+    tr.add_argument("id", type=int)
+    tk.set_defaults(func=cmd_token)

@@ -285,3 +285,21 @@ class InfectedMessage(Base):
 
     def __repr__(self) -> str:
         return f"InfectedMessage(id={self.id}, point={self.point!r}, signature={self.signature!r})"
+
+
+class ApiToken(Base):
+    """A REST API token of one mailbox. Only the SHA-256 of the token is kept (``token_sha256``,
+    hex): the token itself is shown once, when it is made. A revoked token stays, for the list."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    mailbox: Mapped[str] = mapped_column(String(320), index=True)
+    name: Mapped[str] = mapped_column(String(255))
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime]
+    last_used_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+
+    def __repr__(self) -> str:
+        return f"ApiToken(id={self.id}, mailbox={self.mailbox!r}, name={self.name!r})"
