@@ -22,6 +22,7 @@ from starlette.routing import Route
 from helpers import DOMAIN, PASSWORD, client_tls, install_e2e, wait_for
 from helpers import AppThread as Server
 from pecd.config import Config, load_config
+from pecd.web.api import request_limit
 from pecd.web.app import SECURITY_HEADERS, BodyLimit, SecurityHeaders
 
 LIMIT = 256 * 1024
@@ -105,11 +106,18 @@ def test_the_web_process_serves_https_and_is_replaced_when_it_dies(srv: Server) 
         missing = c.get("/no/such/page")
         assert missing.status_code == 404
         _assert_security_headers(missing)
-        # Over the mail limit: 413 from the Content-Length alone, headers included.
-        big = c.post("/healthz", content=b"x" * (LIMIT + 1))
+        # Over the request limit (the mail limit, base64 in JSON): 413 from the Content-Length
+        # alone, headers included.
+        big = c.post("/healthz", content=b"x" * (request_limit(srv.cfg.limits) + 1))
         assert big.status_code == 413
         _assert_security_headers(big)
         assert c.post("/healthz", content=b"x" * 10).status_code == 405
+        # The REST API over the same HTTPS, its database opened by the app's lifespan.
+        doc = c.get("/api/v1/openapi.json")
+        assert doc.status_code == 200 and "/api/v1/messages" in doc.json()["paths"]
+        refused = c.post("/api/v1/messages", json={"to": ["bob@pec.example.test"]})
+        assert refused.status_code == 401
+        assert refused.headers["content-type"].startswith("application/problem+json")
 
     started = time.monotonic()
     os.kill(first, signal.SIGKILL)

@@ -42,7 +42,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from pecd.clock import Clock, SystemClock
-from pecd.config import Config
+from pecd.config import Config, LimitsConfig
 from pecd.engine.vocab import IntakePayload, JobKind, TraceType
 from pecd.pec.address import domain_of, normalize_address, valid_address
 from pecd.pec.vocab import TipoRicevuta
@@ -186,12 +186,17 @@ def _intake_key(mailbox: str, client_key: str | None) -> str:
     return "api-" + digest[:32]
 
 
+def request_limit(limits: LimitsConfig) -> int:
+    """The largest request the API reads: a message at the mail limit, base64-encoded (4 bytes
+    of 3) in JSON; the JSON around it and the text fields are bounded by the slack."""
+    return limits.max_message_size * 4 // 3 + 256 * 1024
+
+
 def api_routes(cfg: Config, clock: Clock | None = None) -> list[BaseRoute]:
     """The REST API's routes (see the module's documentation for what the app provides)."""
     clk = clock or SystemClock()
     limits = cfg.limits
-    # base64 makes 4 bytes of 3; the JSON around it and the text fields are bounded by the slack.
-    body_limit = limits.max_message_size * 4 // 3 + 256 * 1024
+    body_limit = request_limit(limits)
 
     async def send(request: Request) -> Response:
         try:

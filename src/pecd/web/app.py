@@ -14,9 +14,9 @@ What every response gets, whatever route made it (two plain ASGI middlewares, ou
 
 from __future__ import annotations
 
-import importlib
+import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -26,6 +26,8 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pecd.config import Config
+from pecd.store.db import Database
+from pecd.web.api import api_routes, request_limit
 
 __all__ = ["SECURITY_HEADERS", "BodyLimit", "RequestTooLarge", "SecurityHeaders", "make_app"]
 
@@ -140,25 +142,24 @@ async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
-def _api_routes(cfg: Config) -> list[BaseRoute]:
-    """The REST API's routes (``pecd.web.api.api_routes``), if that module is there."""
-    try:
-        api = importlib.import_module("pecd.web.api")
-    except ModuleNotFoundError as exc:
-        if exc.name != "pecd.web.api":  # the module is there but something it needs is not
-            raise
-        return []
-    make: Callable[[Config], list[BaseRoute]] | None = getattr(api, "api_routes", None)
-    return [] if make is None else list(make(cfg))
-
-
 def make_app(cfg: Config) -> Starlette:
-    """The whole web application under ``cfg``."""
+    """The whole web application under ``cfg``: the REST API (``pecd.web.api``) reads the
+    database the lifespan opens (``app.state.db``)."""
     routes: list[BaseRoute] = [Route("/healthz", healthz, methods=["GET"])]
-    routes += _api_routes(cfg)
-    app = Starlette(routes=routes)
+    routes += api_routes(cfg)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        app.state.db = await Database.open(cfg.database_url)
+        try:
+            yield
+        finally:
+            await app.state.db.close()
+
+    app = Starlette(routes=routes, lifespan=lifespan)
     # add_middleware wraps outside what was added before: SecurityHeaders is outermost, so the
-    # 413 gets the headers too.
-    app.add_middleware(BodyLimit, limit=cfg.limits.max_message_size)
+    # 413 gets the headers too. A message sent through the API comes base64-encoded in JSON:
+    # its request may be 4/3 of the mail limit (the API checks the message itself).
+    app.add_middleware(BodyLimit, limit=request_limit(cfg.limits))
     app.add_middleware(SecurityHeaders)
     return app
