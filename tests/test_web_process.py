@@ -54,6 +54,18 @@ def _web_port(srv: Server) -> int:
     return srv.app.web.port("https")
 
 
+async def _token(srv: Server, mailbox: str) -> str:
+    from pecd.store.db import Database
+    from pecd.store.tokens import Tokens
+
+    db = await Database.open(srv.cfg.database_url)
+    try:
+        _id, token = await Tokens(db).create(mailbox, "test")
+    finally:
+        await db.close()
+    return token
+
+
 def _client(srv: Server) -> httpx.Client:
     return httpx.Client(
         base_url=f"https://127.0.0.1:{_web_port(srv)}", verify=client_tls(srv.cfg), timeout=TIMEOUT
@@ -118,6 +130,16 @@ def test_the_web_process_serves_https_and_is_replaced_when_it_dies(srv: Server) 
         refused = c.post("/api/v1/messages", json={"to": ["bob@pec.example.test"]})
         assert refused.status_code == 401
         assert refused.headers["content-type"].startswith("application/problem+json")
+        # A real send over HTTPS: the web process has its own database connection.
+        token = srv.call(_token(srv, "alice@pec.example.test"))
+        sent = c.post(
+            "/api/v1/messages",
+            headers={"Authorization": f"Bearer {token}"},
+            json={"to": ["bob@pec.example.test"], "subject": "Via HTTPS", "body": "ciao"},
+        )
+        assert sent.status_code == 202, sent.text
+        status = c.get(sent.json()["status_url"], headers={"Authorization": f"Bearer {token}"})
+        assert status.status_code == 200
 
     started = time.monotonic()
     os.kill(first, signal.SIGKILL)

@@ -49,7 +49,7 @@ def _server(cfg: Config, debug: bool) -> _Server:
         make_app(cfg),
         http="h11",
         ws="none",
-        lifespan="off",
+        lifespan="on",  # the app opens its database there
         ssl_context_factory=tls,
         log_config=None,  # pecd's logging, set up below
         access_log=debug,
