@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import signal
 import socket
 import sys
-from typing import Any
 
 from pecd.config import Config
+from pecd.runtime import child
 
 log = logging.getLogger("pecd.mailbox")
 
@@ -81,60 +80,24 @@ async def _serve(
 
 
 async def _main(ctrl_fd: int) -> int:
-    ctrl = socket.socket(fileno=ctrl_fd)
-    reader, writer = await asyncio.open_connection(sock=ctrl)
-    hello: dict[str, Any] = json.loads(await reader.readline())
-    cfg = Config.model_validate(hello["config"])
-    if hello.get("debug"):
-        logging.getLogger("pecd").setLevel(logging.DEBUG)
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s [mailbox] %(name)s: %(message)s",
-    )
+    cfg, data, reader, writer = await child.hello(ctrl_fd, "mailbox")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-
-    async def parent_gone() -> None:
-        # Anything read after the hello is ignored; end-of-file means the parent is gone.
-        while await reader.read(4096):
-            pass
-        stop.set()
-
     started = asyncio.Event()
-    serving = asyncio.create_task(_serve(cfg, hello["listeners"], started, stop))
-    ready = asyncio.create_task(started.wait())
-    watch = asyncio.create_task(parent_gone())
+    serving = asyncio.create_task(_serve(cfg, data["listeners"], started, stop))
+    watch = asyncio.create_task(child.watch_parent(reader, stop.set))
     try:
-        await asyncio.wait({serving, ready}, return_when=asyncio.FIRST_COMPLETED)
-        if serving.done():
-            serving.result()
-            return 0
-        writer.write(b"ready\n")
-        await writer.drain()
-        every = cfg.mailbox.heartbeat_seconds
-        while not serving.done():
-            await asyncio.wait({serving}, timeout=every)
-            if not serving.done():
-                writer.write(b"alive\n")
-                await writer.drain()
-        serving.result()
+        await child.beat(writer, serving, started.is_set, cfg.mailbox.heartbeat_seconds)
         return 0
     finally:
         watch.cancel()
-        ready.cancel()
         writer.close()
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2 or not argv[1].isdigit():
-        print("pecd's mailbox process is started by `pecd serve`, not by hand", file=sys.stderr)
-        return 2
-    try:
-        return asyncio.run(_main(int(argv[1])))
-    except KeyboardInterrupt:
-        return 0
+    return child.main(argv, "mailbox process", _main)
 
 
 if __name__ == "__main__":

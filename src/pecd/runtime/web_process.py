@@ -14,18 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import signal
 import socket
 import ssl
 import sys
 from collections.abc import Callable, Generator
-from typing import Any
 
 import uvicorn
 
 from pecd.config import Config
+from pecd.runtime import child
 
 log = logging.getLogger("pecd.web")
 
@@ -61,21 +60,11 @@ def _server(cfg: Config, debug: bool) -> _Server:
 
 
 async def _main(ctrl_fd: int) -> int:
-    ctrl = socket.socket(fileno=ctrl_fd)
-    reader, writer = await asyncio.open_connection(sock=ctrl)
-    hello: dict[str, Any] = json.loads(await reader.readline())
-    cfg = Config.model_validate(hello["config"])
-    debug = bool(hello.get("debug"))
-    if debug:
-        logging.getLogger("pecd").setLevel(logging.DEBUG)
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s [web] %(name)s: %(message)s",
-    )
-    socks = [socket.socket(fileno=fd) for fd in hello["listeners"].values()]
+    cfg, data, reader, writer = await child.hello(ctrl_fd, "web")
+    socks = [socket.socket(fileno=fd) for fd in data["listeners"].values()]
     for sock in socks:
         sock.setblocking(False)
-    server = _server(cfg, debug)
+    server = _server(cfg, bool(data.get("debug")))
 
     def stop() -> None:
         server.should_exit = True
@@ -83,30 +72,13 @@ async def _main(ctrl_fd: int) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop)
-
-    async def parent_gone() -> None:
-        # Anything read after the hello is ignored; end-of-file means the parent is gone.
-        while await reader.read(4096):
-            pass
-        stop()
-
     serving = asyncio.create_task(server.serve(sockets=socks))
-    watch = asyncio.create_task(parent_gone())
+    watch = asyncio.create_task(child.watch_parent(reader, stop))
     try:
-        while not server.started and not serving.done():
-            await asyncio.wait({serving}, timeout=0.02)
-        if serving.done():
-            serving.result()
+        if not await child.beat(
+            writer, serving, lambda: bool(server.started), cfg.mailbox.heartbeat_seconds
+        ):
             return 1  # uvicorn gave up before serving (it logged why)
-        writer.write(b"ready\n")
-        await writer.drain()
-        every = cfg.mailbox.heartbeat_seconds
-        while not serving.done():
-            await asyncio.wait({serving}, timeout=every)
-            if not serving.done():
-                writer.write(b"alive\n")
-                await writer.drain()
-        serving.result()
         log.info("web process stopped")
         return 0
     finally:
@@ -115,13 +87,7 @@ async def _main(ctrl_fd: int) -> int:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2 or not argv[1].isdigit():
-        print("pecd's web process is started by `pecd serve`, not by hand", file=sys.stderr)
-        return 2
-    try:
-        return asyncio.run(_main(int(argv[1])))
-    except KeyboardInterrupt:
-        return 0
+    return child.main(argv, "web process", _main)
 
 
 if __name__ == "__main__":
