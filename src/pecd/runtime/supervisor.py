@@ -25,6 +25,7 @@ child, which the supervisor replaces. The layout:
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import json
@@ -80,7 +81,7 @@ def _bind(ep: Endpoint) -> socket.socket:
 
 
 @dataclass
-class ChildSupervisor:
+class ChildSupervisor(abc.ABC):
     """Runs and watches one child process. ``await start(stack)``; the stack stops it.
 
     A subclass names the child (``label``, in log lines), its entry module (``module``, run as
@@ -108,9 +109,9 @@ class ChildSupervisor:
     def port(self, name: str) -> int:
         return self.ports[name]
 
+    @abc.abstractmethod
     def listeners(self) -> dict[str, Endpoint]:
         """The listeners the child serves, bound by :meth:`start`."""
-        raise NotImplementedError
 
     async def start(self, stack: contextlib.AsyncExitStack) -> None:
         """Bind the listeners, start the child and wait until it serves them."""
