@@ -303,3 +303,67 @@ class ApiToken(Base):
 
     def __repr__(self) -> str:
         return f"ApiToken(id={self.id}, mailbox={self.mailbox!r}, name={self.name!r})"
+
+
+# --- Issue 13: the accounts' second factor and app passwords, web sessions, webhooks. ---
+
+
+class MailboxSecurity(Base):
+    """A mailbox's login settings beside its password (one row per mailbox that has any).
+
+    ``totp_secret`` is the base32 TOTP secret: while ``totp_enabled_at`` is None it is an
+    enrolment not yet confirmed by a code. ``totp_last_step`` is the last time step accepted
+    (a code is good once). ``totp_required``: the mailbox may not log in on the web without a
+    second factor, and mail clients must use app passwords (the per-mailbox switch)."""
+
+    __tablename__ = "mailbox_security"
+
+    mailbox: Mapped[str] = mapped_column(String(320), primary_key=True)
+    totp_secret: Mapped[str | None] = mapped_column(String(64))
+    totp_enabled_at: Mapped[datetime | None]
+    totp_last_step: Mapped[int | None] = mapped_column(BigInteger)
+    totp_required: Mapped[bool] = mapped_column(Boolean, default=False)
+    updated_at: Mapped[datetime]
+
+
+class AppPassword(Base):
+    """A password for one mail client of a mailbox (IMAP, POP3, SMTP), kept as an argon2id
+    hash. Shown once when made; a revoked one stays, for the list."""
+
+    __tablename__ = "app_passwords"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    mailbox: Mapped[str] = mapped_column(String(320), index=True)
+    name: Mapped[str] = mapped_column(String(255))
+    password_hash: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime]
+    last_used_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+
+
+class WebSession(Base):
+    """A webmail session. Only the SHA-256 of the cookie's value is kept (``id_sha256``, hex).
+    ``stage`` is ``password`` while a second factor is still owed, ``ok`` once logged in."""
+
+    __tablename__ = "web_sessions"
+
+    id_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    mailbox: Mapped[str] = mapped_column(String(320), index=True)
+    stage: Mapped[str] = mapped_column(String(16))
+    csrf: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime]
+    last_seen_at: Mapped[datetime]
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+    peer: Mapped[str | None] = mapped_column(String(64))
+
+
+class Webhook(Base):
+    """Where a mailbox's transmission events are POSTed (accepted, delivered, failed), signed
+    with HMAC-SHA256 under ``secret``. One per mailbox."""
+
+    __tablename__ = "webhooks"
+
+    mailbox: Mapped[str] = mapped_column(String(320), primary_key=True)
+    url: Mapped[str] = mapped_column(String(2048))
+    secret: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime]

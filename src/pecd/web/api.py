@@ -28,28 +28,21 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import json
-import secrets
-from email.message import EmailMessage
-from email.policy import SMTP
-from email.utils import format_datetime, make_msgid
 from typing import Any
 
-from sqlalchemy import select
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from pecd.clock import Clock, SystemClock
 from pecd.config import Config, LimitsConfig
-from pecd.engine.vocab import IntakePayload, JobKind, TraceType
-from pecd.pec.address import domain_of, normalize_address, valid_address
+from pecd.pec.address import normalize_address, valid_address
 from pecd.pec.vocab import TipoRicevuta
-from pecd.store import jobs
 from pecd.store.db import Database
-from pecd.store.models import Job, TraceEvent
 from pecd.store.tokens import Tokens
+from pecd.web.status import transmission_status
+from pecd.web.submit import Attachment, SubmitError, submit
 
 PREFIX = "/api/v1"
 PROBLEM = "application/problem+json"
@@ -57,15 +50,6 @@ _PROBLEM_BASE = "https://pecd.example/problems/"  # not dereferenced: names a pr
 _FIELDS = {"to", "cc", "subject", "body", "attachments", "receipt", "client_key"}
 _MAX_CLIENT_KEY = 200
 _MAX_SUBJECT = 998
-
-# What a recipient's latest receipt says, by weight: a later receipt of a lower weight (a presa
-# in carico that arrives after the delivery receipt) does not undo a higher one.
-_WEIGHT = {
-    TraceType.PRESA_IN_CARICO.value: 1,
-    TraceType.PREAVVISO_ERRORE_CONSEGNA.value: 2,
-    TraceType.AVVENUTA_CONSEGNA.value: 3,
-    TraceType.ERRORE_CONSEGNA.value: 3,
-}
 
 
 class Problem(Exception):
@@ -171,21 +155,6 @@ def _attachments(doc: dict[str, Any]) -> list[tuple[str, str, str, bytes]]:
     return out
 
 
-def _received(hostname: str, peer: str, key: str, rcpt: str, now_text: str) -> bytes:
-    """The ``Received:`` field of this hop, as the SMTP points write theirs."""
-    return (
-        f"Received: from api ([{peer}])\r\n"
-        f"\tby {hostname} (pecd) with HTTPS id {key}\r\n\tfor <{rcpt}>; {now_text}\r\n"
-    ).encode()
-
-
-def _intake_key(mailbox: str, client_key: str | None) -> str:
-    if client_key is None:
-        return "api-" + secrets.token_hex(16)
-    digest = hashlib.sha256(f"{mailbox}\0{client_key}".encode()).hexdigest()
-    return "api-" + digest[:32]
-
-
 def request_limit(limits: LimitsConfig) -> int:
     """The largest request the API reads: a message at the mail limit, base64-encoded (4 bytes
     of 3) in JSON; the JSON around it and the text fields are bounded by the slack."""
@@ -232,48 +201,25 @@ def api_routes(cfg: Config, clock: Clock | None = None) -> list[BaseRoute]:
                 raise _invalid(f"client_key: a string of 1 to {_MAX_CLIENT_KEY} characters")
             attachments = _attachments(doc)
 
-            now = clk.now()
-            key = _intake_key(mailbox, client_key)
-            msg = EmailMessage()
-            msg["From"] = mailbox
-            msg["To"] = ", ".join(to)
-            if cc:
-                msg["Cc"] = ", ".join(cc)
-            msg["Subject"] = subject
-            msg["Date"] = format_datetime(now)
-            msg["Message-ID"] = make_msgid("api", domain=domain_of(mailbox))
-            msg["X-TipoRicevuta"] = receipt
-            msg.set_content(body)
-            for filename, maintype, subtype, content in attachments:
-                msg.add_attachment(content, maintype=maintype, subtype=subtype, filename=filename)
             peer = request.client.host if request.client else "unknown"
-            data = _received(
-                cfg.listeners.hostname, peer, key, rcpts[0], format_datetime(now)
-            ) + msg.as_bytes(policy=SMTP)
-            if len(data) > limits.max_message_size:
-                raise Problem(
-                    413,
-                    "too-large",
-                    "Message too large",
-                    f"the message is {len(data)} bytes, over {limits.max_message_size}",
+            try:
+                done = await submit(
+                    _db(request),
+                    cfg,
+                    clk,
+                    mailbox=mailbox,
+                    to=to,
+                    cc=cc,
+                    subject=subject,
+                    body=body,
+                    attachments=[Attachment(*a) for a in attachments],
+                    receipt=receipt,
+                    client_key=client_key,
+                    peer=peer,
                 )
-            if len(data) * len(rcpts) > limits.max_recipients_times_size:
-                raise Problem(
-                    413,
-                    "too-large",
-                    "Message too large for its recipients",
-                    f"size times recipients is over {limits.max_recipients_times_size} bytes",
-                )
-            payload = IntakePayload(
-                mail_from=mailbox, rcpt_to=tuple(rcpts), received_at=now, peer=peer, user=mailbox
-            ).to_json()
-
-            def commit(s: Any) -> bool:
-                return jobs.enqueue_sync(
-                    s, kind=JobKind.SUBMISSION, key=key, payload=payload, data=data, now=now
-                )
-
-            created = await _db(request).write(commit)
+            except SubmitError as e:
+                raise Problem(e.status, e.kind, e.title, e.detail) from None
+            key, created = done.key, done.created
         except Problem as p:
             return p.response()
         return JSONResponse(
@@ -284,7 +230,7 @@ def api_routes(cfg: Config, clock: Clock | None = None) -> list[BaseRoute]:
     async def status(request: Request) -> Response:
         try:
             mailbox = await _mailbox(request)
-            result = await transmission_status(_db(request), mailbox, request.path_params["id"])
+            result = await transmission_status(_db(request), mailbox, key=request.path_params["id"])
             if result is None:
                 raise Problem(404, "not-found", "No such transmission", "unknown to this mailbox")
         except Problem as p:
@@ -299,110 +245,6 @@ def api_routes(cfg: Config, clock: Clock | None = None) -> list[BaseRoute]:
         Route(f"{PREFIX}/messages/{{id:str}}", status, methods=["GET"]),
         Route(f"{PREFIX}/openapi.json", openapi, methods=["GET"]),
     ]
-
-
-def _iso(value: Any) -> str | None:
-    return None if value is None else str(value.isoformat())
-
-
-async def transmission_status(db: Database, mailbox: str, key: str) -> dict[str, Any] | None:
-    """What the trace log says of intake ``key`` of ``mailbox``, or None if that mailbox has
-    no such submission."""
-    if len(key) > 200:
-        return None
-    async with db.read_session() as s:
-        first = (
-            await s.scalars(
-                select(TraceEvent)
-                .where(
-                    TraceEvent.sender == mailbox,
-                    TraceEvent.event.in_(
-                        (TraceType.ACCETTAZIONE.value, TraceType.NON_ACCETTAZIONE.value)
-                    ),
-                    TraceEvent.data["intake"].as_string() == key,
-                )
-                .order_by(TraceEvent.id)
-                .limit(1)
-            )
-        ).first()
-        if first is None:
-            job = (await s.scalars(select(Job).where(Job.key == key))).first()
-            if (
-                job is None
-                or job.kind != JobKind.SUBMISSION.value
-                or job.payload.get("user") != mailbox
-            ):
-                return None
-            return {"id": key, "status": "queued", "recipients": [], "events": []}
-        events = list(
-            await s.scalars(
-                select(TraceEvent)
-                .where(TraceEvent.pec_msgid == first.pec_msgid)
-                .order_by(TraceEvent.at, TraceEvent.id)
-            )
-        )
-    accepted = first.event == TraceType.ACCETTAZIONE.value
-    recipients: dict[str, dict[str, Any]] = {}
-    for r in first.recipients or []:
-        address = normalize_address(str(r.get("address", "")))
-        recipients[address] = {
-            "address": address,
-            "tipo": r.get("tipo"),
-            "status": "accettazione" if accepted else "non-accettazione",
-            "at": _iso(first.at),
-            "error": None,
-        }
-    timeline: list[dict[str, Any]] = []
-
-    def apply(kind: str, who: list[str], e: TraceEvent) -> None:
-        for address in who:
-            r = recipients.get(normalize_address(address))
-            if r is None:
-                continue
-            if _WEIGHT.get(kind, 0) >= _WEIGHT.get(r["status"], 0):
-                r.update(status=kind, at=_iso(e.at), error=e.error)
-
-    for e in events:
-        data = e.data or {}
-        if e.event in _WEIGHT:
-            kind = e.event
-            consegna = data.get("consegna")
-            who = [str(consegna)] if consegna else list(recipients)
-        elif e.event == TraceType.RICEVUTA_RICEVUTA.value and data.get("pertinent"):
-            kind = str(data.get("ricevuta"))
-            if kind not in _WEIGHT:
-                continue
-            consegna = data.get("consegna")
-            who = [str(consegna)] if consegna else [str(r) for r in data.get("ricezione") or ()]
-        elif e is first:
-            timeline.append({"event": e.event, "at": _iso(e.at), "error": e.error})
-            continue
-        else:
-            continue
-        if kind == TraceType.PRESA_IN_CARICO.value and not data.get("consegna"):
-            # A presa in carico speaks for every recipient of that delivery: those still waiting.
-            who = [
-                a
-                for a in who
-                if recipients.get(normalize_address(a), {}).get("status")
-                in (
-                    "accettazione",
-                    None,
-                )
-            ] or who
-        apply(kind, who, e)
-        timeline.append({"event": kind, "at": _iso(e.at), "recipients": who, "error": e.error})
-    return {
-        "id": key,
-        "status": "accepted" if accepted else "not-accepted",
-        "pec_msgid": first.pec_msgid,
-        "client_msgid": first.client_msgid,
-        "subject": first.subject,
-        "accepted_at": _iso(first.at) if accepted else None,
-        "error": first.error,
-        "recipients": list(recipients.values()),
-        "events": timeline,
-    }
 
 
 def _problem_schema() -> dict[str, Any]:

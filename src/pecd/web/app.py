@@ -7,7 +7,9 @@ serves it (``pecd.runtime.web_process``).
 What every response gets, whatever route made it (two plain ASGI middlewares, outermost first):
 
 * :class:`SecurityHeaders`: Content-Security-Policy (own origin only, never framed), HSTS,
-  ``nosniff`` and no Referer.
+  ``nosniff`` and no Referer. A response that sets its own Content-Security-Policy keeps it (the
+  sandboxed frame that shows a message's sanitised HTML sets a stricter one that lets only this
+  origin frame it); every other header is always the application's.
 * :class:`BodyLimit`: a request body over ``limits.max_message_size`` (the mail limit) is
   answered 413: at once when its Content-Length says so, else as soon as the bytes read pass it.
 """
@@ -28,6 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from pecd.config import Config
 from pecd.store.db import Database
 from pecd.web.api import api_routes, request_limit
+from pecd.web.pages import page_routes
 
 __all__ = ["SECURITY_HEADERS", "BodyLimit", "RequestTooLarge", "SecurityHeaders", "make_app"]
 
@@ -53,6 +56,7 @@ class SecurityHeaders:
             (name.lower().encode("latin-1"), value.encode("latin-1"))
             for name, value in SECURITY_HEADERS.items()
         ]
+        self._csp = b"content-security-policy"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -61,8 +65,11 @@ class SecurityHeaders:
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                kept = [(k, v) for k, v in message.get("headers", []) if k not in self._names]
-                message = {**message, "headers": [*kept, *self._headers]}
+                own = message.get("headers", [])
+                own_csp = [(k, v) for k, v in own if k.lower() == self._csp]
+                kept = [(k, v) for k, v in own if k.lower() not in self._names]
+                ours = [(k, v) for k, v in self._headers if not (own_csp and k == self._csp)]
+                message = {**message, "headers": [*kept, *own_csp[:1], *ours]}
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
@@ -143,13 +150,16 @@ async def healthz(request: Request) -> Response:
 
 
 def make_app(cfg: Config) -> Starlette:
-    """The whole web application under ``cfg``: the REST API (``pecd.web.api``) reads the
-    database the lifespan opens (``app.state.db``)."""
+    """The whole web application under ``cfg``: the REST API (``pecd.web.api``) and the
+    webmail (``pecd.web.pages``). Both read ``app.state``: ``cfg`` (this config) and ``db``
+    (the database the lifespan opens)."""
     routes: list[BaseRoute] = [Route("/healthz", healthz, methods=["GET"])]
     routes += api_routes(cfg)
+    routes += page_routes(cfg)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        app.state.cfg = cfg
         app.state.db = await Database.open(cfg.database_url)
         try:
             yield

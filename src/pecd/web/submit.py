@@ -1,0 +1,136 @@
+"""Taking a PEC in from the web (the REST API and the webmail's compose page).
+
+What :func:`submit` commits is what the SMTP access point commits: a SUBMISSION job with the
+message (a ``Received:`` field in front) and an :class:`IntakePayload` whose ``user`` is the
+mailbox; the pipeline then checks it, accepts or refuses it, and the accettazione reaches the
+mailbox as for any client. The job's key is the id handed back (the accettazione carries
+``data.intake`` = that key, which ``pecd.web.status`` reads). Nothing is answered before the job
+is committed: no success before durable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from email.message import EmailMessage
+from email.policy import SMTP
+from email.utils import format_datetime, make_msgid
+from typing import Any
+
+from pecd.clock import Clock
+from pecd.config import Config
+from pecd.engine.vocab import IntakePayload, JobKind
+from pecd.pec.address import domain_of
+from pecd.store import jobs
+from pecd.store.db import Database
+
+__all__ = ["Attachment", "SubmitError", "Submitted", "intake_key", "submit"]
+
+
+@dataclass(frozen=True, slots=True)
+class Attachment:
+    filename: str
+    maintype: str
+    subtype: str
+    content: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    key: str  # the intake id (the job's key)
+    created: bool  # False: a submission with this client key was already taken in
+    message_id: str  # the Message-ID of the message built (the client msgid)
+    message: bytes  # the message as submitted, without the Received: field (for a Sent copy)
+
+
+class SubmitError(Exception):
+    """The message cannot be taken in (too large); ``status`` is the HTTP status to answer."""
+
+    def __init__(self, status: int, kind: str, title: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.kind, self.title, self.detail = status, kind, title, detail
+
+
+def _received(hostname: str, peer: str, key: str, rcpt: str, now_text: str, via: str) -> bytes:
+    """The ``Received:`` field of this hop, as the SMTP points write theirs."""
+    return (
+        f"Received: from {via.lower()} ([{peer}])\r\n"
+        f"\tby {hostname} (pecd) with HTTPS id {key}\r\n\tfor <{rcpt}>; {now_text}\r\n"
+    ).encode()
+
+
+def intake_key(mailbox: str, client_key: str | None) -> str:
+    """The intake id: random, or derived from the mailbox and the client's idempotency key (the
+    same key twice names the same job, which is made once)."""
+    if client_key is None:
+        return "api-" + secrets.token_hex(16)
+    digest = hashlib.sha256(f"{mailbox}\0{client_key}".encode()).hexdigest()
+    return "api-" + digest[:32]
+
+
+async def submit(
+    db: Database,
+    cfg: Config,
+    clock: Clock,
+    *,
+    mailbox: str,
+    to: Sequence[str],
+    cc: Sequence[str] = (),
+    subject: str,
+    body: str,
+    attachments: Sequence[Attachment] = (),
+    receipt: str,
+    client_key: str | None = None,
+    peer: str,
+    via: str = "api",
+) -> Submitted:
+    """Build the message from checked fields (addresses normalised and valid, subject on one
+    line, ``receipt`` one of completa/breve/sintetica) and commit it as a SUBMISSION job."""
+    limits = cfg.limits
+    rcpts = list(dict.fromkeys([*to, *cc]))
+    now = clock.now()
+    key = intake_key(mailbox, client_key)
+    msg = EmailMessage()
+    msg["From"] = mailbox
+    msg["To"] = ", ".join(to)
+    if cc:
+        msg["Cc"] = ", ".join(cc)
+    msg["Subject"] = subject
+    msg["Date"] = format_datetime(now)
+    message_id = make_msgid(via, domain=domain_of(mailbox))
+    msg["Message-ID"] = message_id
+    msg["X-TipoRicevuta"] = receipt
+    msg.set_content(body)
+    for a in attachments:
+        msg.add_attachment(a.content, maintype=a.maintype, subtype=a.subtype, filename=a.filename)
+    message = msg.as_bytes(policy=SMTP)
+    data = (
+        _received(cfg.listeners.hostname, peer, key, rcpts[0], format_datetime(now), via) + message
+    )
+    if len(data) > limits.max_message_size:
+        raise SubmitError(
+            413,
+            "too-large",
+            "Message too large",
+            f"the message is {len(data)} bytes, over {limits.max_message_size}",
+        )
+    if len(data) * len(rcpts) > limits.max_recipients_times_size:
+        raise SubmitError(
+            413,
+            "too-large",
+            "Message too large for its recipients",
+            f"size times recipients is over {limits.max_recipients_times_size} bytes",
+        )
+    payload = IntakePayload(
+        mail_from=mailbox, rcpt_to=tuple(rcpts), received_at=now, peer=peer, user=mailbox
+    ).to_json()
+
+    def commit(s: Any) -> bool:
+        return jobs.enqueue_sync(
+            s, kind=JobKind.SUBMISSION, key=key, payload=payload, data=data, now=now
+        )
+
+    created = await db.write(commit)
+    return Submitted(key=key, created=created, message_id=message_id, message=message)
