@@ -1,11 +1,16 @@
-"""``pecd verify``: what a message is, and whether its PEC signature holds."""
+"""``pecd verify``: what a message is, and whether its PEC signature holds.
+
+:func:`examine` is the check itself, pure (bytes in, :class:`Verdict` out): the command and the
+webmail's verify page (``pecd.web.pages.compose``) both run it; :func:`text_report` is what the
+command prints.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -14,7 +19,48 @@ from cryptography import x509
 
 from pecd.cli.common import EXIT_INVALID, EXIT_OK, Subcommands, fail, jsonable
 from pecd.clock import SystemClock
+from pecd.index.model import ProviderEntry, ProviderIndex
 from pecd.pec.classify import Classification, NotMailError, classify
+
+__all__ = ["NotMailError", "Verdict", "examine", "load_cas", "register", "report", "text_report"]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What :func:`examine` found. ``provider``: the entry of the provider index whose
+    certificate made the (valid) signature, when an index was given and lists it; ``indexed``:
+    None when no index was given, else whether the signer is in it."""
+
+    classification: Classification
+    provider: ProviderEntry | None = None
+    indexed: bool | None = None
+
+    @property
+    def valid(self) -> bool:
+        """A valid PEC message and, when an index was given, signed by a provider in it."""
+        return self.classification.is_valid_pec and self.indexed is not False
+
+
+def examine(
+    raw: bytes,
+    *,
+    at: datetime | None = None,
+    trust_roots: Sequence[x509.Certificate] | None = None,
+    index: ProviderIndex | None = None,
+) -> Verdict:
+    """Classify ``raw`` as ``pecd verify`` does (signature over the signed content, certificate
+    time validity at ``at`` and the chain to ``trust_roots`` when given) and, with ``index``,
+    look the signer's certificate up in the provider index, as the reception point does. Raises
+    only NotMailError (no header at all): ``raw`` may be anything."""
+    c = classify(raw, at=at, trust_roots=trust_roots)
+    if index is None:
+        return Verdict(c)
+    provider = (
+        index.provider_for_certificate(c.signer_der)
+        if c.signature.valid and c.signer_der is not None
+        else None
+    )
+    return Verdict(c, provider, provider is not None)
 
 
 def report(c: Classification) -> dict[str, Any]:
@@ -66,34 +112,39 @@ def cmd_verify(args: argparse.Namespace) -> int:
     elif roots is not None:
         at = SystemClock().now()
     try:
-        c = classify(raw, at=at, trust_roots=roots)
+        c = examine(raw, at=at, trust_roots=roots).classification
     except NotMailError as exc:
         return fail(f"{args.file} is not a mail message: {exc}")
     code = EXIT_OK if c.is_valid_pec else EXIT_INVALID
     if args.json:
         print(json.dumps(report(c), indent=2, ensure_ascii=False))
         return code
+    print("\n".join(text_report(args.file, c)))
+    return code
+
+
+def text_report(name: str, c: Classification) -> list[str]:
+    """The lines ``pecd verify`` prints about ``c`` (the message read from ``name``)."""
     what = c.kind.value + (f" ({c.ricevuta.value})" if c.ricevuta else "")
-    print(f"{args.file}: {what}")
+    lines = [f"{name}: {what}"]
     s = c.signature
     if s.valid:
-        print(f"  signature: valid, {s.digest}, signed by {s.signer_subject}")
-        print(f"  signer sha1: {s.signer_sha1}  signing time: {s.signing_time}")
+        lines.append(f"  signature: valid, {s.digest}, signed by {s.signer_subject}")
+        lines.append(f"  signer sha1: {s.signer_sha1}  signing time: {s.signing_time}")
     else:
-        print(f"  signature: {'INVALID: ' + (s.error or '') if s.present else 'absent'}")
+        lines.append(f"  signature: {'INVALID: ' + (s.error or '') if s.present else 'absent'}")
     if c.daticert:
         d = c.daticert
-        print(
+        lines.append(
             f"  daticert: tipo={d.tipo.value} errore={d.errore.value} gestore={d.gestore_emittente!r}"
         )
-        print(f"    identificativo={d.identificativo} data={d.giorno} {d.ora} {d.zona}")
-        print(
+        lines.append(f"    identificativo={d.identificativo} data={d.giorno} {d.ora} {d.zona}")
+        lines.append(
             f"    mittente={d.mittente} destinatari={', '.join(r.address for r in d.destinatari)}"
         )
-    for e in c.errors:
-        print(f"  error: {e}")
-    print("  => " + ("valid PEC message" if c.is_valid_pec else "NOT a valid PEC message"))
-    return code
+    lines += [f"  error: {e}" for e in c.errors]
+    lines.append("  => " + ("valid PEC message" if c.is_valid_pec else "NOT a valid PEC message"))
+    return lines
 
 
 def register(sub: Subcommands) -> None:
