@@ -24,13 +24,18 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pecd.config import Config
+from pecd.guard import Guard
+from pecd.store.accounts import Accounts
 from pecd.store.db import Database
 from pecd.web.api import api_routes, request_limit
 from pecd.web.pages import page_routes
+from pecd.web.sessions import Sessions
+from pecd.web.ui import EXCEPTION_HANDLERS
 
 __all__ = ["SECURITY_HEADERS", "BodyLimit", "RequestTooLarge", "SecurityHeaders", "make_app"]
 
@@ -152,21 +157,30 @@ async def healthz(request: Request) -> Response:
 def make_app(cfg: Config) -> Starlette:
     """The whole web application under ``cfg``: the REST API (``pecd.web.api``) and the
     webmail (``pecd.web.pages``). Both read ``app.state``: ``cfg`` (this config) and ``db``
-    (the database the lifespan opens)."""
+    (the database the lifespan opens); the webmail also ``accounts`` (password checks),
+    ``sessions`` (``pecd.web.sessions``) and ``guard`` (login throttling, as on the mail
+    listeners: one Guard per process). Static files are served from ``pecd/web/static`` at
+    ``/static``; the webmail's errors (login required, CSRF, 4xx) become pages
+    (``pecd.web.ui``)."""
     routes: list[BaseRoute] = [Route("/healthz", healthz, methods=["GET"])]
     routes += api_routes(cfg)
     routes += page_routes(cfg)
+    routes.append(Mount("/static", app=StaticFiles(packages=[("pecd.web", "static")])))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         app.state.cfg = cfg
         app.state.db = await Database.open(cfg.database_url)
+        app.state.accounts = Accounts(app.state.db, max_hash_checks=cfg.security.max_hash_checks)
+        app.state.sessions = Sessions(app.state.db)
+        app.state.guard = Guard(cfg.security)
         try:
             yield
         finally:
+            app.state.guard.flush_log()
             await app.state.db.close()
 
-    app = Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=dict(EXCEPTION_HANDLERS))
     # add_middleware wraps outside what was added before: SecurityHeaders is outermost, so the
     # 413 gets the headers too. A message sent through the API comes base64-encoded in JSON:
     # its request may be 4/3 of the mail limit (the API checks the message itself).
