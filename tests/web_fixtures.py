@@ -166,11 +166,15 @@ async def post_form(
 async def login(
     client: httpx.AsyncClient, address: str, password: str, next: str | None = None
 ) -> httpx.Response:
-    """The login form flow; the response to the POST (303 on success)."""
-    page = "/login" if next is None else "/login?" + httpx.QueryParams({"next": next}).__str__()
-    return await post_form(
-        client, page, "/login", {"address": address, "password": password, "next": next or ""}
-    )
+    """The login form flow; the response to the POST (303 on success). A browser already
+    logged in (GET /login redirects it) posts the form with its session's token."""
+    page = "/login" if next is None else "/login?" + str(httpx.QueryParams({"next": next}))
+    got = await client.get(page)
+    if got.status_code == 303:
+        got = await client.get("/settings")
+    assert got.status_code == 200, (page, got.status_code, got.text[:500])
+    data = {"address": address, "password": password, "next": next or "", "csrf": csrf_of(got)}
+    return await client.post("/login", data=data)
 
 
 async def submit_totp(client: httpx.AsyncClient, code: str) -> httpx.Response:

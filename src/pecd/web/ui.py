@@ -356,7 +356,7 @@ async def login_required_handler(request: Request, exc: Exception) -> Response:
     if exc.next_path not in ("/", "/mail"):
         target += "?" + urllib.parse.urlencode({"next": safe_next(exc.next_path)})
     response = redirect(target)
-    if request.cookies.get(SESSION_COOKIE):
+    if request.cookies.get(SESSION_COOKIE) and getattr(request.state, _SESSION, None) is None:
         clear_session_cookie(response)  # an ended session's id is no use to keep
     return response
 
