@@ -13,22 +13,24 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Final
 
-__all__ = ["DEFAULT", "LANGS", "negotiate", "register", "translate"]
+__all__ = ["DEFAULT", "LANGS", "conflicts", "negotiate", "register", "translate"]
 
 LANGS: Final = ("it", "en")
 DEFAULT: Final = "it"
 
 _EN: dict[str, str] = {}
+#: (Italian, the English kept, the English refused) for every conflicting registration.
+conflicts: list[tuple[str, str, str]] = []
 
 
 def register(strings: Mapping[str, str]) -> None:
-    """Add Italian -> English pairs. Registering a string again with another translation is a
-    programming error (two pages would disagree on it)."""
+    """Add Italian -> English pairs. A string registered again with another translation keeps
+    the first one and is listed in :data:`conflicts` (two pages disagreeing on a string is a
+    mistake a test catches, not a reason for the webmail not to start)."""
     for it, en in strings.items():
-        known = _EN.get(it)
-        if known is not None and known != en:
-            raise ValueError(f"{it!r} is already translated as {known!r}, not {en!r}")
-        _EN[it] = en
+        known = _EN.setdefault(it, en)
+        if known != en:
+            conflicts.append((it, known, en))
 
 
 def translate(lang: str, text: str) -> str:
