@@ -33,9 +33,9 @@ from pecd.pec.timefmt import pec_time
 from pecd.pec.vocab import Ricevuta
 from pecd.runtime.identity import provider_identity
 from pecd.store.db import Database
-from pecd.store.models import Job
+from pecd.store.models import Job, Mailbox
 from pecd.web.pages.compose import Draft, check_draft, human_size, parse_recipients
-from pecd.web.sentcopy import SENT, sent_key
+from pecd.web.sentcopy import SENT, sent_key, without_first_field
 from web_fixtures import (
     ALICE,
     BOB,
@@ -304,6 +304,33 @@ def test_compose_over_the_mail_limit_is_refused_clearly(small_cfg: Config) -> No
     run_web(small_cfg, scenario)
 
 
+def test_over_quota_the_pec_goes_without_a_sent_copy(web_cfg: Config) -> None:
+    """As an APPEND over quota is refused, so is the copy; the transmission stands (its
+    receipts are the proof, and receipts are delivered whatever the quota)."""
+
+    async def scenario(web: Web) -> None:
+        async with web.db.session() as s, s.begin():
+            mailbox = await s.get(Mailbox, ALICE)
+            assert mailbox is not None
+            mailbox.quota_bytes = 4096
+        assert (await login(web.client, ALICE, PASSWORD)).status_code == 303
+        files = [("attachments", ("a.bin", b"\1" * 8192, "application/octet-stream"))]
+        r = await post_compose(web.client, {"to": BOB, "subject": "Piena"}, files)
+        assert r.status_code == 303
+        assert len(await submissions(web.db)) == 1
+        assert MaildirStore(web.cfg.maildir_root).list_folder(ALICE, SENT) == []
+
+    run_web(web_cfg, scenario)
+
+
+def test_the_received_field_is_taken_off_whole() -> None:
+    data = (
+        b"Received: from webmail ([1.2.3.4])\r\n\tby h (pecd)\r\n for <b@c.it>; now\r\nFrom: a\r\n"
+    )
+    assert without_first_field(data) == b"From: a\r\n"
+    assert without_first_field(b"Received: x") == b"Received: x"
+
+
 # --- /verify --------------------------------------------------------------------------------------
 
 
@@ -365,6 +392,7 @@ def test_verify_gives_a_verdict_for_anything(web_cfg: Config, dev_pki: DevPki) -
         assert "Ricevuta: accettazione" in text and "Presente: Example PEC S.p.A." in text
         assert "pecd.20260302101530.00112233@pec.example.test" in text  # daticert identificativo
         assert f"{GHOST} (esterno)" in text and "Valida (sha" in text
+        assert "non sono garantiti" not in text
 
         r = await verify(client, "forged.eml", forged)
         text = text_of(r)
@@ -373,7 +401,7 @@ def test_verify_gives_a_verdict_for_anything(web_cfg: Config, dev_pki: DevPki) -
         r = await verify(client, "tampered.eml", tampered)
         text = text_of(r)
         assert "Non è un messaggio PEC valido." in text and "Non valida:" in text
-        assert "content-mismatch" in text or "altered" in text, text
+        assert "[digest-mismatch]" in text, text
 
         r = await verify(client, "real.eml", real)  # Aruba 2014: intact, not in this index
         text = text_of(r)
@@ -381,7 +409,9 @@ def test_verify_gives_a_verdict_for_anything(web_cfg: Config, dev_pki: DevPki) -
         assert "Posta Certificata ARUBA PEC" in text and "Non presente" in text
 
         r = await verify(client, "edited.eml", edited.read_bytes())  # real, edited after signing
-        assert "Non valida:" in text_of(r) and "Non è un messaggio PEC valido." in text_of(r)
+        text = text_of(r)
+        assert "Non valida:" in text and "Non è un messaggio PEC valido." in text
+        assert "Sogei SpA" in text and "questi dati non sono garantiti" in text
 
         plain = b"From: a@b.it\r\nTo: c@d.it\r\nSubject: ciao\r\n\r\nciao\r\n"
         r = await verify(client, "plain.eml", plain)

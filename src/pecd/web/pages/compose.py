@@ -174,6 +174,9 @@ i18n.register(
         "Non consultabile: {reason}": "Not available: {reason}",
         "Dati di certificazione (daticert.xml)": "Certification data (daticert.xml)",
         "Problemi rilevati": "Problems found",
+        "La firma non è valida: questi dati non sono garantiti dal gestore.": (
+            "The signature is not valid: the provider does not vouch for these data."
+        ),
         "Virus rilevato dal gestore (X-VerificaSicurezza: errore).": (
             "A virus was detected by the provider (X-VerificaSicurezza: errore)."
         ),
@@ -498,6 +501,7 @@ def verdict_view(verdict: Verdict, index_error: str | None = None) -> dict[str, 
         "outcome": outcome,
         "rows": rows,
         "daticert": daticert,
+        "daticert_signed": s.valid,
         "errors": list(c.errors),
         "virus": c.virus,
     }
