@@ -1,4 +1,5 @@
-"""``pecd domain`` and ``pecd mailbox``: the domains this provider serves, holders' mailboxes."""
+"""``pecd domain`` and ``pecd mailbox``: the domains this provider serves, holders' mailboxes,
+their API tokens, second factor and app passwords."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 import sys
 from typing import TYPE_CHECKING
 
+from pecd.cli import webhook
 from pecd.cli.common import EXIT_OK, Subcommands, load, print_table, with_accounts, with_config
 
 if TYPE_CHECKING:
@@ -110,6 +112,73 @@ def cmd_token(args: argparse.Namespace) -> int:
     return asyncio.run(with_accounts(cfg, go))
 
 
+def cmd_2fa(args: argparse.Namespace) -> int:
+    """``pecd mailbox 2fa require|optional|status|disable``: the mailbox's second factor."""
+    cfg = load(args)
+
+    async def go(acc: Accounts, _db: Database) -> int:
+        security = acc.security
+        address = args.address.lower()
+        c = args.twofa_command
+        if c == "require":
+            await security.set_totp_required(args.address, True)
+            print(
+                f"pecd: {address} must use a second factor: the webmail asks for it, mail "
+                "clients need app passwords (`pecd mailbox app-password create`)"
+            )
+        elif c == "optional":
+            await security.set_totp_required(args.address, False)
+            print(f"pecd: a second factor is optional for {address}")
+        elif c == "disable":
+            await security.totp_disable(args.address)
+            print(f"pecd: TOTP of {address} removed (the holder can enrol again)")
+        else:
+            st = await security.totp_status(args.address)
+            rows = [(address, _yes(st.enabled), _yes(st.pending), _yes(st.required))]
+            print_table(
+                "Second factor", ["address", "totp", "pending", "required"], rows, args.json
+            )
+        return EXIT_OK
+
+    return asyncio.run(with_accounts(cfg, go))
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def cmd_app_password(args: argparse.Namespace) -> int:
+    """``pecd mailbox app-password create|list|revoke``: passwords for mail clients (shown
+    once), the way a mailbox with a second factor reaches IMAP, POP3 and SMTP."""
+    cfg = load(args)
+
+    async def go(acc: Accounts, _db: Database) -> int:
+        security = acc.security
+        address = args.address.lower()
+        c = args.app_password_command
+        if c == "create":
+            password_id, password = await security.app_password_create(args.address, args.name)
+            print(f"pecd: app password {password_id} for {address} (shown only now):")
+            print(password)
+        elif c == "revoke":
+            await security.app_password_revoke(args.address, args.id)
+            print(f"pecd: app password {args.id} of {address} revoked")
+        else:
+            rows = [
+                (p.id, p.name, p.created_at, p.last_used_at, p.revoked_at)
+                for p in await security.app_password_list(args.address)
+            ]
+            print_table(
+                f"App passwords of {address}",
+                ["id", "name", "created_at", "last_used_at", "revoked_at"],
+                rows,
+                args.json,
+            )
+        return EXIT_OK
+
+    return asyncio.run(with_accounts(cfg, go))
+
+
 def register(sub: Subcommands) -> None:
     """Add ``pecd domain …`` and ``pecd mailbox …`` to the ``pecd`` parser."""
     dom = sub.add_parser("domain", help="PEC domains this provider serves")
@@ -147,3 +216,32 @@ def register(sub: Subcommands) -> None:
     tr = with_config(tk_sub.add_parser("revoke"))
     tr.add_argument("id", type=int)
     tk.set_defaults(func=cmd_token)
+
+    webhook.register(mb_sub)
+
+    tf = mb_sub.add_parser("2fa", help="the second factor (TOTP) of a mailbox")
+    tf_sub = tf.add_subparsers(dest="twofa_command", required=True)
+    for name, text in (
+        ("require", "make a second factor mandatory (mail clients then need app passwords)"),
+        ("optional", "make the second factor optional again"),
+        ("disable", "remove the mailbox's TOTP (a lost phone); the holder enrols again"),
+        ("status", "whether TOTP is enabled, pending or required"),
+    ):
+        tp = with_config(tf_sub.add_parser(name, help=text))
+        tp.add_argument("address")
+        if name == "status":
+            tp.add_argument("--json", action="store_true")
+    tf.set_defaults(func=cmd_2fa)
+
+    ap = mb_sub.add_parser("app-password", help="passwords for mail clients (IMAP, POP3, SMTP)")
+    ap_sub = ap.add_subparsers(dest="app_password_command", required=True)
+    apc = with_config(ap_sub.add_parser("create", help="make an app password (shown once)"))
+    apc.add_argument("address")
+    apc.add_argument("name", help="the client it is for, e.g. 'Thunderbird, laptop'")
+    apl = with_config(ap_sub.add_parser("list"))
+    apl.add_argument("address")
+    apl.add_argument("--json", action="store_true")
+    apr = with_config(ap_sub.add_parser("revoke"))
+    apr.add_argument("address")
+    apr.add_argument("id", type=int)
+    ap.set_defaults(func=cmd_app_password)

@@ -1,7 +1,9 @@
 """Domains and mailboxes, and password checks (argon2id).
 
 Addresses and domain names are stored lowercase. Password hashing and verification run in a
-worker thread (``asyncio.to_thread``) so a login never blocks the event loop.
+worker thread (``asyncio.to_thread``) so a login never blocks the event loop. A mailbox's second
+factor and app passwords are in ``pecd.store.security``; :meth:`Accounts.authenticate` (mail
+protocols) and :meth:`Accounts.authenticate_web` (the webmail's first step) apply them.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import re
 import secrets
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
@@ -32,7 +34,10 @@ from pecd.pec.address import (
 )
 from pecd.pec.size import parse_size as parse_size  # re-exported: cli.py imports it from here
 from pecd.store.db import Database
-from pecd.store.models import Domain, Mailbox
+from pecd.store.models import Domain, Mailbox, MailboxSecurity
+
+if TYPE_CHECKING:
+    from pecd.store.security import Security
 
 MIN_PASSWORD_LENGTH = 8
 _T = TypeVar("_T")
@@ -142,6 +147,13 @@ class Accounts:
 
     At most ``max_hash_checks`` (default: the CPU count) password checks run at once
     (``HashSlots``); a login found in the cache takes no slot.
+
+    Mail protocols (:meth:`authenticate`) also take the mailbox's app passwords
+    (``pecd.store.security``): random and high-entropy, they are looked up by their SHA-256, so
+    they need neither a slot nor the cache. The mailbox password is refused there when the
+    mailbox has TOTP enabled or required: such a mailbox is opened by mail clients with app
+    passwords only, and the password serves only the webmail's first step
+    (:meth:`authenticate_web`), which asks for the second factor after it.
     """
 
     LOGIN_CACHE_MAX = 100_000
@@ -164,6 +176,9 @@ class Accounts:
         self._login_key = secrets.token_bytes(32)
         # canonical address -> (stored hash it was checked against, HMAC of the password, until)
         self._logins: dict[str, tuple[str, bytes, float]] = {}
+        from pecd.store.security import Security  # security.py imports AccountError from here
+
+        self.security: Security = Security(db, clock=self.clock)
 
     # --- domains ---------------------------------------------------------------------------
 
@@ -234,6 +249,29 @@ class Accounts:
         _check_password(password)
         password_hash = await asyncio.to_thread(self.hasher.hash, password)
         await self._update(canonical, password_hash=password_hash)
+        self._logins.pop(canonical, None)
+
+    async def change_password(self, address: str, old: str, new: str) -> bool:
+        """The holder changes the mailbox password: False if ``old`` is not the current one (or
+        the mailbox is disabled, or the password changed meanwhile); AccountError if ``new``
+        breaks the rules of :meth:`set_password`. Logins remembered with the old password are
+        forgotten (the stored hash changes, so other processes' caches see it too)."""
+        canonical = normalize_address(address)
+        _check_password(new)
+        checked = await self._check(canonical, old, first=False, mail=False)
+        if checked is None:
+            return False
+        password_hash = await asyncio.to_thread(self.hasher.hash, new)
+        async with self.db.session() as s, s.begin():
+            result = await s.execute(
+                update(Mailbox)
+                .where(Mailbox.address == checked[0], Mailbox.password_hash == checked[1])
+                .values(password_hash=password_hash)
+                .returning(Mailbox.address)
+            )
+            changed = result.first() is not None
+        self._logins.pop(canonical, None)
+        return changed
 
     async def disable(self, address: str) -> None:
         await self._update(normalize_address(address), disabled=True)
@@ -266,12 +304,33 @@ class Accounts:
             return False
 
     async def authenticate(self, address: str, password: str, *, first: bool = False) -> str | None:
-        """The canonical address if ``password`` is right and the mailbox is enabled, else None.
+        """A login over a mail protocol (IMAP, POP3, SMTP submission): the canonical address if
+        the mailbox is enabled and ``password`` is one of its unrevoked app passwords, or its
+        mailbox password while it has neither TOTP enabled nor required; else None.
 
         Takes about the same time whether or not the mailbox exists (an unknown address is
-        checked against a dummy hash). ``first``: the client address has no recent failed
-        login (``Guard.clean``), so its check goes ahead of those waiting for a slot.
+        checked against a dummy hash), and a refused mailbox password costs the same check
+        whatever the reason. ``first``: the client address has no recent failed login
+        (``Guard.clean``), so its check goes ahead of those waiting for a slot.
         """
+        checked = await self._check(address, password, first=first, mail=True)
+        return None if checked is None else checked[0]
+
+    async def authenticate_web(
+        self, address: str, password: str, *, first: bool = False
+    ) -> str | None:
+        """The webmail's first step: the canonical address if ``password`` is the mailbox
+        password (never an app password) and the mailbox is enabled, else None. The caller
+        asks for the second factor next when the mailbox has one
+        (``Security.totp_status``)."""
+        checked = await self._check(address, password, first=first, mail=False)
+        return None if checked is None else checked[0]
+
+    async def _check(
+        self, address: str, password: str, *, first: bool, mail: bool
+    ) -> tuple[str, str] | None:
+        """The canonical address and the stored hash the password was checked against (for an
+        app password, the hash of the mailbox password then), or None."""
         canonical = normalize_address(address)
         if not _encodable(canonical) or not _encodable(password):
             # Bytes that are not UTF-8 (lone surrogates from a client's raw bytes) name no
@@ -280,6 +339,7 @@ class Accounts:
             return None
         async with self.db.read_session() as s:
             mailbox = await s.get(Mailbox, canonical)
+            security = await s.get(MailboxSecurity, canonical) if mail else None
         if mailbox is None:
             await self.hash_slots.run(first, self._verify, await self._dummy(), password)
             return None
@@ -288,12 +348,22 @@ class Accounts:
             # The same work as a wrong password: a disabled mailbox is not told apart by time.
             await self.hash_slots.run(first, self._verify, stored, password)
             return None
+        if mail:
+            from pecd.store.security import allows_password_alone
+
+            if await self.security.app_password_login(canonical, password):
+                return canonical, stored
+            if not allows_password_alone(security):
+                # Right or wrong, the password alone does not open this mailbox to a mail
+                # client; the check is made all the same, so time tells nothing of it.
+                await self.hash_slots.run(first, self._verify, stored, password)
+                return None
         mac = hmac.new(self._login_key, password.encode("utf-8"), hashlib.sha256).digest()
         seen = self._logins.get(canonical)
         now = time.monotonic()
         fresh = seen is not None and seen[0] == stored and now < seen[2]
         if fresh and seen is not None and hmac.compare_digest(seen[1], mac):
-            return canonical
+            return canonical, stored
         if not await self.hash_slots.run(first, self._verify, stored, password):
             return None
         if self.login_cache_seconds > 0:
@@ -304,12 +374,15 @@ class Accounts:
             rehashed = await self.hash_slots.run(first, self.hasher.hash, password)
             async with self.db.session() as s, s.begin():
                 # Only if the password did not change meanwhile.
-                await s.execute(
+                result = await s.execute(
                     update(Mailbox)
                     .where(Mailbox.address == canonical, Mailbox.password_hash == stored)
                     .values(password_hash=rehashed)
+                    .returning(Mailbox.address)
                 )
-        return canonical
+                if result.first() is not None:
+                    stored = rehashed
+        return canonical, stored
 
 
 def _encodable(text: str) -> bool:

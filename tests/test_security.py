@@ -1,0 +1,284 @@
+"""pecd.store.security: TOTP enrolment and logins (RFC 6238), the "2FA mandatory" switch, and
+what they do to Accounts' logins (mail protocols, the webmail's first step, password change).
+
+Every test runs on SQLite and, with PECD_TEST_POSTGRES_URL, on PostgreSQL. The clock is a
+FixedClock moved by hand, so the TOTP step is known; the codes are made by pyotp from the secret,
+as an authenticator app makes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from datetime import UTC, datetime, timedelta
+from urllib.parse import parse_qs, urlsplit
+
+import pyotp
+import pytest
+
+from pecd.clock import FixedClock
+from pecd.store.accounts import AccountError, Accounts
+from pecd.store.db import Database
+from pecd.store.models import MailboxSecurity
+from pecd.store.security import Security, TotpStatus
+from store_fixtures import (  # noqa: F401 (fixtures)
+    Backend,
+    cheap_hasher,
+    db_fixture,
+    pg_url_fixture,
+    sqlite_template_fixture,
+)
+
+# A whole TOTP step: 2025-03-01 12:00:00 UTC is a multiple of 30 s.
+T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
+STEP0 = int(T0.timestamp()) // 30
+DOMAIN = "pec.example.it"
+MARIO = f"mario.rossi@{DOMAIN}"
+ANNA = f"anna.bianchi@{DOMAIN}"
+PASSWORD = "correct horse battery"
+
+
+def code_at(secret: str, step: int) -> str:
+    """The code an authenticator app shows during ``step`` (SHA-1, 6 digits, 30 s)."""
+    return pyotp.TOTP(secret, digits=6, digest=hashlib.sha1, interval=30).generate_otp(step)
+
+
+async def setup(d: Database, clock: FixedClock) -> Accounts:
+    acc = Accounts(d, hasher=cheap_hasher(), clock=clock)
+    await acc.add_domain(DOMAIN)
+    await acc.add_mailbox(MARIO, PASSWORD)
+    await acc.add_mailbox(ANNA, PASSWORD)
+    return acc
+
+
+async def enrolled(sec: Security, address: str = MARIO, step: int = STEP0) -> str:
+    secret = await sec.totp_begin(address)
+    assert await sec.totp_confirm(address, code_at(secret, step))
+    return secret
+
+
+def test_enrolment_is_pending_until_a_right_code(db: Backend) -> None:
+    async def main(d: Database) -> None:
+        clock = FixedClock(T0)
+        sec = (await setup(d, clock)).security
+        assert await sec.totp_status(MARIO) == TotpStatus(False, False, False)
+        secret = await sec.totp_begin(MARIO.upper())
+        assert len(secret) == 32 and pyotp.TOTP(secret).byte_secret()  # base32, 160 bits
+        assert await sec.totp_status(MARIO) == TotpStatus(
+            enabled=False, required=False, pending=True
+        )
+        # A pending secret is no second factor yet: no login with it.
+        assert not await sec.totp_verify(MARIO, code_at(secret, STEP0))
+        wrong = f"{(int(code_at(secret, STEP0)) + 1) % 10**6:06d}"
+        assert not await sec.totp_confirm(MARIO, wrong)
+        for junk in ("", "12345", "1234567", "12345a", "1" * 100, "１２３４５６"):
+            assert not await sec.totp_confirm(MARIO, junk)
+        # Beginning again replaces the pending secret; the old one's codes no longer confirm.
+        again = await sec.totp_begin(MARIO)
+        assert again != secret
+        assert not await sec.totp_confirm(MARIO, code_at(secret, STEP0))
+        # Spaces as apps show them ("123 456") are fine.
+        code = code_at(again, STEP0)
+        assert await sec.totp_confirm(MARIO, f" {code[:3]} {code[3:]} ")
+        assert await sec.totp_status(MARIO) == TotpStatus(
+            enabled=True, required=False, pending=False
+        )
+        # Confirming is once; a new enrolment needs the old TOTP disabled first.
+        assert not await sec.totp_confirm(MARIO, code)
+        with pytest.raises(AccountError, match="already has TOTP enabled; disable it first"):
+            await sec.totp_begin(MARIO)
+        # The code that confirmed the enrolment is used: no login with it.
+        assert not await sec.totp_verify(MARIO, code)
+        async with d.read_session() as s:
+            row = await s.get(MailboxSecurity, MARIO)
+        assert row is not None and row.totp_secret == again and row.totp_enabled_at == T0
+        assert row.totp_last_step == STEP0
+        # The other mailbox has nothing.
+        assert await sec.totp_status(ANNA) == TotpStatus(False, False, False)
+        for call in (sec.totp_begin, sec.totp_status, sec.totp_disable):
+            with pytest.raises(AccountError, match=r"^mailbox x@pec\.example\.it does not exist$"):
+                await call(f"x@{DOMAIN}")
+        with pytest.raises(AccountError, match="does not exist"):
+            await sec.set_totp_required(f"x@{DOMAIN}", True)
+
+    db.run(main)
+
+
+def test_a_code_is_good_once_and_a_step_either_side(db: Backend) -> None:
+    async def main(d: Database) -> None:
+        clock = FixedClock(T0)
+        sec = (await setup(d, clock)).security
+        secret = await sec.totp_begin(MARIO)
+        # Confirmed with the step before (a phone a little behind).
+        assert await sec.totp_confirm(MARIO, code_at(secret, STEP0 - 1))
+        clock.advance(timedelta(seconds=90))  # three steps on
+        now = STEP0 + 3
+        # Two steps away either side: refused.
+        assert not await sec.totp_verify(MARIO, code_at(secret, now - 2))
+        assert not await sec.totp_verify(MARIO, code_at(secret, now + 2))
+        # One step behind: accepted, once.
+        assert await sec.totp_verify(MARIO, code_at(secret, now - 1))
+        assert not await sec.totp_verify(MARIO, code_at(secret, now - 1))
+        # The current step, then one ahead (a phone a little ahead).
+        assert await sec.totp_verify(MARIO, code_at(secret, now))
+        assert await sec.totp_verify(MARIO, code_at(secret, now + 1))
+        # Now every code of the window is used: the current one too, although in the window.
+        assert not await sec.totp_verify(MARIO, code_at(secret, now))
+        # Later steps bring new codes.
+        clock.advance(timedelta(seconds=60))
+        assert await sec.totp_verify(MARIO, code_at(secret, now + 2))
+        # A code of a step before one that was used is refused, though within the window.
+        clock.advance(timedelta(seconds=60))
+        assert await sec.totp_verify(MARIO, code_at(secret, now + 5))
+        assert not await sec.totp_verify(MARIO, code_at(secret, now + 4))
+        # Another mailbox's code does not open this one.
+        other = await enrolled(sec, ANNA, now + 4)
+        clock.advance(timedelta(seconds=60))
+        assert not await sec.totp_verify(MARIO, code_at(other, now + 6))
+        assert await sec.totp_verify(MARIO, code_at(secret, now + 6))
+
+    db.run(main)
+
+
+def test_two_logins_racing_with_one_code_only_one_wins(db: Backend) -> None:
+    async def main(d: Database) -> list[bool]:
+        clock = FixedClock(T0)
+        sec = (await setup(d, clock)).security
+        secret = await enrolled(sec)
+        clock.advance(timedelta(seconds=30))
+        code = code_at(secret, STEP0 + 1)
+        return list(await asyncio.gather(*(sec.totp_verify(MARIO, code) for _ in range(5))))
+
+    assert sorted(db.run(main)) == [False, False, False, False, True]
+
+
+def test_disable_and_required(db: Backend) -> None:
+    async def main(d: Database) -> None:
+        clock = FixedClock(T0)
+        sec = (await setup(d, clock)).security
+        await sec.set_totp_required(MARIO, True)
+        assert await sec.totp_status(MARIO) == TotpStatus(
+            enabled=False, required=True, pending=False
+        )
+        secret = await enrolled(sec)
+        assert await sec.totp_status(MARIO) == TotpStatus(
+            enabled=True, required=True, pending=False
+        )
+        await sec.totp_disable(MARIO)
+        # Gone (a lost phone), and its codes with it; the switch stays on.
+        assert await sec.totp_status(MARIO) == TotpStatus(
+            enabled=False, required=True, pending=False
+        )
+        clock.advance(timedelta(seconds=30))
+        assert not await sec.totp_verify(MARIO, code_at(secret, STEP0 + 1))
+        # Enrolling again works, with a new secret.
+        fresh = await sec.totp_begin(MARIO)
+        assert fresh != secret
+        assert await sec.totp_confirm(MARIO, code_at(fresh, STEP0 + 1))
+        await sec.set_totp_required(MARIO, False)
+        assert await sec.totp_status(MARIO) == TotpStatus(
+            enabled=True, required=False, pending=False
+        )
+        # Disabling a mailbox that never had TOTP makes nothing.
+        await sec.totp_disable(ANNA)
+        async with d.read_session() as s:
+            assert await s.get(MailboxSecurity, ANNA) is None
+
+    db.run(main)
+
+
+def test_totp_uri_is_what_authenticator_apps_read() -> None:
+    secret = pyotp.random_base32()
+    uri = Security.totp_uri("Mario.Rossi@PEC.Example.it", secret, issuer="PEC Example")
+    parts = urlsplit(uri)
+    assert (parts.scheme, parts.netloc) == ("otpauth", "totp")
+    assert parts.path == "/PEC%20Example:mario.rossi%40pec.example.it"
+    query = parse_qs(parts.query)
+    assert query["secret"] == [secret] and query["issuer"] == ["PEC Example"]
+    # Defaults (SHA1, 6 digits, 30 s) are left out, as Google Authenticator expects them.
+    assert "algorithm" not in query and "digits" not in query and "period" not in query
+    parsed = pyotp.parse_uri(uri)
+    assert isinstance(parsed, pyotp.TOTP)
+    assert parsed.now() == pyotp.TOTP(secret).now()
+
+
+# --- what the second factor does to logins ---------------------------------------------------------
+
+
+class CountingAccounts(Accounts):
+    """Accounts that count their argon2 checks (the work a login costs)."""
+
+    checks = 0
+
+    def _verify(self, password_hash: str, password: str) -> bool:
+        self.checks += 1
+        return super()._verify(password_hash, password)
+
+
+def test_password_alone_no_longer_opens_a_mailbox_with_a_second_factor(db: Backend) -> None:
+    async def main(d: Database) -> None:
+        clock = FixedClock(T0)
+        await setup(d, clock)
+        acc = CountingAccounts(d, hasher=cheap_hasher(), clock=clock)
+        sec = acc.security
+        assert await acc.authenticate(MARIO, PASSWORD) == MARIO  # now remembered
+        secret = await sec.totp_begin(MARIO)
+        # A pending enrolment changes nothing yet.
+        assert await acc.authenticate(MARIO, PASSWORD) == MARIO
+        assert await sec.totp_confirm(MARIO, code_at(secret, STEP0))
+        before = acc.checks
+        # Refused though remembered, and at the cost of a full check all the same.
+        assert await acc.authenticate(MARIO, PASSWORD) is None
+        assert await acc.authenticate(MARIO, "wrong password") is None
+        assert acc.checks == before + 2
+        assert await acc.authenticate(MARIO, PASSWORD + "x") is None
+        # The webmail's first step still takes the password (the second factor comes next).
+        assert await acc.authenticate_web(MARIO, PASSWORD) == MARIO
+        assert await acc.authenticate_web(MARIO, "wrong password") is None
+        # An app password opens it to mail clients, never to the webmail.
+        _id, app = await sec.app_password_create(MARIO, "Thunderbird")
+        checks = acc.checks
+        assert await acc.authenticate(MARIO, app) == MARIO
+        assert acc.checks == checks  # looked up by digest: no argon2 check
+        assert await acc.authenticate_web(MARIO, app) is None
+        # Required without TOTP: the same for the password.
+        await sec.set_totp_required(ANNA, True)
+        assert await acc.authenticate(ANNA, PASSWORD) is None
+        assert await acc.authenticate_web(ANNA, PASSWORD) == ANNA
+        await sec.set_totp_required(ANNA, False)
+        assert await acc.authenticate(ANNA, PASSWORD) == ANNA
+        # TOTP removed: the password works for mail clients again.
+        await sec.totp_disable(MARIO)
+        assert await acc.authenticate(MARIO, PASSWORD) == MARIO
+
+    db.run(main)
+
+
+def test_change_password(db: Backend) -> None:
+    async def main(d: Database) -> None:
+        clock = FixedClock(T0)
+        acc = await setup(d, clock)
+        assert await acc.authenticate(MARIO, PASSWORD) == MARIO  # remembered
+        assert not await acc.change_password(MARIO, "wrong password", "a new long password")
+        with pytest.raises(AccountError, match=r"^password must be at least 8 characters$"):
+            await acc.change_password(MARIO, PASSWORD, "short")
+        assert await acc.authenticate(MARIO, PASSWORD) == MARIO
+        assert await acc.change_password(MARIO.upper(), PASSWORD, "a new long password")
+        assert await acc.authenticate(MARIO, PASSWORD) is None
+        assert await acc.authenticate_web(MARIO, PASSWORD) is None
+        assert await acc.authenticate(MARIO, "a new long password") == MARIO
+        assert await acc.authenticate_web(MARIO, "a new long password") == MARIO
+        # An app password is no way to change the mailbox password.
+        _id, app = await acc.security.app_password_create(MARIO, "phone")
+        assert not await acc.change_password(MARIO, app, "yet another password")
+        # Nor is a disabled mailbox's password, nor an unknown mailbox.
+        await acc.disable(ANNA)
+        assert not await acc.change_password(ANNA, PASSWORD, "yet another password")
+        assert not await acc.change_password(f"x@{DOMAIN}", PASSWORD, "yet another password")
+        # Another process that remembered the old password sees the change at once.
+        other = Accounts(d, hasher=cheap_hasher(), clock=clock)
+        assert await other.authenticate(MARIO, "a new long password") == MARIO
+        assert await acc.change_password(MARIO, "a new long password", "the third password")
+        assert await other.authenticate(MARIO, "a new long password") is None
+
+    db.run(main)
