@@ -237,11 +237,13 @@ def clear_session_cookie(response: Response) -> None:
 
 def _origin_ok(request: Request) -> bool:
     """A browser names where a POST comes from; one from another site is refused even before
-    the token is looked at (defence in depth: the token alone would refuse it too)."""
+    the token is looked at (defence in depth: the token alone would refuse it too). Our pages
+    send no Referer (``Referrer-Policy: no-referrer``), so browsers send ``Origin: null`` with
+    their forms: only another origin named outright is refused."""
     if request.headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
         return False
     origin = request.headers.get("origin")
-    if origin is None:
+    if origin is None or origin == "null":
         return True
     return origin == f"{request.url.scheme}://{request.url.netloc}"
 
