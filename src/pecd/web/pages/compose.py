@@ -1,7 +1,8 @@
 """Writing a PEC in the webmail (``/compose``) and checking one (``/verify``).
 
 ``/compose``: To and Cc (several addresses, separated by commas or new lines; no Bcc: PEC
-forbids blind copies), subject, plain-text body, attachments, the kind of delivery receipt. The
+forbids blind copies), subject, plain-text body, attachments, the kind of delivery receipt
+(``GET /compose?to=&cc=&subject=`` fills the form in, for a reply link). The
 message goes in through :func:`pecd.web.submit.submit`, the durable intake the SMTP access point
 and the REST API share, so the pipeline checks it and the accettazione reaches the INBOX as for
 any client; then a copy is stored in Sent (``pecd.web.sentcopy``) and the browser is sent (303)
@@ -208,6 +209,8 @@ MAX_SUBJECT: Final = 998
 MAX_ADDRESS: Final = 320  # an address longer than this is no address (RFC 5321: 64 + 1 + 255)
 MAX_ATTACHMENTS: Final = 100
 MAX_FILENAME: Final = 255
+#: The most of To or Cc a link may fill in (GET /compose?to=...).
+PREFILL_MAX: Final = 4096
 #: Invalid addresses named in the form's errors, at most (the user fixes these first).
 MAX_BAD_SHOWN: Final = 10
 #: Form fields other than files: to, cc, subject, body, receipt, csrf, client_key (and slack).
@@ -543,8 +546,17 @@ def routes(cfg: Config) -> list[BaseRoute]:
         )
 
     async def compose_form(request: Request) -> Response:
+        """The empty form, or one filled from the query (``to``, ``cc``, ``subject``: a reply
+        link from the message view), with a new client key."""
         await ui.require_user(request)
-        return compose_page(request, Draft(client_key=secrets.token_urlsafe(24)))
+        q = request.query_params
+        draft = Draft(
+            to=q.get("to", "")[:PREFILL_MAX],
+            cc=q.get("cc", "")[:PREFILL_MAX],
+            subject=q.get("subject", "")[:MAX_SUBJECT],
+            client_key=secrets.token_urlsafe(24),
+        )
+        return compose_page(request, draft)
 
     async def compose(request: Request) -> Response:
         user = await ui.require_user(request)
