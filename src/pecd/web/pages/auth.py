@@ -15,6 +15,7 @@ Every login step starts a new session and deletes the one the browser brought
 
 from __future__ import annotations
 
+import urllib.parse
 from typing import Any, Final
 
 from starlette.requests import Request
@@ -24,8 +25,10 @@ from starlette.routing import BaseRoute, Route
 from pecd.config import Config
 from pecd.guard import Guard
 from pecd.store.accounts import Accounts
+from pecd.store.security import Security
 from pecd.web import i18n, ui
-from pecd.web.sessions import SESSION_COOKIE, Sessions
+from pecd.web.pages.settings import pending_totp_secret, totp_qr_response
+from pecd.web.sessions import SESSION_COOKIE, SessionInfo, Sessions
 
 __all__ = ["routes"]
 
@@ -85,6 +88,10 @@ def _sessions(request: Request) -> Sessions:
     return sessions
 
 
+def _security(request: Request) -> Security:
+    return Security(request.app.state.db)
+
+
 def _field(form: Any, name: str, limit: int) -> str | None:
     """A text field of at most ``limit`` characters, or None (absent, a file, too long)."""
     value = form.get(name)
@@ -106,15 +113,6 @@ def _login_page(
         "login.html",
         {"next": next_path, "address": address, "error": error, "notice": notice},
     )
-
-
-async def _authenticate_web(request: Request, address: str, password: str) -> str | None:
-    accounts = _accounts(request)
-    first = _guard(request).clean(_peer(request))
-    # The mailbox password only: an app password is for mail clients, never the web.
-    check = getattr(accounts, "authenticate_web", None) or accounts.authenticate
-    mailbox: str | None = await check(address, password, first=first)
-    return mailbox
 
 
 async def _logged_in(request: Request, mailbox: str, next_path: str) -> Response:
@@ -149,12 +147,101 @@ async def login(request: Request) -> Response:
         )
     guard, peer = _guard(request), _peer(request)
     await guard.before_login(peer, address)
-    mailbox = await _authenticate_web(request, address, password)
+    # The mailbox password only: an app password is for mail clients, never the web.
+    mailbox = await _accounts(request).authenticate_web(address, password, first=guard.clean(peer))
     if mailbox is None:
         guard.failed("web", peer, address)
         return _login_page(request, next_path=next_path, address=address, error=WRONG)
+    status = await _security(request).totp_status(mailbox)
+    if status.enabled or status.required:
+        # Half-way: the Guard hears of a success only once the second factor is right.
+        session_id, info = await _sessions(request).start(
+            mailbox, "password", peer=peer, replacing=request.cookies.get(SESSION_COOKIE)
+        )
+        ui.forget_session(request, info)
+        target = "/login/totp"
+        if next_path != "/mail":
+            target += "?" + urllib.parse.urlencode({"next": next_path})
+        response = ui.redirect(target)
+        ui.set_session_cookie(response, session_id)
+        return response
     guard.succeeded(peer, mailbox)
     return await _logged_in(request, mailbox, next_path)
+
+
+async def _pending_login(request: Request) -> SessionInfo | Response:
+    """The session half-way through the login, or where to go instead."""
+    info = await ui.current_session(request)
+    if info is not None and info.stage == "password":
+        return info
+    if info is not None:  # already logged in
+        return ui.redirect(ui.safe_next(request.query_params.get("next")))
+    return ui.redirect("/login?m=expired")
+
+
+async def _totp_page(
+    request: Request, info: SessionInfo, next_path: str, error: str | None = None
+) -> Response:
+    status = await _security(request).totp_status(info.mailbox)
+    secret: str | None = None
+    if not status.enabled:
+        # Required and not yet set up: enrol now (the same secret until it is confirmed).
+        secret = await pending_totp_secret(request.app.state.db, info.mailbox)
+        if secret is None:
+            secret = await _security(request).totp_begin(info.mailbox)
+    return ui.render(
+        request,
+        "login_totp.html",
+        {"next": next_path, "enrol": not status.enabled, "secret": secret, "error": error},
+    )
+
+
+async def totp_form(request: Request) -> Response:
+    found = await _pending_login(request)
+    if isinstance(found, Response):
+        return found
+    return await _totp_page(request, found, ui.safe_next(request.query_params.get("next")))
+
+
+async def totp_qr(request: Request) -> Response:
+    """The QR code of the secret being enrolled at login (see :func:`_totp_page`)."""
+    found = await _pending_login(request)
+    if isinstance(found, Response):
+        return ui.error_page(request, 404)
+    secret = await pending_totp_secret(request.app.state.db, found.mailbox)
+    if secret is None:
+        return ui.error_page(request, 404)
+    return totp_qr_response(found.mailbox, secret)
+
+
+async def totp(request: Request) -> Response:
+    found = await _pending_login(request)
+    if isinstance(found, Response):
+        return found
+    form = await ui.read_form(request, max_files=0, max_fields=10, max_size=4096)
+    next_path = ui.safe_next(form.get("next"))
+    code = _field(form, "code", 32) or ""
+    guard, peer, security = _guard(request), _peer(request), _security(request)
+    await guard.before_login(peer, found.mailbox)
+    status = await security.totp_status(found.mailbox)
+    if status.enabled:
+        ok = await security.totp_verify(found.mailbox, code)
+    else:
+        ok = await security.totp_confirm(found.mailbox, code)
+    if ok:
+        guard.succeeded(peer, found.mailbox)
+        return await _logged_in(request, found.mailbox, next_path)
+    guard.failed("web", peer, found.mailbox)
+    if guard.failures(account=found.mailbox) >= guard.disconnect_after:
+        # As a mail listener closes the connection: this login is over, start again.
+        await _sessions(request).end(request.cookies.get(SESSION_COOKIE))
+        ui.forget_session(request)
+        response = _login_page(
+            request, next_path=next_path, error="Troppi tentativi: accedi di nuovo."
+        )
+        ui.clear_session_cookie(response)
+        return response
+    return await _totp_page(request, found, next_path, error="Codice errato.")
 
 
 async def logout(request: Request) -> Response:
@@ -196,6 +283,9 @@ def routes(cfg: Config) -> list[BaseRoute]:
         Route("/", home, methods=["GET"]),
         Route("/login", login_form, methods=["GET"]),
         Route("/login", login, methods=["POST"]),
+        Route("/login/totp", totp_form, methods=["GET"]),
+        Route("/login/totp", totp, methods=["POST"]),
+        Route("/login/totp/qr.svg", totp_qr, methods=["GET"]),
         Route("/logout", logout, methods=["POST"]),
         Route("/lang", set_lang, methods=["POST"]),
     ]

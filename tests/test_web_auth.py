@@ -1,0 +1,598 @@
+"""The webmail's foundation: login (password, then TOTP), sessions, CSRF, throttling, the
+language, the settings pages. The whole HTTPS application in process, driven by httpx over ASGI
+as a browser (web_fixtures)."""
+
+from __future__ import annotations
+
+import re
+import time
+from datetime import timedelta
+
+import httpx
+import pyotp
+from sqlalchemy import select, update
+
+from pecd.clock import FixedClock, SystemClock
+from pecd.config import Config
+from pecd.guard import Guard
+from pecd.mailbox.maildir import MaildirStore
+from pecd.store.models import Mailbox, WebSession
+from pecd.store.security import Security
+from pecd.store.tokens import Tokens
+from pecd.web.app import SECURITY_HEADERS
+from pecd.web.sessions import CSRF_COOKIE, SESSION_COOKIE, session_digest
+from web_fixtures import (
+    ALICE,
+    BOB,
+    CAROL,
+    DAN,
+    PASSWORD,
+    Web,
+    csrf_of,
+    login,
+    post_form,
+    run_web,
+    submit_totp,
+    web_cfg_fixture,  # noqa: F401 (a fixture)
+    web_template_fixture,  # noqa: F401 (a fixture)
+)
+
+WRONG = "Indirizzo o password errati."
+
+
+def _main(r: httpx.Response) -> str:
+    """The page's own content (the layout's header has the varying CSRF token)."""
+    text = r.text
+    return text[text.index('<main id="main"') :]
+
+
+async def _logged_in(client: httpx.AsyncClient) -> bool:
+    r = await client.get("/settings")
+    return r.status_code == 200
+
+
+class FakeTime:
+    """The Guard's clock and sleep: a wait moves the clock instead of taking time."""
+
+    def __init__(self) -> None:
+        self.now = 10_000.0
+        self.slept: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def _fake_guard(web: Web) -> tuple[Guard, FakeTime]:
+    fake = FakeTime()
+    guard = Guard(web.cfg.security, clock=fake.clock, sleep=fake.sleep)
+    web.app.state.guard = guard
+    return guard, fake
+
+
+def test_login_and_the_same_answer_for_every_refusal(web_cfg: Config) -> None:
+    async def scenario(web: Web) -> None:
+        c = web.client
+        first = await c.get("/login")
+        assert first.status_code == 200 and 'lang="it"' in first.text
+        assert CSRF_COOKIE in c.cookies and SESSION_COOKIE not in c.cookies
+        answers = [
+            await login(c, address, password)
+            for address, password in (
+                (ALICE, "wrong password"),
+                ("nobody@pec.example.test", PASSWORD),
+                (DAN, PASSWORD),  # disabled
+            )
+        ]
+        for r in answers:
+            assert r.status_code == 200 and WRONG in r.text
+            assert SESSION_COOKIE not in r.headers.get("set-cookie", "")
+        # One page for all: only the address typed back differs.
+        bodies = {
+            _main(r).replace(address, "X")
+            for r, address in zip(answers, (ALICE, "nobody@pec.example.test", DAN), strict=True)
+        }
+        assert len(bodies) == 1
+        assert not await _logged_in(c)
+
+        ok = await login(c, ALICE.upper(), PASSWORD)
+        assert ok.status_code == 303 and ok.headers["location"] == "/mail"
+        cookie = ok.headers["set-cookie"]
+        assert cookie.startswith(f"{SESSION_COOKIE}=")
+        for attribute in ("Secure", "HttpOnly", "Path=/", "SameSite=lax"):
+            assert attribute in cookie
+        assert "Domain" not in cookie and "expires" not in cookie.lower()
+        page = await c.get("/settings")
+        assert page.status_code == 200 and ALICE in page.text
+        # Only the digest of the id is stored.
+        session_id = c.cookies[SESSION_COOKIE]
+        async with web.db.read_session() as s:
+            ids = list(await s.scalars(select(WebSession.id_sha256)))
+        assert ids == [session_digest(session_id)] and session_id not in ids
+        # Logged in, /login goes on to where it was asked to.
+        again = await c.get("/login", params={"next": "/settings"})
+        assert again.status_code == 303 and again.headers["location"] == "/settings"
+
+        # next: local paths only.
+        for target, expected in (
+            ("/settings?x=1", "/settings?x=1"),
+            ("//evil.example/x", "/mail"),
+            ("/\\evil.example", "/mail"),
+            ("https://evil.example/", "/mail"),
+            ("javascript:alert(1)", "/mail"),
+        ):
+            other = web.browser()
+            r = await login(other, BOB, PASSWORD, next=target)
+            assert r.status_code == 303 and r.headers["location"] == expected, target
+
+    run_web(web_cfg, scenario)
+
+
+def test_csrf_is_checked_on_every_post(web_cfg: Config) -> None:
+    async def scenario(web: Web) -> None:
+        c = web.client
+        # Login: no token, no cookie at all, a wrong token, another site's Origin.
+        assert (
+            await c.post("/login", data={"address": ALICE, "password": PASSWORD})
+        ).status_code == 403
+        page = await c.get("/login")
+        token = csrf_of(page)
+        form = {"address": ALICE, "password": PASSWORD}
+        for data, headers in (
+            (form, {}),
+            ({**form, "csrf": ""}, {}),
+            ({**form, "csrf": token + "x"}, {}),
+            ({**form, "csrf": token}, {"Origin": "https://evil.example"}),
+            ({**form, "csrf": token}, {"Sec-Fetch-Site": "cross-site"}),
+        ):
+            r = await c.post("/login", data=data, headers=headers)
+            assert r.status_code == 403, (data, headers)
+            assert "ricarica la pagina" in r.text
+            for name, value in SECURITY_HEADERS.items():
+                assert r.headers[name] == value
+        # Our pages send no Referer, so browsers send "Origin: null" with their forms.
+        r = await c.post("/lang", data={"lang": "it", "csrf": token}, headers={"Origin": "null"})
+        assert r.status_code == 303
+        # A form token without the cookie it doubles (another browser's token) is refused.
+        stranger = web.browser()
+        r = await stranger.post("/login", data={**form, "csrf": token})
+        assert r.status_code == 403
+        assert (await c.post("/lang", data={"lang": "en"})).status_code == 403
+        assert (await c.post("/lang", data={"lang": "en", "csrf": "nope"})).status_code == 403
+        assert not await _logged_in(c)
+
+        assert (await login(c, ALICE, PASSWORD)).status_code == 303
+        # Logged in, the pre-login token no longer passes: the session's own is wanted.
+        settings = await c.get("/settings")
+        session_token = csrf_of(settings)
+        assert session_token != token
+        posts = [
+            ("/logout", {}),
+            ("/lang", {"lang": "en"}),
+            (
+                "/settings/password",
+                {"old": PASSWORD, "new": "another password", "repeat": "another password"},
+            ),
+            ("/settings/totp/begin", {}),
+            ("/settings/totp/confirm", {"code": "123456"}),
+            ("/settings/totp/cancel", {}),
+            ("/settings/totp/disable", {"code": "123456"}),
+            ("/settings/app-passwords", {"name": "phone"}),
+            ("/settings/tokens", {"name": "erp"}),
+            ("/settings/sessions/end-others", {}),
+        ]
+        for path, data in posts:
+            for bad in (None, "", token, session_token[:-1] + "A"):
+                body = dict(data) if bad is None else {**data, "csrf": bad}
+                r = await c.post(path, data=body)
+                assert r.status_code == 403, (path, bad, r.status_code)
+        # Nothing of it happened.
+        assert await _logged_in(c)
+        security = Security(web.db)
+        assert not (await security.totp_status(ALICE)).pending
+        assert await security.app_password_list(ALICE) == []
+        assert await Tokens(web.db).list(ALICE) == []
+        assert (await login(web.browser(), ALICE, PASSWORD)).status_code == 303  # same password
+        assert c.cookies["pecd_lang"] == "it"  # set by the null-Origin post above, never "en"
+        # The same posts with the token do pass.
+        r = await c.post("/settings/tokens", data={"name": "erp", "csrf": session_token})
+        assert r.status_code == 200 and "pecd_" in r.text
+
+    run_web(web_cfg, scenario)
+
+
+def test_session_fixation_and_logout(web_cfg: Config) -> None:
+    async def scenario(web: Web) -> None:
+        c = web.client
+        # An id planted before login is never the one after it, nor valid.
+        planted = "planted-by-an-attacker-0123456789abcdefghij"
+        c.cookies.set(SESSION_COOKIE, planted, domain="pecd.test")
+        r = await login(c, ALICE, PASSWORD)
+        assert r.status_code == 303
+        first = c.cookies[SESSION_COOKIE]
+        assert first != planted
+        attacker = web.browser()
+        attacker.cookies.set(SESSION_COOKIE, planted, domain="pecd.test")
+        assert not await _logged_in(attacker)
+
+        # Logging in again (a session already open) issues a new id; the old one is dead.
+        r = await login(c, ALICE, PASSWORD)
+        second = c.cookies[SESSION_COOKIE]
+        assert r.status_code == 303 and second != first
+        stale = web.browser()
+        stale.cookies.set(SESSION_COOKIE, first, domain="pecd.test")
+        assert not await _logged_in(stale)
+        copy = web.browser()
+        copy.cookies.set(SESSION_COOKIE, second, domain="pecd.test")
+        assert await _logged_in(copy)
+
+        # Logout deletes the session: its id opens nothing anymore, anywhere.
+        settings = await c.get("/settings")
+        out = await c.post("/logout", data={"csrf": csrf_of(settings)})
+        assert out.status_code == 303 and out.headers["location"] == "/login?m=out"
+        assert SESSION_COOKIE not in c.cookies
+        assert not await _logged_in(c)
+        assert not await _logged_in(copy)
+        async with web.db.read_session() as s:
+            assert list(await s.scalars(select(WebSession.id_sha256))) == []
+        # Logout without a session just goes to the login page.
+        assert (await c.post("/logout")).status_code == 303
+
+    run_web(web_cfg, scenario)
+
+
+def test_idle_and_absolute_expiry(web_cfg: Config) -> None:
+    async def scenario(web: Web) -> None:
+        sessions = web.app.state.sessions
+        clock = FixedClock(SystemClock().now())
+        sessions.clock = clock
+        c = web.client
+        assert (await login(c, ALICE, PASSWORD)).status_code == 303
+        digest = session_digest(c.cookies[SESSION_COOKIE])
+
+        async def last_seen() -> object:
+            async with web.db.read_session() as s:
+                row = await s.get(WebSession, digest)
+                return None if row is None else row.last_seen_at
+
+        start = await last_seen()
+        clock.advance(timedelta(seconds=30))
+        assert await _logged_in(c)
+        assert await last_seen() == start  # written at most once a minute
+        # Sliding: 29 minutes apart, again and again, well past 30 minutes in all.
+        for _ in range(3):
+            clock.advance(timedelta(minutes=29))
+            assert await _logged_in(c)
+        assert await last_seen() == clock.now()
+        clock.advance(timedelta(minutes=30))
+        r = await c.get("/settings")
+        assert r.status_code == 303 and r.headers["location"] == "/login?next=%2Fsettings"
+        assert await last_seen() is None  # the expired row is gone
+
+        # The absolute lifetime ends an active session too.
+        assert (await login(c, ALICE, PASSWORD)).status_code == 303
+        digest = session_digest(c.cookies[SESSION_COOKIE])
+        for _ in range(12 * 60 // 25):
+            clock.advance(timedelta(minutes=25))
+            assert await _logged_in(c)
+        clock.advance(timedelta(minutes=25))
+        assert not await _logged_in(c)
+
+        # Expired rows of sessions nobody comes back to are purged when others log in.
+        async with web.db.session() as s, s.begin():
+            await s.execute(update(WebSession).values(expires_at=clock.now()))
+        assert (await login(web.browser(), BOB, PASSWORD)).status_code == 303
+        async with web.db.read_session() as s:
+            rows = list(await s.scalars(select(WebSession.mailbox)))
+        assert rows == [BOB]
+
+    run_web(web_cfg, scenario)
+
+
+def _codes_now(secret: str) -> set[str]:
+    totp = pyotp.TOTP(secret)
+    now = time.time()
+    return {totp.at(now + d) for d in (-60, -30, 0, 30, 60)}
+
+
+def test_totp_enrol_in_settings_then_log_in_with_a_code(web_cfg: Config) -> None:
+    async def scenario(web: Web) -> None:
+        guard, fake = _fake_guard(web)
+        c = web.client
+        assert (await login(c, ALICE, PASSWORD)).status_code == 303
+        assert (await c.get("/settings/totp/qr.svg")).status_code == 404  # nothing pending
+        r = await post_form(c, "/settings", "/settings/totp/begin", {})
+        assert r.status_code == 303
+        page = await c.get("/settings")
+        found = re.search(r'id="totp-secret">([A-Z2-7]+)<', page.text)
+        assert found is not None
+        secret = found.group(1)
+        qr = await c.get("/settings/totp/qr.svg")
+        assert qr.status_code == 200 and qr.headers["content-type"].startswith("image/svg+xml")
+        assert qr.content.lstrip().startswith(b"<?xml") and b"<svg" in qr.content
+        assert b"<script" not in qr.content
+        totp = pyotp.TOTP(secret)
+        wrong = next(f"{n:06d}" for n in range(1000000) if f"{n:06d}" not in _codes_now(secret))
+        r = await post_form(c, "/settings", "/settings/totp/confirm", {"code": wrong})
+        assert r.status_code == 400 and "Codice errato." in r.text
+        r = await post_form(c, "/settings", "/settings/totp/confirm", {"code": totp.now()})
+        assert r.status_code == 303 and r.headers["location"] == "/settings?m=totp-on"
+        assert "La verifica in due passaggi è attiva." in (await c.get("/settings")).text
+        assert (await Security(web.db).totp_status(ALICE)).enabled
+        out = await post_form(c, "/settings", "/logout", {})
+        assert out.status_code == 303
+
+        # Password, then the code: two steps, a new session id at each.
+        r = await login(c, ALICE, PASSWORD, next="/settings")
+        assert r.status_code == 303 and r.headers["location"] == "/login/totp?next=%2Fsettings"
+        pending = c.cookies[SESSION_COOKIE]
+        assert not await _logged_in(c)  # half-way is not logged in
+        step = await c.get("/login/totp", params={"next": "/settings"})
+        assert step.status_code == 200 and 'name="code"' in step.text and "secret" not in step.text
+        r = await submit_totp(c, wrong)
+        assert r.status_code == 200 and "Codice errato." in r.text
+        assert guard.failures(account=ALICE) == 1
+        code = totp.at(time.time() + 30)  # the next step: the confirmation used this one
+        r = await post_form(
+            c, "/login/totp?next=/settings", "/login/totp", {"code": code, "next": "/settings"}
+        )
+        assert r.status_code == 303 and r.headers["location"] == "/settings"
+        assert c.cookies[SESSION_COOKIE] != pending
+        assert await _logged_in(c)
+        assert guard.failures(account=ALICE) == 0
+        held = web.browser()
+        held.cookies.set(SESSION_COOKIE, pending, domain="pecd.test")
+        gone = await held.get("/login/totp")
+        assert gone.status_code == 303 and gone.headers["location"] == "/login?m=expired"
+
+        # A code is good once.
+        await post_form(c, "/settings", "/logout", {})
+        assert (await login(c, ALICE, PASSWORD)).headers["location"] == "/login/totp"
+        r = await submit_totp(c, code)
+        assert r.status_code == 200 and "Codice errato." in r.text
+        assert not await _logged_in(c)
+
+        # Wrong codes are failed logins: delays as for any login, then the login is over.
+        for _ in range(guard.disconnect_after - 2):
+            r = await submit_totp(c, wrong)
+            assert "Codice errato." in r.text
+        r = await submit_totp(c, wrong)
+        assert "Troppi tentativi: accedi di nuovo." in r.text
+        assert SESSION_COOKIE not in c.cookies
+        assert guard.failures(account=ALICE) == guard.disconnect_after
+        # This address logged in to alice before (the Guard lets it skip the account's delay,
+        # as on IMAP); from anywhere else the failed codes make the next login wait.
+        assert fake.slept == []
+        elsewhere = web.browser("198.51.100.9")
+        assert (await login(elsewhere, ALICE, PASSWORD)).headers["location"] == "/login/totp"
+        assert fake.slept and fake.slept[-1] > 0
+
+        # Mail clients no longer take the password alone (the accounts' rule).
+        accounts = web.app.state.accounts
+        assert await accounts.authenticate(ALICE, PASSWORD) is None
+
+    run_web(web_cfg, scenario)
+
+
+def test_totp_required_enrols_at_login_and_cannot_be_disabled(web_cfg: Config) -> None:
+    async def scenario(web: Web) -> None:
+        await Security(web.db).set_totp_required(CAROL, True)
+        c = web.client
+        r = await login(c, CAROL, PASSWORD)
+        assert r.status_code == 303 and r.headers["location"] == "/login/totp"
+        page = await c.get("/login/totp")
+        found = re.search(r'class="secret">([A-Z2-7]+)<', page.text)
+        assert found is not None and 'src="/login/totp/qr.svg"' in page.text
+        again = await c.get("/login/totp")
+        assert found.group(1) in again.text  # the same secret until confirmed
+        qr = await c.get("/login/totp/qr.svg")
+        assert qr.status_code == 200 and b"<svg" in qr.content
+        assert (await web.browser().get("/login/totp/qr.svg")).status_code == 404
+        r = await submit_totp(c, pyotp.TOTP(found.group(1)).now())
+        assert r.status_code == 303 and r.headers["location"] == "/mail"
+        settings = await c.get("/settings")
+        assert "È obbligatoria per questa casella." in settings.text
+        assert "/settings/totp/disable" not in settings.text
+        r = await post_form(c, "/settings", "/settings/totp/disable", {"code": "123456"})
+        assert r.status_code == 400 and "non si può disattivare" in r.text
+        assert (await Security(web.db).totp_status(CAROL)).enabled
+
+    run_web(web_cfg, scenario)
+
+
+def test_throttling_as_on_the_mail_listeners(web_cfg: Config) -> None:
+    async def scenario(web: Web) -> None:
+        guard, fake = _fake_guard(web)
+        sec = web.cfg.security
+        c = web.client
+        attempts = sec.delay_after_failures + 3
+        for _ in range(attempts):
+            r = await login(c, ALICE, "not the password")
+            assert WRONG in r.text
+        expected = [guard.delay_for(n) for n in range(attempts)]
+        assert list(guard.owed) == expected
+        assert expected[: sec.delay_after_failures + 1] == [0.0] * sec.delay_after_failures + [
+            sec.delay_base_seconds
+        ]
+        assert sum(fake.slept) >= sum(expected) - 1e-9
+        assert guard.failures(peer="203.0.113.7") == attempts
+        # Even the right password waits its turn now; then the failures are forgiven.
+        before = len(fake.slept)
+        assert (await login(c, ALICE, PASSWORD)).status_code == 303
+        assert len(fake.slept) > before
+        assert guard.failures(peer="203.0.113.7") == 0
+        # Another client address guessing at the same account waits too (the account's delay).
+        for _ in range(attempts):
+            await login(web.browser("198.51.100.1"), BOB, "nope")
+        before = len(fake.slept)
+        await login(web.browser("198.51.100.2"), BOB, "nope")
+        assert len(fake.slept) > before
+
+    run_web(web_cfg, scenario)
+
+
+def test_pages_headers_language_and_login_redirect(web_cfg: Config) -> None:
+    async def scenario(web: Web) -> None:
+        c = web.client
+        r = await c.get("/settings")
+        assert r.status_code == 303 and r.headers["location"] == "/login?next=%2Fsettings"
+        r = await c.get("/settings/totp/qr.svg")
+        assert r.status_code == 303
+        r = await c.post("/settings/tokens", data={"name": "x"})
+        assert r.status_code == 303 and r.headers["location"] == "/login"
+        assert (await c.get("/")).headers["location"] == "/mail"
+        for path in ("/login", "/static/app.css", "/no/such/page", "/settings", "/"):
+            r = await c.get(path)
+            for name, value in SECURITY_HEADERS.items():
+                assert r.headers[name] == value, (path, name)
+        css = await c.get("/static/app.css")
+        assert css.status_code == 200 and css.headers["content-type"].startswith("text/css")
+        missing = await c.get("/no/such/page")
+        assert missing.status_code == 404 and "Pagina non trovata" in missing.text
+        assert '<link rel="stylesheet" href="/static/app.css">' in missing.text
+        wrong_method = await c.get("/logout")
+        assert wrong_method.status_code == 405 and "Metodo non consentito" in wrong_method.text
+
+        # Italian by default; the browser's language next; the switch above both.
+        page = await c.get("/login")
+        assert 'lang="it"' in page.text and "Accedi" in page.text
+        assert 'name="viewport"' in page.text
+        assert "<script" not in page.text and "style=" not in page.text
+        english = await c.get("/login", headers={"Accept-Language": "en-GB,en;q=0.9,it;q=0.5"})
+        assert 'lang="en"' in english.text and ">Log in<" in english.text
+        prefers_it = await c.get("/login", headers={"Accept-Language": "it-IT,en;q=0.8"})
+        assert 'lang="it"' in prefers_it.text
+        r = await post_form(c, "/login", "/lang", {"lang": "en", "next": "/login?next=/settings"})
+        assert r.status_code == 303 and r.headers["location"] == "/login?next=/settings"
+        assert c.cookies["pecd_lang"] == "en"
+        page = await c.get("/login", headers={"Accept-Language": "it"})
+        assert 'lang="en"' in page.text and "Wrong address" not in page.text
+        r = await login(c, ALICE, "nope")
+        assert "Wrong address or password." in r.text
+        assert "Page not found" in (await c.get("/nowhere")).text
+        r = await post_form(c, "/login", "/lang", {"lang": "xx", "next": "//evil.example"})
+        assert r.headers["location"] == "/" and c.cookies["pecd_lang"] == "en"
+        assert (await login(c, ALICE, PASSWORD)).status_code == 303
+        settings = await c.get("/settings")
+        for label in (
+            "Settings",
+            "Change password",
+            "Two-step verification",
+            "App passwords",
+            "API tokens",
+            "Log out",
+        ):
+            assert label in settings.text, label
+        assert "<script" not in settings.text and "style=" not in settings.text
+        r = await post_form(c, "/settings", "/lang", {"lang": "it", "next": "/settings"})
+        assert r.headers["location"] == "/settings"
+        assert "Cambia password" in (await c.get("/settings")).text
+
+    run_web(web_cfg, scenario)
+
+
+def test_settings_password_quota_app_passwords_and_tokens(web_cfg: Config) -> None:
+    async def scenario(web: Web) -> None:
+        async with web.db.session() as s, s.begin():
+            await s.execute(
+                update(Mailbox).where(Mailbox.address == ALICE).values(quota_bytes=1024 * 1024)
+            )
+        MaildirStore(web.cfg.maildir_root).deliver(
+            ALICE, "k1", b"Subject: x\r\n\r\n" + b"y" * 300_000
+        )
+        c, other = web.client, web.browser()
+        assert (await login(c, ALICE, PASSWORD)).status_code == 303
+        assert (await login(other, ALICE, PASSWORD)).status_code == 303
+        page = await c.get("/settings")
+        assert "di 1.0 MB (29%)" in page.text and "<meter" in page.text
+        assert "Sessioni aperte su questa casella: 2." in page.text
+
+        # Password change: checks, then every other session ends.
+        new = "a much better password"
+        for data, message in (
+            ({"old": PASSWORD, "new": new, "repeat": new + "x"}, "non coincidono"),
+            ({"old": PASSWORD, "new": "short", "repeat": "short"}, "almeno 8 caratteri"),
+            (
+                {"old": "not it at all", "new": new, "repeat": new},
+                "La password attuale non è corretta.",
+            ),
+        ):
+            r = await post_form(c, "/settings", "/settings/password", data)
+            assert r.status_code == 400 and message in r.text, message
+        before = c.cookies[SESSION_COOKIE]
+        r = await post_form(
+            c, "/settings", "/settings/password", {"old": PASSWORD, "new": new, "repeat": new}
+        )
+        assert r.status_code == 303 and r.headers["location"] == "/settings?m=password"
+        assert c.cookies[SESSION_COOKIE] != before
+        assert "Password cambiata." in (await c.get(r.headers["location"])).text
+        assert not await _logged_in(other)
+        assert WRONG in (await login(web.browser(), ALICE, PASSWORD)).text
+        assert (await login(web.browser(), ALICE, new)).status_code == 303
+
+        # App passwords: shown once, listed, revoked; never a web password.
+        r = await post_form(c, "/settings", "/settings/app-passwords", {"name": "Thunderbird"})
+        found = re.search(r'id="app-password-value">([0-9a-z-]+)<', r.text)
+        assert r.status_code == 200 and found is not None
+        app_password = found.group(1)
+        listing = await c.get("/settings")
+        assert "Thunderbird" in listing.text and app_password not in listing.text
+        assert WRONG in (await login(web.browser(), ALICE, app_password)).text
+        accounts = web.app.state.accounts
+        assert await accounts.authenticate(ALICE, app_password) == ALICE
+        [info] = await Security(web.db).app_password_list(ALICE)
+        bob = web.browser()
+        await login(bob, BOB, PASSWORD)
+        r = await post_form(bob, "/settings", f"/settings/app-passwords/{info.id}/revoke", {})
+        assert r.status_code == 404
+        r = await post_form(c, "/settings", f"/settings/app-passwords/{info.id}/revoke", {})
+        assert r.status_code == 303 and r.headers["location"] == "/settings?m=app-revoked"
+        assert await accounts.authenticate(ALICE, app_password) is None
+        assert "Revocata" in (await c.get("/settings")).text
+        r = await post_form(c, "/settings", "/settings/app-passwords", {"name": "   "})
+        assert r.status_code == 400
+
+        # API tokens: the same life.
+        r = await post_form(c, "/settings", "/settings/tokens", {"name": "gestionale"})
+        found = re.search(r'id="token-value">(pecd_[A-Za-z0-9_-]+)<', r.text)
+        assert r.status_code == 200 and found is not None
+        token = found.group(1)
+        tokens = Tokens(web.db)
+        assert await tokens.authenticate(token) == ALICE
+        assert token not in (await c.get("/settings")).text
+        [tinfo] = await tokens.list(ALICE)
+        assert (
+            await post_form(bob, "/settings", f"/settings/tokens/{tinfo.id}/revoke", {})
+        ).status_code == 404
+        assert await tokens.authenticate(token) == ALICE
+        r = await post_form(c, "/settings", f"/settings/tokens/{tinfo.id}/revoke", {})
+        assert r.status_code == 303 and await tokens.authenticate(token) is None
+
+        # Closing the other sessions keeps this one.
+        extra = web.browser()
+        await login(extra, ALICE, new)
+        r = await post_form(c, "/settings", "/settings/sessions/end-others", {})
+        assert r.status_code == 303
+        assert await _logged_in(c) and not await _logged_in(extra)
+        assert await _logged_in(bob)
+
+    run_web(web_cfg, scenario)
+
+
+def test_translations_agree_and_accept_language_is_bounded() -> None:
+    import pecd.web.app  # noqa: F401 (every page module registers its strings at import)
+    from pecd.web import i18n
+
+    assert i18n.conflicts == []
+    assert i18n.translate("en", "Impostazioni") == "Settings"
+    assert i18n.translate("it", "Impostazioni") == "Impostazioni"
+    assert i18n.translate("en", "una frase senza traduzione") == "una frase senza traduzione"
+    assert i18n.negotiate(None) == "it"
+    assert i18n.negotiate("de-DE, fr;q=0.9") == "it"
+    assert i18n.negotiate("de, en;q=0.5, it;q=0.4") == "en"
+    assert i18n.negotiate("en;q=0, it;q=0.1") == "it"
+    assert i18n.negotiate("en;q=abc") == "it"
+    assert i18n.negotiate("de," * 100_000 + "en") == "it"  # only the first entries are read
