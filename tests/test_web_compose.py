@@ -181,6 +181,7 @@ def test_compose_submits_through_the_intake_keeps_a_sent_copy_and_is_idempotent(
         assert location.startswith("/transmissions/api-")
         assert second.headers["location"] == again.headers["location"] == location
         intake = location.rsplit("/", 1)[1]
+        assert (await client.get(location)).status_code == 200  # the timeline: "in coda"
 
         jobs = await submissions(web.db)
         assert len(jobs) == 1 and jobs[0].key == intake
