@@ -5,13 +5,17 @@ as a browser (web_fixtures)."""
 from __future__ import annotations
 
 import re
+import threading
 import time
 from datetime import timedelta
 
 import httpx
 import pyotp
+import pytest
+import uvicorn
 from sqlalchemy import select, update
 
+from helpers import free_port, wait_for
 from pecd.clock import FixedClock, SystemClock
 from pecd.config import Config
 from pecd.guard import Guard
@@ -19,7 +23,7 @@ from pecd.mailbox.maildir import MaildirStore
 from pecd.store.models import Mailbox, WebSession
 from pecd.store.security import Security
 from pecd.store.tokens import Tokens
-from pecd.web.app import SECURITY_HEADERS
+from pecd.web.app import SECURITY_HEADERS, make_app
 from pecd.web.sessions import CSRF_COOKIE, SESSION_COOKIE, session_digest
 from web_fixtures import (
     ALICE,
@@ -596,3 +600,96 @@ def test_translations_agree_and_accept_language_is_bounded() -> None:
     assert i18n.negotiate("en;q=0, it;q=0.1") == "it"
     assert i18n.negotiate("en;q=abc") == "it"
     assert i18n.negotiate("de," * 100_000 + "en") == "it"  # only the first entries are read
+
+
+@pytest.mark.slow
+def test_a_real_browser_on_a_phone(web_cfg: Config) -> None:
+    """Chromium, phone-sized, over real TLS: the cookies (``__Host-``, Secure), the CSRF round
+    trip as a browser makes it (``Origin: null`` under our no-referrer policy), the layout
+    without horizontal scrolling, and not one Content-Security-Policy violation."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.wait import WebDriverWait
+
+    app = make_app(web_cfg)
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            ssl_certfile=str(web_cfg.tls.cert),
+            ssl_keyfile=str(web_cfg.tls.key),
+        )
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--ignore-certificate-errors",
+        "--window-size=390,844",
+    ):
+        options.add_argument(arg)
+    options.add_experimental_option("prefs", {"intl.accept_languages": "it-IT,it"})
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = None
+    try:
+        wait_for(lambda: server.started, timeout=10)
+        driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+        base = f"https://localhost:{port}"
+
+        def press(selector: str) -> None:
+            """Click a submit button and wait for the page it leads to."""
+            page = driver.find_element(By.TAG_NAME, "html")
+            driver.find_element(By.CSS_SELECTOR, selector).click()
+            WebDriverWait(driver, 10).until(expected_conditions.staleness_of(page))
+
+        driver.get(f"{base}/settings")
+        assert driver.current_url == f"{base}/login?next=%2Fsettings"
+        assert driver.find_element(By.TAG_NAME, "h1").text == "Accesso"
+        driver.find_element(By.ID, "address").send_keys(ALICE)
+        driver.find_element(By.ID, "password").send_keys(PASSWORD)
+        press("form[action='/login'] button")
+        assert driver.current_url == f"{base}/settings"
+        assert driver.find_element(By.TAG_NAME, "h1").text.startswith("Impostazioni")
+        names = {c["name"]: c for c in driver.get_cookies()}
+        assert names[SESSION_COOKIE]["secure"] and names[SESSION_COOKIE]["httpOnly"]
+        width = driver.execute_script(
+            "return [document.documentElement.scrollWidth, window.innerWidth]"
+        )
+        assert width[0] <= width[1], width
+
+        driver.find_element(By.ID, "app-name").send_keys("Telefono")
+        press("form[action='/settings/app-passwords'] button")
+        secret = driver.find_element(By.ID, "app-password-value").text
+        assert re.fullmatch(r"[0-9a-z]{5}(-[0-9a-z]{5}){3}", secret)
+        press("form[action='/settings/totp/begin'] button")
+        qr_size = driver.execute_script("return document.querySelector('img.qr').naturalWidth")
+        assert qr_size > 0  # the QR code loaded (from its own URL: data: is forbidden)
+
+        press("form.lang button[value='en']")
+        assert driver.find_element(By.TAG_NAME, "h1").text.startswith("Settings")
+        press("form.logout button")
+        assert driver.current_url == f"{base}/login?m=out"
+        assert "You are logged out." in driver.page_source
+        driver.get(f"{base}/settings")
+        assert "/login" in driver.current_url
+
+        problems = [
+            entry["message"]
+            for entry in driver.get_log("browser")
+            if "Content Security Policy" in entry["message"] or entry["level"] == "SEVERE"
+        ]
+        assert problems == []
+    finally:
+        if driver is not None:
+            driver.quit()
+        server.should_exit = True
+        thread.join(timeout=10)
