@@ -257,6 +257,13 @@ def test_compose_refusals_keep_the_form_and_make_no_job(web_cfg: Config) -> None
         r = await post_compose(client, {"to": BOB, "receipt": "nessuna"})
         assert r.status_code == 422 and "Scegli il tipo di ricevuta." in text_of(r)
 
+        # Too many files: said in the form at 101, a plain 400 past that (never a 500).
+        files = [("attachments", (f"{i}.txt", b"x", "text/plain")) for i in range(101)]
+        r = await post_compose(client, {"to": BOB}, files)
+        assert r.status_code == 422 and "Troppi allegati: al massimo 100." in text_of(r)
+        r = await post_compose(client, {"to": BOB}, [*files, files[0]])
+        assert r.status_code == 400
+
         # In English when the browser asks for it.
         r = await client.post(
             "/compose",
@@ -300,6 +307,11 @@ def test_compose_over_the_mail_limit_is_refused_clearly(small_cfg: Config) -> No
         assert r.status_code == 413
         assert "Il messaggio supera il limite di 1 MB" in text_of(r)
         assert "Grande" in r.text  # the form is kept
+        # Each fits, not times its 50 recipients (limits.max_recipients_times_size = 30M).
+        many = ", ".join(f"u{i}@pec.example.test" for i in range(50))
+        r = await post_compose(client, {**form, "to": many}, fits[:1])
+        assert r.status_code == 413
+        assert "troppo grande per il numero dei suoi destinatari" in text_of(r)
         assert await submissions(web.db) == []
         # Within the limit it goes.
         small = [("attachments", ("c.bin", b"\3" * 500_000, "application/octet-stream"))]

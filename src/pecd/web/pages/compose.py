@@ -562,7 +562,7 @@ def routes(cfg: Config) -> list[BaseRoute]:
         user = await ui.require_user(request)
         form = await ui.read_form(
             request,
-            max_files=MAX_ATTACHMENTS,
+            max_files=MAX_ATTACHMENTS + 1,  # one more, to say "too many" in the form
             max_fields=MAX_FIELDS,
             max_size=limits.max_message_size,
         )
@@ -611,10 +611,12 @@ def routes(cfg: Config) -> list[BaseRoute]:
                     via="webmail",
                 )
             except SubmitError as exc:
+                # submit() refuses for size alone, or for size times recipients (its title
+                # says which: both are kind "too-large").
                 text = (
-                    "Il messaggio supera il limite di {max}: togli o riduci qualche allegato."
-                    if exc.kind == "too-large" and "recipients" not in exc.title
-                    else "Il messaggio è troppo grande per il numero dei suoi destinatari."
+                    "Il messaggio è troppo grande per il numero dei suoi destinatari."
+                    if "recipients" in exc.title
+                    else "Il messaggio supera il limite di {max}: togli o riduci qualche allegato."
                 )
                 problem = Problem(text, {"max": human_size(limits.max_message_size)})
                 return compose_page(
