@@ -233,6 +233,12 @@ def test_session_fixation_and_logout(web_cfg: Config) -> None:
         copy.cookies.set(SESSION_COOKIE, second, domain="pecd.test")
         assert await _logged_in(copy)
 
+        # A mailbox disabled meanwhile loses its sessions.
+        bob = web.browser()
+        assert (await login(bob, BOB, PASSWORD)).status_code == 303
+        await web.app.state.accounts.disable(BOB)
+        assert not await _logged_in(bob)
+
         # Logout deletes the session: its id opens nothing anymore, anywhere.
         settings = await c.get("/settings")
         out = await c.post("/logout", data={"csrf": csrf_of(settings)})

@@ -12,7 +12,8 @@ A session ends at the first of:
   still owes its second factor), written as ``expires_at`` when it starts;
 * ``idle`` (30 minutes) without a request: ``last_seen_at`` slides, written at most once per
   ``touch_every`` (a minute) rather than on every request;
-* logout, a password change (every other session of the mailbox), or the next login step,
+* logout, a password change (every other session of the mailbox), the mailbox being disabled,
+  or the next login step,
   which always starts a *new* session and deletes the one it came from (no id is ever promoted,
   so an id planted before login is worth nothing after it).
 
@@ -34,7 +35,7 @@ from sqlalchemy import delete, or_, select, update
 from pecd.clock import Clock, SystemClock
 from pecd.pec.address import normalize_address
 from pecd.store.db import Database
-from pecd.store.models import WebSession
+from pecd.store.models import Mailbox, WebSession
 
 __all__ = [
     "CSRF_COOKIE",
@@ -176,11 +177,19 @@ class Sessions:
             return None
         digest = session_digest(session_id)
         async with self.db.read_session() as s:
-            row = await s.get(WebSession, digest)
-        if row is None:
+            found = (
+                await s.execute(
+                    select(WebSession, Mailbox.disabled)
+                    .outerjoin(Mailbox, Mailbox.address == WebSession.mailbox)
+                    .where(WebSession.id_sha256 == digest)
+                )
+            ).first()
+        if found is None:
             return None
+        row, disabled = found
         now = self.clock.now()
-        if self._expired(row, now):
+        if self._expired(row, now) or disabled is not False:
+            # A disabled (or deleted) mailbox loses its sessions at their next request.
             await self.end(session_id)
             return None
         if now - row.last_seen_at >= self.touch_every:
