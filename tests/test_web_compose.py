@@ -20,6 +20,7 @@ import pytest
 from sqlalchemy import select
 
 from helpers import AppThread, client_tls, fetch_all, fetched_literal, wait_for
+from pecd.cli import main as cli_main
 from pecd.clock import SystemClock
 from pecd.config import Config, load_config
 from pecd.devpki import DevPki
@@ -486,6 +487,21 @@ def test_verify_refuses_a_file_over_the_mail_limit(small_cfg: Config) -> None:
         assert r.status_code == 413 and "Il file supera il limite di 1 MB." in text_of(r)
 
     run_web(small_cfg, scenario)
+
+
+def test_pecd_verify_prints_what_examine_finds(capsys: pytest.CaptureFixture[str]) -> None:
+    """The command the verify page shares its check with (pecd.cli.verify.examine) prints as it
+    did before the check was split out of it."""
+    path = CORPUS / "accettazione__aruba__oca-fpa-it03339130126-00009.eml"
+    assert cli_main(["verify", str(path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"{path}: receipt (accettazione)"
+    assert out[1].startswith("  signature: valid, sha1, signed by CN=Posta Certificata ARUBA PEC")
+    assert out[3] == ("  daticert: tipo=accettazione errore=nessuno gestore='ARUBA PEC S.p.A.'")
+    assert out[-1] == "  => valid PEC message"
+    edited = CORPUS / "posta-certificata__sogei__oca-fpa-invio-file-7339338-base64-edited.eml"
+    assert cli_main(["verify", str(edited)]) == 1
+    assert "  => NOT a valid PEC message" in capsys.readouterr().out
 
 
 # --- end to end -----------------------------------------------------------------------------------
