@@ -414,8 +414,6 @@ _SAFE_TYPES: Final = frozenset(
         "image/gif",
         "image/webp",
         "message/rfc822",
-        "text/plain",
-        "text/csv",
     }
 )
 
@@ -457,6 +455,9 @@ class MailView:
     #: None when no provider index was given; else whether the signer is a provider in it.
     indexed: bool | None = None
     provider: str | None = None  # that provider's name in the index
+    #: The bytes of ``original`` (the wrapped message, or the message itself): the part
+    #: numbers of ``original.attachments`` are positions in it (:func:`part_of`).
+    original_raw: bytes | None = field(default=None, repr=False, compare=False)
 
     @property
     def is_pec(self) -> bool:
@@ -544,15 +545,16 @@ def _build_view(
     notice: str | None = None
     original: Content | None = None
     wrapped = False
+    original_raw: bytes | None = None
     if kind is PecKind.PLAIN:
-        original = read_content(raw)
+        original, original_raw = read_content(raw), raw
     else:
         try:
             notice = _outer_notice(raw, c)
         except Exception as exc:
             errors.append(f"testo illeggibile / unreadable text ({type(exc).__name__})")
         if c.postacert is not None:
-            original = read_content(c.postacert)
+            original, original_raw = read_content(c.postacert), c.postacert
             wrapped = True
     if original is not None:
         errors += original.notes
@@ -581,6 +583,7 @@ def _build_view(
         errors=tuple(errors),
         indexed=verdict.indexed if kind is not PecKind.PLAIN else None,
         provider=verdict.provider.label if verdict.provider is not None else None,
+        original_raw=original_raw,
     )
 
 

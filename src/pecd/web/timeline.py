@@ -1,0 +1,661 @@
+"""The timeline of a transmission the mailbox holder sent: per recipient, what happened and when
+(accettazione, presa in carico, avvenuta consegna or errore, preavvisi), each step linked to its
+receipt in the holder's mailbox when the receipt is there.
+
+What happened comes from the trace log (:func:`pecd.web.status.transmission_status`); where the
+receipts are comes from the mailbox, read as the IMAP server reads it (folders named as pecd's
+IMAP names them, UIDs from ``pecd.mailbox.uidlist``): :class:`MailboxReader` is that reading,
+shared by the message pages (``pecd.web.pages.mail``) and the evidence bundle
+(``pecd.web.evidence``). A receipt is taken as one of the transmission's by its daticert
+``identificativo`` (the PEC msgid, spec section 6), looked at only for the messages whose
+headers already point at it (their Message-ID is one the trace log gave a receipt of it, or
+their ``X-Riferimento-Message-ID`` is the client's msgid): the folder is never parsed whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Final
+
+from sqlalchemy import select
+
+from pecd.imap import modutf7
+from pecd.mailbox import uidlist
+from pecd.mailbox.maildir import DELIMITER, FOLDERS, INBOX, MaildirStore, folder_dir
+from pecd.mailbox.uidlist import Entry, Listing
+from pecd.pec.address import normalize_address
+from pecd.pec.classify import NotMailError, classify
+from pecd.pec.msgid import bracket, unbracket
+from pecd.pec.timefmt import ROME, format_zona
+from pecd.store.db import Database
+from pecd.store.models import TraceEvent
+from pecd.web.mailview import PecKind, Summary, summarize_head
+from pecd.web.sentcopy import SENT, sent_key
+from pecd.web.status import transmission_status
+
+__all__ = [
+    "FolderInfo",
+    "MailboxReader",
+    "MessageRef",
+    "RecipientTimeline",
+    "StepView",
+    "Timeline",
+    "build_timeline",
+    "find_transmission_messages",
+    "load_timeline",
+    "valid_transmission_id",
+    "when_text",
+]
+
+#: The most bytes read to find a message's header block (a longer header is cut there).
+HEAD_BYTES: Final = 64 * 1024
+#: The most messages of one folder whose headers a search or a receipt lookup reads.
+MAX_SCAN: Final = 5000
+#: The most candidate receipts of one transmission parsed in full.
+MAX_RECEIPTS: Final = 500
+#: Folders where receipts are looked for (where they are delivered, and where people file them).
+RECEIPT_FOLDERS: Final = (INBOX, "Archive")
+#: Header summaries kept in memory (a file's name never changes with its content in Maildir).
+_CACHE_SIZE: Final = 50_000
+
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+
+
+def valid_transmission_id(value: str) -> bool:
+    """Whether ``value`` can be an intake key (what ``/transmissions/<id>`` names)."""
+    return _ID_RE.fullmatch(value) is not None
+
+
+# --- the mailbox, as the IMAP server sees it ----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FolderInfo:
+    """A folder of the mailbox: its IMAP name, its URL token (the Maildir++ directory name
+    without the leading dot: levels joined by "."), its message count and unseen count."""
+
+    name: str
+    token: str
+    display: str
+    count: int
+    unseen: int
+
+
+def folder_token(name: str) -> str:
+    """The URL token of the IMAP folder ``name`` ("INBOX", "Sent", "Clienti.2024")."""
+    return INBOX if name.upper() == INBOX else folder_dir(name)[1:]
+
+
+def folder_name(token: str) -> str | None:
+    """The IMAP name a URL token stands for, or None when it cannot name a folder (a path
+    separator, "..", an empty level, a control character: the names pecd's IMAP refuses)."""
+    if not token or len(token) > 500 or "/" in token:
+        return None
+    if token.upper() == INBOX:
+        return INBOX
+    name = token.replace(".", DELIMITER)
+    try:
+        folder_dir(name)
+    except ValueError:
+        return None
+    return name
+
+
+def _display(name: str) -> str:
+    if "&" in name:
+        with contextlib.suppress(ValueError, UnicodeError):
+            return modutf7.decode(name.encode("ascii"))
+    return name
+
+
+def _flags(entry: Entry) -> str:
+    name = entry.path.name
+    return name.split(":2,", 1)[1] if ":2," in name else ""
+
+
+def is_seen(entry: Entry) -> bool:
+    return "S" in _flags(entry)
+
+
+class _SummaryCache:
+    """(file's folder, base name) -> Summary, least recently used dropped first."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._items: OrderedDict[tuple[str, str], Summary] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, str]) -> Summary | None:
+        with self._lock:
+            found = self._items.get(key)
+            if found is not None:
+                self._items.move_to_end(key)
+            return found
+
+    def put(self, key: tuple[str, str], value: Summary) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self._size:
+                self._items.popitem(last=False)
+
+
+_SUMMARIES = _SummaryCache(_CACHE_SIZE)
+
+
+def read_head(path: Path) -> bytes:
+    """The header block of the message file ``path`` (at most :data:`HEAD_BYTES`)."""
+    with open(path, "rb") as f:
+        data = f.read(HEAD_BYTES)
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        end = data.find(b"\n\n")
+    return data if end < 0 else data[: end + 2]
+
+
+class MailboxReader:
+    """One mailbox's folders and messages, read the way pecd's IMAP server reads them; every
+    method is synchronous file system work (async callers use ``asyncio.to_thread``)."""
+
+    def __init__(self, store: MaildirStore, address: str) -> None:
+        self.store = store
+        self.address = normalize_address(address)
+        self.base = store.path_for(self.address)
+
+    # -- folders --------------------------------------------------------------------------------
+
+    def folder_path(self, name: str) -> Path:
+        return self.store.folder_path(self.address, name)
+
+    def exists(self, name: str) -> bool:
+        path = self.folder_path(name)
+        if not (path / "cur").is_dir() and not (path / "new").is_dir():
+            return False
+        # Belt and braces: folder_name() already refuses every way out of the mailbox.
+        return path.resolve().is_relative_to(self.base.resolve())
+
+    def folders(self) -> list[FolderInfo]:
+        """INBOX, the standard folders, then the others by name; with their counts."""
+        names = [INBOX]
+        others: list[str] = []
+        with (
+            contextlib.suppress(FileNotFoundError, NotADirectoryError),
+            os.scandir(self.base) as entries,
+        ):
+            for e in entries:
+                if not (e.name.startswith(".") and len(e.name) > 1 and e.is_dir()):
+                    continue
+                name = e.name[1:].replace(".", DELIMITER)
+                if folder_name(e.name[1:]) is None or not (Path(e.path) / "cur").is_dir():
+                    continue
+                others.append(name)
+        names += [f for f in FOLDERS if f in others]
+        names += sorted((f for f in others if f not in FOLDERS), key=str.lower)
+        out = []
+        for name in names:
+            count, unseen = self._counts(self.folder_path(name))
+            out.append(FolderInfo(name, folder_token(name), _display(name), count, unseen))
+        return out
+
+    @staticmethod
+    def _counts(path: Path) -> tuple[int, int]:
+        count = unseen = 0
+        for sub in ("new", "cur"):
+            try:
+                it = os.scandir(path / sub)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            with it:
+                for e in it:
+                    if e.name.startswith("."):
+                        continue
+                    count += 1
+                    flags = e.name.split(":2,", 1)[1] if ":2," in e.name else ""
+                    unseen += "S" not in flags
+        return count, unseen
+
+    # -- messages -------------------------------------------------------------------------------
+
+    def listing(self, name: str) -> Listing:
+        """The folder's messages with their UIDs (the list is brought up to date, and made when
+        missing, as the IMAP server does on SELECT)."""
+        path = self.folder_path(name)
+        if not (path / "cur").is_dir():
+            return Listing(0, 1, [])
+        return uidlist.sync(path)
+
+    def entry(self, name: str, uid: int) -> Entry | None:
+        return self.listing(name).by_uid().get(uid)
+
+    def read(self, name: str, uid: int, limit: int) -> tuple[Entry, bytes] | None:
+        """The message ``uid`` of folder ``name`` and its bytes (None when there is no such
+        message, or it is larger than ``limit``). A file renamed meanwhile (its flags changed
+        by an IMAP client) is looked up again, once."""
+        for _ in range(2):
+            found = self.entry(name, uid)
+            if found is None or found.size > limit:
+                return None
+            try:
+                with open(found.path, "rb") as f:
+                    data = f.read(limit + 1)
+            except FileNotFoundError:
+                continue
+            return (found, data) if len(data) <= limit else None
+        return None
+
+    def summary(self, entry: Entry) -> Summary:
+        key = (str(entry.path.parent.parent), entry.name)
+        found = _SUMMARIES.get(key)
+        if found is None:
+            try:
+                head = read_head(entry.path)
+            except FileNotFoundError:
+                head = self._head_after_rename(entry)
+            found = summarize_head(head)
+            _SUMMARIES.put(key, found)
+        return found
+
+    @staticmethod
+    def _head_after_rename(entry: Entry) -> bytes:
+        folder = entry.path.parent.parent
+        for sub in ("cur", "new"):
+            with contextlib.suppress(FileNotFoundError), os.scandir(folder / sub) as it:
+                for e in it:
+                    if e.name.split(":", 1)[0] == entry.name:
+                        return read_head(Path(e.path))
+        return b""
+
+    def mark_seen(self, entry: Entry) -> bool:
+        """Add the ``S`` flag to the message file as an IMAP server does when a message is read
+        (new/ -> cur/ with ``:2,S``; in cur/, ``S`` added to the flags, kept in ASCII order).
+        The base name, hence the UID, is unchanged. False when the file moved meanwhile."""
+        path = entry.path
+        flags = _flags(entry)
+        if "S" in flags:
+            return True
+        new_flags = "".join(sorted(set(flags + "S")))
+        target = path.parent.parent / "cur" / f"{entry.name}:2,{new_flags}"
+        try:
+            os.rename(path, target)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def newest(self, name: str, limit: int = MAX_SCAN) -> list[Entry]:
+        """The folder's newest ``limit`` messages, newest (highest UID) first."""
+        entries = self.listing(name).entries
+        return list(reversed(entries[-limit:])) if limit else []
+
+
+@dataclass(frozen=True, slots=True)
+class MessageRef:
+    """Where a message is: folder (IMAP name and URL token) and UID."""
+
+    folder: str
+    token: str
+    uid: int
+
+    @property
+    def url(self) -> str:
+        return f"/mail/{self.token}/{self.uid}"
+
+
+def _ref(folder: str, entry: Entry) -> MessageRef:
+    return MessageRef(folder, folder_token(folder), entry.uid)
+
+
+# --- the messages of one transmission in the mailbox -------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FoundReceipt:
+    """A receipt of the transmission in the mailbox, with what its daticert says."""
+
+    ref: MessageRef
+    path: Path
+    kind: PecKind
+    consegna: str | None  # normalised
+    ricezione: tuple[str, ...]
+    instant: datetime | None
+    valid: bool  # its signature and structure hold (pecd verify's judgement)
+
+
+@dataclass(frozen=True, slots=True)
+class TransmissionMessages:
+    """The messages of one transmission in the holder's mailbox."""
+
+    sent: MessageRef | None
+    sent_path: Path | None
+    receipts: tuple[FoundReceipt, ...]
+    scanned_all: bool  # False: a folder had more than MAX_SCAN messages, older ones not looked at
+
+
+def find_transmission_messages(
+    reader: MailboxReader,
+    *,
+    intake_key: str | None,
+    pec_msgid: str,
+    client_msgid: str | None,
+    receipt_ids: Iterable[str] = (),
+    max_bytes: int,
+) -> TransmissionMessages:
+    """The Sent copy and the receipts of the transmission ``pec_msgid`` in ``reader``'s mailbox
+    (synchronous). ``receipt_ids``: the Message-IDs the trace log gave its receipts."""
+    known = {unbracket(i) for i in receipt_ids if i}
+    client = unbracket(client_msgid) if client_msgid else ""
+    scanned_all = True
+
+    sent: MessageRef | None = None
+    sent_path: Path | None = None
+    if reader.exists(SENT):
+        stem = MaildirStore.name_for(sent_key(intake_key)) if intake_key else None
+        entries = reader.newest(SENT)
+        scanned_all &= len(entries) < MAX_SCAN
+        for e in entries:
+            if (stem and e.name.startswith(stem + ",")) or (
+                client and reader.summary(e).message_id == client
+            ):
+                sent, sent_path = _ref(SENT, e), e.path
+                break
+
+    receipts: list[FoundReceipt] = []
+    for folder in RECEIPT_FOLDERS:
+        if not reader.exists(folder):
+            continue
+        entries = reader.newest(folder)
+        scanned_all &= len(entries) < MAX_SCAN
+        for e in entries:
+            if len(receipts) >= MAX_RECEIPTS or e.size > max_bytes:
+                continue
+            s = reader.summary(e)
+            if not s.kind.is_receipt:
+                continue
+            if s.message_id not in known and not (client and s.riferimento == client):
+                continue
+            found = _confirm(folder, e, pec_msgid)
+            if found is not None:
+                receipts.append(found)
+    receipts.sort(key=lambda r: (r.instant is None, r.instant or datetime.min, r.ref.uid))
+    return TransmissionMessages(sent, sent_path, tuple(receipts), scanned_all)
+
+
+def _confirm(folder: str, entry: Entry, pec_msgid: str) -> FoundReceipt | None:
+    """The receipt in ``entry`` when its daticert names the transmission ``pec_msgid``."""
+    try:
+        with open(entry.path, "rb") as f:
+            raw = f.read()
+        c = classify(raw)
+    except (OSError, NotMailError):
+        return None
+    d = c.daticert
+    if d is None or c.ricevuta is None or unbracket(d.identificativo) != pec_msgid:
+        return None
+    try:
+        instant: datetime | None = d.instant
+    except ValueError:
+        instant = None
+    return FoundReceipt(
+        ref=_ref(folder, entry),
+        path=entry.path,
+        kind=PecKind(c.ricevuta.value),
+        consegna=normalize_address(d.consegna) if d.consegna else None,
+        ricezione=tuple(normalize_address(r) for r in d.ricezione),
+        instant=instant,
+        valid=c.is_valid_pec,
+    )
+
+
+async def receipt_ids(db: Database, pec_msgid: str) -> list[str]:
+    """The Message-IDs of the receipts the trace log knows of transmission ``pec_msgid``: those
+    pecd made (``generated_ids``) and those that came back from other providers."""
+    async with db.read_session() as s:
+        rows = (
+            await s.execute(
+                select(TraceEvent.generated_ids, TraceEvent.data).where(
+                    TraceEvent.pec_msgid == pec_msgid
+                )
+            )
+        ).all()
+    ids: list[str] = []
+    for generated, data in rows:
+        ids += [str(i) for i in generated or ()]
+        if isinstance(data, dict) and data.get("message_id"):
+            ids.append(str(data["message_id"]))
+    return ids
+
+
+# --- the timeline ------------------------------------------------------------------------------------
+
+#: A recipient's state in words (Italian, the key of the translation; English beside).
+STATUS_WORDS: Final[dict[str, tuple[str, str]]] = {
+    "avvenuta-consegna": ("consegnata", "delivered"),
+    "errore-consegna": ("errore", "error"),
+    "non-accettazione": ("non accettata", "not accepted"),
+    "accettazione": ("in attesa", "waiting"),
+    "presa-in-carico": ("in attesa", "waiting"),
+    "preavviso-errore-consegna": ("in attesa", "waiting"),
+    "queued": ("in coda", "queued"),
+}
+#: Each step's name (Italian; English beside).
+STEP_WORDS: Final[dict[str, tuple[str, str]]] = {
+    "accettazione": ("accettazione", "acceptance"),
+    "non-accettazione": ("non accettazione", "non-acceptance"),
+    "presa-in-carico": ("presa in carico", "taken in charge"),
+    "avvenuta-consegna": ("avvenuta consegna", "delivery"),
+    "errore-consegna": ("errore di consegna", "delivery error"),
+    "preavviso-errore-consegna": ("preavviso di mancata consegna", "delivery delay warning"),
+    "rilevazione-virus": ("rilevazione virus", "virus detected"),
+}
+_FINAL: Final = frozenset({"avvenuta-consegna", "errore-consegna", "non-accettazione"})
+
+
+@dataclass(frozen=True, slots=True)
+class StepView:
+    """One step of a recipient's (or the whole transmission's) timeline."""
+
+    kind: str
+    at: datetime | None
+    error: str | None
+    receipt: MessageRef | None
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientTimeline:
+    address: str
+    tipo: str | None  # certificato / esterno
+    status: str  # the trace log's word: accettazione, avvenuta-consegna, errore-consegna, ...
+    at: datetime | None
+    error: str | None
+    steps: tuple[StepView, ...]
+
+    @property
+    def final(self) -> bool:
+        return self.status in _FINAL
+
+    @property
+    def words(self) -> tuple[str, str]:
+        return STATUS_WORDS.get(self.status, ("in attesa", "waiting"))
+
+
+@dataclass(frozen=True, slots=True)
+class Timeline:
+    id: str
+    status: str  # accepted / not-accepted / queued
+    pec_msgid: str | None
+    client_msgid: str | None
+    subject: str | None
+    accepted_at: datetime | None
+    error: str | None
+    recipients: tuple[RecipientTimeline, ...]
+    steps: tuple[StepView, ...]  # of the whole transmission (accettazione or not)
+    sent: MessageRef | None
+    receipts: tuple[FoundReceipt, ...] = field(default=())
+    sent_path: Path | None = None
+    scanned_all: bool = True
+
+    @property
+    def complete(self) -> bool:
+        """Nothing more will happen: not accepted, or every recipient has its final receipt."""
+        return self.status == "not-accepted" or (
+            self.status == "accepted" and all(r.final for r in self.recipients)
+        )
+
+
+def when_text(when: datetime | None) -> str:
+    """An instant as the PEC rules show it to people: Italian legal time, ``dd/mm/yyyy
+    hh:mm:ss (+HHMM)``; "-" for None."""
+    if when is None:
+        return "-"
+    if when.tzinfo is None:  # the store's times are UTC
+        when = when.replace(tzinfo=UTC)
+    local = when.astimezone(ROME)
+    offset = local.utcoffset() or timedelta(0)
+    return local.strftime("%d/%m/%Y %H:%M:%S") + f" ({format_zona(offset)})"
+
+
+def _instant(value: Any) -> datetime | None:
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(str(value))
+    except ValueError:
+        return None
+
+
+class _Matcher:
+    """Hands each trace event the receipt in the mailbox that tells of it: same kind, same
+    recipient (a receipt with no ``consegna`` speaks for all), the same second if one has it,
+    else the earliest not yet handed out."""
+
+    def __init__(self, receipts: Sequence[FoundReceipt]) -> None:
+        self.free = list(receipts)
+
+    def take(self, kind: str, who: Sequence[str] | None, at: datetime | None) -> MessageRef | None:
+        wanted = {normalize_address(w) for w in who} if who is not None else None
+
+        def fits(r: FoundReceipt) -> bool:
+            if r.kind.value != kind:
+                return False
+            if wanted is None or r.consegna is None:
+                return True
+            return r.consegna in wanted
+
+        same = [r for r in self.free if fits(r)]
+        if not same:
+            return None
+        exact = [
+            r
+            for r in same
+            if at is not None and r.instant is not None and _same_second(r.instant, at)
+        ]
+        chosen = (exact or same)[0]
+        self.free.remove(chosen)
+        return chosen.ref
+
+
+def _same_second(a: datetime, b: datetime) -> bool:
+    try:
+        return abs((a - b).total_seconds()) < 1
+    except TypeError:  # one naive, one aware
+        return False
+
+
+def build_timeline(status: dict[str, Any], found: TransmissionMessages | None) -> Timeline:
+    """The timeline of ``status`` (what :func:`transmission_status` returns) with each step
+    linked to its receipt among ``found`` (pure)."""
+    receipts = found.receipts if found else ()
+    matcher = _Matcher(receipts)
+    events = list(status.get("events") or [])
+    # The trace log's steps, each with its receipt (one receipt for one step).
+    steps: list[tuple[str, list[str] | None, datetime | None, str | None, MessageRef | None]] = []
+    for e in events:
+        kind = str(e.get("event"))
+        who = e.get("recipients")
+        who_list = [str(w) for w in who] if isinstance(who, list) else None
+        at = _instant(e.get("at"))
+        steps.append((kind, who_list, at, e.get("error"), matcher.take(kind, who_list, at)))
+    general = tuple(StepView(k, at, err, ref) for k, who, at, err, ref in steps if who is None)
+    recipients = []
+    for r in status.get("recipients") or []:
+        address = normalize_address(str(r.get("address", "")))
+        mine = tuple(
+            StepView(k, at, err, ref)
+            for k, who, at, err, ref in steps
+            if who is not None and address in {normalize_address(w) for w in who}
+        )
+        recipients.append(
+            RecipientTimeline(
+                address=address,
+                tipo=r.get("tipo"),
+                status=str(r.get("status")),
+                at=_instant(r.get("at")),
+                error=r.get("error"),
+                steps=mine,
+            )
+        )
+    return Timeline(
+        id=str(status.get("id")),
+        status=str(status.get("status")),
+        pec_msgid=status.get("pec_msgid"),
+        client_msgid=status.get("client_msgid"),
+        subject=status.get("subject"),
+        accepted_at=_instant(status.get("accepted_at")),
+        error=status.get("error"),
+        recipients=tuple(recipients),
+        steps=general,
+        sent=found.sent if found else None,
+        receipts=tuple(receipts),
+        sent_path=found.sent_path if found else None,
+        scanned_all=found.scanned_all if found else True,
+    )
+
+
+async def load_timeline(
+    db: Database, store: MaildirStore, mailbox: str, intake_key: str, *, max_bytes: int
+) -> Timeline | None:
+    """The timeline of the transmission ``intake_key`` of ``mailbox``; None when the mailbox
+    has no such transmission (another mailbox's is not found either)."""
+    status = await transmission_status(db, mailbox, intake_key)
+    if status is None:
+        return None
+    pec_msgid = status.get("pec_msgid")
+    if not pec_msgid:
+        return build_timeline(status, None)
+    ids = await receipt_ids(db, str(pec_msgid))
+    reader = MailboxReader(store, mailbox)
+    found = await asyncio.to_thread(
+        find_transmission_messages,
+        reader,
+        intake_key=intake_key,
+        pec_msgid=str(pec_msgid),
+        client_msgid=status.get("client_msgid"),
+        receipt_ids=ids,
+        max_bytes=max_bytes,
+    )
+    return build_timeline(status, found)
+
+
+async def transmission_of(
+    db: Database, mailbox: str, *, pec_msgid: str | None = None, client_msgid: str | None = None
+) -> str | None:
+    """The intake key of ``mailbox``'s transmission named by its PEC msgid (bare) or its client
+    msgid (any form), for the links of the reading page; None when there is none."""
+    if pec_msgid:
+        status = await transmission_status(db, mailbox, pec_msgid=unbracket(pec_msgid))
+    elif client_msgid:
+        status = await transmission_status(db, mailbox, client_msgid=bracket(client_msgid))
+    else:
+        return None
+    if status is None or not status.get("id"):
+        return None
+    key = str(status["id"])
+    return key if valid_transmission_id(key) else None

@@ -1,0 +1,336 @@
+"""The webmail's mail pages (pecd.web.pages.mail) through the whole HTTPS app in process: the
+folder list, message lists and search, the reading page of every PEC kind, the raw message, the
+attachments, the sandboxed HTML frame and its own CSP; another mailbox's messages and paths out
+of the mailbox refused; a transmission sent through the real pipeline followed on its timeline,
+and its evidence bundle, every receipt of which openssl verifies against the installation's CA."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import re
+import zipfile
+from pathlib import Path
+
+from helpers import ORIGINAL, AppThread, every_kind, openssl_verify
+from pecd.clock import SystemClock
+from pecd.config import Config
+from pecd.mailbox import uidlist
+from pecd.mailbox.maildir import MaildirStore
+from pecd.pec.pki import DevPki
+from pecd.web.pages.mail import FRAME_CSP
+from pecd.web.sentcopy import store_sent_copy
+from pecd.web.submit import Attachment, submit
+from pecd.web.timeline import MailboxReader, folder_name, folder_token
+from web_fixtures import (
+    ALICE,
+    BOB,
+    PASSWORD,
+    Web,
+    login,
+    run_web,
+    web_cfg_fixture,  # noqa: F401 (a fixture)
+    web_template_fixture,  # noqa: F401 (a fixture)
+)
+
+CORPUS = Path(__file__).parent / "data" / "pec-real"
+ENVELOPE = "posta-certificata__aruba__fabioportieri-xdcr-2022-02-00583.eml"
+GHOST = "ghost@pec.example.test"
+
+HOSTILE = (
+    b"From: Mallory <mallory@evil.example>\r\nTo: alice@pec.example.test\r\n"
+    b"Subject: Fattura urgente\r\nDate: Tue, 24 Nov 2026 10:00:00 +0100\r\n"
+    b"Message-ID: <hostile@evil.example>\r\nMIME-Version: 1.0\r\n"
+    b'Content-Type: multipart/mixed; boundary="B"\r\n\r\n'
+    b"--B\r\nContent-Type: text/html; charset=utf-8\r\n\r\n"
+    b'<p onclick="alert(1)">Paga <a href="javascript:alert(2)">qui</a></p>'
+    b'<script>alert(3)</script><img src="https://evil.example/track.gif">'
+    b'<form action="https://evil.example/"><input name="pin"></form>'
+    b'<iframe src="https://evil.example/"></iframe><a href="https://example.org/x">ok</a>\r\n'
+    b'--B\r\nContent-Type: text/html; name="pagina.html"\r\n'
+    b'Content-Disposition: attachment; filename="../../pagina.html"\r\n\r\n'
+    b"<script>alert(4)</script>\r\n--B--\r\n"
+)
+GARBAGE = b"\x00\xff garbage \r\n\r\n\x00"
+
+
+def _deliver(cfg: Config, address: str, name: str, data: bytes, folder: str = "INBOX") -> int:
+    """Deliver ``data`` into ``address``'s ``folder``; its IMAP UID."""
+    store = MaildirStore(cfg.maildir_root)
+    delivered = store.deliver(address, name, data, folder=folder)
+    listing = uidlist.sync(store.folder_path(address, folder))
+    base = delivered.path.name.split(":", 1)[0]
+    return listing.by_name()[base].uid
+
+
+def _kinds(page: str) -> list[str]:
+    return re.findall(r'data-kind="([^"]+)"', page)
+
+
+def test_folders_list_read_and_download(web_cfg: Config, dev_pki: DevPki) -> None:
+    cfg = web_cfg
+    built = every_kind(dev_pki)
+    uids: dict[str, int] = {}
+    uids["envelope"] = _deliver(cfg, ALICE, "env", (CORPUS / ENVELOPE).read_bytes())
+    for name in ("accettazione", "avvenuta-consegna-completa", "errore-consegna", "non-accettazione-virus", "busta-di-anomalia"):  # fmt: skip
+        uids[name] = _deliver(cfg, ALICE, name, built[name])
+    uids["plain"] = _deliver(cfg, ALICE, "plain", ORIGINAL)
+    uids["hostile"] = _deliver(cfg, ALICE, "hostile", HOSTILE)
+    uids["garbage"] = _deliver(cfg, ALICE, "garbage", GARBAGE)
+    sent_uid = _deliver(cfg, ALICE, "sent", ORIGINAL, folder="Sent")
+    # Bob's message has a UID alice's INBOX does not: alice must never see it.
+    for i in range(12):
+        bobs = _deliver(cfg, BOB, f"bob-{i}", ORIGINAL.replace(b"Ciao Bob.", b"SEGRETO di Bob"))
+    assert bobs > max(uids.values())
+
+    async def scenario(web: Web) -> None:
+        c = web.client
+        # Not logged in: to the login page, nothing shown.
+        r = await c.get("/mail/INBOX")
+        assert r.status_code == 303 and r.headers["location"].startswith("/login")
+        assert (await login(c, ALICE, PASSWORD)).status_code == 303
+
+        r = await c.get("/mail")
+        assert r.status_code == 200
+        assert 'data-folder="INBOX"' in r.text and 'data-folder="Sent"' in r.text
+        assert re.search(r'data-folder="INBOX">.*?<td class="count">9</td>', r.text, re.S)
+
+        # The list: newest first, one badge per PEC kind.
+        r = await c.get("/mail/INBOX")
+        assert r.status_code == 200
+        listed = [int(u) for u in re.findall(r'data-uid="(\d+)"', r.text)]
+        assert listed == sorted(uids.values(), reverse=True)
+        kinds = _kinds(r.text)
+        for k in ("posta-certificata", "accettazione", "avvenuta-consegna", "errore-consegna"):
+            assert k in kinds
+        assert {"non-accettazione", "virus", "anomalia", "plain"} <= set(kinds)
+        # Search by kind, sender, subject, dates; bad values are ignored, not errors.
+        r = await c.get("/mail/INBOX", params={"kind": "avvenuta-consegna"})
+        assert re.findall(r'data-uid="(\d+)"', r.text) == [str(uids["avvenuta-consegna-completa"])]
+        r = await c.get("/mail/INBOX", params={"kind": "virus"})
+        assert re.findall(r'data-uid="(\d+)"', r.text) == [str(uids["non-accettazione-virus"])]
+        r = await c.get("/mail/INBOX", params={"from": "MALLORY"})
+        assert re.findall(r'data-uid="(\d+)"', r.text) == [str(uids["hostile"])]
+        r = await c.get("/mail/INBOX", params={"subject": "xdcr_2022"})
+        assert re.findall(r'data-uid="(\d+)"', r.text) == [str(uids["envelope"])]
+        r = await c.get("/mail/INBOX", params={"since": "2023-08-18", "until": "2023-08-18"})
+        assert re.findall(r'data-uid="(\d+)"', r.text) == [str(uids["envelope"])]
+        r = await c.get("/mail/INBOX", params={"kind": "<script>", "since": "x", "page": "-4"})
+        assert r.status_code == 200 and "<script>" not in r.text
+
+        # Reading a real envelope: the original unwrapped, the verdict, the daticert.
+        env = f"/mail/INBOX/{uids['envelope']}"
+        r = await c.get(env)
+        assert r.status_code == 200
+        page = r.text
+        assert "[XDCR] xdcr_2022_02_00583.txt" in page and "verdict-ok" in page
+        assert "opec21010.20230818173714.75133.134.1.56@pec.aruba.it" in page
+        assert "Posta Certificata ARUBA PEC" in page
+        frame = re.search(r"<iframe [^>]*>", page)
+        assert frame is not None
+        assert 'sandbox="allow-popups allow-popups-to-escape-sandbox"' in frame.group(0)
+        assert "allow-scripts" not in page and "allow-same-origin" not in page
+        assert f'src="{env}/html"' in frame.group(0)
+        part_link = re.search(rf'href="({env}/part/\d+)" download>xdcr_2022_02_00583.txt<', page)
+        assert part_link is not None
+        # Read: \Seen as an IMAP server sets it, the UID unchanged.
+        reader = MailboxReader(MaildirStore(cfg.maildir_root), ALICE)
+        entry = reader.entry("INBOX", uids["envelope"])
+        assert entry is not None and entry.path.name.endswith(":2,S")
+
+        r = await c.get(f"{env}/raw")
+        assert r.status_code == 200 and r.content == entry.path.read_bytes()
+        assert r.headers["content-disposition"].startswith("attachment;")
+        r = await c.get(part_link.group(1))
+        assert r.status_code == 200 and len(r.content) == 14448
+        assert r.headers["content-type"] == "application/octet-stream"
+        assert r.headers["content-disposition"].startswith("attachment;")
+        r = await c.get(f"{env}/html")
+        assert r.status_code == 200 and r.headers["content-security-policy"] == FRAME_CSP
+        assert "<script" not in r.text.lower()
+        assert (await c.get(f"{env}/part/999")).status_code == 404
+
+        # Every kind reads: verdict, badge, the original where there is one.
+        for name in ("accettazione", "avvenuta-consegna-completa", "errore-consegna", "busta-di-anomalia"):  # fmt: skip
+            r = await c.get(f"/mail/INBOX/{uids[name]}")
+            assert r.status_code == 200, name
+            assert "Firma valida" in r.text, name
+        r = await c.get(f"/mail/INBOX/{uids['avvenuta-consegna-completa']}")
+        assert "Fattura n. 12" in r.text and "f.pdf" in r.text
+        r = await c.get(f"/mail/INBOX/{uids['errore-consegna']}")
+        assert "no-dest" in r.text and "5.1.1" in r.text
+
+        # Hostile HTML: nothing executable or remote reaches the frame; the page says so.
+        hostile = f"/mail/INBOX/{uids['hostile']}"
+        r = await c.get(hostile)
+        assert r.status_code == 200 and "remote-blocked" in r.text and "alert(" not in r.text
+        r = await c.get(f"{hostile}/html")
+        assert r.headers["content-security-policy"] == FRAME_CSP
+        low = r.text.lower()
+        for bad in ("<script", "alert(", "onclick", "javascript:", "<img", "evil.example", "<form", "<iframe"):  # fmt: skip
+            assert bad not in low, bad
+        assert 'href="https://example.org/x" target="_blank" rel="noopener noreferrer"' in r.text
+        # The HTML attachment is a download, never a page; its name has no path in it.
+        names = re.findall(
+            rf'href="{hostile}/part/(\d+)" download>([^<]+)<', r.text + (await c.get(hostile)).text
+        )
+        [(n, fname)] = names
+        assert fname == "pagina.html"
+        r = await c.get(f"{hostile}/part/{n}")
+        assert r.headers["content-type"] == "application/octet-stream"
+        assert r.headers["content-disposition"].startswith('attachment; filename="pagina.html"')
+
+        # Garbage: a page with the problem, never an error.
+        r = await c.get(f"/mail/INBOX/{uids['garbage']}")
+        assert r.status_code == 200 and "problems" in r.text
+        assert (await c.get(f"/mail/INBOX/{uids['garbage']}/html")).status_code == 404
+
+        # Sent.
+        r = await c.get(f"/mail/Sent/{sent_uid}")
+        assert r.status_code == 200 and "Fattura n. 12" in r.text
+
+        # Bob's message is not alice's: 404, and its content never shows.
+        for path in (f"/mail/INBOX/{bobs}", f"/mail/INBOX/{bobs}/raw", f"/mail/INBOX/{bobs}/part/0"):  # fmt: skip
+            r = await c.get(path)
+            assert r.status_code == 404 and "SEGRETO" not in r.text, path
+        # Paths out of the mailbox, or naming no folder of it.
+        for path in (
+            "/mail/...", "/mail/.Sent", "/mail/Sent.", "/mail/..%2F..%2Fbob",
+            "/mail/%2e%2e/1", "/mail/INBOX%00/1", "/mail/Nope/1", "/mail/a..b/1",
+            "/mail/INBOX/abc", "/mail/INBOX/-1", "/mail/INBOX/99999999999999999999",
+            "/mail/..%2F..%2F..%2Fetc/1/raw",
+        ):  # fmt: skip
+            r = await c.get(path)
+            assert r.status_code == 404, path
+            assert "SEGRETO" not in r.text
+
+        # Bob, logged in, sees his own message at that UID and not alice's.
+        b = web.browser("203.0.113.8")
+        assert (await login(b, BOB, PASSWORD)).status_code == 303
+        r = await b.get(f"/mail/INBOX/{bobs}")
+        assert r.status_code == 200 and "SEGRETO di Bob" in r.text
+        r = await b.get(f"/mail/INBOX/{uids['hostile']}")
+        assert "Mallory" not in r.text
+
+    run_web(cfg, scenario)
+
+
+def test_folder_names_from_urls() -> None:
+    """A URL's folder token names a folder of the mailbox or nothing (httpx normalises "..",
+    so the tokens a raw client could send are checked here)."""
+    assert folder_name("INBOX") == "INBOX" and folder_name("inbox") == "INBOX"
+    assert folder_name("Sent") == "Sent" and folder_name("Clienti.2024") == "Clienti/2024"
+    for bad in (
+        "",
+        ".",
+        "..",
+        "...",
+        ".Sent",
+        "Sent.",
+        "a..b",
+        "../bob",
+        "a/b",
+        "a\\b",
+        "x\x00",
+        "x\n",
+    ):
+        assert folder_name(bad) is None, bad
+    assert folder_token("Clienti/2024") == "Clienti.2024" and folder_token("INBOX") == "INBOX"
+
+
+def test_transmission_timeline_and_evidence(web_cfg: Config, tmp_path: Path) -> None:
+    """A PEC sent from the web's intake, through the real pipeline, to bob (delivered) and to a
+    mailbox that does not exist (errore-consegna): its timeline, each step linked to its
+    receipt; the reading pages link to it; the evidence zip holds exactly the stored bytes."""
+    cfg = web_cfg
+    srv = AppThread(cfg).start()
+    try:
+
+        async def scenario(web: Web) -> None:
+            c = web.client
+            assert (await login(c, ALICE, PASSWORD)).status_code == 303
+            sent = await submit(
+                web.db,
+                cfg,
+                SystemClock(),
+                mailbox=ALICE,
+                to=[BOB, GHOST],
+                subject="Contratto 7",
+                body="In allegato il contratto.",
+                attachments=[Attachment("contratto.pdf", "application", "pdf", b"%PDF-1.4 c")],
+                receipt="completa",
+                peer="203.0.113.7",
+                via="web",
+            )
+            await asyncio.to_thread(
+                store_sent_copy, MaildirStore(cfg.maildir_root), ALICE, sent.key, sent.message
+            )
+            url = f"/transmissions/{sent.key}"
+
+            async def settled() -> str | None:
+                r = await c.get(url)
+                assert r.status_code == 200, r.text[:300]
+                done = "status-avvenuta-consegna" in r.text and "status-errore-consegna" in r.text
+                return r.text if done and r.text.count("receipt-link") >= 3 else None
+
+            page = None
+            for _ in range(300):
+                page = await settled()
+                if page:
+                    break
+                await asyncio.sleep(0.1)
+            assert page, "the transmission did not settle"
+            assert "Contratto 7" in page and 'http-equiv="refresh"' not in page
+            bob = re.search(rf'data-recipient="{re.escape(BOB)}".*?</section>', page, re.S)
+            assert bob and "consegnata" in bob.group(0) and "receipt-link" in bob.group(0)
+            ghost = re.search(rf'data-recipient="{GHOST}".*?</section>', page, re.S)
+            assert ghost and "errore" in ghost.group(0) and "receipt-link" in ghost.group(0)
+            links = re.findall(r'class="receipt-link" href="(/mail/INBOX/\d+)"', page)
+            assert len(set(links)) == 3  # accettazione, consegna, mancata consegna
+            sent_link = re.search(r'href="(/mail/Sent/\d+)"', page)
+            assert sent_link is not None
+
+            # The receipts and the Sent copy link back to the timeline.
+            for link in [*links, sent_link.group(1)]:
+                r = await c.get(link)
+                assert r.status_code == 200 and f'href="{url}"' in r.text, link
+            r = await c.get(f"{url}", headers={"Accept-Language": "en"})
+            assert "delivered" in r.text
+
+            # Bob cannot see alice's transmission; a made-up id is not found either.
+            b = web.browser("203.0.113.9")
+            assert (await login(b, BOB, PASSWORD)).status_code == 303
+            assert (await b.get(url)).status_code == 404
+            assert (await b.get(f"{url}/evidence.zip")).status_code == 404
+            assert (await c.get("/transmissions/api-nope")).status_code == 404
+            assert (await c.get("/transmissions/..%2F..")).status_code == 404
+
+            r = await c.get(f"{url}/evidence.zip")
+            assert r.status_code == 200 and r.headers["content-type"] == "application/zip"
+            assert r.headers["content-disposition"].startswith("attachment;")
+            reader = MailboxReader(MaildirStore(cfg.maildir_root), ALICE)
+            stored = {}
+            for link in links:
+                entry = reader.entry("INBOX", int(link.rsplit("/", 1)[1]))
+                assert entry is not None
+                stored[entry.uid] = entry.path.read_bytes()
+            return r.content, stored, sent.message
+
+        bundle, stored, message = run_web(cfg, scenario)
+    finally:
+        srv.stop()
+    z = zipfile.ZipFile(io.BytesIO(bundle))
+    names = z.namelist()
+    receipts = [n for n in names if n.startswith("ricevute/")]
+    assert len(receipts) == 3 and "summary.txt" in names and "originale.eml" in names
+    assert z.read("originale.eml").startswith(message[:200]) or message in z.read("originale.eml")
+    assert sorted(z.read(n) for n in receipts) == sorted(stored.values())
+    summary = z.read("summary.txt").decode("utf-8")
+    assert BOB in summary and GHOST in summary and "consegnata / delivered" in summary
+    assert "errore / error" in summary
+    for n in [*receipts, "originale.eml"]:
+        assert f"{hashlib.sha256(z.read(n)).hexdigest()}  {n}" in summary
+    assert cfg.tls.ca is not None
+    for n in receipts:
+        openssl_verify(z.read(n), cfg.tls.ca, tmp_path)
