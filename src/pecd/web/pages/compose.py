@@ -66,7 +66,7 @@ i18n.register(
     {
         # compose
         "Scrivi un messaggio PEC": "Write a PEC message",
-        "Mittente": "From",
+        "Da": "From",
         "A": "To",
         "Cc": "Cc",
         "Oggetto": "Subject",
