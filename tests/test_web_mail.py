@@ -11,18 +11,26 @@ import hashlib
 import io
 import re
 import zipfile
+from datetime import timedelta
 from pathlib import Path
 
-from helpers import ORIGINAL, AppThread, every_kind, openssl_verify
+from helpers import ORIGINAL, WHEN_INSTANT, AppThread, every_kind, openssl_verify
 from pecd.clock import SystemClock
 from pecd.config import Config
 from pecd.mailbox import uidlist
 from pecd.mailbox.maildir import MaildirStore
 from pecd.pec.pki import DevPki
-from pecd.web.pages.mail import FRAME_CSP
+from pecd.web.evidence import build_bundle
+from pecd.web.pages.mail import FRAME_CSP, PAGE_SIZE
 from pecd.web.sentcopy import store_sent_copy
 from pecd.web.submit import Attachment, submit
-from pecd.web.timeline import MailboxReader, folder_name, folder_token
+from pecd.web.timeline import (
+    MailboxReader,
+    build_timeline,
+    find_transmission_messages,
+    folder_name,
+    folder_token,
+)
 from web_fixtures import (
     ALICE,
     BOB,
@@ -79,9 +87,12 @@ def test_folders_list_read_and_download(web_cfg: Config, dev_pki: DevPki) -> Non
     uids["hostile"] = _deliver(cfg, ALICE, "hostile", HOSTILE)
     uids["garbage"] = _deliver(cfg, ALICE, "garbage", GARBAGE)
     sent_uid = _deliver(cfg, ALICE, "sent", ORIGINAL, folder="Sent")
-    # Bob's message has a UID alice's INBOX does not: alice must never see it.
-    for i in range(12):
-        bobs = _deliver(cfg, BOB, f"bob-{i}", ORIGINAL.replace(b"Ciao Bob.", b"SEGRETO di Bob"))
+    # Bob's message has a UID alice's INBOX does not: alice must never see it. Bob's INBOX
+    # has more than a page of messages.
+    n_bob = PAGE_SIZE + 5
+    for i in range(n_bob - 1):
+        _deliver(cfg, BOB, f"bob-{i}", ORIGINAL.replace(b"Ciao Bob.", f"Ciao {i}".encode()))
+    bobs = _deliver(cfg, BOB, "bob", ORIGINAL.replace(b"Ciao Bob.", b"SEGRETO di Bob"))
     assert bobs > max(uids.values())
 
     async def scenario(web: Web) -> None:
@@ -213,6 +224,16 @@ def test_folders_list_read_and_download(web_cfg: Config, dev_pki: DevPki) -> Non
         r = await b.get(f"/mail/INBOX/{uids['hostile']}")
         assert "Mallory" not in r.text
 
+        # Pages of PAGE_SIZE, newest first, the search kept across pages.
+        r = await b.get("/mail/INBOX", params={"page": "2"})
+        assert r.status_code == 200 and "SEGRETO" not in r.text
+        page1 = [int(u) for u in re.findall(r'data-uid="(\d+)"', (await b.get("/mail/INBOX")).text)]
+        assert len(page1) == PAGE_SIZE and page1 == sorted(page1, reverse=True)
+        page2 = [int(u) for u in re.findall(r'data-uid="(\d+)"', r.text)]
+        assert page2 and max(page2) < min(page1) and len(page1) + len(page2) == n_bob
+        r = await b.get("/mail/INBOX", params={"subject": "fattura", "page": "2"})
+        assert 'href="/mail/INBOX?subject=fattura"' in r.text  # the previous page keeps it
+
     run_web(cfg, scenario)
 
 
@@ -334,3 +355,91 @@ def test_transmission_timeline_and_evidence(web_cfg: Config, tmp_path: Path) -> 
     assert cfg.tls.ca is not None
     for n in receipts:
         openssl_verify(z.read(n), cfg.tls.ca, tmp_path)
+
+
+def test_receipts_found_matched_and_bundled_offline(dev_pki: DevPki, tmp_path: Path) -> None:
+    """Without the pipeline: the receipts of a transmission are found in a mailbox by their
+    headers and daticert, each step of the trace log gets its own receipt (two preavvisi for
+    one recipient get one each), and a bundle over its size bound leaves files out and says so,
+    as it says when there is no copy in Sent."""
+    built = every_kind(dev_pki)
+    store = MaildirStore(tmp_path / "mail")
+    names = ("accettazione", "preavviso-12h", "preavviso-24h", "avvenuta-consegna-sintetica")
+    for name in names:
+        store.deliver(ALICE, name, built[name])
+    store.deliver(ALICE, "other", (CORPUS / ENVELOPE).read_bytes())  # not a receipt of it
+    pec_msgid = "pecd.20260302101530.0123456789abcdef@pec.example.test"
+    reader = MailboxReader(store, ALICE)
+    found = find_transmission_messages(
+        reader,
+        intake_key=None,
+        pec_msgid=pec_msgid,
+        client_msgid="<client-42@alice.laptop>",
+        max_bytes=10**7,
+    )
+    assert found.sent is None and found.scanned_all
+    assert sorted(r.kind.value for r in found.receipts) == sorted(
+        [
+            "accettazione",
+            "preavviso-errore-consegna",
+            "preavviso-errore-consegna",
+            "avvenuta-consegna",
+        ]
+    )
+    assert all(r.valid for r in found.receipts)
+    # No receipt is found for another transmission.
+    none = find_transmission_messages(
+        reader,
+        intake_key=None,
+        pec_msgid="x@y",
+        client_msgid="<client-42@alice.laptop>",
+        max_bytes=10**7,
+    )
+    assert none.receipts == ()
+
+    when = WHEN_INSTANT.isoformat()
+    later = (WHEN_INSTANT + timedelta(hours=12)).isoformat()
+    status = {
+        "id": "api-0123",
+        "status": "accepted",
+        "pec_msgid": pec_msgid,
+        "client_msgid": "<client-42@alice.laptop>",
+        "subject": "Fattura n. 12",
+        "accepted_at": when,
+        "error": None,
+        "recipients": [
+            {"address": BOB, "tipo": "certificato", "status": "avvenuta-consegna", "at": later},
+            {
+                "address": "carol@pec.example.test",
+                "tipo": "certificato",
+                "status": "accettazione",
+                "at": when,
+            },
+        ],
+        "events": [
+            {"event": "accettazione", "at": when, "error": None},
+            {"event": "preavviso-errore-consegna", "at": when, "recipients": [BOB], "error": None},
+            {"event": "preavviso-errore-consegna", "at": later, "recipients": [BOB], "error": None},
+            {"event": "avvenuta-consegna", "at": later, "recipients": [BOB], "error": None},
+        ],
+    }
+    tl = build_timeline(status, found)
+    assert [s.kind for s in tl.steps] == ["accettazione"] and tl.steps[0].receipt is not None
+    bob, carol = tl.recipients
+    refs = [s.receipt for s in bob.steps]
+    assert all(refs) and len(set(refs)) == 3
+    assert bob.final and bob.words == ("consegnata", "delivered")
+    assert not carol.final and carol.words == ("in attesa", "waiting") and not carol.steps
+    assert not tl.complete
+
+    sizes = sorted(len(built[n]) for n in names)
+    bundle = build_bundle(tl, mailbox=ALICE, now=WHEN_INSTANT, limit=sizes[0] + sizes[1])
+    try:
+        z = zipfile.ZipFile(bundle.file)
+        kept = [n for n in z.namelist() if n.startswith("ricevute/")]
+        summary = z.read("summary.txt").decode()
+    finally:
+        bundle.close()
+    assert len(kept) == 2 and "originale.eml" not in z.namelist()
+    assert "Left out for size" in summary and 'no copy in "Sent"' in summary
+    assert "carol@pec.example.test [certificato]: in attesa / waiting" in summary

@@ -21,7 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Final
 
-from pecd.web.timeline import STATUS_WORDS, STEP_WORDS, Timeline, when_text
+from pecd.web.timeline import RECEIPT_NAMES, STATUS_WORDS, STEP_WORDS, Timeline, when_text
 
 __all__ = ["MAX_BUNDLE_BYTES", "Bundle", "build_bundle", "make_bundle", "stream"]
 
@@ -97,7 +97,7 @@ def build_bundle(
                     'the message as submitted (the copy in "Sent")',
                 )
             for n, r in enumerate(timeline.receipts, start=1):
-                words = STEP_WORDS.get(r.kind.value, (r.kind.value, r.kind.value))
+                words = RECEIPT_NAMES.get(r.kind.value, (r.kind.value, r.kind.value))
                 who = f"-{_safe(r.consegna)}" if r.consegna else ""
                 name = f"ricevute/{n:02d}-{r.kind.value}{who}.eml"
                 data = _read(r.path)
@@ -115,8 +115,8 @@ def build_bundle(
                 add(
                     name,
                     data,
-                    f"ricevuta di {words[0]}, {verdict[0]}",
-                    f"{words[1]} receipt, {verdict[1]}",
+                    f"{words[0]}, {verdict[0]}",
+                    f"{words[1]}, {verdict[1]}",
                 )
             summary = _summary(
                 timeline, mailbox, now, files, omitted, missing, original is not None

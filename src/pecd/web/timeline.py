@@ -451,9 +451,22 @@ STEP_WORDS: Final[dict[str, tuple[str, str]]] = {
     "non-accettazione": ("non accettazione", "non-acceptance"),
     "presa-in-carico": ("presa in carico", "taken in charge"),
     "avvenuta-consegna": ("avvenuta consegna", "delivery"),
-    "errore-consegna": ("errore di consegna", "delivery error"),
+    "errore-consegna": ("mancata consegna", "delivery failure"),
     "preavviso-errore-consegna": ("preavviso di mancata consegna", "delivery delay warning"),
     "rilevazione-virus": ("rilevazione virus", "virus detected"),
+}
+#: Each receipt's name in the PEC rules (Italian; English beside).
+RECEIPT_NAMES: Final[dict[str, tuple[str, str]]] = {
+    "accettazione": ("ricevuta di accettazione", "acceptance receipt"),
+    "non-accettazione": ("avviso di non accettazione", "non-acceptance notice"),
+    "presa-in-carico": ("ricevuta di presa in carico", "taken-in-charge receipt"),
+    "avvenuta-consegna": ("ricevuta di avvenuta consegna", "delivery receipt"),
+    "errore-consegna": ("avviso di mancata consegna", "non-delivery notice"),
+    "preavviso-errore-consegna": (
+        "avviso di mancata consegna per superamento dei tempi massimi",
+        "delivery time-out notice",
+    ),
+    "rilevazione-virus": ("avviso di rilevazione virus", "virus detection notice"),
 }
 _FINAL: Final = frozenset({"avvenuta-consegna", "errore-consegna", "non-accettazione"})
 
