@@ -34,6 +34,7 @@ from pecd.web.timeline import (
 from web_fixtures import (
     ALICE,
     BOB,
+    CAROL,
     PASSWORD,
     Web,
     login,
@@ -223,6 +224,14 @@ def test_folders_list_read_and_download(web_cfg: Config, dev_pki: DevPki) -> Non
         assert r.status_code == 200 and "SEGRETO di Bob" in r.text
         r = await b.get(f"/mail/INBOX/{uids['hostile']}")
         assert "Mallory" not in r.text
+
+        # A mailbox that never got a message: an empty INBOX, not an error.
+        carol = web.browser("203.0.113.10")
+        assert (await login(carol, CAROL, PASSWORD)).status_code == 303
+        r = await carol.get("/mail/INBOX")
+        assert r.status_code == 200 and "data-uid" not in r.text
+        assert (await carol.get("/mail")).status_code == 200
+        assert (await carol.get("/mail/INBOX/1")).status_code == 404
 
         # Pages of PAGE_SIZE, newest first, the search kept across pages.
         r = await b.get("/mail/INBOX", params={"page": "2"})

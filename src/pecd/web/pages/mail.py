@@ -241,7 +241,8 @@ def _read_limit(request: Request) -> int:
 def _folder(request: Request, reader: MailboxReader) -> str:
     """The IMAP name of the folder in the URL; 404 when it names none of this mailbox's."""
     name = folder_name(str(request.path_params.get("folder", "")))
-    if name is None or not reader.exists(name):
+    # INBOX is there before the first message makes the mailbox's directory: an empty list.
+    if name is None or (name != INBOX and not reader.exists(name)):
         raise HTTPException(404)
     return name
 
