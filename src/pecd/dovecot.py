@@ -5,6 +5,7 @@
 
     dovecot/dovecot.conf     the whole configuration (nothing from /etc/dovecot is read)
     dovecot/sql.conf.ext     the passdb: pecd's ``mailboxes`` table, same argon2id hashes
+    dovecot/sql-app-passwords.conf.ext   the passdb of app passwords (``app_passwords``)
     dovecot/run/             base_dir (sockets, the master pid)
     dovecot/state/           state_dir
     dovecot/dovecot.log      the log
@@ -20,7 +21,14 @@ clash with a system Dovecot. The decisions, explained in docs/dovecot.md:
   (``userdb static``: uid, gid, home) run as the user that owns the Maildir tree, and the SQL
   auth worker as that user too (it opens pecd's SQLite database, WAL mode).
 * passdb sql: ``'{ARGON2ID}' || password_hash`` of enabled mailboxes, so a holder's one password
-  works with both servers. Driver sqlite for the default database, pgsql for PostgreSQL.
+  works with both servers. Driver sqlite for the default database, pgsql for PostgreSQL. As
+  with pecd's own servers (``Accounts.authenticate``), the mailbox password is not taken for a
+  mailbox with TOTP enabled or required (``mailbox_security``): such a mailbox logs in with app
+  passwords, which a first passdb finds by their SHA-256: the query names the digest Dovecot
+  computes of what the client typed (``%{sha256:password}``), and Dovecot checks the password against
+  the row's ``{SHA256.HEX}`` once more. Dovecot does not canonicalise what is typed, so there an
+  app password must be typed as it was shown (lowercase, with its dashes). No auth cache, so
+  that a change (password, disable, second factor, revocation) counts at the next login.
 * TLS only: ``ssl = required``, ``disable_plaintext_auth = yes``, ``auth_mechanisms = plain
   login``; implicit TLS on ``listeners.imaps`` / ``listeners.pop3s``, STARTTLS on
   ``listeners.imap`` / ``listeners.pop3`` when they are set.
@@ -50,6 +58,7 @@ __all__ = [
 
 CONF_NAME = "dovecot.conf"
 SQL_NAME = "sql.conf.ext"
+APP_SQL_NAME = "sql-app-passwords.conf.ext"
 
 
 @dataclass(frozen=True)
@@ -68,6 +77,7 @@ class DovecotFiles:
     sql: Path
     log: Path
     base_dir: Path
+    app_sql: Path | None = None
 
 
 def mail_user_for(cfg: Config, name: str | None = None) -> MailUser:
@@ -115,7 +125,8 @@ def _quote(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _sql_text(cfg: Config) -> str:
+def _sql_connect(cfg: Config) -> tuple[str, str]:
+    """Dovecot's SQL ``driver`` and ``connect`` for pecd's database."""
     url = make_url(cfg.database_url)
     backend = url.get_backend_name()
     if backend == "sqlite":
@@ -139,14 +150,39 @@ def _sql_text(cfg: Config) -> str:
         connect = " ".join(parts)
     else:
         raise ValueError(f"Dovecot cannot read a {backend} database")
+    return driver, connect
+
+
+def _sql_text(cfg: Config) -> str:
+    driver, connect = _sql_connect(cfg)
     # %Lu: the login name lowercased (addresses are stored lowercase); Dovecot escapes it.
-    # "user" is returned so that Dovecot continues with the canonical address.
+    # "user" is returned so that Dovecot continues with the canonical address. No row for a
+    # mailbox with TOTP enabled or required: its password alone opens it to no mail client.
     return f"""# Written by pecd: the passdb of pecd's mailboxes (see docs/dovecot.md).
 driver = {driver}
 connect = {connect}
 default_pass_scheme = ARGON2ID
 password_query = SELECT address AS user, '{{ARGON2ID}}' || password_hash AS password \\
-  FROM mailboxes WHERE address = '%Lu' AND NOT disabled
+  FROM mailboxes WHERE address = '%Lu' AND NOT disabled \\
+  AND NOT EXISTS (SELECT 1 FROM mailbox_security s WHERE s.mailbox = mailboxes.address \\
+    AND (s.totp_enabled_at IS NOT NULL OR s.totp_required))
+"""
+
+
+def _app_sql_text(cfg: Config) -> str:
+    driver, connect = _sql_connect(cfg)
+    # %{sha256:password}: the SHA-256 (hex) of the password the client typed (escaped like every
+    # variable), so the row is found by its digest, as pecd finds it (pecd.store.security).
+    # substr(..., 8) drops the "sha256:" prefix.
+    return f"""# Written by pecd: the passdb of pecd's app passwords (see docs/accounts-security.md).
+driver = {driver}
+connect = {connect}
+default_pass_scheme = SHA256.HEX
+password_query = SELECT a.mailbox AS user, \\
+    '{{SHA256.HEX}}' || substr(a.password_hash, 8) AS password \\
+  FROM app_passwords a JOIN mailboxes m ON m.address = a.mailbox \\
+  WHERE a.mailbox = '%Lu' AND a.password_hash = 'sha256:%{{sha256:password}}' \\
+    AND a.revoked_at IS NULL AND NOT m.disabled
 """
 
 
@@ -237,11 +273,19 @@ ssl_prefer_server_ciphers = yes
 disable_plaintext_auth = yes
 auth_mechanisms = plain login
 auth_username_format = %Lu
-auth_cache_size = 10M
-auth_cache_ttl = 5 mins
-auth_cache_negative_ttl = 0
+# No auth cache: a cache hit still verifies the password against the cached argon2id hash
+# (measured: the same ~150 ms a login), so it would save one SQL query while letting a changed
+# password, a disabled mailbox, a second factor just enabled or an app password just revoked
+# work on for its TTL. Without it every change in pecd's database counts at the next login.
+auth_cache_size = 0
 auth_failure_delay = 2 secs
 
+# App passwords first: found by their SHA-256 with no argon2id check, the way mail clients of
+# a mailbox with a second factor log in. Then the mailbox password (argon2id).
+passdb {{
+  driver = sql
+  args = {directory / APP_SQL_NAME}
+}}
 passdb {{
   driver = sql
   args = {directory / SQL_NAME}
@@ -268,7 +312,7 @@ protocol pop3 {{
   pop3_uidl_format = %08Xu%08Xv
 }}
 """
-    return {CONF_NAME: conf, SQL_NAME: _sql_text(cfg)}
+    return {CONF_NAME: conf, SQL_NAME: _sql_text(cfg), APP_SQL_NAME: _app_sql_text(cfg)}
 
 
 def write_config(
@@ -279,8 +323,9 @@ def write_config(
     internal_user: str = "dovecot",
     login_user: str = "dovenull",
 ) -> DovecotFiles:
-    """Write ``dovecot.conf`` and ``sql.conf.ext`` into ``directory`` (default: ``dovecot/``
-    beside the config file) and make its run/ and state/ directories."""
+    """Write ``dovecot.conf``, ``sql.conf.ext`` and ``sql-app-passwords.conf.ext`` into
+    ``directory`` (default: ``dovecot/`` beside the config file) and make its run/ and state/
+    directories."""
     if directory is None:
         if cfg.source is None:
             raise ValueError("no directory given and the config has no file")
@@ -307,4 +352,5 @@ def write_config(
         directory / SQL_NAME,
         directory / "dovecot.log",
         directory / "run",
+        directory / APP_SQL_NAME,
     )

@@ -8,8 +8,8 @@ win. Codes are compared with :func:`hmac.compare_digest`. Enrolment is two steps
 :meth:`Security.totp_begin` stores a new secret as pending, :meth:`Security.totp_confirm` enables
 it once the holder types a right code from the app.
 
-``totp_required`` is the per-mailbox "2FA mandatory" switch: the webmail asks for a second
-factor (enrolling one first if there is none) and mail clients must use app passwords. The
+``totp_required`` is the per-mailbox "2FA mandatory" switch: the webmail is to let the mailbox
+in only with a second factor, and mail clients must use app passwords. The
 mailbox password alone never opens a mailbox over IMAP, POP3 or SMTP once TOTP is enabled or
 required (:meth:`pecd.store.accounts.Accounts.authenticate`).
 
