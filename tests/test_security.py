@@ -62,7 +62,9 @@ def test_enrolment_is_pending_until_a_right_code(db: Backend) -> None:
         clock = FixedClock(T0)
         sec = (await setup(d, clock)).security
         assert await sec.totp_status(MARIO) == TotpStatus(False, False, False)
+        assert await sec.totp_pending_secret(MARIO) is None
         secret = await sec.totp_begin(MARIO.upper())
+        assert await sec.totp_pending_secret(MARIO.upper()) == secret
         assert len(secret) == 32 and pyotp.TOTP(secret).byte_secret()  # base32, 160 bits
         assert await sec.totp_status(MARIO) == TotpStatus(
             enabled=False, required=False, pending=True
@@ -83,6 +85,7 @@ def test_enrolment_is_pending_until_a_right_code(db: Backend) -> None:
         assert await sec.totp_status(MARIO) == TotpStatus(
             enabled=True, required=False, pending=False
         )
+        assert await sec.totp_pending_secret(MARIO) is None
         # Confirming is once; a new enrolment needs the old TOTP disabled first.
         assert not await sec.totp_confirm(MARIO, code)
         with pytest.raises(AccountError, match="already has TOTP enabled; disable it first"):
@@ -242,7 +245,10 @@ def test_password_alone_no_longer_opens_a_mailbox_with_a_second_factor(db: Backe
         assert acc.checks == checks  # looked up by digest: no argon2 check
         assert await acc.authenticate_web(MARIO, app) is None
         # Required without TOTP: the same for the password.
+        assert not await sec.password_alone_allowed(MARIO)
+        assert await sec.password_alone_allowed(ANNA)
         await sec.set_totp_required(ANNA, True)
+        assert not await sec.password_alone_allowed(ANNA)
         assert await acc.authenticate(ANNA, PASSWORD) is None
         assert await acc.authenticate_web(ANNA, PASSWORD) == ANNA
         await sec.set_totp_required(ANNA, False)

@@ -218,6 +218,15 @@ class Security:
         await self._upsert(mailbox, totp_secret=secret, totp_enabled_at=None, totp_last_step=None)
         return secret
 
+    async def totp_pending_secret(self, mailbox: str) -> str | None:
+        """The secret :meth:`totp_begin` made, while it waits for its first code (to show its QR
+        code again); None when nothing is pending."""
+        async with self.db.read_session() as s:
+            row = await self._row(s, normalize_address(mailbox))
+        if row is None or row.totp_enabled_at is not None:
+            return None
+        return row.totp_secret
+
     @staticmethod
     def totp_uri(mailbox: str, secret: str, issuer: str = "pecd") -> str:
         """The ``otpauth://totp/...`` URI an authenticator app reads (from a QR code)."""
