@@ -34,6 +34,7 @@ from pecd.pec.address import (
 )
 from pecd.pec.size import parse_size as parse_size  # re-exported: cli.py imports it from here
 from pecd.store.db import Database
+from pecd.store.errors import AccountError as AccountError  # re-exported: its old home
 from pecd.store.models import Domain, Mailbox, MailboxSecurity
 
 if TYPE_CHECKING:
@@ -45,10 +46,6 @@ _T = TypeVar("_T")
 _LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
 _DOMAIN_RE = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})+$")
 _LOCAL_RE = re.compile(r"^[a-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}$")
-
-
-class AccountError(ValueError):
-    """A refused account operation; the message is one line meant for the operator."""
 
 
 def _account_domain(name: str) -> str:

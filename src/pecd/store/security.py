@@ -41,8 +41,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from pecd.clock import Clock, SystemClock
 from pecd.pec.address import normalize_address
-from pecd.store.accounts import AccountError
 from pecd.store.db import Database
+from pecd.store.errors import AccountError
 from pecd.store.models import AppPassword, Mailbox, MailboxSecurity
 
 __all__ = [
