@@ -25,7 +25,6 @@ import dataclasses
 import logging
 import re
 import secrets
-import time
 from typing import Any, Final
 
 from starlette.datastructures import FormData, UploadFile
@@ -36,20 +35,18 @@ from starlette.routing import BaseRoute, Route
 from pecd.cli.verify import NotMailError, Verdict, examine
 from pecd.clock import SystemClock
 from pecd.config import Config, LimitsConfig
-from pecd.index.model import ProviderIndex
-from pecd.index.service import load_index_report
 from pecd.mailbox.maildir import MaildirStore
 from pecd.pec.address import normalize_address, valid_address
 from pecd.pec.vocab import Kind, TipoRicevuta
 from pecd.store.accounts import Accounts
 from pecd.web import i18n, ui
+from pecd.web.providers import provider_index
 from pecd.web.sentcopy import save_sent_copy, sent_message
 from pecd.web.submit import Attachment, SubmitError, submit
 
 __all__ = [
     "RECEIPTS",
     "Draft",
-    "IndexCache",
     "Problem",
     "check_draft",
     "client_key_of",
@@ -380,32 +377,6 @@ def _uploads(form: FormData, name: str) -> list[UploadFile]:
 # --- the provider index, for /verify ----------------------------------------------------------
 
 
-class IndexCache:
-    """The installation's provider index as the web process sees it: loaded (in a thread) on
-    first use and again after ``index.reload_seconds``, as the mail processes reload theirs.
-    When it cannot be loaded, ``error`` says why and the last good copy (if any) is kept."""
-
-    def __init__(self, cfg: Config) -> None:
-        self.cfg = cfg
-        self._index: ProviderIndex | None = None
-        self._loaded_at = -float("inf")
-        self._lock = asyncio.Lock()
-        self.error: str | None = None
-
-    async def get(self) -> ProviderIndex | None:
-        async with self._lock:
-            if time.monotonic() - self._loaded_at >= self.cfg.index.reload_seconds:
-                self._loaded_at = time.monotonic()
-                try:
-                    loaded = await asyncio.to_thread(load_index_report, self.cfg)
-                except Exception as exc:  # any failure: keep the last good copy
-                    self.error = str(exc) or type(exc).__name__
-                    log.warning("provider index not available to /verify: %s", self.error)
-                else:
-                    self._index, self.error = loaded.index, None
-            return self._index
-
-
 # --- the verdict, for the template ------------------------------------------------------------
 
 
@@ -517,7 +488,7 @@ def routes(cfg: Config) -> list[BaseRoute]:
     limits = cfg.limits
     clock = SystemClock()
     store = MaildirStore(cfg.maildir_root)
-    index_cache = IndexCache(cfg)
+    index_cache = provider_index(cfg)
     verify_slots = asyncio.Semaphore(VERIFY_SLOTS)
     size_note = Problem(
         "Fino a {size} per tutto il messaggio, allegati compresi; al massimo {n} destinatari.",

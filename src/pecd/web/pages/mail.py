@@ -42,6 +42,7 @@ from pecd.web.mailview import (
     safe_content_type,
     sanitize_html,
 )
+from pecd.web.providers import provider_index
 from pecd.web.sentcopy import SENT
 from pecd.web.timeline import (
     MAX_SCAN,
@@ -105,6 +106,9 @@ KIND_LABELS: Final[dict[PecKind, tuple[str, str]]] = {
 
 i18n.register(
     {
+        "La firma è integra, ma chi l'ha apposta non è un gestore dell'indice dei gestori PEC.": (
+            "The signature is intact, but its signer is not a provider in the PEC provider index."
+        ),
         "Cartelle": "Folders",
         "Posta in arrivo": "Inbox",
         "Inviata": "Sent",
@@ -454,13 +458,15 @@ async def _message(request: Request) -> tuple[MailboxReader, str, Entry, bytes]:
     return reader, folder, entry, raw
 
 
-async def _view(raw: bytes) -> MailView:
-    return await asyncio.to_thread(build_view, raw)
+async def _view(request: Request, raw: bytes) -> MailView:
+    """The message's view, its signer looked up in the provider index (as /verify does)."""
+    index = await provider_index(request.app.state.cfg).get()
+    return await asyncio.to_thread(build_view, raw, index=index)
 
 
 async def read_page(request: Request) -> Response:
     reader, folder, entry, raw = await _message(request)
-    view = await _view(raw)
+    view = await _view(request, raw)
     seen = await asyncio.to_thread(reader.mark_seen, entry)
     db = request.app.state.db
     transmission: str | None = None
@@ -508,7 +514,7 @@ async def raw_message(request: Request) -> Response:
 
 async def html_frame(request: Request) -> Response:
     _, _, _, raw = await _message(request)
-    view = await _view(raw)
+    view = await _view(request, raw)
     if view.original is None or view.original.html is None:
         raise HTTPException(404)
     clean = await asyncio.to_thread(sanitize_html, view.original.html)
@@ -524,7 +530,7 @@ async def html_frame(request: Request) -> Response:
 
 async def part(request: Request) -> Response:
     _, _, _, raw = await _message(request)
-    view = await _view(raw)
+    view = await _view(request, raw)
     if view.original_raw is None:
         raise HTTPException(404)
     found = await asyncio.to_thread(part_of, view.original_raw, int(request.path_params["n"]))
