@@ -48,6 +48,7 @@ class App:
     web: WebSupervisor | None = None
     workers: WorkerPool | None = None
     relay_workers: WorkerPool | None = None
+    webhook_workers: WorkerPool | None = None
     timers: Timers | None = None
     sealer: Sealer | None = None
     reception: ReceptionPoint | None = None
@@ -127,6 +128,17 @@ class App:
             lease_seconds=max(cfg.queue.lease_seconds, cfg.relay.timeout_seconds * 8),
         )
         await self.relay_workers.start(self.stack)
+        # Webhook events (pecd.web.webhooks): one POST per job, to a receiver that may be slow.
+        self.webhook_workers = WorkerPool(
+            runner,
+            [JobKind.WEBHOOK],
+            count=cfg.webhooks.workers,
+            name="webhook",
+            batch=1,
+            wake=runner.webhook_wake,
+            max_attempts=cfg.webhooks.max_attempts,
+        )
+        await self.webhook_workers.start(self.stack)
         self.timers = Timers(runner, check_seconds=cfg.timers.check_seconds, node=self.workers.node)
         await self.timers.start(self.stack)
         lst = cfg.listeners
@@ -160,7 +172,10 @@ class App:
         await self.mailboxes.start(self.stack)
         # The web application (HTTPS) likewise, when listeners.https is set.
         if lst.https is not None:
-            self.web = WebSupervisor(cfg, debug=log.isEnabledFor(logging.DEBUG))
+            # What the web process commits (an API or compose submission) wakes the pipeline.
+            self.web = WebSupervisor(
+                cfg, debug=log.isEnabledFor(logging.DEBUG), on_wake=runner.wake.set
+            )
             await self.web.start(self.stack)
 
     def client_settings(self) -> list[str]:

@@ -355,6 +355,18 @@ class TimersConfig(_Section):
         return self
 
 
+class WebhooksConfig(_Section):
+    """Webhooks: a mailbox's transmission events POSTed to the URL its holder chose
+    (``pecd.web.webhooks``)."""
+
+    # The URL is the holder's choice: by default it may not lead into the provider's own network
+    # (loopback, private, link-local, shared or reserved addresses, checked as resolved at send time).
+    allow_private: bool = False
+    timeout_seconds: float = Field(default=10.0, gt=0, le=120)
+    workers: int = Field(default=2, ge=1, le=64)
+    max_attempts: int = Field(default=12, ge=1)  # then parked (pecd queue list / requeue)
+
+
 class AntivirusConfig(_Section):
     """Virus scanning with ClamAV's daemon (clamd) at the access and the reception point.
 
@@ -421,6 +433,7 @@ class Config(_Section):
     index: IndexConfig = IndexConfig()
     log: LogConfig = LogConfig()
     antivirus: AntivirusConfig = AntivirusConfig()
+    webhooks: WebhooksConfig = WebhooksConfig()
     # Static routes: recipient domain -> "host:port", used before DNS (tests, private links).
     routes: Annotated[dict[str, Endpoint], BeforeValidator(_routes)] = {}
     source: Path | None = None

@@ -26,6 +26,7 @@ class JobKind(StrEnum):
     DELIVERY = "delivery"  # a transport envelope for this provider's own recipients
     STORE = "store"  # a finished message (receipt, notice, anomaly) for one local mailbox
     RELAY = "relay"  # an envelope or a receipt for another provider
+    WEBHOOK = "webhook"  # a transmission event for the sender's webhook (pecd.web.webhooks)
 
 
 LOCAL_KINDS = (JobKind.SUBMISSION, JobKind.RECEPTION, JobKind.DELIVERY, JobKind.STORE)

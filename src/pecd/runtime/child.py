@@ -1,6 +1,7 @@
 """What every supervised child process does the same way (``runtime/supervisor.py``): read its
 hello (the config, its listening sockets) from the control socket, stop when the parent goes
-away, announce ``ready`` once it serves, then write a heartbeat line until it stops."""
+away, announce ``ready`` once it serves, then write a heartbeat line until it stops; and, for a
+child that commits jobs (the web process), a ``wake`` line that wakes the parent's workers."""
 
 from __future__ import annotations
 
@@ -63,6 +64,27 @@ async def beat(
             await writer.drain()
     serving.result()
     return True
+
+
+def waker(writer: asyncio.StreamWriter) -> Callable[[], None]:
+    """A call that has the parent wake its workers at once (a ``wake`` line on the control
+    socket, after a job was committed); the calls of one turn of the event loop make one line.
+    Call it from the event loop."""
+    pending = False
+
+    def flush() -> None:
+        nonlocal pending
+        pending = False
+        if not writer.is_closing():
+            writer.write(b"wake\n")
+
+    def wake() -> None:
+        nonlocal pending
+        if not pending:
+            pending = True
+            asyncio.get_running_loop().call_soon(flush)
+
+    return wake
 
 
 def main(argv: list[str], what: str, run: Callable[[int], Coroutine[Any, Any, int]]) -> int:

@@ -57,6 +57,7 @@ from pecd.store import jobs
 from pecd.store.accounts import Accounts
 from pecd.store.db import Database
 from pecd.store.models import Job, TraceEvent
+from pecd.web import webhooks
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ class Outbox:
     lease_until: datetime
     items: list[StoreLocal] = field(default_factory=list)
     relayed: bool = False  # the commit queued work for the relay: wake its workers
+    webhooks: bool = False  # the commit queued webhook events: wake their workers
 
 
 @dataclass
@@ -111,6 +113,7 @@ class StageRunner:
     scanner: Scanner = field(default_factory=NullScanner)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     relay_wake: asyncio.Event = field(default_factory=asyncio.Event)
+    webhook_wake: asyncio.Event = field(default_factory=asyncio.Event)
     _mailboxes: dict[str, tuple[float, MailboxState | None]] = field(default_factory=dict)
 
     def outbox(self, worker: str) -> Outbox:
@@ -147,6 +150,10 @@ class StageRunner:
         )
 
     async def prepare(self, job: Job) -> list[Effect]:
+        if job.kind == JobKind.WEBHOOK:
+            # Not a PEC stage: one POST, which raises for the queue to retry.
+            await webhooks.deliver(self.cfg, self.db, job.payload, self.clock.now())
+            return []
         return await self.drive(self.stage(job))
 
     async def drive(self, stage: Stage) -> list[Effect]:

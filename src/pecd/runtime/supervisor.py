@@ -15,7 +15,9 @@ child, which the supervisor replaces. The layout:
   arrives while the child is being replaced waits in the listen backlog instead of being refused.
 * The child gets its config over a control socket (a ``socketpair``), opens its own database
   connection (accounts are read-only there), and writes a heartbeat line every
-  ``mailbox.heartbeat_seconds`` from its event loop. A child whose event loop stops turning
+  ``mailbox.heartbeat_seconds`` from its event loop. A ``wake`` line (the web process has
+  committed a job: an API or webmail submission) calls ``on_wake``: the parent's workers look
+  for work at once instead of at their next poll. A child whose event loop stops turning
   (no heartbeat for ``mailbox.heartbeat_timeout_seconds``) is killed; one that exits is
   restarted, with a growing pause if it keeps dying at once. Every such event is one log line.
 * SIGTERM of the parent stops the child with SIGTERM (it closes its listeners and sessions) and
@@ -34,6 +36,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -93,6 +96,8 @@ class ChildSupervisor(abc.ABC):
 
     cfg: Config
     debug: bool = False
+    # Called for each ``wake`` line the child writes (the web process: it committed a job).
+    on_wake: Callable[[], None] | None = None
     sockets: dict[str, socket.socket] = field(default_factory=dict)
     restarts: int = 0
     pid: int | None = None
@@ -251,6 +256,8 @@ class ChildSupervisor(abc.ABC):
             if not line:
                 code = await proc.wait()
                 return f"{proc.pid} exited with status {code}"
+            if line == b"wake\n" and self.on_wake is not None:
+                self.on_wake()
 
 
 class MailboxSupervisor(ChildSupervisor):

@@ -5,7 +5,9 @@ process (``pecd.runtime.mailbox_process``): ``FD`` is its end of the control soc
 line read from it is JSON with the config, the inherited listening socket (``{"https": fd}``) and
 the debug switch; the process answers ``ready`` once uvicorn serves the application
 (``pecd.web.app.make_app``) on that socket with the ``[tls]`` certificate, then a heartbeat line
-every ``mailbox.heartbeat_seconds`` from its event loop. It stops on SIGTERM/SIGINT, and when the
+every ``mailbox.heartbeat_seconds`` from its event loop, and a ``wake`` line whenever the
+application has committed a job (``pecd.web.submit``), so that the parent's pipeline takes it
+at once. It stops on SIGTERM/SIGINT, and when the
 control socket reaches end-of-file (the parent is gone): uvicorn stops accepting, lets the
 requests in progress finish (up to the drain time) and exits.
 """
@@ -65,6 +67,10 @@ async def _main(ctrl_fd: int) -> int:
     for sock in socks:
         sock.setblocking(False)
     server = _server(cfg, bool(data.get("debug")))
+    # What the application commits (pecd.web.submit) wakes the parent's workers at once.
+    from pecd.web.submit import set_waker
+
+    set_waker(child.waker(writer))
 
     def stop() -> None:
         server.should_exit = True

@@ -42,6 +42,7 @@ class JobRunner(Protocol):
     db: Database
     wake: asyncio.Event
     relay_wake: asyncio.Event
+    webhook_wake: asyncio.Event
 
     async def prepare(self, job: Job) -> list[Effect]: ...
 
@@ -192,6 +193,8 @@ class WorkerPool:
         self.runner.wake.set()
         if outbox.relayed:
             self.runner.relay_wake.set()
+        if outbox.webhooks:
+            self.runner.webhook_wake.set()
         await self.runner.flush(outbox)
         log.debug(
             "%d jobs (%s) done in %.1f ms",
@@ -204,10 +207,15 @@ class WorkerPool:
         ids = [job.id for job, _ in prepared]
         lease = Lease(outbox.worker, outbox.lease_until)
 
+        webhooks = 0
+
         def commit(s: Session) -> list[StoreLocal]:
+            nonlocal webhooks
             stored: list[StoreLocal] = []
             for _job, effects in prepared:
-                stored += apply(s, effects, lease).stored
+                applied = apply(s, effects, lease)
+                stored += applied.stored
+                webhooks += applied.webhooks
             done = jobs.complete_many_sync(s, ids, worker=outbox.worker)
             if done != len(prepared):
                 # A lease ran out while we worked: that job is another worker's now, and
@@ -219,6 +227,8 @@ class WorkerPool:
         outbox.items += await self.runner.db.write(commit)
         if any(relay_wake(effects) for _job, effects in prepared):
             outbox.relayed = True
+        if webhooks:
+            outbox.webhooks = True
 
     async def _failed(self, job: Job, exc: Exception) -> None:
         q = self.runner.cfg.queue

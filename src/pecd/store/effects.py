@@ -1,5 +1,5 @@
 """The SQL side of the engine's effects: each effect of a stage becomes rows in the stage's one
-transaction (jobs, trace events, timer rows)."""
+transaction (jobs, trace events, timer rows), and the webhook job of an event that makes one."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from pecd.engine.effects import (
     TookCharge,
 )
 from pecd.engine.vocab import JobKind, StorePayload
-from pecd.store import expectations, jobs, virus
+from pecd.store import expectations, jobs, virus, webhooks
 from pecd.store.trace import record_sync
 
 
@@ -42,6 +42,7 @@ class Applied:
 
     stored: list[StoreLocal] = field(default_factory=list)
     claimed: int = 0
+    webhooks: int = 0  # webhook jobs queued for the events recorded (pecd.store.webhooks)
 
 
 def apply(
@@ -53,6 +54,9 @@ def apply(
     for e in effects:
         if isinstance(e, Record):
             record_sync(s, e.event)
+            # The event's webhook job, if any, in the same transaction as the event.
+            if webhooks.enqueue_sync(s, e.event):
+                done.webhooks += 1
         elif isinstance(e, StoreLocal):
             if jobs.enqueue_sync(
                 s,

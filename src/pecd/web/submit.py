@@ -6,13 +6,23 @@ mailbox; the pipeline then checks it, accepts or refuses it, and the accettazion
 mailbox as for any client. The job's key is the id handed back (the accettazione carries
 ``data.intake`` = that key, which ``pecd.web.status`` reads). Nothing is answered before the job
 is committed: no success before durable.
+
+Once committed, the job is for the pipeline of the main process. In the web process,
+:func:`set_waker` is given the call that tells it so (``pecd.runtime.web_process``); every
+:func:`submit` that commits a job makes it (:func:`wake`), so the pipeline takes the job at once
+rather than at its next poll. Elsewhere (a test's in-process app) there is no waker and the poll
+finds the job.
+
+A big message is built off the event loop (``asyncio.to_thread``), so that one request with
+100 MB of attachments does not hold up every other client of the process.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from email.message import EmailMessage
 from email.policy import SMTP
@@ -26,7 +36,24 @@ from pecd.pec.address import domain_of
 from pecd.store import jobs
 from pecd.store.db import Database
 
-__all__ = ["Attachment", "SubmitError", "Submitted", "intake_key", "submit"]
+__all__ = ["Attachment", "SubmitError", "Submitted", "intake_key", "set_waker", "submit", "wake"]
+
+#: Attachments above this many bytes in all are encoded into the message in a worker thread.
+OFF_LOOP_BYTES = 256 * 1024
+
+_waker: Callable[[], None] | None = None
+
+
+def set_waker(waker: Callable[[], None] | None) -> None:
+    """The call that wakes the pipeline's workers once a job is committed (None: none)."""
+    global _waker
+    _waker = waker
+
+
+def wake() -> None:
+    """Wake the pipeline's workers (a no-op where no waker was set)."""
+    if _waker is not None:
+        _waker()
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,23 +119,32 @@ async def submit(
     rcpts = list(dict.fromkeys([*to, *cc]))
     now = clock.now()
     key = intake_key(mailbox, client_key)
-    msg = EmailMessage()
-    msg["From"] = mailbox
-    msg["To"] = ", ".join(to)
-    if cc:
-        msg["Cc"] = ", ".join(cc)
-    msg["Subject"] = subject
-    msg["Date"] = format_datetime(now)
-    message_id = make_msgid(via, domain=domain_of(mailbox))
-    msg["Message-ID"] = message_id
-    msg["X-TipoRicevuta"] = receipt
-    msg.set_content(body)
-    for a in attachments:
-        msg.add_attachment(a.content, maintype=a.maintype, subtype=a.subtype, filename=a.filename)
-    message = msg.as_bytes(policy=SMTP)
-    data = (
-        _received(cfg.listeners.hostname, peer, key, rcpts[0], format_datetime(now), via) + message
-    )
+
+    def build() -> tuple[str, bytes, bytes]:
+        msg = EmailMessage()
+        msg["From"] = mailbox
+        msg["To"] = ", ".join(to)
+        if cc:
+            msg["Cc"] = ", ".join(cc)
+        msg["Subject"] = subject
+        msg["Date"] = format_datetime(now)
+        message_id = make_msgid(via, domain=domain_of(mailbox))
+        msg["Message-ID"] = message_id
+        msg["X-TipoRicevuta"] = receipt
+        msg.set_content(body)
+        for a in attachments:
+            msg.add_attachment(
+                a.content, maintype=a.maintype, subtype=a.subtype, filename=a.filename
+            )
+        message = msg.as_bytes(policy=SMTP)
+        hop = _received(cfg.listeners.hostname, peer, key, rcpts[0], format_datetime(now), via)
+        return message_id, message, hop + message
+
+    size = len(body) + sum(len(a.content) for a in attachments)
+    if size > OFF_LOOP_BYTES:
+        message_id, message, data = await asyncio.to_thread(build)
+    else:
+        message_id, message, data = build()
     if len(data) > limits.max_message_size:
         raise SubmitError(
             413,
@@ -133,4 +169,6 @@ async def submit(
         )
 
     created = await db.write(commit)
+    if created:
+        wake()
     return Submitted(key=key, created=created, message_id=message_id, message=message)

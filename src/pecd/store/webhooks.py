@@ -1,0 +1,208 @@
+"""Webhooks: per mailbox, the URL its transmission events are POSTed to and the secret that signs
+them (table ``webhooks``); and the events themselves, made into jobs.
+
+An event becomes a WEBHOOK job in the transaction that records its trace event
+(:func:`enqueue_sync`, called by ``store.effects.apply`` for every ``Record``): it is never lost
+(the job commits with the event or not at all) and never sent before the event is durable (the
+job cannot be claimed before that commit). The worker pool sends it (``pecd.web.webhooks``), and
+a failure is retried with backoff, then parked, like any job (``pecd queue list``).
+
+Events, for the mailbox that sent the transmission (the trace event's ``sender``):
+
+* ``accepted`` / ``not-accepted``: its accettazione / non-accettazione (``recipient`` is null,
+  ``recipients`` lists every recipient);
+* ``delivered`` / ``failed``: an avvenuta-consegna / errore-consegna for one recipient, made
+  here (local recipients, relay refusals, the 24 h timer, a virus found by the recipient's
+  provider) or sent back by the recipient's provider (a receipt pertinent to our transmission).
+  A delivered or failed event is sent only when the trace log has that mailbox's accettazione of
+  the transmission: nobody else's receipt reaches a holder's webhook.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from pecd.engine.vocab import JobKind, TraceEventData, TraceType
+from pecd.pec.address import normalize_address
+from pecd.store import jobs
+from pecd.store.accounts import AccountError
+from pecd.store.db import Database
+from pecd.store.models import Mailbox, TraceEvent, Webhook
+from pecd.store.trace import storable
+
+__all__ = [
+    "ACCEPTED",
+    "DELIVERED",
+    "EVENT_TYPES",
+    "FAILED",
+    "NOT_ACCEPTED",
+    "WebhookInfo",
+    "delete_webhook",
+    "enqueue_sync",
+    "event_id",
+    "get_webhook",
+    "set_webhook",
+]
+
+ACCEPTED = "accepted"
+NOT_ACCEPTED = "not-accepted"
+DELIVERED = "delivered"
+FAILED = "failed"
+EVENT_TYPES = (ACCEPTED, NOT_ACCEPTED, DELIVERED, FAILED)
+
+_ESITO = {
+    TraceType.AVVENUTA_CONSEGNA.value: DELIVERED,
+    TraceType.ERRORE_CONSEGNA.value: FAILED,
+}
+_CACHE = "pecd.webhooks"  # session.info: mailbox -> has a webhook, for one transaction
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookInfo:
+    mailbox: str
+    url: str
+    secret: str
+    created_at: datetime
+
+
+async def get_webhook(db: Database, mailbox: str) -> WebhookInfo | None:
+    """The webhook of ``mailbox``, or None."""
+    async with db.read_session() as s:
+        row = await s.get(Webhook, normalize_address(mailbox))
+        if row is None:
+            return None
+        return WebhookInfo(row.mailbox, row.url, row.secret, row.created_at)
+
+
+async def set_webhook(db: Database, mailbox: str, url: str, secret: str, now: datetime) -> None:
+    """Set (or replace) the webhook of an existing mailbox. The URL is checked by the caller
+    (``pecd.web.webhooks.check_url``); AccountError if there is no such mailbox."""
+    address = normalize_address(mailbox)
+    if not 0 < len(url) <= 2048:
+        raise AccountError("a webhook URL has 1 to 2048 characters")
+    if not 16 <= len(secret) <= 128:
+        raise AccountError("a webhook secret has 16 to 128 characters")
+    async with db.session() as s, s.begin():
+        if await s.get(Mailbox, address) is None:
+            raise AccountError(f"mailbox {address} does not exist")
+        row = await s.get(Webhook, address)
+        if row is None:
+            s.add(Webhook(mailbox=address, url=url, secret=secret, created_at=now))
+        else:
+            row.url, row.secret, row.created_at = url, secret, now
+
+
+async def delete_webhook(db: Database, mailbox: str) -> bool:
+    """Remove the webhook of ``mailbox``; False if it had none. Events already queued for it are
+    dropped when their turn comes (nothing is sent without a webhook)."""
+    async with db.session() as s, s.begin():
+        result = await s.execute(
+            delete(Webhook)
+            .where(Webhook.mailbox == normalize_address(mailbox))
+            .returning(Webhook.mailbox)
+        )
+        return result.first() is not None
+
+
+def event_id(pec_msgid: str, kind: str, recipient: str | None) -> str:
+    """The id of an event (the same event twice has the same id: the receiver deduplicates by
+    it, and the job key it makes is unique)."""
+    digest = hashlib.sha256(f"{pec_msgid}\0{kind}\0{recipient or ''}".encode("utf-8", "replace"))
+    return "evt_" + digest.hexdigest()[:32]
+
+
+def _classify(event: TraceEventData) -> tuple[str, str | None] | None:
+    """The webhook event type of a trace event, and the recipient it is about (None: every
+    recipient); None when it is not one."""
+    data: Mapping[str, Any] = event.data or {}
+    if event.event == TraceType.ACCETTAZIONE.value:
+        return ACCEPTED, None
+    if event.event == TraceType.NON_ACCETTAZIONE.value:
+        return NOT_ACCEPTED, None
+    if event.event in _ESITO:
+        consegna = data.get("consegna")
+        return (_ESITO[event.event], str(consegna)) if consegna else None
+    if (
+        event.event == TraceType.RICEVUTA_RICEVUTA.value
+        and data.get("pertinent")
+        and not data.get("dropped")
+        and data.get("ricevuta") in _ESITO
+        and data.get("consegna")
+    ):
+        return _ESITO[str(data["ricevuta"])], str(data["consegna"])
+    return None
+
+
+def _has_webhook(session: Session, mailbox: str) -> bool:
+    cache: dict[str, bool] = session.info.setdefault(_CACHE, {})
+    found = cache.get(mailbox)
+    if found is None:
+        found = (
+            session.execute(select(Webhook.mailbox).where(Webhook.mailbox == mailbox)).first()
+            is not None
+        )
+        cache[mailbox] = found
+    return found
+
+
+def enqueue_sync(session: Session, event: TraceEventData) -> bool:
+    """Queue the webhook event ``event`` makes, if it makes one and its mailbox has a webhook;
+    True if a job was queued. In the caller's transaction (not committed)."""
+    if event.pec_msgid is None or event.sender is None:
+        return False
+    found = _classify(event)
+    if found is None:
+        return False
+    kind, recipient = found
+    mailbox = normalize_address(event.sender)
+    if not _has_webhook(session, mailbox):
+        return False
+    data: Mapping[str, Any] = event.data or {}
+    if kind in (ACCEPTED, NOT_ACCEPTED):
+        transmission = data.get("intake")
+        client_msgid = event.client_msgid
+        recipients = [str(r.get("address", "")) for r in event.recipients]
+    else:
+        # Only about a transmission this mailbox sent through us.
+        accepted = session.execute(
+            select(TraceEvent.sender, TraceEvent.client_msgid, TraceEvent.data)
+            .where(
+                TraceEvent.pec_msgid == event.pec_msgid,
+                TraceEvent.event == TraceType.ACCETTAZIONE.value,
+            )
+            .order_by(TraceEvent.id)
+            .limit(1)
+        ).first()
+        if accepted is None or normalize_address(accepted.sender or "") != mailbox:
+            return False
+        transmission = (accepted.data or {}).get("intake")
+        client_msgid = accepted.client_msgid
+        recipients = [str(recipient)]
+        recipient = normalize_address(str(recipient))
+    eid = event_id(event.pec_msgid, kind, recipient)
+    body = {
+        "id": eid,
+        "type": kind,
+        "mailbox": mailbox,
+        "transmission": None if transmission is None else str(transmission),
+        "pec_msgid": event.pec_msgid,
+        "client_msgid": client_msgid,
+        "recipient": recipient,
+        "recipients": recipients,
+        "at": event.at.isoformat(),
+        "error": event.error,
+    }
+    return jobs.enqueue_sync(
+        session,
+        kind=JobKind.WEBHOOK,
+        key=f"webhook:{eid}",
+        payload=storable({"mailbox": mailbox, "recipients": recipients, "event": body}),
+        now=event.at,
+    )
