@@ -345,11 +345,24 @@ def test_only_the_senders_own_receipts_make_events(server: Server) -> None:
                 dropped=False,
             )
             presa = event(TraceType.PRESA_IN_CARICO.value, "tx-dan@x", DAN)
+            # The 24 h timer's errore-consegna; a refused submission.
+            timer = event(
+                TraceType.ERRORE_CONSEGNA.value,
+                "tx-dan@x",
+                DAN,
+                consegna="late@x.example",
+                timer=24.0,
+            )
+            refused = event(TraceType.NON_ACCETTAZIONE.value, "tx-dan-2@x", DAN, intake="api-no")
             lease = Lease("test", now)
             made = []
-            for effects in ([Record(ours)], [Record(receipt), Record(forged), Record(presa)]):
+            for effects in (
+                [Record(ours)],
+                [Record(receipt), Record(forged), Record(presa)],
+                [Record(timer), Record(refused)],
+            ):
                 made.append(await db.write(lambda s, e=effects: apply(s, e, lease).webhooks))
-            assert made == [1, 1]
+            assert made == [1, 1, 2]
             async with db.read_session() as s:
                 from pecd.store import jobs
 
@@ -363,6 +376,8 @@ def test_only_the_senders_own_receipts_make_events(server: Server) -> None:
     assert [(e["type"], e["recipient"], e["transmission"]) for e in events] == [
         ("accepted", None, "api-dan"),
         ("delivered", "someone@other.example", "api-dan"),
+        ("failed", "late@x.example", "api-dan"),
+        ("not-accepted", None, "api-no"),
     ]
 
 
