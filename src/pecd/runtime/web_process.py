@@ -4,7 +4,8 @@ Started only by :class:`pecd.runtime.supervisor.WebSupervisor`, with the protoco
 process (``pecd.runtime.mailbox_process``): ``FD`` is its end of the control socket; the first
 line read from it is JSON with the config, the inherited listening socket (``{"https": fd}``) and
 the debug switch; the process answers ``ready`` once uvicorn serves the application
-(``pecd.web.app.make_app``) on that socket with the ``[tls]`` certificate, then a heartbeat line
+(``pecd.web.app.make_app``) on that socket with the ``[tls]`` certificate (connection limits and
+deadlines against slow clients: ``pecd.runtime.web_protocol``), then a heartbeat line
 every ``mailbox.heartbeat_seconds`` from its event loop, and a ``wake`` line whenever the
 application has committed a job (``pecd.web.submit``), so that the parent's pipeline takes it
 at once. It stops on SIGTERM/SIGINT, and when the
@@ -15,50 +16,32 @@ requests in progress finish (up to the drain time) and exits.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import socket
-import ssl
 import sys
-from collections.abc import Callable, Generator
-
-import uvicorn
 
 from pecd.config import Config
 from pecd.runtime import child
+from pecd.runtime.web_protocol import WebLimits, WebServer
 
 log = logging.getLogger("pecd.web")
 
 
-class _Server(uvicorn.Server):
-    """uvicorn's server, leaving the signals to this process (uvicorn would take them over)."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        yield
-
-
-def _server(cfg: Config, debug: bool) -> _Server:
+def _server(cfg: Config, debug: bool) -> WebServer:
     from pecd.runtime.tls import server_tls_context
     from pecd.web.app import make_app
 
-    def tls(_config: uvicorn.Config, _default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
-        return server_tls_context(cfg)
-
-    config = uvicorn.Config(
+    # The listener's limits (pecd.runtime.web_protocol): connections admitted by the app's
+    # Guard (cfg.security), deadlines for the handshake, the head and the body.
+    return WebServer(
         make_app(cfg),
-        http="h11",
-        ws="none",
-        lifespan="on",  # the app opens its database there
-        ssl_context_factory=tls,
-        log_config=None,  # pecd's logging, set up below
+        server_tls_context(cfg),
+        security=cfg.security,
+        limits=WebLimits(),
         access_log=debug,
-        server_header=False,
-        proxy_headers=False,
-        timeout_graceful_shutdown=max(1, int(cfg.queue.drain_seconds) - 1),
+        graceful_seconds=max(1, int(cfg.queue.drain_seconds) - 1),
     )
-    return _Server(config)
 
 
 async def _main(ctrl_fd: int) -> int:

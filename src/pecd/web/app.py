@@ -32,7 +32,7 @@ from pecd.config import Config
 from pecd.guard import Guard
 from pecd.store.accounts import Accounts
 from pecd.store.db import Database
-from pecd.web.api import api_routes, request_limit
+from pecd.web.api import Problem, api_routes, request_limit
 from pecd.web.pages import page_routes
 from pecd.web.sessions import Sessions
 from pecd.web.ui import EXCEPTION_HANDLERS
@@ -135,19 +135,25 @@ class BodyLimit:
             await self._answer(send, 413, "request body too large")
 
     async def _answer(self, send: Send, status: int, detail: str) -> None:
-        body = f'{{"status": {status}, "detail": "{detail}"}}'.encode("ascii")
+        # An RFC 9457 problem document, as the REST API answers (pecd.web.api.Problem): what
+        # a client of /api/v1 parses; a browser shows its one line of text. Connection: close,
+        # as the rest of the body is not read.
+        if status == 413:
+            problem = Problem(
+                413, "too-large", "Request too large", f"{detail}: at most {self.limit} bytes"
+            )
+        else:
+            problem = Problem(status, "bad-request", "Bad request", detail)
+        answer = problem.response()
+        headers = [(k, v) for k, v in answer.raw_headers if k != b"connection"]
         await send(
             {
                 "type": "http.response.start",
                 "status": status,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode("ascii")),
-                    (b"connection", b"close"),
-                ],
+                "headers": [*headers, (b"connection", b"close")],
             }
         )
-        await send({"type": "http.response.body", "body": body})
+        await send({"type": "http.response.body", "body": answer.body})
 
 
 async def healthz(request: Request) -> Response:
