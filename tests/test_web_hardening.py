@@ -506,6 +506,24 @@ def test_an_invalid_request_is_answered_400_and_closed(
     s.healthy()
 
 
+def test_a_broken_body_after_the_response_began_drops_the_connection(served: Served) -> None:
+    """A GET may carry a body; this one's is broken after the download began: no 400 can
+    follow a response under way, so the connection is dropped (uvicorn alone would raise
+    inside the event loop's callback, an error in the log)."""
+    s = served
+    sock = s.tls_socket()
+    sock.sendall(
+        f"GET /api/v1/folders/INBOX/messages/{s.big_uid} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Bearer {s.token}\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+    )
+    assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")  # the download began
+    sock.sendall(b"ZZ\r\n")
+    got = _closed(sock)
+    assert len(got) < BIG_MESSAGE
+    sock.close()
+    s.healthy()
+
+
 # --- the body limit under /api/ -------------------------------------------------------------------
 
 

@@ -229,7 +229,7 @@ class WebConnection(H11Protocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self.transport.is_closing():
+        if self.refused or self.transport.is_closing():
             # Done with this connection (an error answered, a deadline passed): what the TLS
             # layer still hands over while it shuts down is not parsed.
             return
@@ -261,6 +261,8 @@ class WebConnection(H11Protocol):
         self._watch()
 
     def pause_writing(self) -> None:
+        if self.refused:
+            return
         super().pause_writing()
         if self._send_timer is None and not self.transport.is_closing():
             self._send_timer = self.loop.call_later(
@@ -268,6 +270,8 @@ class WebConnection(H11Protocol):
             )
 
     def resume_writing(self) -> None:
+        if self.refused:
+            return
         super().resume_writing()
         self._unwatch_send()
 
