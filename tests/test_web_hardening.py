@@ -38,12 +38,12 @@ from web_fixtures import ALICE, web_template_fixture  # noqa: F401 (a fixture)
 LIMITS = WebLimits(
     tls_handshake_seconds=1.0,
     tls_shutdown_seconds=1.0,
-    head_seconds=1.5,
+    head_seconds=2.5,
     max_head_bytes=16 * 1024,
     body_grace_seconds=0.5,
     body_min_rate=4000.0,
     send_stall_seconds=1.0,
-    keep_alive_seconds=1,
+    keep_alive_seconds=2,
 )
 PER_ADDRESS = 3
 TOTAL = 5
@@ -285,13 +285,13 @@ def test_connections_over_the_limits_are_closed_and_the_first_ones_still_work(
 @pytest.mark.slow
 def test_an_idle_keep_alive_connection_is_closed(served: Served) -> None:
     s = served
+    cut_before = s.listener.cut["head"]
     conn = s.https()
     assert _get(conn, "/healthz")[0] == 200
     assert conn.sock is not None
-    started = time.monotonic()
     _closed(conn.sock)
-    # uvicorn's keep-alive timer, gracefully: before the head deadline would have cut it.
-    assert time.monotonic() - started < LIMITS.head_seconds
+    # By uvicorn's keep-alive timer, gracefully, not by the next head's deadline.
+    assert s.listener.cut["head"] == cut_before
     conn.close()
 
 
@@ -302,8 +302,8 @@ def test_an_idle_keep_alive_connection_is_closed(served: Served) -> None:
 def test_a_slowloris_head_is_cut_off_while_others_are_served(served: Served) -> None:
     s = served
     cut_before = s.listener.cut["head"]
+    started = time.monotonic()  # before the connection: the server's clock starts after it
     slow = s.tls_socket()
-    started = time.monotonic()
     slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
     served_meanwhile = 0
     # A header byte every 0.1 s: never idle, never done.
@@ -316,17 +316,17 @@ def test_a_slowloris_head_is_cut_off_while_others_are_served(served: Served) -> 
         time.sleep(0.1)
     elapsed = time.monotonic() - started
     slow.close()
-    assert elapsed >= LIMITS.head_seconds - 0.1, elapsed
+    assert elapsed >= LIMITS.head_seconds, elapsed
     assert served_meanwhile >= 3
     assert s.listener.cut["head"] == cut_before + 1
     print(f"slowloris cut after {elapsed:.2f} s; {served_meanwhile} requests served meanwhile")
 
     # Silence after the handshake is cut by the same deadline (uvicorn has none before the
     # first request).
-    silent = s.tls_socket()
     started = time.monotonic()
+    silent = s.tls_socket()
     assert _closed(silent) == b""
-    assert LIMITS.head_seconds - 0.1 <= time.monotonic() - started < LIMITS.head_seconds + 2
+    assert LIMITS.head_seconds <= time.monotonic() - started < LIMITS.head_seconds + 2
     silent.close()
     assert s.listener.cut["head"] == cut_before + 2
     s.healthy()
@@ -335,15 +335,15 @@ def test_a_slowloris_head_is_cut_off_while_others_are_served(served: Served) -> 
 @pytest.mark.slow
 def test_a_client_that_never_handshakes_is_dropped(served: Served) -> None:
     s = served
+    started = time.monotonic()
     quiet = s.raw()
     half = s.raw()
     # Half a ClientHello, then nothing.
     half.sendall(bytes.fromhex("160301020001"))
-    started = time.monotonic()
     _closed(quiet)
     _closed(half)
     elapsed = time.monotonic() - started
-    assert LIMITS.tls_handshake_seconds - 0.1 <= elapsed < LIMITS.tls_handshake_seconds + 2
+    assert LIMITS.tls_handshake_seconds <= elapsed < LIMITS.tls_handshake_seconds + 2
     quiet.close()
     half.close()
     s.healthy()
