@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 
 import pytest
@@ -288,3 +289,155 @@ def test_logging_into_ones_own_account_does_not_reset_the_gate_for_guesses_at_an
     assert asyncio.run(attempt("victim@x.it")) > 0
     # ... while the account that logged in from this address is not held by them.
     assert asyncio.run(attempt("mallory@x.it")) == 0.0
+
+
+# --- attempts in flight (the race between before_login and failed) ----------------------------
+
+
+def test_parallel_attempts_count_before_any_has_failed() -> None:
+    """Twenty guesses sent at once from one address, each checked for a while (the password
+    hash) before its failure is reported: without reservations all twenty passed the check made
+    before the first failure was recorded; now each one in flight counts."""
+    g, t = make()
+    start = t.now
+    passed: list[float] = []
+
+    async def one(i: int) -> None:
+        await g.before_login("192.0.2.1", "alice@x.it")
+        passed.append(t.now - start)
+        await asyncio.sleep(0)  # the check, in another thread
+        g.failed("smtp", "192.0.2.1", "alice@x.it")
+
+    async def run() -> None:
+        await asyncio.gather(*(one(i) for i in range(20)))
+
+    asyncio.run(run())
+    # Three go at once (delay_after_failures), then one per delay as if the others had failed.
+    assert passed[:3] == [0.0, 0.0, 0.0]
+    assert all(b > a for a, b in itertools.pairwise(passed[2:]))
+    assert list(g.owed)[:4] == [0.0, 0.0, 0.0, g.delay_for(3)]
+    # The reservations became the failures (not failures on top of them).
+    assert g.failures("192.0.2.1") == 20 and g.failures(account="alice@x.it") == 20
+
+
+def test_parallel_attempts_from_many_addresses_on_one_account() -> None:
+    g, _t = make()
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:  # no time passes: the waits owed are plain
+        slept.append(seconds)
+        await asyncio.sleep(0)
+
+    g.sleep = sleep
+
+    async def run() -> None:
+        await asyncio.gather(*(g.before_login(f"198.51.100.{i}", "alice@x.it") for i in range(10)))
+
+    asyncio.run(run())
+    # The account's delay grows with the attempts in flight, each waited once, capped.
+    assert slept == [g.delay_for(n) for n in range(3, 10)]
+    assert max(slept) == g.cfg.delay_max_seconds
+
+
+def test_success_and_release_give_the_reservation_back() -> None:
+    g, _t = make()
+
+    async def run() -> None:
+        # A right password: the reservation goes with the rest.
+        await g.before_login("192.0.2.1", "alice@x.it")
+        assert g.failures(account="alice@x.it") == 1
+        assert g.clean("192.0.2.1")  # an attempt in flight is no failure of the address
+        g.succeeded("192.0.2.1", "alice@x.it")
+        assert g.failures("192.0.2.1") == 0 and g.failures(account="alice@x.it") == 0
+        # Two real failures, then an attempt that ends with no verdict (a second factor owed):
+        # it stops counting, the failures stay.
+        for _ in range(2):
+            await g.before_login("192.0.2.1", "alice@x.it")
+            g.failed("web", "192.0.2.1", "alice@x.it")
+        await g.before_login("192.0.2.1", "alice@x.it")
+        assert g.failures(account="alice@x.it") == 3
+        g.release("192.0.2.1", "alice@x.it")
+        assert g.failures(account="alice@x.it") == 2 and g.failures("192.0.2.1") == 2
+        assert not g.clean("192.0.2.1")
+        # A release with nothing reserved changes nothing.
+        g.release("192.0.2.1", "alice@x.it")
+        assert g.failures(account="alice@x.it") == 2
+        # A success from an address that also guessed at another account gives back only its
+        # own reservation there.
+        await g.before_login("192.0.2.9", "mallory@x.it")
+        g.failed("imap", "192.0.2.9", "mallory@x.it")
+        await g.before_login("192.0.2.9", "eve@x.it")
+        g.succeeded("192.0.2.9", "eve@x.it")
+        assert g.failures("192.0.2.9") == 1
+
+    asyncio.run(run())
+
+
+def test_a_reservation_without_an_outcome_expires() -> None:
+    g, t = make()
+    g.reserve_seconds = 60.0
+
+    async def run() -> None:
+        for _ in range(5):  # the store failed: nobody reports these
+            await g.before_login("192.0.2.1", "alice@x.it")
+        assert g.failures(account="alice@x.it") == 5
+        t.now += 61
+        assert g.failures(account="alice@x.it") == 0 and g.failures("192.0.2.1") == 0
+        before = t.now
+        await g.before_login("192.0.2.1", "alice@x.it")
+        assert t.now == before
+        # A failure reported after its reservation expired still counts, once.
+        g.failed("imap", "192.0.2.1", "alice@x.it")
+        assert g.failures(account="alice@x.it") == 1
+
+    asyncio.run(run())
+
+
+def test_a_login_cancelled_while_waiting_gives_its_reservation_back() -> None:
+    g, _t = make()
+    for i in range(4):
+        g.failed("smtp", f"198.51.100.{i}", "alice@x.it")
+
+    async def never(seconds: float) -> None:
+        await asyncio.Event().wait()
+
+    g.sleep = never
+
+    async def run() -> None:
+        waiting = asyncio.create_task(g.before_login("203.0.113.1", "alice@x.it"))
+        await wait_for_async(lambda: g.failures(account="alice@x.it") == 5, what="reserved")
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
+        assert g.failures(account="alice@x.it") == 4
+        assert g.failures("203.0.113.1") == 0
+
+    asyncio.run(run())
+
+
+def test_hash_slots_run_in_their_own_threads_not_the_default_executor() -> None:
+    """A busy default executor (the webmail parses messages there) does not hold a password
+    check back."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pecd.store.accounts import HashSlots
+
+    slots = HashSlots(2)
+    busy = threading.Event()
+
+    async def run() -> str:
+        loop = asyncio.get_running_loop()
+        default = ThreadPoolExecutor(max_workers=1)
+        loop.set_default_executor(default)
+        hog = loop.run_in_executor(None, busy.wait, 10)  # the one default thread, held
+        try:
+            return await asyncio.wait_for(
+                slots.run(True, lambda: threading.current_thread().name), timeout=5
+            )
+        finally:
+            busy.set()
+            await hog
+
+    name = asyncio.run(run())
+    assert name.startswith("pecd-hash")
+    slots.close()

@@ -11,16 +11,27 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pyotp
 import pytest
+from alembic import command
+from sqlalchemy import func, inspect, select
 
 from pecd.clock import FixedClock
 from pecd.store.accounts import AccountError, Accounts
-from pecd.store.db import Database
-from pecd.store.models import MailboxSecurity
-from pecd.store.security import Security, TotpStatus
+from pecd.store.db import Database, alembic_config, migrate
+from pecd.store.models import AppPassword, MailboxSecurity, WebSession
+from pecd.store.security import (
+    TOTP_LOCK,
+    TOTP_MAX_FAILURES,
+    Security,
+    TotpAttempt,
+    TotpStatus,
+)
+from pecd.store.tokens import Tokens
+from pecd.web.sessions import Sessions
 from store_fixtures import (  # noqa: F401 (fixtures)
     Backend,
     cheap_hasher,
@@ -288,3 +299,214 @@ def test_change_password(db: Backend) -> None:
         assert await other.authenticate(MARIO, "a new long password") is None
 
     db.run(main)
+
+
+# --- the TOTP lockout (counted in the database, before the code is looked at) -----------------
+
+
+def _wrong(secret: str, step: int) -> str:
+    """A code that is right for no step in the window around ``step``."""
+    right = {code_at(secret, s) for s in range(step - 2, step + 3)}
+    return next(f"{n:06d}" for n in range(10**6) if f"{n:06d}" not in right)
+
+
+async def _failures(d: Database, address: str = MARIO) -> tuple[int, datetime | None]:
+    async with d.read_session() as s:
+        row = await s.get(MailboxSecurity, address)
+    assert row is not None
+    return row.totp_failures, row.totp_locked_until
+
+
+def test_wrong_codes_lock_the_mailbox_and_a_right_code_is_refused_while_locked(
+    db: Backend,
+) -> None:
+    async def main(d: Database) -> None:
+        clock = FixedClock(T0)
+        sec = (await setup(d, clock)).security
+        secret = await enrolled(sec)
+        clock.advance(timedelta(seconds=30))
+        step = STEP0 + 1
+        wrong = _wrong(secret, step)
+        assert await _failures(d) == (0, None)
+        # Four wrong codes: counted, no lock; a right one then starts the count again.
+        for n in range(1, TOTP_MAX_FAILURES):
+            assert await sec.totp_attempt(MARIO, wrong) == TotpAttempt(ok=False)
+            assert await _failures(d) == (n, None)
+        assert await sec.totp_attempt(MARIO, code_at(secret, step)) == TotpAttempt(ok=True)
+        assert await _failures(d) == (0, None)
+        # Five wrong codes in a row (malformed ones count too): the fifth locks.
+        for _ in range(TOTP_MAX_FAILURES - 2):
+            assert not (await sec.totp_attempt(MARIO, wrong)).ok
+        assert await sec.totp_attempt(MARIO, "12") == TotpAttempt(ok=False)
+        until = T0 + timedelta(seconds=30) + TOTP_LOCK
+        assert await sec.totp_attempt(MARIO, wrong) == TotpAttempt(ok=False, locked_until=until)
+        assert await _failures(d) == (TOTP_MAX_FAILURES, until)
+        assert await sec.totp_locked_until(MARIO) == until
+        # Locked: the right code of the next step gets what a wrong one gets, and neither counts.
+        clock.advance(timedelta(seconds=30))
+        right = code_at(secret, step + 1)
+        assert await sec.totp_attempt(MARIO, right) == TotpAttempt(ok=False, locked_until=until)
+        assert await sec.totp_attempt(MARIO, wrong) == TotpAttempt(ok=False, locked_until=until)
+        assert not await sec.totp_verify(MARIO, right)
+        assert await _failures(d) == (TOTP_MAX_FAILURES, until)
+        # Lock over: one more wrong code locks again at once (one guess per lock) ...
+        clock.advance(until - clock.now())
+        assert await sec.totp_locked_until(MARIO) is None
+        again = until + TOTP_LOCK
+        assert await sec.totp_attempt(MARIO, wrong) == TotpAttempt(ok=False, locked_until=again)
+        # ... and after that lock a right code goes in and clears the count.
+        clock.advance(again - clock.now())
+        now_step = int(again.timestamp()) // 30
+        assert await sec.totp_attempt(MARIO, code_at(secret, now_step)) == TotpAttempt(ok=True)
+        assert await _failures(d) == (0, None)
+        # The other mailbox has its own count; disabling TOTP clears one.
+        assert await sec.totp_attempt(ANNA, wrong) == TotpAttempt(ok=False)  # no TOTP: nothing
+        async with d.read_session() as s:
+            assert await s.get(MailboxSecurity, ANNA) is None
+        for _ in range(TOTP_MAX_FAILURES):
+            await sec.totp_attempt(MARIO, wrong)
+        assert (await _failures(d))[0] == TOTP_MAX_FAILURES
+        await sec.totp_disable(MARIO)
+        assert await _failures(d) == (0, None)
+
+    db.run(main)
+
+
+def test_parallel_codes_are_counted_before_they_are_checked(db: Backend) -> None:
+    """Twenty codes tried at once: the count goes up in the UPDATE that refuses a locked
+    mailbox, so only TOTP_MAX_FAILURES of them are ever looked at."""
+
+    async def main(d: Database) -> None:
+        clock = FixedClock(T0)
+        sec = (await setup(d, clock)).security
+        secret = await enrolled(sec)
+        clock.advance(timedelta(seconds=30))
+        codes = [f"{n:06d}" for n in range(100000, 100020)]
+        right = {code_at(secret, s) for s in range(STEP0, STEP0 + 3)}
+        codes = [c for c in codes if c not in right]
+        results = await asyncio.gather(*(sec.totp_attempt(MARIO, c) for c in codes))
+        assert not any(r.ok for r in results)
+        looked_at = [r for r in results if r.locked_until is None]
+        assert len(looked_at) == TOTP_MAX_FAILURES - 1  # the fifth locked, the rest found it
+        assert (await _failures(d))[0] == TOTP_MAX_FAILURES
+
+    db.run(main)
+
+
+def test_an_enrolment_belongs_to_whoever_began_it(db: Backend) -> None:
+    async def main(d: Database) -> None:
+        clock = FixedClock(T0)
+        sec = (await setup(d, clock)).security
+        mine = await sec.totp_begin(MARIO, owner="a" * 64)
+        assert await sec.totp_pending_secret(MARIO, owner="a" * 64) == mine
+        assert await sec.totp_pending_secret(MARIO, owner="b" * 64) is None
+        assert await sec.totp_pending_secret(MARIO) is None
+        assert not await sec.totp_confirm(MARIO, code_at(mine, STEP0), owner="b" * 64)
+        assert not await sec.totp_confirm(MARIO, code_at(mine, STEP0))
+        # Another begins: a secret of its own replaces the first, which no longer confirms.
+        theirs = await sec.totp_begin(MARIO, owner="b" * 64)
+        assert theirs != mine
+        assert await sec.totp_pending_secret(MARIO, owner="a" * 64) is None
+        assert not await sec.totp_confirm(MARIO, code_at(mine, STEP0), owner="a" * 64)
+        assert await sec.totp_confirm(MARIO, code_at(theirs, STEP0), owner="b" * 64)
+        async with d.read_session() as s:
+            row = await s.get(MailboxSecurity, MARIO)
+        assert row is not None and row.totp_pending_owner is None and row.totp_secret == theirs
+
+    db.run(main)
+
+
+# --- a new password: sessions end, app passwords are revoked ----------------------------------
+
+
+async def _sessions_and_app_passwords(d: Database, address: str) -> tuple[int, int]:
+    async with d.read_session() as s:
+        sessions = await s.scalar(
+            select(func.count()).select_from(WebSession).where(WebSession.mailbox == address)
+        )
+        active = await s.scalar(
+            select(func.count())
+            .select_from(AppPassword)
+            .where(AppPassword.mailbox == address, AppPassword.revoked_at.is_(None))
+        )
+    return sessions or 0, active or 0
+
+
+def test_a_new_password_ends_web_sessions_and_revokes_app_passwords(db: Backend) -> None:
+    async def main(d: Database) -> None:
+        clock = FixedClock(T0)
+        acc = await setup(d, clock)
+        sessions = Sessions(d, clock)
+        for address in (MARIO, MARIO, ANNA):
+            await sessions.start(address, "ok")
+            await acc.security.app_password_create(address, "phone")
+        _id, api_token = await Tokens(d, clock).create(MARIO, "erp")
+        assert await _sessions_and_app_passwords(d, MARIO) == (2, 2)
+        # The holder's change: a wrong old password changes nothing.
+        assert not await acc.change_password(MARIO, "wrong password", "a new long password")
+        assert await _sessions_and_app_passwords(d, MARIO) == (2, 2)
+        assert await acc.change_password(MARIO, PASSWORD, "a new long password")
+        assert await _sessions_and_app_passwords(d, MARIO) == (0, 0)
+        [first, second] = await acc.security.app_password_list(MARIO)
+        assert first.revoked_at == T0 and second.revoked_at == T0
+        # The operator's: the same.
+        await sessions.start(MARIO, "ok")
+        _id, app = await acc.security.app_password_create(MARIO, "tablet")
+        assert await acc.authenticate(MARIO, app) == MARIO
+        await acc.set_password(MARIO, "set by the operator")
+        assert await _sessions_and_app_passwords(d, MARIO) == (0, 0)
+        assert await acc.authenticate(MARIO, app) is None
+        # Another mailbox keeps its own; API tokens stay (they are for programs).
+        assert await _sessions_and_app_passwords(d, ANNA) == (1, 1)
+        assert await Tokens(d, clock).authenticate(api_token) == MARIO
+        with pytest.raises(AccountError, match="does not exist"):
+            await acc.set_password(f"x@{DOMAIN}", "a long enough one")
+
+    db.run(main)
+
+
+def test_password_checks_do_not_wait_behind_the_default_executor(db: Backend) -> None:
+    """Work queued in asyncio's default executor (the webmail parses messages there) does not
+    hold logins back: the hashes have their own threads."""
+
+    async def main(d: Database) -> None:
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+
+        clock = FixedClock(T0)
+        acc = await setup(d, clock)
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(ThreadPoolExecutor(max_workers=1))
+        busy = threading.Event()
+        hog = loop.run_in_executor(None, busy.wait, 10)
+        try:
+            fresh = Accounts(d, hasher=cheap_hasher(), clock=clock)  # nothing remembered
+            ok = await asyncio.wait_for(fresh.authenticate_web(MARIO, PASSWORD), timeout=5)
+            assert ok == MARIO
+            await asyncio.wait_for(acc.set_password(ANNA, "another password"), timeout=5)
+        finally:
+            busy.set()
+            await hog
+
+    db.run(main)
+
+
+def test_migration_0008_down_and_up(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'pecd.db'}"
+    migrate(url)
+
+    async def columns() -> set[str]:
+        d = await Database.open(url)
+        try:
+            async with d.engine.connect() as conn:
+                cols = await conn.run_sync(lambda c: inspect(c).get_columns("mailbox_security"))
+            return {c["name"] for c in cols}
+        finally:
+            await d.close()
+
+    added = {"totp_failures", "totp_locked_until", "totp_pending_owner"}
+    assert added <= asyncio.run(columns())
+    command.downgrade(alembic_config(url), "0007")
+    assert not added & asyncio.run(columns())
+    migrate(url)
+    assert added <= asyncio.run(columns())

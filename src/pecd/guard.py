@@ -2,7 +2,8 @@
 
 One ``Guard`` per process. A listener asks ``admit()`` when a connection arrives and releases
 the admission when it closes; a login first awaits ``before_login()``, then reports
-``failed()`` or ``succeeded()``. The Guard keeps only counters in memory, bounded in size.
+``failed()`` or ``succeeded()`` (or ``release()``: neither, e.g. a right password that still owes
+a second factor). The Guard keeps only counters in memory, bounded in size.
 
 Choices:
 
@@ -19,6 +20,14 @@ Choices:
   spread over many addresses cannot lock the holder out for longer than that; a client address
   from which the account logged in successfully in the last ``known_seconds`` skips the
   account's delay altogether.
+- **Attempts in flight count.** ``before_login()`` reserves the attempt: until its outcome is
+  reported it counts as a failure of the client address and of the account, so that attempts
+  made in parallel (many requests at once, before any of them has failed) are delayed as if
+  they had already failed, instead of all passing the check made before the first failure was
+  recorded. ``failed()`` turns the reservation into the failure; ``succeeded()`` and
+  ``release()`` give it back. A reservation whose outcome never comes (the store failed, the
+  client went away) stops counting after ``reserve_seconds``. ``clean()`` looks only at real
+  failures, so a login in flight does not lose its place in the hash queue.
 - **Success** from an address forgets the failures of that address and of that account.
 - **Memory.** Each table holds at most ``max_tracked`` entries (least recently failed dropped
   first) and entries older than the window are dropped as new failures come in.
@@ -69,11 +78,17 @@ def account_key(account: str) -> str:
 
 @dataclass(slots=True)
 class _Failures:
-    count: int = 0
-    last: float = 0.0  # time of the last failure
+    count: int = 0  # failures reported
+    last: float = 0.0  # time of the last failure or reservation
     gate: float = float("-inf")  # time the last attempt passed the gate (addresses only)
     # Accounts the failures of an address were against (at most _MAX_NAMED; None: more).
     accounts: set[str] | None = field(default_factory=set)
+    # Times of the attempts in flight (reserved, outcome not reported yet), oldest first.
+    pending: deque[float] = field(default_factory=deque)
+
+    def total(self) -> int:
+        """Failures and attempts in flight: what the delay is computed from."""
+        return self.count + len(self.pending)
 
 
 _MAX_NAMED = 16
@@ -119,12 +134,14 @@ class Guard:
         max_tracked: int = 100_000,
         known_seconds: float = 30 * 86400.0,
         log_lines_per_second: int = 20,
+        reserve_seconds: float = 120.0,
     ) -> None:
         self.cfg = cfg
         self.clock = clock
         self.sleep = sleep
         self.max_tracked = max_tracked
         self.known_seconds = known_seconds
+        self.reserve_seconds = reserve_seconds
         self.log_lines_per_second = log_lines_per_second
         self.disconnect_after: int = cfg.disconnect_after_failures
         # (listener, client key) -> open connections; listener -> open connections.
@@ -184,76 +201,123 @@ class Guard:
     def delay_for(self, failures: int) -> float:
         """The delay owed after ``failures`` recent failures."""
         extra = failures - self.cfg.delay_after_failures
-        if extra < 0:
+        if extra < 0 or failures <= 0:
             return 0.0
         # Capped exponent: 2**64 would only overflow into the cap anyway.
         return min(self.cfg.delay_base_seconds * 2.0 ** min(extra, 64), self.cfg.delay_max_seconds)
 
     def failures(self, peer: str | None = None, account: str | None = None) -> int:
-        """Recent failures of a client address (or of an account)."""
+        """Recent failures of a client address (or of an account), the attempts in flight
+        included."""
         now = self.clock()
         if peer is not None:
             rec = self._live(self._by_client, client_key(peer), now)
         else:
             rec = self._live(self._by_account, account_key(account or ""), now)
-        return 0 if rec is None else rec.count
+        return 0 if rec is None else rec.total()
 
     def clean(self, peer: str) -> bool:
-        """True when the client address has no recent failure: its logins may go first."""
-        return self._live(self._by_client, client_key(peer), self.clock()) is None
+        """True when the client address has no recent failure: its logins may go first. The
+        attempts in flight do not count here (the caller's own is one of them)."""
+        rec = self._live(self._by_client, client_key(peer), self.clock())
+        return rec is None or rec.count == 0
 
     def _live(self, table: OrderedDict[str, _Failures], key: str, now: float) -> _Failures | None:
         rec = table.get(key)
-        if rec is not None and now - rec.last > self.cfg.failure_window_seconds:
+        if rec is None:
+            return None
+        if now - rec.last > self.cfg.failure_window_seconds:
             del table[key]
             return None
+        while rec.pending and now - rec.pending[0] > self.reserve_seconds:
+            rec.pending.popleft()  # an outcome that never came
         return rec
 
     async def before_login(self, peer: str, account: str) -> None:
-        """Wait the delay owed for the earlier failures of this client address or account."""
+        """Wait the delay owed for the earlier failures of this client address or account and
+        for the attempts in flight, then reserve this attempt (see the module docstring): the
+        caller reports its outcome with ``failed()``, ``succeeded()`` or ``release()``."""
         ckey, akey = client_key(peer), account_key(account)
         start = self.clock()
+        known = self._is_known(akey, ckey, start)
         # The account's delay: once, never more than delay_max_seconds (see the docstring).
         arec = self._live(self._by_account, akey, start)
         crec = self._live(self._by_client, ckey, start)
         self.owed.append(
             max(
-                0.0 if crec is None else self.delay_for(crec.count),
-                0.0
-                if arec is None or self._is_known(akey, ckey, start)
-                else self.delay_for(arec.count),
+                0.0 if crec is None else self.delay_for(crec.total()),
+                0.0 if arec is None or known else self.delay_for(arec.total()),
             )
         )
-        if arec is not None and not self._is_known(akey, ckey, start):
-            owed = arec.last + self.delay_for(arec.count) - start
-            if owed > 0:
-                await self.sleep(min(owed, self.cfg.delay_max_seconds))
-        # The client address's gate: one attempt per delay. An account that logged in from this
-        # address before is not held by failures against other accounts (a shared NAT, or a
-        # guesser who also holds an account of their own).
-        while not self._is_known(akey, ckey, start):
-            now = self.clock()
-            crec = self._live(self._by_client, ckey, now)
-            if crec is None:
-                break
-            delay = self.delay_for(crec.count)
-            if delay <= 0:
-                break
-            owed = max(crec.last, crec.gate) + delay - now
-            if owed <= 0:
-                crec.gate = now
-                break
-            await self.sleep(owed)
+        account_owed = 0.0
+        if arec is not None and not known:
+            account_owed = arec.last + self.delay_for(arec.total()) - start
+        # The account's reservation is made now, before any wait: the next attempt on it,
+        # from wherever, counts this one.
+        self._reserve(self._by_account, akey, start)
+        try:
+            if account_owed > 0:
+                await self.sleep(min(account_owed, self.cfg.delay_max_seconds))
+            # The client address's gate: one attempt per delay. An account that logged in from
+            # this address before is not held by failures against other accounts (a shared NAT,
+            # or a guesser who also holds an account of their own).
+            while not known:
+                now = self.clock()
+                crec = self._live(self._by_client, ckey, now)
+                if crec is None:
+                    break
+                delay = self.delay_for(crec.total())
+                if delay <= 0:
+                    break
+                owed = max(crec.last, crec.gate) + delay - now
+                if owed <= 0:
+                    crec.gate = now
+                    break
+                await self.sleep(owed)
+        except BaseException:
+            self._unreserve(self._by_account, akey)  # cancelled while waiting: no attempt
+            raise
+        # The address's reservation, with no await since the gate was passed: the next
+        # attempt from the address sees it.
+        crec = self._reserve(self._by_client, ckey, self.clock())
+        if crec.accounts is not None:
+            crec.accounts.add(akey)
+            if len(crec.accounts) > _MAX_NAMED:
+                crec.accounts = None
         waited = self.clock() - start
         if waited > 0:
             self.waits.append(waited)
+
+    def _reserve(self, table: OrderedDict[str, _Failures], key: str, now: float) -> _Failures:
+        rec = self._touch(table, key, now)
+        rec.pending.append(now)
+        return rec
+
+    def _unreserve(self, table: OrderedDict[str, _Failures], key: str) -> bool:
+        """Give back the oldest reservation under ``key``; False if it had none (expired, or
+        the record was dropped). A record left with nothing in it goes."""
+        rec = table.get(key)
+        if rec is None or not rec.pending:
+            return False
+        rec.pending.popleft()
+        if rec.count == 0 and not rec.pending:
+            del table[key]
+        return True
+
+    def release(self, peer: str, account: str) -> None:
+        """The attempt reserved by ``before_login()`` neither failed nor succeeded (a right
+        password that still owes a second factor, a form refused before the password was
+        checked): it stops counting, and nothing is forgiven."""
+        self._unreserve(self._by_client, client_key(peer))
+        self._unreserve(self._by_account, account_key(account))
 
     def _is_known(self, akey: str, ckey: str, now: float) -> bool:
         seen = self._known.get((akey, ckey))
         return seen is not None and now - seen <= self.known_seconds
 
     def failed(self, protocol: str, peer: str, account: str) -> None:
-        """Record a failed login; logs one line (rate-limited)."""
+        """Record a failed login (the attempt ``before_login()`` reserved, or one made without
+        it); logs one line (rate-limited)."""
         now = self.clock()
         ckey, akey = client_key(peer), account_key(account)
         crec = self._bump(self._by_client, ckey, now)
@@ -273,12 +337,20 @@ class Guard:
         )
 
     def _bump(self, table: OrderedDict[str, _Failures], key: str, now: float) -> _Failures:
+        rec = self._touch(table, key, now)
+        if rec.pending:
+            rec.pending.popleft()  # the reservation becomes the failure
+        rec.count += 1
+        return rec
+
+    def _touch(self, table: OrderedDict[str, _Failures], key: str, now: float) -> _Failures:
+        """The live record under ``key`` (made if need be), moved to the end as the most
+        recent, its time set to ``now``; the table pruned."""
         rec = self._live(table, key, now)
         if rec is None:
             rec = table[key] = _Failures()
         else:
             table.move_to_end(key)
-        rec.count += 1
         rec.last = now
         window = self.cfg.failure_window_seconds
         # Oldest first: drop what expired, then what is over the cap.
@@ -300,6 +372,8 @@ class Guard:
             # against other accounts stay (logging into one's own account between guesses at
             # another's must not reset the gate); this account is exempt from them as known.
             del self._by_client[ckey]
+        else:
+            self._unreserve(self._by_client, ckey)  # this attempt's reservation only
         self._by_account.pop(akey, None)
         self._known.pop((akey, ckey), None)
         self._known[(akey, ckey)] = now

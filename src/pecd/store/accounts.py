@@ -1,9 +1,17 @@
 """Domains and mailboxes, and password checks (argon2id).
 
-Addresses and domain names are stored lowercase. Password hashing and verification run in a
-worker thread (``asyncio.to_thread``) so a login never blocks the event loop. A mailbox's second
-factor and app passwords are in ``pecd.store.security``; :meth:`Accounts.authenticate` (mail
-protocols) and :meth:`Accounts.authenticate_web` (the webmail's first step) apply them.
+Addresses and domain names are stored lowercase. Password hashing and verification run in worker
+threads of the Accounts' own small pool (:class:`HashSlots`), never asyncio's default one, so a
+login neither blocks the event loop nor waits behind other work given to the default pool (the
+webmail parses messages there). A mailbox's second factor and app passwords are in
+``pecd.store.security``; :meth:`Accounts.authenticate` (mail protocols) and
+:meth:`Accounts.authenticate_web` (the webmail's first step) apply them.
+
+A new password, whoever sets it (the operator's :meth:`Accounts.set_password`, the holder's
+:meth:`Accounts.change_password`), ends every webmail session of the mailbox and revokes its app
+passwords in the same transaction, as large providers do: whoever knew the old password may have
+made either. API tokens stay (they are for programs; the holder sees and revokes them in the
+settings).
 """
 
 from __future__ import annotations
@@ -17,12 +25,14 @@ import re
 import secrets
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, TypeVar
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from pecd.clock import Clock, SystemClock
 from pecd.pec.address import (
@@ -35,7 +45,7 @@ from pecd.pec.address import (
 from pecd.pec.size import parse_size as parse_size  # re-exported: cli.py imports it from here
 from pecd.store.db import Database
 from pecd.store.errors import AccountError as AccountError  # re-exported: its old home
-from pecd.store.models import Domain, Mailbox, MailboxSecurity
+from pecd.store.models import AppPassword, Domain, Mailbox, MailboxSecurity, WebSession
 
 if TYPE_CHECKING:
     from pecd.store.security import Security
@@ -86,12 +96,36 @@ def _check_password(password: str) -> None:
 class HashSlots:
     """At most ``n`` password-hash computations at once (each one holds a CPU for ~150 ms), so
     guessing cannot take every CPU from real logins. Waiting computations with ``first=True``
-    (logins from a client address with no recent failure) are served before the others."""
+    (logins from a client address with no recent failure) are served before the others.
+
+    They run in the slots' own pool of ``n`` threads (made when first needed), not in asyncio's
+    default executor: work queued there by other parts of the process (the webmail reads and
+    parses messages in it) cannot hold a login back."""
 
     def __init__(self, n: int) -> None:
+        self.size = n
         self.free = n
         self._first: collections.deque[asyncio.Future[None]] = collections.deque()
         self._rest: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._pool: ThreadPoolExecutor | None = None
+
+    @property
+    def pool(self) -> ThreadPoolExecutor:
+        """The threads the hashes run in (also for hashes made outside the slots, as when a
+        password is set)."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self.size, thread_name_prefix="pecd-hash")
+        return self._pool
+
+    async def call(self, fn: Callable[..., _T], *args: object) -> _T:
+        """``fn(*args)`` in the pool, without waiting for a slot."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    def close(self) -> None:
+        """Let the pool's threads end once their work is done (a later call makes a new pool)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
 
     def waiting(self) -> int:
         return len(self._first) + len(self._rest)
@@ -113,7 +147,7 @@ class HashSlots:
                     queue.remove(waiter)
                 raise
         # The slot is given back when the thread ends, not when a cancelled caller leaves.
-        task = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+        task = asyncio.ensure_future(self.call(fn, *args))
         task.add_done_callback(lambda _: self._release())
         return await asyncio.shield(task)
 
@@ -210,7 +244,7 @@ class Accounts:
                 raise AccountError(f"domain {domain} is not configured")
             if await s.get(Mailbox, canonical) is not None:
                 raise AccountError(f"mailbox {canonical} already exists")
-        password_hash = await asyncio.to_thread(self.hasher.hash, password)
+        password_hash = await self.hash_slots.call(self.hasher.hash, password)
         mailbox = Mailbox(
             address=canonical,
             domain=domain,
@@ -242,23 +276,36 @@ class Accounts:
             return await s.get(Mailbox, normalize_address(address))
 
     async def set_password(self, address: str, password: str) -> None:
+        """The operator sets the mailbox password: every webmail session of the mailbox ends
+        and its app passwords are revoked (see the module docstring)."""
         canonical = normalize_address(address)
         _check_password(password)
-        password_hash = await asyncio.to_thread(self.hasher.hash, password)
-        await self._update(canonical, password_hash=password_hash)
+        password_hash = await self.hash_slots.call(self.hasher.hash, password)
+        async with self.db.session() as s, s.begin():
+            result = await s.execute(
+                update(Mailbox)
+                .where(Mailbox.address == canonical)
+                .values(password_hash=password_hash)
+                .returning(Mailbox.address)
+            )
+            if result.first() is None:
+                raise AccountError(f"mailbox {canonical} does not exist")
+            await self._password_changed(s, canonical)
         self._logins.pop(canonical, None)
 
     async def change_password(self, address: str, old: str, new: str) -> bool:
         """The holder changes the mailbox password: False if ``old`` is not the current one (or
         the mailbox is disabled, or the password changed meanwhile); AccountError if ``new``
         breaks the rules of :meth:`set_password`. Logins remembered with the old password are
-        forgotten (the stored hash changes, so other processes' caches see it too)."""
+        forgotten (the stored hash changes, so other processes' caches see it too); as with
+        :meth:`set_password`, every webmail session of the mailbox ends (the caller's too: it
+        starts a new one) and its app passwords are revoked."""
         canonical = normalize_address(address)
         _check_password(new)
         checked = await self._check(canonical, old, first=False, mail=False)
         if checked is None:
             return False
-        password_hash = await asyncio.to_thread(self.hasher.hash, new)
+        password_hash = await self.hash_slots.call(self.hasher.hash, new)
         async with self.db.session() as s, s.begin():
             result = await s.execute(
                 update(Mailbox)
@@ -267,8 +314,20 @@ class Accounts:
                 .returning(Mailbox.address)
             )
             changed = result.first() is not None
+            if changed:
+                await self._password_changed(s, checked[0])
         self._logins.pop(canonical, None)
         return changed
+
+    async def _password_changed(self, s: AsyncSession, canonical: str) -> None:
+        """In the transaction that set a new password: end the mailbox's web sessions (the rows
+        ``pecd.web.sessions`` reads) and revoke its app passwords."""
+        await s.execute(delete(WebSession).where(WebSession.mailbox == canonical))
+        await s.execute(
+            update(AppPassword)
+            .where(AppPassword.mailbox == canonical, AppPassword.revoked_at.is_(None))
+            .values(revoked_at=self.clock.now())
+        )
 
     async def disable(self, address: str) -> None:
         await self._update(normalize_address(address), disabled=True)
@@ -291,7 +350,7 @@ class Accounts:
 
     async def _dummy(self) -> str:
         if self._dummy_hash is None:
-            self._dummy_hash = await asyncio.to_thread(self.hasher.hash, "pecd: no such mailbox")
+            self._dummy_hash = await self.hash_slots.call(self.hasher.hash, "pecd: no such mailbox")
         return self._dummy_hash
 
     def _verify(self, password_hash: str, password: str) -> bool:

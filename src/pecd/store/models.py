@@ -314,7 +314,14 @@ class MailboxSecurity(Base):
     ``totp_secret`` is the base32 TOTP secret: while ``totp_enabled_at`` is None it is an
     enrolment not yet confirmed by a code. ``totp_last_step`` is the last time step accepted
     (a code is good once). ``totp_required``: the mailbox may not log in on the web without a
-    second factor, and mail clients must use app passwords (the per-mailbox switch)."""
+    second factor, and mail clients must use app passwords (the per-mailbox switch).
+
+    ``totp_failures`` counts the codes tried since the last right one (every node adds to the
+    same count: a guesser cannot spread over processes or addresses); while
+    ``totp_locked_until`` is in the future no code is checked at all
+    (``pecd.store.security``). ``totp_pending_owner``: the SHA-256 (hex) of the web session that
+    began the enrolment pending, the only one that may see and confirm its secret (None: begun
+    elsewhere, e.g. on the command line)."""
 
     __tablename__ = "mailbox_security"
 
@@ -324,6 +331,9 @@ class MailboxSecurity(Base):
     totp_last_step: Mapped[int | None] = mapped_column(BigInteger)
     totp_required: Mapped[bool] = mapped_column(Boolean, default=False)
     updated_at: Mapped[datetime]
+    totp_failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    totp_locked_until: Mapped[datetime | None]
+    totp_pending_owner: Mapped[str | None] = mapped_column(String(64))
 
 
 class AppPassword(Base):

@@ -8,6 +8,23 @@ win. Codes are compared with :func:`hmac.compare_digest`. Enrolment is two steps
 :meth:`Security.totp_begin` stores a new secret as pending, :meth:`Security.totp_confirm` enables
 it once the holder types a right code from the app.
 
+Wrong codes are counted per mailbox in the database (``totp_failures``), so that every web
+process of every node, and every client address, adds to one count. The count goes up *before*
+the code is looked at, in one UPDATE that also refuses a locked mailbox: requests racing in
+parallel cannot all be checked against the count as it was before any of them failed. After
+:data:`TOTP_MAX_FAILURES` wrong codes in a row the mailbox takes no code for :data:`TOTP_LOCK`
+(not even the right one: a locked mailbox answers as for a wrong code), and each further wrong
+code locks it again, so a guesser who knows the password gets one code per lock; a right code
+sets the count back to zero. Nothing is exempt (no "known address"): the holder typing wrong
+codes from home is locked out as a guesser would be, for at most :data:`TOTP_LOCK` after the
+last wrong code.
+
+An enrolment not yet confirmed belongs to the web session that began it
+(``totp_pending_owner``, the session's digest): its secret is shown, and confirmed, only there.
+A login that must enrol never reuses a secret begun elsewhere (in the holder's settings, or by
+another login), so whoever knows the password cannot read the holder's new secret off the
+login page.
+
 ``totp_required`` is the per-mailbox "2FA mandatory" switch: the webmail is to let the mailbox
 in only with a second factor, and mail clients must use app passwords. The
 mailbox password alone never opens a mailbox over IMAP, POP3 or SMTP once TOTP is enabled or
@@ -35,7 +52,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import pyotp
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import case, func, literal, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -43,12 +60,15 @@ from pecd.clock import Clock, SystemClock
 from pecd.pec.address import normalize_address
 from pecd.store.db import Database
 from pecd.store.errors import AccountError
-from pecd.store.models import AppPassword, Mailbox, MailboxSecurity
+from pecd.store.models import AppPassword, Mailbox, MailboxSecurity, UTCDateTime
 
 __all__ = [
     "APP_PASSWORD_PREFIX",
+    "TOTP_LOCK",
+    "TOTP_MAX_FAILURES",
     "AppPasswordInfo",
     "Security",
+    "TotpAttempt",
     "TotpStatus",
     "allows_password_alone",
     "app_password_canonical",
@@ -59,6 +79,9 @@ TOTP_DIGITS = 6
 TOTP_PERIOD = 30
 #: Steps accepted either side of the current one.
 TOTP_WINDOW = 1
+#: Wrong codes in a row after which the mailbox takes no code for TOTP_LOCK.
+TOTP_MAX_FAILURES = 5
+TOTP_LOCK = timedelta(minutes=15)
 
 #: Crockford's base32 alphabet, lowercase: no i, l, o (read as 1 and 0) and no u.
 APP_ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
@@ -86,6 +109,16 @@ class TotpStatus:
     enabled: bool
     required: bool
     pending: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TotpAttempt:
+    """What a code tried against the mailbox's enabled TOTP came to. ``ok``: right and unused.
+    ``locked_until``: the mailbox takes no code until then (the attempt found it locked, and
+    the code was not looked at; or the attempt was the wrong code that locked it)."""
+
+    ok: bool
+    locked_until: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +216,9 @@ class Security:
                             totp_enabled_at=None,
                             totp_last_step=None,
                             totp_required=False,
+                            totp_failures=0,
+                            totp_locked_until=None,
+                            totp_pending_owner=None,
                         )
                         s.add(row)
                     for key, value in values.items():
@@ -207,23 +243,33 @@ class Security:
             pending=row.totp_secret is not None and row.totp_enabled_at is None,
         )
 
-    async def totp_begin(self, mailbox: str) -> str:
+    async def totp_begin(self, mailbox: str, *, owner: str | None = None) -> str:
         """A new secret for the mailbox's authenticator app, pending until
-        :meth:`totp_confirm`. AccountError if TOTP is already enabled (disable it first)."""
+        :meth:`totp_confirm`; it replaces any enrolment pending. ``owner``: who began it (the
+        digest of a web session), the only one :meth:`totp_pending_secret` and
+        :meth:`totp_confirm` then serve. AccountError if TOTP is already enabled (disable it
+        first)."""
         if (await self.totp_status(mailbox)).enabled:
             raise AccountError(
                 f"{normalize_address(mailbox)} already has TOTP enabled; disable it first"
             )
         secret = pyotp.random_base32()  # 32 base32 characters: 160 bits, as RFC 4226 advises
-        await self._upsert(mailbox, totp_secret=secret, totp_enabled_at=None, totp_last_step=None)
+        await self._upsert(
+            mailbox,
+            totp_secret=secret,
+            totp_enabled_at=None,
+            totp_last_step=None,
+            totp_pending_owner=owner,
+        )
         return secret
 
-    async def totp_pending_secret(self, mailbox: str) -> str | None:
-        """The secret :meth:`totp_begin` made, while it waits for its first code (to show its QR
-        code again); None when nothing is pending."""
+    async def totp_pending_secret(self, mailbox: str, *, owner: str | None = None) -> str | None:
+        """The secret :meth:`totp_begin` made for ``owner``, while it waits for its first code
+        (to show its QR code again); None when nothing is pending or what is pending was begun
+        by someone else (``None`` as ``owner`` matches only an enrolment begun without one)."""
         async with self.db.read_session() as s:
             row = await self._row(s, normalize_address(mailbox))
-        if row is None or row.totp_enabled_at is not None:
+        if row is None or row.totp_enabled_at is not None or row.totp_pending_owner != owner:
             return None
         return row.totp_secret
 
@@ -232,16 +278,22 @@ class Security:
         """The ``otpauth://totp/...`` URI an authenticator app reads (from a QR code)."""
         return _totp(secret).provisioning_uri(name=normalize_address(mailbox), issuer_name=issuer)
 
-    async def totp_confirm(self, mailbox: str, code: str) -> bool:
-        """Enable the pending secret if ``code`` is right for it; False otherwise (or when
-        nothing is pending)."""
+    async def totp_confirm(self, mailbox: str, code: str, *, owner: str | None = None) -> bool:
+        """Enable the pending secret ``owner`` began (:meth:`totp_begin`) if ``code`` is right
+        for it; False otherwise (or when nothing is pending, or it is someone else's). Wrong
+        codes here are not counted: whoever confirms is shown the secret."""
         typed = _code(code)
         if typed is None:
             return False
         address = normalize_address(mailbox)
         async with self.db.read_session() as s:
             row = await self._row(s, address)
-        if row is None or row.totp_secret is None or row.totp_enabled_at is not None:
+        if (
+            row is None
+            or row.totp_secret is None
+            or row.totp_enabled_at is not None
+            or row.totp_pending_owner != owner
+        ):
             return False
         step = self._matching_step(row.totp_secret, typed, None)
         if step is None:
@@ -255,41 +307,109 @@ class Security:
                     MailboxSecurity.totp_secret == row.totp_secret,
                     MailboxSecurity.totp_enabled_at.is_(None),
                 )
-                .values(totp_enabled_at=now, totp_last_step=step, updated_at=now)
+                .values(
+                    totp_enabled_at=now,
+                    totp_last_step=step,
+                    totp_failures=0,
+                    totp_locked_until=None,
+                    totp_pending_owner=None,
+                    updated_at=now,
+                )
                 .returning(MailboxSecurity.mailbox)
             )
             return done.first() is not None
 
     async def totp_verify(self, mailbox: str, code: str) -> bool:
-        """Whether ``code`` is a right, unused code of the mailbox's enabled TOTP (a login)."""
-        typed = _code(code)
-        if typed is None:
-            return False
+        """Whether ``code`` is a right, unused code of the mailbox's enabled TOTP (a login); the
+        lockout of :meth:`totp_attempt` applies."""
+        return (await self.totp_attempt(mailbox, code)).ok
+
+    async def totp_attempt(self, mailbox: str, code: str) -> TotpAttempt:
+        """Try ``code`` against the mailbox's enabled TOTP, counted (see the module docstring):
+        the count goes up first, in the UPDATE that also refuses a locked mailbox; a right,
+        unused code then sets it back to zero."""
         address = normalize_address(mailbox)
-        async with self.db.read_session() as s:
-            row = await self._row(s, address)
-        if row is None or row.totp_secret is None or row.totp_enabled_at is None:
-            return False
-        step = self._matching_step(row.totp_secret, typed, row.totp_last_step)
-        if step is None:
-            return False
+        now = self.clock.now()
+        until = now + TOTP_LOCK
+        async with self.db.session() as s, s.begin():
+            # SET reads the row as it was: totp_failures + 1 is this attempt's count.
+            counted = (
+                await s.execute(
+                    update(MailboxSecurity)
+                    .where(
+                        MailboxSecurity.mailbox == address,
+                        MailboxSecurity.totp_secret.is_not(None),
+                        MailboxSecurity.totp_enabled_at.is_not(None),
+                        or_(
+                            MailboxSecurity.totp_locked_until.is_(None),
+                            MailboxSecurity.totp_locked_until <= now,
+                        ),
+                    )
+                    .values(
+                        totp_failures=MailboxSecurity.totp_failures + 1,
+                        totp_locked_until=case(
+                            (
+                                MailboxSecurity.totp_failures + 1 >= TOTP_MAX_FAILURES,
+                                literal(until, UTCDateTime()),
+                            ),
+                            else_=None,
+                        ),
+                        updated_at=now,
+                    )
+                    .returning(
+                        MailboxSecurity.totp_secret,
+                        MailboxSecurity.totp_last_step,
+                        MailboxSecurity.totp_locked_until,
+                    )
+                )
+            ).first()
+            if counted is None:
+                row = await self._row(s, address)
+                locked = row.totp_locked_until if row is not None else None
+                if row is None or row.totp_enabled_at is None or locked is None or locked <= now:
+                    return TotpAttempt(ok=False)  # no TOTP enabled
+                return TotpAttempt(ok=False, locked_until=locked)
+        secret, last_step, locked_until = counted
+        typed = _code(code)
+        step = (
+            None
+            if typed is None or secret is None
+            else self._matching_step(secret, typed, last_step)
+        )
+        if step is None or secret is None:
+            return TotpAttempt(ok=False, locked_until=locked_until)
         async with self.db.session() as s, s.begin():
             # Only if no login used this step (or a later one) meanwhile: a code is good once.
             done = await s.execute(
                 update(MailboxSecurity)
                 .where(
                     MailboxSecurity.mailbox == address,
-                    MailboxSecurity.totp_secret == row.totp_secret,
+                    MailboxSecurity.totp_secret == secret,
                     MailboxSecurity.totp_enabled_at.is_not(None),
                     or_(
                         MailboxSecurity.totp_last_step.is_(None),
                         MailboxSecurity.totp_last_step < step,
                     ),
                 )
-                .values(totp_last_step=step, updated_at=self.clock.now())
+                .values(
+                    totp_last_step=step,
+                    totp_failures=0,
+                    totp_locked_until=None,
+                    updated_at=self.clock.now(),
+                )
                 .returning(MailboxSecurity.mailbox)
             )
-            return done.first() is not None
+            if done.first() is not None:
+                return TotpAttempt(ok=True)
+        return TotpAttempt(ok=False, locked_until=locked_until)
+
+    async def totp_locked_until(self, mailbox: str) -> datetime | None:
+        """When the mailbox's TOTP lock ends, or None when it takes codes now."""
+        async with self.db.read_session() as s:
+            row = await self._row(s, normalize_address(mailbox))
+        if row is None or row.totp_locked_until is None:
+            return None
+        return row.totp_locked_until if row.totp_locked_until > self.clock.now() else None
 
     async def totp_disable(self, mailbox: str) -> None:
         """Forget the mailbox's TOTP secret, enabled or pending (``totp_required`` stays)."""
@@ -297,7 +417,15 @@ class Security:
             address = await self._existing(s, mailbox)
             row = await self._row(s, address)
         if row is not None:
-            await self._upsert(address, totp_secret=None, totp_enabled_at=None, totp_last_step=None)
+            await self._upsert(
+                address,
+                totp_secret=None,
+                totp_enabled_at=None,
+                totp_last_step=None,
+                totp_failures=0,
+                totp_locked_until=None,
+                totp_pending_owner=None,
+            )
 
     async def set_totp_required(self, mailbox: str, required: bool) -> None:
         """Turn the mailbox's "2FA mandatory" switch on or off."""
