@@ -231,13 +231,6 @@ async def main(args: argparse.Namespace) -> None:
 
         base = clients(base_port)
         pecd = clients(port)
-        for c in pecd:
-            await login(c, BOB)
-        inbox = await pecd[0].get("/mail/INBOX")
-        links = re.findall(r'href="(/mail/INBOX/\d+)"', inbox.text)
-        assert links, inbox.text[:500]
-        message = links[0]
-
         print(
             f"web bench: {args.clients} clients, {args.seconds:.0f} s each, keep-alive, TLS, "
             f"loopback; {Path(sys.executable).name}"
@@ -245,11 +238,16 @@ async def main(args: argparse.Namespace) -> None:
         show(
             await measure("baseline: bare Starlette /healthz", base, args.seconds, _get("/healthz"))
         )
+        show(await measure("pecd /healthz", pecd, args.seconds, _get("/healthz")))
+        show(await measure("login page (no session)", pecd, args.seconds, _get("/login")))
+        for c in pecd:
+            await login(c, BOB)
+        inbox = await pecd[0].get("/mail/INBOX")
+        links = re.findall(r'href="(/mail/INBOX/\d+)"', inbox.text)
+        assert links, inbox.text[:500]
         rows = [
-            ("pecd /healthz", _get("/healthz")),
-            ("login page (no session)", _get("/login")),
             ("INBOX list (logged in)", _get("/mail/INBOX")),
-            ("read a PEC envelope", _get(message)),
+            ("read a PEC envelope", _get(links[0])),
             ("settings page", _get("/settings")),
         ]
         for name, request in rows:
