@@ -576,3 +576,31 @@ def test_over_https_send_follow_and_download(server: Server, tmp_path: Path) -> 
     ivan_inbox = fetch_all(server, "ivan")
     assert len(ivan_inbox) == 2
     assert any(b"modulo.txt" in m and b"X-TipoRicevuta: sintetica" in m for m in ivan_inbox)
+
+
+def test_subject_with_a_line_break_or_control_character_is_refused(server: Server) -> None:
+    """A subject the message could not be built with (a vertical tab, a form feed, a file or
+    group separator, NEL, a Unicode line or paragraph separator, a lone surrogate) is a 422
+    problem naming the subject, in JSON and in a form, never a 500 (the same check as the
+    compose page's: pecd.web.submit.subject_error)."""
+
+    async def scenario(client: httpx.AsyncClient, tokens: Tokens) -> None:
+        _, token = await tokens.create(GINA, "subjects")
+        h = bearer(token)
+        for bad in ("\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029", "\ud800"):
+            body = {"to": [BOB], "subject": f"Fattura{bad}n.1", "body": "b"}
+            r = await client.post(  # escaped as JSON writes it: a lone surrogate too
+                "/api/v1/messages",
+                content=json.dumps(body).encode(),
+                headers={**h, "content-type": "application/json"},
+            )
+            assert "subject" in assert_problem(r, 422)["detail"], repr(bad)
+        r = await client.post(
+            "/api/v1/messages",
+            data={"to": BOB, "subject": "Fattura\x0bn.1"},
+            files={"attachments": ("a.txt", b"x", "text/plain")},
+            headers=h,
+        )
+        assert "subject" in assert_problem(r, 422)["detail"]
+
+    run_api(server.cfg, scenario)

@@ -3,7 +3,9 @@ kind pecd builds, and on hostile bytes; the HTML sanitiser of the sandboxed fram
 
 from __future__ import annotations
 
+import base64
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,14 +16,24 @@ from helpers import ORIGINAL, every_kind
 from pecd.pec.pki import DevPki
 from pecd.pec.vocab import Errore, TipoRicevuta
 from pecd.web.mailview import (
+    SUMMARY_ID_CHARS,
+    SUMMARY_TEXT_CHARS,
+    OriginalRef,
     PecKind,
+    _decode_base64_cleaned,
     build_view,
     content_disposition,
+    decode_base64,
+    find_original,
+    html_of,
+    original_of,
+    original_ref,
     part_of,
     safe_content_type,
     sanitize_html,
     summarize_head,
 )
+from pecd.web.timeline import BoundedCache
 
 # --- real messages --------------------------------------------------------------------------------
 
@@ -326,3 +338,109 @@ def test_download_headers() -> None:
     cd = content_disposition('fattura "n.1"\r\n€.pdf')
     assert cd.startswith("attachment; ") and "\r" not in cd and "\n" not in cd
     assert "filename*=UTF-8''fattura%20%22n.1%22%0D%0A%E2%82%AC.pdf" in cd
+
+
+# --- the original found again, without a view ---------------------------------------------------
+
+
+def _every_message(
+    corpus_dir: Path, manifest: list[dict[str, str]], built: dict[str, bytes]
+) -> Iterator[tuple[str, bytes]]:
+    for row in manifest:
+        yield row["file"], (corpus_dir / row["file"]).read_bytes()
+    yield from built.items()
+    yield "plain", ORIGINAL
+    for i, raw in enumerate(_HOSTILE):
+        yield f"hostile-{i}", raw
+    # Line endings the signed part is canonicalised from: not found as described, the long way.
+    yield "lf", built["busta-di-trasporto"].replace(b"\r\n", b"\n")
+
+
+def test_original_found_again_as_the_view_found_it(
+    corpus_dir: Path, manifest: list[dict[str, str]], built: dict[str, bytes]
+) -> None:
+    """On every real, built and hostile message: where the view found the original, the MIME
+    structure alone finds the same bytes (or says it cannot, and the long way gives them), so
+    that the frame and the part numbers of the downloads are the reading page's."""
+    for name, raw in _every_message(corpus_dir, manifest, built):
+        v = build_view(raw)
+        ref = original_ref(v)
+        long_ref, long_data = original_of(raw)
+        assert long_ref == ref, name
+        if ref is None:
+            assert v.original is None and long_data is None, name
+            continue
+        assert long_data == v.original_raw, name
+        found = find_original(raw, ref)
+        if found is not None:
+            assert bytes(found) == v.original_raw, name
+        else:
+            assert name == "lf", name
+        assert v.original is not None
+        assert html_of(v.original_raw or b"") == v.original.html, name
+        for a in v.original.attachments:
+            got = part_of(found if found is not None else long_data or b"", a.index)
+            assert got is not None and got[0] == a, name
+    # A ref that does not match what is there (another file under the same name): not found.
+    env = (
+        corpus_dir / "posta-certificata__aruba__fabioportieri-xdcr-2022-02-00583.eml"
+    ).read_bytes()
+    ref = original_ref(build_view(env))
+    assert ref is not None
+    assert find_original(env, OriginalRef(True, ref.size, b"\0" * 32)) is None
+    assert find_original(env, OriginalRef(True, ref.size + 1, ref.sha256)) is None
+    assert find_original(ORIGINAL, OriginalRef(False, len(ORIGINAL) - 1, b"")) is None
+
+
+def test_summary_is_bounded() -> None:
+    """A header block of 64 KB gives a list line of a few thousand characters at most."""
+    addrs = ", ".join(f'"{"N" * 40}" <u{i}@{"d" * 40}.example>' for i in range(700))
+    head = (
+        f"Message-ID: <{'m' * 1500}>\r\nX-Riferimento-Message-ID: <{'r' * 1500}>\r\n"
+        f"Subject: {'S' * 7000}\r\n" + f"From: {addrs[:7900]}\r\n" * 8
+    ).encode()[: 64 * 1024]
+    s = summarize_head(head)
+    assert len(s.from_) <= SUMMARY_TEXT_CHARS and len(s.subject) <= SUMMARY_TEXT_CHARS
+    assert len(s.message_id) <= SUMMARY_ID_CHARS and len(s.riferimento) <= SUMMARY_ID_CHARS
+    assert s.subject.startswith("SSS") and s.message_id.startswith("mmm")
+    total = len(s.from_) + len(s.subject) + len(s.message_id) + len(s.riferimento)
+    assert total <= 2 * (SUMMARY_TEXT_CHARS + SUMMARY_ID_CHARS)
+
+
+def test_bounded_cache_by_bytes_and_entries() -> None:
+    cache: BoundedCache[int, str] = BoundedCache(max_items=100, max_bytes=10_000)
+    for i in range(1000):
+        cache.put(i, "x", 1_000)
+        assert cache.bytes <= 10_000 and len(cache) <= 10
+    assert cache.get(999) == "x" and cache.get(0) is None
+    cache.put(5000, "huge", 20_000)  # heavier than the whole bound: not kept
+    assert cache.get(5000) is None and cache.bytes <= 10_000
+    cache.get(991)  # used: kept over the others
+    for i in range(2000, 2009):
+        cache.put(i, "y", 1_000)
+    assert cache.get(991) == "x" and cache.get(992) is None
+    small: BoundedCache[int, str] = BoundedCache(max_items=3, max_bytes=10**9)
+    for i in range(10):
+        small.put(i, "z", 1)
+    assert len(small) == 3 and small.bytes == 3
+    cache.put(991, "x", 500)  # replaced: weighed again
+    assert cache.bytes == 9_500
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.binary(max_size=300),
+    st.lists(st.sampled_from([b"\r\n", b" ", b"=", b"==", b"!", b"\x00", b"\xff"]), max_size=8),
+    st.lists(st.integers(min_value=0, max_value=400), max_size=8),
+)
+def test_base64_read_straight_as_when_cleaned_first(
+    data: bytes, junk: list[bytes], at: list[int]
+) -> None:
+    """The decoding of a base64 body straight from the message gives what cleaning it first
+    gave, on well-formed bodies (wrapped in lines) and on bodies with stray bytes and padding."""
+    encoded = base64.encodebytes(data).replace(b"\n", b"\r\n")
+    for piece, pos in zip(junk, at, strict=False):
+        encoded = encoded[:pos] + piece + encoded[pos:]
+    for body in (encoded, encoded.rstrip(b"=\r\n"), base64.b64encode(data)):
+        assert decode_base64(memoryview(body)) == _decode_base64_cleaned(body)
+    assert decode_base64(base64.encodebytes(data)) == data

@@ -11,6 +11,7 @@ import html
 import imaplib
 import re
 import shutil
+import threading
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy import select
+from starlette.datastructures import UploadFile
 
 from helpers import AppThread, client_tls, fetch_all, fetched_literal, wait_for
 from pecd.cli import main as cli_main
@@ -35,8 +37,11 @@ from pecd.pec.vocab import Ricevuta
 from pecd.runtime.identity import provider_identity
 from pecd.store.db import Database
 from pecd.store.models import Job, Mailbox
+from pecd.web.pages import compose as compose_page_module
 from pecd.web.pages.compose import Draft, check_draft, human_size, parse_recipients
 from pecd.web.sentcopy import SENT, sent_key, without_first_field
+from pecd.web.submit import subject_error
+from pecd.web.timeline import HEAVY_SLOTS, heavy_work
 from web_fixtures import (
     ALICE,
     BOB,
@@ -49,6 +54,13 @@ from web_fixtures import (
     web_cfg_fixture,
     web_template_fixture,
 )
+
+#: Characters no subject may hold: line breaks of every kind, other controls, lone surrogates
+#: (those Python's email package refuses in a header made a 500 before the check refused them).
+BAD_SUBJECT_CHARS = (
+    "\r", "\n", "\0", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x7f", "\x85",
+    "\u2028", "\u2029", "\ud800",
+)  # fmt: skip
 
 __all__ = ["web_cfg_fixture", "web_template_fixture"]  # fixtures used by name
 
@@ -116,6 +128,13 @@ def test_recipients_are_split_normalised_and_checked(web_cfg: Config) -> None:
     assert [p.text for p in problems["to"]] == ["Troppo lungo."]
     to, cc, problems = check_draft(Draft(to=BOB, cc=f"{BOB}, {CAROL}", subject="a\nb"), limits)
     assert to == [BOB] and cc == [CAROL] and list(problems) == ["subject"]
+    # Every line break and control character the message could not be built with (tab apart).
+    for bad in BAD_SUBJECT_CHARS:
+        problems = check_draft(Draft(to=BOB, subject=f"Fattura{bad}n.1"), limits)[2]
+        assert list(problems) == ["subject"], repr(bad)
+        assert subject_error(f"Fattura{bad}n.1") is not None, repr(bad)
+    assert check_draft(Draft(to=BOB, subject="Fattura\tn. 1 è pronta"), limits)[2] == {}
+    assert subject_error("x" * 998) is None and subject_error("x" * 999) is not None
     many = ",".join(f"u{i}@pec.example.test" for i in range(limits.max_recipients + 1))
     assert "Troppi" in check_draft(Draft(to=many), limits)[2]["to"][0].text
     assert check_draft(Draft(to=BOB, receipt="bogus"), limits)[2].keys() == {"receipt"}
@@ -255,6 +274,10 @@ def test_compose_refusals_keep_the_form_and_make_no_job(web_cfg: Config) -> None
         r = await post_compose(client, {"to": " , ", "subject": "a\r\nBcc: x@y.it"})
         assert r.status_code == 422 and "Scrivi almeno un destinatario." in text_of(r)
         assert "una riga" in text_of(r)
+        # A control character the message cannot be built with: said in the form, not a 500.
+        for bad in ("\x0b", "\x1c", "\u2028"):
+            r = await post_compose(client, {"to": BOB, "subject": f"Fattura{bad}n.1", "body": "b"})
+            assert r.status_code == 422 and "senza a capo" in text_of(r), repr(bad)
         r = await post_compose(client, {"to": BOB, "receipt": "nessuna"})
         assert r.status_code == 422 and "Scegli il tipo di ricevuta." in text_of(r)
 
@@ -378,7 +401,17 @@ async def verify(client: httpx.AsyncClient, name: str, data: bytes) -> httpx.Res
     )
 
 
-def test_verify_gives_a_verdict_for_anything(web_cfg: Config, dev_pki: DevPki) -> None:
+def test_verify_gives_a_verdict_for_anything(
+    web_cfg: Config, dev_pki: DevPki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    examined: list[int] = []
+    real_examine = compose_page_module.examine
+
+    def counting(raw: bytes, **kwargs: Any) -> Any:
+        examined.append(len(raw))
+        return real_examine(raw, **kwargs)
+
+    monkeypatch.setattr(compose_page_module, "examine", counting)
     ours = accettazione(provider_identity(web_cfg))
     assert classify(ours).is_valid_pec
     # Signed by a key of its own, not this installation's (nor anyone's in the index).
@@ -476,6 +509,34 @@ def test_verify_gives_a_verdict_for_anything(web_cfg: Config, dev_pki: DevPki) -
         # Without the CSRF token: 403.
         r = await client.post("/verify", files={"eml": ("ours.eml", ours, "message/rfc822")})
         assert r.status_code == 403
+
+        # The check is heavy work, in a slot shared with the mail pages; the upload is read
+        # only in it. With every slot taken, a posted file waits unread and unchecked.
+        gate = threading.Event()
+        reads: list[int] = []
+        real_read = UploadFile.read
+
+        async def read(self: UploadFile, size: int = -1) -> bytes:
+            reads.append(size)
+            return await real_read(self, size)
+
+        monkeypatch.setattr(UploadFile, "read", read)
+        checks = len(examined)
+        holders = [asyncio.create_task(heavy_work.run(gate.wait)) for _ in range(HEAVY_SLOTS)]
+        try:
+            waiting = asyncio.create_task(verify(client, "ours.eml", ours))
+            for _ in range(500):
+                if heavy_work.waiting:
+                    break
+                await asyncio.sleep(0.01)
+            assert heavy_work.waiting == 1 and not waiting.done()
+            assert reads == [] and len(examined) == checks
+        finally:
+            gate.set()
+        await asyncio.gather(*holders)
+        r = await waiting
+        assert r.status_code == 200 and "Messaggio PEC valido" in text_of(r)
+        assert len(examined) == checks + 1
 
     run_web(web_cfg, scenario)
 

@@ -7,12 +7,19 @@ and its evidence bundle, every receipt of which openssl verifies against the ins
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import io
 import re
+import threading
+import time as time_module
 import zipfile
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from helpers import ORIGINAL, WHEN_INSTANT, AppThread, every_kind, openssl_verify
 from pecd.clock import SystemClock
@@ -20,16 +27,22 @@ from pecd.config import Config
 from pecd.mailbox import uidlist
 from pecd.mailbox.maildir import MaildirStore
 from pecd.pec.pki import DevPki
+from pecd.web import mailview, timeline
 from pecd.web.evidence import build_bundle
+from pecd.web.mailview import summarize_head
 from pecd.web.pages.mail import FRAME_CSP, PAGE_SIZE
 from pecd.web.sentcopy import store_sent_copy
+from pecd.web.status import transmission_status
 from pecd.web.submit import Attachment, submit
 from pecd.web.timeline import (
+    HEAVY_SLOTS,
     MailboxReader,
+    TransmissionMessages,
     build_timeline,
     find_transmission_messages,
     folder_name,
     folder_token,
+    heavy_work,
 )
 from web_fixtures import (
     ALICE,
@@ -71,6 +84,12 @@ def _deliver(cfg: Config, address: str, name: str, data: bytes, folder: str = "I
     listing = uidlist.sync(store.folder_path(address, folder))
     base = delivered.path.name.split(":", 1)[0]
     return listing.by_name()[base].uid
+
+
+def _deliver_to(store: MaildirStore, name: str, data: bytes) -> int:
+    delivered = store.deliver(ALICE, name, data)
+    listing = uidlist.sync(store.folder_path(ALICE, "INBOX"))
+    return listing.by_name()[delivered.path.name.split(":", 1)[0]].uid
 
 
 def _kinds(page: str) -> list[str]:
@@ -272,11 +291,24 @@ def test_folder_names_from_urls() -> None:
     assert folder_token("Clienti/2024") == "Clienti.2024" and folder_token("INBOX") == "INBOX"
 
 
-def test_transmission_timeline_and_evidence(web_cfg: Config, tmp_path: Path) -> None:
+def test_transmission_timeline_and_evidence(
+    web_cfg: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A PEC sent from the web's intake, through the real pipeline, to bob (delivered) and to a
     mailbox that does not exist (errore-consegna): its timeline, each step linked to its
-    receipt; the reading pages link to it; the evidence zip holds exactly the stored bytes."""
+    receipt; the reading pages link to it; the evidence zip holds exactly the stored bytes.
+    Messages whose unsigned headers claim to be its receipts are not parsed on every view (at
+    most as many as the trace log's receipts not found by file name, once), and the timelines
+    and bundles made at once never run more than HEAVY_SLOTS at a time."""
     cfg = web_cfg
+    parses: list[int] = []
+    real_classify = timeline.classify
+
+    def counting(raw: bytes, *args: Any, **kwargs: Any) -> Any:
+        parses.append(len(raw))
+        return real_classify(raw, *args, **kwargs)
+
+    monkeypatch.setattr(timeline, "classify", counting)
     srv = AppThread(cfg).start()
     try:
 
@@ -314,6 +346,24 @@ def test_transmission_timeline_and_evidence(web_cfg: Config, tmp_path: Path) -> 
                     break
                 await asyncio.sleep(0.1)
             assert page, "the transmission did not settle"
+
+            # 30 messages claiming to be receipts of it: a view parses at most as many as the
+            # receipts not found by name (the presa in carico, which went to the provider),
+            # once; the next view parses none.
+            store = MaildirStore(cfg.maildir_root)
+            for i in range(30):
+                await asyncio.to_thread(
+                    store.deliver, ALICE, f"fake-{i}", _fake_receipt(i, sent.message_id)
+                )
+            status = await transmission_status(web.db, ALICE, sent.key, maildir=store)
+            assert status is not None
+            missing = sum(e["receipt"] is None for e in status["events"])
+            del parses[:]
+            assert (await c.get(url)).status_code == 200
+            assert len(parses) <= missing < 30
+            del parses[:]
+            assert (await c.get(url)).status_code == 200
+            assert parses == []
             assert "Contratto 7" in page and 'http-equiv="refresh"' not in page
             bob = re.search(rf'data-recipient="{re.escape(BOB)}".*?</section>', page, re.S)
             assert bob and "consegnata" in bob.group(0) and "receipt-link" in bob.group(0)
@@ -338,6 +388,16 @@ def test_transmission_timeline_and_evidence(web_cfg: Config, tmp_path: Path) -> 
             assert (await b.get(f"{url}/evidence.zip")).status_code == 404
             assert (await c.get("/transmissions/api-nope")).status_code == 404
             assert (await c.get("/transmissions/..%2F..")).status_code == 404
+
+            # Timelines and bundles at once: never more than HEAVY_SLOTS running.
+            heavy_work.reset_peak()
+            runs = heavy_work.runs
+            many = await asyncio.gather(
+                *[c.get(f"{url}/evidence.zip") for _ in range(4)], *[c.get(url) for _ in range(4)]
+            )
+            assert [x.status_code for x in many] == [200] * 8
+            assert heavy_work.runs - runs == 12  # 4 timelines for the bundles, 4 bundles, 4 views
+            assert 1 <= heavy_work.peak <= HEAVY_SLOTS
 
             r = await c.get(f"{url}/evidence.zip")
             assert r.status_code == 200 and r.headers["content-type"] == "application/zip"
@@ -369,26 +429,52 @@ def test_transmission_timeline_and_evidence(web_cfg: Config, tmp_path: Path) -> 
         openssl_verify(z.read(n), cfg.tls.ca, tmp_path)
 
 
+def _fake_receipt(i: int, client_msgid: str) -> bytes:
+    """A message whose unsigned headers claim it is a delivery receipt of ``client_msgid``'s
+    transmission (anyone may APPEND one): it is not."""
+    return (
+        f"From: posta-certificata@pec.example.test\r\nTo: {ALICE}\r\nSubject: CONSEGNA {i}\r\n"
+        f"Message-ID: <fake-{i}@x>\r\nX-Ricevuta: avvenuta-consegna\r\n"
+        f"X-Riferimento-Message-ID: {client_msgid}\r\n\r\nnon firmata {i}\r\n"
+    ).encode()
+
+
 def test_receipts_found_matched_and_bundled_offline(dev_pki: DevPki, tmp_path: Path) -> None:
-    """Without the pipeline: the receipts of a transmission are found in a mailbox by their
-    headers and daticert, each step of the trace log gets its own receipt (two preavvisi for
-    one recipient get one each), and a bundle over its size bound leaves files out and says so,
-    as it says when there is no copy in Sent."""
+    """Without the pipeline: the receipts of a transmission are found in a mailbox by the UIDs
+    of the files delivered under their keys, and, as many as are missing, by their headers; a
+    file is parsed once (never again for the next view), and messages whose unsigned headers
+    claim to be receipts are parsed only within that count. Each step of the trace log gets its
+    own receipt (two preavvisi for one recipient get one each), and a bundle over its size bound
+    leaves files out and says so, as it says when there is no copy in Sent."""
     built = every_kind(dev_pki)
     store = MaildirStore(tmp_path / "mail")
+    client = "<client-42@alice.laptop>"
     names = ("accettazione", "preavviso-12h", "preavviso-24h", "avvenuta-consegna-sintetica")
-    for name in names:
-        store.deliver(ALICE, name, built[name])
+    uids = {name: _deliver_to(store, name, built[name]) for name in names}
     store.deliver(ALICE, "other", (CORPUS / ENVELOPE).read_bytes())  # not a receipt of it
+    # Newer than the real ones: 20 messages claiming to be receipts of the transmission.
+    for i in range(20):
+        store.deliver(ALICE, f"fake-{i}", _fake_receipt(i, client))
     pec_msgid = "pecd.20260302101530.0123456789abcdef@pec.example.test"
     reader = MailboxReader(store, ALICE)
-    found = find_transmission_messages(
-        reader,
-        intake_key=None,
-        pec_msgid=pec_msgid,
-        client_msgid="<client-42@alice.laptop>",
-        max_bytes=10**7,
-    )
+    # Two were located by their delivery keys; the trace log knows the Message-IDs of the
+    # other two (found by headers: filed away, or copied, they have other names).
+    located = [uids["accettazione"], uids["avvenuta-consegna-sintetica"]]
+    ids = [summarize_head(built[n]).message_id for n in ("preavviso-12h", "preavviso-24h")]
+
+    def find(**kw: object) -> TransmissionMessages:
+        args: dict[str, object] = {
+            "intake_key": None,
+            "pec_msgid": pec_msgid,
+            "client_msgid": client,
+            "receipt_ids": ids,
+            "receipt_uids": located,
+            "unlocated": 2,
+            "max_bytes": 10**7,
+        }
+        return find_transmission_messages(reader, **{**args, **kw})  # type: ignore[arg-type]
+
+    found = find()
     assert found.sent is None and found.scanned_all
     assert sorted(r.kind.value for r in found.receipts) == sorted(
         [
@@ -399,15 +485,17 @@ def test_receipts_found_matched_and_bundled_offline(dev_pki: DevPki, tmp_path: P
         ]
     )
     assert all(r.valid for r in found.receipts)
+    assert found.parsed == 4  # the fakes were not parsed: no receipt was missing any more
+    # The next view parses nothing: each file's reading is remembered.
+    again = find()
+    assert again.parsed == 0 and again.receipts == found.receipts
+    # With more receipts missing than there are, the fakes are parsed, up to that count, once.
+    more = find(unlocated=25)
+    assert more.parsed == 20 and more.receipts == found.receipts
+    assert find(unlocated=25).parsed == 0
     # No receipt is found for another transmission.
-    none = find_transmission_messages(
-        reader,
-        intake_key=None,
-        pec_msgid="x@y",
-        client_msgid="<client-42@alice.laptop>",
-        max_bytes=10**7,
-    )
-    assert none.receipts == ()
+    none = find(pec_msgid="x@y")
+    assert none.receipts == () and none.parsed == 0
 
     when = WHEN_INSTANT.isoformat()
     later = (WHEN_INSTANT + timedelta(hours=12)).isoformat()
@@ -455,3 +543,97 @@ def test_receipts_found_matched_and_bundled_offline(dev_pki: DevPki, tmp_path: P
     assert len(kept) == 2 and "originale.eml" not in z.namelist()
     assert "Left out for size" in summary and 'no copy in "Sent"' in summary
     assert "carol@pec.example.test [certificato]: in attesa / waiting" in summary
+
+
+def _big_plain(n_bytes: int) -> bytes:
+    """A plain message with a text body, an HTML body and an attachment of ``n_bytes``."""
+    blob = base64.encodebytes(bytes(range(256)) * (n_bytes // 256)).replace(b"\n", b"\r\n")
+    return (
+        b"From: Mallory <m@evil.example>\r\nTo: alice@pec.example.test\r\nSubject: grande\r\n"
+        b"Message-ID: <big@evil.example>\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/mixed; boundary="B"\r\n\r\n'
+        b"--B\r\nContent-Type: text/plain\r\n\r\nciao\r\n"
+        b"--B\r\nContent-Type: text/html\r\n\r\n<p>ciao <b>grande</b></p>\r\n"
+        b"--B\r\nContent-Type: application/pdf\r\nContent-Transfer-Encoding: base64\r\n"
+        b'Content-Disposition: attachment; filename="a.pdf"\r\n\r\n' + blob + b"--B--\r\n"
+    )
+
+
+def test_reading_is_capped_and_frames_and_parts_are_not_verified_again(
+    web_cfg: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reading page verifies the message; its frame and its attachments find the original
+    where the page found it, without verifying it again (a cold one is verified once, then
+    remembered). Many reading pages, frames and downloads at once run at most HEAVY_SLOTS at a
+    time, whoever asks, and each message file is read inside its slot."""
+    cfg = web_cfg
+    env_uid = _deliver(cfg, ALICE, "env", (CORPUS / ENVELOPE).read_bytes())
+    big = _big_plain(512 * 1024)
+    big_uid = _deliver(cfg, ALICE, "big", big)
+    calls = {"examine": 0, "classify": 0, "load": 0}
+    running = {"now": 0, "peak": 0}
+    lock = threading.Lock()
+
+    def counted(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with lock:
+                calls[name] += 1
+                running["now"] += 1
+                running["peak"] = max(running["peak"], running["now"])
+            try:
+                # Long enough for every request in flight to overlap, were nothing to stop it.
+                time_module.sleep(0.02)
+                return fn(*args, **kwargs)
+            finally:
+                with lock:
+                    running["now"] -= 1
+
+        return wrapper
+
+    monkeypatch.setattr(mailview, "examine", counted("examine", mailview.examine))
+    monkeypatch.setattr(mailview, "classify", counted("classify", mailview.classify))
+    monkeypatch.setattr(MailboxReader, "load", counted("load", MailboxReader.load))
+
+    async def scenario(web: Web) -> None:
+        c = web.client
+        assert (await login(c, ALICE, PASSWORD)).status_code == 303
+        env = f"/mail/INBOX/{env_uid}"
+        page = (await c.get(env)).text
+        [n] = re.findall(rf'href="{env}/part/(\d+)" download>xdcr_2022_02_00583.txt<', page)
+        assert calls == {"examine": 1, "classify": 0, "load": 1}
+        # The frame and the attachment: the original found again, nothing verified.
+        assert (await c.get(f"{env}/html")).status_code == 200
+        for _ in range(3):
+            r = await c.get(f"{env}/part/{n}")
+            assert r.status_code == 200 and len(r.content) == 14448
+        assert (calls["examine"], calls["classify"]) == (1, 0)
+
+        # A message nobody viewed lately: verified once the long way, then remembered.
+        pdf = f"/mail/INBOX/{big_uid}/part/2"
+        r = await c.get(pdf)
+        assert r.status_code == 200 and r.content == bytes(range(256)) * 2048
+        assert (calls["examine"], calls["classify"]) == (1, 1)
+        assert (await c.get(pdf)).content == r.content
+        assert "grande" in (await c.get(f"/mail/INBOX/{big_uid}/html")).text
+        assert (calls["examine"], calls["classify"]) == (1, 1)
+
+        # Two holders, 24 heavy requests at once: never more than HEAVY_SLOTS at a time.
+        bob = web.browser("203.0.113.8")
+        assert (await login(bob, BOB, PASSWORD)).status_code == 303
+        bob_uid = _deliver(cfg, BOB, "bob-big", big)
+        running["peak"] = 0
+        heavy_work.reset_peak()
+        before = dict(calls)
+        got = await asyncio.gather(
+            *[c.get(env) for _ in range(6)],
+            *[c.get(f"{env}/part/{n}") for _ in range(6)],
+            *[c.get(f"{env}/html") for _ in range(6)],
+            *[bob.get(f"/mail/INBOX/{bob_uid}/part/2") for _ in range(6)],
+        )
+        assert [r.status_code for r in got] == [200] * 24
+        assert calls["load"] - before["load"] == 24  # every one read its file, in a slot
+        assert calls["examine"] - before["examine"] == 6  # the reading pages only
+        assert calls["classify"] - before["classify"] <= HEAVY_SLOTS  # bob's cold message
+        assert running["peak"] <= HEAVY_SLOTS and heavy_work.peak <= HEAVY_SLOTS
+
+    run_web(cfg, scenario)

@@ -69,7 +69,7 @@ from pecd.store import webhooks as hooks
 from pecd.store.db import Database
 from pecd.store.tokens import Tokens
 from pecd.web.status import transmission_status
-from pecd.web.submit import OFF_LOOP_BYTES, Attachment, SubmitError, submit
+from pecd.web.submit import OFF_LOOP_BYTES, Attachment, SubmitError, subject_error, submit
 from pecd.web.webhooks import check_url
 
 __all__ = ["OPENAPI", "PREFIX", "PROBLEM", "Problem", "api_routes", "request_limit"]
@@ -278,8 +278,9 @@ def _checked(
     if len(dict.fromkeys(to + cc)) > limits.max_recipients:
         raise _invalid(f"at most {limits.max_recipients} recipients")
     subject = _str(doc, "subject", "")
-    if any(c in subject for c in "\r\n\0") or len(subject) > _MAX_SUBJECT:
-        raise _invalid("subject: one line of at most 998 characters")
+    problem = subject_error(subject)
+    if problem is not None:
+        raise _invalid(f"subject: one line of at most {_MAX_SUBJECT} characters ({problem})")
     body = _str(doc, "body", "")
     if "\0" in body:
         raise _invalid("body: text without NUL characters")

@@ -5,8 +5,9 @@ outcome, and the SHA-256 of each file.
 
 The message as submitted is the copy in Sent (the webmail stores one, mail clients APPEND one):
 an accettazione does not carry it. When there is none, the summary says so. The bundle is made
-in a worker thread into a spooled temporary file (memory, then disk past a few megabytes) and is
-bounded: files past :data:`MAX_BUNDLE_BYTES` are left out and listed as such.
+in a worker thread into a spooled temporary file (memory, then disk past a few megabytes), a few
+at once in the process (``pecd.web.timeline.heavy_work``), and is bounded: files past
+:data:`MAX_BUNDLE_BYTES` are left out and listed as such.
 """
 
 from __future__ import annotations
@@ -21,7 +22,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Final
 
-from pecd.web.timeline import RECEIPT_NAMES, STATUS_WORDS, STEP_WORDS, Timeline, when_text
+from pecd.web.timeline import (
+    RECEIPT_NAMES,
+    STATUS_WORDS,
+    STEP_WORDS,
+    Timeline,
+    heavy_work,
+    when_text,
+)
 
 __all__ = ["MAX_BUNDLE_BYTES", "Bundle", "build_bundle", "make_bundle", "stream"]
 
@@ -207,8 +215,9 @@ def _summary(
 async def make_bundle(
     timeline: Timeline, *, mailbox: str, now: datetime, limit: int = MAX_BUNDLE_BYTES
 ) -> Bundle:
-    """:func:`build_bundle` in a worker thread."""
-    return await asyncio.to_thread(build_bundle, timeline, mailbox=mailbox, now=now, limit=limit)
+    """:func:`build_bundle` in a worker thread, in a slot of ``heavy_work`` (it reads every
+    file of the transmission)."""
+    return await heavy_work.run(build_bundle, timeline, mailbox=mailbox, now=now, limit=limit)
 
 
 async def stream(bundle: Bundle) -> AsyncIterator[bytes]:

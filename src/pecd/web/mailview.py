@@ -7,6 +7,11 @@ text, HTML, attachments), the notice text of a receipt, the certification data, 
 on whatever could not be read. Whatever the bytes, :func:`build_view` returns a view and never
 raises: a malformed, truncated or hostile message gives a view with an error note.
 
+The frame of the original's HTML and its attachments need only the original's bytes: once a
+view has been made, :func:`original_ref` says where they were (the message itself, or a wrapped
+message of that length and SHA-256), and :func:`find_original` finds them again in the stored
+bytes without verifying anything (:func:`original_of` is the way there without a view).
+
 It also holds the cheap reading the message list needs (:func:`summarize_head`: the PEC kind
 from the unsigned ``X-Trasporto``/``X-Ricevuta`` headers, no body parsed) and the HTML
 sanitiser of the sandboxed frame (:func:`sanitize_html`).
@@ -23,7 +28,7 @@ import logging
 import quopri
 import re
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -35,7 +40,7 @@ from cryptography import x509
 from pecd.cli.verify import NotMailError, examine
 from pecd.index.model import ProviderIndex
 from pecd.pec import mime
-from pecd.pec.classify import Classification, SignatureReport
+from pecd.pec.classify import Classification, SignatureReport, classify
 from pecd.pec.daticert import Daticert
 from pecd.pec.msgid import unbracket
 from pecd.pec.vocab import (
@@ -45,6 +50,7 @@ from pecd.pec.vocab import (
     H_TIPO_RICEVUTA,
     H_TRASPORTO,
     H_VERIFICA_SICUREZZA,
+    POSTACERT_FILENAME,
     SMIME_FILENAME,
     VERIFICA_SICUREZZA_ERRORE,
     Kind,
@@ -58,12 +64,18 @@ __all__ = [
     "Content",
     "HeaderView",
     "MailView",
+    "OriginalRef",
     "PecKind",
     "SanitizedHtml",
     "Summary",
     "build_view",
+    "find_original",
+    "html_of",
     "kind_of",
+    "original_of",
+    "original_ref",
     "part_of",
+    "remote_content",
     "safe_content_type",
     "sanitize_html",
     "summarize_head",
@@ -79,6 +91,10 @@ MAX_TEXT_CHARS: Final = 1_000_000
 MAX_HTML_CHARS: Final = 2_000_000
 #: The most attachments listed (a message of a million empty parts is a page, not a crash).
 MAX_ATTACHMENTS: Final = 500
+#: The most of a sender or subject a list line keeps (characters).
+SUMMARY_TEXT_CHARS: Final = 500
+#: The most of a Message-ID a list line keeps (characters).
+SUMMARY_ID_CHARS: Final = 1000
 
 
 class PecKind(StrEnum):
@@ -198,7 +214,8 @@ class HeaderView:
 @dataclass(frozen=True, slots=True)
 class Summary:
     """One line of the message list, from the header block alone (nothing signed is checked:
-    the list only announces; the reading page verifies)."""
+    the list only announces; the reading page verifies). Bounded: the sender and the subject
+    at most :data:`SUMMARY_TEXT_CHARS` characters, identifiers :data:`SUMMARY_ID_CHARS`."""
 
     kind: PecKind
     virus: bool
@@ -231,15 +248,19 @@ def summarize_head(head: bytes) -> Summary:
             kind=kind_of(trasporto, ricevuta),
             virus=virus,
             tipo_ricevuta=(tipo or "").strip().lower()[:20] or None,
-            from_=", ".join(_addresses(mime.get_all(head, "From"))),
-            subject=header_text(mime.get_first(head, "Subject")),
+            from_=", ".join(_addresses(mime.get_all(head, "From")))[:SUMMARY_TEXT_CHARS],
+            subject=header_text(mime.get_first(head, "Subject"))[:SUMMARY_TEXT_CHARS],
             date=parse_date(mime.get_first(head, "Date")),
-            message_id=unbracket(header_text(mime.get_first(head, "Message-ID"))),
-            riferimento=unbracket(header_text(mime.get_first(head, H_RIFERIMENTO_MESSAGE_ID))),
+            message_id=_identifier(mime.get_first(head, "Message-ID")),
+            riferimento=_identifier(mime.get_first(head, H_RIFERIMENTO_MESSAGE_ID)),
         )
     except Exception:  # hostile bytes must give a line, never an error page
         log.debug("unreadable header block", exc_info=True)
         return Summary(PecKind.PLAIN, False, None, "", "", None, "", "")
+
+
+def _identifier(value: str | None) -> str:
+    return unbracket(header_text(value))[:SUMMARY_ID_CHARS]
 
 
 # --- bodies and attachments -------------------------------------------------------------------------
@@ -250,20 +271,41 @@ def _disposition(entity: mime.Entity) -> str:
     return value.split(";", 1)[0].strip().lower()
 
 
+_NOT_BASE64 = re.compile(rb"[^A-Za-z0-9+/]")
+_PAD = re.compile(rb"=")
+_PAD_TAIL = re.compile(rb"[=\s]*")
+
+
+def decode_base64(data: mime.Buffer) -> bytes:
+    """Base64 as mail carries it, leniently: every byte outside the alphabet is skipped, a
+    missing padding is made up; b"" when it cannot be decoded. A well-formed body (padding
+    only at its end) is decoded straight from ``data``, with no cleaned copy of it first."""
+    try:
+        pad = _PAD.search(data)
+        if pad is None or _PAD_TAIL.fullmatch(data, pad.start()):
+            return binascii.a2b_base64(data)  # not strict: skips what is not base64
+    except (binascii.Error, ValueError):
+        pass  # a padding missing or misplaced: the way that makes it up
+    return _decode_base64_cleaned(data)
+
+
+def _decode_base64_cleaned(data: mime.Buffer) -> bytes:
+    try:
+        cleaned = _NOT_BASE64.sub(b"", data)
+        return base64.b64decode(cleaned + b"=" * (-len(cleaned) % 4))
+    except (binascii.Error, ValueError):
+        return b""
+
+
 def decode_body(entity: mime.Entity) -> bytes:
     """The body of a leaf with its Content-Transfer-Encoding undone (as it is when unknown)."""
     cte = mime.get_first(entity.head + b"\r\n\r\n", "Content-Transfer-Encoding") or ""
     cte = cte.strip().lower()
-    body = entity.body
     if cte == "base64":
-        try:
-            cleaned = re.sub(rb"[^A-Za-z0-9+/]", b"", body)
-            return base64.b64decode(cleaned + b"=" * (-len(cleaned) % 4))
-        except (binascii.Error, ValueError):
-            return b""
+        return decode_base64(entity.view)
     if cte == "quoted-printable":
-        return quopri.decodestring(body)
-    return body
+        return quopri.decodestring(entity.body)
+    return entity.body
 
 
 def _charset(entity: mime.Entity) -> str:
@@ -311,7 +353,7 @@ class Content:
     notes: tuple[str, ...] = ()
 
 
-def _leaves(raw: bytes) -> list[mime.Entity]:
+def _leaves(raw: mime.Buffer) -> list[mime.Entity]:
     """The leaves of a message in depth-first order; a wrapped message (message/rfc822) is one
     leaf, not entered. Their positions are the part numbers of ``/part/<n>``."""
     tree = mime.parse_entity(raw, into_messages=False)
@@ -360,25 +402,59 @@ def read_content(raw: bytes) -> Content:
         log.debug("unreadable MIME structure", exc_info=True)
         leaves = []
         notes.append("struttura MIME illeggibile / unreadable MIME structure")
-    for index, leaf in enumerate(leaves):
-        if _is_body(leaf):
-            if leaf.content_type == "text/plain" and text is None:
-                text = decode_text(leaf)[:MAX_TEXT_CHARS]
-                continue
-            if leaf.content_type == "text/html" and html is None:
-                html = decode_text(leaf)[:MAX_HTML_CHARS]
-                continue
-        if not leaf.view and not leaf.filename:
-            continue  # an empty part (the preamble of a broken multipart)
-        if len(attachments) >= MAX_ATTACHMENTS:
+    for role, index, leaf in _roles(leaves):
+        if role == "text":
+            text = decode_text(leaf)[:MAX_TEXT_CHARS]
+        elif role == "html":
+            html = decode_text(leaf)[:MAX_HTML_CHARS]
+        elif role == "over":
             notes.append(f"più di {MAX_ATTACHMENTS} allegati / over {MAX_ATTACHMENTS} attachments")
-            break
-        size = len(leaf.view) if leaf.content_type == "message/rfc822" else len(decode_body(leaf))
-        attachments.append(Attachment(index, _filename(leaf, index), leaf.content_type, size))
+        else:
+            size = (
+                len(leaf.view) if leaf.content_type == "message/rfc822" else len(decode_body(leaf))
+            )
+            attachments.append(Attachment(index, _filename(leaf, index), leaf.content_type, size))
     return Content(headers, text, html, tuple(attachments), len(raw), tuple(notes))
 
 
-def part_of(raw: bytes, index: int) -> tuple[Attachment, bytes] | None:
+def _roles(leaves: Sequence[mime.Entity]) -> Iterator[tuple[str, int, mime.Entity]]:
+    """What each leaf is to a reader, with its part number: "text" (the first plain body),
+    "html" (the first HTML body), "attachment"; then "over" once when there are more than
+    :data:`MAX_ATTACHMENTS` attachments, and nothing after it."""
+    text = html = False
+    attachments = 0
+    for index, leaf in enumerate(leaves):
+        if _is_body(leaf):
+            if leaf.content_type == "text/plain" and not text:
+                text = True
+                yield "text", index, leaf
+                continue
+            if leaf.content_type == "text/html" and not html:
+                html = True
+                yield "html", index, leaf
+                continue
+        if not leaf.view and not leaf.filename:
+            continue  # an empty part (the preamble of a broken multipart)
+        if attachments >= MAX_ATTACHMENTS:
+            yield "over", index, leaf
+            return
+        attachments += 1
+        yield "attachment", index, leaf
+
+
+def html_of(raw: mime.Buffer) -> str | None:
+    """The HTML body of the message ``raw`` as :func:`read_content` finds it (unsanitised),
+    without decoding anything else; None when it has none. Never raises."""
+    try:
+        for role, _, leaf in _roles(_leaves(raw)):
+            if role == "html":
+                return decode_text(leaf)[:MAX_HTML_CHARS]
+    except Exception:
+        log.debug("unreadable MIME structure", exc_info=True)
+    return None
+
+
+def part_of(raw: mime.Buffer, index: int) -> tuple[Attachment, bytes] | None:
     """Attachment number ``index`` of the message ``raw`` and its decoded bytes (a wrapped
     message comes as it is), or None when there is no such part."""
     if index < 0:
@@ -546,16 +622,15 @@ def _build_view(
     original: Content | None = None
     wrapped = False
     original_raw: bytes | None = None
-    if kind is PecKind.PLAIN:
-        original, original_raw = read_content(raw), raw
-    else:
+    original_raw = _original_bytes(raw, c, kind)
+    if kind is not PecKind.PLAIN:
         try:
             notice = _outer_notice(raw, c)
         except Exception as exc:
             errors.append(f"testo illeggibile / unreadable text ({type(exc).__name__})")
-        if c.postacert is not None:
-            original, original_raw = read_content(c.postacert), c.postacert
-            wrapped = True
+    if original_raw is not None:
+        original = read_content(original_raw)
+        wrapped = kind is not PecKind.PLAIN
     if original is not None:
         errors += original.notes
     tipo: TipoRicevuta | None = None
@@ -585,6 +660,91 @@ def _build_view(
         provider=verdict.provider.label if verdict.provider is not None else None,
         original_raw=original_raw,
     )
+
+
+def _original_bytes(raw: bytes, c: Classification, kind: PecKind) -> bytes | None:
+    """The bytes of the message a person wrote: the message itself when it is plain mail, else
+    the wrapped message (None when there is none)."""
+    return raw if kind is PecKind.PLAIN else c.postacert
+
+
+# --- the original again, without a view -----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class OriginalRef:
+    """Where a view found the original in a stored message: the message itself (``wrapped``
+    false), or a wrapped message of ``size`` bytes whose SHA-256 is ``sha256``."""
+
+    wrapped: bool
+    size: int
+    sha256: bytes
+
+
+def original_ref(view: MailView) -> OriginalRef | None:
+    """Where ``view`` found its original (None: it has none)."""
+    data = view.original_raw
+    if data is None:
+        return None
+    if not view.original_is_wrapped:
+        return OriginalRef(False, len(data), b"")
+    return OriginalRef(True, len(data), hashlib.sha256(data).digest())
+
+
+def original_of(raw: bytes) -> tuple[OriginalRef | None, bytes | None]:
+    """The original of the stored message ``raw`` exactly as :func:`build_view` finds it (the
+    message is classified, its signature verified: the signed part is where the original is
+    taken from when it verifies), and where it is; without reading the original's content.
+    Never raises."""
+    try:
+        c = classify(raw)
+    except Exception:  # not mail, or bytes nothing can read: no original, as for the view
+        return None, None
+    kind = _kind_of_classification(c)
+    data = _original_bytes(raw, c, kind)
+    if data is None:
+        return None, None
+    if kind is PecKind.PLAIN:
+        return OriginalRef(False, len(data), b""), data
+    return OriginalRef(True, len(data), hashlib.sha256(data).digest()), data
+
+
+def find_original(raw: bytes, ref: OriginalRef) -> mime.Buffer | None:
+    """The original ``ref`` describes, found in the stored message ``raw`` by its MIME structure
+    alone (nothing verified): the message itself, or the first wrapped message of the signed
+    part (of the message, when it is not signed) that has exactly ``ref``'s length and digest.
+    A view of ``raw``, not a copy, unless the signed part had to be put in CRLF line endings as
+    S/MIME verifies it. None when it is not there as described (the caller then goes the long
+    way: :func:`original_of`). Never raises."""
+    whole = memoryview(raw)
+    if not ref.wrapped:
+        return whole if len(whole) == ref.size else None
+    try:
+        tree = mime.parse_entity(whole, into_messages=False)
+        if tree.content_type != "multipart/signed" or not tree.children:
+            return _wrapped(tree, ref)
+        signed = tree.children[0]
+        found = _wrapped(signed, ref)
+        if found is None:
+            # Where S/MIME took it from when the signature verified: the part in CRLF.
+            canonical = mime.to_crlf(signed.head + b"\r\n\r\n" + signed.body)
+            found = _wrapped(mime.parse_entity(canonical, into_messages=False), ref)
+        return found
+    except Exception:
+        log.debug("unreadable MIME structure", exc_info=True)
+    return None
+
+
+def _wrapped(tree: mime.Entity, ref: OriginalRef) -> memoryview | None:
+    """The first wrapped message of ``tree`` as classify takes it, if it is ``ref``'s."""
+    for part in tree.walk():
+        name = (part.filename or "").lower()
+        if part.content_type == "message/rfc822" and name in ("", POSTACERT_FILENAME):
+            found = part.view
+            if len(found) == ref.size and hashlib.sha256(found).digest() == ref.sha256:
+                return found
+            return None
+    return None
 
 
 # --- HTML for the sandboxed frame --------------------------------------------------------------------
@@ -649,6 +809,11 @@ def _filter_attribute(element: str, attribute: str, value: str) -> str | None:
     return ";".join(kept) or None
 
 
+def remote_content(html: str) -> bool:
+    """Whether ``html`` refers to images or other remote content (which the sanitiser drops)."""
+    return bool(_REMOTE_HINT.search(html[:MAX_HTML_CHARS]))
+
+
 @dataclass(frozen=True, slots=True)
 class SanitizedHtml:
     html: str
@@ -661,7 +826,7 @@ def sanitize_html(html: str) -> SanitizedHtml:
     frames, objects and every image or other remote reference are removed. CSS in ``style``
     attributes keeps only properties that cannot fetch anything."""
     html = mime.unsurrogate(html[:MAX_HTML_CHARS])
-    blocked = bool(_REMOTE_HINT.search(html))
+    blocked = remote_content(html)
     cleaned = nh3.clean(
         html,
         tags=set(_TAGS),

@@ -15,6 +15,9 @@ finds the job.
 
 A big message is built off the event loop (``asyncio.to_thread``), so that one request with
 100 MB of attachments does not hold up every other client of the process.
+
+:func:`subject_error` is the one check of a subject, for every caller (the compose page, the
+REST API): one line, no control character, so that the message can be built at all.
 """
 
 from __future__ import annotations
@@ -22,12 +25,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import secrets
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from email.message import EmailMessage
 from email.policy import SMTP
 from email.utils import format_datetime, make_msgid
-from typing import Any
+from typing import Any, Final
 
 from pecd.clock import Clock
 from pecd.config import Config
@@ -36,12 +40,41 @@ from pecd.pec.address import domain_of
 from pecd.store import jobs
 from pecd.store.db import Database
 
-__all__ = ["Attachment", "SubmitError", "Submitted", "intake_key", "set_waker", "submit", "wake"]
+__all__ = [
+    "MAX_SUBJECT",
+    "Attachment",
+    "SubmitError",
+    "Submitted",
+    "intake_key",
+    "set_waker",
+    "subject_error",
+    "submit",
+    "wake",
+]
 
 #: Attachments above this many bytes in all are encoded into the message in a worker thread.
 OFF_LOOP_BYTES = 256 * 1024
 
+#: The longest subject (characters): a header line's limit (RFC 5322 2.1.1).
+MAX_SUBJECT: Final = 998
+# Unicode categories no subject may hold: controls (tab apart), line and paragraph separators,
+# lone surrogates. Python's email package refuses every line-breaking one in a header, and a
+# surrogate cannot be encoded.
+_NOT_IN_SUBJECT: Final = frozenset({"Cc", "Zl", "Zp", "Cs"})
+
 _waker: Callable[[], None] | None = None
+
+
+def subject_error(subject: str) -> str | None:
+    """Why ``subject`` cannot be a message's subject (English, for an API's error), or None
+    when it can: at most :data:`MAX_SUBJECT` characters, on one line, with no control
+    character but tab."""
+    if len(subject) > MAX_SUBJECT:
+        return f"longer than {MAX_SUBJECT} characters"
+    for c in subject:
+        if c != "\t" and unicodedata.category(c) in _NOT_IN_SUBJECT:
+            return f"it holds a line break or a control character (U+{ord(c):04X})"
+    return None
 
 
 def set_waker(waker: Callable[[], None] | None) -> None:
@@ -113,8 +146,9 @@ async def submit(
     peer: str,
     via: str = "api",
 ) -> Submitted:
-    """Build the message from checked fields (addresses normalised and valid, subject on one
-    line, ``receipt`` one of completa/breve/sintetica) and commit it as a SUBMISSION job."""
+    """Build the message from checked fields (addresses normalised and valid, ``subject`` one
+    :func:`subject_error` passes, ``receipt`` one of completa/breve/sintetica) and commit it as
+    a SUBMISSION job."""
     limits = cfg.limits
     rcpts = list(dict.fromkeys([*to, *cc]))
     now = clock.now()

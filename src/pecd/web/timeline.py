@@ -7,24 +7,38 @@ receipts are comes from the mailbox, read as the IMAP server reads it (folders n
 IMAP names them, UIDs from ``pecd.mailbox.uidlist``): :class:`MailboxReader` is that reading,
 shared by the message pages (``pecd.web.pages.mail``) and the evidence bundle
 (``pecd.web.evidence``). A receipt is taken as one of the transmission's by its daticert
-``identificativo`` (the PEC msgid, spec section 6), looked at only for the messages whose
-headers already point at it (their Message-ID is one the trace log gave a receipt of it, or
-their ``X-Riferimento-Message-ID`` is the client's msgid): the folder is never parsed whole.
+``identificativo`` (the PEC msgid, spec section 6), looked at only for the messages that
+already point at it: first the files delivered under the keys the trace log names
+(:func:`pecd.web.status.transmission_status` locates them by file name, nothing parsed), then,
+for the receipts not found so, those whose headers point at it (their Message-ID is one the trace
+log gave a receipt of it, or their ``X-Riferimento-Message-ID`` is the client's msgid). Headers
+are not signed: anyone who can APPEND to the mailbox can make a message claim to be a receipt of
+anything, so the receipts parsed for one view are bounded (:data:`MAX_RECEIPTS`, and no more
+header-found ones than receipts the trace log has that were not found by name) and each file's
+reading is remembered: the folder is never parsed whole, and a file is parsed once.
+
+Heavy message work (a whole message read and parsed or verified, a bundle made) runs through
+:data:`heavy_work`: at most :data:`HEAVY_SLOTS` such jobs at once in the process, whoever asks,
+the slot taken before the file is read, so that one holder's many requests queue behind each
+other instead of filling memory and every worker thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import os
 import re
+import sys
 import threading
+import weakref
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Final
+from typing import IO, Any, Final, Generic, ParamSpec, TypeVar
 
 from sqlalchemy import select
 
@@ -40,10 +54,14 @@ from pecd.store.db import Database
 from pecd.store.models import TraceEvent
 from pecd.web.mailview import PecKind, Summary, summarize_head
 from pecd.web.sentcopy import SENT, sent_key
-from pecd.web.status import transmission_status
+from pecd.web.status import receipt_keys, transmission_status
 
 __all__ = [
+    "HEAVY_SLOTS",
+    "BoundedCache",
     "FolderInfo",
+    "HeavyWork",
+    "Loaded",
     "MailboxReader",
     "MessageRef",
     "RecipientTimeline",
@@ -51,6 +69,7 @@ __all__ = [
     "Timeline",
     "build_timeline",
     "find_transmission_messages",
+    "heavy_work",
     "load_timeline",
     "valid_transmission_id",
     "when_text",
@@ -60,12 +79,22 @@ __all__ = [
 HEAD_BYTES: Final = 64 * 1024
 #: The most messages of one folder whose headers a search or a receipt lookup reads.
 MAX_SCAN: Final = 5000
-#: The most candidate receipts of one transmission parsed in full.
+#: The most message files parsed in full for one view of a transmission (every attempt counts,
+#: whether or not the file turns out to be one of its receipts; a file read before is not parsed
+#: again).
 MAX_RECEIPTS: Final = 500
 #: Folders where receipts are looked for (where they are delivered, and where people file them).
 RECEIPT_FOLDERS: Final = (INBOX, "Archive")
-#: Header summaries kept in memory (a file's name never changes with its content in Maildir).
-_CACHE_SIZE: Final = 50_000
+#: Header summaries kept in memory (a file's name never changes with its content in Maildir):
+#: at most this many, taking at most this many bytes.
+_SUMMARY_ITEMS: Final = 50_000
+_SUMMARY_BYTES: Final = 40 * 1024 * 1024
+#: What the receipts' files say (their daticert, their verdict), remembered by file.
+_RECEIPT_ITEMS: Final = 20_000
+_RECEIPT_BYTES: Final = 16 * 1024 * 1024
+#: Heavy message jobs run at once in the process (see :class:`HeavyWork`). Each may hold a stored
+#: message of up to twice the mail limit and a few times that while it is parsed.
+HEAVY_SLOTS: Final = 2
 
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
@@ -126,30 +155,144 @@ def is_seen(entry: Entry) -> bool:
     return "S" in _flags(entry)
 
 
-class _SummaryCache:
-    """(file's folder, base name) -> Summary, least recently used dropped first."""
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+P = ParamSpec("P")
+T = TypeVar("T")
 
-    def __init__(self, size: int) -> None:
-        self._size = size
-        self._items: OrderedDict[tuple[str, str], Summary] = OrderedDict()
+#: What one cached entry costs beyond its strings: the key tuple, the value object, the
+#: dictionary's node (an estimate on the high side).
+ENTRY_OVERHEAD: Final = 400
+
+
+def text_cost(*texts: str | None) -> int:
+    """The bytes ``texts`` take in memory (for weighing cache entries)."""
+    return sum(sys.getsizeof(t) for t in texts if t is not None)
+
+
+class BoundedCache(Generic[K, V]):
+    """A thread-safe map that drops the least recently used entries first, bounded both in
+    entries and in bytes (each entry weighed by the caller when it is put)."""
+
+    def __init__(self, *, max_items: int, max_bytes: int) -> None:
+        self.max_items = max_items
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[K, tuple[V, int]] = OrderedDict()
+        self._bytes = 0
         self._lock = threading.Lock()
 
-    def get(self, key: tuple[str, str]) -> Summary | None:
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def bytes(self) -> int:
+        """The weight of what is held now."""
+        return self._bytes
+
+    def get(self, key: K) -> V | None:
         with self._lock:
             found = self._items.get(key)
-            if found is not None:
-                self._items.move_to_end(key)
-            return found
-
-    def put(self, key: tuple[str, str], value: Summary) -> None:
-        with self._lock:
-            self._items[key] = value
+            if found is None:
+                return None
             self._items.move_to_end(key)
-            while len(self._items) > self._size:
-                self._items.popitem(last=False)
+            return found[0]
+
+    def put(self, key: K, value: V, cost: int) -> None:
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._bytes -= old[1]
+            if cost > self.max_bytes:
+                return
+            self._items[key] = (value, cost)
+            self._bytes += cost
+            while len(self._items) > self.max_items or self._bytes > self.max_bytes:
+                _, (_, dropped) = self._items.popitem(last=False)
+                self._bytes -= dropped
 
 
-_SUMMARIES = _SummaryCache(_CACHE_SIZE)
+def _summary_cost(key: tuple[str, str], s: Summary) -> int:
+    return ENTRY_OVERHEAD + text_cost(
+        *key, s.from_, s.subject, s.message_id, s.riferimento, s.tipo_ricevuta
+    )
+
+
+_SUMMARIES: BoundedCache[tuple[str, str], Summary] = BoundedCache(
+    max_items=_SUMMARY_ITEMS, max_bytes=_SUMMARY_BYTES
+)
+
+
+class HeavyWork:
+    """At most ``slots`` heavy jobs at once: reading a whole stored message and parsing or
+    verifying it, making an evidence bundle, checking an upload. :meth:`run` waits for a slot
+    on the event loop (no worker thread is held while waiting), then runs the job in a worker
+    thread; the slot is given back when the job ends, even when the request that asked for it
+    is gone meanwhile (a client that hangs up does not free a slot its job still uses).
+
+    One asyncio semaphore per event loop (the web process has one loop; tests run several)."""
+
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self._semaphores: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, asyncio.Semaphore
+        ] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+        #: Jobs waiting for a slot, running now, the most that ever ran at once, and the jobs
+        #: run (for tests and for the curious).
+        self.waiting = 0
+        self.running = 0
+        self.peak = 0
+        self.runs = 0
+
+    def _semaphore(self) -> asyncio.Semaphore:
+        loop = asyncio.get_running_loop()
+        found = self._semaphores.get(loop)
+        if found is None:
+            found = self._semaphores[loop] = asyncio.Semaphore(self.slots)
+        return found
+
+    async def run(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        """``fn(*args, **kwargs)`` in a worker thread, in a slot."""
+        slots = self._semaphore()
+        self.waiting += 1
+        try:
+            await slots.acquire()
+        finally:
+            self.waiting -= 1
+
+        def call() -> T:
+            with self._lock:
+                self.running += 1
+                self.runs += 1
+                self.peak = max(self.peak, self.running)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                with self._lock:
+                    self.running -= 1
+
+        try:
+            loop = asyncio.get_running_loop()
+            job = loop.run_in_executor(None, contextvars.copy_context().run, call)
+        except BaseException:
+            slots.release()
+            raise
+
+        def done(f: asyncio.Future[T]) -> None:
+            slots.release()
+            if not f.cancelled():
+                f.exception()  # retrieved: a job whose asker is gone fails quietly
+
+        job.add_done_callback(done)
+        return await asyncio.shield(job)
+
+    def reset_peak(self) -> None:
+        with self._lock:
+            self.peak = self.running
+
+
+#: The process's one :class:`HeavyWork`.
+heavy_work = HeavyWork(HEAVY_SLOTS)
 
 
 def read_head(path: Path) -> bytes:
@@ -160,6 +303,15 @@ def read_head(path: Path) -> bytes:
     if end < 0:
         end = data.find(b"\n\n")
     return data if end < 0 else data[: end + 2]
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    """A stored message read whole: its entry, its bytes, its file's modification time."""
+
+    entry: Entry
+    data: bytes
+    mtime_ns: int
 
 
 class MailboxReader:
@@ -236,21 +388,43 @@ class MailboxReader:
     def entry(self, name: str, uid: int) -> Entry | None:
         return self.listing(name).by_uid().get(uid)
 
-    def read(self, name: str, uid: int, limit: int) -> tuple[Entry, bytes] | None:
-        """The message ``uid`` of folder ``name`` and its bytes (None when there is no such
-        message, or it is larger than ``limit``). A file renamed meanwhile (its flags changed
-        by an IMAP client) is looked up again, once."""
+    def open_message(self, name: str, uid: int, limit: int) -> tuple[Entry, IO[bytes], int] | None:
+        """The message ``uid`` of folder ``name``: its entry, its file open for reading (the
+        caller closes it) and its size; None when there is no such message, or it is larger
+        than ``limit``. A file renamed meanwhile (its flags changed by an IMAP client) is looked
+        up again, once; once open, a rename does not matter."""
         for _ in range(2):
             found = self.entry(name, uid)
             if found is None or found.size > limit:
                 return None
             try:
-                with open(found.path, "rb") as f:
-                    data = f.read(limit + 1)
+                f = open(found.path, "rb")  # noqa: SIM115 (the caller closes it)
             except FileNotFoundError:
                 continue
-            return (found, data) if len(data) <= limit else None
+            size = os.fstat(f.fileno()).st_size
+            if size > limit:
+                f.close()
+                return None
+            return found, f, size
         return None
+
+    def load(self, name: str, uid: int, limit: int) -> Loaded | None:
+        """The message ``uid`` of folder ``name`` read whole (None as for :meth:`open_message`).
+        Heavy: callers run it through :data:`heavy_work`."""
+        opened = self.open_message(name, uid, limit)
+        if opened is None:
+            return None
+        entry, f, size = opened
+        with f:
+            mtime_ns = os.fstat(f.fileno()).st_mtime_ns
+            # As much as the file holds (a read of the limit would reserve all of it first).
+            data = f.read(size + 1)
+        return Loaded(entry, data, mtime_ns) if len(data) <= limit else None
+
+    def read(self, name: str, uid: int, limit: int) -> tuple[Entry, bytes] | None:
+        """The message ``uid`` of folder ``name`` and its bytes (see :meth:`load`)."""
+        loaded = self.load(name, uid, limit)
+        return None if loaded is None else (loaded.entry, loaded.data)
 
     def summary(self, entry: Entry) -> Summary:
         key = (str(entry.path.parent.parent), entry.name)
@@ -261,7 +435,7 @@ class MailboxReader:
             except FileNotFoundError:
                 head = self._head_after_rename(entry)
             found = summarize_head(head)
-            _SUMMARIES.put(key, found)
+            _SUMMARIES.put(key, found, _summary_cost(key, found))
         return found
 
     @staticmethod
@@ -324,7 +498,6 @@ class FoundReceipt:
     path: Path
     kind: PecKind
     consegna: str | None  # normalised
-    ricezione: tuple[str, ...]
     instant: datetime | None
     valid: bool  # its signature and structure hold (pecd verify's judgement)
 
@@ -337,6 +510,61 @@ class TransmissionMessages:
     sent_path: Path | None
     receipts: tuple[FoundReceipt, ...]
     scanned_all: bool  # False: a folder had more than MAX_SCAN messages, older ones not looked at
+    parsed: int = 0  # message files parsed in full to find them (files read before are not)
+
+
+@dataclass(frozen=True, slots=True)
+class _Facts:
+    """What one stored file says as a receipt: its daticert's identificativo (bare), its kind
+    (PLAIN: not a receipt), its recipient, its instant, its verdict."""
+
+    identificativo: str
+    kind: PecKind
+    consegna: str | None
+    instant: datetime | None
+    valid: bool
+
+
+_NOT_A_RECEIPT: Final = _Facts("", PecKind.PLAIN, None, None, False)
+#: (folder directory, base name, size) -> what the file says (a Maildir file's content never
+#: changes under its base name).
+_FACTS: BoundedCache[tuple[str, str, int], _Facts] = BoundedCache(
+    max_items=_RECEIPT_ITEMS, max_bytes=_RECEIPT_BYTES
+)
+
+
+def _read_facts(entry: Entry, max_bytes: int) -> _Facts | None:
+    """Parse and verify the file of ``entry`` (heavy); None when it is gone or too big."""
+    try:
+        with open(entry.path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            raw = f.read(size + 1) if size <= max_bytes else b""
+    except OSError:
+        return None
+    if not raw or len(raw) > max_bytes:
+        return None
+    try:
+        c = classify(raw)
+    except NotMailError:
+        return _NOT_A_RECEIPT
+    d = c.daticert
+    if d is None or c.ricevuta is None:
+        return _NOT_A_RECEIPT
+    try:
+        instant: datetime | None = d.instant
+    except ValueError:
+        instant = None
+    return _Facts(
+        identificativo=unbracket(d.identificativo)[:_ID_CHARS],
+        kind=PecKind(c.ricevuta.value),
+        consegna=normalize_address(d.consegna)[:_ID_CHARS] if d.consegna else None,
+        instant=instant,
+        valid=c.is_valid_pec,
+    )
+
+
+#: The most of an identifier or address kept from a daticert.
+_ID_CHARS: Final = 1000
 
 
 def find_transmission_messages(
@@ -346,10 +574,21 @@ def find_transmission_messages(
     pec_msgid: str,
     client_msgid: str | None,
     receipt_ids: Iterable[str] = (),
+    receipt_uids: Iterable[int] = (),
+    unlocated: int = 0,
     max_bytes: int,
 ) -> TransmissionMessages:
     """The Sent copy and the receipts of the transmission ``pec_msgid`` in ``reader``'s mailbox
-    (synchronous). ``receipt_ids``: the Message-IDs the trace log gave its receipts."""
+    (synchronous and heavy: run it through :data:`heavy_work`).
+
+    ``receipt_uids``: the INBOX UIDs of the files delivered under the keys the trace log gives
+    the transmission's receipts (what :func:`pecd.web.status.transmission_status` locates by
+    file name); each is read. ``unlocated``: how many of the trace log's steps have no receipt
+    located so: at most that many other files are read among those whose (unsigned) headers
+    point at the transmission (``receipt_ids``: the Message-IDs the trace log gave its
+    receipts; or ``X-Riferimento-Message-ID`` is the client's msgid), newest first: receipts
+    filed elsewhere, or copied. At most :data:`MAX_RECEIPTS` files are read in all; a file read
+    for an earlier view is not read again."""
     known = {unbracket(i) for i in receipt_ids if i}
     client = unbracket(client_msgid) if client_msgid else ""
     scanned_all = True
@@ -368,69 +607,88 @@ def find_transmission_messages(
                 break
 
     receipts: list[FoundReceipt] = []
-    for folder in RECEIPT_FOLDERS:
-        if not reader.exists(folder):
-            continue
-        entries = reader.newest(folder)
-        scanned_all &= len(entries) < MAX_SCAN
-        for e in entries:
-            if len(receipts) >= MAX_RECEIPTS or e.size > max_bytes:
+    seen: set[tuple[str, str]] = set()
+    parsed = 0
+
+    def consider(folder: str, e: Entry, may_parse: bool) -> None:
+        """Take ``e`` when it is a receipt of the transmission (reading it if allowed)."""
+        nonlocal parsed
+        seen.add((folder, e.name))
+        key = (str(e.path.parent.parent), e.name, e.size)
+        facts = _FACTS.get(key)
+        if facts is None:
+            if not may_parse or parsed >= MAX_RECEIPTS:
+                return
+            parsed += 1
+            facts = _read_facts(e, max_bytes)
+            if facts is None:
+                return
+            _FACTS.put(key, facts, ENTRY_OVERHEAD + text_cost(*key[:2], *_texts(facts)))
+        if (
+            facts.kind.is_receipt
+            and facts.identificativo == pec_msgid
+            and len(receipts) < MAX_RECEIPTS
+        ):
+            receipts.append(
+                FoundReceipt(
+                    _ref(folder, e), e.path, facts.kind, facts.consegna, facts.instant, facts.valid
+                )
+            )
+
+    listings = {f: reader.listing(f).entries for f in RECEIPT_FOLDERS if reader.exists(f)}
+    # The files delivered under the receipts' keys: pecd's own deliveries, found by name.
+    wanted = set(receipt_uids)
+    if wanted and INBOX in listings:
+        for e in listings[INBOX]:
+            if e.uid in wanted and e.size <= max_bytes:
+                consider(INBOX, e, True)
+    by_name = len(receipts)
+    # The others whose headers point at the transmission, as many as receipts are missing,
+    # newest first: those with a Message-ID the trace log knows before those that only name the
+    # client's msgid (which anyone who saw the message may write).
+    by_id: list[tuple[str, Entry]] = []
+    by_client: list[tuple[str, Entry]] = []
+    for folder, entries in listings.items():
+        scanned_all &= len(entries) <= MAX_SCAN
+        for e in entries[-MAX_SCAN:][::-1]:
+            if (folder, e.name) in seen or e.size > max_bytes:
                 continue
             s = reader.summary(e)
             if not s.kind.is_receipt:
                 continue
-            if s.message_id not in known and not (client and s.riferimento == client):
-                continue
-            found = _confirm(folder, e, pec_msgid)
-            if found is not None:
-                receipts.append(found)
+            if s.message_id in known:
+                by_id.append((folder, e))
+            elif client and s.riferimento == client:
+                by_client.append((folder, e))
+    attempts = 0  # files parsed here
+    for folder, e in by_id + by_client:
+        missing = unlocated - (len(receipts) - by_name)
+        before = parsed
+        consider(folder, e, attempts < unlocated and missing > 0)
+        attempts += parsed - before
     receipts.sort(key=lambda r: (r.instant is None, r.instant or datetime.min, r.ref.uid))
-    return TransmissionMessages(sent, sent_path, tuple(receipts), scanned_all)
+    return TransmissionMessages(sent, sent_path, tuple(receipts), scanned_all, parsed)
 
 
-def _confirm(folder: str, entry: Entry, pec_msgid: str) -> FoundReceipt | None:
-    """The receipt in ``entry`` when its daticert names the transmission ``pec_msgid``."""
-    try:
-        with open(entry.path, "rb") as f:
-            raw = f.read()
-        c = classify(raw)
-    except (OSError, NotMailError):
-        return None
-    d = c.daticert
-    if d is None or c.ricevuta is None or unbracket(d.identificativo) != pec_msgid:
-        return None
-    try:
-        instant: datetime | None = d.instant
-    except ValueError:
-        instant = None
-    return FoundReceipt(
-        ref=_ref(folder, entry),
-        path=entry.path,
-        kind=PecKind(c.ricevuta.value),
-        consegna=normalize_address(d.consegna) if d.consegna else None,
-        ricezione=tuple(normalize_address(r) for r in d.ricezione),
-        instant=instant,
-        valid=c.is_valid_pec,
-    )
+def _texts(facts: _Facts) -> tuple[str, str | None]:
+    return facts.identificativo, facts.consegna
 
 
-async def receipt_ids(db: Database, pec_msgid: str) -> list[str]:
-    """The Message-IDs of the receipts the trace log knows of transmission ``pec_msgid``: those
-    pecd made (``generated_ids``) and those that came back from other providers."""
+async def trace_receipts(db: Database, pec_msgid: str, mailbox: str) -> tuple[list[str], int]:
+    """What the trace log says of the receipts of transmission ``pec_msgid``: their Message-IDs
+    (those pecd made, ``generated_ids``, and those that came back from other providers), and
+    how many of them it put in the sender's ``mailbox`` (its events with a delivery key there:
+    :func:`pecd.web.status.receipt_keys`)."""
     async with db.read_session() as s:
-        rows = (
-            await s.execute(
-                select(TraceEvent.generated_ids, TraceEvent.data).where(
-                    TraceEvent.pec_msgid == pec_msgid
-                )
-            )
-        ).all()
+        events = list(await s.scalars(select(TraceEvent).where(TraceEvent.pec_msgid == pec_msgid)))
     ids: list[str] = []
-    for generated, data in rows:
-        ids += [str(i) for i in generated or ()]
-        if isinstance(data, dict) and data.get("message_id"):
-            ids.append(str(data["message_id"]))
-    return ids
+    expected = 0
+    for e in events:
+        ids += [str(i) for i in e.generated_ids or ()]
+        if isinstance(e.data, dict) and e.data.get("message_id"):
+            ids.append(str(e.data["message_id"]))
+        expected += bool(receipt_keys(e, mailbox))
+    return ids, expected
 
 
 # --- the timeline ------------------------------------------------------------------------------------
@@ -637,24 +895,40 @@ async def load_timeline(
 ) -> Timeline | None:
     """The timeline of the transmission ``intake_key`` of ``mailbox``; None when the mailbox
     has no such transmission (another mailbox's is not found either)."""
-    status = await transmission_status(db, mailbox, intake_key)
+    status = await transmission_status(db, mailbox, intake_key, maildir=store)
     if status is None:
         return None
     pec_msgid = status.get("pec_msgid")
     if not pec_msgid:
         return build_timeline(status, None)
-    ids = await receipt_ids(db, str(pec_msgid))
+    ids, expected = await trace_receipts(db, str(pec_msgid), mailbox)
+    located = _located(status)
     reader = MailboxReader(store, mailbox)
-    found = await asyncio.to_thread(
+    found = await heavy_work.run(
         find_transmission_messages,
         reader,
         intake_key=intake_key,
         pec_msgid=str(pec_msgid),
         client_msgid=status.get("client_msgid"),
         receipt_ids=ids,
+        receipt_uids=located,
+        unlocated=max(0, expected - len(located)),
         max_bytes=max_bytes,
     )
     return build_timeline(status, found)
+
+
+def _located(status: dict[str, Any]) -> set[int]:
+    """The INBOX UIDs of the receipts ``status`` located by file name (what
+    :func:`transmission_status` says with ``maildir``)."""
+    uids: set[int] = set()
+    for entry in [status, *(status.get("events") or [])]:
+        where = entry.get("receipt")
+        if isinstance(where, dict) and where.get("folder") == INBOX:
+            uid = where.get("uid")
+            if isinstance(uid, int):
+                uids.add(uid)
+    return uids
 
 
 async def transmission_of(

@@ -12,20 +12,22 @@ The limits are the mail limits: the whole message at most ``limits.max_message_s
 ``limits.max_recipients`` recipients.
 
 ``/verify``: one uploaded ``.eml`` (at most the mail limit) is checked as ``pecd verify`` checks
-a file (``pecd.cli.verify.examine``), in a worker thread, with the signer looked up in the
-provider index of this installation as the reception point does. Whatever the bytes, the page
-shows a verdict: not mail at all, not PEC, a broken or forged signature, a signer outside the
-index, or a valid PEC with its signer, signing time and daticert.
+a file (``pecd.cli.verify.examine``), with the signer looked up in the provider index of this
+installation as the reception point does. The check is heavy work: it waits for a slot of
+``pecd.web.timeline.heavy_work`` (shared with the mail pages) before the upload is read into
+memory; until then the upload stays where the form parser spooled it (on disk past 1 MB).
+Whatever the bytes, the page shows a verdict: not mail at all, not PEC, a broken or forged
+signature, a signer outside the index, or a valid PEC with its signer, signing time and
+daticert.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import re
 import secrets
-from typing import Any, Final
+from typing import IO, Any, Final, Literal
 
 from starlette.datastructures import FormData, UploadFile
 from starlette.requests import Request
@@ -35,6 +37,7 @@ from starlette.routing import BaseRoute, Route
 from pecd.cli.verify import NotMailError, Verdict, examine
 from pecd.clock import SystemClock
 from pecd.config import Config, LimitsConfig
+from pecd.index.model import ProviderIndex
 from pecd.mailbox.maildir import MaildirStore
 from pecd.pec.address import normalize_address, valid_address
 from pecd.pec.vocab import Kind, TipoRicevuta
@@ -42,7 +45,8 @@ from pecd.store.accounts import Accounts
 from pecd.web import i18n, ui
 from pecd.web.providers import provider_index
 from pecd.web.sentcopy import save_sent_copy, sent_message
-from pecd.web.submit import Attachment, SubmitError, submit
+from pecd.web.submit import MAX_SUBJECT, Attachment, SubmitError, subject_error, submit
+from pecd.web.timeline import heavy_work
 
 __all__ = [
     "RECEIPTS",
@@ -105,6 +109,9 @@ i18n.register(
         "Troppo lungo.": "Too long.",
         "L'oggetto va scritto su una riga di al massimo 998 caratteri.": (
             "The subject must be one line of at most 998 characters."
+        ),
+        "L'oggetto va scritto su una riga, senza a capo né caratteri di controllo.": (
+            "The subject must be one line, without line breaks or control characters."
         ),
         "Il testo contiene caratteri non ammessi.": "The message contains characters not allowed.",
         "La PEC non ammette la copia nascosta (Ccn).": "PEC does not allow blind copies (Bcc).",
@@ -202,7 +209,6 @@ RECEIPTS: Final[tuple[tuple[str, str, str], ...]] = (
     ),
 )
 
-MAX_SUBJECT: Final = 998
 MAX_ADDRESS: Final = 320  # an address longer than this is no address (RFC 5321: 64 + 1 + 255)
 MAX_ATTACHMENTS: Final = 100
 MAX_FILENAME: Final = 255
@@ -212,8 +218,6 @@ PREFILL_MAX: Final = 4096
 MAX_BAD_SHOWN: Final = 10
 #: Form fields other than files: to, cc, subject, body, receipt, csrf, client_key (and slack).
 MAX_FIELDS: Final = 20
-#: Verifications run at once: each holds a message of up to the mail limit and a CPU.
-VERIFY_SLOTS: Final = 2
 
 _SPLIT = re.compile(r"[,;\r\n]+")
 _ANGLED = re.compile(r"<([^<>]*)>\s*$")
@@ -318,8 +322,10 @@ def check_draft(
             n=str(len(to) + len(cc)),
             max=str(limits.max_recipients),
         )
-    if len(draft.subject) > MAX_SUBJECT or any(c in draft.subject for c in "\r\n\0"):
+    if len(draft.subject) > MAX_SUBJECT:
         add("subject", "L'oggetto va scritto su una riga di al massimo 998 caratteri.")
+    elif subject_error(draft.subject) is not None:
+        add("subject", "L'oggetto va scritto su una riga, senza a capo né caratteri di controllo.")
     if "\0" in draft.body:
         add("body", "Il testo contiene caratteri non ammessi.")
     if draft.receipt not in {r[0] for r in RECEIPTS}:
@@ -374,7 +380,26 @@ def _uploads(form: FormData, name: str) -> list[UploadFile]:
     ]
 
 
-# --- the provider index, for /verify ----------------------------------------------------------
+# --- /verify's check ----------------------------------------------------------------------------
+
+
+def _check_upload(
+    file: IO[bytes], limit: int, index: ProviderIndex | None, filename: str
+) -> Verdict | Literal["too-large", "not-mail", "failed"]:
+    """The verdict on the uploaded file (heavy: run in a slot of ``heavy_work``), or why
+    there is none."""
+    size = file.seek(0, 2)
+    if size > limit:
+        return "too-large"
+    file.seek(0)
+    raw = file.read(size)  # not read(limit): that would reserve the whole limit first
+    try:
+        return examine(raw, index=index)
+    except NotMailError:
+        return "not-mail"
+    except Exception:  # hostile bytes get a verdict, never a 500
+        log.exception("/verify: %s (%d bytes) could not be analysed", filename, len(raw))
+        return "failed"
 
 
 # --- the verdict, for the template ------------------------------------------------------------
@@ -489,7 +514,6 @@ def routes(cfg: Config) -> list[BaseRoute]:
     clock = SystemClock()
     store = MaildirStore(cfg.maildir_root)
     index_cache = provider_index(cfg)
-    verify_slots = asyncio.Semaphore(VERIFY_SLOTS)
     size_note = Problem(
         "Fino a {size} per tutto il messaggio, allegati compresi; al massimo {n} destinatari.",
         {"size": human_size(limits.max_message_size), "n": str(limits.max_recipients)},
@@ -657,10 +681,14 @@ def routes(cfg: Config) -> list[BaseRoute]:
                     filename=filename,
                     status=413,
                 )
-            raw = await upload.read(limits.max_message_size + 1)
+            index = await index_cache.get()
+            # The slot first: the upload comes into memory only in it.
+            outcome = await heavy_work.run(
+                _check_upload, upload.file, limits.max_message_size, index, filename
+            )
         finally:
             await form.close()
-        if len(raw) > limits.max_message_size:
+        if outcome == "too-large":
             return verify_page(
                 request,
                 problem=Problem(
@@ -670,23 +698,17 @@ def routes(cfg: Config) -> list[BaseRoute]:
                 filename=filename,
                 status=413,
             )
-        index = await index_cache.get()
-        async with verify_slots:
-            try:
-                verdict = await asyncio.to_thread(examine, raw, index=index)
-            except NotMailError:
-                return verify_page(
-                    request,
-                    failure=Problem("Il file non è un messaggio di posta: non ha intestazioni."),
-                    filename=filename,
-                )
-            except Exception:  # hostile bytes get a verdict, never a 500
-                log.exception("/verify: %s (%d bytes) could not be analysed", filename, len(raw))
-                return verify_page(
-                    request,
-                    failure=Problem("Il file non può essere analizzato."),
-                    filename=filename,
-                )
+        if outcome == "not-mail":
+            return verify_page(
+                request,
+                failure=Problem("Il file non è un messaggio di posta: non ha intestazioni."),
+                filename=filename,
+            )
+        if not isinstance(outcome, Verdict):
+            return verify_page(
+                request, failure=Problem("Il file non può essere analizzato."), filename=filename
+            )
+        verdict = outcome
         return verify_page(
             request, verdict=verdict_view(verdict, index_cache.error), filename=filename
         )

@@ -9,16 +9,23 @@ unsigned ``X-Trasporto``/``X-Ricevuta`` headers, and is only a label there); the
 parses and verifies the message (``pecd verify``'s check). A message's HTML is never put in a
 page: it is sanitised and served alone at ``.../html`` with a Content-Security-Policy of its own
 (nothing loads, nothing runs, only this site may frame it), in an ``<iframe sandbox>``.
+
+Every page that reads a whole message (the reading page, the frame, an attachment, the timeline,
+the evidence bundle) does it through ``pecd.web.timeline.heavy_work``: a few at once in the
+process, whoever asks. The raw message is streamed from its file.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import io
 import math
-from collections.abc import Callable
+import tempfile
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
-from typing import Any, Final
+from typing import IO, Any, Final
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -27,33 +34,47 @@ from starlette.routing import BaseRoute, Route
 
 from pecd.clock import SystemClock
 from pecd.config import Config
+from pecd.index.model import ProviderIndex
 from pecd.mailbox.maildir import INBOX, MaildirStore
 from pecd.mailbox.uidlist import Entry
+from pecd.pec import mime
 from pecd.pec.timefmt import ROME
 from pecd.web import i18n
 from pecd.web.evidence import make_bundle, stream
 from pecd.web.mailview import (
+    Attachment,
     MailView,
+    OriginalRef,
     PecKind,
     Summary,
     build_view,
     content_disposition,
+    find_original,
+    html_of,
+    original_of,
+    original_ref,
     part_of,
+    remote_content,
     safe_content_type,
     sanitize_html,
 )
 from pecd.web.providers import provider_index
 from pecd.web.sentcopy import SENT
 from pecd.web.timeline import (
+    ENTRY_OVERHEAD,
     MAX_SCAN,
     STATUS_WORDS,
     STEP_WORDS,
+    BoundedCache,
     FolderInfo,
+    Loaded,
     MailboxReader,
     folder_name,
     folder_token,
+    heavy_work,
     is_seen,
     load_timeline,
+    text_cost,
     transmission_of,
     valid_transmission_id,
     when_text,
@@ -444,29 +465,138 @@ async def list_page(request: Request) -> Response:
 
 
 # --- /mail/<folder>/<uid>: one message ----------------------------------------------------------
+#
+# Reading a message is heavy (the whole file read, parsed, its signature verified): it runs
+# through heavy_work, the slot taken before the file is read. The frame and the attachments of
+# a message need only its original: where the view found it is remembered, and they find it
+# there again without verifying anything.
+
+#: Where the original of each message viewed lately was, by (mailbox, folder, base name, size,
+#: modification time): a Maildir file's content never changes under its base name.
+_ORIGINALS_ITEMS: Final = 20_000
+_ORIGINALS_BYTES: Final = 16 * 1024 * 1024
+_CHUNK: Final = 1024 * 1024
+_SPOOL_BYTES: Final = 1024 * 1024
+
+_FileKey = tuple[str, str, str, int, int]
 
 
-async def _message(request: Request) -> tuple[MailboxReader, str, Entry, bytes]:
+@dataclass(frozen=True, slots=True)
+class _Where:
+    ref: OriginalRef | None  # None: the message has no original (an error view, a receipt)
+
+
+_ORIGINALS: BoundedCache[_FileKey, _Where] = BoundedCache(
+    max_items=_ORIGINALS_ITEMS, max_bytes=_ORIGINALS_BYTES
+)
+
+
+def _file_key(reader: MailboxReader, folder: str, loaded: Loaded) -> _FileKey:
+    e = loaded.entry
+    return (reader.address, folder, e.name, e.size, loaded.mtime_ns)
+
+
+def _remember(key: _FileKey, ref: OriginalRef | None) -> None:
+    _ORIGINALS.put(key, _Where(ref), ENTRY_OVERHEAD + text_cost(*key[:3]) + 100)
+
+
+async def _target(request: Request) -> tuple[MailboxReader, str, int]:
+    """The logged-in user's reader, the folder and the UID the URL names (404: no such folder)."""
     user = await require_user(request)
     reader = _reader(request, user.mailbox)
     folder = await asyncio.to_thread(_folder, request, reader)
-    uid = int(request.path_params["uid"])
-    found = await asyncio.to_thread(reader.read, folder, uid, _read_limit(request))
+    return reader, folder, int(request.path_params["uid"])
+
+
+@dataclass(frozen=True, slots=True)
+class _Read:
+    entry: Entry
+    view: MailView
+    blocked: bool  # the HTML had remote content, which the frame leaves out
+
+
+def _read_view(
+    reader: MailboxReader, folder: str, uid: int, limit: int, index: ProviderIndex | None
+) -> _Read | None:
+    """The view of message ``uid`` (heavy); None when there is no such message."""
+    loaded = reader.load(folder, uid, limit)
+    if loaded is None:
+        return None
+    view = build_view(loaded.data, index=index)
+    _remember(_file_key(reader, folder, loaded), original_ref(view))
+    original = view.original
+    blocked = original is not None and original.html is not None and remote_content(original.html)
+    # The original's bytes are the frame's and the downloads' business: they find them again.
+    return _Read(loaded.entry, dataclasses.replace(view, original_raw=None), blocked)
+
+
+def _original(reader: MailboxReader, folder: str, uid: int, limit: int) -> mime.Buffer | None:
+    """The original of message ``uid`` (heavy): found where its view found it when that is
+    known, else the long way (verified, as the view does); None when there is no such message
+    or it has no original."""
+    loaded = reader.load(folder, uid, limit)
+    if loaded is None:
+        return None
+    key = _file_key(reader, folder, loaded)
+    known = _ORIGINALS.get(key)
+    if known is not None:
+        if known.ref is None:
+            return None
+        found = find_original(loaded.data, known.ref)
+        if found is not None:
+            return found
+    ref, data = original_of(loaded.data)
+    _remember(key, ref)
+    return data
+
+
+def _frame(reader: MailboxReader, folder: str, uid: int, limit: int) -> str | None:
+    """The sanitised HTML document of message ``uid``'s original (heavy); None: it has none."""
+    original = _original(reader, folder, uid, limit)
+    html = html_of(original) if original is not None else None
+    if html is None:
+        return None
+    clean = sanitize_html(html)
+    return (
+        '<!DOCTYPE html><html><head><meta charset="utf-8">'
+        '<meta name="referrer" content="no-referrer">'
+        f"<style>{_FRAME_STYLE}</style></head><body>{clean.html}</body></html>"
+    )
+
+
+def _part(
+    reader: MailboxReader, folder: str, uid: int, limit: int, n: int
+) -> tuple[Attachment, IO[bytes], int] | None:
+    """Part ``n`` of message ``uid``'s original, decoded (heavy) into memory up to a megabyte,
+    else into a temporary file on disk, ready to be read from the start, and its size; None:
+    there is none. Out of the slot, a download waiting for a slow client holds no more memory
+    than that."""
+    original = _original(reader, folder, uid, limit)
+    found = part_of(original, n) if original is not None else None
+    del original
     if found is None:
-        raise HTTPException(404)
-    entry, raw = found
-    return reader, folder, entry, raw
-
-
-async def _view(request: Request, raw: bytes) -> MailView:
-    """The message's view, its signer looked up in the provider index (as /verify does)."""
-    index = await provider_index(request.app.state.cfg).get()
-    return await asyncio.to_thread(build_view, raw, index=index)
+        return None
+    att, data = found
+    # Big: straight to a temporary file (a SpooledTemporaryFile would copy it twice first).
+    spool: IO[bytes] = io.BytesIO()
+    if len(data) > _SPOOL_BYTES:
+        spool = tempfile.TemporaryFile()  # noqa: SIM115 (closed once streamed)
+    try:
+        spool.write(data)
+        spool.seek(0)
+    except BaseException:
+        spool.close()
+        raise
+    return att, spool, len(data)
 
 
 async def read_page(request: Request) -> Response:
-    reader, folder, entry, raw = await _message(request)
-    view = await _view(request, raw)
+    reader, folder, uid = await _target(request)
+    index = await provider_index(request.app.state.cfg).get()
+    found = await heavy_work.run(_read_view, reader, folder, uid, _read_limit(request), index)
+    if found is None:
+        raise HTTPException(404)
+    entry, view = found.entry, found.view
     seen = await asyncio.to_thread(reader.mark_seen, entry)
     db = request.app.state.db
     transmission: str | None = None
@@ -478,10 +608,6 @@ async def read_page(request: Request) -> Response:
         )
     token = folder_token(folder)
     base = f"/mail/{token}/{entry.uid}"
-    original = view.original
-    blocked = False
-    if original is not None and original.html is not None:
-        blocked = (await asyncio.to_thread(sanitize_html, original.html)).blocked
     return render(
         request,
         "mail_read.html",
@@ -491,8 +617,8 @@ async def read_page(request: Request) -> Response:
             "folder_display": _folder_word(folder),
             "folder_url": f"/mail/{token}",
             "base": base,
-            "original": original,
-            "blocked": blocked,
+            "original": view.original,
+            "blocked": found.blocked,
             "seen": seen,
             "sent_folder": folder == SENT,
             "transmission_url": f"/transmissions/{transmission}" if transmission else None,
@@ -503,45 +629,61 @@ async def read_page(request: Request) -> Response:
 
 
 async def raw_message(request: Request) -> Response:
-    _, folder, entry, raw = await _message(request)
+    """The stored bytes, streamed from the file (never whole in memory)."""
+    reader, folder, uid = await _target(request)
+    opened = await asyncio.to_thread(reader.open_message, folder, uid, _read_limit(request))
+    if opened is None:
+        raise HTTPException(404)
+    entry, f, size = opened
     name = f"{folder_token(folder)}-{entry.uid}.eml"
-    return Response(
-        raw,
+    return StreamingResponse(
+        _chunks(f, size),
         media_type="message/rfc822",
-        headers={"Content-Disposition": content_disposition(name), "Cache-Control": "no-store"},
+        headers={
+            "Content-Disposition": content_disposition(name),
+            "Content-Length": str(size),
+            "Cache-Control": "no-store",
+        },
     )
+
+
+async def _chunks(f: IO[bytes], size: int) -> AsyncIterator[bytes]:
+    """``size`` bytes of ``f`` in chunks (read in a worker thread); closes it at the end."""
+    try:
+        left = size
+        while left > 0:
+            chunk = await asyncio.to_thread(f.read, min(_CHUNK, left))
+            if not chunk:
+                break
+            left -= len(chunk)
+            yield chunk
+    finally:
+        f.close()
 
 
 async def html_frame(request: Request) -> Response:
-    _, _, _, raw = await _message(request)
-    view = await _view(request, raw)
-    if view.original is None or view.original.html is None:
+    reader, folder, uid = await _target(request)
+    doc = await heavy_work.run(_frame, reader, folder, uid, _read_limit(request))
+    if doc is None:
         raise HTTPException(404)
-    clean = await asyncio.to_thread(sanitize_html, view.original.html)
-    doc = (
-        '<!DOCTYPE html><html><head><meta charset="utf-8">'
-        '<meta name="referrer" content="no-referrer">'
-        f"<style>{_FRAME_STYLE}</style></head><body>{clean.html}</body></html>"
-    )
     return HTMLResponse(
         doc, headers={"Content-Security-Policy": FRAME_CSP, "Cache-Control": "no-store"}
     )
 
 
 async def part(request: Request) -> Response:
-    _, _, _, raw = await _message(request)
-    view = await _view(request, raw)
-    if view.original_raw is None:
-        raise HTTPException(404)
-    found = await asyncio.to_thread(part_of, view.original_raw, int(request.path_params["n"]))
+    reader, folder, uid = await _target(request)
+    n = int(request.path_params["n"])
+    found = await heavy_work.run(_part, reader, folder, uid, _read_limit(request), n)
     if found is None:
         raise HTTPException(404)
-    att, data = found
-    return Response(
-        data,
+    att, spool, size = found
+    return StreamingResponse(
+        _chunks(spool, size),
         media_type=safe_content_type(att.content_type),
         headers={
             "Content-Disposition": content_disposition(att.filename),
+            "Content-Length": str(size),
             "Cache-Control": "no-store",
         },
     )
