@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import io
 import re
@@ -36,6 +37,7 @@ from pecd.web.status import transmission_status
 from pecd.web.submit import Attachment, submit
 from pecd.web.timeline import (
     HEAVY_SLOTS,
+    HeavyWork,
     MailboxReader,
     TransmissionMessages,
     build_timeline,
@@ -637,3 +639,31 @@ def test_reading_is_capped_and_frames_and_parts_are_not_verified_again(
         assert running["peak"] <= HEAVY_SLOTS and heavy_work.peak <= HEAVY_SLOTS
 
     run_web(cfg, scenario)
+
+
+def test_a_heavy_slot_is_held_until_its_job_ends() -> None:
+    """A request that is gone (its client hung up) does not give back the slot its job still
+    uses: the next job waits for the job, not for the request."""
+
+    async def go() -> None:
+        work = HeavyWork(1)
+        gate = threading.Event()
+        first = asyncio.create_task(work.run(gate.wait))
+        for _ in range(500):
+            if work.running:
+                break
+            await asyncio.sleep(0.01)
+        first.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await first
+        second = asyncio.create_task(work.run(lambda: 42))
+        for _ in range(500):
+            if work.waiting:
+                break
+            await asyncio.sleep(0.01)
+        assert (work.waiting, work.running, work.runs) == (1, 1, 1) and not second.done()
+        gate.set()
+        assert await second == 42
+        assert (work.peak, work.runs, work.running) == (1, 2, 0)
+
+    asyncio.run(go())
