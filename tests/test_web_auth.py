@@ -4,6 +4,7 @@ as a browser (web_fixtures)."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import threading
 import time
@@ -20,10 +21,11 @@ from pecd.clock import FixedClock, SystemClock
 from pecd.config import Config
 from pecd.guard import Guard
 from pecd.mailbox.maildir import MaildirStore
-from pecd.store.models import Mailbox, WebSession
-from pecd.store.security import Security
+from pecd.store.models import Mailbox, MailboxSecurity, WebSession
+from pecd.store.security import TOTP_MAX_FAILURES, Security
 from pecd.store.tokens import Tokens
 from pecd.web.app import SECURITY_HEADERS, make_app
+from pecd.web.pages.settings import totp_qr_response
 from pecd.web.sessions import CSRF_COOKIE, SESSION_COOKIE, session_digest
 from web_fixtures import (
     ALICE,
@@ -31,6 +33,7 @@ from web_fixtures import (
     CAROL,
     DAN,
     PASSWORD,
+    PEER,
     Web,
     csrf_of,
     login,
@@ -42,6 +45,7 @@ from web_fixtures import (
 )
 
 WRONG = "Indirizzo o password errati."
+LOCKED = "Troppi codici errati"
 
 
 def _main(r: httpx.Response) -> str:
@@ -202,7 +206,9 @@ def test_csrf_is_checked_on_every_post(web_cfg: Config) -> None:
         assert (await login(web.browser(), ALICE, PASSWORD)).status_code == 303  # same password
         assert c.cookies["pecd_lang"] == "it"  # set by the null-Origin post above, never "en"
         # The same posts with the token do pass.
-        r = await c.post("/settings/tokens", data={"name": "erp", "csrf": session_token})
+        r = await c.post(
+            "/settings/tokens", data={"name": "erp", "password": PASSWORD, "csrf": session_token}
+        )
         assert r.status_code == 200 and "pecd_" in r.text
 
     run_web(web_cfg, scenario)
@@ -365,12 +371,13 @@ def test_totp_enrol_in_settings_then_log_in_with_a_code(web_cfg: Config) -> None
         assert r.status_code == 200 and "Codice errato." in r.text
         assert not await _logged_in(c)
 
-        # Wrong codes are failed logins: delays as for any login, then the login is over.
-        for _ in range(guard.disconnect_after - 2):
+        # Wrong codes are failed logins: delays as for any login; the fifth wrong code in a row
+        # locks the mailbox's second factor, and the login is over.
+        for _ in range(TOTP_MAX_FAILURES - 2):
             r = await submit_totp(c, wrong)
             assert "Codice errato." in r.text
         r = await submit_totp(c, wrong)
-        assert "Troppi tentativi: accedi di nuovo." in r.text
+        assert LOCKED in r.text and "15 minuti" in r.text
         assert SESSION_COOKIE not in c.cookies
         assert guard.failures(account=ALICE) == guard.disconnect_after
         # This address logged in to alice before (the Guard lets it skip the account's delay,
@@ -544,7 +551,9 @@ def test_settings_password_quota_app_passwords_and_tokens(web_cfg: Config) -> No
         assert (await login(web.browser(), ALICE, new)).status_code == 303
 
         # App passwords: shown once, listed, revoked; never a web password.
-        r = await post_form(c, "/settings", "/settings/app-passwords", {"name": "Thunderbird"})
+        r = await post_form(
+            c, "/settings", "/settings/app-passwords", {"name": "Thunderbird", "password": new}
+        )
         found = re.search(r'id="app-password-value">([0-9a-z-]+)<', r.text)
         assert r.status_code == 200 and found is not None
         app_password = found.group(1)
@@ -562,11 +571,15 @@ def test_settings_password_quota_app_passwords_and_tokens(web_cfg: Config) -> No
         assert r.status_code == 303 and r.headers["location"] == "/settings?m=app-revoked"
         assert await accounts.authenticate(ALICE, app_password) is None
         assert "Revocata" in (await c.get("/settings")).text
-        r = await post_form(c, "/settings", "/settings/app-passwords", {"name": "   "})
+        r = await post_form(
+            c, "/settings", "/settings/app-passwords", {"name": "   ", "password": new}
+        )
         assert r.status_code == 400
 
         # API tokens: the same life.
-        r = await post_form(c, "/settings", "/settings/tokens", {"name": "gestionale"})
+        r = await post_form(
+            c, "/settings", "/settings/tokens", {"name": "gestionale", "password": new}
+        )
         found = re.search(r'id="token-value">(pecd_[A-Za-z0-9_-]+)<', r.text)
         assert r.status_code == 200 and found is not None
         token = found.group(1)
@@ -673,6 +686,7 @@ def test_a_real_browser_on_a_phone(web_cfg: Config) -> None:
         assert width[0] <= width[1], width
 
         driver.find_element(By.ID, "app-name").send_keys("Telefono")
+        driver.find_element(By.ID, "app-auth-password").send_keys(PASSWORD)
         press("form[action='/settings/app-passwords'] button")
         secret = driver.find_element(By.ID, "app-password-value").text
         assert re.fullmatch(r"[0-9a-z]{5}(-[0-9a-z]{5}){3}", secret)
@@ -699,3 +713,238 @@ def test_a_real_browser_on_a_phone(web_cfg: Config) -> None:
             driver.quit()
         server.should_exit = True
         thread.join(timeout=10)
+
+
+# --- the security review of issue 13: the second factor, lasting credentials, sessions --------
+
+
+def _wrong_codes(secret: str) -> list[str]:
+    right = _codes_now(secret)
+    return [f"{n:06d}" for n in range(100000, 100100) if f"{n:06d}" not in right]
+
+
+async def _enrolled(web: Web, address: str = ALICE) -> pyotp.TOTP:
+    """TOTP enabled for ``address``; the code of the current step is used by the enrolment."""
+    sec = Security(web.db)
+    secret = await sec.totp_begin(address)
+    assert await sec.totp_confirm(address, pyotp.TOTP(secret).now())
+    return pyotp.TOTP(secret)
+
+
+async def _totp_count(web: Web, address: str = ALICE) -> int:
+    async with web.db.read_session() as s:
+        row = await s.get(MailboxSecurity, address)
+    assert row is not None
+    return row.totp_failures
+
+
+async def _code_step(web: Web, peer: str) -> httpx.AsyncClient:
+    """A browser from ``peer`` past the password, at the second step."""
+    b = web.browser(peer)
+    r = await login(b, ALICE, PASSWORD)
+    assert r.headers["location"] == "/login/totp"
+    return b
+
+
+def _same_page(r: httpx.Response) -> str:
+    return re.sub(r'name="csrf" value="[^"]+"', "", _main(r))
+
+
+def test_totp_lockout_counts_every_address_and_parallel_codes(web_cfg: Config) -> None:
+    """The review's probes: TOTP guesses from an address the holder used (a shared NAT), spread
+    over many IPv6 /64s, or sent in parallel, all count against one lockout kept in the
+    database; a locked mailbox answers a right code as a wrong one."""
+
+    async def scenario(web: Web) -> None:
+        guard, _fake = _fake_guard(web)
+        totp = await _enrolled(web)
+        wrong = _wrong_codes(totp.secret)
+        # Spread over /64s: one wrong code each, the fifth locks.
+        for i in range(TOTP_MAX_FAILURES):
+            r = await submit_totp(await _code_step(web, f"2001:db8:{i}::1"), wrong[i])
+            assert r.status_code == 200
+            if i < TOTP_MAX_FAILURES - 1:
+                assert "Codice errato." in r.text and LOCKED not in r.text
+        assert LOCKED in r.text, re.findall(r"alert[^>]*>([^<]*)", r.text)
+        assert '__Host-pecd_session=""' in r.headers["set-cookie"]
+        assert await _totp_count(web) == TOTP_MAX_FAILURES
+        # From the address the holder logged in from (no "known address" exemption), with the
+        # right code: the same page as a wrong code gets, nothing counted, nobody let in.
+        nat = "100.64.0.1"
+        guard.succeeded(nat, ALICE)
+        holder = await _code_step(web, nat)
+        right = await submit_totp(holder, totp.at(time.time() + 30))
+        guesser = await _code_step(web, "2001:db8:99::1")
+        guess = await submit_totp(guesser, wrong[10])
+        assert right.status_code == guess.status_code == 200
+        assert LOCKED in right.text and _same_page(right) == _same_page(guess)
+        assert not await _logged_in(holder) and not await _logged_in(guesser)
+        assert await _totp_count(web) == TOTP_MAX_FAILURES
+        # Twenty codes at once from one password-stage session: five are looked at.
+        async with web.db.session() as s, s.begin():
+            await s.execute(update(MailboxSecurity).values(totp_failures=0, totp_locked_until=None))
+        burst = await _code_step(web, nat)
+        token = csrf_of(await burst.get("/login/totp"))
+        answers = await asyncio.gather(
+            *(burst.post("/login/totp", data={"code": c, "csrf": token}) for c in wrong[20:40])
+        )
+        assert await _totp_count(web) == TOTP_MAX_FAILURES
+        assert sum("Codice errato." in a.text for a in answers) <= TOTP_MAX_FAILURES - 1
+        assert not any(a.headers.get("location") == "/mail" for a in answers)
+        # The lock over, the right code goes in and clears the count.
+        async with web.db.session() as s, s.begin():
+            await s.execute(update(MailboxSecurity).values(totp_locked_until=SystemClock().now()))
+        holder = await _code_step(web, nat)
+        r = await submit_totp(holder, totp.at(time.time() + 30))
+        assert r.status_code == 303 and r.headers["location"] == "/mail"
+        assert await _totp_count(web) == 0
+
+        # Disabling the second factor in the settings counts against the same lockout.
+        for i in range(TOTP_MAX_FAILURES):
+            r = await post_form(holder, "/settings", "/settings/totp/disable", {"code": wrong[i]})
+            assert r.status_code == 400
+        assert LOCKED in r.text
+        r = await post_form(
+            holder, "/settings", "/settings/totp/disable", {"code": totp.at(time.time() + 60)}
+        )
+        assert r.status_code == 400 and LOCKED in r.text
+        assert (await Security(web.db).totp_status(ALICE)).enabled
+
+    run_web(web_cfg, scenario)
+
+
+def test_parallel_password_guesses_are_held_as_they_arrive(web_cfg: Config) -> None:
+    """Twenty wrong passwords posted at once from one address: the attempts in flight count,
+    so only the first few go without a delay (before, all twenty did)."""
+
+    async def scenario(web: Web) -> None:
+        guard, _fake = _fake_guard(web)
+        c = web.client
+        token = csrf_of(await c.get("/login"))
+        form = {"address": BOB, "csrf": token, "next": ""}
+        answers = await asyncio.gather(
+            *(c.post("/login", data={**form, "password": f"wrong {i}"}) for i in range(20))
+        )
+        assert all(WRONG in a.text for a in answers)
+        owed = list(guard.owed)
+        assert owed.count(0.0) == web.cfg.security.delay_after_failures
+        assert guard.failures(account=BOB) == 20 and guard.failures(peer=PEER) == 20
+
+    run_web(web_cfg, scenario)
+
+
+def test_lasting_credentials_need_the_password_and_the_code(web_cfg: Config) -> None:
+    async def scenario(web: Web) -> None:
+        guard, _fake = _fake_guard(web)
+        c, other = web.client, web.browser("198.51.100.4")
+        assert (await login(c, ALICE, PASSWORD)).status_code == 303
+        assert (await login(other, ALICE, PASSWORD)).status_code == 303
+        security, tokens = Security(web.db), Tokens(web.db)
+        for path in ("/settings/app-passwords", "/settings/tokens"):
+            for data in ({}, {"password": "not the password"}):
+                r = await post_form(c, "/settings", path, {"name": "x", **data})
+                assert r.status_code == 400 and "La password attuale non è corretta." in r.text
+        assert await security.app_password_list(ALICE) == [] and await tokens.list(ALICE) == []
+        assert guard.failures(account=ALICE) == 4  # checked as logins are
+        page = await c.get("/settings")
+        assert (
+            'name="password"' in page.text
+            and "one-time-code" not in page.text.split('id="app-passwords"')[1]
+        )
+        r = await post_form(
+            c, "/settings", "/settings/app-passwords", {"name": "phone", "password": PASSWORD}
+        )
+        assert r.status_code == 200 and 'id="app-password-value"' in r.text
+
+        # A second factor confirmed in the settings ends every other session.
+        await post_form(c, "/settings", "/settings/totp/begin", {})
+        found = re.search(r'id="totp-secret">([A-Z2-7]+)<', (await c.get("/settings")).text)
+        assert found is not None
+        totp = pyotp.TOTP(found.group(1))
+        r = await post_form(c, "/settings", "/settings/totp/confirm", {"code": totp.now()})
+        assert r.headers["location"] == "/settings?m=totp-on"
+        assert await _logged_in(c) and not await _logged_in(other)
+        # Now the code is asked too.
+        for path in ("/settings/app-passwords", "/settings/tokens"):
+            r = await post_form(c, "/settings", path, {"name": "y", "password": PASSWORD})
+            assert r.status_code == 400 and "Codice errato." in r.text
+        assert len(await security.app_password_list(ALICE)) == 1 and await tokens.list(ALICE) == []
+        r = await post_form(
+            c,
+            "/settings",
+            "/settings/tokens",
+            {"name": "erp", "password": PASSWORD, "code": totp.at(time.time() + 30)},
+        )
+        assert r.status_code == 200 and 'id="token-value"' in r.text
+        page = await c.get("/settings")
+        assert "I token restano validi anche dopo un cambio di password" in page.text
+        assert "Cambiando la password si revocano tutte le password per le app." in page.text
+
+    run_web(web_cfg, scenario)
+
+
+def test_a_new_password_ends_sessions_and_revokes_app_passwords(web_cfg: Config) -> None:
+    async def scenario(web: Web) -> None:
+        c, other = web.client, web.browser("198.51.100.5")
+        assert (await login(c, ALICE, PASSWORD)).status_code == 303
+        assert (await login(other, ALICE, PASSWORD)).status_code == 303
+        security, accounts = Security(web.db), web.app.state.accounts
+        _id, app = await security.app_password_create(ALICE, "Thunderbird")
+        # The operator's reset: every session ends, the app passwords with them.
+        await accounts.set_password(ALICE, "set by the operator")
+        assert not await _logged_in(c) and not await _logged_in(other)
+        assert await accounts.authenticate(ALICE, app) is None
+        # The holder's change: this browser goes on, the rest ends; API tokens stay.
+        assert (await login(c, ALICE, "set by the operator")).status_code == 303
+        assert (await login(other, ALICE, "set by the operator")).status_code == 303
+        _id, app = await security.app_password_create(ALICE, "phone")
+        _id, token = await Tokens(web.db).create(ALICE, "erp")
+        new = "chosen by the holder"
+        r = await post_form(
+            c,
+            "/settings",
+            "/settings/password",
+            {"old": "set by the operator", "new": new, "repeat": new},
+        )
+        assert r.status_code == 303
+        page = await c.get(r.headers["location"])
+        assert "le password per le app revocate" in page.text
+        assert await _logged_in(c) and not await _logged_in(other)
+        assert await accounts.authenticate(ALICE, app) is None
+        assert await Tokens(web.db).authenticate(token) == ALICE
+        assert "erp" in (await c.get("/settings")).text
+
+    run_web(web_cfg, scenario)
+
+
+def test_login_never_enrols_with_a_secret_begun_elsewhere(web_cfg: Config) -> None:
+    """The holder begins enrolling in the settings; whoever logs in with the password while the
+    second factor is required gets a secret of their own, never the holder's."""
+
+    async def scenario(web: Web) -> None:
+        holder = web.client
+        assert (await login(holder, ALICE, PASSWORD)).status_code == 303
+        await post_form(holder, "/settings", "/settings/totp/begin", {})
+        found = re.search(r'id="totp-secret">([A-Z2-7]+)<', (await holder.get("/settings")).text)
+        assert found is not None
+        begun = found.group(1)
+        held_qr = (await holder.get("/settings/totp/qr.svg")).content
+        await Security(web.db).set_totp_required(ALICE, True)
+
+        intruder = await _code_step(web, "198.51.100.6")
+        page = await intruder.get("/login/totp")
+        shown = re.search(r'class="secret">([A-Z2-7]+)<', page.text)
+        assert shown is not None and shown.group(1) != begun and begun not in page.text
+        qr = await intruder.get("/login/totp/qr.svg")
+        assert qr.status_code == 200 and qr.content != held_qr
+        assert qr.content == totp_qr_response(ALICE, shown.group(1)).body
+        # Nor does the holder's page show (or confirm) the intruder's secret.
+        settings = await holder.get("/settings")
+        assert shown.group(1) not in settings.text and 'id="totp-secret"' not in settings.text
+        assert (await holder.get("/settings/totp/qr.svg")).status_code == 404
+        code = pyotp.TOTP(shown.group(1)).now()
+        r = await post_form(holder, "/settings", "/settings/totp/confirm", {"code": code})
+        assert r.status_code == 400
+        assert not (await Security(web.db).totp_status(ALICE)).enabled
+
+    run_web(web_cfg, scenario)

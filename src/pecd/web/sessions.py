@@ -12,8 +12,10 @@ A session ends at the first of:
   still owes its second factor), written as ``expires_at`` when it starts;
 * ``idle`` (30 minutes) without a request: ``last_seen_at`` slides, written at most once per
   ``touch_every`` (a minute) rather than on every request;
-* logout, a password change (every other session of the mailbox), the mailbox being disabled,
-  or the next login step,
+* logout; a new password (every session of the mailbox: ``pecd.store.accounts`` deletes the
+  rows in the transaction that sets it, whoever sets it, the operator or the holder); a second
+  factor set up (every other session of the mailbox); the mailbox being disabled; or the next
+  login step,
   which always starts a *new* session and deletes the one it came from (no id is ever promoted,
   so an id planted before login is worth nothing after it).
 

@@ -5,7 +5,11 @@
   IMAP, POP3 and SMTP listeners: after a few failures each attempt waits, longer each time. A
   wrong password, an unknown or a disabled mailbox get the same page.
 * ``GET/POST /login/totp``: the second factor, when the mailbox has one (or is required to and
-  has none yet: then it is enrolled here). A wrong code is a failed login for the Guard.
+  has none yet: then it is enrolled here, always with a new secret of this login's own, never
+  one begun elsewhere). A wrong code is a failed login for the Guard, and is counted against
+  the mailbox in the database (``Security.totp_attempt``): after a few wrong codes the mailbox
+  takes no code for a while, from anywhere, and says so whether the code typed was right or
+  wrong.
 * ``POST /logout``, ``POST /lang`` (the ``pecd_lang`` cookie), ``GET /`` (-> ``/mail``).
 
 Every login step starts a new session and deletes the one the browser brought
@@ -27,7 +31,7 @@ from pecd.guard import Guard
 from pecd.store.accounts import Accounts
 from pecd.store.security import Security
 from pecd.web import i18n, ui
-from pecd.web.pages.settings import pending_totp_secret, totp_qr_response
+from pecd.web.pages.settings import TOTP_LOCKED, lock_minutes, totp_qr_response
 from pecd.web.sessions import SESSION_COOKIE, SessionInfo, Sessions
 
 __all__ = ["routes"]
@@ -106,20 +110,34 @@ def _login_page(
     next_path: str,
     address: str = "",
     error: str | None = None,
+    error_fields: dict[str, Any] | None = None,
     notice: str | None = None,
 ) -> Response:
     return ui.render(
         request,
         "login.html",
-        {"next": next_path, "address": address, "error": error, "notice": notice},
+        {
+            "next": next_path,
+            "address": address,
+            "error": error,
+            "error_fields": error_fields or {},
+            "notice": notice,
+        },
     )
 
 
-async def _logged_in(request: Request, mailbox: str, next_path: str) -> Response:
-    """The last login step: a new session at stage ``ok``, replacing the one brought."""
-    session_id, info = await _sessions(request).start(
+async def _logged_in(
+    request: Request, mailbox: str, next_path: str, *, end_others: bool = False
+) -> Response:
+    """The last login step: a new session at stage ``ok``, replacing the one brought.
+    ``end_others``: every other session of the mailbox ends (a second factor was just set
+    up: sessions opened with the password alone go)."""
+    sessions = _sessions(request)
+    session_id, info = await sessions.start(
         mailbox, "ok", peer=_peer(request), replacing=request.cookies.get(SESSION_COOKIE)
     )
+    if end_others:
+        await sessions.end_all(mailbox, keep=session_id)
     ui.forget_session(request, info)
     response = ui.redirect(next_path)
     ui.set_session_cookie(response, session_id)
@@ -154,7 +172,9 @@ async def login(request: Request) -> Response:
         return _login_page(request, next_path=next_path, address=address, error=WRONG)
     status = await _security(request).totp_status(mailbox)
     if status.enabled or status.required:
-        # Half-way: the Guard hears of a success only once the second factor is right.
+        # Half-way: the Guard hears of a success only once the second factor is right; this
+        # attempt stops counting as one in flight.
+        guard.release(peer, address)
         session_id, info = await _sessions(request).start(
             mailbox, "password", peer=peer, replacing=request.cookies.get(SESSION_COOKIE)
         )
@@ -180,19 +200,32 @@ async def _pending_login(request: Request) -> SessionInfo | Response:
 
 
 async def _totp_page(
-    request: Request, info: SessionInfo, next_path: str, error: str | None = None
+    request: Request,
+    info: SessionInfo,
+    next_path: str,
+    error: str | None = None,
+    error_fields: dict[str, Any] | None = None,
 ) -> Response:
-    status = await _security(request).totp_status(info.mailbox)
+    security = _security(request)
+    status = await security.totp_status(info.mailbox)
     secret: str | None = None
     if not status.enabled:
-        # Required and not yet set up: enrol now (the same secret until it is confirmed).
-        secret = await pending_totp_secret(request.app.state.db, info.mailbox)
+        # Required and not yet set up: enrol now, with a secret of this login's own (the same
+        # one until it is confirmed). One begun elsewhere (in the settings, by another login)
+        # is never shown here: it is replaced.
+        secret = await security.totp_pending_secret(info.mailbox, owner=info.digest)
         if secret is None:
-            secret = await _security(request).totp_begin(info.mailbox)
+            secret = await security.totp_begin(info.mailbox, owner=info.digest)
     return ui.render(
         request,
         "login_totp.html",
-        {"next": next_path, "enrol": not status.enabled, "secret": secret, "error": error},
+        {
+            "next": next_path,
+            "enrol": not status.enabled,
+            "secret": secret,
+            "error": error,
+            "error_fields": error_fields or {},
+        },
     )
 
 
@@ -208,7 +241,7 @@ async def totp_qr(request: Request) -> Response:
     found = await _pending_login(request)
     if isinstance(found, Response):
         return ui.error_page(request, 404)
-    secret = await pending_totp_secret(request.app.state.db, found.mailbox)
+    secret = await _security(request).totp_pending_secret(found.mailbox, owner=found.digest)
     if secret is None:
         return ui.error_page(request, 404)
     return totp_qr_response(found.mailbox, secret)
@@ -224,14 +257,30 @@ async def totp(request: Request) -> Response:
     guard, peer, security = _guard(request), _peer(request), _security(request)
     await guard.before_login(peer, found.mailbox)
     status = await security.totp_status(found.mailbox)
+    locked_until = None
     if status.enabled:
-        ok = await security.totp_verify(found.mailbox, code)
+        attempt = await security.totp_attempt(found.mailbox, code)
+        ok, locked_until = attempt.ok, attempt.locked_until
     else:
-        ok = await security.totp_confirm(found.mailbox, code)
+        ok = await security.totp_confirm(found.mailbox, code, owner=found.digest)
     if ok:
         guard.succeeded(peer, found.mailbox)
-        return await _logged_in(request, found.mailbox, next_path)
+        # A second factor set up just now: the sessions opened without one end.
+        return await _logged_in(request, found.mailbox, next_path, end_others=not status.enabled)
     guard.failed("web", peer, found.mailbox)
+    if locked_until is not None:
+        # Locked: the same answer whatever the code was (it was not even looked at, unless
+        # this wrong one made the lock). This login is over; the holder waits.
+        await _sessions(request).end(request.cookies.get(SESSION_COOKIE))
+        ui.forget_session(request)
+        response = _login_page(
+            request,
+            next_path=next_path,
+            error=TOTP_LOCKED,
+            error_fields={"n": lock_minutes(locked_until, security.clock.now())},
+        )
+        ui.clear_session_cookie(response)
+        return response
     if guard.failures(account=found.mailbox) >= guard.disconnect_after:
         # As a mail listener closes the connection: this login is over, start again.
         await _sessions(request).end(request.cookies.get(SESSION_COOKIE))

@@ -1,25 +1,37 @@
 """The settings of the logged-in mailbox (``/settings``): space used against the quota, the
 password, the TOTP second factor (enrol with a QR code, confirm, disable), app passwords for mail
-clients and API tokens (each shown once when made, then listed and revocable), and the other
-open web sessions.
+clients and API tokens (each shown once when made, then listed with their last use and
+revocable), and the other open web sessions.
 
 Every change is a POST read with :func:`pecd.web.ui.read_form` (CSRF) and answered with a
 redirect back to ``/settings`` and a notice, except where a secret is shown once: that page is
-the POST's own answer, never stored nor reachable again. The old password of a password change is
-checked through the Guard, as a login: a session left open is no oracle for guessing it. A
-changed password ends every other session of the mailbox and gives this browser a new session.
-The QR code of a pending TOTP secret is served from its own URL (``/settings/totp/qr.svg``):
-the Content-Security-Policy (``default-src 'self'``) forbids ``data:`` images.
+the POST's own answer, never stored nor reachable again.
+
+A session alone is not enough for what outlives it: making an app password or an API token asks
+for the mailbox password again, and for a TOTP code when the mailbox has a second factor
+(someone at an unlocked browser cannot mint a lasting credential). Those passwords, the old one
+of a password change and the codes are checked through the Guard, as a login (a session left
+open is no oracle for guessing them), and the codes count against the mailbox's TOTP lockout
+(``Security.totp_attempt``).
+
+A changed password (``Accounts.change_password``) ends every session of the mailbox and revokes
+its app passwords; this browser goes on in a new session. API tokens stay: they are listed here
+with their last use. Confirming a second factor ends every other session of the mailbox.
+
+A TOTP enrolment belongs to the session that began it: its secret is shown (and served as a QR
+code from ``/settings/totp/qr.svg``: the Content-Security-Policy, ``default-src 'self'``,
+forbids ``data:`` images) and confirmed only there.
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
+import math
+from datetime import datetime
 from typing import Any, Final
 
 import segno
-from sqlalchemy import select
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -27,16 +39,19 @@ from starlette.routing import BaseRoute, Route
 from pecd.config import Config
 from pecd.guard import Guard
 from pecd.mailbox.maildir import MaildirStore
-from pecd.pec.address import normalize_address
 from pecd.store.accounts import MIN_PASSWORD_LENGTH, AccountError, Accounts
-from pecd.store.db import Database
-from pecd.store.models import MailboxSecurity
 from pecd.store.security import Security
 from pecd.store.tokens import Tokens
 from pecd.web import i18n, ui
-from pecd.web.sessions import SESSION_COOKIE, Sessions
+from pecd.web.sessions import SESSION_COOKIE, Sessions, session_digest
 
-__all__ = ["pending_totp_secret", "routes", "totp_qr_response"]
+__all__ = ["TOTP_LOCKED", "lock_minutes", "routes", "totp_qr_response"]
+
+#: What a TOTP code gets while the mailbox's lockout holds (the login page says it too).
+TOTP_LOCKED: Final = (
+    "Troppi codici errati: la verifica in due passaggi di questa casella non accetta codici "
+    "per {n} minuti. Se non sei stato tu, qualcuno conosce la tua password: cambiala."
+)
 
 i18n.register(
     {
@@ -48,9 +63,36 @@ i18n.register(
         "Nuova password": "New password",
         "Ripeti la nuova password": "Repeat the new password",
         "Almeno {n} caratteri.": "At least {n} characters.",
-        "Password cambiata. Le altre sessioni sono state chiuse.": (
-            "Password changed. The other sessions have been closed."
+        "Password cambiata. Le altre sessioni sono state chiuse e le password per le app "
+        "revocate.": (
+            "Password changed. The other sessions have been closed and the app passwords revoked."
         ),
+        TOTP_LOCKED: (
+            "Too many wrong codes: two-step verification of this mailbox takes no code for {n} "
+            "minutes. If it was not you, someone knows your password: change it."
+        ),
+        "Verifica in due passaggi attivata. Le altre sessioni sono state chiuse.": (
+            "Two-step verification enabled. The other sessions have been closed."
+        ),
+        "Cambiando la password si revocano tutte le password per le app.": (
+            "Changing the password revokes every app password."
+        ),
+        "I token restano validi anche dopo un cambio di password: revoca quelli che non "
+        "riconosci o non usi più.": (
+            "Tokens stay valid after a password change: revoke those you do not recognise or "
+            "no longer use."
+        ),
+        "Per crearne una servono la password della casella e, se attiva, un codice della "
+        "verifica in due passaggi.": (
+            "To make one you need the mailbox password and, if enabled, a two-step "
+            "verification code."
+        ),
+        "Per crearne uno servono la password della casella e, se attiva, un codice della "
+        "verifica in due passaggi.": (
+            "To make one you need the mailbox password and, if enabled, a two-step "
+            "verification code."
+        ),
+        "Codice della verifica in due passaggi": "Two-step verification code",
         "La password attuale non è corretta.": "The current password is not right.",
         "Le due nuove password non coincidono.": "The two new passwords differ.",
         "La nuova password deve avere almeno {n} caratteri.": (
@@ -119,8 +161,10 @@ i18n.register(
 
 #: The notices a redirect back to /settings may name (``?m=``): a fixed set, never free text.
 NOTICES: Final = {
-    "password": "Password cambiata. Le altre sessioni sono state chiuse.",
-    "totp-on": "Verifica in due passaggi attivata.",
+    "password": (
+        "Password cambiata. Le altre sessioni sono state chiuse e le password per le app revocate."
+    ),
+    "totp-on": "Verifica in due passaggi attivata. Le altre sessioni sono state chiuse.",
     "totp-off": "Verifica in due passaggi disattivata.",
     "totp-cancel": "Attivazione annullata.",
     "app-revoked": "Password per app revocata.",
@@ -133,18 +177,12 @@ MAX_NAME: Final = 255
 _FORM: Final = {"max_files": 0, "max_fields": 10, "max_size": 8192}
 
 
-# --- TOTP enrolment, shared with the login's enrolment step (pecd.web.pages.auth) -------------
+# --- TOTP, shared with the login's second step (pecd.web.pages.auth) --------------------------
 
 
-async def pending_totp_secret(db: Database, mailbox: str) -> str | None:
-    """The secret of the mailbox's TOTP enrolment not yet confirmed, or None."""
-    async with db.read_session() as s:
-        row = await s.scalar(
-            select(MailboxSecurity).where(MailboxSecurity.mailbox == normalize_address(mailbox))
-        )
-    if row is None or row.totp_secret is None or row.totp_enabled_at is not None:
-        return None
-    return row.totp_secret
+def lock_minutes(until: datetime, now: datetime) -> int:
+    """Whole minutes left of a TOTP lock (at least 1), for :data:`TOTP_LOCKED`."""
+    return max(1, math.ceil((until - now).total_seconds() / 60))
 
 
 def totp_qr_response(mailbox: str, secret: str) -> Response:
@@ -185,6 +223,12 @@ def _security(request: Request) -> Security:
     return Security(request.app.state.db)
 
 
+def _owner(request: Request) -> str | None:
+    """The digest of this browser's session: the owner of a TOTP enrolment begun here."""
+    cookie = request.cookies.get(SESSION_COOKIE)
+    return session_digest(cookie) if cookie else None
+
+
 def _tokens(request: Request) -> Tokens:
     return Tokens(request.app.state.db)
 
@@ -205,6 +249,12 @@ async def _page(
     used = await asyncio.to_thread(MaildirStore(cfg.maildir_root).usage, user.mailbox)
     security = _security(request)
     totp = await security.totp_status(user.mailbox)
+    # An enrolment begun by another session is not shown (nor can it be confirmed here).
+    totp_secret = (
+        await security.totp_pending_secret(user.mailbox, owner=_owner(request))
+        if totp.pending
+        else None
+    )
     context: dict[str, Any] = {
         "used": used,
         "used_h": _human(used),
@@ -212,9 +262,7 @@ async def _page(
         "quota_h": _human(quota) if quota is not None else None,
         "percent": min(100, round(100 * used / quota)) if quota else None,
         "totp": totp,
-        "totp_secret": (
-            await pending_totp_secret(request.app.state.db, user.mailbox) if totp.pending else None
-        ),
+        "totp_secret": totp_secret,
         "app_passwords": await security.app_password_list(user.mailbox),
         "tokens": await _tokens(request).list(user.mailbox),
         "sessions": await _sessions(request).count(user.mailbox),
@@ -270,6 +318,7 @@ async def change_password(request: Request) -> Response:
     try:
         changed = await _accounts(request).change_password(user.mailbox, old, new)
     except AccountError:
+        guard.release(peer, user.mailbox)
         return await _page(
             request,
             user,
@@ -281,10 +330,9 @@ async def change_password(request: Request) -> Response:
         guard.failed("web", peer, user.mailbox)
         return await _page(request, user, status=400, error="La password attuale non è corretta.")
     guard.succeeded(peer, user.mailbox)
-    # Every session of the mailbox ends, this one too; this browser goes on in a new one.
-    sessions = _sessions(request)
-    await sessions.end_all(user.mailbox)
-    session_id, info = await sessions.start(user.mailbox, "ok", peer=peer)
+    # change_password ended every session of the mailbox, this one too (and revoked the app
+    # passwords); this browser goes on in a new one.
+    session_id, info = await _sessions(request).start(user.mailbox, "ok", peer=peer)
     ui.forget_session(request, info)
     response = _back("password")
     ui.set_session_cookie(response, session_id)
@@ -296,13 +344,13 @@ async def totp_begin(request: Request) -> Response:
     await ui.read_form(request, **_FORM)
     security = _security(request)
     if not (await security.totp_status(user.mailbox)).enabled:
-        await security.totp_begin(user.mailbox)
+        await security.totp_begin(user.mailbox, owner=_owner(request))
     return ui.redirect("/settings#totp")
 
 
 async def totp_qr(request: Request) -> Response:
     user = await ui.require_user(request)
-    secret = await pending_totp_secret(request.app.state.db, user.mailbox)
+    secret = await _security(request).totp_pending_secret(user.mailbox, owner=_owner(request))
     if secret is None:
         return ui.error_page(request, 404)
     return totp_qr_response(user.mailbox, secret)
@@ -312,7 +360,9 @@ async def totp_confirm(request: Request) -> Response:
     user = await ui.require_user(request)
     form = await ui.read_form(request, **_FORM)
     code = _text(form, "code", 32) or ""
-    if await _security(request).totp_confirm(user.mailbox, code):
+    if await _security(request).totp_confirm(user.mailbox, code, owner=_owner(request)):
+        # Sessions opened with the password alone end: from now on a login needs the code.
+        await _sessions(request).end_all(user.mailbox, keep=request.cookies.get(SESSION_COOKIE))
         return _back("totp-on")
     return await _page(request, user, status=400, error="Codice errato.")
 
@@ -343,11 +393,53 @@ async def totp_disable(request: Request) -> Response:
     guard: Guard = request.app.state.guard
     peer = _peer(request)
     await guard.before_login(peer, user.mailbox)
-    if not await security.totp_verify(user.mailbox, code):
+    problem = await _totp_problem(request, security, user.mailbox, code)
+    if problem is not None:
         guard.failed("web", peer, user.mailbox)
-        return await _page(request, user, status=400, error="Codice errato.")
+        return await _page(request, user, status=400, error=problem[0], error_fields=problem[1])
+    guard.succeeded(peer, user.mailbox)
     await security.totp_disable(user.mailbox)
     return _back("totp-off")
+
+
+async def _totp_problem(
+    request: Request, security: Security, mailbox: str, code: str
+) -> tuple[str, dict[str, Any]] | None:
+    """None if ``code`` is a right TOTP code of the mailbox (counted against its lockout), else
+    the error to show: the same for a right and a wrong code while the mailbox is locked."""
+    attempt = await security.totp_attempt(mailbox, code)
+    if attempt.ok:
+        return None
+    if attempt.locked_until is not None:
+        return TOTP_LOCKED, {"n": lock_minutes(attempt.locked_until, security.clock.now())}
+    return "Codice errato.", {}
+
+
+async def _reauthenticated(
+    request: Request, user: ui.WebUser, form: Any
+) -> tuple[str, dict[str, Any]] | None:
+    """Check the mailbox password (and the TOTP code when the mailbox has a second factor)
+    typed again in ``form`` before a lasting credential is made, through the Guard as a login;
+    None when right, else the error to show."""
+    password = _text(form, "password", MAX_PASSWORD) or ""
+    code = _text(form, "code", 32) or ""
+    guard: Guard = request.app.state.guard
+    peer = _peer(request)
+    await guard.before_login(peer, user.mailbox)
+    if not password or (
+        await _accounts(request).authenticate_web(user.mailbox, password, first=guard.clean(peer))
+        is None
+    ):
+        guard.failed("web", peer, user.mailbox)
+        return "La password attuale non è corretta.", {}
+    security = _security(request)
+    if (await security.totp_status(user.mailbox)).enabled:
+        problem = await _totp_problem(request, security, user.mailbox, code)
+        if problem is not None:
+            guard.failed("web", peer, user.mailbox)
+            return problem
+    guard.succeeded(peer, user.mailbox)
+    return None
 
 
 def _name(form: Any) -> str | None:
@@ -363,6 +455,9 @@ async def app_password_create(request: Request) -> Response:
         return await _page(
             request, user, status=400, error="Scrivi un nome (da 1 a 255 caratteri)."
         )
+    problem = await _reauthenticated(request, user, form)
+    if problem is not None:
+        return await _page(request, user, status=400, error=problem[0], error_fields=problem[1])
     try:
         _id, password = await _security(request).app_password_create(user.mailbox, name)
     except AccountError as e:
@@ -390,6 +485,9 @@ async def token_create(request: Request) -> Response:
         return await _page(
             request, user, status=400, error="Scrivi un nome (da 1 a 255 caratteri)."
         )
+    problem = await _reauthenticated(request, user, form)
+    if problem is not None:
+        return await _page(request, user, status=400, error=problem[0], error_fields=problem[1])
     try:
         _id, token = await _tokens(request).create(user.mailbox, name)
     except AccountError as e:
