@@ -614,6 +614,8 @@ class PecdLogin(LoginInterface):
                 "IMAP login for %r: account store unavailable: %s", credentials.authcid, exc
             )
             _log.debug("account store failure", exc_info=True)
+            if self._guard is not None:  # no outcome: the reserved attempt stops counting
+                self._guard.release(peer, credentials.authcid)
             raise AuthUnavailable() from exc
         if canonical is None:
             if self._guard is not None:

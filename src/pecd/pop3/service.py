@@ -259,6 +259,8 @@ class _Connection:
             address = await service.auth.authenticate(login.user, login.password)
         except Exception as exc:
             _log.warning("POP3 login of %r: account store unavailable: %r", login.user, exc)
+            if guard is not None:  # no outcome: the reserved attempt stops counting
+                guard.release(self.peer, login.user)
             return self.session.login_failed(LoginFailure.TEMPORARY)
         if address is None:
             if guard is not None:

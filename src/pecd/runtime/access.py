@@ -94,7 +94,13 @@ class AccessHandler:
         except UnicodeDecodeError:
             address = None
         else:
-            address = await self.accounts.authenticate(account, pw, first=self.guard.clean(peer))
+            try:
+                address = await self.accounts.authenticate(
+                    account, pw, first=self.guard.clean(peer)
+                )
+            except BaseException:  # the store failed, or the session ended: no outcome
+                self.guard.release(peer, account)
+                raise
         if address is None:
             return await self._failed(server, peer, account)
         self.guard.succeeded(peer, address)
