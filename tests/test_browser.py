@@ -6,7 +6,9 @@ alice logs in, sends a PEC with an attachment to bob and to a mailbox that does 
 watches the timeline reach "consegnata" for bob and "errore" for the missing one, opens bob's
 avvenuta-consegna and sees its daticert and a valid signature, downloads the evidence bundle
 (every ``.eml`` in it verifies with ``openssl cms -verify``); bob logs in and reads the original
-message unwrapped from the envelope; bob tries alice's pages by URL and is refused.
+message unwrapped from the envelope; bob tries alice's pages by URL and is refused; a message
+with hostile HTML (scripts, remote images and styles, forms, frames, refresh) is shown to bob
+without anything in it running or reaching a listener on loopback.
 
 Chromium trusts exactly the provider's certificate: ``--ignore-certificate-errors-spki-list``
 names the SHA-256 of its public key (no blanket "ignore certificate errors").
@@ -19,9 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import os
 import shutil
+import socket
+import threading
 import time
 import zipfile
 from collections.abc import Iterator
@@ -35,6 +40,7 @@ from cryptography.hazmat.primitives import serialization
 from helpers import DOMAIN, PASSWORD, install_e2e, openssl_verify
 from helpers import AppThread as Server
 from pecd.config import Config, load_config
+from pecd.mailbox.maildir import MaildirStore
 
 pytestmark = pytest.mark.slow
 
@@ -291,3 +297,107 @@ def test_the_done_when_journey_in_a_real_chromium(
         if "Content Security Policy" in entry["message"]
     ]
     assert problems == []
+
+    # A message with hostile HTML, shown to bob: nothing in it runs and nothing is fetched. Every
+    # trick below points at a listener on loopback that counts the connections it gets.
+    with Tripwire() as trap:
+        # The tripwire itself works: a page the browser is sent to reaches it.
+        driver.set_page_load_timeout(3)
+        with contextlib.suppress(Exception):  # it answers nothing: an error page or a timeout
+            driver.get(f"{trap.url}/control")
+        driver.set_page_load_timeout(30)
+        deadline = time.monotonic() + 5
+        while not trap.hits and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert trap.hits and trap.hits[0].startswith(b"GET /control"), trap.hits
+        trap.hits.clear()
+        MaildirStore(srv.cfg.maildir_root).deliver(BOB, "hostile-html", _hostile(trap.url))
+        driver.get(f"{base}/mail/INBOX")
+        rows = driver.find_elements(By.CSS_SELECTOR, "a.message, li.message a, .messages a")
+        target = next((r for r in rows if "Offerta imperdibile" in r.text), None)
+        assert target is not None, driver.page_source[:3000]
+        target.click()
+        frame = driver.find_element(By.CSS_SELECTOR, "iframe.mail-html")
+        assert "allow-scripts" not in (frame.get_attribute("sandbox") or "")
+        driver.switch_to.frame(frame)
+        shown = driver.find_element(By.TAG_NAME, "body").text
+        assert "Testo visibile" in shown, shown
+        assert not driver.find_elements(By.CSS_SELECTOR, "script, form, iframe, img, object")
+        driver.switch_to.default_content()
+        time.sleep(1.5)  # give anything that slipped through the time to call out
+        steps.shot("bob-hostile-html-inert")
+        assert driver.title != "pwned"
+        assert trap.hits == [], trap.hits
+
+
+class Tripwire:
+    """A TCP listener on loopback that records every connection made to it (and its first
+    line): anything a hostile message manages to fetch or post lands here."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.sock.settimeout(0.2)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.hits: list[bytes] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(1)
+                try:
+                    self.hits.append(conn.recv(200).split(b"\r\n", 1)[0])
+                except OSError:
+                    self.hits.append(b"(connection)")
+
+    def __enter__(self) -> Tripwire:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+
+
+def _hostile(url: str) -> bytes:
+    html = f"""<html><head>
+<meta http-equiv="refresh" content="0;url={url}/meta">
+<base href="{url}/base/">
+<link rel="stylesheet" href="{url}/css">
+<style>body {{ background: url({url}/style-bg) }}</style>
+<script>fetch("{url}/script"); document.title = "pwned"; parent.document.title = "pwned";</script>
+</head><body onload="fetch('{url}/onload')">
+<p>Testo visibile</p>
+<img src="{url}/img" alt="remote">
+<img src="x" onerror="fetch('{url}/onerror')">
+<img src="//127.0.0.1:{url.rsplit(":", 1)[1]}/protocol-relative">
+<div style="background-image: url({url}/inline-style)">sfondo</div>
+<svg><image href="{url}/svg-image"/><script>fetch("{url}/svg-script")</script></svg>
+<iframe src="{url}/iframe"></iframe>
+<object data="{url}/object"></object>
+<video poster="{url}/poster" src="{url}/video"></video>
+<form id="f" action="{url}/form" method="post"><input name="x" value="1"></form>
+<script>document.getElementById("f").submit()</script>
+<a href="javascript:fetch('{url}/js-link')">clicca</a>
+</body></html>"""
+    return (
+        "From: Mallory <mallory@evil.example>\r\n"
+        f"To: {BOB}\r\n"
+        "Subject: Offerta imperdibile\r\n"
+        "Date: Tue, 01 Dec 2026 10:00:00 +0100\r\n"
+        "Message-ID: <hostile@evil.example>\r\n"
+        "MIME-Version: 1.0\r\n"
+        'Content-Type: multipart/alternative; boundary="b"\r\n'
+        "\r\n--b\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nTesto visibile\r\n"
+        "--b\r\nContent-Type: text/html; charset=utf-8\r\n\r\n"
+        + html.replace("\n", "\r\n")
+        + "\r\n--b--\r\n"
+    ).encode("utf-8")
