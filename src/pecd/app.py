@@ -17,10 +17,12 @@ from pecd.guard import Guard
 from pecd.index import IndexService
 from pecd.mailbox.maildir import MaildirStore
 from pecd.memory import return_freed_messages_to_the_system
+from pecd.runtime import observe
 from pecd.runtime.access import AccessPoint
 from pecd.runtime.formats import FormatWorkers
 from pecd.runtime.identity import provider_identity
 from pecd.runtime.intake import Intake
+from pecd.runtime.metrics import MetricsServer, scanner_ping
 from pecd.runtime.reception import ReceptionPoint
 from pecd.runtime.relay import RelayClient
 from pecd.runtime.sealer import Sealer
@@ -53,6 +55,7 @@ class App:
     sealer: Sealer | None = None
     reception: ReceptionPoint | None = None
     index: IndexService | None = None
+    metrics: MetricsServer | None = None
 
     async def __aenter__(self) -> App:
         try:
@@ -99,6 +102,14 @@ class App:
             scanner=(scanner := make_scanner(cfg)),
         )
         self.stack.push_async_callback(scanner.close)
+        # The mail log and the metrics, fed by committed trace events; the operator port.
+        self.metrics = await observe.start(
+            cfg,
+            db,
+            self.stack,
+            ready=lambda: self.mailboxes is not None,
+            ping=scanner_ping(scanner),
+        )
         # Started before the workers, so it stops after them and seals what they drained.
         self.sealer = Sealer(
             db,

@@ -331,6 +331,11 @@ class LogConfig(_Section):
 
     seal_seconds: float = Field(default=60, gt=0)  # how often new events are sealed
     retention_months: int = Field(default=30)
+    # The mail log (runtime/observe.py): one line per committed message event, as Postfix's log.
+    # "" off, "-" standard output, else a file (appended; reopened when logrotate moves it);
+    # "text" is key=value, "json" one object per line.
+    mail_log: str = ""
+    mail_log_format: Literal["text", "json"] = "text"
 
     @field_validator("retention_months")
     @classmethod
@@ -338,6 +343,14 @@ class LogConfig(_Section):
         if v < 30:
             raise ValueError("must be at least 30: the log is kept 30 months (DPR 68/2005)")
         return v
+
+
+class MetricsConfig(_Section):
+    """The operator port (runtime/metrics.py): Prometheus /metrics, /healthz, /readyz. Off when
+    empty; keep it on loopback or a management network (it has no authentication)."""
+
+    listen: OptionalEndpoint = None  # for example "127.0.0.1:9108"
+    queue_cache_seconds: float = Field(default=5.0, ge=0, le=300)  # queue depth query reuse
 
 
 class TimersConfig(_Section):
@@ -432,6 +445,7 @@ class Config(_Section):
     relay: RelayConfig = RelayConfig()
     index: IndexConfig = IndexConfig()
     log: LogConfig = LogConfig()
+    metrics: MetricsConfig = MetricsConfig()
     antivirus: AntivirusConfig = AntivirusConfig()
     webhooks: WebhooksConfig = WebhooksConfig()
     # Static routes: recipient domain -> "host:port", used before DNS (tests, private links).

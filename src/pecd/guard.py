@@ -49,6 +49,7 @@ from types import TracebackType
 
 from pecd.config import SecurityConfig
 from pecd.pec.address import normalize_address
+from pecd.runtime import metrics
 
 log = logging.getLogger(__name__)
 
@@ -326,6 +327,7 @@ class Guard:
             if len(crec.accounts) > _MAX_NAMED:
                 crec.accounts = None
         arec = self._bump(self._by_account, akey, now)
+        metrics.login_failed(protocol)
         self._log(
             now,
             "failed login: protocol=%s client=%s account=%r failures: client %d, account %d",

@@ -51,6 +51,7 @@ from pecd.engine.vocab import (
 )
 from pecd.pec.builders import ProviderIdentity
 from pecd.pec.checks import SubmissionLimits
+from pecd.runtime import metrics
 from pecd.runtime.formats import FormatWorkers
 from pecd.runtime.relay import RelayClient
 from pecd.store import jobs
@@ -154,7 +155,10 @@ class StageRunner:
             # Not a PEC stage: one POST, which raises for the queue to retry.
             await webhooks.deliver(self.cfg, self.db, job.payload, self.clock.now())
             return []
-        return await self.drive(self.stage(job))
+        t0 = metrics.clock()
+        effects = await self.drive(self.stage(job))
+        metrics.stage_done(job.kind, t0, job.created_at, self.clock.now())  # latency histograms
+        return effects
 
     async def drive(self, stage: Stage) -> list[Effect]:
         """Run ``stage`` to its end: each command it yields is carried out and its answer sent
