@@ -15,6 +15,7 @@ from pecd.mailbox.maildir import MailboxFull, MaildirStore
 from pecd.pec.builders import BuiltMessage, ProviderIdentity
 from pecd.pec.classify import classify
 from pecd.pec.timefmt import pec_time
+from pecd.runtime.diskspace import TRANSIENT_ERRNOS, unavailable
 
 log = logging.getLogger(__name__)
 
@@ -28,18 +29,33 @@ def deliver_each(
     store: MaildirStore, items: Sequence[Delivery], fresh: bool = False
 ) -> list[Outcome]:
     """Deliver every item; one failure does not stop the others. ``fresh``: no key of ``items``
-    was ever delivered (see :meth:`MaildirStore.deliver`)."""
+    was ever delivered (see :meth:`MaildirStore.deliver`).
+
+    A transient local fault (a full or failing filesystem: :mod:`pecd.runtime.diskspace`) is
+    not an outcome: once every item was tried, it raises
+    :class:`~pecd.runtime.diskspace.StorageUnavailable`, so the job waits uncounted and nobody
+    is answered errore-consegna for it (what was delivered meanwhile is found again on the next
+    run: deliveries are idempotent)."""
     outcomes = []
+    transient: OSError | None = None
     for d in items:
         try:
             store.deliver(d.mailbox, d.key, d.data, quota_bytes=d.quota_bytes, fresh=fresh)
         except MailboxFull:
             outcomes.append(Outcome(Stored.FULL))
+        except OSError as exc:
+            if exc.errno not in TRANSIENT_ERRNOS:
+                log.exception("delivery of %s to %s failed", d.key, d.mailbox)
+                outcomes.append(Outcome(Stored.FAILED, f"{type(exc).__name__}: {exc}"))
+            elif transient is None:
+                transient = exc
         except Exception as exc:  # reported to the stage, which retries or gives up
             log.exception("delivery of %s to %s failed", d.key, d.mailbox)
             outcomes.append(Outcome(Stored.FAILED, f"{type(exc).__name__}: {exc}"))
         else:
             outcomes.append(DELIVERED)
+    if transient is not None:
+        raise unavailable(transient)
     return outcomes
 
 

@@ -51,7 +51,7 @@ from pecd.engine.vocab import (
 )
 from pecd.pec.builders import ProviderIdentity
 from pecd.pec.checks import SubmissionLimits
-from pecd.runtime import metrics
+from pecd.runtime import diskspace, metrics
 from pecd.runtime.formats import FormatWorkers
 from pecd.runtime.relay import RelayClient
 from pecd.store import jobs
@@ -245,6 +245,21 @@ class StageRunner:
 
     # --- after the commit ------------------------------------------------------------------------
 
+    async def _give_back(self, outbox: Outbox, error: str) -> None:
+        """The outbox's store jobs due again soon, not when their lease ends (they are born
+        leased, uncounted: never parked for a full disk)."""
+        now = self.clock.now()
+        run_at = now + timedelta(seconds=self.cfg.queue.base_delay_seconds)
+        keys = [i.key for i in outbox.items]
+        try:
+            await self.db.write(
+                lambda s: jobs.release_leased(
+                    s, keys, outbox.worker, error=error[:2000], now=now, run_at=run_at
+                )
+            )
+        except Exception:
+            log.debug("giving back %d store jobs failed; their leases will end", len(keys))
+
     async def flush(self, outbox: Outbox) -> None:
         """Store the outbox's committed messages now and complete their jobs in one
         transaction. Whatever fails keeps its job, which runs again when its lease ends."""
@@ -272,7 +287,12 @@ class StageRunner:
                     if o.stored is Stored.DELIVERED
                 ]
             await self.db.write(lambda s: jobs.complete_leased(s, keys, outbox.worker))
-        except Exception:
+        except Exception as exc:
+            fault = diskspace.transient_cause(exc)
+            if fault is not None:  # a full or failing disk: one alert a minute, not a trace each
+                diskspace.ALERTS.fault(fault, f"storing {len(outbox.items)} messages: {exc}")
+                await self._give_back(outbox, f"{type(exc).__name__}: {exc}")
+                return
             log.warning(
                 "storing %d messages failed; retried later", len(outbox.items), exc_info=True
             )

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from pecd.clock import Clock
 from pecd.config import Config
 from pecd.engine.effects import Effect, StoreLocal, Unavailable, relay_wake
+from pecd.runtime import diskspace
 from pecd.runtime.stages import Outbox
 from pecd.store import jobs
 from pecd.store.db import Database
@@ -28,6 +29,9 @@ log = logging.getLogger(__name__)
 
 
 RENEWALS = 30  # a batch keeps its leases for at most ten lease periods more
+# A job waiting on a local storage fault is tried again after a tenth of its age, within
+# [base_delay_seconds, this]: soon after the fault clears, without a hot loop meanwhile.
+STORAGE_WAIT_CAP_SECONDS = 60.0
 
 
 class LeaseLost(Exception):
@@ -233,8 +237,19 @@ class WorkerPool:
     async def _failed(self, job: Job, exc: Exception) -> None:
         q = self.runner.cfg.queue
         error = f"{type(exc).__name__}: {exc}"
-        waiting = isinstance(exc, Unavailable)
-        if waiting:
+        # A full or failing disk, a database out of reach: the machine's fault, not the job's.
+        fault = diskspace.transient_cause(exc)
+        waiting = fault is not None or isinstance(exc, Unavailable)
+        base_delay = timedelta(seconds=q.base_delay_seconds)
+        max_delay = timedelta(seconds=q.max_delay_seconds)
+        if fault is not None:
+            # One alert line per cause and minute, not one per job and retry.
+            diskspace.ALERTS.fault(fault, f"job {job.id} ({job.kind} {job.key}): {error}")
+            cap = min(max_delay, timedelta(seconds=STORAGE_WAIT_CAP_SECONDS))
+            age = self.runner.clock.now() - job.created_at
+            max_delay = max(cap, base_delay)
+            base_delay = min(max(age / 10, base_delay), max_delay)
+        elif waiting:
             # Not the job's fault: it waits, uncounted, and the reason shows in `pecd queue`.
             log.warning("job %s (%s %s) waits: %s", job.id, job.kind, job.key, error)
         else:
@@ -247,8 +262,8 @@ class WorkerPool:
                     error=error[:2000],
                     now=self.runner.clock.now(),
                     max_attempts=self.max_attempts,
-                    base_delay=timedelta(seconds=q.base_delay_seconds),
-                    max_delay=timedelta(seconds=q.max_delay_seconds),
+                    base_delay=base_delay,
+                    max_delay=max_delay,
                     worker=job.locked_by,
                     counted=not waiting,
                 )

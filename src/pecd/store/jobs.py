@@ -230,6 +230,32 @@ def complete_leased(
     return _update_jobs(session, _JOBS.c.key.in_(list(keys)), worker, _done(now))
 
 
+def release_leased(
+    session: Session,
+    keys: Sequence[str],
+    worker: str,
+    *,
+    error: str,
+    now: datetime,
+    run_at: datetime,
+) -> int:
+    """Give back the jobs among ``keys`` still running under ``worker``'s lease, uncounted,
+    due at ``run_at`` with ``error`` shown (a store that met a full disk right after its commit:
+    tried again soon rather than when the lease ends); returns how many. Does not commit."""
+    if not keys:
+        return 0
+    t = _JOBS.c
+    values = {
+        "state": READY,
+        "locked_by": None,
+        "locked_until": None,
+        "next_run_at": run_at,
+        "last_error": error,
+        "updated_at": now,
+    }
+    return _update_jobs(session, t.key.in_(list(keys)), worker, values)
+
+
 def extend_leases(session: Session, job_ids: Sequence[int], worker: str, until: datetime) -> int:
     """Extend to ``until`` the leases ``worker`` still holds among ``job_ids`` (a stage that runs
     longer than a lease keeps its jobs); returns how many. Does not commit."""
