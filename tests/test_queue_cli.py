@@ -103,6 +103,12 @@ JOBS: dict[str, tuple[str, dict[str, Any], str, dict[str, Any]]] = {
         "ready",
         {},
     ),
+    "submission": (
+        "submission",
+        {"mail_from": "alice@pec.test", "rcpt_to": ["carol@other.test"]},
+        "parked",
+        {"last_error": "scanner down", "attempts": 8},
+    ),
     "hook-parked": ("webhook", {"url": "https://h.test/"}, "parked", {"last_error": "HTTP 503"}),
     "done": ("relay", relay("far.test", 9), "done", {}),
 }
@@ -261,7 +267,7 @@ def test_delete(
     capsys.readouterr()
     assert main(["queue", "delete", "-c", conf, "--destination", "far.test"]) == 1
     err = capsys.readouterr().err
-    assert "refused: 2 job(s)" in err and "r2@far.test" in err and "--force" in err
+    assert "refused, nothing deleted: 2 job(s)" in err and "r2@far.test" in err and "--force" in err
     assert states(db) == before
     # A parked webhook loses nothing certified.
     with caplog.at_level(logging.WARNING, logger="pecd.queue"):
@@ -281,6 +287,10 @@ def test_delete(
     assert "far-leased" in left and "far-ready" not in left and "far-expired" not in left
     assert all(f"key-far-{n}" in caplog.text for n in ("ready", "parked", "parked-old", "expired"))
     run(capsys, "queue", "delete", str(ids["far-leased"]), "--force", "-c", conf, code=1)
+    # a submission's receipt is still owed: never deleted, --force or not
+    capsys.readouterr()
+    assert main(["queue", "delete", "-c", conf, "--kind", "submission", "--force"]) == 1
+    assert "never deletes" in capsys.readouterr().err and "submission" in states(db)
     # without --force a ready job is not deleted, even by id
     run(capsys, "queue", "delete", str(ids["delivery"]), "-c", conf, code=1)
     assert "delivery" in states(db)

@@ -180,10 +180,17 @@ def cmd_action(args: argparse.Namespace) -> int:
                 if refused:
                     for j in refused:
                         print(f"pecd: would lose {j.loss()}", file=sys.stderr)
+                    never = sum(j.kind in qa.NEVER_DELETED for j in refused)
+                    why = (
+                        f"{never} of them are submissions or receptions whose receipt is still "
+                        "owed: pecd never deletes those (park them); "
+                        if never
+                        else ""
+                    )
                     return fail(
-                        f"refused: {len(refused)} job(s) carry a message that was accepted or a "
-                        "receipt that is owed; deleting them breaks the PEC guarantees. "
-                        "Retry or requeue them instead, or pass --force",
+                        f"refused, nothing deleted: {len(refused)} job(s) carry a message that "
+                        f"was accepted or a receipt that is owed; {why}deleting the others "
+                        "breaks the PEC guarantees: retry or requeue them, or pass --force",
                         EXIT_INVALID,
                     )
                 if force:
@@ -282,7 +289,8 @@ def register(sub: Subcommands) -> None:
         "retry": "make jobs ready now (their attempts count on)",
         "requeue": "make jobs ready now with a fresh attempt count (e.g. parked ones)",
         "park": "park jobs: no worker takes them until they are retried or requeued",
-        "delete": "delete parked jobs (--force: ready ones too, and jobs carrying a message)",
+        "delete": "delete parked jobs (--force: ready ones too, and relays, deliveries, stores; "
+        "never submissions or receptions)",
     }
     for name, text in helps.items():
         p = with_config(q_sub.add_parser(name, help=text))

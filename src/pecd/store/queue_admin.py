@@ -47,6 +47,10 @@ LOSSES: Mapping[str, str] = {
     "error receipt tells the sender",
     "webhook": "one webhook notification",
 }
+NEVER_DELETED = frozenset({"submission", "reception"})
+"""Kinds never deleted, even with --force: a pipeline stage issues the receipt (accettazione or
+non-accettazione; presa in carico) in the transaction that completes the job, so a queued job of
+these kinds is a message taken with a 250 whose receipt is still owed. Park it instead."""
 SAFE_TO_DELETE = frozenset({"webhook"})
 """Kinds whose parked jobs can be deleted without --force: nothing certified is lost."""
 
@@ -307,11 +311,11 @@ def eligible(j: JobSummary, action: Action, *, force: bool = False) -> bool:
 
 
 def refused_deletions(jobs: Iterable[JobSummary], *, force: bool) -> list[JobSummary]:
-    """Among ``jobs`` (about to be deleted), those whose deletion loses a certified message or
-    receipt and so needs ``force``."""
-    if force:
-        return []
-    return [j for j in jobs if j.kind not in SAFE_TO_DELETE]
+    """Among ``jobs`` (about to be deleted), those that may not be: a submission or reception
+    (never), any kind but webhook without ``force``."""
+    return [
+        j for j in jobs if j.kind in NEVER_DELETED or (not force and j.kind not in SAFE_TO_DELETE)
+    ]
 
 
 def _values(action: Action, now: datetime) -> dict[str, Any]:
@@ -342,8 +346,8 @@ async def change(
         refused = refused_deletions(targets, force=force)
         if refused:
             raise QueueAdminError(
-                f"{len(refused)} job(s) carry a certified message or receipt; "
-                "deleting them needs --force"
+                f"{len(refused)} job(s) carry a certified message or an owed receipt: "
+                "not deleted (--force allows it, but never for a submission or reception)"
             )
     by_id = {j.id: j for j in targets}
     ids = list(by_id)
