@@ -40,11 +40,13 @@ _CHUNK = 500  # ids per statement (SQLite's bound-parameter limit is far above)
 LOSSES: Mapping[str, str] = {
     "submission": "a submitted message: the sender got 250 and will get neither accettazione "
     "nor non-accettazione",
-    "reception": "a message received from another provider: no presa in carico, no delivery",
-    "delivery": "a transport envelope for local recipients: no delivery, no avvenuta consegna",
+    "reception": "a message received from another provider, not yet classified: no "
+    "presa in carico, no delivery",
+    "delivery": "a transport envelope for local recipients: no delivery, and neither avvenuta "
+    "consegna nor errore di consegna",
     "store": "a finished message (receipt or notice) for a local mailbox: it never arrives",
-    "relay": "an envelope or receipt for another provider: it is never sent, and no "
-    "error receipt tells the sender",
+    "relay": "an envelope or receipt for another provider: it is never sent (of an envelope, "
+    "at most the 24-hour timer's notice tells the sender)",
     "webhook": "one webhook notification",
 }
 NEVER_DELETED = frozenset({"submission", "reception"})
