@@ -183,14 +183,14 @@ def cmd_action(args: argparse.Namespace) -> int:
                     never = sum(j.kind in qa.NEVER_DELETED for j in refused)
                     why = (
                         f"{never} of them are submissions or receptions whose receipt is still "
-                        "owed: pecd never deletes those (park them); "
+                        "owed: pecd never deletes those (park them); deleting the rest"
                         if never
-                        else ""
+                        else "deleting them"
                     )
                     return fail(
                         f"refused, nothing deleted: {len(refused)} job(s) carry a message that "
-                        f"was accepted or a receipt that is owed; {why}deleting the others "
-                        "breaks the PEC guarantees: retry or requeue them, or pass --force",
+                        f"was accepted or a receipt that is owed; {why} breaks the PEC "
+                        "guarantees: retry or requeue them, or pass --force",
                         EXIT_INVALID,
                     )
                 if force:
@@ -270,7 +270,12 @@ def _filters(p: argparse.ArgumentParser, *, limit: int | None) -> None:
         metavar="DURATION",
         help="created more than this long ago (90s, 15m, 2h, 3d, 1w)",
     )
-    p.add_argument("--limit", type=int, default=limit, help=f"at most N jobs (default {limit})")
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=limit,
+        help="at most N jobs" + (f" (default {limit})" if limit else " (default: no limit)"),
+    )
     p.add_argument("--json", action="store_true")
 
 

@@ -371,5 +371,5 @@ async def change(
     if action is Action.DELETE:
         for job_id in changed:
             j = by_id[job_id]
-            log.warning("queue: deleted job %d key=%s state=%s: %s", j.id, j.key, j.state, j.loss())
+            log.warning("queue: deleted (it was %s) %s", j.shown_state, j.loss())
     return changed
