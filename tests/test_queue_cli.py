@@ -294,3 +294,29 @@ def test_delete(
     # without --force a ready job is not deleted, even by id
     run(capsys, "queue", "delete", str(ids["delivery"]), "-c", conf, code=1)
     assert "delivery" in states(db)
+
+
+def test_a_claim_between_the_look_and_the_change_wins(db: Backend) -> None:
+    """The change repeats its states in its WHERE: a job a worker claimed after the operator's
+    look (the summaries) is left to the worker."""
+    from pecd.store import queue_admin as qa
+
+    ids = fill(db)
+
+    async def go(d: Database) -> list[int]:
+        async with d.session() as s, s.begin():
+            now = datetime.now(UTC)
+            seen = await qa.find(s, qa.JobFilter(destination="far.test"), now=now)
+            await s.execute(
+                update(Job)
+                .where(Job.id == ids["far-ready"])
+                .values(state="running", locked_by="w9", locked_until=now + timedelta(minutes=5))
+            )
+            return await qa.change(s, qa.Action.RETRY, seen, now=now)
+
+    changed = db.run(go)
+    assert ids["far-ready"] not in changed and ids["far-leased"] not in changed
+    assert sorted(changed) == sorted(
+        ids[n] for n in ("far-parked", "far-parked-old", "far-expired")
+    )
+    assert states(db)["far-ready"] == ("running", 2)
