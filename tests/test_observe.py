@@ -86,6 +86,11 @@ def test_a_pec_end_to_end_moves_the_metrics_and_writes_one_mail_log_line_per_eve
     ) as smtp:
         smtp.login(alice, PASSWORD)
         smtp.sendmail(alice, [bob, carol], message(alice, [bob], [carol], "Metriche"))
+    with (
+        smtplib.SMTP_SSL("127.0.0.1", server.port("smtps"), context=client_tls(server.cfg)) as smtp,
+        pytest.raises(smtplib.SMTPAuthenticationError),
+    ):
+        smtp.login(bob, "not the password")
     settled(server)
 
     def after() -> str | None:
@@ -95,10 +100,13 @@ def test_a_pec_end_to_end_moves_the_metrics_and_writes_one_mail_log_line_per_eve
 
     text = wait_for(after, 20, "the delivery counter moved")
     assert sample(text, "pecd_messages_accepted_total") == accepted0 + 1
+    failed = [ln for ln in text.splitlines() if ln.startswith("pecd_logins_failed_total{")]
+    assert sum(float(ln.split()[-1]) for ln in failed) >= 1, failed
     assert sample(text, "pecd_receipts_total", kind="accettazione") >= 1
     # The queue depth gauges, read from the jobs table: nothing is left to do.
     assert "# TYPE pecd_queue_jobs gauge" in text
-    assert sample(text, "pecd_queue_jobs", kind="delivery", state="ready") == 0
+    assert 'pecd_queue_jobs{kind="delivery",state="ready"} 0.0' in text
+    assert 'pecd_queue_jobs{kind="relay",state="parked"} 0.0' in text
     assert 'pecd_stage_seconds_count{kind="submission"}' in text
     assert 'pecd_job_age_seconds_count{kind="delivery"}' in text
 

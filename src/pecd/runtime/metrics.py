@@ -28,7 +28,7 @@ from typing import Any
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 from sqlalchemy import func, select, text
 
-from pecd.engine.vocab import TraceType
+from pecd.engine.vocab import JobKind, TraceType
 from pecd.pec.vocab import Ricevuta
 from pecd.store import jobs
 from pecd.store.db import Database
@@ -63,7 +63,9 @@ JOB_AGE_SECONDS = Histogram(
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 3600, 86400),
 )
 QUEUE = Gauge("pecd_queue_jobs", "Jobs not done, by kind and state", ["kind", "state"])
-SCANNER_UP = Gauge("pecd_scanner_up", "1 when clamd answers PING, 0 when not (absent: no clamd)")
+SCANNER_UP = Gauge(
+    "pecd_scanner_up", "1 when the virus scanner answers PING, else 0 (absent: none)", ["scanner"]
+)
 
 _RECEIPT_KINDS = frozenset(r.value for r in Ricevuta)
 _DELIVERY = {
@@ -152,7 +154,7 @@ class Scraped:
                 log.warning("metrics: reading the queue depth failed: %s", exc)
             else:
                 QUEUE.clear()
-                for kind in sorted({*(r[0] for r in rows)}):
+                for kind in sorted({*(k.value for k in JobKind), *(r[0] for r in rows)}):
                     for state in (jobs.READY, jobs.RUNNING, jobs.PARKED):
                         QUEUE.labels(kind, state).set(0)
                 for kind, state, n in rows:
@@ -162,7 +164,7 @@ class Scraped:
                     up = bool(await asyncio.wait_for(self.ping(), 3.0))
                 except Exception:
                     up = False
-                SCANNER_UP.set(1 if up else 0)
+                SCANNER_UP.labels("clamd").set(1 if up else 0)
 
 
 # --- the HTTP server ---------------------------------------------------------------------------

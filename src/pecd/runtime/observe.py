@@ -220,8 +220,11 @@ async def start(
     ready: Callable[[], bool],
     ping: Callable[[], Any] | None = None,
 ) -> metrics.MetricsServer | None:
-    """Install the committed-events hook (metrics always; the mail log if configured) and start
-    the metrics port if configured. Everything is undone by ``stack``."""
+    """Install the committed-events hook (the counters, and the mail log if configured) and start
+    the metrics port if configured; with neither configured, nothing. ``stack`` undoes it all."""
+    listen = cfg.metrics.listen
+    if listen is None and not cfg.log.mail_log:
+        return None  # neither is wanted: no hook on the hot path
     sinks: list[Callable[[list[Row]], None]] = [count]
     if cfg.log.mail_log:
         mail_log = MailLog(cfg.log.mail_log, cfg.log.mail_log_format)
@@ -230,7 +233,6 @@ async def start(
     hook = Committed(db, sinks)
     hook.install()
     stack.callback(hook.remove)
-    listen = cfg.metrics.listen
     if listen is None:
         return None
     srv = await metrics.start_server(
