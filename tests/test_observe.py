@@ -31,12 +31,12 @@ CURL = shutil.which("curl")
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[AppThread]:
+def server(tmp_path: Path, db_url_for_e2e: str | None) -> Iterator[AppThread]:
     extra = (
         f'\n[log]\nmail_log = "{tmp_path / "mail.log"}"\nmail_log_format = "json"\n'
         '\n[metrics]\nlisten = "127.0.0.1:0"\nqueue_cache_seconds = 0\n'
     )
-    cfg = asyncio.run(install_e2e(tmp_path / "inst", None, extra=extra))
+    cfg = asyncio.run(install_e2e(tmp_path / "inst", db_url_for_e2e, extra=extra))
     srv = AppThread(cfg).start()
     try:
         yield srv
@@ -67,6 +67,7 @@ def sample(text: str, name: str, **labels: str) -> float:
     return 0.0
 
 
+@pytest.mark.slow  # about 6 s a database: a whole provider starts
 @pytest.mark.skipif(CURL is None, reason="curl not installed")
 def test_a_pec_end_to_end_moves_the_metrics_and_writes_one_mail_log_line_per_event(
     server: AppThread, tmp_path: Path
