@@ -18,11 +18,12 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from helpers import DOMAIN, PASSWORD, AppThread, client_tls, install_e2e, message, wait_for
 from helpers import wait_settled as settled
 from pecd.engine.vocab import TraceEventData
-from pecd.runtime.observe import Committed, format_line
+from pecd.runtime.observe import Committed, format_line, serving
 from pecd.store.db import Database, migrate_async
 from pecd.store.models import TraceEvent
 from pecd.store.trace import record_sync
@@ -94,10 +95,10 @@ def test_a_pec_end_to_end_moves_the_metrics_and_writes_one_mail_log_line_per_eve
         smtp.login(bob, "not the password")
     settled(server)
 
-    def after() -> str | None:
+    def after() -> str:
         code, text = curl(port, "/metrics")
         moved = sample(text, "pecd_deliveries_total", outcome="delivered") >= delivered0 + 2
-        return text if code == 200 and moved else None
+        return text if code == 200 and moved else ""
 
     text = wait_for(after, 20, "the delivery counter moved")
     assert sample(text, "pecd_messages_accepted_total") == accepted0 + 1
@@ -120,11 +121,12 @@ def test_a_pec_end_to_end_moves_the_metrics_and_writes_one_mail_log_line_per_eve
 
     events = server.call(trace())
     log_path = tmp_path / "mail.log"
-    lines = wait_for(
-        lambda: (ls := log_path.read_text("utf-8").splitlines()) and len(ls) >= len(events) and ls,
-        10,
-        "every event in the mail log",
-    )
+
+    def written() -> list[str]:
+        ls = log_path.read_text("utf-8").splitlines()
+        return ls if len(ls) >= len(events) else []
+
+    lines: list[str] = wait_for(written, 10, "every event in the mail log")
     logged = [json.loads(line) for line in lines]
     assert Counter((e["event"], e["pec_msgid"]) for e in logged) == Counter(events)
     by_event: dict[str, list[dict[str, object]]] = {}
@@ -163,13 +165,18 @@ def test_events_rolled_back_are_never_observed(tmp_path: Path) -> None:
             def event(name: str) -> TraceEventData:
                 return TraceEventData(at=datetime.now(UTC), event=name, pec_msgid="x@y")
 
-            def fails(s: object) -> None:
-                record_sync(s, event("rolled-back"))  # type: ignore[arg-type]
+            def fails(s: Session) -> None:
+                record_sync(s, event("rolled-back"))
                 raise RuntimeError("boom")
 
             with pytest.raises(RuntimeError):
                 await db.write(fails)
-            await db.write(lambda s: (record_sync(s, event("a")), record_sync(s, event("b"))))
+
+            def commits(s: Session) -> None:
+                record_sync(s, event("a"))
+                record_sync(s, event("b"))
+
+            await db.write(commits)
             await asyncio.sleep(0.05)  # the rows come back to the loop from the writer thread
         finally:
             hook.remove()
@@ -198,3 +205,18 @@ def test_text_lines_are_key_value_and_quote_what_needs_it() -> None:
     )
     assert "\n" not in line
     assert json.loads(format_line(row, "json"))["to"] == ["bob@x.test"]
+
+
+def test_not_ready_once_the_listeners_are_closed() -> None:
+    class Access:
+        servers: dict[str, asyncio.Server]
+
+    async def main() -> list[bool]:
+        access = Access()
+        access.servers = {"smtps": await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)}
+        seen = [serving(access, None)]
+        access.servers["smtps"].close()
+        await access.servers["smtps"].wait_closed()
+        return [*seen, serving(access, None)]
+
+    assert asyncio.run(main()) == [True, False]

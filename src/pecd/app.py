@@ -107,7 +107,9 @@ class App:
             cfg,
             db,
             self.stack,
-            ready=lambda: self.mailboxes is not None,
+            ready=lambda: (
+                self.mailboxes is not None and observe.serving(self.access, self.reception)
+            ),
             ping=scanner_ping(scanner),
         )
         # Started before the workers, so it stops after them and seals what they drained.

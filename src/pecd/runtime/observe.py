@@ -212,6 +212,20 @@ def count(rows: list[Row]) -> None:
 # --- wiring --------------------------------------------------------------------------------------
 
 
+def serving(*points: object) -> bool:
+    """Whether the listening sockets of ``points`` (an access point's ``servers``, a reception
+    point's ``server``) all still accept connections: not once the drain has closed them."""
+    for point in points:
+        if point is None:
+            continue
+        found = dict(getattr(point, "servers", None) or {})
+        if (one := getattr(point, "server", None)) is not None:
+            found["server"] = one
+        if not all(isinstance(s, asyncio.Server) and s.is_serving() for s in found.values()):
+            return False
+    return True
+
+
 async def start(
     cfg: Config,
     db: Database,
