@@ -15,7 +15,7 @@ from pecd.config import Config
 from pecd.engine.vocab import LOCAL_KINDS, JobKind
 from pecd.guard import Guard
 from pecd.index import IndexService
-from pecd.mailbox.maildir import MaildirStore
+from pecd.mailbox.maildir import MaildirStore, start_tmp_cleanup
 from pecd.memory import return_freed_messages_to_the_system
 from pecd.runtime import observe
 from pecd.runtime.access import AccessPoint
@@ -85,6 +85,7 @@ class App:
         self.index = IndexService(cfg)
         await self.index.start(self.stack)
         maildir = MaildirStore(cfg.maildir_root)
+        await start_tmp_cleanup(maildir, self.stack)  # what killed writers left in tmp/
         accounts = Accounts(db, max_hash_checks=cfg.security.max_hash_checks)
         provider = provider_identity(cfg)
         formats = FormatWorkers(

@@ -24,18 +24,23 @@ in carico) is not read on each delivery.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import hashlib
+import logging
 import os
 import re
 import secrets
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from pecd.pec.address import normalize_address
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "FOLDERS",
@@ -58,6 +63,12 @@ _SUBDIRS = ("cur", "new", "tmp")
 _KEY_HEX = 40
 _LOCK_NAME = "pecd-deliver.lock"
 _SIZE_RE = re.compile(r",S=(\d+)")
+#: A file in tmp/ older than this is a leftover of a writer that died (Dovecot's rule; it
+#: removes them when it scans a folder). Never less: another node may be writing it.
+TMP_MAX_AGE_SECONDS = 36 * 3600
+#: pecd's own tmp files (``write_atomic``) live seconds, not hours: an hour-old one is a leftover.
+OWN_TMP_MAX_AGE_SECONDS = 3600
+_OWN_TMP_RE = re.compile(r"^[0-9a-f]{40},S=\d+\.\d+\.[0-9a-f]{12}$")
 # Characters never allowed in a path component derived from an address: separators, NUL and
 # other control characters (a newline in a directory name is an invitation to log injection).
 _BAD_CHARS = re.compile(r"[/\\\x00-\x1f\x7f]")
@@ -351,6 +362,61 @@ class MaildirStore:
                     total += entry.stat().st_size
         return total
 
+    # -- leftovers ----------------------------------------------------------------------------
+
+    def clean_tmp(
+        self,
+        *,
+        now: float | None = None,
+        stop: threading.Event | None = None,
+        batch: int = 500,
+        pause: float = 0.01,
+    ) -> int:
+        """Remove the leftovers of killed writers from every folder's ``tmp/``: files older than
+        36 hours (:data:`TMP_MAX_AGE_SECONDS`), or an hour for pecd's own. Recent files are
+        never touched: with several nodes on shared storage another one may be writing them.
+        Meant for a thread at startup: it walks the tree lazily, sleeps ``pause`` every
+        ``batch`` entries so that it does not monopolise the disk, and ends early when ``stop``
+        is set. Returns how many files it removed."""
+        now = time.time() if now is None else now
+        removed = 0
+        seen = 0
+        for tmp in self._tmp_dirs():
+            try:
+                entries = os.scandir(tmp)
+            except (FileNotFoundError, NotADirectoryError, PermissionError):
+                continue
+            with entries:
+                for entry in entries:
+                    seen += 1
+                    if seen % batch == 0:
+                        if stop is not None and stop.is_set():
+                            return removed
+                        time.sleep(pause)
+                    limit = (
+                        OWN_TMP_MAX_AGE_SECONDS
+                        if _OWN_TMP_RE.match(entry.name)
+                        else TMP_MAX_AGE_SECONDS
+                    )
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                        if not entry.is_file(follow_symlinks=False) or now - st.st_mtime < limit:
+                            continue
+                        os.unlink(entry.path)
+                    except (FileNotFoundError, PermissionError):
+                        continue
+                    removed += 1
+        return removed
+
+    def _tmp_dirs(self) -> Iterator[Path]:
+        """Every folder's tmp/ of every mailbox: ``root/<domain>/<local>[/.<folder>]/tmp``."""
+        for domain in _subdirs(self.root):
+            for mailbox in _subdirs(domain):
+                yield mailbox / "tmp"
+                for folder in _subdirs(mailbox):
+                    if folder.name.startswith("."):
+                        yield folder / "tmp"
+
     def list_folder(self, address: str, folder: str = INBOX) -> list[Path]:
         """The message files of one folder (new/ and cur/), sorted by name."""
         path = self.folder_path(address, folder)
@@ -362,3 +428,38 @@ class MaildirStore:
             except FileNotFoundError:
                 continue
         return sorted(found, key=lambda p: p.name)
+
+
+def _subdirs(path: Path) -> Iterator[Path]:
+    try:
+        entries = os.scandir(path)
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return
+    with entries:
+        for entry in entries:
+            with contextlib.suppress(OSError):
+                if entry.is_dir(follow_symlinks=False):
+                    yield Path(entry.path)
+
+
+async def start_tmp_cleanup(store: MaildirStore, stack: contextlib.AsyncExitStack) -> None:
+    """:meth:`MaildirStore.clean_tmp` in a thread, beside the server's startup (never in its
+    way); stopped with ``stack``."""
+    stop = threading.Event()
+
+    def run() -> None:
+        try:
+            n = store.clean_tmp(stop=stop)
+        except Exception:
+            log.exception("cleaning the Maildir tmp/ folders failed")
+            return
+        if n:
+            log.info("removed %d leftover files from Maildir tmp/ folders", n)
+
+    task = asyncio.create_task(asyncio.to_thread(run), name="maildir-tmp-cleanup")
+
+    async def end() -> None:
+        stop.set()
+        await asyncio.gather(task, return_exceptions=True)
+
+    stack.push_async_callback(end)

@@ -31,6 +31,7 @@ from pecd.runtime.smtp import (
     IntakeEnvelope,
     IntakeSMTP,
     Reply,
+    Sessions,
     bound_port,
     close_servers,
     peer_of,
@@ -249,6 +250,7 @@ class AccessPoint:
         self.guard = guard if guard is not None else Guard(cfg.security)
         self.handler = AccessHandler(cfg, clock, accounts, hostname, intake, self.guard)
         self.servers: dict[str, asyncio.Server] = {}
+        self.sessions = Sessions()  # ended with 421 when the point stops
 
     def _factory(self, implicit_tls: bool) -> IntakeSMTP:
         common: dict[str, Any] = dict(
@@ -260,6 +262,7 @@ class AccessPoint:
             enable_SMTPUTF8=False,
             auth_exclude_mechanism=[],
             guard=self.guard,
+            sessions=self.sessions,
             listener="smtps" if implicit_tls else "submission",
         )
         if implicit_tls:
@@ -295,4 +298,4 @@ class AccessPoint:
         return bound_port(self.servers[name])
 
     async def stop(self) -> None:
-        await close_servers(list(self.servers.values()))
+        await close_servers(list(self.servers.values()), self.sessions)

@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import dataclasses
 import itertools
 import logging
 import multiprocessing
 import os
 import pickle
+import signal
 import socket
 import struct
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -51,10 +54,29 @@ _MAILDIR: MaildirStore | None = None
 
 def _init(cfg: Config, parent: int) -> None:
     global _PROVIDER, _MAILDIR
+    _die_with_parent(parent)
     return_freed_messages_to_the_system()
     _PROVIDER = provider_identity(cfg)
     _MAILDIR = MaildirStore(cfg.maildir_root)
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    """On Linux, have the kernel send SIGKILL to this process when the server dies, however it
+    dies (SIGKILL included), at once. The server starts its workers from its main thread (the
+    kernel's "parent" is the thread that forked), which lives as long as the server does.
+    Elsewhere, and in case prctl is unavailable, :func:`_exit_with_parent` polls."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # the server died before prctl took effect
+        os._exit(0)
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -139,6 +161,18 @@ def _take_in_charge(cmd: TakeInCharge, clock: Clock) -> TakenInCharge:
 
 CALL_TIMEOUT_SECONDS = 600  # far beyond any call (a 100 MB message takes seconds)
 RESPAWN_DELAY_SECONDS = 5.0  # between tries to replace a dead worker that would not start
+
+
+def _stop_resource_tracker() -> None:
+    """End the helper process multiprocessing started with the first worker (its resource
+    tracker, which pecd does not use): left to itself it exits only after the server has, and
+    is then seen as a worker that outlived it."""
+    from multiprocessing import resource_tracker
+
+    stop = getattr(resource_tracker._resource_tracker, "_stop", None)
+    if stop is not None:
+        with contextlib.suppress(Exception):
+            stop()
 
 
 class WorkerDied(Exception):
@@ -232,7 +266,10 @@ class FormatWorkers:
         ctx = multiprocessing.get_context("spawn")
         ours, theirs = socket.socketpair()
         proc = ctx.Process(target=_serve, args=(theirs, self.cfg, os.getpid()), daemon=True)
-        await asyncio.to_thread(proc.start)
+        # Started from this (the event loop's) thread, not a helper thread: the worker's
+        # PR_SET_PDEATHSIG fires when the thread that forked it ends, and a pool thread may end
+        # long before the server does. Starting is a fork and exec, a few milliseconds.
+        proc.start()
         theirs.close()
         reader, writer = await asyncio.open_unix_connection(sock=ours, limit=1 << 20)
         worker = _Worker(proc, reader, writer)
@@ -317,6 +354,8 @@ class FormatWorkers:
             if w.proc.is_alive():
                 w.proc.kill()
                 await asyncio.to_thread(w.proc.join, 5)
+        if workers:
+            await asyncio.to_thread(_stop_resource_tracker)
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         if self.processes == 0:

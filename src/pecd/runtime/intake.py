@@ -20,11 +20,15 @@ from aiosmtpd.smtp import Session as SMTPSession
 from sqlalchemy.orm import Session
 
 from pecd.engine.vocab import IntakePayload, JobKind
+from pecd.runtime.logutil import RateLimitedLog
 from pecd.runtime.smtp import IntakeEnvelope, Reply, peer_of
 from pecd.store import jobs
 from pecd.store.db import Database
 
 log = logging.getLogger(__name__)
+
+# During an outage every submission fails the same way: a line now and then, one traceback.
+_failures = RateLimitedLog()
 
 
 @dataclass
@@ -103,8 +107,10 @@ class Intake:
                 data=envelope.original_content or b"",
                 now=now,
             )
-        except Exception:
-            log.exception("durable intake of %s failed; answering 451", kind)
+        except NotStored:  # its commit's failure is logged (rate-limited) where it happened
+            return Reply.TEMP_FAILURE
+        except Exception as exc:
+            _failures.failure(log, "durable intake of %s failed; answering 451", exc, kind)
             return Reply.TEMP_FAILURE
         return Reply.queued(key)
 
@@ -138,18 +144,20 @@ class Intake:
     async def _commit_batch(self, batch: list[_Pending]) -> None:
         try:
             await self._commit(batch)
-        except Exception:
+        except Exception as exc:
             if len(batch) == 1:
-                log.exception("durable intake failed for %s", batch[0].key)
+                _failures.failure(log, "durable intake failed for %s", exc, batch[0].key)
                 _fail(batch[0])
                 return
             # One bad message must not refuse the others: commit them one by one.
-            log.warning("a batch of %d messages failed to commit; one by one", len(batch))
+            _failures.failure(
+                log, "a batch of %d messages failed to commit; one by one", exc, len(batch)
+            )
             for item in batch:
                 try:
                     await self._commit([item])
-                except Exception:
-                    log.exception("durable intake failed for %s", item.key)
+                except Exception as one:
+                    _failures.failure(log, "durable intake failed for %s", one, item.key)
                     _fail(item)
                     continue
                 _succeed(item)
@@ -179,6 +187,10 @@ def _succeed(item: _Pending) -> None:
         item.done.set_result(None)
 
 
+class NotStored(RuntimeError):
+    """The commit of a submission failed (and was logged)."""
+
+
 def _fail(item: _Pending) -> None:
     if not item.done.done():
-        item.done.set_exception(RuntimeError(f"could not store {item.key}"))
+        item.done.set_exception(NotStored(f"could not store {item.key}"))

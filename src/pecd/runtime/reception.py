@@ -36,6 +36,7 @@ from pecd.runtime.smtp import (
     IntakeEnvelope,
     IntakeSMTP,
     Reply,
+    Sessions,
     bound_port,
     close_servers,
     received_header,
@@ -124,6 +125,7 @@ class ReceptionPoint:
         self.guard = guard if guard is not None else Guard(cfg.security)
         self.handler = ReceptionHandler(cfg, clock, hostname, intake)
         self.server: asyncio.Server | None = None
+        self.sessions = Sessions()  # ended with 421 when the point stops
 
     def _factory(self) -> SMTP:
         return IntakeSMTP(
@@ -139,6 +141,7 @@ class ReceptionPoint:
             decode_data=False,
             enable_SMTPUTF8=False,
             guard=self.guard,
+            sessions=self.sessions,
             listener="reception",
         )
 
@@ -156,4 +159,4 @@ class ReceptionPoint:
 
     async def stop(self) -> None:
         if self.server is not None:
-            await close_servers([self.server])
+            await close_servers([self.server], self.sessions)

@@ -35,6 +35,9 @@ class Reply:
     TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections, try again later"
     TOO_MANY_FAILURES = "421 4.7.0 Too many failed logins, closing connection"
     PIPELINED_STARTTLS = "421 4.7.0 Commands pipelined after STARTTLS, closing connection"
+    # RFC 5321 3.8 and 4.2.3: a server shutting down answers 421 and closes (RFC 3463 4.3.2:
+    # system not accepting network messages).
+    SHUTTING_DOWN = "421 4.3.2 Service shutting down, closing connection"
     OK = "250 2.1.0 OK"
     RCPT_OK = "250 2.1.5 OK"
 
@@ -63,9 +66,43 @@ def bound_port(server: asyncio.Server) -> int:
     return int(sockets[0].getsockname()[1])
 
 
-async def close_servers(servers: Sequence[asyncio.Server]) -> None:
+DRAIN_GRACE_SECONDS = 10.0  # for a command in progress (a DATA arriving) to finish at a stop
+
+
+class Sessions:
+    """The open sessions of a point's listeners, so that a stop can end them (see
+    :meth:`IntakeSMTP.shut_down`). Without it, sessions outlive their listener (Python 3.11's
+    ``Server.wait_closed`` does not wait for them) and each command after the intake has
+    stopped gets a 451 until the process exits."""
+
+    def __init__(self) -> None:
+        self.open: set[IntakeSMTP] = set()
+        self.closing = False
+
+    async def shut_down(self, grace: float = DRAIN_GRACE_SECONDS) -> None:
+        """421 to every session between commands, now; to the others as their command ends
+        (a DATA past its final dot gets its reply first), waiting ``grace`` seconds for them;
+        what is still open then is closed with 421 all the same."""
+        self.closing = True
+        for session in list(self.open):
+            session.shut_down()
+        # Not until each connection is lost: a TLS close waits for the client's close_notify.
+        deadline = asyncio.get_running_loop().time() + grace
+        while any(not s.told for s in self.open):
+            if asyncio.get_running_loop().time() >= deadline:
+                break
+            await asyncio.sleep(0.05)
+        for session in list(self.open):
+            session.shut_down(now=True)
+
+
+async def close_servers(
+    servers: Sequence[asyncio.Server], sessions: Sessions | None = None
+) -> None:
     for srv in servers:
         srv.close()
+    if sessions is not None:
+        await sessions.shut_down()
     for srv in servers:
         # Python 3.12+ also waits here for every open connection (aiosmtpd ends its sessions
         # when the server closes); bounded, and what is left is aborted (3.13).
@@ -114,7 +151,13 @@ class IntakeSMTP(SMTP):
     """
 
     def __init__(
-        self, handler: Any, *, guard: Guard | None = None, listener: str = "smtp", **kwargs: Any
+        self,
+        handler: Any,
+        *,
+        guard: Guard | None = None,
+        listener: str = "smtp",
+        sessions: Sessions | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(handler, **kwargs)
         self.guard = guard
@@ -122,6 +165,50 @@ class IntakeSMTP(SMTP):
         self.admission: Admission | None = None
         self.refused = False
         self.login_failures = 0
+        self.sessions = sessions
+        self.in_command = False  # a command is being carried out (DATA: until its reply)
+        self.shutting_down = False
+        self.told = False  # the 421 of a stop has been sent
+        self._smtp_methods = {
+            name: self._guarded(method) for name, method in self._smtp_methods.items()
+        }
+
+    def _guarded(self, method: Any) -> Any:
+        """``method`` (an ``smtp_*`` command), refused with 421 once the server is stopping,
+        and followed by the 421 if the stop came while it ran."""
+
+        async def command(arg: str) -> None:
+            if self.shutting_down:
+                await self._tell()
+                return
+            self.in_command = True
+            try:
+                await method(arg)
+            finally:
+                self.in_command = False
+            if self.shutting_down and self.transport is not None:
+                await self._tell()
+
+        # What HELP reads from a command (aiosmtpd's @syntax).
+        for attr in ("__smtp_syntax__", "__smtp_syntax_extended__", "__smtp_syntax_when__"):
+            if hasattr(method, attr):
+                setattr(command, attr, getattr(method, attr))
+        return command
+
+    def shut_down(self, *, now: bool = False) -> None:
+        """The server is stopping: 421 and close, at once if no command is in progress (or
+        ``now``), else when it ends."""
+        self.shutting_down = True
+        if self.told or self.transport is None or (self.in_command and not now):
+            return
+        self.told = True
+        self._writer.write(Reply.SHUTTING_DOWN.encode("ascii") + b"\r\n")
+        self.transport.close()  # what was written is sent first
+
+    async def _tell(self) -> None:
+        if not self.told:
+            self.told = True
+            await self.close_with(Reply.SHUTTING_DOWN)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # Called again after a STARTTLS handshake: only the first call is a new connection.
@@ -131,11 +218,16 @@ class IntakeSMTP(SMTP):
             host = peer[0] if isinstance(peer, tuple) else str(peer)
             self.admission = self.guard.admit(self.listener, host)
             self.refused = self.admission is None
+        if self.sessions is not None and first:
+            self.sessions.open.add(self)
+            self.shutting_down = self.sessions.closing
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
         if self.admission is not None:
             self.admission.release()
+        if self.sessions is not None:
+            self.sessions.open.discard(self)
         super().connection_lost(error)
 
     async def close_with(self, reply: str) -> None:
@@ -148,6 +240,9 @@ class IntakeSMTP(SMTP):
     async def _handle_client(self) -> None:
         if self.refused:
             await self.close_with(Reply.TOO_MANY_CONNECTIONS)
+            return
+        if self.shutting_down:
+            await self._tell()
             return
         await super()._handle_client()
 
