@@ -52,6 +52,9 @@ ALICE, BOB, CAROL = (f"{u}@{DOMAIN}" for u in ("alice", "bob", "carol"))
             "database",
         ),
         (OSError(errno.EACCES, "Permission denied"), None),
+        # Only a Maildir delivery takes these for the machine's (see the next test).
+        (OSError(errno.EAGAIN, "Resource temporarily unavailable"), None),
+        (TimeoutError(errno.ETIMEDOUT, "Connection timed out"), None),
         (OSError(errno.ENOENT, "No such file"), None),
         (MailboxFull(BOB, 10, 5), None),  # a mailbox over its quota: a legal errore-consegna
         (sqlite3.OperationalError("no such table: jobs"), None),
@@ -108,6 +111,9 @@ def test_deliver_each_raises_for_a_transient_fault_after_trying_every_item() -> 
     with pytest.raises(StorageUnavailable, match="ENOSPC"):
         deliver_each(store, items)  # type: ignore[arg-type]
     assert store.stored == [CAROL, ALICE]
+    store = _Store({CAROL: OSError(errno.EMFILE, "Too many open files")})
+    with pytest.raises(StorageUnavailable, match="EMFILE"):
+        deliver_each(store, items)  # type: ignore[arg-type]
     # Permanent causes stay outcomes: a full mailbox, a permission error.
     store = _Store({BOB: MailboxFull(BOB, 10, 5), CAROL: OSError(errno.EACCES, "denied")})
     outcomes = deliver_each(store, items)  # type: ignore[arg-type]

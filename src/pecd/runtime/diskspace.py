@@ -7,14 +7,18 @@ never parked), and resumes by itself when the fault clears; the 12 h / 24 h prea
 as the rules' clock meanwhile. Only a permanent cause (a mailbox over its quota, a mailbox that does
 not exist) is answered errore-consegna.
 
-Errno values taken as transient (:data:`TRANSIENT_ERRNOS`):
+Errno values taken as transient:
 
-* ``ENOSPC`` (filesystem full), ``EDQUOT`` (the *pecd user's* filesystem quota: not a mailbox
-  quota, which is :class:`~pecd.mailbox.maildir.MailboxFull` and permanent);
-* ``EIO`` (a failing disk or network filesystem), ``EROFS`` (remounted read-only after errors),
-  ``ESTALE`` (NFS), ``ETIMEDOUT``;
-* ``ENOMEM``, ``EAGAIN``, ``EBUSY``, ``EINTR``, ``ENFILE``, ``EMFILE``, ``ENOLCK``
-  (resources of the machine, not of the message).
+* wherever met (:data:`STORAGE_ERRNOS`): ``ENOSPC`` (filesystem full), ``EDQUOT`` (the *pecd
+  user's* filesystem quota: not a mailbox quota, which is
+  :class:`~pecd.mailbox.maildir.MailboxFull` and permanent), ``EIO`` (a failing disk or network
+  filesystem), ``EROFS`` (remounted read-only after errors), ``ESTALE`` (NFS);
+* by a Maildir delivery (:data:`TRANSIENT_ERRNOS`), also ``ENOMEM``, ``EAGAIN``, ``EBUSY``,
+  ``EINTR``, ``ENFILE``, ``EMFILE``, ``ENOLCK`` (resources of the machine, not of the message;
+  elsewhere, a socket's say, they may be the far end's doing);
+* SQLite's "database or disk is full", "disk I/O error", "unable to open database file",
+  "database is locked", and a PostgreSQL connection lost or refused, or out of resources
+  (SQLSTATE 08, 53, 57P): the cause ``database``.
 
 Everything else (``EACCES``, ``EPERM``, ``ENOENT``, ``ENAMETOOLONG``, ``EINVAL``…) stays a failure
 of the job: retried with backoff, then parked; a delivery failing so on its last attempt is
@@ -39,23 +43,19 @@ from pecd.engine.effects import Unavailable
 
 log = logging.getLogger(__name__)
 
-TRANSIENT_ERRNOS = frozenset(
-    {
-        errno.ENOSPC,
-        errno.EDQUOT,
-        errno.EIO,
-        errno.EROFS,
-        errno.ESTALE,
-        errno.ETIMEDOUT,
-        errno.ENOMEM,
-        errno.EAGAIN,
-        errno.EBUSY,
-        errno.EINTR,
-        errno.ENFILE,
-        errno.EMFILE,
-        errno.ENOLCK,
-    }
-)
+#: A filesystem full or failing: transient wherever it is met (a commit, a spool file).
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.ESTALE})
+#: Transient when a Maildir delivery meets them: also the machine's resources, which elsewhere
+#: (a webhook's socket, say) may be the far end's doing and must not keep a job for ever.
+TRANSIENT_ERRNOS = STORAGE_ERRNOS | {
+    errno.ENOMEM,
+    errno.EAGAIN,
+    errno.EBUSY,
+    errno.EINTR,
+    errno.ENFILE,
+    errno.EMFILE,
+    errno.ENOLCK,
+}
 
 # SQLite's texts for a full or failing disk and an unreachable file (sqlite3.OperationalError).
 _SQLITE_TRANSIENT = (
@@ -90,7 +90,7 @@ def transient_cause(exc: BaseException) -> str | None:
         seen.add(id(e))
         if isinstance(e, StorageUnavailable):
             return str(e).split(":", 1)[0] or "storage"
-        if isinstance(e, OSError) and e.errno in TRANSIENT_ERRNOS:
+        if isinstance(e, OSError) and e.errno in STORAGE_ERRNOS:
             return errno.errorcode.get(e.errno, str(e.errno))
         if isinstance(e, sqlite3.OperationalError) and str(e).lower().startswith(_SQLITE_TRANSIENT):
             return "database"
