@@ -298,3 +298,27 @@ def test_old_leftovers_in_tmp_are_removed_recent_ones_kept(tmp_path: Path) -> No
     leftover(base, "1700000004.M1P2.host", 37 * hour)
     leftover(base, "1700000005.M1P2.host", 37 * hour)
     assert store.clean_tmp(now=now, batch=1, stop=stop) == 0  # stopped: nothing more done
+
+
+def test_a_failing_command_is_a_451_logged_rate_limited(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aiosmtpd answered a command whose store failed (AUTH with the database down) with a
+    permanent 500 and a traceback per session."""
+    import pecd.runtime.smtp as smtp_mod
+    from pecd.runtime.smtp import IntakeSMTP
+
+    monkeypatch.setattr(smtp_mod, "_failures", RateLimitedLog(every=3600))
+
+    async def main() -> list[str]:
+        server = IntakeSMTP(object())
+        return [
+            await server.handle_exception(ConnectionRefusedError("database down"))
+            for _ in range(100)
+        ]
+
+    with caplog.at_level(logging.INFO, logger="pecd"):
+        replies = asyncio.run(main())
+    assert set(replies) == {Reply.LOCAL_ERROR}
+    records = [r for r in caplog.records if r.name == "pecd.runtime.smtp"]
+    assert len(records) == 1 and records[0].exc_info

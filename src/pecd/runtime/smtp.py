@@ -16,8 +16,12 @@ from typing import Any
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, syntax
 
 from pecd.guard import Admission, Guard
+from pecd.runtime.logutil import RateLimitedLog
 
 log = logging.getLogger(__name__)
+
+# A command failing the same way for every session (the account store down during an outage).
+_failures = RateLimitedLog()
 
 
 class Reply:
@@ -32,6 +36,7 @@ class Reply:
     TOO_MANY_RCPTS = "452 4.5.3 Too many recipients"
     NO_RCPTS = "554 5.5.1 No valid recipients"
     TEMP_FAILURE = "451 4.3.0 Temporary failure, message not accepted; try again later"
+    LOCAL_ERROR = "451 4.3.0 Local error in processing; try again later"
     TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections, try again later"
     TOO_MANY_FAILURES = "421 4.7.0 Too many failed logins, closing connection"
     PIPELINED_STARTTLS = "421 4.7.0 Commands pipelined after STARTTLS, closing connection"
@@ -236,6 +241,17 @@ class IntakeSMTP(SMTP):
         self._reader._buffer.clear()  # type: ignore[attr-defined]
         if self.transport is not None:
             self.transport.close()
+
+    async def handle_exception(self, error: Exception) -> str:
+        """A command that failed (its store down, most often): a temporary reply, where
+        aiosmtpd answers a permanent ``500`` with the error's text and logs its traceback for
+        every session; here one line now and then, the traceback once (RateLimitedLog)."""
+        handler = getattr(self.event_handler, "handle_exception", None)
+        if handler is not None:
+            status: str = await handler(error)
+            return status
+        _failures.failure(log, "an SMTP command failed; answering 451", error)
+        return Reply.LOCAL_ERROR
 
     async def _handle_client(self) -> None:
         if self.refused:
