@@ -153,6 +153,12 @@ def _read_reply(f: object) -> str:
 
 def test_drain_ends_open_sessions_with_one_421(tmp_path: Path) -> None:
     cfg = asyncio.run(install_e2e(tmp_path / "inst", None, queue="format_processes = 0"))
+    # A leftover of a writer killed two days ago: the server removes it as it starts.
+    from pecd.mailbox.maildir import MaildirStore
+
+    old = MaildirStore(cfg.maildir_root).ensure(f"carol@{DOMAIN}") / "tmp" / "1.M1P1.host"
+    old.write_bytes(b"partial")
+    os.utime(old, (time.time() - 48 * 3600,) * 2)
     srv = AppThread(cfg).start()
     alice, bob = f"alice@{DOMAIN}", f"bob@{DOMAIN}"
     ctx = client_tls(cfg)
@@ -197,6 +203,7 @@ def test_drain_ends_open_sessions_with_one_421(tmp_path: Path) -> None:
         raw.close()
         stopper.join(30)
     assert not stopper.is_alive()
+    assert not old.exists()
 
 
 # --- an outage: a few lines, one traceback ----------------------------------------------------
