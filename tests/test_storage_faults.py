@@ -89,9 +89,9 @@ def test_alerts_are_one_line_a_minute_per_cause_with_a_count(
         alerts.fault("ENOSPC", "job 3")
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 3
-    assert "ENOSPC: 1 jobs wait" in lines[0]
-    assert "EIO: 1 jobs wait" in lines[1]
-    assert "ENOSPC: 5 jobs wait" in lines[2] and "job 3" in lines[2]
+    assert "ENOSPC: met 1 times" in lines[0]
+    assert "EIO: met 1 times" in lines[1]
+    assert "ENOSPC: met 5 times" in lines[2] and "job 3" in lines[2]
 
 
 class _Store:

@@ -140,8 +140,8 @@ class Alerts:
             count = self._pending.pop(cause)
             self._last[cause] = now
         log.warning(
-            "ALERT storage fault %s: %d jobs wait (not parked, no errore-consegna) and are "
-            "retried until it clears; last: %s",
+            "ALERT storage fault %s: met %d times since the last alert; jobs wait (never parked, "
+            "no errore-consegna) and are retried until it clears; last: %s",
             cause,
             count,
             detail,

@@ -126,8 +126,12 @@ class WorkerPool:
                     lease=timedelta(seconds=self.lease_seconds),
                     limit=self.batch,
                 )
-            except Exception:
-                log.exception("claiming jobs failed; retrying")
+            except Exception as exc:
+                fault = diskspace.transient_cause(exc)
+                if fault is not None:  # the database out of reach or full: an alert a minute
+                    diskspace.ALERTS.fault(fault, f"claiming {self.name} jobs: {exc}")
+                else:
+                    log.exception("claiming jobs failed; retrying")
                 await asyncio.sleep(q.poll_seconds)
                 continue
             if not batch:
@@ -276,5 +280,13 @@ class WorkerPool:
                     job.attempts,
                     error,
                 )
-        except Exception:
-            log.exception("could not record the failure of job %s; its lease will expire", job.id)
+        except Exception as record_exc:
+            fault = diskspace.transient_cause(record_exc)
+            if fault is not None:
+                diskspace.ALERTS.fault(
+                    fault, f"recording the failure of job {job.id}: {record_exc}"
+                )
+            else:
+                log.exception(
+                    "could not record the failure of job %s; its lease will expire", job.id
+                )
