@@ -33,6 +33,7 @@ from pecd.runtime.tls import server_tls_context
 from pecd.runtime.workers import WorkerPool
 from pecd.store.accounts import Accounts
 from pecd.store.db import Database, migrate_async
+from pecd.store.nodes import start_heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,14 @@ class App:
                 n = await release_all_running(s)
             if n:
                 log.info("recovered %d jobs left running by a previous run", n)
+        # On PostgreSQL this process is a node with a heartbeat: if it dies, the jobs it holds
+        # go to other nodes within node_timeout_seconds (closed after the workers have stopped).
+        await start_heartbeat(
+            db,
+            self.stack,
+            every=cfg.queue.heartbeat_seconds,
+            timeout=cfg.queue.node_timeout_seconds,
+        )
         self.index = IndexService(cfg)
         await self.index.start(self.stack)
         maildir = MaildirStore(cfg.maildir_root)

@@ -203,6 +203,16 @@ class QueueConfig(_Section):
     lease_seconds: float = Field(default=120.0, gt=0)
     poll_seconds: float = Field(default=0.5, gt=0)
     drain_seconds: float = Field(default=20.0, gt=0)  # on SIGTERM, then work in progress is cut
+    # Each node (a running ``pecd serve``) beats every heartbeat_seconds in the ``nodes`` table;
+    # on PostgreSQL the running jobs of a node silent for node_timeout_seconds are free to claim.
+    heartbeat_seconds: float = Field(default=5.0, gt=0)
+    node_timeout_seconds: float = Field(default=15.0, gt=0)
+
+    @model_validator(mode="after")
+    def _beats_within_timeout(self) -> QueueConfig:
+        if self.node_timeout_seconds < 2 * self.heartbeat_seconds:
+            raise ValueError("node_timeout_seconds must be at least twice heartbeat_seconds")
+        return self
 
 
 class RelayConfig(_Section):

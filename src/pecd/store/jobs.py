@@ -4,7 +4,8 @@ A job is a row in ``jobs``: ``ready`` until ``next_run_at``, then claimed (``run
 one worker until ``locked_until``), then ``done`` or, after a failure, ``ready`` again with an
 exponential backoff, and ``parked`` after ``max_attempts`` (visible in ``pecd queue`` until an
 operator requeues it). A worker that dies leaves its job ``running``; when the lease expires another
-worker claims it again.
+worker claims it again. On PostgreSQL a job also records the node that leased it (``leased_by``),
+and is free as soon as that node's heartbeat stops (see :mod:`pecd.store.nodes`).
 
 Time is always passed in (``now``); nothing here reads the clock. Except :func:`claim`, which
 owns its transaction, the functions take a session and do not commit: the caller commits a whole
@@ -21,15 +22,17 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, bindparam, delete, or_, select, update
+from sqlalchemy import Interval, and_, bindparam, delete, exists, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from pecd.store.db import Database
-from pecd.store.models import Job, table_of
+from pecd.store.models import Job, Node, table_of
+from pecd.store.nodes import current
 
 _JOBS = table_of(Job)  # Core statements on the hot path (see claim_batch)
+_NODES = table_of(Node)
 
 READY = "ready"
 RUNNING = "running"
@@ -62,12 +65,14 @@ def enqueue_sync(
     """
     if (lease_to is None) != (lease_until is None):
         raise ValueError("lease_to and lease_until go together")
+    node = current(session) if lease_to is not None else None
     values: dict[str, Any] = {
         "kind": kind,
         "key": key,
         "state": READY if lease_to is None else RUNNING,
         "locked_by": lease_to,
         "locked_until": lease_until,
+        "leased_by": node.id if node is not None else None,
         "payload": payload,
         "data": data,
         "attempts": 0,
@@ -112,16 +117,24 @@ async def claim_batch(
     One statement: ``UPDATE jobs … WHERE id IN (SELECT id … LIMIT n) RETURNING``. On PostgreSQL
     the inner select is ``FOR UPDATE SKIP LOCKED``; on SQLite the session begins ``IMMEDIATE``,
     so the statement runs under the database write lock. Either way no job goes to two workers.
+
+    On PostgreSQL a running job whose lease has not expired is free too when the node that
+    leased it (``leased_by``) has not beaten within the node timeout (the database's clock): its
+    process is dead. The jobs claimed here carry this process's node id, if it runs as one.
     """
     if not kinds or limit < 1:
         return []
-    params = {
+    node = current(db)
+    params: dict[str, Any] = {
         "kinds": list(kinds),
         "now": now,
         "worker": worker,
         "until": now + lease,
         "limit": limit,
+        "node": node.id if node is not None else None,
     }
+    if db.dialect == "postgresql":
+        params["node_timeout"] = node.timeout if node is not None else DEFAULT_NODE_TIMEOUT
     stmt = _claim_stmt(db.dialect)
 
     def claim(session: Session) -> list[Job]:
@@ -133,19 +146,32 @@ async def claim_batch(
     return sorted(claimed, key=lambda j: (j.next_run_at, j.id))
 
 
+#: A node silent this long is dead, for a claim by a process that is not a node itself.
+DEFAULT_NODE_TIMEOUT = timedelta(seconds=15)
+
+
 @functools.cache
 def _claim_stmt(dialect: str) -> Any:
     """The claim statement, built once per dialect with bound parameters (``kinds``, ``now``,
-    ``worker``, ``until``, ``limit``) so that SQLAlchemy reuses its compiled form."""
+    ``worker``, ``until``, ``limit``, ``node``; on PostgreSQL ``node_timeout``) so that
+    SQLAlchemy reuses its compiled form."""
     t = _JOBS.c
     now = bindparam("now", type_=t.next_run_at.type)
+    free = t.locked_until < now
+    if dialect == "postgresql":
+        n = _NODES.c
+        alive = exists().where(
+            n.id == t.leased_by,
+            n.heartbeat_at >= func.now() - bindparam("node_timeout", type_=Interval()),
+        )
+        free = or_(free, and_(t.leased_by.is_not(None), ~alive))
     pick = (
         select(t.id)
         .where(
             t.kind.in_(bindparam("kinds", expanding=True)),
             or_(
                 and_(t.state == READY, t.next_run_at <= now),
-                and_(t.state == RUNNING, t.locked_until < now),
+                and_(t.state == RUNNING, free),
             ),
         )
         .order_by(t.next_run_at, t.id)
@@ -160,6 +186,7 @@ def _claim_stmt(dialect: str) -> Any:
             state=RUNNING,
             locked_by=bindparam("worker"),
             locked_until=bindparam("until", type_=t.locked_until.type),
+            leased_by=bindparam("node", type_=t.leased_by.type),
             attempts=t.attempts + 1,
             updated_at=now,
         )
@@ -189,7 +216,13 @@ async def complete(session: AsyncSession, job_id: int, *, now: datetime | None =
 
 def _done(now: datetime | None) -> dict[str, Any]:
     """Column values of a finished job: its bytes are freed, its lease dropped."""
-    values: dict[str, Any] = {"state": DONE, "data": None, "locked_by": None, "locked_until": None}
+    values: dict[str, Any] = {
+        "state": DONE,
+        "data": None,
+        "locked_by": None,
+        "locked_until": None,
+        "leased_by": None,
+    }
     if now is not None:
         values["updated_at"] = now
     return values
@@ -249,6 +282,7 @@ def release_leased(
         "state": READY,
         "locked_by": None,
         "locked_until": None,
+        "leased_by": None,
         "next_run_at": run_at,
         "last_error": error,
         "updated_at": now,
@@ -300,6 +334,7 @@ async def retry_or_park(
     job.last_error = error
     job.locked_by = None
     job.locked_until = None
+    job.leased_by = None
     job.updated_at = now
     if not counted:
         job.attempts = max(job.attempts - 1, 0)
@@ -323,6 +358,7 @@ async def release(session: AsyncSession, job_id: int, *, now: datetime | None = 
     job.attempts = max(job.attempts - 1, 0)
     job.locked_by = None
     job.locked_until = None
+    job.leased_by = None
     if now is not None:
         job.updated_at = now
 
@@ -341,6 +377,7 @@ async def release_all_running(session: AsyncSession) -> int:
             state=READY,
             locked_by=None,
             locked_until=None,
+            leased_by=None,
         )
         .returning(Job.id)
         .execution_options(synchronize_session=False)

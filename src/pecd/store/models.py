@@ -157,9 +157,29 @@ class Job(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
+    # The node (``nodes.id``) whose worker holds the lease: on PostgreSQL a running job whose
+    # node stopped beating is free before ``locked_until`` (see pecd.store.nodes).
+    leased_by: Mapped[str | None] = mapped_column(String(32))
 
     def __repr__(self) -> str:
         return f"Job(id={self.id}, kind={self.kind!r}, key={self.key!r}, state={self.state!r})"
+
+
+class Node(Base):
+    """A running ``pecd serve`` process (a node), with a random ``id`` per start. It updates
+    ``heartbeat_at`` (the database's clock) every few seconds and deletes its row when it stops
+    cleanly; a row that stops beating is a dead node (see pecd.store.nodes)."""
+
+    __tablename__ = "nodes"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    hostname: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime]
+    heartbeat_at: Mapped[datetime]
+
+    def __repr__(self) -> str:
+        return f"Node({self.id!r}, {self.hostname}:{self.pid})"
 
 
 class TraceEvent(Base):

@@ -1,0 +1,176 @@
+"""Node death on PostgreSQL: the running jobs of a node whose heartbeat stopped are claimed by
+another node within node_timeout, not after their whole lease; a live node's are not; a node
+that comes back cannot complete what another took (pecd.store.nodes, pecd.store.jobs.claim)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import select, text
+
+from pecd.store import jobs
+from pecd.store.db import Database, migrate
+from pecd.store.models import Job, Node
+from pecd.store.nodes import start_heartbeat
+from store_fixtures import PG_ENV, fresh_postgres_database
+
+pytestmark = pytest.mark.skipif(not os.environ.get(PG_ENV), reason=f"{PG_ENV} not set")
+
+LEASE = timedelta(seconds=120)
+BEAT = 0.2  # seconds
+TIMEOUT = 1.0  # seconds: a node silent this long is dead
+
+
+@pytest.fixture(scope="module", name="url")
+def url_fixture() -> Iterator[str]:
+    url, drop = fresh_postgres_database()
+    try:
+        migrate(url)
+        yield url
+    finally:
+        drop()
+
+
+async def _clean(db: Database) -> None:
+    async with db.session() as s, s.begin():
+        await s.execute(text("DELETE FROM jobs"))
+        await s.execute(text("DELETE FROM nodes"))
+
+
+async def _add(db: Database, n: int, *, now: datetime, worker: str | None = None) -> None:
+    async with db.session() as s, s.begin():
+        for i in range(n):
+            await s.run_sync(
+                jobs.enqueue_sync,
+                kind="delivery",
+                key=f"job-{i}",
+                payload={},
+                now=now,
+                lease_to=worker,
+                lease_until=now + LEASE if worker else None,
+            )
+
+
+async def _complete(db: Database, ids: list[int], worker: str) -> int:
+    return await db.write(lambda s: jobs.complete_many_sync(s, ids, worker=worker))
+
+
+async def _jobs(db: Database) -> list[Job]:
+    async with db.read_session() as s:
+        return list((await s.scalars(select(Job).order_by(Job.id))).all())
+
+
+def test_a_dead_nodes_jobs_are_taken_over_at_once(url: str) -> None:
+    """A node row whose heartbeat is a minute old, holding leases valid for two more minutes:
+    a live node claims its jobs at once, and the dead node's worker cannot complete them."""
+
+    async def main() -> None:
+        db = await Database.open(url)
+        try:
+            await _clean(db)
+            now = datetime.now(UTC)
+            async with db.session() as s, s.begin():
+                await s.execute(
+                    text(
+                        "INSERT INTO nodes (id, hostname, pid, started_at, heartbeat_at) VALUES "
+                        "('dead', 'gone', 1, now() - interval '1 hour', now() - interval '60 s')"
+                    )
+                )
+            await _add(db, 3, now=now)
+            claimed = await jobs.claim_batch(
+                db, kinds=["delivery"], worker="gone:1:w0", now=now, lease=LEASE, limit=10
+            )
+            assert len(claimed) == 3
+            # What the dead node held: leased by it, the lease far from over.
+            async with db.session() as s, s.begin():
+                await s.execute(text("UPDATE jobs SET leased_by = 'dead'"))
+            async with contextlib.AsyncExitStack() as stack:
+                hb = await start_heartbeat(db, stack, every=BEAT, timeout=TIMEOUT)
+                assert hb is not None
+                t0 = time.monotonic()
+                taken = await jobs.claim_batch(
+                    db, kinds=["delivery"], worker="live:2:w0", now=now, lease=LEASE, limit=10
+                )
+                assert time.monotonic() - t0 < TIMEOUT
+                assert sorted(j.id for j in taken) == sorted(j.id for j in claimed)
+                assert {j.leased_by for j in taken} == {hb.node.id}
+                ids = [j.id for j in taken]
+                # The dead node comes back: its lease is gone, its work does not commit.
+                assert await _complete(db, ids, "gone:1:w0") == 0
+                assert await _complete(db, ids, "live:2:w0") == 3
+                assert [(j.state, j.attempts) for j in await _jobs(db)] == [("done", 2)] * 3
+            async with db.read_session() as s:  # a clean stop deletes the node's row
+                assert (await s.scalars(select(Node.id))).all() == ["dead"]
+        finally:
+            await db.close()
+
+    asyncio.run(main())
+
+
+def test_live_leases_are_kept_and_a_silent_node_loses_them(url: str) -> None:
+    """Two nodes (two Database objects, as two processes): B steals nothing from A while A
+    beats; once A falls silent B takes A's jobs within the node timeout, exactly once; and
+    the jobs A made leased to itself (enqueue with lease_to) go the same way."""
+
+    async def main() -> None:
+        a = await Database.open(url)
+        b = await Database.open(url)
+        try:
+            await _clean(a)
+            now = datetime.now(UTC)
+            async with contextlib.AsyncExitStack() as stack:
+                hb_a = await start_heartbeat(a, stack, every=BEAT, timeout=TIMEOUT)
+                hb_b = await start_heartbeat(b, stack, every=BEAT, timeout=TIMEOUT)
+                assert hb_a is not None and hb_b is not None
+                await _add(a, 2, now=now)
+                held = await jobs.claim_batch(
+                    a, kinds=["delivery"], worker="a:1:w0", now=now, lease=LEASE, limit=10
+                )
+                assert {j.leased_by for j in held} == {hb_a.node.id}
+                async with a.session() as s, s.begin():  # born running, leased to A's worker
+                    await s.run_sync(
+                        jobs.enqueue_sync,
+                        kind="delivery",
+                        key="made",
+                        payload={},
+                        now=now,
+                        lease_to="a:1:w0",
+                        lease_until=now + LEASE,
+                    )
+                # A is alive for three timeouts: B gets nothing.
+                deadline = time.monotonic() + 3 * TIMEOUT
+                while time.monotonic() < deadline:
+                    assert not await jobs.claim_batch(
+                        b, kinds=["delivery"], worker="b:2:w0", now=now, lease=LEASE, limit=10
+                    )
+                    await asyncio.sleep(BEAT)
+                # A freezes: its heartbeat stops, its row stays.
+                hb_a.task.cancel()
+                silent = time.monotonic()
+                taken: list[Job] = []
+                while len(taken) < 3 and time.monotonic() - silent < 5 * TIMEOUT:
+                    taken += await jobs.claim_batch(
+                        b, kinds=["delivery"], worker="b:2:w0", now=now, lease=LEASE, limit=10
+                    )
+                    await asyncio.sleep(0.05)
+                waited = time.monotonic() - silent
+                assert len(taken) == 3, waited
+                assert TIMEOUT * 0.5 <= waited <= TIMEOUT + 4 * BEAT + 1, waited
+                assert {j.leased_by for j in taken} == {hb_b.node.id}
+                ids = [j.id for j in taken]
+                assert len(set(ids)) == 3  # exactly once
+                # A wakes up: nothing of what it held completes under its lease.
+                assert await _complete(a, ids, "a:1:w0") == 0
+                assert await _complete(b, ids, "b:2:w0") == 3
+                assert [j.state for j in await _jobs(a)] == ["done"] * 3
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(main())
