@@ -1,0 +1,215 @@
+"""The operations packaging: docker-compose.yml, deploy/ (pecd.toml, clamd.conf, the healthcheck)
+and contrib/pecd.service, validated without Docker or systemd running.
+
+* ``docker-compose config`` (Debian's docker-compose, v1) checks docker-compose.yml: it needs no
+  daemon and no image;
+* deploy/pecd.toml, the one config file both compose nodes mount, loads with pecd's own loader
+  (its /etc/pecd and /var/lib/pecd paths moved under a temporary directory), and agrees with the
+  compose file (database password) and with deploy/clamd/clamd.conf (StreamMaxLength above
+  max_message_size); Dovecot's config rendered from it reads the shared root over PostgreSQL;
+* the image's HEALTHCHECK script asks /healthz on [metrics] listen;
+* ``systemd-analyze verify`` checks contrib/pecd.service.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from sqlalchemy.engine import make_url
+
+from pecd.config import Config, load_config
+from pecd.dovecot import MailUser, render
+from pecd.pec.size import parse_size
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = ROOT / "docker-compose.yml"
+DEPLOY_TOML = ROOT / "deploy" / "pecd.toml"
+CLAMD_CONF = ROOT / "deploy" / "clamd" / "clamd.conf"
+UNIT = ROOT / "contrib" / "pecd.service"
+PKI_FILES = ("signing.key", "signing.pem", "chain.pem", "tls.pem", "tls.key")
+
+
+def _compose(*args: str) -> subprocess.CompletedProcess[str]:
+    exe = shutil.which("docker-compose")
+    if exe is None:
+        pytest.fail(
+            "docker-compose is not installed: run ./scripts/setup (Debian's docker-compose)"
+        )
+    # No daemon is contacted by `config`; a clean environment keeps a DOCKER_HOST or COMPOSE_*
+    # variable of the machine from changing the result.
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/")}
+    return subprocess.run(
+        [exe, "-f", str(COMPOSE), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_docker_compose_config_validates() -> None:
+    done = _compose("config", "-q")
+    assert done.returncode == 0, done.stderr
+    services = _compose("config", "--services").stdout.split()
+    assert sorted(services) == sorted(
+        ["postgres", "clamd", "node1", "node2", "dovecot-config", "dovecot"]
+    )
+    volumes = _compose("config", "--volumes").stdout.split()
+    assert {"maildir", "pecd-data", "postgres-data", "clamav-db", "dovecot-conf"} <= set(volumes)
+    full = _compose("config").stdout
+    # Both nodes (and Dovecot's config writer) mount the one deploy/pecd.toml.
+    assert full.count(f"{ROOT}/deploy/pecd.toml:/etc/pecd/pecd.toml:ro") == 3, full
+
+
+def _deploy_config(tmp_path: Path) -> Config:
+    """deploy/pecd.toml with /etc/pecd and /var/lib/pecd moved under ``tmp_path``."""
+    etc, var = tmp_path / "etc" / "pecd", tmp_path / "var" / "lib" / "pecd"
+    (etc / "pki").mkdir(parents=True)
+    for name in PKI_FILES:
+        (etc / "pki" / name).write_text("placeholder\n")
+    text = DEPLOY_TOML.read_text("utf-8")
+    assert "/etc/pecd/" in text and "/var/lib/pecd/" in text
+    text = text.replace("/etc/pecd/", f"{etc}/").replace("/var/lib/pecd/", f"{var}/")
+    path = etc / "pecd.toml"
+    path.write_text(text, "utf-8")
+    return load_config(path)
+
+
+def test_deploy_config_loads_with_pecds_loader(tmp_path: Path) -> None:
+    cfg = _deploy_config(tmp_path)
+    var = tmp_path / "var" / "lib" / "pecd"
+    url = make_url(cfg.database_url)
+    assert url.get_backend_name() == "postgresql"
+    assert (url.host, url.port, url.database) == ("postgres", 5432, "pecd")
+    assert cfg.maildir_root == var / "mail"
+    assert cfg.storage.data_dir == var / "data"
+    assert cfg.mailbox.server == "dovecot"
+    assert cfg.antivirus.enabled and cfg.antivirus.host == "clamd" and cfg.antivirus.port == 3310
+    assert cfg.antivirus.socket is None
+    assert cfg.metrics.listen is not None
+    assert cfg.listeners.reception is not None and cfg.listeners.reception.port == 25
+    # The compose file's PostgreSQL password is the one in the URL.
+    compose = COMPOSE.read_text("utf-8")
+    assert f"POSTGRES_PASSWORD: {url.password}" in compose
+    # clamd refuses a stream AT StreamMaxLength: it must exceed what pecd sends.
+    conf = dict(
+        line.split(None, 1)
+        for line in CLAMD_CONF.read_text("utf-8").splitlines()
+        if line.strip() and not line.startswith("#")
+    )
+    scan = cfg.antivirus.max_scan_size or cfg.limits.max_message_size
+    assert parse_size(conf["StreamMaxLength"]) > scan
+    assert parse_size(conf["MaxFileSize"]) > scan and parse_size(conf["MaxScanSize"]) > scan
+    assert conf["AlertExceedsMax"] == "yes" and conf["TCPSocket"] == str(cfg.antivirus.port)
+
+
+def test_dovecot_config_from_the_deploy_config(tmp_path: Path) -> None:
+    cfg = _deploy_config(tmp_path)
+    files = render(cfg, tmp_path / "dovecot", mail_user=MailUser("pecd", 10025, 10025))
+    conf = files["dovecot.conf"]
+    assert f"mail_location = maildir:{cfg.maildir_root}/%Ld/%Ln" in conf
+    assert "auth_cache_size = 0" in conf
+    assert re.search(r"inet_listener imaps \{\s+address = 0\.0\.0\.0\s+port = 993", conf)
+    assert re.search(r"inet_listener pop3s \{\s+address = 0\.0\.0\.0\s+port = 995", conf)
+    sql = files["sql.conf.ext"]
+    assert "driver = pgsql" in sql and "host='postgres'" in sql and "dbname='pecd'" in sql
+
+
+def _healthcheck_module() -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        "pecd_healthcheck", ROOT / "deploy" / "healthcheck.py"
+    )
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture
+def healthz_server() -> Iterator[tuple[int, list[int]]]:
+    """A stand-in for the metrics port: /healthz answers the first status of ``codes``."""
+    codes = [200]
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(codes[0] if self.path == "/healthz" else 404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1], codes
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_healthcheck_asks_healthz_on_the_metrics_port(
+    tmp_path: Path, healthz_server: tuple[int, list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    port, codes = healthz_server
+    hc = _healthcheck_module()
+    conf = tmp_path / "pecd.toml"
+    monkeypatch.setenv("PECD_CONFIG", str(conf))
+    conf.write_text(f'[metrics]\nlisten = "0.0.0.0:{port}"\n')
+    assert hc.main() == 0
+    codes[0] = 503
+    assert hc.main() == 1
+    conf.write_text('[metrics]\nlisten = ""\n')  # metrics off: nothing to ask
+    assert hc.main() == 0
+    conf.write_text('[metrics]\nlisten = "127.0.0.1:1"\n')  # nobody listening
+    assert hc.main() == 1
+    monkeypatch.setenv("PECD_CONFIG", str(tmp_path / "missing.toml"))
+    assert hc.main() == 1
+
+
+@pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed here"
+)
+def test_systemd_unit_verifies(tmp_path: Path) -> None:
+    text = UNIT.read_text("utf-8")
+    for key in (
+        "Type=simple",
+        "User=pecd",
+        "Restart=on-failure",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "PrivateTmp=yes",
+        "AmbientCapabilities=CAP_NET_BIND_SERVICE",
+    ):
+        assert key in text, key
+    assert re.search(r"^ReadWritePaths=.*/var/lib/pecd/data.*/var/lib/pecd/mail", text, re.M)
+    assert re.search(r"^LimitNOFILE=\d+", text, re.M)
+    # verify checks that ExecStart's program exists: point it at this installation's pecd.
+    pecd = Path(sys.executable).parent / "pecd"
+    if not pecd.exists():
+        found = shutil.which("pecd")
+        assert found is not None, "no pecd executable to point ExecStart at"
+        pecd = Path(found)
+    unit = tmp_path / "pecd.service"
+    unit.write_text(text.replace("/usr/local/bin/pecd", str(pecd)), "utf-8")
+    done = subprocess.run(
+        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60
+    )
+    # An unknown or misspelt key is only a warning (exit 0): no output at all is required.
+    assert done.returncode == 0 and not done.stderr.strip() and not done.stdout.strip(), (
+        done.stdout + done.stderr
+    )
