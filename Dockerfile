@@ -36,7 +36,8 @@ RUN apt-get update \
  && chown clamav:clamav /run/clamav /var/lib/clamav
 COPY deploy/clamd/clamd.conf /etc/clamav/clamd.conf
 COPY deploy/clamd/freshclam.conf /etc/clamav/freshclam.conf
-COPY --chmod=755 deploy/clamd/entrypoint.sh /usr/local/bin/clamd-entrypoint
+COPY deploy/clamd/entrypoint.sh /usr/local/bin/clamd-entrypoint
+RUN chmod 755 /usr/local/bin/clamd-entrypoint
 VOLUME ["/var/lib/clamav"]
 EXPOSE 3310
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10m --retries=3 \
@@ -57,7 +58,7 @@ RUN apt-get update \
  && mkdir -p /etc/pecd /var/lib/pecd/data /var/lib/pecd/mail /var/lib/pecd/dovecot \
  && chown -R pecd:pecd /var/lib/pecd
 COPY --from=build /opt/pecd /opt/pecd
-COPY --chmod=755 deploy/healthcheck.py /usr/local/bin/pecd-healthcheck
+COPY deploy/healthcheck.py /usr/local/bin/pecd-healthcheck
 ENV PATH=/opt/pecd/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PECD_CONFIG=/etc/pecd/pecd.toml

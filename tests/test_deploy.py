@@ -13,6 +13,7 @@ and contrib/pecd.service, validated without Docker or systemd running.
 
 from __future__ import annotations
 
+import fnmatch
 import importlib.util
 import os
 import re
@@ -71,6 +72,53 @@ def test_docker_compose_config_validates() -> None:
     full = _compose("config").stdout
     # Both nodes (and Dovecot's config writer) mount the one deploy/pecd.toml.
     assert full.count(f"{ROOT}/deploy/pecd.toml:/etc/pecd/pecd.toml:ro") == 3, full
+
+
+def _dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of a Dockerfile, continuation lines joined, comments dropped."""
+    joined = re.sub(r"\\\n", " ", path.read_text("utf-8"))
+    out = []
+    for line in joined.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def _ignored(rel: str, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatch(rel, p) or rel.startswith(p.rstrip("/") + "/") for p in patterns)
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "deploy/dovecot/Dockerfile"])
+def test_dockerfile_copies_what_the_context_has(dockerfile: str) -> None:
+    """Static checks (no daemon here): every COPY source exists in the build context (the
+    repository root) and is not left out by .dockerignore; the compose targets are stages."""
+    ignore = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text("utf-8").splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    instructions = _dockerfile_instructions(ROOT / dockerfile)
+    assert instructions[0][0] in ("FROM", "ARG")
+    copies = [args.split() for word, args in instructions if word == "COPY"]
+    assert copies or dockerfile != "Dockerfile"
+    for args in copies:
+        if any(a.startswith("--from=") for a in args):
+            continue
+        for src in [a for a in args if not a.startswith("--")][:-1]:
+            assert (ROOT / src).exists(), f"{dockerfile}: COPY {src}: not in the repository"
+            assert not _ignored(src, ignore), f"{dockerfile}: COPY {src}: in .dockerignore"
+    words = [w for w, _ in instructions]
+    assert words.count("CMD") == 1 and "HEALTHCHECK" in words
+    if dockerfile == "Dockerfile":
+        stages = {args.split()[-1] for w, args in instructions if w == "FROM" and " AS " in args}
+        assert {"build", "clamd", "pecd"} <= stages
+        # The runtime stage, the last one (the default target), runs as pecd and serves.
+        last = max(i for i, (w, _) in enumerate(instructions) if w == "FROM")
+        tail = instructions[last:]
+        assert ("USER", "pecd") in tail
+        assert ("CMD", '["pecd", "serve", "-c", "/etc/pecd/pecd.toml"]') in tail
 
 
 def _deploy_config(tmp_path: Path) -> Config:
