@@ -8,12 +8,18 @@ import asyncio
 import contextlib
 import os
 import time
+from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select, text
 
+from helpers import DOMAIN, AppThread, install_e2e, message, wait_for
+from pecd.engine.vocab import IntakePayload, JobKind
+from pecd.mailbox.maildir import MaildirStore
+from pecd.pec.classify import classify
 from pecd.store import jobs
 from pecd.store.db import Database, migrate
 from pecd.store.models import Job, Node
@@ -174,3 +180,88 @@ def test_live_leases_are_kept_and_a_silent_node_loses_them(url: str) -> None:
             await b.close()
 
     asyncio.run(main())
+
+
+@pytest.mark.slow
+def test_a_running_app_finishes_a_dead_nodes_message_once(tmp_path: Path) -> None:
+    """A node took a submission in and died holding its lease (two minutes left): a running
+    pecd does the whole message within its node timeout, every receipt exactly once; its own
+    node row is there while it runs and gone after a clean stop."""
+    url, drop = fresh_postgres_database()
+    try:
+        queue = "heartbeat_seconds = 0.5\nnode_timeout_seconds = 1.5\nlease_seconds = 120\n"
+        cfg = asyncio.run(install_e2e(tmp_path / "inst", url, queue=queue))
+        alice, bob, carol = (f"{u}@{DOMAIN}" for u in ("alice", "bob", "carol"))
+
+        async def plant() -> None:
+            db = await Database.open(cfg.database_url)
+            try:
+                now = datetime.now(UTC)
+                payload = IntakePayload(
+                    mail_from=alice, rcpt_to=(bob, carol), received_at=now, user=alice
+                )
+                async with db.session() as s, s.begin():
+                    await s.execute(
+                        text(
+                            "INSERT INTO nodes (id, hostname, pid, started_at, heartbeat_at) "
+                            "VALUES ('dead', 'gone', 1, now(), now() - interval '30 s')"
+                        )
+                    )
+                    await s.run_sync(
+                        jobs.enqueue_sync,
+                        kind=JobKind.SUBMISSION,
+                        key="dead-node-submission",
+                        payload=payload.to_json(),
+                        data=message(alice, [bob], [carol], "node death"),
+                        now=now,
+                        lease_to="gone:1:pipeline0",
+                        lease_until=now + LEASE,
+                    )
+                    await s.execute(text("UPDATE jobs SET leased_by = 'dead'"))
+            finally:
+                await db.close()
+
+        asyncio.run(plant())
+        store = MaildirStore(cfg.maildir_root)
+
+        def tally() -> Counter[str]:
+            seen: Counter[str] = Counter()
+            for user in (alice, bob, carol):
+                for path in store.list_folder(user):
+                    c = classify(path.read_bytes())
+                    assert c.daticert is not None
+                    what = c.ricevuta.value if c.ricevuta is not None else "envelope"
+                    seen[f"{user} {what}:{c.daticert.consegna or ''}"] += 1
+            return seen
+
+        want = {
+            f"{alice} accettazione:": 1,
+            f"{alice} avvenuta-consegna:{bob}": 1,
+            f"{alice} avvenuta-consegna:{carol}": 1,
+            f"{bob} envelope:": 1,
+            f"{carol} envelope:": 1,
+        }
+        app = AppThread(cfg).start()
+        try:
+            t0 = time.monotonic()
+            wait_for(lambda: len(tally()) >= len(want), 10, "every receipt of the dead node's mail")
+            took = time.monotonic() - t0
+            assert took < 8, took  # node timeout, not the two-minute lease
+            time.sleep(0.5)  # nothing more comes
+            assert dict(tally()) == want, tally()
+
+            async def node_ids() -> list[str]:
+                db = await Database.open(cfg.database_url)
+                try:
+                    async with db.read_session() as s:
+                        return list((await s.scalars(select(Node.id).order_by(Node.id))).all())
+                finally:
+                    await db.close()
+
+            ids = asyncio.run(node_ids())
+            assert len(ids) == 2 and "dead" in ids, ids
+        finally:
+            app.stop()
+        assert asyncio.run(node_ids()) == ["dead"]
+    finally:
+        drop()
