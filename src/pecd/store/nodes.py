@@ -30,8 +30,9 @@ import weakref
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import Engine, delete, func, select
+from sqlalchemy import Engine, Executable, delete, func, select
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.orm import Session
 
 from pecd.store.db import Database
@@ -84,21 +85,28 @@ def current(bind: object) -> NodeLease | None:
     return _REGISTERED.get(engine)
 
 
-def beat_sync(session: Session, node_id: str) -> None:
-    """Insert or refresh the row of ``node_id`` (heartbeat: the database's now) and delete the
-    rows of nodes silent for :data:`PURGE_AFTER`. Does not commit. PostgreSQL only."""
+def _beat_statements(node_id: str) -> list[Executable]:
+    """Insert or refresh the row of ``node_id`` (heartbeat: the database's now); delete the rows
+    of nodes silent for :data:`PURGE_AFTER`. PostgreSQL only."""
     t = _NODES.c
-    stmt = postgresql.insert(_NODES).values(
+    upsert = postgresql.insert(_NODES).values(
         id=node_id,
         hostname=socket.gethostname()[:255],
         pid=os.getpid(),
         started_at=func.now(),
         heartbeat_at=func.now(),
     )
-    session.execute(
-        stmt.on_conflict_do_update(index_elements=[t.id], set_={"heartbeat_at": func.now()})
-    )
-    session.execute(delete(_NODES).where(t.heartbeat_at < func.now() - PURGE_AFTER))
+    return [
+        upsert.on_conflict_do_update(index_elements=[t.id], set_={"heartbeat_at": func.now()}),
+        delete(_NODES).where(t.heartbeat_at < func.now() - PURGE_AFTER),
+    ]
+
+
+def beat_sync(session: Session, node_id: str) -> None:
+    """One heartbeat of ``node_id`` in ``session`` (see :func:`_beat_statements`). Does not
+    commit. PostgreSQL only."""
+    for stmt in _beat_statements(node_id):
+        session.execute(stmt)
 
 
 def forget_sync(session: Session, node_id: str) -> None:
@@ -122,14 +130,22 @@ async def start_heartbeat(
 ) -> Heartbeat | None:
     """Register this process as a node of ``db`` and keep its heartbeat while ``stack`` is open
     (on PostgreSQL; on SQLite nothing, None). On close: stop beating and delete the row. The
-    first beat is written before this returns, so jobs claimed afterwards are covered."""
+    first beat is written before this returns, so jobs claimed afterwards are covered.
+
+    The beats go through a connection of their own: a node whose workers hold every pooled
+    connection is busy, not dead."""
     if db.dialect != "postgresql":
         return None
     node = NodeLease(new_node_id(), timedelta(seconds=timeout))
-    await db.write(lambda s: beat_sync(s, node.id))
+    beats = create_async_engine(db.engine.url, pool_size=1, max_overflow=0, pool_pre_ping=True)
+    try:
+        await _beat_once(beats, node.id)
+    except BaseException:
+        await beats.dispose()
+        raise
     engine = db.engine.sync_engine
     _REGISTERED[engine] = node
-    task = asyncio.create_task(_beat(db, node.id, every), name="node-heartbeat")
+    task = asyncio.create_task(_beat(beats, node.id, every), name="node-heartbeat")
 
     async def stop() -> None:
         task.cancel()
@@ -141,18 +157,26 @@ async def start_heartbeat(
             await db.write(lambda s: forget_sync(s, node.id))
         except Exception:
             log.warning("could not delete node %s; it will count as dead soon", node.id)
+        finally:
+            await beats.dispose()
 
     stack.push_async_callback(stop)
     log.info("node %s (%s:%d) beating every %gs", node.id, socket.gethostname(), os.getpid(), every)
     return Heartbeat(node, task)
 
 
-async def _beat(db: Database, node_id: str, every: float) -> None:
+async def _beat_once(engine: AsyncEngine, node_id: str) -> None:
+    async with engine.begin() as conn:
+        for stmt in _beat_statements(node_id):
+            await conn.execute(stmt)
+
+
+async def _beat(engine: AsyncEngine, node_id: str, every: float) -> None:
     failing = False
     while True:
         await asyncio.sleep(every)
         try:
-            await db.write(lambda s: beat_sync(s, node_id))
+            await asyncio.wait_for(_beat_once(engine, node_id), timeout=max(every, 1.0) * 2)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
