@@ -144,13 +144,19 @@ class Steps:
 
 def _press(driver: Any, selector: str) -> None:
     """Click a submit button and wait for the page it leads to."""
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.wait import WebDriverWait
 
     page = driver.find_element(By.TAG_NAME, "html")
     driver.find_element(By.CSS_SELECTOR, selector).click()
-    WebDriverWait(driver, 15).until(expected_conditions.staleness_of(page))
+    # While the old page goes, chromedriver may answer a look at its element with
+    # "Node with given id does not belong to the document" rather than "stale":
+    # the wait polls again.
+    WebDriverWait(driver, 15, ignored_exceptions=(WebDriverException,)).until(
+        expected_conditions.staleness_of(page)
+    )
 
 
 def _login(driver: Any, base: str, address: str) -> None:
@@ -273,7 +279,7 @@ def test_the_done_when_journey_in_a_real_chromium(
     rows = driver.find_elements(By.CSS_SELECTOR, "a.message, li.message a, .messages a")
     target = next((r for r in rows if SUBJECT in r.text), None)
     assert target is not None, driver.page_source[:3000]
-    target.click()
+    driver.get(target.get_attribute("href"))
     original = driver.find_element(By.ID, "messaggio")
     text = original.text
     assert "Buongiorno Bob," in text and "contratto firmato" in text, text
@@ -316,7 +322,7 @@ def test_the_done_when_journey_in_a_real_chromium(
         rows = driver.find_elements(By.CSS_SELECTOR, "a.message, li.message a, .messages a")
         target = next((r for r in rows if "Offerta imperdibile" in r.text), None)
         assert target is not None, driver.page_source[:3000]
-        target.click()
+        driver.get(target.get_attribute("href"))
         frame = driver.find_element(By.CSS_SELECTOR, "iframe.mail-html")
         assert "allow-scripts" not in (frame.get_attribute("sandbox") or "")
         driver.switch_to.frame(frame)

@@ -627,6 +627,7 @@ def test_a_real_browser_on_a_phone(web_cfg: Config) -> None:
     trip as a browser makes it (``Origin: null`` under our no-referrer policy), the layout
     without horizontal scrolling, and not one Content-Security-Policy violation."""
     from selenium import webdriver
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions
@@ -668,7 +669,12 @@ def test_a_real_browser_on_a_phone(web_cfg: Config) -> None:
             """Click a submit button and wait for the page it leads to."""
             page = driver.find_element(By.TAG_NAME, "html")
             driver.find_element(By.CSS_SELECTOR, selector).click()
-            WebDriverWait(driver, 10).until(expected_conditions.staleness_of(page))
+            # While the old page goes, chromedriver may answer a look at its element with
+            # "Node with given id does not belong to the document" rather than "stale":
+            # the wait polls again.
+            WebDriverWait(driver, 10, ignored_exceptions=(WebDriverException,)).until(
+                expected_conditions.staleness_of(page)
+            )
 
         driver.get(f"{base}/settings")
         assert driver.current_url == f"{base}/login?next=%2Fsettings"
