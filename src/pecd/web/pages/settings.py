@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import io
 import math
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any, Final
 
@@ -447,7 +448,14 @@ def _name(form: Any) -> str | None:
     return name or None
 
 
-async def app_password_create(request: Request) -> Response:
+async def _create_secret(
+    request: Request,
+    make: Callable[[str, str], Awaitable[tuple[int, str]]],
+    shown: str,
+    named: str,
+) -> Response:
+    """The create form of an app password or an API token: a name, the password (and the code)
+    again, then ``make(mailbox, name)``; the secret is shown once, as ``shown``."""
     user = await ui.require_user(request)
     form = await ui.read_form(request, **_FORM)
     name = _name(form)
@@ -459,12 +467,19 @@ async def app_password_create(request: Request) -> Response:
     if problem is not None:
         return await _page(request, user, status=400, error=problem[0], error_fields=problem[1])
     try:
-        _id, password = await _security(request).app_password_create(user.mailbox, name)
+        _id, secret = await make(user.mailbox, name)
     except AccountError as e:
         return await _page(
             request, user, status=400, error="Non riuscito: {detail}", error_fields={"detail": e}
         )
-    return await _page(request, user, new_app_password=password, new_app_name=name)
+    fresh: dict[str, Any] = {shown: secret, named: name}
+    return await _page(request, user, **fresh)
+
+
+async def app_password_create(request: Request) -> Response:
+    return await _create_secret(
+        request, _security(request).app_password_create, "new_app_password", "new_app_name"
+    )
 
 
 async def app_password_revoke(request: Request) -> Response:
@@ -478,23 +493,7 @@ async def app_password_revoke(request: Request) -> Response:
 
 
 async def token_create(request: Request) -> Response:
-    user = await ui.require_user(request)
-    form = await ui.read_form(request, **_FORM)
-    name = _name(form)
-    if name is None:
-        return await _page(
-            request, user, status=400, error="Scrivi un nome (da 1 a 255 caratteri)."
-        )
-    problem = await _reauthenticated(request, user, form)
-    if problem is not None:
-        return await _page(request, user, status=400, error=problem[0], error_fields=problem[1])
-    try:
-        _id, token = await _tokens(request).create(user.mailbox, name)
-    except AccountError as e:
-        return await _page(
-            request, user, status=400, error="Non riuscito: {detail}", error_fields={"detail": e}
-        )
-    return await _page(request, user, new_token=token, new_token_name=name)
+    return await _create_secret(request, _tokens(request).create, "new_token", "new_token_name")
 
 
 async def token_revoke(request: Request) -> Response:
