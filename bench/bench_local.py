@@ -140,27 +140,49 @@ async def fresh_postgres(server: str) -> str:
     return make_url(server).set(database=name).render_as_string(hide_password=False)
 
 
+def _own_cpu(p: int) -> float:
+    try:
+        fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def _children(p: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{p}/task").glob("*/children"):
+        try:
+            found += [int(c) for c in task.read_text().split()]
+        except OSError:
+            continue
+    return found
+
+
+def _cmdline(p: int) -> bytes:
+    try:
+        return Path(f"/proc/{p}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def cpu_seconds(pid: int) -> tuple[float, float]:
-    """(CPU seconds of process ``pid``, of its format processes now alive), from /proc."""
-    tick = os.sysconf("SC_CLK_TCK")
-
-    def own(p: int) -> float:
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
-        except OSError:
-            return 0.0
-        return (int(fields[11]) + int(fields[12])) / tick  # utime + stime
-
-    def is_mailbox_process(p: int) -> bool:  # IMAP/POP3, not a format process
-        try:
-            return b"mailbox_process" in Path(f"/proc/{p}/cmdline").read_bytes()
-        except OSError:
-            return False
-
-    children: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*/children"):
-        children += [int(c) for c in task.read_text().split()]
-    return own(pid), sum(own(c) for c in children if not is_mailbox_process(c))
+    """(CPU seconds of ``pid`` and of its engine processes, of their format processes), from
+    /proc, over the live process tree. The mailbox (IMAP/POP3) and web processes are left out:
+    nobody uses them during the run. With ``serve.processes`` > 1 the SMTP+pipeline work is in
+    the engine child processes: "main" is their sum with the parent's."""
+    main = formats = 0.0
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        cmd = _cmdline(p)
+        if p != pid and (b"mailbox_process" in cmd or b"web_process" in cmd):
+            continue
+        if b"multiprocessing" in cmd:
+            formats += _own_cpu(p)
+        else:
+            main += _own_cpu(p)
+        todo += _children(p)
+    return main, formats
 
 
 class Scanner:
@@ -208,6 +230,8 @@ async def install(
         text = text.replace(
             'data_dir = "data"', f'data_dir = "data"\ndatabase_url = "{args.database_url}"'
         )
+    if args.processes is not None:
+        text += f"\n[serve]\nprocesses = {args.processes}\n"
     text += f"\n[queue]\nworkers = {args.workers}\npoll_seconds = 0.2\n"
     if args.format_processes is not None:
         text += f"format_processes = {args.format_processes}\n"
@@ -361,8 +385,24 @@ async def main() -> None:
         help="also run pecd with the antivirus on (a real clamd), in the same run, on a fresh "
         "installation: the figures side by side",
     )
+    ap.add_argument(
+        "--processes",
+        type=int,
+        default=None,
+        help="serve.processes (SMTP+pipeline processes); default: the config default",
+    )
+    ap.add_argument(
+        "--sweep",
+        action="store_true",
+        help="one run after another, each on a fresh installation: SQLite with the default "
+        "processes, then PostgreSQL (--postgres, default the local server) with 1, 2 and 4 "
+        "processes; a table beside the baseline",
+    )
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
+    if args.sweep:
+        await sweep(args)
+        return
 
     tmp = Path(tempfile.mkdtemp(prefix="pecd-bench-"))
     args.database_url = await fresh_postgres(args.postgres) if args.postgres else ""
@@ -370,18 +410,7 @@ async def main() -> None:
     assert cfg.tls.ca is not None
     ctx = ssl.create_default_context(cafile=str(cfg.tls.ca))
 
-    # Baseline: a no-op aiosmtpd over the same TLS, no AUTH, nothing stored.
-    bport = free_port()
-    base = subprocess.Popen(
-        [sys.executable, "-c", BASELINE, str(bport), str(cfg.tls.cert), str(cfg.tls.key)]
-    )
-    wait_port(bport, base)
-    total = args.clients * args.messages
-    b_elapsed = await run_clients(
-        bport, ctx, args.clients, args.messages, args.size_kb, auth=False, started={}
-    )
-    base.terminate()
-    base.wait()
+    b_rate = await baseline(cfg, args, ctx)
 
     plain = await measure(tmp, inst, cfg, ports, senders, args, ctx)
     scanned = None
@@ -411,7 +440,7 @@ async def main() -> None:
         f"pecd bench: {args.clients} clients x {args.messages} messages x {args.size_kb} KB, "
         f"{args.workers} workers, db={'postgresql' if args.database_url else 'sqlite'}, cpus={os.cpu_count()}"
     )
-    print(f"  baseline no-op aiosmtpd submissions/s : {total / b_elapsed:8.1f}")
+    print(f"  baseline no-op aiosmtpd submissions/s : {b_rate:8.1f}")
     report("pecd ", plain)
     if scanned is not None:
         report("pecd+clamd ", scanned)
@@ -421,6 +450,66 @@ async def main() -> None:
         print(f"  kept {tmp}")
     else:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+async def sweep(args: argparse.Namespace) -> None:
+    """SQLite (default processes), then PostgreSQL with 1, 2, 4 processes: one table."""
+    server = args.postgres or "postgresql://postgres@127.0.0.1:5432/test"
+    runs: list[tuple[str, str, int | None]] = [("sqlite", "", None)]
+    runs += [("postgresql", server, n) for n in (1, 2, 4)]
+    rows: list[tuple[str, dict[str, float]]] = []
+    baselines: list[float] = []
+    for db, url, processes in runs:
+        tmp = Path(tempfile.mkdtemp(prefix="pecd-bench-"))
+        args.processes = processes
+        args.database_url = await fresh_postgres(url) if url else ""
+        try:
+            inst, cfg, ports, senders = await install(tmp, args)
+            assert cfg.tls.ca is not None
+            ctx = ssl.create_default_context(cafile=str(cfg.tls.ca))
+            baselines.append(await baseline(cfg, args, ctx))
+            figures = await measure(tmp, inst, cfg, ports, senders, args, ctx)
+            label = f"{db}, processes={processes if processes else 'default'}"
+            rows.append((label, figures))
+        finally:
+            if url:
+                await admin(url, f'DROP DATABASE IF EXISTS "{db_name(args.database_url)}"')
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(
+        f"pecd bench sweep: {args.clients} clients x {args.messages} messages x "
+        f"{args.size_kb} KB, {args.workers} workers per process, cpus={os.cpu_count()}"
+    )
+    print(
+        "  baseline no-op aiosmtpd submissions/s, before each run: "
+        + ", ".join(f"{b:.0f}" for b in baselines)
+    )
+    print(
+        f"  {'run':<28} {'e2e msg/s':>10} {'submit/s':>9} {'CPU main':>9} {'formats':>8} "
+        f"{'total ms':>9} {'done':>10}"
+    )
+    for label, f in rows:
+        total = f["cpu_main"] + f["cpu_formats"]
+        print(
+            f"  {label:<28} {f['e2e']:10.1f} {f['submissions']:9.1f} {f['cpu_main']:9.2f} "
+            f"{f['cpu_formats']:8.2f} {total:9.2f} {f['done']:5.0f}/{f['total']:.0f}"
+        )
+
+
+async def baseline(cfg: Any, args: argparse.Namespace, ctx: ssl.SSLContext) -> float:
+    """Submissions/s of a no-op aiosmtpd over the same TLS, no AUTH, nothing stored."""
+    bport = free_port()
+    base = subprocess.Popen(
+        [sys.executable, "-c", BASELINE, str(bport), str(cfg.tls.cert), str(cfg.tls.key)]
+    )
+    try:
+        wait_port(bport, base)
+        elapsed = await run_clients(
+            bport, ctx, args.clients, args.messages, args.size_kb, auth=False, started={}
+        )
+    finally:
+        base.terminate()
+        base.wait()
+    return args.clients * args.messages / elapsed
 
 
 if __name__ == "__main__":
