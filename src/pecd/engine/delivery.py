@@ -17,10 +17,12 @@ from pecd.engine.effects import (
     Effect,
     LookUpMailboxes,
     MailboxState,
+    Settle,
     Stage,
     StageError,
     TakeInCharge,
     TakenInCharge,
+    TookCharge,
 )
 from pecd.engine.vocab import DeliveryPayload, Outcome, Stored, StorePayload, TraceType
 from pecd.pec import builders
@@ -161,7 +163,14 @@ def delivery(
             "; ".join(f"delivery to {rcpt} failed: {error}" for rcpt, error in done.failed.items())
         )
     assert done.answered is not None
-    effects: list[Effect] = ctx.emit(
+    # Our own transmission (the access point queued it; a peer's names its mailReceipt): its
+    # presa in carico and its esiti settle the 12 h / 24 h timers here, as the receipts coming
+    # back from another provider do at the reception point (engine/reception.py).
+    own = p.mail_receipt is None
+    effects: list[Effect] = (
+        [TookCharge(tx.identificativo, tuple(recipients), taken.instant)] if own else []
+    )
+    effects += ctx.emit(
         key=f"{key}:presa-in-carico",
         unique=True,  # from this transaction's own intake key
         mailbox=mail_receipt,
@@ -186,6 +195,8 @@ def delivery(
                 data={"consegna": rcpt},
             ),
         )
+        if own:
+            effects.append(Settle(tx.identificativo, rcpt, done.answered.instant, event))
     return effects
 
 

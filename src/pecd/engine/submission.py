@@ -104,8 +104,12 @@ def submission(ctx: Context, key: str, p: IntakePayload, raw: bytes, now: dateti
                 now,
             )
         )
-    # The 12 h / 24 h timers run for PEC recipients at other providers (spec 2.3).
-    watched = tuple(r for rs in remote.values() for r in rs if ctx.is_certified(r))
+    # The 12 h / 24 h timers run for every PEC recipient (spec 2.3), ours too: same-provider
+    # mail gets the full processing (RFC 6109 3.4), and a local delivery held back by a
+    # transient fault (a full disk) waits with these timers as the rules' clock. One effect
+    # for the whole transmission (one executemany); the delivery point or the receipts that
+    # come back settle each recipient.
+    watched = tuple(r for r in tx.addresses if ctx.is_certified(r))
     if watched:
         effects.append(Expect(tx.identificativo, watched, tx.mittente, tx, now))
     for dom, rcpts in sorted(remote.items()):

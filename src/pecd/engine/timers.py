@@ -1,5 +1,6 @@
-"""The 12 h / 24 h timers: a preavviso-errore-consegna when a PEC recipient at another provider has
-not answered in time (spec 2.3).
+"""The 12 h / 24 h timers: a preavviso-errore-consegna when a PEC recipient has not answered in
+time (spec 2.3): at another provider (its receipts settle it at the reception point), or ours (the
+delivery point settles it; a delivery held back by a full disk waits with these as its clock).
 
 At ``first_hours`` without presa in carico or delivery: the first notice. At ``final_hours``
 without delivery: the final one, and the recipient's transaction is closed. So a presa in carico
@@ -27,7 +28,7 @@ from pecd.pec.timefmt import pec_time
 
 @dataclass(frozen=True, slots=True)
 class Waiting:
-    """One PEC recipient at another provider whose transmission is still open."""
+    """One PEC recipient (at another provider, or ours) whose transmission is still open."""
 
     pec_msgid: str
     recipient: str

@@ -16,9 +16,11 @@ from pecd.engine.effects import (
     LookUpMailboxes,
     MailboxState,
     Record,
+    Settle,
     StageError,
     StoreLocal,
     TakeInCharge,
+    TookCharge,
 )
 from pecd.engine.vocab import DeliveryPayload, JobKind, Outcome, Stored, StorePayload, TraceType
 from pecd.pec import builders
@@ -95,6 +97,13 @@ def test_every_recipient_delivered_gets_one_avvenuta_consegna(ctx: Context, worl
     times = {r.event.event: r.event.at for r in world.of(effects, Record)}
     assert times[TraceType.PRESA_IN_CARICO] == world.now
     assert times[TraceType.AVVENUTA_CONSEGNA] == world.receipts_at
+    # Our own transmission: its presa in carico and each esito settle the timers (one
+    # TookCharge for the transaction, one Settle per recipient, at the receipts' times).
+    assert world.of(effects, TookCharge) == [TookCharge(tx.identificativo, (BOB, CAROL), world.now)]
+    assert world.of(effects, Settle) == [
+        Settle(tx.identificativo, rcpt, world.receipts_at, TraceType.AVVENUTA_CONSEGNA)
+        for rcpt in (BOB, CAROL)
+    ]
 
 
 @pytest.mark.parametrize(
@@ -119,6 +128,11 @@ def test_refusals_become_errore_consegna(
         BOB: (TraceType.AVVENUTA_CONSEGNA, None),
         CAROL: (TraceType.ERRORE_CONSEGNA, esteso),
     }
+    # An errore-consegna settles its recipient's timers as an avvenuta-consegna does.
+    assert {(e.recipient, e.outcome) for e in world.of(effects, Settle)} == {
+        (BOB, TraceType.AVVENUTA_CONSEGNA),
+        (CAROL, TraceType.ERRORE_CONSEGNA),
+    }
 
 
 def test_a_failed_delivery_retries_the_job_then_answers_on_the_last_try(
@@ -126,6 +140,8 @@ def test_a_failed_delivery_retries_the_job_then_answers_on_the_last_try(
 ) -> None:
     world.mailboxes = {BOB: OPEN, CAROL: OPEN}
     world.outcomes[CAROL] = Outcome(Stored.FAILED, "OSError: disk full")
+    # Nothing is committed for a try that fails (no presa in carico, no esito): the timers of
+    # both recipients stay open, so a delivery held back long enough gets its preavviso.
     with pytest.raises(StageError, match=r"delivery to carol@pec\.ours\.test failed: OSError"):
         run(ctx, world, attempts=1)
     world.commands.clear()
@@ -158,6 +174,8 @@ def test_relayed_mail_answers_the_sending_provider_and_its_holder(ctx: Context, 
     assert relayed[f"esito:{tx.identificativo}:{BOB}"].payload.recipients == (zoe,)
     assert all(e.kind is JobKind.RELAY for e in relayed.values())
     assert world.of(effects, StoreLocal) == []
+    # Its timers are the sending provider's, settled there by these receipts: none here.
+    assert world.of(effects, TookCharge) == [] and world.of(effects, Settle) == []
 
 
 def test_store_puts_a_message_in_an_existing_mailbox(ctx: Context, world: Any) -> None:

@@ -72,14 +72,16 @@ def test_accepted_goes_to_every_kind_of_recipient(ctx: Context, world: Any) -> N
     assert relay_theirs.payload.mail_from == alice
     assert relay_theirs.payload.kind is RelayKind.ENVELOPE
     assert relay_theirs.data == delivery.data
-    # The timers watch only the PEC recipients at other providers.
+    # The timers watch every PEC recipient, ours included, in one effect; not ordinary mail.
     [expect] = world.of(effects, Expect)
-    assert expect.recipients == (carol, dan) and expect.sender == alice
+    assert expect.recipients == (bob, carol, dan) and expect.sender == alice
+    assert (expect.pec_msgid, expect.sent_at) == (delivery.payload.tx.identificativo, world.now)
     tipi = {d.address: d.tipo for d in expect.tx.destinatari}
     assert tipi[ext] is DestinatarioTipo.ESTERNO and tipi[carol] is DestinatarioTipo.CERTIFICATO
 
 
-def test_only_local_recipients_need_no_relay_and_no_timer(ctx: Context, world: Any) -> None:
+def test_only_local_recipients_need_no_relay_but_get_the_timers(ctx: Context, world: Any) -> None:
+    """Same-provider mail gets the full processing (RFC 6109 3.4), the 12 h / 24 h timers too."""
     alice, bob = "alice@pec.ours.test", "bob@pec.ours.test"
     effects = world.play(
         submission(
@@ -91,7 +93,8 @@ def test_only_local_recipients_need_no_relay_and_no_timer(ctx: Context, world: A
         TraceType.POSTA_CERTIFICATA,
     ], effects
     assert [e.kind for e in world.of(effects, Enqueue)] == [JobKind.DELIVERY]
-    assert world.of(effects, Expect) == []
+    [expect] = world.of(effects, Expect)
+    assert (expect.recipients, expect.sender, expect.sent_at) == ((bob,), alice, world.now)
 
 
 def test_formal_errors_get_a_non_accettazione_and_nothing_else(ctx: Context, world: Any) -> None:
