@@ -12,6 +12,8 @@ import smtplib
 import sqlite3
 from collections import Counter
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,6 +22,7 @@ from prometheus_client import REGISTRY
 
 from helpers import DOMAIN, PASSWORD, client_tls, fetch_all, install_e2e, message, wait_for
 from helpers import AppThread as Server
+from pecd.clock import FixedClock
 from pecd.engine.effects import Delivery, Unavailable
 from pecd.engine.vocab import Stored
 from pecd.mailbox.maildir import MailboxFull, MaildirStore
@@ -235,3 +238,90 @@ def test_submissions_get_452_while_storage_is_full(
         free["bytes"] = 1 << 40  # space returns
         assert smtp.sendmail(ALICE, [BOB], raw) == {}
     wait_for(lambda: len(fetch_all(server, "bob")) == in_box + 1, 20, "delivered")
+
+
+# --- the 12 h / 24 h timers of a local delivery held back -----------------------------------------
+
+
+def test_a_local_delivery_held_back_gets_the_first_preavviso_then_one_avvenuta_consegna(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Same-provider mail gets the timers too (spec 2.3, full processing on one domain): while
+    bob's mailbox filesystem is full the delivery waits, and at 12 h the sender gets the
+    preavviso; when space returns, one avvenuta-consegna, and the 24 h timer has nothing to say.
+    The clock is moved by hand; the timers run when the test says (check_seconds: an hour)."""
+    full = True
+    tried: Counter[str] = Counter()
+    real = MaildirStore.deliver
+
+    def deliver(self: MaildirStore, address: str, key: str, data: bytes, **kw: Any) -> Any:
+        if full and address == BOB:  # only bob's volume: the sender's receipts still land
+            tried[address] += 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, address, key, data, **kw)
+
+    monkeypatch.setattr(MaildirStore, "deliver", deliver)
+    queue = "format_processes = 0\nmax_attempts = 2\nmax_delay_seconds = 0.5\n"
+    cfg = asyncio.run(
+        install_e2e(tmp_path, None, queue=queue, extra="\n[timers]\ncheck_seconds = 3600\n")
+    )
+    clock = FixedClock(datetime.now(UTC))
+    srv = Server(cfg, clock=clock).start()
+    try:
+        assert srv.app is not None and srv.app.timers is not None
+        timers = srv.app.timers
+
+        def alice_has() -> Counter[Ricevuta | None]:
+            return Counter(classify(m).ricevuta for m in fetch_all(srv, "alice"))
+
+        def settle(seconds: float = 1) -> None:
+            """Move the clock a little, so that a waiting job's next try is due."""
+            clock.advance(timedelta(seconds=seconds))
+
+        with smtplib.SMTP_SSL("127.0.0.1", srv.port("smtps"), context=client_tls(cfg)) as smtp:
+            smtp.login(ALICE, PASSWORD)
+            smtp.sendmail(ALICE, [BOB], message(ALICE, [BOB], [], "Casella su disco pieno"))
+        wait_for(lambda: alice_has()[Ricevuta.ACCETTAZIONE] == 1, 20, "the accettazione")
+        wait_for(lambda: tried[BOB] >= 1, 20, "a first try")
+        for _ in range(3):  # a few more tries, more than max_attempts would allow
+            settle()
+            seen = tried[BOB]
+            wait_for(lambda s=seen: tried[BOB] > s, 20, "another try")  # type: ignore[misc]
+        assert srv.call(timers.run_once()) == 0  # nothing due before 12 h
+
+        clock.advance(timedelta(hours=12, minutes=1))
+        assert srv.call(timers.run_once()) == 1
+        assert srv.call(timers.run_once()) == 0  # one preavviso per timer
+        got = wait_for(lambda: (c := alice_has())[Ricevuta.PREAVVISO_ERRORE_CONSEGNA] and c)
+        assert got[Ricevuta.AVVENUTA_CONSEGNA] == 0 and got[Ricevuta.ERRORE_CONSEGNA] == 0
+        [notice] = [
+            c
+            for c in map(classify, fetch_all(srv, "alice"))
+            if c.ricevuta is Ricevuta.PREAVVISO_ERRORE_CONSEGNA
+        ]
+        assert notice.daticert is not None and notice.daticert.consegna == BOB
+        assert (notice.daticert.errore_esteso or "").startswith("4.4.1")
+        assert fetch_all(srv, "bob") == []
+        assert not any(j.state == jobs.PARKED for j in all_jobs(srv))
+
+        full = False  # space returns: the delivery resumes by itself
+        settle(60)
+        got = wait_for(lambda: (c := alice_has())[Ricevuta.AVVENUTA_CONSEGNA] and c, 20)
+        assert len(fetch_all(srv, "bob")) == 1
+        # Past the final timer: the recipient is settled, so no second notice.
+        clock.advance(timedelta(hours=12))
+        assert srv.call(timers.run_once()) == 0
+        clock.advance(timedelta(hours=30))
+        assert srv.call(timers.run_once()) == 0
+        settle()
+        wait_for(lambda: all(j.state == jobs.DONE for j in all_jobs(srv)), 20, "jobs done")
+        assert alice_has() == {
+            Ricevuta.ACCETTAZIONE: 1,
+            Ricevuta.PREAVVISO_ERRORE_CONSEGNA: 1,
+            Ricevuta.AVVENUTA_CONSEGNA: 1,
+        }
+        assert [classify(m).ricevuta for m in fetch_all(srv, "ricevute")] == [
+            Ricevuta.PRESA_IN_CARICO
+        ]
+    finally:
+        srv.stop()
