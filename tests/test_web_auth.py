@@ -524,7 +524,7 @@ def test_settings_password_quota_app_passwords_and_tokens(web_cfg: Config) -> No
         assert (await login(c, ALICE, PASSWORD)).status_code == 303
         assert (await login(other, ALICE, PASSWORD)).status_code == 303
         page = await c.get("/settings")
-        assert "di 1.0 MB (29%)" in page.text and "<meter" in page.text
+        assert "di 1 MB (29%)" in page.text and "<meter" in page.text
         assert "Sessioni aperte su questa casella: 2." in page.text
 
         # Password change: checks, then every other session ends.

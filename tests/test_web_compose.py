@@ -138,12 +138,15 @@ def test_recipients_are_split_normalised_and_checked(web_cfg: Config) -> None:
     many = ",".join(f"u{i}@pec.example.test" for i in range(limits.max_recipients + 1))
     assert "Troppi" in check_draft(Draft(to=many), limits)[2]["to"][0].text
     assert check_draft(Draft(to=BOB, receipt="bogus"), limits)[2].keys() == {"receipt"}
-    assert [human_size(n) for n in (12, 2048, 1024**2, 1536 * 1024, 100 * 1024**2)] == [
+    sizes = (12, 2048, 1024**2, 1536 * 1024, 100 * 1024**2, 2 * 1024**3, 1536 * 1024**2)
+    assert [human_size(n) for n in sizes] == [
         "12 B",
         "2 KB",
         "1 MB",
         "1.5 MB",
         "100 MB",
+        "2 GB",
+        "1.5 GB",
     ]
 
 

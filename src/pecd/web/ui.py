@@ -58,6 +58,7 @@ __all__ = [
     "current_session",
     "current_user",
     "error_page",
+    "human_size",
     "lang",
     "read_form",
     "redirect",
@@ -133,6 +134,24 @@ class WebUser:
 
 
 # --- language ---------------------------------------------------------------------------------
+
+
+def human_size(n: int) -> str:
+    """``n`` bytes for people: "12 B", "640 KB", "1.5 MB", "100 MB", "2 GB" (1 KB = 1024 B);
+    one decimal below 10 of a unit unless it is whole."""
+    if n < 1024:
+        return f"{n} B"
+    if n < 1024 * 1024:
+        return f"{n // 1024} KB"
+    for unit, size in (("MB", 1024**2), ("GB", 1024**3)):
+        value = n / size
+        if unit == "GB" or value < 1024:
+            return (
+                f"{value:.0f} {unit}"
+                if value >= 10 or value == int(value)
+                else f"{value:.1f} {unit}"
+            )
+    raise AssertionError("unreachable")
 
 
 def lang(request: Request) -> str:

@@ -47,6 +47,7 @@ from pecd.web.providers import provider_index
 from pecd.web.sentcopy import save_sent_copy, sent_message
 from pecd.web.submit import MAX_SUBJECT, Attachment, SubmitError, subject_error, submit
 from pecd.web.timeline import heavy_work
+from pecd.web.ui import human_size
 
 __all__ = [
     "RECEIPTS",
@@ -259,16 +260,6 @@ class Draft:
             receipt=text("receipt") or TipoRicevuta.COMPLETA.value,
             client_key=text("client_key"),
         )
-
-
-def human_size(n: int) -> str:
-    """``n`` bytes for people: "100 MB", "1.5 MB", "640 KB", "12 B" (1 MB = 1024 * 1024)."""
-    if n >= 1024 * 1024:
-        mb = n / (1024 * 1024)
-        return f"{mb:.0f} MB" if mb >= 10 or mb == int(mb) else f"{mb:.1f} MB"
-    if n >= 1024:
-        return f"{n // 1024} KB"
-    return f"{n} B"
 
 
 def parse_recipients(text: str) -> tuple[list[str], list[str]]:

@@ -39,7 +39,7 @@ from pecd.mailbox.maildir import INBOX, MaildirStore
 from pecd.mailbox.uidlist import Entry
 from pecd.pec import mime
 from pecd.pec.timefmt import ROME
-from pecd.web import i18n
+from pecd.web import i18n, ui
 from pecd.web.evidence import make_bundle, stream
 from pecd.web.mailview import (
     Attachment,
@@ -278,14 +278,6 @@ def _short_time(when: datetime | None) -> str:
     return when.astimezone(ROME).strftime("%d/%m/%Y %H:%M")
 
 
-def _size_text(n: int) -> str:
-    if n < 1024:
-        return f"{n} B"
-    if n < 1024 * 1024:
-        return f"{n / 1024:.0f} KB"
-    return f"{n / (1024 * 1024):.1f} MB"
-
-
 def _folder_word(info: FolderInfo | str) -> str:
     name = info if isinstance(info, str) else info.name
     display = name if isinstance(info, str) else info.display
@@ -296,7 +288,7 @@ def _helpers() -> dict[str, Callable[..., Any]]:
     return {
         "when": when_text,
         "short_time": _short_time,
-        "size_text": _size_text,
+        "size_text": ui.human_size,
         "kind_label": lambda k: KIND_LABELS.get(k, KIND_LABELS[PecKind.PLAIN]),
         "folder_word": _folder_word,
     }

@@ -201,15 +201,6 @@ def totp_qr_response(mailbox: str, secret: str) -> Response:
 # --- the page ---------------------------------------------------------------------------------
 
 
-def _human(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1024 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TB"
-
-
 def _accounts(request: Request) -> Accounts:
     accounts: Accounts = request.app.state.accounts
     return accounts
@@ -258,9 +249,9 @@ async def _page(
     )
     context: dict[str, Any] = {
         "used": used,
-        "used_h": _human(used),
+        "used_h": ui.human_size(used),
         "quota": quota,
-        "quota_h": _human(quota) if quota is not None else None,
+        "quota_h": ui.human_size(quota) if quota is not None else None,
         "percent": min(100, round(100 * used / quota)) if quota else None,
         "totp": totp,
         "totp_secret": totp_secret,
