@@ -3,16 +3,30 @@
 
 Exit 0 when /healthz answers 200, 1 otherwise. With [metrics] off (listen = "") there is no port
 to ask: the check passes once the config file is readable, and says so. Reads the config with
-tomllib only (no pecd import: a check runs every few seconds). The config file is $PECD_CONFIG,
+tomllib only (no pecd import: a check runs every few seconds), and puts the environment's
+values in it as pecd's loader does ("${NAME:-default}"). The config file is $PECD_CONFIG,
 default /etc/pecd/pecd.toml.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 import tomllib
 import urllib.request
+
+
+def expand(value: str) -> str:
+    """``${NAME}`` / ``${NAME:-default}`` as pecd.config expands them (``$${`` stays literal)."""
+
+    def sub(m: re.Match[str]) -> str:
+        if m.group(1):
+            return m.group(0)[1:]
+        found = os.environ.get(m.group(2))
+        return m.group(3) if m.group(3) is not None and not found else found or ""
+
+    return re.sub(r"\$(\$?)\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}", sub, value)
 
 
 def main() -> int:
@@ -23,7 +37,7 @@ def main() -> int:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         print(f"pecd-healthcheck: {path}: {exc}")
         return 1
-    listen = str(cfg.get("metrics", {}).get("listen", "") or "")
+    listen = expand(str(cfg.get("metrics", {}).get("listen", "") or ""))
     if not listen:
         print("pecd-healthcheck: [metrics] listen is off; nothing to ask")
         return 0

@@ -4,7 +4,8 @@ and contrib/pecd.service, validated without Docker or systemd running.
 * ``docker-compose config`` (Debian's docker-compose, v1) checks docker-compose.yml: it needs no
   daemon and no image;
 * deploy/pecd.toml, the one config file both compose nodes mount, loads with pecd's own loader
-  (its /etc/pecd and /var/lib/pecd paths moved under a temporary directory), and agrees with the
+  (its /etc/pecd and /var/lib/pecd paths moved under a temporary directory by the environment
+  values it reads, PECD_ETC and PECD_VAR), and agrees with the
   compose file (database password) and with deploy/clamd/clamd.conf (StreamMaxLength above
   max_message_size); Dovecot's config rendered from it reads the shared root over PostgreSQL;
 * the image's HEALTHCHECK script asks /healthz on [metrics] listen;
@@ -122,22 +123,84 @@ def test_dockerfile_copies_what_the_context_has(dockerfile: str) -> None:
         assert ("CMD", '["pecd", "serve", "-c", "/etc/pecd/pecd.toml"]') in tail
 
 
-def _deploy_config(tmp_path: Path) -> Config:
-    """deploy/pecd.toml with /etc/pecd and /var/lib/pecd moved under ``tmp_path``."""
+def _deploy_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Config:
+    """deploy/pecd.toml with /etc/pecd and /var/lib/pecd moved under ``tmp_path`` through its
+    environment values (PECD_ETC, PECD_VAR), every other one left at its container default."""
     etc, var = tmp_path / "etc" / "pecd", tmp_path / "var" / "lib" / "pecd"
     (etc / "pki").mkdir(parents=True)
     for name in PKI_FILES:
         (etc / "pki" / name).write_text("placeholder\n")
+    for name in DEPLOY_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PECD_ETC", str(etc))
+    monkeypatch.setenv("PECD_VAR", str(var))
+    return load_config(DEPLOY_TOML)
+
+
+#: The environment values deploy/pecd.toml reads (its header lists them).
+DEPLOY_ENV = (
+    "PECD_ETC",
+    "PECD_VAR",
+    "PECD_DATABASE_URL",
+    "PECD_RECEPTION",
+    "PECD_SMTPS",
+    "PECD_SUBMISSION",
+    "PECD_HTTPS",
+    "PECD_METRICS",
+    "PECD_CLAMD_HOST",
+    "PECD_CLAMD_PORT",
+)
+
+
+def test_deploy_config_names_its_environment_values() -> None:
     text = DEPLOY_TOML.read_text("utf-8")
-    assert "/etc/pecd/" in text and "/var/lib/pecd/" in text
-    text = text.replace("/etc/pecd/", f"{etc}/").replace("/var/lib/pecd/", f"{var}/")
-    path = etc / "pecd.toml"
-    path.write_text(text, "utf-8")
-    return load_config(path)
+    used = set(re.findall(r"\$\{(PECD_[A-Z_]+):-", text))
+    assert used == set(DEPLOY_ENV)
+    header = text[: text.index("[provider]")]
+    for name in DEPLOY_ENV:
+        assert name in header, f"{name} is not described in deploy/pecd.toml's header"
 
 
-def test_deploy_config_loads_with_pecds_loader(tmp_path: Path) -> None:
-    cfg = _deploy_config(tmp_path)
+def test_environment_values_in_a_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pecd's loader: ${NAME} must be set, ${NAME:-default} falls back when NAME is unset or
+    empty, $${ is a literal ${, keys and non-strings are left alone; the healthcheck agrees."""
+    from pecd.config import ConfigError
+    from pecd.devinit import config_text
+
+    monkeypatch.setenv("T_HOST", "127.0.0.2")
+    monkeypatch.setenv("T_EMPTY", "")
+    monkeypatch.delenv("T_UNSET", raising=False)
+    base = config_text(
+        domain="pec.example.test", name="Example", ports={"smtps": 1, "submission": 2, "imaps": 3}
+    ).split("[listeners]")[0]
+    for name in ("signing.key", "signing.pem", "chain.pem", "tls.pem", "tls.key", "ca.pem"):
+        (tmp_path / "pki").mkdir(exist_ok=True)
+        (tmp_path / "pki" / name).write_text("placeholder\n")
+    conf = tmp_path / "pecd.toml"
+    conf.write_text(
+        base
+        + "[listeners]\n"
+        + 'smtps = "${T_HOST}:${T_UNSET:-4650}"\n'
+        + 'submission = "${T_EMPTY:-127.0.0.1}:5870"\n'
+        + 'hostname = "$${T_HOST}"\n'
+        + '[metrics]\nlisten = "${T_HOST:-0.0.0.0}:9108"\n',
+        "utf-8",
+    )
+    cfg = load_config(conf)
+    assert cfg.listeners.smtps is not None and str(cfg.listeners.smtps) == "127.0.0.2:4650"
+    assert str(cfg.listeners.submission) == "127.0.0.1:5870"
+    assert cfg.listeners.hostname == "${T_HOST}"
+    monkeypatch.setenv("PECD_CONFIG", str(conf))
+    assert _healthcheck_module().expand("${T_HOST:-0.0.0.0}:9108") == "127.0.0.2:9108"
+    conf.write_text(base + '[listeners]\nsmtps = "${T_UNSET}:465"\n', "utf-8")
+    with pytest.raises(ConfigError, match=r"listeners\.smtps: environment variable T_UNSET"):
+        load_config(conf)
+
+
+def test_deploy_config_loads_with_pecds_loader(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = _deploy_config(tmp_path, monkeypatch)
     var = tmp_path / "var" / "lib" / "pecd"
     url = make_url(cfg.database_url)
     assert url.get_backend_name() == "postgresql"
@@ -164,8 +227,10 @@ def test_deploy_config_loads_with_pecds_loader(tmp_path: Path) -> None:
     assert conf["AlertExceedsMax"] == "yes" and conf["TCPSocket"] == str(cfg.antivirus.port)
 
 
-def test_dovecot_config_from_the_deploy_config(tmp_path: Path) -> None:
-    cfg = _deploy_config(tmp_path)
+def test_dovecot_config_from_the_deploy_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = _deploy_config(tmp_path, monkeypatch)
     files = render(cfg, tmp_path / "dovecot", mail_user=MailUser("pecd", 10025, 10025))
     conf = files["dovecot.conf"]
     assert f"mail_location = maildir:{cfg.maildir_root}/%Ld/%Ln" in conf

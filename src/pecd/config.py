@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -12,6 +13,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    Strict,
     ValidationError,
     field_validator,
     model_validator,
@@ -355,6 +357,25 @@ class LogConfig(_Section):
         return v
 
 
+class ServeConfig(_Section):
+    """How ``pecd serve`` runs (runtime/supervisor.py, docs/operations.md "Several processes").
+
+    ``processes``: SMTP + pipeline ("engine") processes sharing the SMTP listening sockets, each
+    with its own workers and format processes. Unset: one per CPU on PostgreSQL, 1 on SQLite
+    (one writer at a time is SQLite's limit: more processes only wait on each other). 1 keeps
+    everything in the ``pecd serve`` process itself."""
+
+    processes: Annotated[int, Strict()] | None = Field(default=None, ge=1, le=256)
+
+    def engine_processes(self, database_url: str) -> int:
+        """How many engine processes run on the database at ``database_url``."""
+        if self.processes is not None:
+            return self.processes
+        if database_url.startswith(("postgresql", "postgres:")):
+            return max(1, os.cpu_count() or 1)
+        return 1
+
+
 class MetricsConfig(_Section):
     """The operator port (runtime/metrics.py): Prometheus /metrics, /healthz, /readyz. Off when
     empty; keep it on loopback or a management network (it has no authentication)."""
@@ -456,6 +477,7 @@ class Config(_Section):
     index: IndexConfig = IndexConfig()
     log: LogConfig = LogConfig()
     metrics: MetricsConfig = MetricsConfig()
+    serve: ServeConfig = ServeConfig()
     antivirus: AntivirusConfig = AntivirusConfig()
     webhooks: WebhooksConfig = WebhooksConfig()
     # Static routes: recipient domain -> "host:port", used before DNS (tests, private links).
@@ -476,6 +498,11 @@ class Config(_Section):
     @property
     def database_url(self) -> str:
         return self.storage.database_url or f"sqlite:///{self.storage.data_dir / 'pecd.db'}"
+
+    @property
+    def processes(self) -> int:
+        """The engine processes ``pecd serve`` runs (``[serve] processes``, resolved)."""
+        return self.serve.engine_processes(self.database_url)
 
     @property
     def maildir_root(self) -> Path:
@@ -527,6 +554,39 @@ def _describe(exc: ValidationError, path: Path) -> str:
     return f"{path}: {key}: {msg}{more}"
 
 
+# ``${NAME}`` or ``${NAME:-default}`` in a string value; ``$${...}`` stays a literal ``${...}``.
+_ENV_REF = re.compile(r"\$(\$?)\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand_env(value: Any, key: str, path: Path) -> Any:
+    """``value`` (a TOML value at ``key``) with the environment's values put in its strings:
+    ``${NAME}`` must be set, ``${NAME:-default}`` takes ``default`` when NAME is unset or empty.
+    One file then serves several places (docker-compose.yml's containers, a native run of the
+    same topology: docs/operations.md "Compose topology"). Keys are never expanded."""
+    if isinstance(value, dict):
+        return {k: _expand_env(v, f"{key}.{k}" if key else k, path) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v, key, path) for v in value]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+
+    def sub(m: re.Match[str]) -> str:
+        escaped, name, default = m.groups()
+        if escaped:
+            return m.group(0)[1:]
+        found = os.environ.get(name)
+        if default is not None and not found:
+            return default
+        if found is None:
+            raise ConfigError(
+                f"{path}: {key}: environment variable {name} is not set"
+                f" (${{{name}:-default}} gives it a default)"
+            )
+        return found
+
+    return _ENV_REF.sub(sub, value)
+
+
 def load_config(path: Path) -> Config:
     """Read and validate ``path``; raise ConfigError with one line naming the file, key and problem."""
     try:
@@ -539,6 +599,7 @@ def load_config(path: Path) -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    data = _expand_env(data, "", path)
     _resolve_paths(data, path.resolve().parent)
     data["source"] = str(path.resolve())
     try:
