@@ -23,6 +23,7 @@ from prometheus_client import REGISTRY
 from helpers import DOMAIN, PASSWORD, client_tls, fetch_all, install_e2e, message, wait_for
 from helpers import AppThread as Server
 from pecd.clock import FixedClock
+from pecd.config import load_config
 from pecd.engine.effects import Delivery, Unavailable
 from pecd.engine.vocab import Stored
 from pecd.mailbox.maildir import MailboxFull, MaildirStore
@@ -131,7 +132,16 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     # Inline format work (the Maildir is written in this process, where the test breaks it);
     # two attempts would park a job that fails for the job's own reasons.
     queue = "format_processes = 0\nmax_attempts = 2\nmax_delay_seconds = 0.5\n"
-    cfg = asyncio.run(install_e2e(tmp_path_factory.mktemp("inst"), None, queue=queue))
+    directory = tmp_path_factory.mktemp("inst")
+    asyncio.run(install_e2e(directory, None, queue=queue))
+    # With a reception point too (port chosen at bind time), for relay traffic.
+    path = directory / "pecd.toml"
+    text = path.read_text("utf-8")
+    path.write_text(
+        text.replace('hostname = "localhost"', 'hostname = "localhost"\nreception = "127.0.0.1:0"'),
+        "utf-8",
+    )
+    cfg = load_config(path)
     srv = Server(cfg).start()
     try:
         yield srv
@@ -237,6 +247,54 @@ def test_submissions_get_452_while_storage_is_full(
 
         free["bytes"] = 1 << 40  # space returns
         assert smtp.sendmail(ALICE, [BOB], raw) == {}
+    wait_for(lambda: len(fetch_all(server, "bob")) == in_box + 1, 20, "delivered")
+
+
+def test_the_reception_point_answers_452_while_storage_is_full(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Relay traffic from another provider (or the Internet) is refused for now, 452 4.3.1, not
+    451 and not a 250 it could not keep: the peer keeps the message and tries again."""
+    free = {"bytes": 0}
+    monkeypatch.setattr(diskspace, "free_bytes", lambda path: free["bytes"])
+    monkeypatch.setattr(diskspace, "PROBE_TTL", 0.0)
+    outsider = "mario@esterno.example"
+    raw = message(outsider, [BOB], [], "Posta in arrivo, disco pieno")
+    jobs_before = len(all_jobs(server))
+    in_box = len(fetch_all(server, "bob"))
+    with smtplib.SMTP("127.0.0.1", server.port("reception"), timeout=30) as smtp:
+        smtp.ehlo("mx.esterno.example")
+        assert smtp.mail(outsider) == (452, b"4.3.1 Insufficient system storage")
+        smtp.rset()
+
+        # Full between MAIL and DATA: refused before anything is committed.
+        free["bytes"] = 1 << 40
+        assert smtp.mail(outsider)[0] == 250
+        assert smtp.rcpt(BOB)[0] == 250
+        free["bytes"] = 0
+        assert smtp.data(raw) == (452, b"4.3.1 Insufficient system storage")
+        assert len(all_jobs(server)) == jobs_before
+
+        # The commit itself fails for want of space: 452, not 451.
+        free["bytes"] = 1 << 40
+        assert server.app is not None and server.app.reception is not None
+        intake = server.app.reception.handler.intake
+
+        async def submit(**kw: Any) -> None:
+            free["bytes"] = 0
+            raise sqlalchemy.exc.OperationalError(
+                "INSERT", {}, sqlite3.OperationalError("database or disk is full")
+            )
+
+        with monkeypatch.context() as m:
+            m.setattr(intake, "submit", submit)
+            assert smtp.mail(outsider)[0] == 250
+            assert smtp.rcpt(BOB)[0] == 250
+            assert smtp.data(raw) == (452, b"4.3.1 Insufficient system storage")
+        assert len(all_jobs(server)) == jobs_before
+
+        free["bytes"] = 1 << 40  # space returns: taken in (ordinary mail: an anomaly envelope)
+        assert smtp.sendmail(outsider, [BOB], raw) == {}
     wait_for(lambda: len(fetch_all(server, "bob")) == in_box + 1, 20, "delivered")
 
 

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import socket
 import ssl
 
 from aiosmtpd.smtp import SMTP, Envelope
@@ -31,6 +32,7 @@ from pecd.config import Config, Endpoint
 from pecd.engine.vocab import JobKind
 from pecd.guard import Guard
 from pecd.pec.address import domain_of, normalize_address, valid_address
+from pecd.runtime.diskspace import INSUFFICIENT_STORAGE, FreeSpace
 from pecd.runtime.intake import Intake
 from pecd.runtime.smtp import (
     IntakeEnvelope,
@@ -55,6 +57,12 @@ class ReceptionHandler:
         self.hostname = hostname
         self.intake = intake
         self.rcpt_cap = max(cfg.limits.max_recipients * 2, 1000)
+        # As at the access point: 452 4.3.1 while the data or Maildir filesystem has less than
+        # room for two messages, so that a peer keeps the message and tries again later rather
+        # than getting a 250 for something that could not be delivered (RFC 5321 4.2.5).
+        self.space = FreeSpace(
+            [cfg.storage.data_dir, cfg.maildir_root], 2 * cfg.limits.max_message_size
+        )
 
     async def handle_MAIL(
         self,
@@ -66,6 +74,8 @@ class ReceptionHandler:
     ) -> str:
         # A null reverse path (bounces) must be accepted (RFC 5321 4.5.5): kept as "<>", since
         # aiosmtpd takes an empty MAIL FROM for "no MAIL command" (the intake stores "").
+        if not self.space.enough():
+            return INSUFFICIENT_STORAGE
         envelope.mail_from = normalize_address(address) or "<>"
         envelope.mail_options.extend(options)
         return Reply.OK
@@ -100,7 +110,13 @@ class ReceptionHandler:
     async def handle_DATA(self, server: SMTP, session: SMTPSession, envelope: Envelope) -> str:
         if not envelope.rcpt_tos:
             return Reply.NO_RCPTS
-        return await self.intake.reply(JobKind.RECEPTION, session, envelope, tls=bool(session.ssl))
+        if not self.space.enough():
+            return INSUFFICIENT_STORAGE
+        reply = await self.intake.reply(JobKind.RECEPTION, session, envelope, tls=bool(session.ssl))
+        # The commit failed (451): for want of space, say so (RFC 3463 4.3.1).
+        if reply.startswith("451") and not self.space.enough(fresh=True):
+            return INSUFFICIENT_STORAGE
+        return reply
 
 
 class ReceptionPoint:
@@ -116,10 +132,12 @@ class ReceptionPoint:
         endpoint: Endpoint,
         hostname: str,
         guard: Guard | None = None,
+        sock: socket.socket | None = None,
     ) -> None:
         self.cfg = cfg
         self.tls = tls
         self.endpoint = endpoint
+        self.sock = sock  # a listening socket bound before (shared by engine processes)
         self.hostname = hostname
         # Connection limits per client address and in total (no AUTH here).
         self.guard = guard if guard is not None else Guard(cfg.security)
@@ -147,9 +165,12 @@ class ReceptionPoint:
 
     async def start(self, stack: contextlib.AsyncExitStack) -> None:
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(
-            self._factory, self.endpoint.host, self.endpoint.port
-        )
+        if self.sock is not None:
+            self.server = await loop.create_server(self._factory, sock=self.sock)
+        else:
+            self.server = await loop.create_server(
+                self._factory, self.endpoint.host, self.endpoint.port
+            )
         stack.push_async_callback(self.stop)
 
     @property
