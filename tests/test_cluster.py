@@ -39,6 +39,7 @@ from pecd.pec.classify import classify
 from pecd.pec.vocab import Kind
 from pecd.store.db import Database
 from pecd.store.models import Job, TraceEvent
+from pecd.store.models import Node as NodeRow
 from store_fixtures import PG_ENV, fresh_postgres_database
 
 pytestmark = pytest.mark.slow
@@ -130,12 +131,26 @@ class Node:
         wait_for(listening, 60, f"{self.name} listening on SMTPS", interval=0.05)
 
     def kill_group(self) -> list[int]:
-        """SIGKILL the node's whole process group; return the pids that were in its tree."""
+        """SIGKILL the node's process group and every process of its tree, as a machine that
+        dies takes them all: pecd serve, its mailbox process, its engine processes (each in a
+        session of its own, so that a signal to the group does not reach them) and every
+        format worker. The tree is stopped first (SIGSTOP) so that nothing forks meanwhile.
+        Return the pids of the tree."""
         assert self.proc is not None
-        tree = children(self.proc.pid)
-        os.killpg(self.proc.pid, signal.SIGKILL)
+        pid = self.proc.pid
+        os.killpg(pid, signal.SIGSTOP)
+        tree: set[int] = set()
+        while new := set(children(pid)) - tree:
+            for p in new:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p, signal.SIGSTOP)
+            tree |= new
+        os.killpg(pid, signal.SIGKILL)
+        for p in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)
         self.proc.wait(30)
-        return tree
+        return sorted(tree)
 
     def stop(self) -> int | None:
         if self.proc is None or self.proc.poll() is not None:
@@ -164,8 +179,9 @@ class Ledger:
 
     lock: threading.Lock = field(default_factory=threading.Lock)
     acked: dict[str, tuple[str, list[str]]] = field(default_factory=dict)  # mid -> (from, rcpts)
-    refused: dict[str, str] = field(default_factory=dict)  # mid -> the 4xx/5xx reply
-    unknown: set[str] = field(default_factory=set)  # the connection broke: no reply seen
+    # Sent without a 250: the reply (4xx/5xx), or none at all (the connection broke).
+    refused: dict[str, tuple[str, list[str], str]] = field(default_factory=dict)
+    unknown: dict[str, tuple[str, list[str]]] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)  # what no client should ever meet
     next_index: int = 0
 
@@ -238,12 +254,20 @@ def _client(n: int, nodes: list[Node], ctx: ssl.SSLContext, ledger: Ledger) -> N
                     refused = smtp.sendmail(frm, [*to, *cc], _raw(frm, to, cc, mid))
                 except smtplib.SMTPResponseException as exc:
                     with ledger.lock:
-                        ledger.refused[mid] = f"{exc.smtp_code} {exc.smtp_error!r}"
+                        reply = f"{exc.smtp_code} {exc.smtp_error!r}"
+                        ledger.refused[mid] = (frm, [*to, *cc], reply)
                     attempt += 1
                     pending[0] = (frm, to, cc, mid.replace("-a", f"-r{attempt}-a", 1))
                     break  # a new session for the retry
                 except smtplib.SMTPRecipientsRefused as exc:
                     refused = exc.recipients
+                    if all(400 <= code < 500 for code, _ in refused.values()):
+                        # A node stopping says 421 at RCPT: try again, as for a 4xx at DATA.
+                        with ledger.lock:
+                            ledger.refused[mid] = (frm, [*to, *cc], repr(refused))
+                        attempt += 1
+                        pending[0] = (frm, to, cc, mid.replace("-a", f"-r{attempt}-a", 1))
+                        break
                 with ledger.lock:
                     if refused:  # every recipient is accepted at RCPT, the missing one too
                         ledger.errors.append(f"{mid}: recipients refused: {refused}")
@@ -262,7 +286,7 @@ def _client(n: int, nodes: list[Node], ctx: ssl.SSLContext, ledger: Ledger) -> N
                 frm, to, cc, mid = pending[0]
                 with ledger.lock:
                     if mid not in ledger.acked and mid not in ledger.refused:
-                        ledger.unknown.add(mid)
+                        ledger.unknown[mid] = (frm, [*to, *cc])
                 attempt += 1
                 pending[0] = (frm, to, cc, mid.replace("-a", f"-r{attempt}-a", 1))
             with contextlib.suppress(OSError):
@@ -326,6 +350,31 @@ async def _db_state(url: str) -> tuple[Counter[str], list[TraceEvent]]:
         await db.close()
 
 
+async def _nodes_of(url: str, pids: list[int]) -> list[str]:
+    """The node ids the processes ``pids`` (a ``pecd serve`` and its children) beat under."""
+    db = await Database.open(url)
+    try:
+        async with db.read_session() as s:
+            ids = (await s.scalars(select(NodeRow.id).where(NodeRow.pid.in_(pids)))).all()
+            assert ids, f"no node row for the processes {pids}"
+            return list(ids)
+    finally:
+        await db.close()
+
+
+async def _held_by(url: str, nodes: list[str], ids: list[int] | None = None) -> list[int]:
+    """The running jobs leased by one of ``nodes`` (among ``ids``, if given)."""
+    db = await Database.open(url)
+    try:
+        async with db.read_session() as s:
+            q = select(Job.id).where(Job.state == "running", Job.leased_by.in_(nodes))
+            if ids is not None:
+                q = q.where(Job.id.in_(ids))
+            return list((await s.scalars(q)).all())
+    finally:
+        await db.close()
+
+
 async def _unfinished(url: str) -> list[tuple[str, str, str | None]]:
     db = await Database.open(url)
     try:
@@ -380,10 +429,20 @@ def test_two_nodes_one_killed_deliver_everything_exactly_once(pg: str, tmp_path:
         wait_for(lambda: len(ledger.acked) >= KILL_AT, 120, f"{KILL_AT} acknowledged", 0.02)
         # Mid-run: the whole process group of node 1 (pecd serve, its format workers, its
         # mailbox process) dies at once; every one of them must be gone.
+        assert killed.proc is not None
+        node_ids = asyncio.run(_nodes_of(pg, [killed.proc.pid, *children(killed.proc.pid)]))
         tree = killed.kill_group()
         assert tree, "node 1 had no child processes (format workers) to kill"
         wait_for(lambda: not any(_alive(p) for p in tree), 10, "node 1's children gone")
         acked_at_kill = len(ledger.acked)
+        # What node 1 held when it died is done by node 2 alone, before node 1 comes back.
+        held = asyncio.run(_held_by(pg, node_ids))
+        wait_for(
+            lambda: asyncio.run(_held_by(pg, node_ids, ids=held)) == [],
+            60,
+            "node 2 taking over the jobs node 1 held",
+            interval=0.2,
+        )
         wait_for(
             lambda: len(ledger.acked) >= max(RESTART_AT, acked_at_kill + 20),
             120,
@@ -422,10 +481,12 @@ def test_two_nodes_one_killed_deliver_everything_exactly_once(pg: str, tmp_path:
     for mid, (frm, rcpts) in ledger.acked.items():
         assert by_mid.get(mid) == _expected(frm, rcpts, service), (mid, by_mid.get(mid))
     # What the client never saw acknowledged exists at most once, and then whole.
+    sent = {**ledger.unknown, **{m: (f, r) for m, (f, r, _) in ledger.refused.items()}}
     unacked = set(by_mid) - set(ledger.acked)
-    assert unacked <= ledger.unknown | set(ledger.refused), unacked - ledger.unknown
+    assert unacked <= set(sent), unacked - set(sent)
     for mid in unacked:
-        assert by_mid[mid][("accettazione:", _sender_of(mid))] == 1, by_mid[mid]
+        frm, rcpts = sent[mid]
+        assert by_mid[mid] == _expected(frm, rcpts, service), (mid, by_mid[mid])
 
     # --- the trace log: one event of each kind per transmission and recipient ---
     _states, events = asyncio.run(_db_state(pg))
@@ -442,7 +503,7 @@ def test_two_nodes_one_killed_deliver_everything_exactly_once(pg: str, tmp_path:
         f"duplicate trace events: {sorted(dup_events)[:20]}",
         [(e.event, e.daticert, e.data) for e in events[:12]],
     )
-    for mid, (_frm, rcpts) in ledger.acked.items():
+    for mid, (_frm, rcpts) in [*ledger.acked.items(), *((m, sent[m]) for m in unacked)]:
         seen = kinds_of.get(mid, Counter())
         locals_ = [r for r in rcpts if r != GHOST]
         assert seen["accettazione"] == 1, (mid, seen)
@@ -456,10 +517,6 @@ def test_two_nodes_one_killed_deliver_everything_exactly_once(pg: str, tmp_path:
     print(
         f"cluster: {len(ledger.acked)} acknowledged, {len(ledger.refused)} refused, "
         f"{len(ledger.unknown)} unanswered ({len(unacked)} of those committed anyway), "
-        f"{len(events)} trace events; node 1 killed after {acked_at_kill}"
+        f"{len(events)} trace events; node 1 killed after {acked_at_kill}, holding "
+        f"{len(held)} running jobs that node 2 took over"
     )
-
-
-def _sender_of(mid: str) -> str:
-    """The sender of a client Message-ID ``<c{n}-m{i}-...>``."""
-    return f"{USERS[int(mid[2:].split('-', 1)[0]) % 3]}@{DOMAIN}"
