@@ -5,7 +5,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import socket
+import tempfile
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,20 +25,54 @@ from pecd.runtime.access import AccessPoint
 from pecd.runtime.formats import FormatWorkers
 from pecd.runtime.identity import provider_identity
 from pecd.runtime.intake import Intake
-from pecd.runtime.metrics import MetricsServer, scanner_ping
+from pecd.runtime.leadership import Leadership
+from pecd.runtime.metrics import MetricsServer, process_gone, scanner_ping, use_multiprocess
 from pecd.runtime.reception import ReceptionPoint
 from pecd.runtime.relay import RelayClient
 from pecd.runtime.sealer import Sealer
 from pecd.runtime.stages import StageRunner, make_context
-from pecd.runtime.supervisor import MailboxSupervisor, WebSupervisor
+from pecd.runtime.supervisor import (
+    EngineGroup,
+    MailboxSupervisor,
+    WebSupervisor,
+    worker_prefix,
+)
 from pecd.runtime.timers import Timers
 from pecd.runtime.tls import server_tls_context
 from pecd.runtime.workers import WorkerPool
 from pecd.store.accounts import Accounts
 from pecd.store.db import Database, migrate_async
-from pecd.store.nodes import start_heartbeat
+from pecd.store.engines import release_worker_jobs
+from pecd.store.leader import leader_lock
+from pecd.store.nodes import new_node_id, start_heartbeat
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineRole:
+    """What makes an App one engine process of a `pecd serve` (runtime/engine_process.py): its
+    index, the SMTP listening sockets its parent bound (``smtps``, ``submission``,
+    ``reception``) and what its worker ids start with."""
+
+    index: int
+    sockets: Mapping[str, socket.socket]
+    worker_prefix: str
+
+
+def observe_events(cfg: Config, db: Database, stack: contextlib.AsyncExitStack) -> None:
+    """The committed-events hook of an engine process: its counters (summed by its parent's
+    metrics port) and its lines of the mail log; no port of its own."""
+    if cfg.metrics.listen is None and not cfg.log.mail_log:
+        return
+    sinks: list[Callable[[list[observe.Row]], None]] = [observe.count]
+    if cfg.log.mail_log:
+        mail_log = observe.MailLog(cfg.log.mail_log, cfg.log.mail_log_format)
+        stack.callback(mail_log.close)
+        sinks.append(mail_log.write)
+    hook = observe.Committed(db, sinks)
+    hook.install()
+    stack.callback(hook.remove)
 
 
 @dataclass
@@ -57,6 +94,16 @@ class App:
     reception: ReceptionPoint | None = None
     index: IndexService | None = None
     metrics: MetricsServer | None = None
+    # This App is one engine process of a `pecd serve` (runtime/engine_process.py), or None:
+    # it is `pecd serve` itself.
+    role: EngineRole | None = None
+    # serve.processes > 1: the engine processes this `pecd serve` supervises.
+    engines: EngineGroup | None = None
+    leadership: Leadership | None = None
+    # Engine processes to run; None: ``[serve] processes`` if set, else 1. (`pecd serve` passes
+    # cfg.processes, whose default is one per CPU on PostgreSQL; an App made in a program or a
+    # test keeps everything in its own process unless the config says otherwise.)
+    processes: int | None = None
 
     async def __aenter__(self) -> App:
         try:
@@ -72,10 +119,11 @@ class App:
     async def start(self) -> None:
         cfg = self.cfg
         return_freed_messages_to_the_system()
-        await migrate_async(cfg.database_url)
+        if self.role is None:  # an engine process's parent has migrated already
+            await migrate_async(cfg.database_url)
         db = await Database.open(cfg.database_url)
         self.stack.push_async_callback(db.close)
-        if db.dialect == "sqlite":
+        if self.role is None and db.dialect == "sqlite":
             # One node owns an SQLite database: whatever a killed process was running is ours again.
             from pecd.store.jobs import release_all_running
 
@@ -83,13 +131,91 @@ class App:
                 n = await release_all_running(s)
             if n:
                 log.info("recovered %d jobs left running by a previous run", n)
+        processes = self.processes if self.processes is not None else cfg.serve.processes or 1
+        if self.role is None and processes > 1:
+            await self._start_supervisor(db, processes)
+        else:
+            await self._start_engine(db)
+
+    def shutting_down(self) -> None:
+        """The stop signal came: supervised processes that exit from now on are not replaced."""
+        for sup in (self.engines, self.mailboxes, self.web):
+            if sup is not None:
+                sup.shutting_down()
+
+    async def _start_supervisor(self, db: Database, processes: int) -> None:
+        """serve.processes > 1: this process binds the SMTP sockets and supervises the engine
+        processes, the mailbox process and the web process; it serves the metrics port."""
+        cfg = self.cfg
+        node = new_node_id()[:12]
+        extra: dict[str, object] = {}
+        on_gone = None
+        if cfg.metrics.listen is not None:
+            # Each engine process counts in files of its own, summed when scraped (metrics.py).
+            path = Path(tempfile.mkdtemp(prefix="pecd-metrics-"))
+            self.stack.callback(shutil.rmtree, path, True)
+            use_multiprocess(path)
+            self.stack.callback(use_multiprocess, None)
+            extra["metrics_dir"] = str(path)
+            on_gone = process_gone
+        self.engines = EngineGroup(
+            cfg,
+            processes,
+            node,
+            debug=log.isEnabledFor(logging.DEBUG),
+            extra=extra,
+            release=lambda prefix: release_worker_jobs(db, prefix),
+            on_gone=on_gone,
+        )
+        scanner = make_scanner(cfg)
+        self.stack.push_async_callback(scanner.close)
+        self.metrics = await observe.start(
+            cfg,
+            db,
+            self.stack,
+            ready=lambda: (
+                self.mailboxes is not None and self.engines is not None and self.engines.serving
+            ),
+            ping=scanner_ping(scanner),
+        )
+        await self.engines.start(self.stack)
+        log.info(
+            "node %s: %d engine processes (pids %s) serving %s",
+            node,
+            processes,
+            ", ".join(str(p) for p in self.engines.pids),
+            ", ".join(f"{n} {p}" for n, p in self.engines.ports.items()),
+        )
+        await self._start_children(wake=self.engines.wake)
+
+    async def _start_children(self, wake: Callable[[], None]) -> None:
+        # IMAP and POP3 run in a supervised process of their own (see runtime/supervisor.py).
+        self.mailboxes = MailboxSupervisor(self.cfg, debug=log.isEnabledFor(logging.DEBUG))
+        await self.mailboxes.start(self.stack)
+        # The web application (HTTPS) likewise, when listeners.https is set.
+        if self.cfg.listeners.https is not None:
+            # What the web process commits (an API or compose submission) wakes the pipeline.
+            self.web = WebSupervisor(self.cfg, debug=log.isEnabledFor(logging.DEBUG), on_wake=wake)
+            await self.web.start(self.stack)
+
+    async def _start_engine(self, db: Database) -> None:
+        """The SMTP points and the pipeline: in `pecd serve` itself (serve.processes = 1) or in
+        one engine process (``self.role``)."""
+        cfg = self.cfg
+        role = self.role
         # On PostgreSQL this process is a node with a heartbeat: if it dies, the jobs it holds
         # go to other nodes within node_timeout_seconds (closed after the workers have stopped).
-        await start_heartbeat(
+        beat = await start_heartbeat(
             db,
             self.stack,
             every=cfg.queue.heartbeat_seconds,
             timeout=cfg.queue.node_timeout_seconds,
+        )
+        # What every worker id of this process starts with: host, pid, node, process index.
+        prefix = (
+            role.worker_prefix
+            if role is not None
+            else worker_prefix(beat.node.id[:12] if beat else "local", 0, os.getpid())
         )
         self.index = IndexService(cfg)
         await self.index.start(self.stack)
@@ -112,18 +238,21 @@ class App:
             scanner=(scanner := make_scanner(cfg)),
         )
         self.stack.push_async_callback(scanner.close)
-        # The mail log and the metrics, fed by committed trace events; the operator port.
-        self.metrics = await observe.start(
-            cfg,
-            db,
-            self.stack,
-            ready=lambda: (
-                self.mailboxes is not None and observe.serving(self.access, self.reception)
-            ),
-            ping=scanner_ping(scanner),
-        )
-        # Started before the workers, so it stops after them and seals what they drained.
-        self.sealer = Sealer(
+        if role is None:
+            # The mail log and the metrics, fed by committed trace events; the operator port.
+            self.metrics = await observe.start(
+                cfg,
+                db,
+                self.stack,
+                ready=lambda: (
+                    self.mailboxes is not None and observe.serving(self.access, self.reception)
+                ),
+                ping=scanner_ping(scanner),
+            )
+        else:
+            # An engine process counts and logs its events; its parent serves the port.
+            observe_events(cfg, db, self.stack)
+        self.sealer = sealer = Sealer(
             db,
             provider.signer,
             self.clock,
@@ -131,11 +260,22 @@ class App:
             node=f"{socket.gethostname()}:{os.getpid()}",
             retention_months=cfg.log.retention_months,
         )
-        await self.sealer.start(self.stack)
+        self.timers = timers = Timers(runner, check_seconds=cfg.timers.check_seconds, node=prefix)
+
+        async def lead(stack: contextlib.AsyncExitStack) -> None:
+            await sealer.start(stack)
+            await timers.start(stack)
+
+        # Timers, sealer and purge run in one process of the installation, the holder of the
+        # leader lock (store/leader.py); the others take over if it dies. Started before the
+        # workers, so it stops after them and seals what they drained.
+        self.leadership = Leadership(
+            leader_lock(cfg.database_url), lead, every=cfg.queue.heartbeat_seconds
+        )
+        await self.leadership.start(self.stack)
         tls = server_tls_context(cfg)
         # Stop order is the reverse of start: listeners close first, then workers drain.
         self.workers = WorkerPool(runner, LOCAL_KINDS, count=cfg.queue.workers, name="pipeline")
-        await self.workers.start(self.stack)
         # The relay has workers of its own, one job each: a peer that is slow or down holds
         # only the worker talking to it, never local delivery. (Its retries until the message
         # expires are new jobs made by the stage; the pool's attempts count only crashes.)
@@ -150,7 +290,6 @@ class App:
             # that no second worker takes the job over while the first is still sending.
             lease_seconds=max(cfg.queue.lease_seconds, cfg.relay.timeout_seconds * 8),
         )
-        await self.relay_workers.start(self.stack)
         # Webhook events (pecd.web.webhooks): one POST per job, to a receiver that may be slow.
         self.webhook_workers = WorkerPool(
             runner,
@@ -161,12 +300,13 @@ class App:
             wake=runner.webhook_wake,
             max_attempts=cfg.webhooks.max_attempts,
         )
-        await self.webhook_workers.start(self.stack)
-        self.timers = Timers(runner, check_seconds=cfg.timers.check_seconds, node=self.workers.node)
-        await self.timers.start(self.stack)
+        for pool in (self.workers, self.relay_workers, self.webhook_workers):
+            pool.node = prefix
+            await pool.start(self.stack)
         lst = cfg.listeners
         intake = Intake(db, runner.wake)
         await intake.start(self.stack)
+        socks = role.sockets if role is not None else {}
         self.access = AccessPoint(
             cfg,
             self.clock,
@@ -177,6 +317,7 @@ class App:
             submission=lst.submission,
             hostname=lst.hostname,
             guard=(guard := Guard(cfg.security)),
+            sockets={k: v for k, v in socks.items() if k in ("smtps", "submission")},
         )
         await self.access.start(self.stack)
         if lst.reception is not None:
@@ -188,31 +329,34 @@ class App:
                 endpoint=lst.reception,
                 hostname=lst.hostname,
                 guard=guard,
+                sock=socks.get("reception"),
             )
             await self.reception.start(self.stack)
-        # IMAP and POP3 run in a supervised process of their own (see runtime/supervisor.py).
-        self.mailboxes = MailboxSupervisor(cfg, debug=log.isEnabledFor(logging.DEBUG))
-        await self.mailboxes.start(self.stack)
-        # The web application (HTTPS) likewise, when listeners.https is set.
-        if lst.https is not None:
-            # What the web process commits (an API or compose submission) wakes the pipeline.
-            self.web = WebSupervisor(
-                cfg, debug=log.isEnabledFor(logging.DEBUG), on_wake=runner.wake.set
-            )
-            await self.web.start(self.stack)
+        if role is None:
+            await self._start_children(wake=runner.wake.set)
+
+    def smtp_ports(self) -> dict[str, int]:
+        """The bound SMTP ports: ``smtps``, ``submission``, ``reception`` (those configured)."""
+        if self.engines is not None:
+            return self.engines.ports
+        ports = (
+            {name: self.access.port(name) for name in self.access.servers} if self.access else {}
+        )
+        if self.reception is not None and self.reception.server is not None:
+            ports["reception"] = self.reception.port
+        return ports
 
     def client_settings(self) -> list[str]:
         """What a person types into a mail client, printed at startup."""
         lst = self.cfg.listeners
         host = lst.hostname
         lines = []
-        if self.access and "smtps" in self.access.servers:
+        smtp = self.smtp_ports()
+        if "smtps" in smtp:
+            lines.append(f"  SMTP (send):   {host} port {smtp['smtps']}, SSL/TLS, normal password")
+        if "submission" in smtp:
             lines.append(
-                f"  SMTP (send):   {host} port {self.access.port('smtps')}, SSL/TLS, normal password"
-            )
-        if self.access and "submission" in self.access.servers:
-            lines.append(
-                f"  SMTP (send):   {host} port {self.access.port('submission')}, STARTTLS, normal password"
+                f"  SMTP (send):   {host} port {smtp['submission']}, STARTTLS, normal password"
             )
         ports = self.mailboxes.ports if self.mailboxes else {}
         for name, label, how in (
@@ -228,8 +372,10 @@ class App:
         lines.append("  User name:     your full PEC address")
         if self.web and "https" in self.web.sockets:
             lines.append(f"  Web (HTTPS):   https://{host}:{self.web.port('https')}/")
-        if self.reception and self.reception.server:
-            lines.append(f"  Other providers deliver to: {host} port {self.reception.port} (SMTP)")
+        if "reception" in smtp:
+            lines.append(f"  Other providers deliver to: {host} port {smtp['reception']} (SMTP)")
+        if self.engines is not None:
+            lines.append(f"  Engine processes: {len(self.engines.engines)} (serve.processes)")
         if self.cfg.tls.ca:
             lines.append(f"  Trust this CA: {Path(self.cfg.tls.ca)}")
         return lines

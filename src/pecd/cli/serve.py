@@ -8,11 +8,14 @@ import logging
 import os
 import signal
 import sys
+from typing import TYPE_CHECKING
 
 from pecd import __version__
 from pecd.cli.common import DEFAULT_DIR, EXIT_OK, Subcommands, fail, load, with_config
 from pecd.clock import SystemClock
-from pecd.config import Config
+
+if TYPE_CHECKING:
+    from pecd.app import App
 
 
 class ClamdNotStarted(Exception):
@@ -20,7 +23,6 @@ class ClamdNotStarted(Exception):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from pecd.app import App
     from pecd.devinit import CONFIG_NAME, init_installation
 
     if not args.config and not (DEFAULT_DIR / CONFIG_NAME).exists():
@@ -51,10 +53,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
 
     async def run() -> None:
+        from pecd.app import App
+
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        app = App(cfg, processes=cfg.processes)  # [serve] processes, or its default
+
+        def stopping() -> None:
+            # Before anything else: a supervised process that exits from now on is stopping
+            # with us, not to be replaced nor reported as a failure.
+            app.shutting_down()
+            stop.set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, stopping)
         clamd = None
         if cfg.antivirus.enabled and cfg.antivirus.managed and cfg.antivirus.clamd_config:
             from pecd.antivirus.clamd import ClamdProcess
@@ -68,16 +80,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
             clamd.supervise()
             print(f"pecd: clamd (pid {clamd.pid}) answers on {clamd.socket}")
         try:
-            await serve(cfg, stop, loop)
+            await serve(app, stop, loop)
         finally:
             if clamd is not None:
                 await clamd.stop()
         print("pecd: stopped")
 
-    async def serve(cfg: Config, stop: asyncio.Event, loop: asyncio.AbstractEventLoop) -> None:
-        async with App(cfg) as app:
-            index = app.index
-            if index is not None:
+    async def serve(app: App, stop: asyncio.Event, loop: asyncio.AbstractEventLoop) -> None:
+        async with app:
+            index, engines = app.index, app.engines
+            if engines is not None:  # each engine process reloads its own
+                loop.add_signal_handler(signal.SIGHUP, engines.reload)
+            elif index is not None:
                 loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(index.reload()))
             print(
                 f"pecd {__version__} serving {cfg.provider.name} ({', '.join(cfg.provider.local_domains)})"

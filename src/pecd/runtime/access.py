@@ -14,8 +14,10 @@ import binascii
 import contextlib
 import logging
 import secrets
+import socket
 import ssl
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
@@ -240,19 +242,24 @@ class AccessPoint:
         submission: Endpoint | None,
         hostname: str,
         guard: Guard | None = None,
+        sockets: Mapping[str, socket.socket] | None = None,
     ) -> None:
         self.cfg = cfg
         self.tls = tls
         self.smtps = smtps
         self.submission = submission
+        # Listening sockets bound before ("smtps", "submission"), shared by engine processes.
+        self.sockets = dict(sockets or {})
         self.hostname = hostname
         # Connection limits and login throttling; one Guard per process, shared by listeners.
         self.guard = guard if guard is not None else Guard(cfg.security)
         self.handler = AccessHandler(cfg, clock, accounts, hostname, intake, self.guard)
         self.servers: dict[str, asyncio.Server] = {}
         self.sessions = Sessions()  # ended with 421 when the point stops
+        self.accepted = 0  # connections taken, both listeners (said when an engine process stops)
 
     def _factory(self, implicit_tls: bool) -> IntakeSMTP:
+        self.accepted += 1
         common: dict[str, Any] = dict(
             hostname=self.hostname,
             ident="pecd",
@@ -282,12 +289,20 @@ class AccessPoint:
 
     async def start(self, stack: contextlib.AsyncExitStack) -> None:
         loop = asyncio.get_running_loop()
-        if self.smtps is not None:
+        if (sock := self.sockets.get("smtps")) is not None:
+            self.servers["smtps"] = await loop.create_server(
+                lambda: self._factory(True), sock=sock, ssl=self.tls
+            )
+        elif self.smtps is not None:
             srv = await loop.create_server(
                 lambda: self._factory(True), self.smtps.host, self.smtps.port, ssl=self.tls
             )
             self.servers["smtps"] = srv
-        if self.submission is not None:
+        if (sock := self.sockets.get("submission")) is not None:
+            self.servers["submission"] = await loop.create_server(
+                lambda: self._factory(False), sock=sock
+            )
+        elif self.submission is not None:
             srv = await loop.create_server(
                 lambda: self._factory(False), self.submission.host, self.submission.port
             )

@@ -7,11 +7,16 @@ Guard moves ``pecd_logins_failed_total``, the stage runner observes the stage la
 depth and the scanner's state are read when scraped, at most every ``queue_cache_seconds``.
 
 The server is a few lines of asyncio: one request per connection, a bounded request head, a
-timeout on reading it. Several processes (``serve.processes``) would each count their own: they
-would then run prometheus_client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``, one file of
-samples per process, ``MultiProcessCollector`` summing them in whichever process answers the
-scrape). Not built yet: today one process runs the pipeline. The IMAP and POP3 process counts its
-own failed logins in its own memory, not exported here.
+timeout on reading it.
+
+Several engine processes (``serve.processes`` > 1) each count their own events, in
+prometheus_client's multiprocess mode: ``pecd serve`` makes a fresh directory and hands it to each
+engine process, which sets ``PROMETHEUS_MULTIPROC_DIR`` before prometheus_client is imported, so
+its counters and histograms live in files of that process (one per pid). The parent serves the
+port (:func:`use_multiprocess`): a scrape sums every process's files (``MultiProcessCollector``;
+a dead process's counts stay in the sum, so counters never go back) and adds the gauges the
+parent reads itself (queue depth, scanner). With one process nothing of this runs. The IMAP and
+POP3 process counts its own failed logins in its own memory, not exported here.
 """
 
 from __future__ import annotations
@@ -23,9 +28,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 from sqlalchemy import func, select, text
 
 from pecd.engine.vocab import JobKind, TraceType
@@ -230,7 +244,7 @@ class MetricsServer:
         path = parts[1].split(b"?", 1)[0]
         if path == b"/metrics":
             await self.scraped.refresh()
-            return "200 OK", CONTENT_TYPE_LATEST, generate_latest()
+            return "200 OK", CONTENT_TYPE_LATEST, exposition()
         if path == b"/healthz":
             return "200 OK", "text/plain", b"ok\n"
         if path == b"/readyz":
@@ -249,6 +263,41 @@ class MetricsServer:
         except Exception as exc:
             return f"database unreachable: {type(exc).__name__}"
         return ""
+
+
+# --- several processes (serve.processes > 1) -------------------------------------------------
+
+_MULTIPROCESS: CollectorRegistry | None = None
+_MULTIPROCESS_PATH: Path | None = None
+
+
+def use_multiprocess(path: Path | None) -> None:
+    """Serve the sum of the engine processes' counters kept under ``path`` (their
+    ``PROMETHEUS_MULTIPROC_DIR``), with this process's own gauges; None: this process's
+    registry again."""
+    global _MULTIPROCESS, _MULTIPROCESS_PATH
+    _MULTIPROCESS_PATH = path
+    if path is None:
+        _MULTIPROCESS = None
+        return
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=str(path))  # type: ignore[no-untyped-call]
+    for own in (QUEUE, SCANNER_UP):  # read by this process when scraped
+        registry.register(own)
+    _MULTIPROCESS = registry
+
+
+def process_gone(pid: int) -> None:
+    """An engine process has exited: drop its live-gauge files (its counters stay summed)."""
+    if _MULTIPROCESS_PATH is not None:
+        multiprocess.mark_process_dead(pid, str(_MULTIPROCESS_PATH))  # type: ignore[no-untyped-call]
+
+
+def exposition() -> bytes:
+    """The text of ``/metrics``."""
+    if _MULTIPROCESS is not None:
+        return generate_latest(_MULTIPROCESS)
+    return generate_latest()
 
 
 def scanner_ping(scanner: object) -> Callable[[], Any] | None:

@@ -36,18 +36,22 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from pecd.config import Config, Endpoint
 
 __all__ = [
     "ChildSupervisor",
+    "EngineGroup",
+    "EngineSupervisor",
     "MailboxSupervisor",
     "WebSupervisor",
+    "engine_listeners",
     "mailbox_listeners",
     "web_listeners",
+    "worker_prefix",
 ]
 
 log = logging.getLogger(__name__)
@@ -93,6 +97,8 @@ class ChildSupervisor(abc.ABC):
 
     label: ClassVar[str] = "child"
     module: ClassVar[str] = ""
+    # Started even when it has no listener of its own (an engine process runs the pipeline).
+    needs_listeners: ClassVar[bool] = True
 
     cfg: Config
     debug: bool = False
@@ -104,6 +110,8 @@ class ChildSupervisor(abc.ABC):
     _proc: asyncio.subprocess.Process | None = None
     _task: asyncio.Task[None] | None = None
     _stopping: bool = False
+    _serving: bool = False
+    _writer: asyncio.StreamWriter | None = None
     _ready: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -118,12 +126,45 @@ class ChildSupervisor(abc.ABC):
     def listeners(self) -> dict[str, Endpoint]:
         """The listeners the child serves, bound by :meth:`start`."""
 
-    async def start(self, stack: contextlib.AsyncExitStack) -> None:
-        """Bind the listeners, start the child and wait until it serves them."""
+    @property
+    def serving(self) -> bool:
+        """Whether a child is up and has said ``ready`` (not while one is being replaced)."""
+        return self._serving
+
+    def bind(self, stack: contextlib.AsyncExitStack) -> None:
+        """Bind the listeners the child serves (closed when ``stack`` closes)."""
         for name, ep in self.listeners().items():
             self.sockets[name] = _bind(ep)
         stack.callback(self._close_sockets)
-        if not self.sockets:
+
+    def hello(self) -> dict[str, Any]:
+        """What the child's hello carries besides the config, listeners and debug switch."""
+        return {}
+
+    def on_line(self, line: bytes) -> None:
+        """A line the child wrote besides ``ready`` and its heartbeats."""
+        if line == b"wake\n" and self.on_wake is not None:
+            self.on_wake()
+
+    async def gone(self, pid: int) -> None:
+        """The child ``pid`` has exited or was killed (and reaped)."""
+        log.debug("%s process %d reaped", self.label, pid)
+
+    def send(self, line: bytes) -> None:
+        """Write ``line`` to the running child's control socket (dropped when none runs)."""
+        writer = self._writer
+        if writer is not None and not writer.is_closing() and self._serving:
+            writer.write(line)
+
+    def shutting_down(self) -> None:
+        """The parent is stopping (its signal came): from now on a child that exits is not
+        replaced, and its exit is no error. (The child stops on the parent's word: :meth:`stop`.)"""
+        self._stopping = True
+
+    async def start(self, stack: contextlib.AsyncExitStack) -> None:
+        """Bind the listeners, start the child and wait until it serves them."""
+        self.bind(stack)
+        if not self.sockets and self.needs_listeners:
             return
         stack.push_async_callback(self.stop)
         self._task = asyncio.create_task(self._supervise(), name=f"{self.label}-supervisor")
@@ -150,7 +191,7 @@ class ChildSupervisor(abc.ABC):
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
             try:
-                await asyncio.wait_for(proc.wait(), self.cfg.queue.drain_seconds)
+                await asyncio.wait_for(proc.wait(), self.stop_seconds())
             except TimeoutError:
                 log.warning("%s process %d did not stop in time; killing it", self.label, proc.pid)
                 with contextlib.suppress(ProcessLookupError):
@@ -160,6 +201,10 @@ class ChildSupervisor(abc.ABC):
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+
+    def stop_seconds(self) -> float:
+        """How long a child is given to stop after SIGTERM before it is killed."""
+        return self.cfg.queue.drain_seconds
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -192,6 +237,10 @@ class ChildSupervisor(abc.ABC):
                 str(child_end.fileno()),
                 pass_fds=[child_end.fileno(), *fds.values()],
                 stdin=asyncio.subprocess.DEVNULL,
+                # A session of its own: the signals of the parent's process group (Ctrl-C in a
+                # terminal, a kill of the group) do not reach the child, which stops only on
+                # the parent's word (SIGTERM from stop(), or the end of the control socket).
+                start_new_session=True,
             )
         except BaseException:
             parent_end.close()  # or every failed start would leak a descriptor
@@ -210,18 +259,26 @@ class ChildSupervisor(abc.ABC):
                 "config": self.cfg.model_dump(mode="json"),
                 "listeners": fds,
                 "debug": self.debug,
+                **self.hello(),
             }
             writer.write(json.dumps(hello).encode("utf-8") + b"\n")
             await writer.drain()
+            self._writer = writer
             return await self._watch(proc, reader)
         except (ConnectionError, OSError) as exc:
             return f"{proc.pid} lost its control channel ({exc})"
         finally:
+            self._serving = False
+            self._writer = None
             writer.close()
             if proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 await proc.wait()
+            try:
+                await self.gone(proc.pid)
+            except Exception:
+                log.exception("%s process %d: cleaning up after it failed", self.label, proc.pid)
 
     async def _watch(self, proc: asyncio.subprocess.Process, reader: asyncio.StreamReader) -> str:
         timeout = self.cfg.mailbox.heartbeat_timeout_seconds
@@ -236,6 +293,7 @@ class ChildSupervisor(abc.ABC):
             code = await proc.wait()
             return f"{proc.pid} failed to start (exit status {code})"
         self._ready.set()
+        self._serving = True
         while True:
             try:
                 line = await asyncio.wait_for(reader.readline(), timeout)
@@ -256,8 +314,8 @@ class ChildSupervisor(abc.ABC):
             if not line:
                 code = await proc.wait()
                 return f"{proc.pid} exited with status {code}"
-            if line == b"wake\n" and self.on_wake is not None:
-                self.on_wake()
+            if line != b"alive\n":
+                self.on_line(line)
 
 
 class MailboxSupervisor(ChildSupervisor):
@@ -278,3 +336,151 @@ class WebSupervisor(ChildSupervisor):
 
     def listeners(self) -> dict[str, Endpoint]:
         return web_listeners(self.cfg)
+
+
+# --- engine processes (serve.processes > 1) --------------------------------------------------
+
+
+def engine_listeners(cfg: Config) -> dict[str, Endpoint]:
+    """The SMTP listeners every engine process serves: the access point's and the reception
+    point's."""
+    lst = cfg.listeners
+    found = {"smtps": lst.smtps, "submission": lst.submission, "reception": lst.reception}
+    return {name: ep for name, ep in found.items() if ep is not None}
+
+
+def worker_prefix(node: str, index: int, pid: int) -> str:
+    """What the worker ids of engine process ``index`` (pid ``pid``) of node ``node`` start
+    with: ``host:pid:node.index`` (``pecd queue list`` shows who holds a lease)."""
+    return f"{socket.gethostname()}:{pid}:{node}.{index}"
+
+
+@dataclass
+class EngineSupervisor(ChildSupervisor):
+    """One engine process (``pecd.runtime.engine_process``): the access and reception points on
+    the SMTP sockets the :class:`EngineGroup` bound, its own pipeline, relay and webhook workers
+    and its own format processes. When it is gone, the jobs its workers held are given back
+    (``release``) before a new one starts."""
+
+    label = "engine"
+    module = "pecd.runtime.engine_process"
+    needs_listeners = False
+
+    index: int = 0
+    node: str = ""
+    shared: dict[str, socket.socket] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    release: Callable[[str], Awaitable[int]] | None = None
+    on_gone: Callable[[int], None] | None = None
+
+    def listeners(self) -> dict[str, Endpoint]:
+        return {}
+
+    def bind(self, stack: contextlib.AsyncExitStack) -> None:
+        self.sockets = dict(self.shared)  # bound once by the group, which closes them
+
+    def hello(self) -> dict[str, Any]:
+        assert self.pid is not None
+        return {
+            "index": self.index,
+            "worker_prefix": worker_prefix(self.node, self.index, self.pid),
+            **self.extra,
+        }
+
+    def stop_seconds(self) -> float:
+        # Its workers drain for up to drain_seconds, then its listeners and format processes stop.
+        return self.cfg.queue.drain_seconds + 10.0
+
+    async def gone(self, pid: int) -> None:
+        if self.on_gone is not None:
+            self.on_gone(pid)
+        if self.release is None:
+            return
+        prefix = worker_prefix(self.node, self.index, pid)
+        n = await self.release(prefix)
+        if n:
+            log.info("engine process %d: %d jobs it was running are free again", pid, n)
+
+
+@dataclass
+class EngineGroup:
+    """``processes`` engine processes sharing the SMTP listening sockets, bound here once: a
+    replacement serves the same sockets, and connections wait in the backlog meanwhile. Lines to
+    every engine: ``wake`` (a job was committed elsewhere, say by the web process) and
+    ``reload`` (SIGHUP: the provider index)."""
+
+    cfg: Config
+    processes: int
+    node: str
+    debug: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+    release: Callable[[str], Awaitable[int]] | None = None
+    on_gone: Callable[[int], None] | None = None
+    sockets: dict[str, socket.socket] = field(default_factory=dict)
+    engines: list[EngineSupervisor] = field(default_factory=list)
+    _inner: contextlib.AsyncExitStack | None = None
+
+    @property
+    def ports(self) -> dict[str, int]:
+        return {name: int(s.getsockname()[1]) for name, s in self.sockets.items()}
+
+    def port(self, name: str) -> int:
+        return self.ports[name]
+
+    @property
+    def serving(self) -> bool:
+        return bool(self.engines) and all(e.serving for e in self.engines)
+
+    @property
+    def pids(self) -> list[int]:
+        return [e.pid for e in self.engines if e.pid is not None]
+
+    async def start(self, stack: contextlib.AsyncExitStack) -> None:
+        for name, ep in engine_listeners(self.cfg).items():
+            self.sockets[name] = _bind(ep)
+        stack.callback(self._close_sockets)
+        self.engines = [
+            EngineSupervisor(
+                self.cfg,
+                debug=self.debug,
+                index=i,
+                node=self.node,
+                shared=self.sockets,
+                extra=self.extra,
+                release=self.release,
+                on_gone=self.on_gone,
+            )
+            for i in range(self.processes)
+        ]
+        # Each supervisor stops its own child; they stop together (one drain, not N in a row).
+        stack.push_async_callback(self.stop)
+        inner = contextlib.AsyncExitStack()
+        self._inner = inner
+        try:
+            await asyncio.gather(*(e.start(inner) for e in self.engines))
+        except BaseException:
+            await self.stop()
+            raise
+
+    def shutting_down(self) -> None:
+        for e in self.engines:
+            e.shutting_down()
+
+    async def stop(self) -> None:
+        self.shutting_down()
+        await asyncio.gather(*(e.stop() for e in self.engines), return_exceptions=True)
+        inner, self._inner = self._inner, None
+        if inner is not None:
+            await inner.aclose()
+
+    def _close_sockets(self) -> None:
+        for sock in self.sockets.values():
+            sock.close()
+
+    def wake(self) -> None:
+        for e in self.engines:
+            e.send(b"wake\n")
+
+    def reload(self) -> None:
+        for e in self.engines:
+            e.send(b"reload\n")
