@@ -17,13 +17,27 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from helpers import DOMAIN, PASSWORD, AppThread, client_tls, install_e2e, message, wait_for
 from helpers import wait_settled as settled
+from pecd.config import load_config
 from pecd.engine.vocab import TraceEventData
-from pecd.runtime.observe import Committed, format_line, serving
+from pecd.runtime import diskspace
+from pecd.runtime.observe import (
+    Committed,
+    MailLog,
+    Refusal,
+    RefusalLog,
+    format_line,
+    render,
+    serving,
+    split_reply,
+)
+from pecd.runtime.refusals import path_of
+from pecd.runtime.smtp import Reply
 from pecd.store.db import Database, migrate_async
 from pecd.store.models import TraceEvent
 from pecd.store.trace import record_sync
@@ -220,3 +234,187 @@ def test_not_ready_once_the_listeners_are_closed() -> None:
         return [*seen, serving(access, None)]
 
     assert asyncio.run(main()) == [True, False]
+
+
+# --- SMTP refusals: one mail log line each, rate-safe, counted ------------------------------------
+
+
+def refusal(reply: str, command: str = "RCPT", **kw: object) -> Refusal:
+    base: dict[str, object] = dict(
+        at=datetime(2026, 12, 1, 3, 0, tzinfo=UTC),
+        point="reception",
+        command=command,
+        client="192.0.2.7",
+        user=None,
+        sender="mario@esterno.example",
+        recipients=("x@altrove.example",),
+        reply=reply,
+    )
+    return Refusal(**{**base, **kw})  # type: ignore[arg-type]
+
+
+def test_a_refusal_line_says_who_what_and_why() -> None:
+    assert split_reply(Reply.RELAY_DENIED) == (
+        "550",
+        "5.7.1",
+        "Relaying denied: not a domain of this provider",
+    )
+    assert split_reply("500 Line too long (see RFC5321 4.5.3.1.6)") == (
+        "500",
+        "",
+        "Line too long (see RFC5321 4.5.3.1.6)",
+    )
+    f = refusal(Reply.RELAY_DENIED).fields()
+    assert f == {
+        "at": "2026-12-01T03:00:00+00:00",
+        "event": "smtp-refused",
+        "status": "refused",
+        "point": "reception",
+        "command": "RCPT",
+        "client": "192.0.2.7",
+        "user": "",
+        "from": "mario@esterno.example",
+        "to": ["x@altrove.example"],
+        "code": "550",
+        "enhanced": "5.7.1",
+        "reason": "Relaying denied: not a domain of this provider",
+    }
+    # A client's odd address is quoted in a text line, never a line break of its own.
+    line = render(refusal("553 5.1.3 Not a valid mail address", sender='a "b"\nc').fields(), "text")
+    assert "\n" not in line and 'from="a \\"b\\"\\nc"' in line
+    assert path_of("FROM:<alice@pec.example.test> SIZE=100", "FROM:") == "alice@pec.example.test"
+    assert path_of("to: bob@x.test", "TO:") == "bob@x.test"
+    assert path_of("", "TO:") == ""
+
+
+def test_a_flood_of_refusals_is_a_bounded_number_of_lines(tmp_path: Path) -> None:
+    now = [0.0]
+    path = tmp_path / "mail.log"
+    mail_log = MailLog(str(path), "json")
+    limited = RefusalLog(mail_log, burst=3, interval=60, clock=lambda: now[0])
+    try:
+        for i in range(1000):
+            limited.write(refusal(Reply.TEMP_FAILURE if i % 2 else Reply.RELAY_DENIED))
+        lines = [json.loads(x) for x in path.read_text("utf-8").splitlines()]
+        assert len(lines) == 3 and all(x["status"] == "refused" for x in lines)
+        now[0] += 61  # the next interval: first the count of what was left out
+        limited.write(refusal(Reply.SHUTTING_DOWN, command=""))
+        lines = [json.loads(x) for x in path.read_text("utf-8").splitlines()]
+        assert len(lines) == 5
+        assert lines[3] == {
+            "at": "2026-12-01T03:00:00+00:00",
+            "event": "smtp-refused",
+            "status": "suppressed",
+            "suppressed": 997,
+            "codes": "451:499,550:498",
+        }
+        assert (lines[4]["code"], lines[4]["enhanced"], lines[4]["command"]) == ("421", "4.3.2", "")
+    finally:
+        mail_log.close()
+    assert len(path.read_text("utf-8").splitlines()) == 5  # nothing left out: no summary
+
+
+def test_the_count_of_refusals_left_out_is_written_when_the_interval_ends(tmp_path: Path) -> None:
+    """Even if the flood stops there (no refusal comes to end the interval)."""
+    path = tmp_path / "mail.log"
+
+    async def main() -> None:
+        mail_log = MailLog(str(path), "text")
+        limited = RefusalLog(mail_log, burst=1, interval=0.2)
+        try:
+            for _ in range(4):
+                limited.write(refusal(Reply.RELAY_DENIED))
+            for _ in range(100):
+                if len(path.read_text("utf-8").splitlines()) >= 2:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            mail_log.close()
+
+    asyncio.run(main())
+    lines = path.read_text("utf-8").splitlines()
+    assert len(lines) == 2 and "status=suppressed suppressed=3 codes=550:3" in lines[1], lines
+
+
+@pytest.fixture
+def refusing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[AppThread]:
+    """A provider with a reception point, a JSON mail log and 64 KB messages at most."""
+    extra = (
+        'max_message_size = "64K"\n'
+        f'\n[log]\nmail_log = "{tmp_path / "mail.log"}"\nmail_log_format = "json"\n'
+    )
+    directory = tmp_path / "inst"
+    asyncio.run(install_e2e(directory, None, extra=extra))
+    toml = directory / "pecd.toml"
+    text = toml.read_text("utf-8")
+    toml.write_text(
+        text.replace('hostname = "localhost"', 'hostname = "localhost"\nreception = "127.0.0.1:0"'),
+        "utf-8",
+    )
+    srv = AppThread(load_config(toml)).start()
+    try:
+        yield srv
+    finally:
+        if srv.thread.is_alive():
+            srv.stop()
+
+
+def refused_total(point: str, code: str) -> float:
+    return REGISTRY.get_sample_value("pecd_smtp_refused_total", {"point": point, "code": code}) or 0
+
+
+@pytest.mark.slow  # a whole provider starts and stops
+def test_smtp_refusals_are_in_the_mail_log_and_counted(
+    refusing: AppThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    srv = refusing
+    alice, bob = f"alice@{DOMAIN}", f"bob@{DOMAIN}"
+    before = {
+        (p, c): refused_total(p, c)
+        for p, c in [("access", "553"), ("access", "452"), ("access", "552"), ("reception", "550")]
+    }
+    free = {"bytes": 1 << 40}
+    monkeypatch.setattr(diskspace, "free_bytes", lambda path: free["bytes"])
+    monkeypatch.setattr(diskspace, "PROBE_TTL", 0.0)
+    with smtplib.SMTP_SSL("127.0.0.1", srv.port("smtps"), context=client_tls(srv.cfg)) as smtp:
+        smtp.login(alice, PASSWORD)
+        # Not the authenticated mailbox.
+        assert smtp.mail(bob)[0] == 553
+        smtp.rset()
+        # Too big: refused after the final dot.
+        assert smtp.mail(alice)[0] == 250
+        assert smtp.rcpt(bob)[0] == 250
+        assert smtp.data(message(alice, [bob], [], "Troppo grande", pad=100_000))[0] == 552
+        # The data filesystem is full.
+        free["bytes"] = 0
+        assert smtp.mail(alice)[0] == 452
+        free["bytes"] = 1 << 40
+    with smtplib.SMTP("127.0.0.1", srv.port("reception"), timeout=30) as smtp:
+        smtp.ehlo("mx.esterno.example")
+        assert smtp.mail("mario@esterno.example")[0] == 250
+        assert smtp.rcpt("x@altrove.example")[0] == 550  # not a domain of ours
+        smtp.rset()
+    # A session left open when the server stops gets the one 421 of the drain.
+    idle = smtplib.SMTP("127.0.0.1", srv.port("reception"), timeout=30)
+    idle.ehlo("mx.lento.example")
+    srv.stop()
+    assert idle.noop()[0] == 421  # the reply read is the 421 sent as the server stopped
+    idle.close()
+
+    lines = [json.loads(x) for x in (tmp_path / "mail.log").read_text("utf-8").splitlines()]
+    assert all(x["event"] == "smtp-refused" and x["status"] == "refused" for x in lines), lines
+    got = [
+        (x["point"], x["command"], x["user"], x["from"], x["to"], x["code"], x["enhanced"])
+        for x in lines
+    ]
+    assert got == [
+        ("access", "MAIL", alice, bob, [], "553", "5.7.1"),
+        ("access", "DATA", alice, alice, [bob], "552", "5.3.4"),
+        ("access", "MAIL", alice, alice, [], "452", "4.3.1"),
+        ("reception", "RCPT", "", "mario@esterno.example", ["x@altrove.example"], "550", "5.7.1"),
+        ("reception", "", "", "", [], "421", "4.3.2"),
+    ]
+    assert all(x["client"] == "127.0.0.1" and x["reason"] for x in lines)
+    assert lines[0]["reason"] == "Sender address does not belong to the authenticated mailbox"
+    for (point, code), n in before.items():
+        assert refused_total(point, code) == n + 1, (point, code)

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import functools
 import logging
 import secrets
 import socket
@@ -27,8 +28,10 @@ from pecd.config import Config, Endpoint
 from pecd.engine.vocab import JobKind
 from pecd.guard import Guard
 from pecd.pec.address import normalize_address, valid_address
+from pecd.runtime import observe
 from pecd.runtime.diskspace import INSUFFICIENT_STORAGE, FreeSpace
 from pecd.runtime.intake import Intake
+from pecd.runtime.refusals import ObservedSMTP
 from pecd.runtime.smtp import (
     IntakeEnvelope,
     IntakeSMTP,
@@ -271,6 +274,10 @@ class AccessPoint:
             guard=self.guard,
             sessions=self.sessions,
             listener="smtps" if implicit_tls else "submission",
+            # Refusals before any trace event: a mail log line each, and counted.
+            on_refusal=functools.partial(observe.refused, self.cfg),
+            point="access",
+            clock=self.handler.clock,
         )
         if implicit_tls:
             # The socket is TLS from the first byte, which aiosmtpd cannot see (aiosmtpd
@@ -278,8 +285,8 @@ class AccessPoint:
             # about AUTH without TLS is about plain sockets, so it is silenced here only.
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", "Requiring AUTH while not requiring TLS")
-                return IntakeSMTP(self.handler, auth_require_tls=False, **common)
-        return IntakeSMTP(
+                return ObservedSMTP(self.handler, auth_require_tls=False, **common)
+        return ObservedSMTP(
             self.handler,
             tls_context=self.tls,
             require_starttls=True,

@@ -64,6 +64,11 @@ RECEIVED = Counter(
     "pecd_received_total", "Messages taken in at the reception point, by outcome", ["outcome"]
 )
 LOGINS_FAILED = Counter("pecd_logins_failed_total", "Failed logins, by protocol", ["protocol"])
+SMTP_REFUSED = Counter(
+    "pecd_smtp_refused_total",
+    "SMTP refusals before any trace event (MAIL, RCPT, DATA, a 421), by point and reply code",
+    ["point", "code"],
+)
 STAGE_SECONDS = Histogram(
     "pecd_stage_seconds",
     "Run time of one job's stage (before its commit), by job kind",
@@ -118,6 +123,10 @@ def count_event(event: str) -> None:
 
 def login_failed(protocol: str) -> None:
     LOGINS_FAILED.labels(protocol).inc()
+
+
+def smtp_refused(point: str, code: str) -> None:
+    SMTP_REFUSED.labels(point, code).inc()
 
 
 def clock() -> float:

@@ -23,7 +23,10 @@ import logging
 import logging.handlers
 import re
 import sys
+import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -112,17 +115,24 @@ def _text_value(v: Any) -> str:
     return s if _PLAIN.fullmatch(s) else json.dumps(s)
 
 
-def format_line(row: Row, fmt: str) -> str:
-    f = fields(row)
+def render(f: Mapping[str, Any], fmt: str) -> str:
+    """One mail log line of fields ``f``: JSON, or ``key=value`` (empty values left out)."""
     if fmt == "json":
         return json.dumps(f, ensure_ascii=False, default=str)
     return " ".join(f"{k}={_text_value(v)}" for k, v in f.items() if v not in ("", []))
 
 
+def format_line(row: Row, fmt: str) -> str:
+    return render(fields(row), fmt)
+
+
 class MailLog:
-    """Where the lines go: standard output (``"-"``) or a file, reopened when moved away."""
+    """Where the lines go: standard output (``"-"``) or a file, reopened when moved away. While
+    open, it is this process's mail log for ``target``: the SMTP points' refusals (which no trace
+    event carries) find it there (:func:`refused`), however the process opened it."""
 
     def __init__(self, target: str, fmt: str) -> None:
+        self.target = target
         self.fmt = fmt
         handler: logging.Handler
         if target == "-":
@@ -136,6 +146,8 @@ class MailLog:
         self.logger = logging.Logger("pecd.maillog", logging.INFO)
         self.logger.propagate = False
         self.logger.addHandler(handler)
+        self.refusals = RefusalLog(self)
+        _OPEN[target] = self
 
     def write(self, rows: Iterable[Row]) -> None:
         for row in rows:
@@ -144,8 +156,158 @@ class MailLog:
             except Exception:
                 log.warning("mail log: an event could not be written", exc_info=True)
 
+    def line(self, f: Mapping[str, Any]) -> None:
+        """One line of fields ``f`` (not a trace row: an SMTP refusal, say)."""
+        try:
+            self.logger.info("%s", render(f, self.fmt))
+        except Exception:
+            log.warning("mail log: a line could not be written", exc_info=True)
+
     def close(self) -> None:
+        if _OPEN.get(self.target) is self:
+            del _OPEN[self.target]
+        self.refusals.close()
         self.handler.close()
+
+
+# The mail logs open in this process, by target (a file, or "-").
+_OPEN: dict[str, MailLog] = {}
+
+
+# --- SMTP refusals: before any trace event ------------------------------------------------------
+
+#: The mail log's ``event`` of a message or connection refused at the SMTP level, before any
+#: trace event (Postfix's ``NOQUEUE: reject:``), and of the line that sums up those left out.
+SMTP_REFUSED = "smtp-refused"
+REFUSALS_PER_INTERVAL = 100  # lines at most per interval; past it, counted
+REFUSAL_INTERVAL_SECONDS = 60.0
+_MAX_ADDRESS = 320  # what a line keeps of a client-given address (RFC 5321's limits)
+_MAX_RECIPIENTS = 50  # recipients named on a refused DATA's line; the rest counted
+
+_REPLY = re.compile(r"(\d{3})[ -](?:([245]\.\d{1,3}\.\d{1,3}) )?(.*)", re.DOTALL)
+
+
+def split_reply(reply: str) -> tuple[str, str, str]:
+    """(code, enhanced code or "", text) of an SMTP reply line."""
+    m = _REPLY.fullmatch(reply.strip())
+    if m is None:
+        return reply[:3], "", reply[4:].strip()
+    return m[1], m[2] or "", m[3].strip()
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """An SMTP reply that refused a command of a transaction (MAIL, RCPT, DATA) or closed the
+    connection (421), as the mail log tells it. ``command`` is "" for a connection refused
+    before any command (too many connections)."""
+
+    at: datetime
+    point: str  # "access" or "reception"
+    command: str
+    client: str
+    user: str | None
+    sender: str | None
+    recipients: tuple[str, ...]
+    reply: str
+
+    def fields(self) -> dict[str, Any]:
+        code, enhanced, reason = split_reply(self.reply)
+        rcpts = [r[:_MAX_ADDRESS] for r in self.recipients[:_MAX_RECIPIENTS]]
+        out: dict[str, Any] = {
+            "at": self.at.isoformat(),
+            "event": SMTP_REFUSED,
+            "status": "refused",
+            "point": self.point,
+            "command": self.command,
+            "client": self.client,
+            "user": self.user or "",
+            "from": (self.sender or "")[:_MAX_ADDRESS],
+            "to": rcpts,
+            "code": code,
+            "enhanced": enhanced,
+            "reason": reason,
+        }
+        if len(self.recipients) > _MAX_RECIPIENTS:
+            out["to_more"] = len(self.recipients) - _MAX_RECIPIENTS
+        return out
+
+
+class RefusalLog:
+    """Refusals into a mail log, rate-safe: at most ``burst`` lines per ``interval`` seconds;
+    past that they are counted, and one line says how many were left out (and their codes) when
+    the interval ends, so that a flood of refusals (a client hammering, an outage answering 451
+    to everybody) is a bounded number of lines."""
+
+    def __init__(
+        self,
+        mail_log: MailLog,
+        *,
+        burst: int = REFUSALS_PER_INTERVAL,
+        interval: float = REFUSAL_INTERVAL_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.mail_log = mail_log
+        self.burst = burst
+        self.interval = interval
+        self.clock = clock
+        self._start = clock()
+        self._written = 0
+        self._left_out: Counter[str] = Counter()  # code -> refusals not written this interval
+        self._last_at: datetime | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def write(self, r: Refusal) -> None:
+        now = self.clock()
+        if now - self._start >= self.interval:
+            self.flush(now)
+        if self._written < self.burst:
+            self._written += 1
+            self.mail_log.line(r.fields())
+            return
+        self._left_out[split_reply(r.reply)[0]] += 1
+        self._last_at = r.at
+        if self._timer is None:
+            # The summary goes out when the interval ends, even if the flood has stopped.
+            with contextlib.suppress(RuntimeError):  # no loop (a synchronous caller)
+                loop = asyncio.get_running_loop()
+                self._timer = loop.call_later(
+                    max(0.0, self._start + self.interval - now), self._interval_over
+                )
+
+    def _interval_over(self) -> None:
+        self._timer = None
+        self.flush()
+
+    def flush(self, now: float | None = None) -> None:
+        """End the interval: the line of what was left out, if anything was."""
+        if self._left_out:
+            at = self._last_at
+            self.mail_log.line(
+                {
+                    "at": at.isoformat() if at is not None else "",
+                    "event": SMTP_REFUSED,
+                    "status": "suppressed",
+                    "suppressed": sum(self._left_out.values()),
+                    "codes": ",".join(f"{c}:{n}" for c, n in sorted(self._left_out.items())),
+                }
+            )
+        self._left_out.clear()
+        self._written = 0
+        self._start = self.clock() if now is None else now
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.flush()
+
+
+def refused(cfg: Config, r: Refusal) -> None:
+    """An SMTP refusal: counted (``pecd_smtp_refused_total``) and, when this process has the
+    configured mail log open, one line in it (rate-limited)."""
+    metrics.smtp_refused(r.point, split_reply(r.reply)[0])
+    if cfg.log.mail_log and (mail_log := _OPEN.get(cfg.log.mail_log)) is not None:
+        mail_log.refusals.write(r)
 
 
 # --- the hook: committed trace rows --------------------------------------------------------------

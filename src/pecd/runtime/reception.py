@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import socket
@@ -32,11 +33,12 @@ from pecd.config import Config, Endpoint
 from pecd.engine.vocab import JobKind
 from pecd.guard import Guard
 from pecd.pec.address import domain_of, normalize_address, valid_address
+from pecd.runtime import observe
 from pecd.runtime.diskspace import INSUFFICIENT_STORAGE, FreeSpace
 from pecd.runtime.intake import Intake
+from pecd.runtime.refusals import ObservedSMTP
 from pecd.runtime.smtp import (
     IntakeEnvelope,
-    IntakeSMTP,
     Reply,
     Sessions,
     bound_port,
@@ -146,7 +148,7 @@ class ReceptionPoint:
         self.sessions = Sessions()  # ended with 421 when the point stops
 
     def _factory(self) -> SMTP:
-        return IntakeSMTP(
+        return ObservedSMTP(
             self.handler,
             hostname=self.hostname,
             ident="pecd",
@@ -161,6 +163,10 @@ class ReceptionPoint:
             guard=self.guard,
             sessions=self.sessions,
             listener="reception",
+            # Refusals before any trace event: a mail log line each, and counted.
+            on_refusal=functools.partial(observe.refused, self.cfg),
+            point="reception",
+            clock=self.handler.clock,
         )
 
     async def start(self, stack: contextlib.AsyncExitStack) -> None:
