@@ -168,16 +168,20 @@ class Intake:
         self.wake.set()
 
     async def _commit(self, batch: list[_Pending]) -> None:
+        rows = [
+            jobs.job_row(
+                kind=item.kind,
+                key=item.key,
+                payload=item.payload.to_json(),
+                data=item.data,
+                now=item.now,
+            )
+            for item in batch
+        ]
+
         def commit(s: Session) -> None:
-            for item in batch:
-                jobs.enqueue_sync(
-                    s,
-                    kind=item.kind,
-                    key=item.key,
-                    payload=item.payload.to_json(),
-                    data=item.data,
-                    now=item.now,
-                )
+            # One INSERT for the whole batch.
+            jobs.insert_many_sync(s, rows)
 
         await self.db.write(commit)
 

@@ -219,11 +219,10 @@ class WorkerPool:
 
         def commit(s: Session) -> list[StoreLocal]:
             nonlocal webhooks
-            stored: list[StoreLocal] = []
-            for _job, effects in prepared:
-                applied = apply(s, effects, lease)
-                stored += applied.stored
-                webhooks += applied.webhooks
+            # Every job's effects at once: a few statements for the whole batch.
+            applied = apply(s, [e for _job, effects in prepared for e in effects], lease)
+            webhooks = applied.webhooks
+            stored = applied.stored
             done = jobs.complete_many_sync(s, ids, worker=outbox.worker)
             if done != len(prepared):
                 # A lease ran out while we worked: that job is another worker's now, and

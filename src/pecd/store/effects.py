@@ -1,12 +1,24 @@
 """The SQL side of the engine's effects: each effect of a stage becomes rows in the stage's one
-transaction (jobs, trace events, timer rows), and the webhook job of an event that makes one."""
+transaction (jobs, trace events, timer rows), and the webhook job of an event that makes one.
+
+Effects are applied in waves, so that a whole batch of stages costs a few statements rather than
+a few per effect: the jobs of a wave go in one ``INSERT … ON CONFLICT DO NOTHING RETURNING key``,
+the timer rows in one executemany per statement, the trace events in one executemany at the end
+of the transaction (:func:`pecd.store.db.defer`). The ``then`` of an :class:`Enqueue` (effects
+that count only if its job was created) is the next wave. The result is what applying the effects
+one by one, in order, would give: the trace events keep that order too.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
+from sqlalchemy import bindparam, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from pecd.engine.effects import (
@@ -21,8 +33,12 @@ from pecd.engine.effects import (
     TookCharge,
 )
 from pecd.engine.vocab import JobKind, StorePayload
+from pecd.pec.address import normalize_address
 from pecd.store import expectations, jobs, virus, webhooks
-from pecd.store.trace import record_sync
+from pecd.store.db import defer
+from pecd.store.models import Expectation, table_of
+from pecd.store.nodes import current
+from pecd.store.trace import event_row, insert_stmt
 
 
 @dataclass(frozen=True)
@@ -45,74 +61,216 @@ class Applied:
     webhooks: int = 0  # webhook jobs queued for the events recorded (pecd.store.webhooks)
 
 
+# A trace event's place: its row, or the place of the events an Enqueue's ``then`` records
+# once the next wave knows whether its job was created.
+_Slot = dict[str, Any] | list["_Slot"]
+
+
+class _Wave:
+    """One wave: the jobs it inserts (and what follows from each being created), the timer
+    statements in their order, the trace events in their places."""
+
+    def __init__(self) -> None:
+        self.jobs: list[dict[str, Any]] = []
+        self.created: list[Callable[[], None] | None] = []
+        self.timers: list[tuple[Any, dict[str, Any]]] = []
+
+
+class _Applier:
+    def __init__(self, s: Session, lease: Lease, done: Applied) -> None:
+        self.s = s
+        self.lease = lease
+        self.done = done
+        self.dialect = s.get_bind().dialect.name
+        node = current(s)
+        self.node = node.id if node is not None else None
+        self.events: list[_Slot] = []
+        self.wave = _Wave()  # the wave that the ``then`` of this one's created jobs go to
+
+    def run(self, effects: Sequence[Effect]) -> None:
+        wave = _Wave()
+        self.add(wave, effects, self.events)
+        while wave.jobs or wave.timers:
+            self.flush_timers(wave)
+            nxt = _Wave()
+            keys = jobs.insert_many_sync(self.s, wave.jobs) if wave.jobs else set()
+            self.wave = nxt
+            for row, then in zip(wave.jobs, wave.created, strict=True):
+                if row["key"] in keys:
+                    keys.discard(row["key"])  # a second row with the same key was not created
+                    if then is not None:
+                        then()
+            wave = nxt
+        for row in _flatten(self.events):
+            defer(self.s, insert_stmt(), row)
+
+    def flush_timers(self, wave: _Wave) -> None:
+        """The timer statements queued so far, in order (runs of one statement: one
+        executemany)."""
+        i = 0
+        timers = wave.timers
+        while i < len(timers):
+            stmt = timers[i][0]
+            j = i
+            while j < len(timers) and timers[j][0] is stmt:
+                j += 1
+            self.s.execute(stmt, [p for _, p in timers[i:j]])
+            i = j
+        timers.clear()
+
+    def add(self, wave: _Wave, effects: Sequence[Effect], events: list[_Slot]) -> None:
+        done = self.done
+        for e in effects:
+            if isinstance(e, Record):
+                events.append(event_row(e.event))
+                # The event's webhook job, if any, in the same transaction as the event.
+                hook = webhooks.job_for(self.s, e.event)
+                if hook is not None:
+                    wave.jobs.append(hook)
+                    wave.created.append(self._counted)
+            elif isinstance(e, StoreLocal):
+                wave.jobs.append(
+                    jobs.job_row(
+                        kind=JobKind.STORE,
+                        key=e.key,
+                        payload=StorePayload(e.mailbox, e.message_id).to_json(),
+                        data=e.data,
+                        now=e.at,
+                        lease_to=self.lease.worker,
+                        lease_until=self.lease.until,
+                        node=self.node,
+                    )
+                )
+                wave.created.append(functools.partial(done.stored.append, e))
+            elif isinstance(e, Enqueue):
+                wave.jobs.append(
+                    jobs.job_row(
+                        kind=e.kind,
+                        key=e.key,
+                        payload=e.payload.to_json(),
+                        data=e.data,
+                        now=e.at,
+                        run_at=e.run_at,
+                    )
+                )
+                if e.then:
+                    place: list[_Slot] = []
+                    events.append(place)
+                    wave.created.append(functools.partial(self._then, e.then, place))
+                else:
+                    wave.created.append(None)
+            elif isinstance(e, Expect):
+                if e.recipients:
+                    tx = e.tx.to_json()
+                    stmt = _expect_stmt(self.dialect)
+                    wave.timers += [
+                        (
+                            stmt,
+                            {
+                                "pec_msgid": e.pec_msgid,
+                                "recipient": r,
+                                "sender": e.sender,
+                                "tx": tx,
+                                "sent_at": e.sent_at,
+                            },
+                        )
+                        for r in e.recipients
+                    ]
+            elif isinstance(e, TookCharge):
+                stmt = _took_charge_stmt()
+                wave.timers += [
+                    (stmt, {"m": e.pec_msgid, "r": normalize_address(r), "at": e.at})
+                    for r in dict.fromkeys(e.recipients)
+                ]
+            elif isinstance(e, Settle):
+                stmt = _settle_stmt(e.outcome != "scaduto")
+                params = {
+                    "m": e.pec_msgid,
+                    "r": normalize_address(e.recipient),
+                    "at": e.at,
+                    "o": e.outcome,
+                }
+                wave.timers.append((stmt, params))
+            elif isinstance(e, KeepInfected):
+                virus.keep_sync(
+                    self.s,
+                    key=e.key,
+                    at=e.at,
+                    point=e.point,
+                    signature=e.signature,
+                    pec_msgid=e.pec_msgid,
+                    sender=e.sender,
+                    recipients=list(e.recipients),
+                    data=e.data,
+                )
+            elif isinstance(e, ClaimNotice):
+                # Only the node whose claim marks the row sends the notice: read at once, after
+                # the timer statements before it.
+                self.flush_timers(wave)
+                if expectations.noticed_sync(self.s, e.pec_msgid, e.recipient, e.at, final=e.final):
+                    done.claimed += 1
+                    self.add(wave, e.then, events)
+            else:  # pragma: no cover - a new effect without its SQL
+                raise TypeError(f"unknown effect {e!r}")
+
+    def _counted(self) -> None:
+        self.done.webhooks += 1
+
+    def _then(self, then: Sequence[Effect], place: list[_Slot]) -> None:
+        self.add(self.wave, then, place)
+
+
+def _flatten(slots: list[_Slot]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for slot in slots:
+        if isinstance(slot, list):
+            out += _flatten(slot)
+        else:
+            out.append(slot)
+    return out
+
+
+@functools.cache
+def _expect_stmt(dialect: str) -> Any:
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    return insert(table_of(Expectation)).on_conflict_do_nothing(
+        index_elements=["pec_msgid", "recipient"]
+    )
+
+
+_E = table_of(Expectation).c
+
+
+@functools.cache
+def _took_charge_stmt() -> Any:
+    return (
+        update(table_of(Expectation))
+        .where(
+            _E.pec_msgid == bindparam("m"), _E.recipient == bindparam("r"), _E.presa_at.is_(None)
+        )
+        .values(presa_at=bindparam("at", type_=_E.presa_at.type))
+    )
+
+
+@functools.cache
+def _settle_stmt(delivered: bool) -> Any:
+    at = bindparam("at", type_=_E.closed_at.type)
+    values: dict[str, Any] = {"closed_at": at, "outcome": bindparam("o")}
+    if delivered:
+        values["delivered_at"] = at
+    return (
+        update(table_of(Expectation))
+        .where(
+            _E.pec_msgid == bindparam("m"), _E.recipient == bindparam("r"), _E.closed_at.is_(None)
+        )
+        .values(**values)
+    )
+
+
 def apply(
     s: Session, effects: Sequence[Effect], lease: Lease, into: Applied | None = None
 ) -> Applied:
     """Write ``effects`` into ``s`` (not committed)."""
     done = into if into is not None else Applied()
-    created = done.stored
-    for e in effects:
-        if isinstance(e, Record):
-            record_sync(s, e.event)
-            # The event's webhook job, if any, in the same transaction as the event.
-            if webhooks.enqueue_sync(s, e.event):
-                done.webhooks += 1
-        elif isinstance(e, StoreLocal):
-            if jobs.enqueue_sync(
-                s,
-                kind=JobKind.STORE,
-                key=e.key,
-                payload=StorePayload(e.mailbox, e.message_id).to_json(),
-                data=e.data,
-                now=e.at,
-                lease_to=lease.worker,
-                lease_until=lease.until,
-            ):
-                created.append(e)
-        elif isinstance(e, Enqueue):
-            if (
-                jobs.enqueue_sync(
-                    s,
-                    kind=e.kind,
-                    key=e.key,
-                    payload=e.payload.to_json(),
-                    data=e.data,
-                    now=e.at,
-                    run_at=e.run_at,
-                )
-                and e.then
-            ):
-                apply(s, e.then, lease, done)
-        elif isinstance(e, Expect):
-            expectations.expect_sync(
-                s,
-                pec_msgid=e.pec_msgid,
-                recipients=list(e.recipients),
-                sender=e.sender,
-                tx=e.tx.to_json(),
-                sent_at=e.sent_at,
-            )
-        elif isinstance(e, TookCharge):
-            expectations.took_charge_sync(s, e.pec_msgid, list(e.recipients), e.at)
-        elif isinstance(e, Settle):
-            expectations.close_sync(s, e.pec_msgid, e.recipient, e.at, e.outcome)
-        elif isinstance(e, KeepInfected):
-            virus.keep_sync(
-                s,
-                key=e.key,
-                at=e.at,
-                point=e.point,
-                signature=e.signature,
-                pec_msgid=e.pec_msgid,
-                sender=e.sender,
-                recipients=list(e.recipients),
-                data=e.data,
-            )
-        elif isinstance(e, ClaimNotice):
-            # Only the node whose claim marks the row sends the notice.
-            if expectations.noticed_sync(s, e.pec_msgid, e.recipient, e.at, final=e.final):
-                done.claimed += 1
-                apply(s, e.then, lease, done)
-        else:  # pragma: no cover - a new effect without its SQL
-            raise TypeError(f"unknown effect {e!r}")
+    _Applier(s, lease, done).run(effects)
     return done

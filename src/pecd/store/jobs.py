@@ -63,16 +63,44 @@ def enqueue_sync(
     worker claims it as usual. Returns True if a job was created, False if ``key`` was already
     there. Does not commit.
     """
+    node = current(session) if lease_to is not None else None
+    row = job_row(
+        kind=kind,
+        key=key,
+        payload=payload,
+        data=data,
+        now=now,
+        run_at=run_at,
+        lease_to=lease_to,
+        lease_until=lease_until,
+        node=node.id if node is not None else None,
+    )
+    return bool(insert_many_sync(session, [row]))
+
+
+def job_row(
+    *,
+    kind: str,
+    key: str,
+    payload: dict[str, Any],
+    data: bytes | None = None,
+    now: datetime,
+    run_at: datetime | None = None,
+    lease_to: str | None = None,
+    lease_until: datetime | None = None,
+    node: str | None = None,
+) -> dict[str, Any]:
+    """The row :func:`insert_many_sync` inserts for a job (see :func:`enqueue_sync`); ``node``:
+    the node id a job born leased records (``leased_by``)."""
     if (lease_to is None) != (lease_until is None):
         raise ValueError("lease_to and lease_until go together")
-    node = current(session) if lease_to is not None else None
-    values: dict[str, Any] = {
+    return {
         "kind": kind,
         "key": key,
         "state": READY if lease_to is None else RUNNING,
         "locked_by": lease_to,
         "locked_until": lease_until,
-        "leased_by": node.id if node is not None else None,
+        "leased_by": node if lease_to is not None else None,
         "payload": payload,
         "data": data,
         "attempts": 0,
@@ -80,17 +108,34 @@ def enqueue_sync(
         "created_at": now,
         "updated_at": now,
     }
-    result = session.execute(_insert_stmt(session.get_bind().dialect.name), values)
-    return result.first() is not None
+
+
+def insert_many_sync(session: Session, rows: Sequence[dict[str, Any]]) -> set[str]:
+    """Insert the jobs ``rows`` (from :func:`job_row`) in one statement, each unless a job with
+    its key exists already (then it is left as it is); returns the keys of the jobs created.
+    Of two rows with the same key only the first is inserted. Does not commit."""
+    if not rows:
+        return set()
+    stmt = _insert_stmt(session.get_bind().dialect.name)
+    if len(rows) == 1:
+        return set(session.execute(stmt, rows[0]).scalars())
+    seen: set[str] = set()
+    unique = []
+    for row in rows:
+        if row["key"] not in seen:
+            seen.add(row["key"])
+            unique.append(row)
+    # One INSERT … VALUES (…), (…) … RETURNING key (SQLAlchemy's "insertmanyvalues").
+    return set(session.execute(stmt, unique).scalars())
 
 
 @functools.cache
 def _insert_stmt(dialect: str) -> Any:
-    """``INSERT … ON CONFLICT (key) DO NOTHING RETURNING id``, built once per dialect: the
+    """``INSERT … ON CONFLICT (key) DO NOTHING RETURNING key``, built once per dialect: the
     values travel as parameters, so the compiled statement is reused for every job."""
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     # Core, not ORM-enabled: the ORM's bulk-insert path is costly here.
-    return insert(_JOBS).on_conflict_do_nothing(index_elements=["key"]).returning(_JOBS.c.id)
+    return insert(_JOBS).on_conflict_do_nothing(index_elements=["key"]).returning(_JOBS.c.key)
 
 
 async def claim(

@@ -36,29 +36,36 @@ from pecd.store.models import TraceEvent, table_of
 def record_sync(session: Session, event: TraceEventData) -> None:
     """Append ``event`` to the trace log in a synchronous session (:meth:`Database.write`, or
     ``AsyncSession.run_sync``); does not commit."""
-    if event.at.tzinfo is None:
-        raise ValueError("trace events need an aware datetime")
     # A Core INSERT: the ORM's unit of work costs more than the row itself on this hot path.
     # Nothing reads an event back in the transaction that writes it: one executemany at its end.
-    defer(
-        session,
-        _INSERT,
-        {
-            "at": event.at,
-            "event": event.event,
-            "pec_msgid": storable(event.pec_msgid),
-            "client_msgid": storable(event.client_msgid),
-            "sender": storable(event.sender),
-            "recipients": [storable(dict(r)) for r in event.recipients],
-            "subject": storable(event.subject),
-            "provider": storable(event.provider),
-            "generated_ids": storable(list(event.generated_ids)),
-            "error": storable(event.error),
-            "daticert": storable(dict(event.daticert)) if event.daticert is not None else None,
-            "data": storable(dict(event.data)) if event.data is not None else None,
-            "node": storable(event.node),
-        },
-    )
+    defer(session, _INSERT, event_row(event))
+
+
+def event_row(event: TraceEventData) -> dict[str, Any]:
+    """The row of ``event`` for :func:`insert_stmt` (every string storable)."""
+    if event.at.tzinfo is None:
+        raise ValueError("trace events need an aware datetime")
+    return {
+        "at": event.at,
+        "event": event.event,
+        "pec_msgid": storable(event.pec_msgid),
+        "client_msgid": storable(event.client_msgid),
+        "sender": storable(event.sender),
+        "recipients": [storable(dict(r)) for r in event.recipients],
+        "subject": storable(event.subject),
+        "provider": storable(event.provider),
+        "generated_ids": storable(list(event.generated_ids)),
+        "error": storable(event.error),
+        "daticert": storable(dict(event.daticert)) if event.daticert is not None else None,
+        "data": storable(dict(event.data)) if event.data is not None else None,
+        "node": storable(event.node),
+    }
+
+
+def insert_stmt() -> Any:
+    """The INSERT of one trace event (:func:`event_row`); one statement object, so that rows
+    deferred to the end of a transaction go in one executemany."""
+    return _INSERT
 
 
 _INSERT = insert(table_of(TraceEvent))

@@ -21,12 +21,14 @@ Events, for the mailbox that sent the transmission (the trace event's ``sender``
 from __future__ import annotations
 
 import hashlib
+import time
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import Engine, delete, select
 from sqlalchemy.orm import Session
 
 from pecd.engine.vocab import JobKind, TraceEventData, TraceType
@@ -48,6 +50,7 @@ __all__ = [
     "enqueue_sync",
     "event_id",
     "get_webhook",
+    "job_for",
     "set_webhook",
 ]
 
@@ -61,7 +64,6 @@ _ESITO = {
     TraceType.AVVENUTA_CONSEGNA.value: DELIVERED,
     TraceType.ERRORE_CONSEGNA.value: FAILED,
 }
-_CACHE = "pecd.webhooks"  # session.info: mailbox -> has a webhook, for one transaction
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +99,7 @@ async def set_webhook(db: Database, mailbox: str, url: str, secret: str, now: da
             s.add(Webhook(mailbox=address, url=url, secret=secret, created_at=now))
         else:
             row.url, row.secret, row.created_at = url, secret, now
+    _changed()
 
 
 async def delete_webhook(db: Database, mailbox: str) -> bool:
@@ -108,7 +111,9 @@ async def delete_webhook(db: Database, mailbox: str) -> bool:
             .where(Webhook.mailbox == normalize_address(mailbox))
             .returning(Webhook.mailbox)
         )
-        return result.first() is not None
+        found = result.first() is not None
+    _changed()
+    return found
 
 
 def event_id(pec_msgid: str, kind: str, recipient: str | None) -> str:
@@ -140,30 +145,64 @@ def _classify(event: TraceEventData) -> tuple[str, str | None] | None:
     return None
 
 
-def _has_webhook(session: Session, mailbox: str) -> bool:
-    cache: dict[str, bool] = session.info.setdefault(_CACHE, {})
-    found = cache.get(mailbox)
-    if found is None:
-        found = (
-            session.execute(select(Webhook.mailbox).where(Webhook.mailbox == mailbox)).first()
-            is not None
+#: Seconds a process reuses its list of the mailboxes that have a webhook (see _has_webhook).
+WEBHOOKS_TTL = 1.0
+
+
+class _Known:
+    """This process's list of the mailboxes with a webhook, per database: read whole (one small
+    query) at most every :data:`WEBHOOKS_TTL` seconds instead of a query per trace event. A
+    webhook set or removed here is seen at once (:func:`_changed`), one set by another process
+    (the web's, another node) within the TTL."""
+
+    def __init__(self) -> None:
+        self.generation = 0
+        self.by_engine: weakref.WeakKeyDictionary[Engine, tuple[float, int, frozenset[str]]] = (
+            weakref.WeakKeyDictionary()
         )
-        cache[mailbox] = found
-    return found
+
+    def get(self, session: Session) -> frozenset[str]:
+        engine = session.get_bind().engine
+        now = time.monotonic()
+        hit = self.by_engine.get(engine)
+        if hit is not None and hit[1] == self.generation and now - hit[0] < WEBHOOKS_TTL:
+            return hit[2]
+        generation = self.generation
+        found = frozenset(session.execute(select(Webhook.mailbox)).scalars())
+        self.by_engine[engine] = (now, generation, found)
+        return found
+
+
+_KNOWN = _Known()
+
+
+def _changed() -> None:
+    _KNOWN.generation += 1
+
+
+def _has_webhook(session: Session, mailbox: str) -> bool:
+    return mailbox in _KNOWN.get(session)
 
 
 def enqueue_sync(session: Session, event: TraceEventData) -> bool:
     """Queue the webhook event ``event`` makes, if it makes one and its mailbox has a webhook;
     True if a job was queued. In the caller's transaction (not committed)."""
+    row = job_for(session, event)
+    return row is not None and bool(jobs.insert_many_sync(session, [row]))
+
+
+def job_for(session: Session, event: TraceEventData) -> dict[str, Any] | None:
+    """The webhook job (a :func:`pecd.store.jobs.job_row`) that ``event`` makes, or None: not a
+    webhook event, or its mailbox has no webhook. Reads in the caller's transaction."""
     if event.pec_msgid is None or event.sender is None:
-        return False
+        return None
     found = _classify(event)
     if found is None:
-        return False
+        return None
     kind, recipient = found
     mailbox = normalize_address(event.sender)
     if not _has_webhook(session, mailbox):
-        return False
+        return None
     data: Mapping[str, Any] = event.data or {}
     if kind in (ACCEPTED, NOT_ACCEPTED):
         transmission = data.get("intake")
@@ -181,7 +220,7 @@ def enqueue_sync(session: Session, event: TraceEventData) -> bool:
             .limit(1)
         ).first()
         if accepted is None or normalize_address(accepted.sender or "") != mailbox:
-            return False
+            return None
         transmission = (accepted.data or {}).get("intake")
         client_msgid = accepted.client_msgid
         recipients = [str(recipient)]
@@ -199,8 +238,7 @@ def enqueue_sync(session: Session, event: TraceEventData) -> bool:
         "at": event.at.isoformat(),
         "error": event.error,
     }
-    return jobs.enqueue_sync(
-        session,
+    return jobs.job_row(
         kind=JobKind.WEBHOOK,
         key=f"webhook:{eid}",
         payload=storable({"mailbox": mailbox, "recipients": recipients, "event": body}),
