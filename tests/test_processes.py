@@ -12,6 +12,7 @@ import re
 import signal
 import smtplib
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -269,3 +270,59 @@ def _alive(pid: int) -> bool:
             return f.read().split(") ", 1)[1][0] != "Z"
     except (FileNotFoundError, ProcessLookupError, IndexError):
         return False
+
+
+# --- a signal to the whole process group (Ctrl-C in a terminal, a kill of the group) ---------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("processes", "sig"), [(1, signal.SIGINT), (2, signal.SIGTERM)])
+def test_a_signal_to_the_group_stops_everything_once(
+    tmp_path: Path, processes: int, sig: signal.Signals
+) -> None:
+    """The supervised processes (the mailbox process; with 2, the engine processes) are in
+    sessions of their own: the group's signal reaches `pecd serve` only, which stops them in
+    order. No restart, no error line, exit status 0, nothing left (SQLite: the leader lock is a
+    flock beside the database, held by one engine process)."""
+    # With one process its format processes are in `pecd serve`'s group (runtime/formats.py):
+    # a group's signal would end them too (the stage in progress fails and is tried again), so
+    # that case runs the formats inline; an engine process's are in the engine's session.
+    formats = 1 if processes > 1 else 0
+    extra = (
+        f"\n[queue]\nbase_delay_seconds = 0.2\nformat_processes = {formats}\n"
+        f"[serve]\nprocesses = {processes}\n"
+    )
+    cfg = asyncio.run(install(tmp_path / "inst", None, extra_config=extra))
+    assert cfg.source is not None and cfg.listeners.smtps is not None
+    log = tmp_path / "serve.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pecd", "serve", "-c", str(cfg.source)],
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # a group of its own, as a shell gives a foreground job
+    )
+    try:
+        wait_for(lambda: "Mail client settings" in log.read_text(), 60, "pecd serving")
+        senders = Senders(cfg)
+        senders.send("group-1")
+        assert senders.accepted == ["<group-1@client.example>"], senders.failed
+        family = [proc.pid, *children(proc.pid)]
+        holder = (Path(str(cfg.database_url).removeprefix("sqlite:///") + ".leader")).read_text()
+        leader_pid = int(holder.strip().rsplit(":", 1)[1])
+        if processes == 1:
+            assert leader_pid == proc.pid
+        else:
+            engines = [int(p) for _, p in ENGINE_UP.findall(log.read_text())]
+            assert len(engines) == 2 and leader_pid in engines
+        os.killpg(proc.pid, sig)
+        code = proc.wait(90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text_ = log.read_text()
+    assert code == 0, text_[-3000:]
+    assert not [p for p in family if _alive(p)]
+    after = text_.split("pecd: stopping")[1]
+    assert " ERROR " not in after and "starting a new one" not in after, after
+    assert "Traceback" not in after, after
