@@ -5,9 +5,15 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from sqlalchemy.orm import Session
 
+from pecd.engine.effects import Expect, Settle, TookCharge
+from pecd.pec.builders import Destinatario, Transmission
+from pecd.pec.vocab import DestinatarioTipo
 from pecd.store import expectations
 from pecd.store.db import Database
+from pecd.store.effects import Lease, apply
+from pecd.store.models import Expectation
 from store_fixtures import Backend, db_fixture, pg_url_fixture, sqlite_template_fixture
 
 __all__ = ["db_fixture", "pg_url_fixture", "sqlite_template_fixture"]
@@ -97,3 +103,56 @@ def test_a_closed_recipient_owes_nothing(db: Backend, outcome: str) -> None:
         return await due_at(d, T0 + 30 * H)
 
     assert db.run(main) == []
+
+
+# --- the engine's timer effects for a recipient of ours, through the store ------------------------
+
+
+LOCAL_TX = Transmission(
+    identificativo="opec-local@pec.a",
+    mittente="alice@pec.a",
+    destinatari=(
+        Destinatario("bob@pec.a", DestinatarioTipo.CERTIFICATO),
+        Destinatario("carol@pec.a", DestinatarioTipo.CERTIFICATO),
+    ),
+    risposte="alice@pec.a",
+    oggetto="Stesso dominio",
+    msgid="<m@mua>",
+)
+
+
+def test_local_recipients_settled_by_the_delivery_point_owe_nothing(db: Backend) -> None:
+    """What the access point and the delivery point yield for a same-provider message (one
+    Expect; one TookCharge and a Settle per recipient, in the delivery's one transaction), as the
+    store applies them in a batch: the delivered recipient owes nothing at 12 h nor 24 h, the one
+    held back (its delivery not committed yet) owes both notices, each once."""
+    ident = LOCAL_TX.identificativo
+    lease = Lease("test", T0)
+
+    async def main(d: Database) -> list[list[tuple[str, bool]]]:
+        def submit(s: Session) -> object:
+            expect = Expect(ident, ("bob@pec.a", "carol@pec.a"), "alice@pec.a", LOCAL_TX, T0)
+            return apply(s, [expect], lease)
+
+        def delivered(s: Session) -> object:
+            return apply(
+                s,
+                [
+                    TookCharge(ident, ("bob@pec.a",), T0 + H),
+                    Settle(ident, "bob@pec.a", T0 + H, "avvenuta-consegna"),
+                ],
+                lease,
+            )
+
+        await d.write(submit)
+        await d.write(delivered)
+        await d.write(delivered)  # a re-run of the stage changes nothing
+        steps = [await due_at(d, T0 + 12 * H), await due_at(d, T0 + 13 * H)]
+        steps += [await due_at(d, T0 + 24 * H), await due_at(d, T0 + 48 * H)]
+        async with d.session() as s:
+            row = await s.get(Expectation, (ident, "bob@pec.a"))
+            assert row is not None and row.closed_at is not None and row.presa_at is not None
+            assert row.outcome == "avvenuta-consegna"
+        return steps
+
+    assert db.run(main) == [[("carol@pec.a", False)], [], [("carol@pec.a", True)], []]
