@@ -179,6 +179,10 @@ class Intake:
             for item in batch
         ]
 
+        if self.db.pg is not None:  # PostgreSQL: one statement, one round trip
+            await self.db.pg.insert_jobs(rows)
+            return
+
         def commit(s: Session) -> None:
             # One INSERT for the whole batch.
             jobs.insert_many_sync(s, rows)

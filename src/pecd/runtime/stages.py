@@ -286,7 +286,10 @@ class StageRunner:
                     for i, o in zip(items, outcomes, strict=True)
                     if o.stored is Stored.DELIVERED
                 ]
-            await self.db.write(lambda s: jobs.complete_leased(s, keys, outbox.worker))
+            if self.db.pg is not None:  # one round trip
+                await self.db.pg.complete_leased(keys, outbox.worker)
+            else:
+                await self.db.write(lambda s: jobs.complete_leased(s, keys, outbox.worker))
         except Exception as exc:
             fault = diskspace.transient_cause(exc)
             if fault is not None:  # a full or failing disk: one alert a minute, not a trace each

@@ -11,6 +11,10 @@ upgraded). Writers queue on ``busy_timeout``. Pure readers may use :meth:`Databa
 
 Hot-path writes
 ---------------
+On PostgreSQL the hot path's own transactions (intake, claim, a stage's commit, the completion of
+store jobs) are single statements in one round trip each (:mod:`pecd.store.pgfast`, ``db.pg``);
+everything else goes through the sessions here.
+
 :meth:`Database.write` runs a whole transaction as one synchronous function. On SQLite it runs
 in one thread of its own over the synchronous driver: the write lock is held only while the
 statements run, not across event-loop turns (through aiosqlite every statement is a round trip
@@ -38,6 +42,7 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.orm import Session, sessionmaker
 
 import pecd
+from pecd.store.pgfast import PgFast
 
 _SQLITE_BEGIN = "pecd_sqlite_begin"
 _MIGRATION_LOCK_ID = 0x70656364  # "pecd": serialises concurrent `migrate` runs on PostgreSQL
@@ -186,6 +191,10 @@ class Database:
             if writer is not None
             else None
         )
+        # PostgreSQL: the hot path's transactions in one round trip each (pecd.store.pgfast).
+        self.pg: PgFast | None = None
+        if engine.dialect.name == "postgresql":
+            self.pg = PgFast(engine.url.render_as_string(hide_password=False))
 
     @classmethod
     async def open(cls, url: str, **engine_kwargs: Any) -> Database:
@@ -248,6 +257,8 @@ class Database:
         return await loop.run_in_executor(self._writer_thread, run)
 
     async def close(self) -> None:
+        if self.pg is not None:
+            await self.pg.close()
         await self.engine.dispose()
         if self._reader is not None:
             await self._reader.dispose()

@@ -274,3 +274,112 @@ def apply(
     done = into if into is not None else Applied()
     _Applier(s, lease, done).run(effects)
     return done
+
+
+@dataclass
+class OneStatement:
+    """A batch's effects as the arrays of :meth:`pecd.store.pgfast.PgFast.commit` (PostgreSQL:
+    the whole commit in one statement), built by :func:`one_statement`."""
+
+    jobs: list[dict[str, Any]] = field(default_factory=list)
+    expect: list[tuple[str, str, str, Any, datetime]] = field(default_factory=list)
+    presa: list[tuple[str, str, datetime]] = field(default_factory=list)
+    settle: list[tuple[str, str, datetime, str]] = field(default_factory=list)
+    events: list[tuple[dict[str, Any], str | None]] = field(default_factory=list)
+    stores: dict[str, StoreLocal] = field(default_factory=dict)
+    hooks: set[str] = field(default_factory=set)
+
+    def applied(self, created: set[str]) -> Applied:
+        """What :func:`apply` would have returned, given the keys of the jobs created."""
+        return Applied(
+            stored=[e for key, e in self.stores.items() if key in created],
+            webhooks=len(self.hooks & created),
+        )
+
+
+def one_statement(
+    effects: Sequence[Effect], lease: Lease, node: str | None, webhook_mailboxes: frozenset[str]
+) -> OneStatement | None:
+    """``effects`` as one statement's rows, or None when they need more than one (a timer
+    notice claimed, an infected message kept, an effect that waits on another beyond a trace
+    event, the same job twice, a delivery event for a mailbox with a webhook, timer rows made
+    and changed in the same batch): :func:`apply` writes those."""
+    plan = OneStatement()
+    keys: set[str] = set()
+    made: set[tuple[str, str]] = set()
+    touched: set[tuple[str, str]] = set()
+    settled: set[tuple[str, str]] = set()
+
+    def job(row: dict[str, Any]) -> bool:
+        if row["key"] in keys:
+            return False
+        keys.add(row["key"])
+        plan.jobs.append(row)
+        return True
+
+    def record(event: Any, req: str | None) -> bool:
+        plan.events.append((event_row(event), req))
+        found = webhooks.target(event)
+        if found is None or found[2] not in webhook_mailboxes:
+            return True
+        kind, _recipient, mailbox = found
+        if req is not None or webhooks.needs_history(kind):
+            return False
+        hook = webhooks.accepted_job(event, kind, mailbox)
+        plan.hooks.add(hook["key"])
+        return job(hook)
+
+    for e in effects:
+        if isinstance(e, Record):
+            if not record(e.event, None):
+                return None
+        elif isinstance(e, StoreLocal):
+            row = jobs.job_row(
+                kind=JobKind.STORE,
+                key=e.key,
+                payload=StorePayload(e.mailbox, e.message_id).to_json(),
+                data=e.data,
+                now=e.at,
+                lease_to=lease.worker,
+                lease_until=lease.until,
+                node=node,
+            )
+            if not job(row):
+                return None
+            plan.stores[e.key] = e
+        elif isinstance(e, Enqueue):
+            row = jobs.job_row(
+                kind=e.kind,
+                key=e.key,
+                payload=e.payload.to_json(),
+                data=e.data,
+                now=e.at,
+                run_at=e.run_at,
+            )
+            if not job(row):
+                return None
+            for then in e.then:
+                if not isinstance(then, Record) or not record(then.event, e.key):
+                    return None
+        elif isinstance(e, Expect):
+            tx = e.tx.to_json()
+            for r in e.recipients:
+                plan.expect.append((e.pec_msgid, r, e.sender, tx, e.sent_at))
+                made.add((e.pec_msgid, r))
+        elif isinstance(e, TookCharge):
+            for r in dict.fromkeys(e.recipients):
+                pair = (e.pec_msgid, normalize_address(r))
+                plan.presa.append((*pair, e.at))
+                touched.add(pair)
+        elif isinstance(e, Settle):
+            pair = (e.pec_msgid, normalize_address(e.recipient))
+            if pair in settled:  # twice in one batch: applied one by one, in order
+                return None
+            plan.settle.append((*pair, e.at, e.outcome))
+            settled.add(pair)
+            touched.add(pair)
+        else:
+            return None
+    if made & touched or len({(m, r) for m, r, _ in plan.presa}) != len(plan.presa):
+        return None
+    return plan

@@ -180,6 +180,17 @@ async def claim_batch(
     }
     if db.dialect == "postgresql":
         params["node_timeout"] = node.timeout if node is not None else DEFAULT_NODE_TIMEOUT
+    if db.pg is not None:  # one round trip
+        rows = await db.pg.claim(
+            kinds=params["kinds"],
+            now=now,
+            worker=worker,
+            until=params["until"],
+            node=params["node"],
+            limit=limit,
+            node_timeout=params["node_timeout"],
+        )
+        return sorted((Job(**row) for row in rows), key=lambda j: (j.next_run_at, j.id))
     stmt = _claim_stmt(db.dialect)
 
     def claim(session: Session) -> list[Job]:

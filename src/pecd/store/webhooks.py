@@ -161,19 +161,43 @@ class _Known:
             weakref.WeakKeyDictionary()
         )
 
+    def cached(self, engine: Engine) -> frozenset[str] | None:
+        """The list if it is fresh, else None (read it and :meth:`keep` it)."""
+        hit = self.by_engine.get(engine)
+        if (
+            hit is not None
+            and hit[1] == self.generation
+            and time.monotonic() - hit[0] < WEBHOOKS_TTL
+        ):
+            return hit[2]
+        return None
+
+    def keep(self, engine: Engine, generation: int, found: frozenset[str]) -> None:
+        self.by_engine[engine] = (time.monotonic(), generation, found)
+
     def get(self, session: Session) -> frozenset[str]:
         engine = session.get_bind().engine
-        now = time.monotonic()
-        hit = self.by_engine.get(engine)
-        if hit is not None and hit[1] == self.generation and now - hit[0] < WEBHOOKS_TTL:
-            return hit[2]
-        generation = self.generation
-        found = frozenset(session.execute(select(Webhook.mailbox)).scalars())
-        self.by_engine[engine] = (now, generation, found)
+        found = self.cached(engine)
+        if found is None:
+            generation = self.generation
+            found = frozenset(session.execute(select(Webhook.mailbox)).scalars())
+            self.keep(engine, generation, found)
         return found
 
 
 _KNOWN = _Known()
+#: The query that lists the mailboxes with a webhook (for a caller with a connection of its own).
+MAILBOXES_SQL = "SELECT mailbox FROM webhooks"
+
+
+def known_mailboxes(engine: Engine) -> tuple[frozenset[str] | None, int]:
+    """The mailboxes with a webhook if this process's list is fresh (else None), and the
+    generation to pass to :func:`remember_mailboxes` with what :data:`MAILBOXES_SQL` read."""
+    return _KNOWN.cached(engine), _KNOWN.generation
+
+
+def remember_mailboxes(engine: Engine, generation: int, found: frozenset[str]) -> None:
+    _KNOWN.keep(engine, generation, found)
 
 
 def _changed() -> None:
@@ -191,40 +215,85 @@ def enqueue_sync(session: Session, event: TraceEventData) -> bool:
     return row is not None and bool(jobs.insert_many_sync(session, [row]))
 
 
-def job_for(session: Session, event: TraceEventData) -> dict[str, Any] | None:
-    """The webhook job (a :func:`pecd.store.jobs.job_row`) that ``event`` makes, or None: not a
-    webhook event, or its mailbox has no webhook. Reads in the caller's transaction."""
+def target(event: TraceEventData) -> tuple[str, str | None, str] | None:
+    """The webhook event ``event`` would make if its mailbox had a webhook: (type, recipient,
+    mailbox); None when it makes none."""
     if event.pec_msgid is None or event.sender is None:
         return None
     found = _classify(event)
     if found is None:
         return None
     kind, recipient = found
-    mailbox = normalize_address(event.sender)
+    return kind, recipient, normalize_address(event.sender)
+
+
+def needs_history(kind: str) -> bool:
+    """Whether the job of a webhook event of type ``kind`` reads the trace log (the
+    transmission's accettazione): delivered and failed events."""
+    return kind not in (ACCEPTED, NOT_ACCEPTED)
+
+
+def job_for(session: Session, event: TraceEventData) -> dict[str, Any] | None:
+    """The webhook job (a :func:`pecd.store.jobs.job_row`) that ``event`` makes, or None: not a
+    webhook event, or its mailbox has no webhook. Reads in the caller's transaction."""
+    found = target(event)
+    if found is None:
+        return None
+    kind, recipient, mailbox = found
     if not _has_webhook(session, mailbox):
         return None
+    if not needs_history(kind):
+        return accepted_job(event, kind, mailbox)
+    assert event.pec_msgid is not None
+    # Only about a transmission this mailbox sent through us.
+    accepted = session.execute(
+        select(TraceEvent.sender, TraceEvent.client_msgid, TraceEvent.data)
+        .where(
+            TraceEvent.pec_msgid == event.pec_msgid,
+            TraceEvent.event == TraceType.ACCETTAZIONE.value,
+        )
+        .order_by(TraceEvent.id)
+        .limit(1)
+    ).first()
+    if accepted is None or normalize_address(accepted.sender or "") != mailbox:
+        return None
+    return _job(
+        event,
+        kind,
+        mailbox,
+        transmission=(accepted.data or {}).get("intake"),
+        client_msgid=accepted.client_msgid,
+        recipients=[str(recipient)],
+        recipient=normalize_address(str(recipient)),
+    )
+
+
+def accepted_job(event: TraceEventData, kind: str, mailbox: str) -> dict[str, Any]:
+    """The job of an accepted or not-accepted event (``target``'s type and mailbox), for a
+    mailbox that has a webhook: all it needs is in the event."""
     data: Mapping[str, Any] = event.data or {}
-    if kind in (ACCEPTED, NOT_ACCEPTED):
-        transmission = data.get("intake")
-        client_msgid = event.client_msgid
-        recipients = [str(r.get("address", "")) for r in event.recipients]
-    else:
-        # Only about a transmission this mailbox sent through us.
-        accepted = session.execute(
-            select(TraceEvent.sender, TraceEvent.client_msgid, TraceEvent.data)
-            .where(
-                TraceEvent.pec_msgid == event.pec_msgid,
-                TraceEvent.event == TraceType.ACCETTAZIONE.value,
-            )
-            .order_by(TraceEvent.id)
-            .limit(1)
-        ).first()
-        if accepted is None or normalize_address(accepted.sender or "") != mailbox:
-            return None
-        transmission = (accepted.data or {}).get("intake")
-        client_msgid = accepted.client_msgid
-        recipients = [str(recipient)]
-        recipient = normalize_address(str(recipient))
+    return _job(
+        event,
+        kind,
+        mailbox,
+        transmission=data.get("intake"),
+        client_msgid=event.client_msgid,
+        recipients=[str(r.get("address", "")) for r in event.recipients],
+        recipient=None,
+    )
+
+
+def _job(
+    event: TraceEventData,
+    kind: str,
+    mailbox: str,
+    *,
+    transmission: object,
+    client_msgid: str | None,
+    recipients: list[str],
+    recipient: str | None,
+) -> dict[str, Any]:
+    assert event.pec_msgid is not None
     eid = event_id(event.pec_msgid, kind, recipient)
     body = {
         "id": eid,
