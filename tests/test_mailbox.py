@@ -130,7 +130,7 @@ def test_a_fresh_delivery_does_not_read_the_folder(
     def no_search(*_: object) -> None:
         raise AssertionError("searched the folder")
 
-    monkeypatch.setattr(MaildirStore, "_find", staticmethod(no_search))
+    monkeypatch.setattr(MaildirStore, "_existing", staticmethod(no_search))
     first = store.deliver(ADDR, "k", b"Subject: a\r\n\r\na\r\n", fresh=True)
     again = store.deliver(ADDR, "k", b"Subject: a\r\n\r\na\r\n", fresh=True)
     assert first.created and not again.created

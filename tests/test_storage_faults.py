@@ -11,7 +11,7 @@ import pickle
 import smtplib
 import sqlite3
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from pecd.clock import FixedClock
 from pecd.config import load_config
 from pecd.engine.effects import Delivery, Unavailable
 from pecd.engine.vocab import Stored
-from pecd.mailbox.maildir import MailboxFull, MaildirStore
+from pecd.mailbox.maildir import Delivered, MailboxFull, MaildirStore, Parcel
 from pecd.pec.classify import classify
 from pecd.pec.vocab import Ricevuta
 from pecd.runtime import diskspace
@@ -103,10 +103,15 @@ class _Store:
         self.fail = fail
         self.stored: list[str] = []
 
-    def deliver(self, mailbox: str, key: str, data: bytes, **kw: Any) -> None:
-        if mailbox in self.fail:
-            raise self.fail[mailbox]
-        self.stored.append(mailbox)
+    def deliver_many(self, parcels: list[Parcel], **kw: Any) -> list[object]:
+        results: list[object] = []
+        for p in parcels:
+            if p.address in self.fail:
+                results.append(self.fail[p.address])
+            else:
+                self.stored.append(p.address)
+                results.append(None)
+        return results
 
 
 def test_deliver_each_raises_for_a_transient_fault_after_trying_every_item() -> None:
@@ -125,6 +130,30 @@ def test_deliver_each_raises_for_a_transient_fault_after_trying_every_item() -> 
 
 
 # --- end to end -----------------------------------------------------------------------------------
+
+
+def failing_deliveries(
+    full: Callable[[str], bool], tried: Counter[str]
+) -> Callable[..., list[Delivered | Exception]]:
+    """A MaildirStore.deliver_many whose parcels for an address that ``full`` says is on a full
+    volume fail with ENOSPC (counted in ``tried``); the others are delivered."""
+    real = MaildirStore.deliver_many
+
+    def deliver_many(
+        self: MaildirStore, parcels: Sequence[Parcel], **kw: Any
+    ) -> list[Delivered | Exception]:
+        ok = [p for p in parcels if not full(p.address)]
+        done = iter(real(self, ok, **kw))
+        results: list[Delivered | Exception] = []
+        for p in parcels:
+            if full(p.address):
+                tried[p.address] += 1
+                results.append(OSError(errno.ENOSPC, "No space left on device"))
+            else:
+                results.append(next(done))
+        return results
+
+    return deliver_many
 
 
 @pytest.fixture(scope="module")
@@ -165,15 +194,7 @@ def test_a_full_disk_longer_than_the_attempts_delays_delivery_but_answers_no_err
 ) -> None:
     full = True
     tried: Counter[str] = Counter()
-    real = MaildirStore.deliver
-
-    def deliver(self: MaildirStore, address: str, key: str, data: bytes, **kw: Any) -> Any:
-        if full:
-            tried[address] += 1
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(self, address, key, data, **kw)
-
-    monkeypatch.setattr(MaildirStore, "deliver", deliver)
+    monkeypatch.setattr(MaildirStore, "deliver_many", failing_deliveries(lambda _: full, tried))
     before = diskspace.FAULTS["ENOSPC"]
     with smtplib.SMTP_SSL(
         "127.0.0.1", server.port("smtps"), context=client_tls(server.cfg)
@@ -310,15 +331,12 @@ def test_a_local_delivery_held_back_gets_the_first_preavviso_then_one_avvenuta_c
     The clock is moved by hand; the timers run when the test says (check_seconds: an hour)."""
     full = True
     tried: Counter[str] = Counter()
-    real = MaildirStore.deliver
-
-    def deliver(self: MaildirStore, address: str, key: str, data: bytes, **kw: Any) -> Any:
-        if full and address == BOB:  # only bob's volume: the sender's receipts still land
-            tried[address] += 1
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(self, address, key, data, **kw)
-
-    monkeypatch.setattr(MaildirStore, "deliver", deliver)
+    # Only bob's volume: the sender's receipts still land.
+    monkeypatch.setattr(
+        MaildirStore,
+        "deliver_many",
+        failing_deliveries(lambda address: full and address == BOB, tried),
+    )
     queue = "format_processes = 0\nmax_attempts = 2\nmax_delay_seconds = 0.5\n"
     cfg = asyncio.run(
         install_e2e(tmp_path, None, queue=queue, extra="\n[timers]\ncheck_seconds = 3600\n")

@@ -20,23 +20,39 @@ reads the whole folder; a caller that knows the key was never delivered (its job
 the transaction just committed, and no other job will ever carry that key) passes ``fresh=True``
 and skips it, so that a folder that only grows (the provider's service mailbox gets every presa
 in carico) is not read on each delivery.
+
+Durability, in batches (:meth:`MaildirStore.deliver_many`): every message of a batch is written
+into ``tmp/``, then the contents are made durable, then each is linked into ``new/``, then the
+links are made durable, and only then does the call report success. On Linux (5.8 or later:
+before, ``syncfs`` reported no write error) each of the two steps is one ``syncfs(2)`` of the
+filesystem, instead of two ``fsync`` per message, which cost most of a delivery's CPU; elsewhere,
+on a folder under another mount than the root, or with ``sync="fsync"`` (environment
+``PECD_MAILDIR_SYNC=fsync``), each file is fsynced before its link and each directory once after.
+A file is never visible before its contents are durable. When a step fails, every message of
+the batch is reported failed; what the call linked stays (its contents are durable and its name
+derives from its key), and a retry, or a concurrent delivery of the same key, that finds it
+reports it delivered only after a flush of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import errno
 import fcntl
 import hashlib
 import logging
 import os
 import re
 import secrets
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from pecd.pec.address import normalize_address
 
@@ -48,6 +64,8 @@ __all__ = [
     "Delivered",
     "MailboxFull",
     "MaildirStore",
+    "Parcel",
+    "SyncMode",
     "folder_dir",
     "to_crlf",
     "write_atomic",
@@ -81,6 +99,18 @@ class Delivered:
 
     path: Path
     created: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Parcel:
+    """One message for one folder of one mailbox (see :meth:`MaildirStore.deliver_many`):
+    idempotent by ``key``; ``quota_bytes`` None never refuses it for quota."""
+
+    address: str
+    key: str
+    data: bytes
+    folder: str = INBOX
+    quota_bytes: int | None = None
 
 
 class MailboxFull(Exception):
@@ -120,6 +150,113 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+#: How a batch is made durable: "auto" (syncfs where it reports errors, else fsync), "fsync".
+SyncMode = Literal["auto", "fsync"]
+#: syncfs(2) fails so when it is not there or not allowed (a seccomp filter): fsync instead.
+_NO_SYNCFS = frozenset({errno.ENOSYS, errno.EPERM, errno.EACCES, errno.EINVAL})
+
+
+def _load_syncfs() -> Callable[[int], int] | None:
+    """libc's ``syncfs``, on Linux 5.8 or later only: earlier kernels always return 0, even
+    when writing back failed, and a write error must never be reported as a delivery."""
+    if not sys.platform.startswith("linux"):
+        return None
+    m = re.match(r"(\d+)\.(\d+)", os.uname().release)
+    if m is None or (int(m.group(1)), int(m.group(2))) < (5, 8):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int]
+    fn.restype = ctypes.c_int
+
+    def syncfs(fd: int) -> int:
+        return int(fn(fd))
+
+    return syncfs
+
+
+_SYNCFS: Callable[[int], int] | None = _load_syncfs()
+
+
+class _Flush:
+    """The durability of one batch. Files on the filesystem of ``root`` (``covers(dev)``) are
+    written without fsync and made durable by one syncfs per step; the others are fsynced one
+    by one, and their directories once each. The syncfs descriptor is opened before anything
+    is written: a write error met after that, on any file of the filesystem, fails the batch
+    (errors are reported to the descriptors open when they happened)."""
+
+    def __init__(self, root: Path, mode: SyncMode) -> None:
+        self.fd: int | None = None
+        self.dev: int | None = None
+        if mode == "auto" and _SYNCFS is not None:
+            with contextlib.suppress(OSError):
+                # A first delivery makes the tree (the syncfs covers the new directories).
+                os.makedirs(root, mode=0o700, exist_ok=True)
+                self.fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+                self.dev = os.fstat(self.fd).st_dev
+        self.unsynced: list[Path] = []  # tmp files whose contents await the syncfs
+        self.synced_dirs: dict[Path, None] = {}  # directories whose entries await the syncfs
+        self.dirs: dict[Path, None] = {}  # directories to fsync one by one
+
+    def covers(self, dev: int) -> bool:
+        return self.fd is not None and dev == self.dev
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def directory(self, path: Path, covered: bool) -> None:
+        """The entries of ``path`` (a link, a directory made) must be durable at :meth:`links`."""
+        (self.synced_dirs if covered else self.dirs)[path] = None
+
+    def created(self, path: Path) -> None:
+        """``path`` was just made (a new mailbox or folder): its entries too, at :meth:`links`
+        (at once when the syncfs does not cover it: the folder is not made again, so a later
+        batch would not fsync it)."""
+        if self.fd is not None and os.stat(path).st_dev == self.dev:
+            self.synced_dirs[path] = None
+        else:
+            _fsync_dir(path)
+
+    def contents(self) -> None:
+        """Make the contents of the files written so far durable."""
+        if self.unsynced and not self._syncfs():
+            for path in self.unsynced:  # no syncfs after all: one fsync each
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        self.unsynced.clear()
+
+    def links(self) -> None:
+        """Make the links (and the directories created) so far durable."""
+        if self.synced_dirs and not self._syncfs():
+            self.dirs.update(self.synced_dirs)
+        self.synced_dirs.clear()
+        for path in list(self.dirs):
+            _fsync_dir(path)
+            del self.dirs[path]
+
+    def _syncfs(self) -> bool:
+        """One syncfs; False (and fsync from now on) when the system will not do it."""
+        global _SYNCFS
+        if self.fd is None or _SYNCFS is None:
+            return False
+        if _SYNCFS(self.fd) == 0:
+            return True
+        err = ctypes.get_errno()
+        if err in _NO_SYNCFS:
+            cause = errno.errorcode.get(err, str(err))
+            log.warning("syncfs is not available (%s): Maildir deliveries fsync each file", cause)
+            _SYNCFS = None
+            return False
+        raise OSError(err, os.strerror(err))
 
 
 def write_atomic(
@@ -164,11 +301,15 @@ class MaildirStore:
     The methods are synchronous (filesystem work); async callers use ``asyncio.to_thread``.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, sync: SyncMode | None = None) -> None:
         self.root = Path(root)
-        # (address, folder) -> (mailbox root, folder path) of folders known to exist: checking
-        # and creating the tree costs a dozen system calls that every delivery would repeat.
-        self._ready: dict[tuple[str, str], tuple[Path, Path]] = {}
+        mode = sync or os.environ.get("PECD_MAILDIR_SYNC", "auto")
+        self.sync: SyncMode = "fsync" if mode == "fsync" else "auto"
+        # (address, folder) -> (mailbox root, folder path, its st_dev) of folders known to
+        # exist: checking and creating the tree costs a dozen system calls that every delivery
+        # would repeat.
+        self._ready: dict[tuple[str, str], tuple[Path, Path, int]] = {}
+        self._root_resolved: Path | None = None
 
     # -- addressing -------------------------------------------------------------------------
 
@@ -191,7 +332,9 @@ class MaildirStore:
                 raise ValueError(f"address {address!r} cannot name a mailbox directory")
         path = self.root / domain / local
         # Belt and braces: the checks above already exclude every way out of root.
-        if not path.resolve().is_relative_to(self.root.resolve()):
+        if self._root_resolved is None:
+            self._root_resolved = self.root.resolve()
+        if not path.resolve().is_relative_to(self._root_resolved):
             raise ValueError(f"address {address!r} cannot name a mailbox directory")
         return path
 
@@ -205,13 +348,18 @@ class MaildirStore:
 
     def ensure(self, address: str) -> Path:
         """Create the mailbox with INBOX and the FOLDERS if missing; return its root."""
+        return self._ensure(address, _fsync_dir)
+
+    def _ensure(self, address: str, sync_dir: Callable[[Path], None]) -> Path:
         base = self.path_for(address)
-        self._ensure_folder(base, INBOX)
+        self._ensure_folder(base, INBOX, sync_dir)
         for folder in FOLDERS:
-            self._ensure_folder(base, folder)
+            self._ensure_folder(base, folder, sync_dir)
         return base
 
-    def _ensure_folder(self, base: Path, folder: str) -> Path:
+    def _ensure_folder(
+        self, base: Path, folder: str, sync_dir: Callable[[Path], None] = _fsync_dir
+    ) -> Path:
         sub = folder_dir(folder)
         path = base / sub if sub else base
         if all((path / d).is_dir() for d in _SUBDIRS):
@@ -231,8 +379,8 @@ class MaildirStore:
             # Maildir++ marks subfolders with an empty "maildirfolder" file (Dovecot, pymap).
             (path / "maildirfolder").touch(exist_ok=True)
         if created:
-            _fsync_dir(path)
-            _fsync_dir(path.parent)
+            sync_dir(path)
+            sync_dir(path.parent)
         return path
 
     # -- delivery ---------------------------------------------------------------------------
@@ -254,53 +402,175 @@ class MaildirStore:
     ) -> Delivered:
         """Store one message atomically and idempotently (see the module docstring).
 
-        Raises MailboxFull (before writing anything) when ``quota_bytes`` is set and the
-        mailbox usage plus this message would exceed it. ``fresh``: ``key`` has never been
+        Raises MailboxFull (and stores nothing) when ``quota_bytes`` is set and the mailbox
+        usage plus this message would exceed it. ``fresh``: ``key`` has never been
         delivered anywhere (skip the search for an earlier copy; ``new/`` is still checked).
         """
-        try:
-            return self._deliver(address, key, data, folder, quota_bytes, fresh)
-        except FileNotFoundError:
-            # The tree changed under us (a mailbox removed by hand): make it again, once.
-            self._ready.pop((normalize_address(address), folder), None)
-            return self._deliver(address, key, data, folder, quota_bytes, fresh)
+        [result] = self.deliver_many([Parcel(address, key, data, folder, quota_bytes)], fresh=fresh)
+        if isinstance(result, Exception):
+            raise result
+        return result
 
-    def _deliver(
-        self,
-        address: str,
-        key: str,
-        data: bytes,
-        folder: str,
-        quota_bytes: int | None,
-        fresh: bool = False,
-    ) -> Delivered:
-        ready = self._ready.get((normalize_address(address), folder))
+    def deliver_many(
+        self, parcels: Sequence[Parcel], *, fresh: bool = False
+    ) -> list[Delivered | Exception]:
+        """Store each parcel as :meth:`deliver` does, made durable together (see the module
+        docstring): per parcel, in order, its Delivered, or the exception that stopped it
+        (MailboxFull, an OSError...). One parcel failing does not stop the others; a flush that
+        fails fails them all (what was linked stays, for a retry to find and flush again)."""
+        results: list[Delivered | Exception | None] = [None] * len(parcels)
+        flush = _Flush(self.root, self.sync)
+        staged: list[_Staged] = []
+        try:
+            for i, parcel in enumerate(parcels):
+                try:
+                    staged.append(self._stage(i, parcel, flush))
+                except FileNotFoundError:
+                    # The tree changed under us (a mailbox removed by hand): make it again, once.
+                    self._ready.pop((normalize_address(parcel.address), parcel.folder), None)
+                    try:
+                        staged.append(self._stage(i, parcel, flush))
+                    except Exception as exc:
+                        results[i] = exc
+                except Exception as exc:
+                    results[i] = exc
+            try:
+                flush.contents()
+            except OSError as exc:  # nothing is linked: the finally removes every tmp file
+                for st in staged:
+                    results[st.index] = exc
+                return self._finished(results)
+            self._link_all(staged, parcels, results, flush, fresh)
+            try:
+                flush.links()
+            except OSError as exc:
+                # The files linked stay: their contents are durable and their names derive from
+                # their keys, so a retry (or a concurrent delivery of a key) finds them, and
+                # reports them delivered only once a flush of its own has made them durable.
+                for st in staged:
+                    results[st.index] = exc
+        finally:
+            for st in staged:
+                with contextlib.suppress(OSError):
+                    os.unlink(st.tmp)
+            flush.close()
+        return self._finished(results)
+
+    @staticmethod
+    def _finished(results: list[Delivered | Exception | None]) -> list[Delivered | Exception]:
+        return [r if r is not None else OSError(errno.EIO, "not delivered") for r in results]
+
+    def _stage(self, index: int, parcel: Parcel, flush: _Flush) -> _Staged:
+        """Write the parcel into its folder's tmp/ (made durable by ``flush``)."""
+        canonical = normalize_address(parcel.address)
+        ready = self._ready.get((canonical, parcel.folder))
         if ready is None:
-            base = self.ensure(address)
-            ready = base, self._ensure_folder(base, folder)
-            self._ready[(normalize_address(address), folder)] = ready
-        base, path = ready
-        stem = self.name_for(key)
-        body = to_crlf(data)
-        name = f"{stem},S={len(body)}"
-        # The lock makes check-then-link atomic among pecd deliverers: without it two
-        # deliveries of one key could both pass the check while an IMAP server moves the first
-        # file from new/ to cur/ in between.
-        with self._delivery_lock(base):
-            existing = None if fresh else self._find(path, stem)
-            if existing is not None:
-                return Delivered(existing, created=False)
-            if quota_bytes is not None:
-                used = self.usage(address)
-                if used + len(body) > quota_bytes:
-                    raise MailboxFull(normalize_address(address), used, quota_bytes)
+            base = self._ensure(parcel.address, flush.created)
+            path = self._ensure_folder(base, parcel.folder, flush.created)
+            ready = base, path, os.stat(path).st_dev
+            self._ready[(canonical, parcel.folder)] = ready
+        base, path, dev = ready
+        covered = flush.covers(dev)
+        body = to_crlf(parcel.data)
+        name = f"{self.name_for(parcel.key)},S={len(body)}"
+        tmp = path / "tmp" / f"{name}.{os.getpid()}.{secrets.token_hex(6)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            view = memoryview(body)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
             # The mtime is the arrival time, to the microsecond: files not numbered yet get
             # their UIDs in mtime order (pecd.mailbox.uidlist), and the kernel's own file
             # times are too coarse (a few ms) to order deliveries made in quick succession.
-            dest = write_atomic(path, name, body, mtime=time.time())
-            if dest is None:  # someone else linked the same name meanwhile
-                return Delivered(path / "new" / name, created=False)
-            return Delivered(dest, created=True)
+            now = time.time()
+            os.utime(fd, (now, now))
+            if not covered:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        os.close(fd)
+        if covered:
+            flush.unsynced.append(tmp)
+        return _Staged(index, canonical, base, path, name, len(body), tmp, covered)
+
+    def _link_all(
+        self,
+        staged: list[_Staged],
+        parcels: Sequence[Parcel],
+        results: list[Delivered | Exception | None],
+        flush: _Flush,
+        fresh: bool,
+    ) -> None:
+        """Link every staged file into new/, a mailbox at a time under its lock."""
+        by_mailbox: dict[Path, list[_Staged]] = {}
+        for st in staged:
+            if results[st.index] is None:
+                by_mailbox.setdefault(st.base, []).append(st)
+        for base, group in by_mailbox.items():
+            try:
+                # The lock makes check-then-link atomic among pecd deliverers: without it two
+                # deliveries of one key could both pass the check while an IMAP server moves
+                # the first file from new/ to cur/ in between.
+                with self._delivery_lock(base):
+                    stems: dict[Path, set[str]] = {}
+                    for st in group:
+                        stems.setdefault(st.path, set()).add(st.name.split(",", 1)[0])
+                    found: dict[Path, dict[str, Path]] = {}
+                    used: dict[str, int] = {}
+                    for st in group:
+                        parcel = parcels[st.index]
+                        try:
+                            results[st.index] = self._link(
+                                st, parcel, stems, found, used, fresh, flush
+                            )
+                        except Exception as exc:
+                            if isinstance(exc, FileNotFoundError):
+                                self._ready.pop((st.address, parcel.folder), None)
+                            results[st.index] = exc
+            except OSError as exc:  # the lock itself
+                for st in group:
+                    if results[st.index] is None:
+                        results[st.index] = exc
+
+    def _link(
+        self,
+        st: _Staged,
+        parcel: Parcel,
+        stems: dict[Path, set[str]],
+        found: dict[Path, dict[str, Path]],
+        used: dict[str, int],
+        fresh: bool,
+        flush: _Flush,
+    ) -> Delivered:
+        stem = st.name.split(",", 1)[0]
+        if not fresh:
+            if st.path not in found:
+                found[st.path] = self._existing(st.path, stems[st.path])
+            existing = found[st.path].get(stem)
+            if existing is not None:
+                flush.directory(existing.parent, st.covered)
+                return Delivered(existing, created=False)
+        if parcel.quota_bytes is not None:
+            if st.address not in used:
+                used[st.address] = self.usage(st.address)
+            if used[st.address] + st.size > parcel.quota_bytes:
+                raise MailboxFull(st.address, used[st.address], parcel.quota_bytes)
+        dest = st.path / "new" / st.name
+        try:
+            # link, not rename: it fails instead of replacing an existing file.
+            os.link(st.tmp, dest)
+        except FileExistsError:  # someone else linked the same name meanwhile
+            flush.directory(dest.parent, st.covered)
+            return Delivered(dest, created=False)
+        flush.directory(dest.parent, st.covered)
+        if not fresh:
+            found[st.path][stem] = dest
+        if parcel.quota_bytes is not None:
+            used[st.address] += st.size
+        return Delivered(dest, created=True)
 
     @contextlib.contextmanager
     def _delivery_lock(self, base: Path) -> Iterator[None]:
@@ -312,16 +582,24 @@ class MaildirStore:
             os.close(fd)
 
     @staticmethod
-    def _find(path: Path, stem: str) -> Path | None:
+    def _existing(path: Path, stems: set[str]) -> dict[str, Path]:
+        """The files of a folder whose names derive from ``stems`` (what :meth:`name_for`
+        gives), by stem: one read of the folder for every parcel of a batch that goes there."""
         # new/ before cur/: an IMAP server only ever moves new -> cur, so this order cannot
         # miss a file that is being claimed while we look.
+        found: dict[str, Path] = {}
         for sub in ("new", "cur"):
             with os.scandir(path / sub) as entries:
                 for entry in entries:
-                    base = entry.name.split(":", 1)[0]
-                    if base == stem or base.startswith(stem + ","):
-                        return Path(entry.path)
-        return None
+                    name = entry.name
+                    stem = name[:_KEY_HEX]
+                    if (
+                        stem in stems
+                        and stem not in found
+                        and name[_KEY_HEX : _KEY_HEX + 1] in ("", ",", ":")
+                    ):
+                        found[stem] = Path(entry.path)
+        return found
 
     # -- inspection -------------------------------------------------------------------------
 
@@ -428,6 +706,20 @@ class MaildirStore:
             except FileNotFoundError:
                 continue
         return sorted(found, key=lambda p: p.name)
+
+
+@dataclass(frozen=True, slots=True)
+class _Staged:
+    """A parcel written into its folder's tmp/, waiting for its link."""
+
+    index: int
+    address: str  # normalised
+    base: Path  # the mailbox root (its lock)
+    path: Path  # the folder
+    name: str  # in new/
+    size: int
+    tmp: Path
+    covered: bool  # made durable by syncfs (else fsynced itself, its directory later)
 
 
 def _subdirs(path: Path) -> Iterator[Path]:

@@ -11,6 +11,7 @@ import re
 import secrets
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from email.parser import BytesHeaderParser
 from email.policy import compat32
 from email.utils import formataddr
 
@@ -257,8 +258,14 @@ class Entity:
             yield from child.walk(into_messages=into_messages)
 
 
+_HEADER_PARSER = BytesHeaderParser(policy=compat32)
+
+
 def _params(head: bytes) -> tuple[str, dict[str, str], str | None]:
-    msg = email.message_from_bytes(head + b"\r\n\r\n", policy=compat32)
+    # Headers only: the full parser, seeing a multipart Content-Type, would compile a pattern
+    # for its boundary (a new one in every message, so never from the cache) to split a body
+    # that is not there; what is read here depends on the header fields alone.
+    msg = _HEADER_PARSER.parsebytes(head + b"\r\n\r\n")
     ctype = msg.get_content_type()
     params: dict[str, str] = {}
     for key, value in msg.get_params(failobj=[], header="content-type")[1:]:

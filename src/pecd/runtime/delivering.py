@@ -11,13 +11,17 @@ from collections.abc import Sequence
 from pecd.clock import Clock
 from pecd.engine.effects import BuildCall, Delivery, TakeInCharge, TakenInCharge
 from pecd.engine.vocab import DELIVERED, Outcome, Stored
-from pecd.mailbox.maildir import MailboxFull, MaildirStore
+from pecd.mailbox.maildir import INBOX, MailboxFull, MaildirStore, Parcel
 from pecd.pec.builders import BuiltMessage, ProviderIdentity
 from pecd.pec.classify import classify
 from pecd.pec.timefmt import pec_time
 from pecd.runtime.diskspace import TRANSIENT_ERRNOS, unavailable
+from pecd.runtime.logutil import RateLimitedLog
 
 log = logging.getLogger(__name__)
+# A delivery that fails for good (a permission, a name too long...) fails the same way for every
+# message while its cause lasts: one line a while, the traceback once.
+_failures = RateLimitedLog()
 
 
 def build_each(provider: ProviderIdentity, calls: Sequence[BuildCall]) -> list[BuiltMessage]:
@@ -36,24 +40,21 @@ def deliver_each(
     :class:`~pecd.runtime.diskspace.StorageUnavailable`, so the job waits uncounted and nobody
     is answered errore-consegna for it (what was delivered meanwhile is found again on the next
     run: deliveries are idempotent)."""
+    results = store.deliver_many(
+        [Parcel(d.mailbox, d.key, d.data, INBOX, d.quota_bytes) for d in items], fresh=fresh
+    )
     outcomes = []
     transient: OSError | None = None
-    for d in items:
-        try:
-            store.deliver(d.mailbox, d.key, d.data, quota_bytes=d.quota_bytes, fresh=fresh)
-        except MailboxFull:
-            outcomes.append(Outcome(Stored.FULL))
-        except OSError as exc:
-            if exc.errno not in TRANSIENT_ERRNOS:
-                log.exception("delivery of %s to %s failed", d.key, d.mailbox)
-                outcomes.append(Outcome(Stored.FAILED, f"{type(exc).__name__}: {exc}"))
-            elif transient is None:
-                transient = exc
-        except Exception as exc:  # reported to the stage, which retries or gives up
-            log.exception("delivery of %s to %s failed", d.key, d.mailbox)
-            outcomes.append(Outcome(Stored.FAILED, f"{type(exc).__name__}: {exc}"))
-        else:
+    for d, result in zip(items, results, strict=True):
+        if not isinstance(result, Exception):
             outcomes.append(DELIVERED)
+        elif isinstance(result, MailboxFull):
+            outcomes.append(Outcome(Stored.FULL))
+        elif isinstance(result, OSError) and result.errno in TRANSIENT_ERRNOS:
+            transient = transient or result
+        else:  # reported to the stage, which retries or gives up
+            _failures.failure(log, "delivery of %s to %s failed", result, d.key, d.mailbox)
+            outcomes.append(Outcome(Stored.FAILED, f"{type(result).__name__}: {result}"))
     if transient is not None:
         raise unavailable(transient)
     return outcomes
