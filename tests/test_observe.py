@@ -31,6 +31,7 @@ from pecd.runtime.observe import (
     MailLog,
     Refusal,
     RefusalLog,
+    committed,
     format_line,
     render,
     serving,
@@ -194,6 +195,30 @@ def test_events_rolled_back_are_never_observed(tmp_path: Path) -> None:
             await asyncio.sleep(0.05)  # the rows come back to the loop from the writer thread
         finally:
             hook.remove()
+            await db.close()
+        return seen
+
+    assert asyncio.run(main()) == [["a", "b"]]
+
+
+def test_rows_committed_without_a_session_are_observed_once_handed_over(tmp_path: Path) -> None:
+    """PostgreSQL's one-statement commits (store/pgfast.py) bypass the sessions: their writer
+    hands the rows inserted to observe.committed, and the sinks see them as a session's."""
+
+    async def main() -> list[list[str]]:
+        url = f"sqlite:///{tmp_path / 'pecd.db'}"
+        await migrate_async(url)
+        db = await Database.open(url)
+        seen: list[list[str]] = []
+        try:
+            committed(db, [{"event": "before"}])  # no hook installed: nothing
+            hook = Committed(db, [lambda rows: seen.append([str(r["event"]) for r in rows])])
+            hook.install()
+            committed(db, [{"event": "a"}, {"event": "b"}])
+            committed(db, [])
+            hook.remove()
+            committed(db, [{"event": "after"}])
+        finally:
             await db.close()
         return seen
 

@@ -25,7 +25,7 @@ import re
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -317,6 +317,7 @@ class Committed:
     """Calls ``sinks`` with the trace rows of each transaction of ``db`` that commits."""
 
     def __init__(self, db: Database, sinks: list[Callable[[list[Row]], None]]) -> None:
+        self.db = db
         self.sinks = sinks
         self.loop = asyncio.get_running_loop()
         engines: set[Engine] = {db.engine.sync_engine}
@@ -329,8 +330,11 @@ class Committed:
         event.listen(Session, "do_orm_execute", self._executed)
         event.listen(Session, "after_commit", self._committed)
         event.listen(Session, "after_rollback", self._rolled_back)
+        _HOOKS[id(self.db)] = self
 
     def remove(self) -> None:
+        if _HOOKS.get(id(self.db)) is self:
+            del _HOOKS[id(self.db)]
         for name, fn in (
             ("do_orm_execute", self._executed),
             ("after_commit", self._committed),
@@ -364,6 +368,21 @@ class Committed:
                 sink(rows)
             except Exception:
                 log.warning("observing %d committed events failed", len(rows), exc_info=True)
+
+
+# The installed hooks, by database: for the commits that bypass SQLAlchemy's sessions.
+_HOOKS: dict[int, Committed] = {}
+
+
+def committed(db: Database, rows: Sequence[Row]) -> None:
+    """Trace rows that ``db`` committed without a SQLAlchemy session (PostgreSQL's one-statement
+    stage commit, :mod:`pecd.store.pgfast`), observed as a session's would be: the caller hands
+    them over, on the event loop, once the commit has returned, and only the rows inserted (an
+    event that depended on a job that already existed was not). Nothing when no hook is
+    installed (neither a mail log nor a metrics port)."""
+    hook = _HOOKS.get(id(db))
+    if hook is not None and rows:
+        hook._deliver(list(rows))
 
 
 def count(rows: list[Row]) -> None:
