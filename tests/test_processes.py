@@ -306,6 +306,12 @@ def test_a_signal_to_the_group_stops_everything_once(
         senders = Senders(cfg)
         senders.send("group-1")
         assert senders.accepted == ["<group-1@client.example>"], senders.failed
+        # A session open at the stop gets one 421 4.3.2 from the engine that serves it.
+        assert cfg.listeners.smtps is not None
+        open_session = smtplib.SMTP_SSL(
+            "127.0.0.1", cfg.listeners.smtps.port, context=client_tls(cfg), timeout=60
+        )
+        assert open_session.ehlo()[0] == 250
         family = [proc.pid, *children(proc.pid)]
         holder = (Path(str(cfg.database_url).removeprefix("sqlite:///") + ".leader")).read_text()
         leader_pid = int(holder.strip().rsplit(":", 1)[1])
@@ -315,6 +321,9 @@ def test_a_signal_to_the_group_stops_everything_once(
             engines = [int(p) for _, p in ENGINE_UP.findall(log.read_text())]
             assert len(engines) == 2 and leader_pid in engines
         os.killpg(proc.pid, sig)
+        code_, reply = open_session.getreply()
+        assert (code_, reply[:5]) == (421, b"4.3.2"), (code_, reply)
+        open_session.close()
         code = proc.wait(90)
     finally:
         if proc.poll() is None:

@@ -1,4 +1,5 @@
-"""Supervised child processes: IMAP and POP3 (the mailbox process), HTTPS (the web process).
+"""Supervised child processes: IMAP and POP3 (the mailbox process), HTTPS (the web process),
+and with ``[serve] processes`` > 1 the engine processes (SMTP and the pipeline, :class:`EngineGroup`).
 
 :class:`ChildSupervisor` is the machinery; :class:`MailboxSupervisor` and :class:`WebSupervisor`
 say which module the child runs and which listeners it serves. What follows is said of the mailbox
@@ -23,6 +24,13 @@ child, which the supervisor replaces. The layout:
 * SIGTERM of the parent stops the child with SIGTERM (it closes its listeners and sessions) and
   kills it if it has not gone within the drain time. A child whose parent dies sees end-of-file
   on the control socket and exits on its own.
+* A child runs in a session of its own: the signals sent to the parent's process group (Ctrl-C in
+  a terminal, a kill of the group) reach the parent only, and the child stops on the parent's
+  word. Once the parent is stopping (:meth:`ChildSupervisor.shutting_down`, called from its
+  signal handler), a child that exits is neither replaced nor reported as a failure.
+* The engine processes (:class:`EngineGroup`) share the SMTP sockets the group binds once; when
+  one is gone, the jobs its workers were running are released (``release``) before the next
+  starts, and the worker ids of each start are ``host:pid:node.index`` (:func:`worker_prefix`).
 """
 
 from __future__ import annotations
