@@ -70,6 +70,8 @@ def test_transaction_refusals_and_connection_refusals_are_told_and_nothing_else(
             replies.append(smtp.rcpt("x@altrove.example")[0])  # 550: not our domain
             replies.append(smtp.rcpt("bob@pec.ours.test")[0])
             replies.append(smtp.noop()[0])
+            code, text = smtp.docmd("HELP", "RCPT")  # the commands tapped keep their syntax
+            replies.append((code, b"RCPT TO" in text))
             # A second connection from the same address, one too many: 421 before the greeting.
             try:
                 smtplib.SMTP("127.0.0.1", port, timeout=30).quit()
@@ -87,7 +89,7 @@ def test_transaction_refusals_and_connection_refusals_are_told_and_nothing_else(
             await sessions.shut_down(grace=1)
             await server.wait_closed()
 
-    assert asyncio.run(main()) == [451, 500, 250, 550, 250, 250, 421]
+    assert asyncio.run(main()) == [451, 500, 250, 550, 250, 250, (250, True), 421]
     told = [(r.command, r.sender, r.recipients, r.reply[:9]) for r in seen]
     assert told == [
         ("MAIL", "boom@esterno.example", (), "451 4.3.0"),
