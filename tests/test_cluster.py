@@ -53,6 +53,7 @@ PHASE = 40
 # Submissions per second at most, all clients together: pecd answers 250 far faster than two
 # nodes on two shared cores deliver, and the test is about what happens, not how much.
 RATE = 25
+SESSION = 10  # messages per SMTP session
 # Takeover within seconds: a silent node is dead after 2 s; a lease lasts 6 s.
 QUEUE = """
 [queue]
@@ -153,6 +154,10 @@ class Node:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(p, signal.SIGKILL)
         self.proc.wait(30)
+        with self.log.open("ab") as out:  # where in its log it died
+            out.write(
+                f"\n=== SIGKILL {time.strftime('%H:%M:%S')}: {pid} {sorted(tree)} ===\n".encode()
+            )
         return sorted(tree)
 
     def stop(self) -> int | None:
@@ -259,7 +264,11 @@ def _client(n: int, nodes: list[Node], ctx: ssl.SSLContext, ledger: Ledger) -> N
             continue
         try:
             smtp.login(pending[0][0], PASSWORD)  # a client has one sender
-            while pending:
+            # Ten messages a session, then a new one: back to the preferred node once it is
+            # up again, so that a restarted node takes submissions too.
+            for _ in range(SESSION):
+                if not pending:
+                    break
                 frm, to, cc, mid = pending[0]
                 try:
                     refused = smtp.sendmail(frm, [*to, *cc], _raw(frm, to, cc, mid))
