@@ -322,13 +322,16 @@ def test_the_reception_point_answers_452_while_storage_is_full(
 # --- the 12 h / 24 h timers of a local delivery held back -----------------------------------------
 
 
+@pytest.mark.slow  # a whole provider starts (about 15 s on a loaded machine)
 def test_a_local_delivery_held_back_gets_the_first_preavviso_then_one_avvenuta_consegna(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, db_url_for_e2e: str | None
 ) -> None:
     """Same-provider mail gets the timers too (spec 2.3, full processing on one domain): while
     bob's mailbox filesystem is full the delivery waits, and at 12 h the sender gets the
     preavviso; when space returns, one avvenuta-consegna, and the 24 h timer has nothing to say.
-    The clock is moved by hand; the timers run when the test says (check_seconds: an hour)."""
+    The clock is moved by hand; the timers run when the test says (check_seconds: an hour). On
+    PostgreSQL too (its one-statement stage commit writes the timer rows), in one process, where
+    the test breaks the Maildir."""
     full = True
     tried: Counter[str] = Counter()
     # Only bob's volume: the sender's receipts still land.
@@ -338,9 +341,8 @@ def test_a_local_delivery_held_back_gets_the_first_preavviso_then_one_avvenuta_c
         failing_deliveries(lambda address: full and address == BOB, tried),
     )
     queue = "format_processes = 0\nmax_attempts = 2\nmax_delay_seconds = 0.5\n"
-    cfg = asyncio.run(
-        install_e2e(tmp_path, None, queue=queue, extra="\n[timers]\ncheck_seconds = 3600\n")
-    )
+    extra = "\n[timers]\ncheck_seconds = 3600\n\n[serve]\nprocesses = 1\n"
+    cfg = asyncio.run(install_e2e(tmp_path, db_url_for_e2e, queue=queue, extra=extra))
     clock = FixedClock(datetime.now(UTC))
     srv = Server(cfg, clock=clock).start()
     try:
