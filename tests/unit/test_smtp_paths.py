@@ -19,11 +19,11 @@ def _parsers(limit: int = 0) -> tuple[SMTP, IntakeSMTP]:
 
 
 def _outcome(parser: SMTP, arg: str) -> object:
-    """The parse; where the stock parser raises (on "<", for one), ours says "not an address"
+    """The parse; where the stock parser raises (on "<" and "0@[", for two), ours says "not an address"
     (None, None: aiosmtpd's 553 syntax reply) instead of a 451 and a traceback."""
     try:
         return parser._getaddr(arg)
-    except (IndexError, ValueError):
+    except Exception:
         return (None, None)
 
 
@@ -55,6 +55,7 @@ CASES = [
     "<a@b.it>\n",
     "",
     "<",
+    "0@[",
 ]
 
 

@@ -302,9 +302,9 @@ class IntakeSMTP(SMTP):
         if simple is None:
             try:
                 return super()._getaddr(arg)
-            except (IndexError, ValueError):
-                # The stdlib's parser fails on some malformed paths ("<"): a syntax error,
-                # not a local error with a traceback.
+            except Exception:
+                # The stdlib's parser fails on some malformed paths ("<" raises IndexError,
+                # "0@[" AttributeError): a syntax error, not a 451 with a traceback.
                 return None, None
         address, rest = simple
         if self.local_part_limit and len(address.rpartition("@")[0]) > self.local_part_limit:
