@@ -218,7 +218,7 @@ class Record:
 
 @dataclass(frozen=True, slots=True)
 class Expect:
-    """Start the 12 h / 24 h timers for these PEC recipients at other providers."""
+    """Start the 12 h / 24 h timers for these PEC recipients (at other providers and local)."""
 
     pec_msgid: str
     recipients: tuple[str, ...]
