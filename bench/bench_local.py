@@ -56,6 +56,18 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> 
     raise SystemExit("server did not start")
 
 
+def wait_started(log: Path, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    """Until ``pecd serve`` has printed its client settings (every process it starts is up)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if b"Mail client settings" in log.read_bytes():
+            return
+        if proc.poll() is not None:
+            raise SystemExit("server exited during startup")
+        time.sleep(0.05)
+    raise SystemExit("server did not finish starting")
+
+
 def body(size_kb: int, tag: str, frm: str, to: str) -> bytes:
     head = (
         f"From: {frm}\r\nTo: {to}\r\nSubject: bench {tag}\r\nMessage-ID: <{tag}@bench.client>\r\n"
@@ -271,6 +283,9 @@ async def measure(
         stderr=subprocess.STDOUT,
     )
     wait_port(ports["smtps"], proc)
+    # The port answers once pecd serve has bound it; with serve.processes > 1 its engine processes
+    # may still be starting: wait for the whole start, or its CPU would count as the run's.
+    wait_started(tmp / "pecd.log", proc)
     store = MaildirStore(cfg.maildir_root)
     cpu0 = cpu_seconds(proc.pid)
     started: dict[str, float] = {}
