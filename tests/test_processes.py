@@ -335,3 +335,25 @@ def test_a_signal_to_the_group_stops_everything_once(
     after = text_.split("pecd: stopping")[1]
     assert " ERROR " not in after and "starting a new one" not in after, after
     assert "Traceback" not in after, after
+
+
+@pytest.mark.slow
+def test_no_engine_outlives_a_killed_serve(tmp_path: Path) -> None:
+    """SIGKILL of `pecd serve` (no chance to stop anything): each engine process sees its control
+    socket close and stops, its format processes with it; nothing is left."""
+    extra = "\n[queue]\nbase_delay_seconds = 0.2\nformat_processes = 1\n[serve]\nprocesses = 2\n"
+    cfg = asyncio.run(install(tmp_path / "inst", None, extra_config=extra))
+    log = tmp_path / "serve.log"
+    proc = start(cfg, log)
+    try:
+        wait_for(lambda: "Mail client settings" in log.read_text(), 60, "pecd serving")
+        family = children(proc.pid)
+        engines = [int(p) for _, p in ENGINE_UP.findall(log.read_text())]
+        assert len(engines) == 2 and set(engines) <= set(family)
+        proc.kill()
+        proc.wait(10)
+        wait_for(lambda: not [p for p in family if _alive(p)], 60, "every child gone", 0.1)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
