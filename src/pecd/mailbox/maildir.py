@@ -104,13 +104,15 @@ class Delivered:
 @dataclass(frozen=True, slots=True)
 class Parcel:
     """One message for one folder of one mailbox (see :meth:`MaildirStore.deliver_many`):
-    idempotent by ``key``; ``quota_bytes`` None never refuses it for quota."""
+    idempotent by ``key``; ``quota_bytes`` None never refuses it for quota; ``fresh``: its key
+    was never delivered (see :meth:`MaildirStore.deliver`)."""
 
     address: str
     key: str
     data: bytes
     folder: str = INBOX
     quota_bytes: int | None = None
+    fresh: bool = False
 
 
 class MailboxFull(Exception):
@@ -415,9 +417,12 @@ class MaildirStore:
         self, parcels: Sequence[Parcel], *, fresh: bool = False
     ) -> list[Delivered | Exception]:
         """Store each parcel as :meth:`deliver` does, made durable together (see the module
-        docstring): per parcel, in order, its Delivered, or the exception that stopped it
+        docstring; ``fresh`` for every parcel, else the parcel's own): per parcel, in order,
+        its Delivered, or the exception that stopped it
         (MailboxFull, an OSError...). One parcel failing does not stop the others; a flush that
         fails fails them all (what was linked stays, for a retry to find and flush again)."""
+        if not parcels:
+            return []
         results: list[Delivered | Exception | None] = [None] * len(parcels)
         flush = _Flush(self.root, self.sync)
         staged: list[_Staged] = []
@@ -517,7 +522,8 @@ class MaildirStore:
                 with self._delivery_lock(base):
                     stems: dict[Path, set[str]] = {}
                     for st in group:
-                        stems.setdefault(st.path, set()).add(st.name.split(",", 1)[0])
+                        if not (fresh or parcels[st.index].fresh):
+                            stems.setdefault(st.path, set()).add(st.name.split(",", 1)[0])
                     found: dict[Path, dict[str, Path]] = {}
                     used: dict[str, int] = {}
                     for st in group:
@@ -546,6 +552,7 @@ class MaildirStore:
         flush: _Flush,
     ) -> Delivered:
         stem = st.name.split(",", 1)[0]
+        fresh = fresh or parcel.fresh
         if not fresh:
             if st.path not in found:
                 found[st.path] = self._existing(st.path, stems[st.path])

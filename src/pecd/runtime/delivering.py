@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from pecd.clock import Clock
 from pecd.engine.effects import BuildCall, Delivery, TakeInCharge, TakenInCharge
 from pecd.engine.vocab import DELIVERED, Outcome, Stored
-from pecd.mailbox.maildir import INBOX, MailboxFull, MaildirStore, Parcel
+from pecd.mailbox.maildir import INBOX, Delivered, MailboxFull, MaildirStore, Parcel
 from pecd.pec.builders import BuiltMessage, ProviderIdentity
-from pecd.pec.classify import classify
+from pecd.pec.classify import Classification, classify
 from pecd.pec.timefmt import pec_time
 from pecd.runtime.diskspace import TRANSIENT_ERRNOS, unavailable
 from pecd.runtime.logutil import RateLimitedLog
@@ -32,17 +32,43 @@ def build_each(provider: ProviderIdentity, calls: Sequence[BuildCall]) -> list[B
 def deliver_each(
     store: MaildirStore, items: Sequence[Delivery], fresh: bool = False
 ) -> list[Outcome]:
-    """Deliver every item; one failure does not stop the others. ``fresh``: no key of ``items``
-    was ever delivered (see :meth:`MaildirStore.deliver`).
+    """Deliver every item, made durable together (:meth:`MaildirStore.deliver_many`); one
+    failure does not stop the others. ``fresh``: no key of ``items`` was ever delivered (see
+    :meth:`MaildirStore.deliver`).
 
     A transient local fault (a full or failing filesystem: :mod:`pecd.runtime.diskspace`) is
     not an outcome: once every item was tried, it raises
     :class:`~pecd.runtime.diskspace.StorageUnavailable`, so the job waits uncounted and nobody
     is answered errore-consegna for it (what was delivered meanwhile is found again on the next
     run: deliveries are idempotent)."""
-    results = store.deliver_many(
-        [Parcel(d.mailbox, d.key, d.data, INBOX, d.quota_bytes) for d in items], fresh=fresh
-    )
+    return outcomes_of(items, store.deliver_many([parcel(d, fresh) for d in items]))
+
+
+def deliver_groups(
+    store: MaildirStore, groups: Sequence[tuple[Sequence[Delivery], bool]]
+) -> list[list[Outcome] | Exception]:
+    """:func:`deliver_each` for each (items, fresh) group, in one batch made durable together:
+    per group its outcomes, or the StorageUnavailable it met."""
+    results = store.deliver_many([parcel(d, fresh) for items, fresh in groups for d in items])
+    answers: list[list[Outcome] | Exception] = []
+    at = 0
+    for items, _ in groups:
+        try:
+            answers.append(outcomes_of(items, results[at : at + len(items)]))
+        except Exception as exc:
+            answers.append(exc)
+        at += len(items)
+    return answers
+
+
+def parcel(d: Delivery, fresh: bool = False) -> Parcel:
+    return Parcel(d.mailbox, d.key, d.data, INBOX, d.quota_bytes, fresh)
+
+
+def outcomes_of(
+    items: Sequence[Delivery], results: Sequence[Delivered | Exception]
+) -> list[Outcome]:
+    """The outcome of each delivery from what the Maildir answered (see :func:`deliver_each`)."""
     outcomes = []
     transient: OSError | None = None
     for d, result in zip(items, results, strict=True):
@@ -65,10 +91,51 @@ def take_in_charge(
 ) -> TakenInCharge:
     """Verify the envelope; when it is valid PEC, deliver it, build the presa in carico, and
     build the receipts the engine's ``answer`` owes, timed after the deliveries they attest."""
-    c = classify(cmd.envelope)
-    if not c.is_valid_pec:
-        return TakenInCharge(c)
-    outcomes = tuple(deliver_each(store, cmd.deliveries))
+    [answer] = take_in_charge_many(provider, store, [(cmd, clock)])
+    if isinstance(answer, Exception):
+        raise answer
+    return answer
+
+
+def take_in_charge_many(
+    provider: ProviderIdentity,
+    store: MaildirStore,
+    calls: Sequence[tuple[TakeInCharge, Clock]],
+) -> list[TakenInCharge | Exception]:
+    """:func:`take_in_charge` for several envelopes (of several jobs), their deliveries made
+    durable together, in one batch: per call its answer, or the exception it met."""
+    answers: list[TakenInCharge | Exception | None] = [None] * len(calls)
+    valid: list[tuple[int, Classification]] = []
+    for i, (cmd, _) in enumerate(calls):
+        try:
+            c = classify(cmd.envelope)
+        except Exception as exc:
+            answers[i] = exc
+            continue
+        if c.is_valid_pec:
+            valid.append((i, c))
+        else:
+            answers[i] = TakenInCharge(c)
+    delivered = store.deliver_many([parcel(d) for i, _ in valid for d in calls[i][0].deliveries])
+    at = 0
+    for i, c in valid:
+        cmd, clock = calls[i]
+        mine = delivered[at : at + len(cmd.deliveries)]
+        at += len(cmd.deliveries)
+        try:
+            answers[i] = _answer(provider, cmd, clock, c, tuple(outcomes_of(cmd.deliveries, mine)))
+        except Exception as exc:
+            answers[i] = exc
+    return [a if a is not None else RuntimeError("not taken in charge") for a in answers]
+
+
+def _answer(
+    provider: ProviderIdentity,
+    cmd: TakeInCharge,
+    clock: Clock,
+    c: Classification,
+    outcomes: tuple[Outcome, ...],
+) -> TakenInCharge:
     presa = cmd.presa(provider=provider)
     when = pec_time(clock.now())
     answered = cmd.answer(c, outcomes, when)

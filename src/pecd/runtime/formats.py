@@ -11,6 +11,11 @@ and :meth:`FormatWorkers.take_in_charge` (verify an envelope, store it for its r
 the presa in carico). Maildir deliveries are idempotent and process-safe (an flock per mailbox),
 so where they run does not matter. With ``processes = 0`` everything runs inline (the Maildir
 writes in a thread), as the tests of ``pec/`` do.
+
+Calls of one kind made in the same turn of the event loop (the jobs of a batch are prepared
+together) are sent together, split over the live workers: fewer round trips, and each
+worker's Maildir deliveries made durable with one flush for all of them
+(:meth:`MaildirStore.deliver_many`). Each call still gets its own answer or its own error.
 """
 
 from __future__ import annotations
@@ -41,7 +46,14 @@ from pecd.mailbox.maildir import MaildirStore
 from pecd.memory import return_freed_messages_to_the_system
 from pecd.pec.builders import BuiltMessage, ProviderIdentity
 from pecd.pec.classify import Classification, classify
-from pecd.runtime.delivering import build_each, deliver_each, portable, take_in_charge
+from pecd.runtime.delivering import (
+    build_each,
+    deliver_each,
+    deliver_groups,
+    portable,
+    take_in_charge,
+    take_in_charge_many,
+)
 from pecd.runtime.identity import provider_identity
 
 log = logging.getLogger(__name__)
@@ -136,9 +148,29 @@ def _ready() -> bool:
     return _PROVIDER is not None
 
 
-def _build_many(calls: list[BuildCall]) -> list[BuiltMessage]:
+Answer = tuple[bool, Any]  # (True, the result) or (False, the exception)
+
+
+def _answer(result: Any) -> Answer:
+    if not isinstance(result, Exception):
+        return True, result
+    try:  # the whole list of answers must cross: this one as it is, or as text
+        pickle.loads(pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL))
+    except Exception:  # an exception that cannot be pickled, or rebuilt: its text can
+        return False, RuntimeError(f"{type(result).__name__}: {result}")
+    return False, result
+
+
+def _build_groups(groups: list[list[BuildCall]]) -> list[Answer]:
+    """Several callers' :func:`_build_many`, each answered on its own."""
     assert _PROVIDER is not None
-    return build_each(_PROVIDER, calls)
+    answers = []
+    for calls in groups:
+        try:
+            answers.append(_answer(build_each(_PROVIDER, calls)))
+        except Exception as exc:
+            answers.append(_answer(exc))
+    return answers
 
 
 def _classify(raw: bytes) -> Classification:
@@ -146,14 +178,27 @@ def _classify(raw: bytes) -> Classification:
     return dataclasses.replace(classify(raw), signature_info=None)
 
 
-def _deliver_many(items: list[Delivery], fresh: bool) -> list[Outcome]:
+def _classify_many(raws: list[bytes]) -> list[Answer]:
+    answers = []
+    for raw in raws:
+        try:
+            answers.append(_answer(_classify(raw)))
+        except Exception as exc:
+            answers.append(_answer(exc))
+    return answers
+
+
+def _deliver_groups(groups: list[tuple[list[Delivery], bool]]) -> list[Answer]:
     assert _MAILDIR is not None
-    return deliver_each(_MAILDIR, items, fresh)
+    return [_answer(a) for a in deliver_groups(_MAILDIR, groups)]
 
 
-def _take_in_charge(cmd: TakeInCharge, clock: Clock) -> TakenInCharge:
+def _take_in_charge_many(calls: list[tuple[TakeInCharge, Clock]]) -> list[Answer]:
     assert _PROVIDER is not None and _MAILDIR is not None
-    return portable(take_in_charge(_PROVIDER, _MAILDIR, cmd, clock))
+    return [
+        _answer(a if isinstance(a, Exception) else portable(a))
+        for a in take_in_charge_many(_PROVIDER, _MAILDIR, calls)
+    ]
 
 
 # --- in the server --------------------------------------------------------------------------------
@@ -246,6 +291,10 @@ class FormatWorkers:
         self._replacing = asyncio.Lock()
         self._stopped = False
         self._respawn_after = 0.0  # after a failed respawn, when to try again
+        # Calls waiting for the end of this turn of the loop, by worker function (see the
+        # module docstring), and the tasks sending them.
+        self._queued: dict[Any, list[tuple[Any, asyncio.Future[Any]]]] = {}
+        self._sending: set[asyncio.Task[None]] = set()
 
     async def start(self, stack: contextlib.AsyncExitStack) -> None:
         stack.push_async_callback(self.stop)
@@ -362,17 +411,61 @@ class FormatWorkers:
             return fn(*args)
         return await self._call(await self._worker(), fn, *args)
 
+    async def _together(self, fn: Any, item: Any) -> Any:
+        """``item``'s answer from ``fn``, a worker function that takes a list of items and
+        answers each (:data:`Answer`): the items of every call made in this turn of the loop
+        go in as few calls as there are live workers."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        queued = self._queued.setdefault(fn, [])
+        queued.append((item, fut))
+        if len(queued) == 1:
+            loop.call_soon(self._send_queued, fn)
+        return await fut
+
+    def _send_queued(self, fn: Any) -> None:
+        queued = self._queued.pop(fn, [])
+        queued = [(item, fut) for item, fut in queued if not fut.done()]  # not cancelled
+        if not queued:
+            return
+        live = sum(1 for w in self._workers if w.alive) or 1
+        size = -(-len(queued) // min(live, len(queued)))
+        for start in range(0, len(queued), size):
+            task = asyncio.create_task(self._send(fn, queued[start : start + size]))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _send(self, fn: Any, calls: list[tuple[Any, asyncio.Future[Any]]]) -> None:
+        try:
+            answers: list[Answer] = await self._run(fn, [item for item, _ in calls])
+        except asyncio.CancelledError:
+            for _, fut in calls:
+                fut.cancel()
+            raise
+        except Exception as exc:  # the worker died, or did not answer: every call fails
+            for _, fut in calls:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        for (_, fut), (ok, value) in zip(calls, answers, strict=True):
+            if fut.done():
+                continue
+            if ok:
+                fut.set_result(value)
+            else:
+                fut.set_exception(value)
+
     async def build_many(self, calls: Sequence[BuildCall]) -> list[BuiltMessage]:
         """Builder calls carried out as this provider, in one round trip, results in order."""
         if self.processes == 0:
             return build_each(self.provider, calls)
-        built: list[BuiltMessage] = await self._run(_build_many, list(calls))
+        built: list[BuiltMessage] = await self._together(_build_groups, list(calls))
         return built
 
     async def classify(self, raw: bytes) -> Classification:
         if self.processes == 0:
             return classify(raw)
-        result: Classification = await self._run(_classify, raw)
+        result: Classification = await self._together(_classify_many, raw)
         return result
 
     async def deliver_many(
@@ -383,7 +476,7 @@ class FormatWorkers:
             return []
         if self.processes == 0:
             return await asyncio.to_thread(deliver_each, self.maildir, items, fresh)
-        outcomes: list[Outcome] = await self._run(_deliver_many, list(items), fresh)
+        outcomes: list[Outcome] = await self._together(_deliver_groups, (list(items), fresh))
         return outcomes
 
     async def take_in_charge(self, cmd: TakeInCharge, clock: Clock) -> TakenInCharge:
@@ -392,5 +485,5 @@ class FormatWorkers:
         (the system clock, or a fixed copy of an injected one)."""
         if self.processes == 0:
             return await asyncio.to_thread(take_in_charge, self.provider, self.maildir, cmd, clock)
-        taken: TakenInCharge = await self._run(_take_in_charge, cmd, clock)
+        taken: TakenInCharge = await self._together(_take_in_charge_many, (cmd, clock))
         return taken
