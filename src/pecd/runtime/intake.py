@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from pecd.engine.vocab import IntakePayload, JobKind
 from pecd.runtime.logutil import RateLimitedLog
 from pecd.runtime.smtp import IntakeEnvelope, Reply, peer_of
-from pecd.store import jobs
+from pecd.store import jobs, sqlitefast
 from pecd.store.db import Database
 
 log = logging.getLogger(__name__)
@@ -181,6 +181,9 @@ class Intake:
 
         if self.db.pg is not None:  # PostgreSQL: one statement, one round trip
             await self.db.pg.insert_jobs(rows)
+            return
+        if self.db.sqlite_writer:  # SQLite: one executemany over sqlite3
+            await self.db.write_sqlite(lambda conn: sqlitefast.insert_jobs_blind(conn, rows))
             return
 
         def commit(s: Session) -> None:

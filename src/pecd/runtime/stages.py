@@ -54,7 +54,7 @@ from pecd.pec.checks import SubmissionLimits
 from pecd.runtime import diskspace, metrics
 from pecd.runtime.formats import FormatWorkers
 from pecd.runtime.relay import RelayClient
-from pecd.store import jobs
+from pecd.store import jobs, sqlitefast
 from pecd.store.accounts import Accounts
 from pecd.store.db import Database
 from pecd.store.models import Job, TraceEvent
@@ -288,6 +288,10 @@ class StageRunner:
                 ]
             if self.db.pg is not None:  # one round trip
                 await self.db.pg.complete_leased(keys, outbox.worker)
+            elif self.db.sqlite_writer:
+                await self.db.write_sqlite(
+                    lambda conn: sqlitefast.complete_leased(conn, keys, outbox.worker)
+                )
             else:
                 await self.db.write(lambda s: jobs.complete_leased(s, keys, outbox.worker))
         except Exception as exc:

@@ -20,7 +20,7 @@ from pecd.config import Config
 from pecd.engine.effects import Effect, StoreLocal, Unavailable, relay_wake
 from pecd.runtime import diskspace
 from pecd.runtime.stages import Outbox
-from pecd.store import jobs
+from pecd.store import jobs, sqlitefast
 from pecd.store import webhooks as store_webhooks
 from pecd.store.db import Database
 from pecd.store.effects import Lease, apply, one_statement
@@ -217,7 +217,8 @@ class WorkerPool:
     async def _commit(self, prepared: Sequence[tuple[Job, list[Effect]]], outbox: Outbox) -> None:
         ids = [job.id for job, _ in prepared]
         lease = Lease(outbox.worker, outbox.lease_until)
-        if self.runner.db.pg is not None and await self._commit_one_statement(
+        db = self.runner.db
+        if (db.pg is not None or db.sqlite_writer) and await self._commit_one_statement(
             prepared, outbox, ids, lease
         ):
             return
@@ -251,15 +252,21 @@ class WorkerPool:
         ids: list[int],
         lease: Lease,
     ) -> bool:
-        """PostgreSQL: the batch's commit as one statement, one round trip (pecd.store.pgfast);
-        False when its effects need :func:`apply` instead."""
+        """The batch's commit from a plan of rows (:func:`one_statement`): on PostgreSQL one
+        statement, one round trip (pecd.store.pgfast), on SQLite straight over sqlite3
+        (pecd.store.sqlitefast). False when its effects need :func:`apply` instead."""
         db = self.runner.db
         pg = db.pg
-        assert pg is not None
         engine = db.engine.sync_engine
         known, generation = store_webhooks.known_mailboxes(engine)
         if known is None:
-            known = frozenset(r[0] for r in await pg.fetch(store_webhooks.MAILBOXES_SQL))
+            if pg is not None:
+                rows = await pg.fetch(store_webhooks.MAILBOXES_SQL)
+            else:
+                rows = await db.write_sqlite(
+                    lambda conn: conn.execute(store_webhooks.MAILBOXES_SQL).fetchall()
+                )
+            known = frozenset(r[0] for r in rows)
             store_webhooks.remember_mailboxes(engine, generation, known)
         node = current(db)
         effects = [e for _job, effects in prepared for e in effects]
@@ -267,15 +274,20 @@ class WorkerPool:
         if plan is None:
             return False
         try:
-            created = await pg.commit(
-                jobs=plan.jobs,
-                expect=plan.expect,
-                presa=plan.presa,
-                settle=plan.settle,
-                events=plan.events,
-                done=ids,
-                worker=outbox.worker,
-            )
+            if pg is not None:
+                created = await pg.commit(
+                    jobs=plan.jobs,
+                    expect=plan.expect,
+                    presa=plan.presa,
+                    settle=plan.settle,
+                    events=plan.events,
+                    done=ids,
+                    worker=outbox.worker,
+                )
+            else:
+                created = await db.write_sqlite(
+                    functools.partial(sqlitefast.commit, plan=plan, done=ids, worker=outbox.worker)
+                )
         except LeasesLost as exc:
             raise LeaseLost(str(exc)) from exc
         applied = plan.applied(created)

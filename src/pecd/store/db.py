@@ -13,7 +13,8 @@ Hot-path writes
 ---------------
 On PostgreSQL the hot path's own transactions (intake, claim, a stage's commit, the completion of
 store jobs) are single statements in one round trip each (:mod:`pecd.store.pgfast`, ``db.pg``);
-everything else goes through the sessions here.
+on SQLite they run in the writer thread straight over ``sqlite3`` (:mod:`pecd.store.sqlitefast`,
+:meth:`Database.write_sqlite`). Everything else goes through the sessions here.
 
 :meth:`Database.write` runs a whole transaction as one synchronous function. On SQLite it runs
 in one thread of its own over the synchronous driver: the write lock is held only while the
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -255,6 +257,37 @@ class Database:
 
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._writer_thread, run)
+
+    @property
+    def sqlite_writer(self) -> bool:
+        """Whether :meth:`write_sqlite` is there (SQLite in a file: the writer thread)."""
+        return self._writer_thread is not None
+
+    async def write_sqlite(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """:meth:`write` for the hot path's own statements (:mod:`pecd.store.sqlitefast`):
+        ``fn`` gets the writer's ``sqlite3`` connection inside ``BEGIN IMMEDIATE``; its
+        transaction commits if ``fn`` returns, rolls back if it raises."""
+        writer, thread = self._writer, self._writer_thread
+        if writer is None or thread is None:
+            raise RuntimeError("write_sqlite needs SQLite in a file")
+
+        def run() -> T:
+            pooled = writer.raw_connection()
+            try:
+                conn = pooled.driver_connection
+                assert isinstance(conn, sqlite3.Connection)
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    result = fn(conn)
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+                return result
+            finally:
+                pooled.close()
+
+        return await asyncio.get_running_loop().run_in_executor(thread, run)
 
     async def close(self) -> None:
         if self.pg is not None:

@@ -27,6 +27,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
+from pecd.store import sqlitefast
 from pecd.store.db import Database
 from pecd.store.models import Job, Node, table_of
 from pecd.store.nodes import current
@@ -189,6 +190,19 @@ async def claim_batch(
             node=params["node"],
             limit=limit,
             node_timeout=params["node_timeout"],
+        )
+        return sorted((Job(**row) for row in rows), key=lambda j: (j.next_run_at, j.id))
+    if db.sqlite_writer:  # straight over sqlite3, in the writer thread
+        rows = await db.write_sqlite(
+            functools.partial(
+                sqlitefast.claim,
+                kinds=params["kinds"],
+                now=now,
+                worker=worker,
+                until=params["until"],
+                node=params["node"],
+                limit=limit,
+            )
         )
         return sorted((Job(**row) for row in rows), key=lambda j: (j.next_run_at, j.id))
     stmt = _claim_stmt(db.dialect)
