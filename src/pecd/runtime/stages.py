@@ -53,6 +53,7 @@ from pecd.pec.builders import ProviderIdentity
 from pecd.pec.checks import SubmissionLimits
 from pecd.runtime import diskspace, metrics
 from pecd.runtime.formats import FormatWorkers
+from pecd.runtime.logutil import RateLimitedLog
 from pecd.runtime.relay import RelayClient
 from pecd.store import jobs, sqlitefast
 from pecd.store.accounts import Accounts
@@ -61,6 +62,8 @@ from pecd.store.models import Job, TraceEvent
 from pecd.web import webhooks
 
 log = logging.getLogger(__name__)
+# A failure that repeats for every batch (a format worker gone, a fault): a line now and then.
+_failures = RateLimitedLog()
 
 MAILBOX_TTL = 2.0  # seconds an account read is reused by deliveries
 
@@ -300,6 +303,6 @@ class StageRunner:
                 diskspace.ALERTS.fault(fault, f"storing {len(outbox.items)} messages: {exc}")
                 await self._give_back(outbox, f"{type(exc).__name__}: {exc}")
                 return
-            log.warning(
-                "storing %d messages failed; retried later", len(outbox.items), exc_info=True
+            _failures.failure(
+                log, "storing %d messages failed; retried later", exc, len(outbox.items)
             )

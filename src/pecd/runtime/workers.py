@@ -19,6 +19,7 @@ from pecd.clock import Clock
 from pecd.config import Config
 from pecd.engine.effects import Effect, StoreLocal, Unavailable, relay_wake
 from pecd.runtime import diskspace
+from pecd.runtime.logutil import RateLimitedLog
 from pecd.runtime.stages import Outbox
 from pecd.store import jobs, sqlitefast
 from pecd.store import webhooks as store_webhooks
@@ -29,6 +30,8 @@ from pecd.store.nodes import current
 from pecd.store.pgfast import LeasesLost
 
 log = logging.getLogger(__name__)
+# Failures that repeat per job or per poll: a line now and then, the traceback once.
+_failures = RateLimitedLog()
 
 
 RENEWALS = 30  # a batch keeps its leases for at most ten lease periods more
@@ -134,7 +137,7 @@ class WorkerPool:
                 if fault is not None:  # the database out of reach or full: an alert a minute
                     diskspace.ALERTS.fault(fault, f"claiming {self.name} jobs: {exc}")
                 else:
-                    log.exception("claiming jobs failed; retrying")
+                    _failures.failure(log, "claiming %s jobs failed; retrying", exc, self.name)
                 await asyncio.sleep(q.poll_seconds)
                 continue
             if not batch:
@@ -143,10 +146,12 @@ class WorkerPool:
             renewal = asyncio.create_task(self._renew([job.id for job in batch], worker))
             try:
                 await self._run_batch(worker, batch)
-            except Exception:
+            except Exception as exc:
                 # Never lose a worker task: the jobs of a batch that broke here are still
                 # leased to us and run again once the lease expires.
-                log.exception("a batch of %d jobs broke; their leases will expire", len(batch))
+                _failures.failure(
+                    log, "a batch of %d jobs broke; their leases will expire", exc, len(batch)
+                )
             finally:
                 renewal.cancel()
             # Done with these jobs and their bytes: not kept while the next batch is claimed.
@@ -167,8 +172,8 @@ class WorkerPool:
                         jobs.extend_leases, job_ids=job_ids, worker=worker, until=until
                     )
                 )
-            except Exception:
-                log.warning("extending the leases of %d jobs failed", len(job_ids), exc_info=True)
+            except Exception as exc:
+                _failures.failure(log, "extending the leases of %d jobs failed", exc, len(job_ids))
 
     async def _run_batch(self, worker: str, batch: Sequence[Job]) -> None:
         """Prepare every job, then commit all their outputs and completions in one transaction.
@@ -193,8 +198,13 @@ class WorkerPool:
         outbox = self.runner.outbox(worker)
         try:
             await self._commit(prepared, outbox)
-        except Exception:
-            log.warning("a batch of %d jobs failed to commit; committing one by one", len(prepared))
+        except Exception as exc:
+            _failures.failure(
+                log,
+                "a batch of %d jobs failed to commit; committing one by one",
+                exc,
+                len(prepared),
+            )
             outbox = self.runner.outbox(worker)
             for job, effects in prepared:
                 try:
@@ -318,7 +328,9 @@ class WorkerPool:
             # Not the job's fault: it waits, uncounted, and the reason shows in `pecd queue`.
             log.warning("job %s (%s %s) waits: %s", job.id, job.kind, job.key, error)
         else:
-            log.warning("job %s (%s %s) failed: %s", job.id, job.kind, job.key, error, exc_info=exc)
+            # One line per kind of failure and interval (the error is in the job, for `pecd
+            # queue`); the traceback the first time only.
+            _failures.failure(log, "a %s job failed (job %s, %s)", exc, job.kind, job.id, job.key)
         try:
             async with self.runner.db.session() as s, s.begin():
                 state = await jobs.retry_or_park(
@@ -348,6 +360,9 @@ class WorkerPool:
                     fault, f"recording the failure of job {job.id}: {record_exc}"
                 )
             else:
-                log.exception(
-                    "could not record the failure of job %s; its lease will expire", job.id
+                _failures.failure(
+                    log,
+                    "could not record the failure of job %s; its lease will expire",
+                    record_exc,
+                    job.id,
                 )
