@@ -294,6 +294,13 @@ def test_a_signal_to_the_group_stops_everything_once(
     )
     cfg = asyncio.run(install(tmp_path / "inst", None, extra_config=extra))
     assert cfg.source is not None and cfg.listeners.smtps is not None
+    # A reception point too, on a port chosen at bind time: shared by the engines as well.
+    text_ = cfg.source.read_text("utf-8")
+    cfg.source.write_text(
+        text_.replace("[listeners]\n", '[listeners]\nreception = "127.0.0.1:0"\n')
+    )
+    cfg = load_config(cfg.source)
+    assert cfg.listeners.reception is not None
     log = tmp_path / "serve.log"
     proc = subprocess.Popen(
         [sys.executable, "-m", "pecd", "serve", "-c", str(cfg.source)],
@@ -306,6 +313,10 @@ def test_a_signal_to_the_group_stops_everything_once(
         senders = Senders(cfg)
         senders.send("group-1")
         assert senders.accepted == ["<group-1@client.example>"], senders.failed
+        found = re.search(r"Other providers deliver to: \S+ port (\d+)", log.read_text())
+        assert found is not None
+        with smtplib.SMTP("127.0.0.1", int(found.group(1)), timeout=30) as peer:
+            assert peer.ehlo()[0] == 250 and peer.has_extn("starttls")
         # A session open at the stop gets one 421 4.3.2 from the engine that serves it.
         assert cfg.listeners.smtps is not None
         open_session = smtplib.SMTP_SSL(
