@@ -18,7 +18,7 @@ is done, so the table does not grow with delivered mail.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -26,6 +26,7 @@ from sqlalchemy import Interval, and_, bindparam, delete, exists, func, or_, sel
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.instrumentation import manager_of_class
 
 from pecd.store import sqlitefast
 from pecd.store.db import Database
@@ -191,7 +192,7 @@ async def claim_batch(
             limit=limit,
             node_timeout=params["node_timeout"],
         )
-        return sorted((Job(**row) for row in rows), key=lambda j: (j.next_run_at, j.id))
+        return sorted(map(_claimed, rows), key=lambda j: (j.next_run_at, j.id))
     if db.sqlite_writer:  # straight over sqlite3, in the writer thread
         rows = await db.write_sqlite(
             functools.partial(
@@ -204,16 +205,28 @@ async def claim_batch(
                 limit=limit,
             )
         )
-        return sorted((Job(**row) for row in rows), key=lambda j: (j.next_run_at, j.id))
+        return sorted(map(_claimed, rows), key=lambda j: (j.next_run_at, j.id))
     stmt = _claim_stmt(db.dialect)
 
     def claim(session: Session) -> list[Job]:
         # Core rows made into (transient) Job objects: the ORM's bulk-update machinery costs
         # more than the statement on this hot path.
-        return [Job(**row._mapping) for row in session.execute(stmt, params)]
+        return [_claimed(row._mapping) for row in session.execute(stmt, params)]
 
     claimed = await db.write(claim)
     return sorted(claimed, key=lambda j: (j.next_run_at, j.id))
+
+
+_NEW_JOB = manager_of_class(Job).new_instance
+
+
+def _claimed(row: Mapping[Any, Any]) -> Job:
+    """A claimed job's row as a transient ``Job``, its attributes set without the ORM's
+    attribute events (a tenth of the cost of ``Job(**row)``): a copy to read, never added to a
+    session (retries and releases read the row again)."""
+    job: Job = _NEW_JOB()
+    job.__dict__.update(row)
+    return job
 
 
 #: A node silent this long is dead, for a claim by a process that is not a node itself.
