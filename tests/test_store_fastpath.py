@@ -4,10 +4,12 @@ commits nothing; effects that need reads are left to ``apply``."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from sqlalchemy import text
 
 from pecd.engine.effects import (
@@ -26,7 +28,7 @@ from pecd.pec.builders import Destinatario, Transmission
 from pecd.pec.vocab import DestinatarioTipo
 from pecd.store import jobs, sqlitefast
 from pecd.store import webhooks as store_webhooks
-from pecd.store.db import Database
+from pecd.store.db import Database, migrate_async
 from pecd.store.effects import Applied, Lease, apply, one_statement
 from pecd.store.models import Domain, Mailbox
 from pecd.store.pgfast import LeasesLost
@@ -200,12 +202,8 @@ def test_a_lost_lease_commits_nothing(db: Backend) -> None:
         async with d.read_session() as s:
             other = (await s.execute(text("SELECT id FROM jobs WHERE key = 'sub:other'"))).one()
         after_enqueue = await snapshot(d)
-        try:
+        with pytest.raises(LeasesLost):
             await fast(d, stage_effects(), [*done, other[0]])
-        except LeasesLost:
-            pass
-        else:  # pragma: no cover - the assertion's message
-            raise AssertionError("a commit under a lost lease went through")
         assert await snapshot(d) == after_enqueue
         assert len(after_enqueue["jobs"]) == len(before["jobs"]) + 1
 
@@ -258,3 +256,39 @@ def test_a_webhook_set_in_this_process_is_seen_at_once(db: Backend) -> None:
 
 def accepted_event() -> TraceEventData:
     return event(TraceType.ACCETTAZIONE, "opec-9@pec.a", data={"intake": "k9"})
+
+
+def test_a_failed_sqlite_write_leaves_nothing_and_the_writer_usable(tmp_path: Any) -> None:
+    url = f"sqlite:///{tmp_path}/pecd.db"
+
+    async def main() -> None:
+        await migrate_async(url)
+        d = await Database.open(url)
+        try:
+            row = jobs.job_row(kind=JobKind.SUBMISSION, key="k1", payload={"a": None}, now=T0)
+
+            def half(conn: Any) -> None:
+                sqlitefast.insert_jobs(conn, [row])
+                raise RuntimeError("the stage broke")
+
+            with pytest.raises(RuntimeError):
+                await d.write_sqlite(half)
+            assert await d.write_sqlite(lambda conn: sqlitefast.insert_jobs(conn, [row])) == {"k1"}
+            # Read back through SQLAlchemy as written by it.
+            [job] = await jobs.claim_batch(
+                d,
+                kinds=[JobKind.SUBMISSION],
+                worker=WORKER,
+                now=T0,
+                lease=timedelta(minutes=1),
+                limit=5,
+            )
+            async with d.read_session() as s:
+                again = await jobs.get_job(s, job.id)
+            assert again is not None
+            assert (job.key, job.payload, job.created_at) == ("k1", {"a": None}, T0)
+            assert (again.payload, again.created_at, again.locked_by) == ({"a": None}, T0, WORKER)
+        finally:
+            await d.close()
+
+    asyncio.run(main())

@@ -279,10 +279,13 @@ class Database:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
                     result = fn(conn)
+                    conn.execute("COMMIT")
                 except BaseException:
-                    conn.execute("ROLLBACK")
+                    # Also when the COMMIT itself failed (a full disk): the connection must not
+                    # stay inside the transaction for the next writer.
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
                     raise
-                conn.execute("COMMIT")
                 return result
             finally:
                 pooled.close()

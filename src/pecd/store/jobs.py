@@ -18,14 +18,14 @@ is done, so the table does not grow with delivered mail.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Interval, and_, bindparam, delete, exists, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, configure_mappers
 from sqlalchemy.orm.instrumentation import manager_of_class
 
 from pecd.store import sqlitefast
@@ -217,14 +217,18 @@ async def claim_batch(
     return sorted(claimed, key=lambda j: (j.next_run_at, j.id))
 
 
-_NEW_JOB = manager_of_class(Job).new_instance
+@functools.cache
+def _new_job() -> Callable[[], Job]:
+    configure_mappers()  # what Job() would do first; new_instance() does not
+    new: Callable[[], Job] = manager_of_class(Job).new_instance
+    return new
 
 
 def _claimed(row: Mapping[Any, Any]) -> Job:
     """A claimed job's row as a transient ``Job``, its attributes set without the ORM's
     attribute events (a tenth of the cost of ``Job(**row)``): a copy to read, never added to a
     session (retries and releases read the row again)."""
-    job: Job = _NEW_JOB()
+    job = _new_job()()
     job.__dict__.update(row)
     return job
 
