@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from pecd.clock import Clock
 from pecd.config import Config
 from pecd.engine.effects import Effect, StoreLocal, Unavailable, relay_wake
-from pecd.runtime import diskspace
+from pecd.runtime import diskspace, observe
 from pecd.runtime.logutil import RateLimitedLog
 from pecd.runtime.stages import Outbox
 from pecd.store import jobs, sqlitefast
@@ -300,6 +300,8 @@ class WorkerPool:
                 )
         except LeasesLost as exc:
             raise LeaseLost(str(exc)) from exc
+        # No session saw these events: the mail log and the metrics get the ones inserted.
+        observe.committed(db, [row for row, req in plan.events if req is None or req in created])
         applied = plan.applied(created)
         # Only once committed are the messages durable, and so the outbox's to store.
         outbox.items += applied.stored
