@@ -6,6 +6,7 @@ import base64
 import email
 import email.header
 import email.utils
+import functools
 import quopri
 import re
 import secrets
@@ -49,6 +50,22 @@ def head_of(raw: bytes) -> bytes:
 
 def header_fields(head: bytes) -> list[tuple[str, bytes]]:
     """Each header field as (name, its raw bytes including continuation lines and line ending)."""
+    if len(head) <= _CACHED_HEAD:
+        return list(_header_fields_cached(head))
+    return _header_fields(head)
+
+
+# A message's header block is read many times over (each field looked up, by several builders
+# and by classify): the last few blocks are kept split. A long block is split each time.
+_CACHED_HEAD = 16384
+
+
+@functools.lru_cache(maxsize=32)
+def _header_fields_cached(head: bytes) -> tuple[tuple[str, bytes], ...]:
+    return tuple(_header_fields(head))
+
+
+def _header_fields(head: bytes) -> list[tuple[str, bytes]]:
     fields: list[tuple[str, bytes]] = []
     starts = [m.start() for m in _FIELD_START.finditer(head)]
     # A field starts only at the beginning of a line that is not a continuation (not SP/HTAB).
@@ -262,6 +279,24 @@ _HEADER_PARSER = BytesHeaderParser(policy=compat32)
 
 
 def _params(head: bytes) -> tuple[str, dict[str, str], str | None]:
+    if len(head) > _CACHED_PART_HEAD:
+        ctype, params, fname = _read_params(head)
+    else:
+        # Most part headers repeat from one message to the next (the text parts, daticert.xml,
+        # postacert.eml as pecd and other providers write them): read once.
+        ctype, params, fname = _read_params_cached(head)
+    return ctype, dict(params), fname
+
+
+_CACHED_PART_HEAD = 1024
+
+
+@functools.lru_cache(maxsize=256)
+def _read_params_cached(head: bytes) -> tuple[str, tuple[tuple[str, str], ...], str | None]:
+    return _read_params(head)
+
+
+def _read_params(head: bytes) -> tuple[str, tuple[tuple[str, str], ...], str | None]:
     # Headers only: the full parser, seeing a multipart Content-Type, would compile a pattern
     # for its boundary (a new one in every message, so never from the cache) to split a body
     # that is not there; what is read here depends on the header fields alone.
@@ -273,7 +308,7 @@ def _params(head: bytes) -> tuple[str, dict[str, str], str | None]:
     fname = msg.get_filename()
     if fname is None and "name" in params:
         fname = params["name"]
-    return ctype, params, None if fname is None else decode_words(str(fname))
+    return ctype, tuple(params.items()), None if fname is None else decode_words(str(fname))
 
 
 _NL = re.compile(rb"\n")

@@ -72,6 +72,7 @@ _HEAD_END = re.compile(rb"\n\r?\n")
 _BCHARS = re.compile(r"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]")
 _B64_BODY = re.compile(rb"[A-Za-z0-9+/]*={0,2}")
 _WSP = re.compile(rb"[ \t\r\n]+")
+_NOT_A_FOLD = re.compile(rb"\r\n(?![ \t])")
 _MAX_BOUNDARY = 200  # RFC 2046 says 70; be lenient on reading, but bound the work.
 _MAX_CHAIN = 8
 
@@ -201,10 +202,13 @@ def _signed_attrs(digest: DigestName, signing_time: datetime, message_digest: by
 
 
 def _signer_der(signer: Signer) -> tuple[bytes, tuple[bytes, ...]]:
-    return (
-        signer.certificate.public_bytes(serialization.Encoding.DER),
-        tuple(c.public_bytes(serialization.Encoding.DER) for c in signer.chain),
-    )
+    return _cert_der(signer.certificate), tuple(_cert_der(c) for c in signer.chain)
+
+
+@functools.lru_cache(maxsize=32)
+def _cert_der(cert: x509.Certificate) -> bytes:
+    """A certificate's DER, encoded once (every signature looks its templates up by it)."""
+    return cert.public_bytes(serialization.Encoding.DER)
 
 
 def _signature_algorithm(public_key: object, digest: DigestName) -> str:
@@ -356,9 +360,8 @@ def _header_line(name: str, value: str) -> bytes:
         raise ValueError(f"invalid header name {name!r}")
     encoded = _to_crlf(f"{name}: {value}".encode())
     # A line break inside a value must be a fold (followed by SP/HTAB), never a new field.
-    for i in range(len(encoded)):
-        if encoded[i : i + 2] == _CRLF and encoded[i + 2 : i + 3] not in (b" ", b"\t"):
-            raise ValueError(f"header {name!r} has a line break that is not a fold")
+    if _NOT_A_FOLD.search(encoded):
+        raise ValueError(f"header {name!r} has a line break that is not a fold")
     return encoded + _CRLF
 
 
@@ -644,13 +647,19 @@ def _as_utc(when: datetime) -> datetime:
     return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
 
 
-def _single_attr(attrs: Any, name: str) -> Any:
-    found = [a for a in attrs if a["type"].native == name]
+def _single_attr(by_type: dict[str, list[Any]], name: str) -> Any:
+    found = by_type.get(name, [])
     if not found:
         return None
     if len(found) > 1 or len(found[0]["values"]) != 1:
         raise SignatureError("malformed-cms", f"the {name} signed attribute must occur once")
     return found[0]["values"][0]
+
+
+@functools.lru_cache(maxsize=64)
+def _certificate(der: bytes) -> x509.Certificate:
+    """A certificate of a CMS, parsed once: a provider's signatures all carry the same ones."""
+    return x509.load_der_x509_certificate(der)
 
 
 def _sid_matches(sid: Any, cert: Any) -> bool:
@@ -699,8 +708,11 @@ def _parse_cms(der: bytes) -> _Cms:
     signing_time: datetime | None = None
     attrs = si["signed_attrs"]
     if not isinstance(attrs, core.Void):
-        content_type = _single_attr(attrs, "content_type")
-        md = _single_attr(attrs, "message_digest")
+        by_type: dict[str, list[Any]] = {}
+        for attr in attrs:
+            by_type.setdefault(attr["type"].native, []).append(attr)
+        content_type = _single_attr(by_type, "content_type")
+        md = _single_attr(by_type, "message_digest")
         if content_type is None or md is None:
             raise SignatureError(
                 "malformed-cms", "signed attributes lack contentType or messageDigest"
@@ -708,7 +720,7 @@ def _parse_cms(der: bytes) -> _Cms:
         if content_type.native != "data":
             raise SignatureError("malformed-cms", "the contentType signed attribute is not id-data")
         message_digest = bytes(md.native)
-        st = _single_attr(attrs, "signing_time")
+        st = _single_attr(by_type, "signing_time")
         if st is not None:
             when = st.native
             if not isinstance(when, datetime):
@@ -728,7 +740,7 @@ def _parse_cms(der: bytes) -> _Cms:
             continue
         try:
             asn1_cert = choice.chosen
-            crypto_cert = x509.load_der_x509_certificate(asn1_cert.dump())
+            crypto_cert = _certificate(bytes(asn1_cert.dump()))
             matches = _sid_matches(sid, asn1_cert)
         except Exception:  # an unreadable extra certificate is skipped, not fatal
             continue
@@ -799,7 +811,7 @@ def _check_validity(cert: x509.Certificate, at: datetime, what: str, code: str |
 
 
 def _der(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.DER)
+    return _cert_der(cert)
 
 
 def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -28,22 +29,22 @@ class PecTime:
 
     @property
     def local(self) -> datetime:
-        return self.instant.astimezone(ROME)
+        return _local(self.instant)
 
     @property
     def giorno(self) -> str:
         """``dd/mm/yyyy`` in Italian legal time."""
-        return self.local.strftime("%d/%m/%Y")
+        return _renderings(self.instant)[0]
 
     @property
     def ora(self) -> str:
         """``hh:mm:ss`` in Italian legal time."""
-        return self.local.strftime("%H:%M:%S")
+        return _renderings(self.instant)[1]
 
     @property
     def zona(self) -> str:
         """Offset of local time from UTC as ``+HHMM`` (``+0100`` in winter, ``+0200`` in summer)."""
-        return format_zona(self.local.utcoffset() or timedelta(0))
+        return _renderings(self.instant)[2]
 
     @property
     def text_zone(self) -> str:
@@ -53,12 +54,31 @@ class PecTime:
     @property
     def rfc5322(self) -> str:
         """The ``Date:`` header value for the same instant, in Italian local time."""
-        return format_datetime(self.local)
+        return _renderings(self.instant)[3]
 
     @property
     def compact(self) -> str:
         """``YYYYMMDDhhmmss`` in local time, as used inside message ids."""
-        return self.local.strftime("%Y%m%d%H%M%S")
+        return _renderings(self.instant)[4]
+
+
+# Every message about an event renders its instant a dozen times (text, daticert, Date:, ids):
+# each rendering of the last instants is made once.
+@functools.lru_cache(maxsize=64)
+def _local(instant: datetime) -> datetime:
+    return instant.astimezone(ROME)
+
+
+@functools.lru_cache(maxsize=64)
+def _renderings(instant: datetime) -> tuple[str, str, str, str, str]:
+    local = _local(instant)
+    return (
+        local.strftime("%d/%m/%Y"),
+        local.strftime("%H:%M:%S"),
+        format_zona(local.utcoffset() or timedelta(0)),
+        format_datetime(local),
+        local.strftime("%Y%m%d%H%M%S"),
+    )
 
 
 def pec_time(instant: datetime) -> PecTime:
