@@ -49,7 +49,7 @@ GHOST = f"ghost@{DOMAIN}"  # no such mailbox: an errore-consegna for it
 CLIENTS = 6
 # Acknowledged messages before node 1 is killed; after that, before each next step (node 1
 # back, node 2 killed, node 2 back); and after the last step, before the clients stop.
-PHASE = 40
+PHASE = 30
 # Submissions per second at most, all clients together: pecd answers 250 far faster than two
 # nodes on two shared cores deliver, and the test is about what happens, not how much.
 RATE = 25
