@@ -22,6 +22,7 @@ import hashlib
 import hmac
 import re
 import secrets
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -291,6 +292,22 @@ class _Template:
         pieces.append(der[pos:])
         return cls(tuple(pieces), tuple(order))
 
+    def match(self, der: bytes, sizes: Sequence[int]) -> list[bytes] | None:
+        """The variable fields of ``der`` (each of its size in ``sizes``) when everything else
+        in it is this template's bytes; None otherwise."""
+        values = [b""] * len(sizes)
+        pos = 0
+        for piece, index in zip(self.pieces, self.order, strict=False):
+            if not der.startswith(piece, pos):
+                return None
+            pos += len(piece)
+            values[index] = der[pos : pos + sizes[index]]
+            pos += sizes[index]
+        last = self.pieces[-1]
+        if len(der) != pos + len(last) or not der.startswith(last, pos):
+            return None
+        return values
+
     def fill(self, values: Sequence[bytes]) -> bytes:
         out = [self.pieces[0]]
         for index, piece in zip(self.order, self.pieces[1:], strict=True):
@@ -336,9 +353,11 @@ def cms_sign_detached(
     if not isinstance(public_key, rsa.RSAPublicKey) or not 1950 <= when.year < 2050:
         return _cms_sign_built(content, signer, digest, signing_time)
     size = (public_key.key_size + 7) // 8
-    templates = _templates(*_signer_der(signer), digest, size)
+    cert_der, chain_der = _signer_der(signer)
+    templates = _templates(cert_der, chain_der, digest, size)
     if templates is None:
         return _cms_sign_built(content, signer, digest, signing_time)
+    _remember(cert_der, chain_der, digest, size)
     attrs_template, whole_template = templates
     time_der = when.strftime("%y%m%d%H%M%SZ").encode("ascii")
     message_digest = hashlib.new(digest, content).digest()
@@ -674,6 +693,95 @@ def _sid_matches(sid: Any, cert: Any) -> bool:
     return ski is not None and bytes(ski) == bytes(sid.chosen.native)
 
 
+@dataclass(frozen=True, slots=True)
+class _Known:
+    """The shape of the signatures of one RSA signer (certificate, chain, digest): its
+    templates, and what the general parse reads in every signature of that shape."""
+
+    attrs: _Template
+    whole: _Template
+    sizes: tuple[int, int, int]  # signingTime, messageDigest, signature
+    digest: str
+    signer: x509.Certificate
+    certificates: tuple[x509.Certificate, ...]
+
+
+# Shapes of the signatures this process made, or verified and found in that shape: a CMS that
+# matches one is read by cutting its three variable fields out, which gives what the general
+# parse gives (the rest of its bytes are the very bytes the general parse read once) at a small
+# part of the cost. Anything else, and any doubt, takes the general parse.
+_KNOWN: dict[tuple[bytes, tuple[bytes, ...], str, int], _Known | None] = {}
+_KNOWN_LOCK = threading.Lock()
+_MAX_KNOWN = 16
+_UTC_TIME = re.compile(rb"\d{12}Z")
+
+
+def _remember(cert_der: bytes, chain_der: tuple[bytes, ...], digest: str, size: int) -> None:
+    key = (cert_der, chain_der, digest, size)
+    if key in _KNOWN:
+        return
+    known: _Known | None = None
+    templates = _templates(cert_der, chain_der, digest, size) if digest in _HASHES else None
+    if templates is not None:
+        attrs, whole = templates
+        sizes = (len(_PLACEHOLDER_TIME_DER), hashlib.new(digest).digest_size, size)
+        slots = [_PLACEHOLDER_TIME_DER, b"\xa5" * sizes[1], b"\x5a" * size]
+        try:
+            general = _parse_cms(whole.fill(slots))
+        except Exception:
+            general = None
+        if general is not None and general.signer is not None:
+            known = _Known(attrs, whole, sizes, digest, general.signer, general.certificates)
+    with _KNOWN_LOCK:
+        if len(_KNOWN) >= _MAX_KNOWN:
+            _KNOWN.pop(next(iter(_KNOWN)))
+        _KNOWN[key] = known
+
+
+def _utc_time(value: bytes) -> datetime | None:
+    """A DER UTCTime ``YYMMDDhhmmssZ`` (RFC 5280: 1950-2049), or None."""
+    if not _UTC_TIME.fullmatch(value):
+        return None
+    yy = int(value[0:2])
+    try:
+        return datetime(
+            (2000 if yy < 50 else 1900) + yy,
+            int(value[2:4]),
+            int(value[4:6]),
+            int(value[6:8]),
+            int(value[8:10]),
+            int(value[10:12]),
+            tzinfo=UTC,
+        )
+    except ValueError:
+        return None
+
+
+def _parse_known(der: bytes) -> _Cms | None:
+    """``der`` read by a known shape, or None."""
+    with _KNOWN_LOCK:
+        shapes = [k for k in _KNOWN.values() if k is not None]
+    for k in shapes:
+        values = k.whole.match(der, k.sizes)
+        if values is None:
+            continue
+        time_der, message_digest, signature = values
+        when = _utc_time(time_der)
+        if when is None:
+            return None
+        return _Cms(
+            digest=k.digest,
+            signed_attrs_der=k.attrs.fill([time_der, message_digest]),
+            message_digest=message_digest,
+            signing_time=when,
+            signature_algo="rsassa_pkcs1v15",
+            signature=signature,
+            signer=k.signer,
+            certificates=k.certificates,
+        )
+    return None
+
+
 def _parse_cms(der: bytes) -> _Cms:
     info = cms.ContentInfo.load(der)
     if info["content_type"].native != "signed_data":
@@ -875,12 +983,28 @@ def _check_chain(
     raise SignatureError("untrusted-chain", "the certificate chain is too long")
 
 
+def _learn(der: bytes, signer: x509.Certificate, parsed: _Cms) -> None:
+    key = signer.public_key()
+    if not isinstance(key, rsa.RSAPublicKey) or parsed.digest not in ("sha1", "sha256"):
+        return
+    chain = tuple(_der(c) for c in parsed.certificates if c is not signer)
+    entry = (_der(signer), chain, parsed.digest, len(parsed.signature))
+    if entry in _KNOWN or len(parsed.signature) != (key.key_size + 7) // 8:
+        return
+    _remember(*entry)
+    known = _KNOWN.get(entry)
+    if known is not None and known.whole.match(der, known.sizes) is None:
+        with _KNOWN_LOCK:  # not of this shape after all: never tried again
+            _KNOWN[entry] = None
+
+
 def _verify(
     raw: bytes, at: datetime | None, trust_roots: Sequence[x509.Certificate] | None
 ) -> SignatureInfo:
     content, der, micalg = _split_signed_safe(raw)
+    known = _parse_known(der)
     try:
-        parsed = _parse_cms(der)
+        parsed = known or _parse_cms(der)
     except SignatureError:
         raise
     except Exception as exc:
@@ -906,6 +1030,9 @@ def _verify(
     if trust_roots is not None:
         _check_chain(signer, parsed.certificates, trust_roots, when)
 
+    if known is None and parsed.signature_algo == "rsassa_pkcs1v15":
+        # Verified: if it has our shape, the next ones of this signer are read by it.
+        _learn(der, signer, parsed)
     return SignatureInfo(
         signer=signer,
         signer_sha1=hashlib.sha1(_der(signer)).hexdigest(),
