@@ -439,6 +439,7 @@ def test_two_nodes_one_killed_deliver_everything_exactly_once(pg: str, tmp_path:
     # (node, acknowledged then, running jobs it held, seconds until all were done elsewhere)
     kills: list[tuple[str, int, int, float]] = []
     starts: list[float] = []  # seconds each restart took until SMTPS answered
+    killed_pids: set[int] = set()
     try:
         for node in nodes:
             node.start()
@@ -455,9 +456,11 @@ def test_two_nodes_one_killed_deliver_everything_exactly_once(pg: str, tmp_path:
             at = len(ledger.acked) + PHASE
             wait_for(lambda at=at: len(ledger.acked) >= at, 120, f"{at} acknowledged", 0.02)
             assert dead.proc is not None
+            pid = dead.proc.pid
             node_ids = asyncio.run(_nodes_of(pg, [dead.proc.pid, *children(dead.proc.pid)]))
             tree = dead.kill_group()
             assert tree, f"{dead.name} had no child processes (format workers) to kill"
+            killed_pids.update([pid, *tree])
             wait_for(lambda t=tree: not any(map(_alive, t)), 10, f"{dead.name}'s tree gone")
             acked_at_kill, t_kill = len(ledger.acked), time.monotonic()
             held = asyncio.run(_held_by(pg, node_ids))
@@ -498,6 +501,10 @@ def test_two_nodes_one_killed_deliver_everything_exactly_once(pg: str, tmp_path:
         sealed = _pecd(base, "log", "seal")
         assert sealed.returncode == 0, sealed.stdout + sealed.stderr
         tally = _tally(MaildirStore(base.maildir_root), service)
+        # Maildir tmp/ files ("<name>.<pid>.<random>") left behind: by killed processes only.
+        leftovers = [p for p in base.maildir_root.glob("*/*/**/tmp/*") if p.is_file()]
+        strays = [p for p in leftovers if int(p.name.rsplit(".", 2)[1]) not in killed_pids]
+        assert not strays, strays
     finally:
         codes = [node.stop() for node in nodes]
     assert codes == [0, 0], [n.log.read_text()[-3000:] for n in nodes]
