@@ -55,6 +55,7 @@ from pecd.runtime.delivering import (
     take_in_charge_many,
 )
 from pecd.runtime.identity import provider_identity
+from pecd.runtime.logutil import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +204,8 @@ def _take_in_charge_many(calls: list[tuple[TakeInCharge, Clock]]) -> list[Answer
 
 # --- in the server --------------------------------------------------------------------------------
 
+
+_respawn_failures = RateLimitedLog(every=60.0)
 
 CALL_TIMEOUT_SECONDS = 600  # far beyond any call (a 100 MB message takes seconds)
 RESPAWN_DELAY_SECONDS = 5.0  # between tries to replace a dead worker that would not start
@@ -376,9 +379,12 @@ class FormatWorkers:
                     await asyncio.to_thread(w.proc.join, 5)
                     try:
                         new = await self._spawn()
-                    except Exception:
-                        # The others still serve; calls try again a little later.
-                        log.exception("a new format worker process could not start")
+                    except Exception as exc:
+                        # The others still serve; calls try again a little later (every few
+                        # seconds while it lasts: one line a minute, the traceback once).
+                        _respawn_failures.failure(
+                            log, "a new format worker process could not start", exc
+                        )
                         self._respawn_after = time.monotonic() + RESPAWN_DELAY_SECONDS
                         break
                     if self._stopped or i >= len(self._workers):
