@@ -119,6 +119,7 @@ class StageRunner:
     relay_wake: asyncio.Event = field(default_factory=asyncio.Event)
     webhook_wake: asyncio.Event = field(default_factory=asyncio.Event)
     _mailboxes: dict[str, tuple[float, MailboxState | None]] = field(default_factory=dict)
+    _lookups: dict[str, asyncio.Future[MailboxState | None]] = field(default_factory=dict)
 
     def outbox(self, worker: str) -> Outbox:
         lease = timedelta(seconds=self.cfg.queue.lease_seconds)
@@ -216,8 +217,17 @@ class StageRunner:
         hit = self._mailboxes.get(address)
         if hit is not None and now - hit[0] < MAILBOX_TTL:
             return hit[1]
-        found = await self.accounts.get(address)
-        state = None if found is None else MailboxState(found.disabled, found.quota_bytes)
+        # The stages of a batch run at once and often name the same mailbox: one read for all.
+        pending = self._lookups.get(address)
+        if pending is None:
+            pending = asyncio.ensure_future(self._look_up(address, now))
+            self._lookups[address] = pending
+            pending.add_done_callback(lambda _done: self._lookups.pop(address, None))
+        return await asyncio.shield(pending)
+
+    async def _look_up(self, address: str, now: float) -> MailboxState | None:
+        found = await self.accounts.state(address)
+        state = None if found is None else MailboxState(*found)
         if len(self._mailboxes) > 10_000:
             self._mailboxes.clear()
         self._mailboxes[address] = (now, state)
