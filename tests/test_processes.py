@@ -284,12 +284,10 @@ def test_a_signal_to_the_group_stops_everything_once(
     sessions of their own: the group's signal reaches `pecd serve` only, which stops them in
     order. No restart, no error line, exit status 0, nothing left (SQLite: the leader lock is a
     flock beside the database, held by one engine process)."""
-    # With one process its format processes are in `pecd serve`'s group (runtime/formats.py):
-    # a group's signal would end them too (the stage in progress fails and is tried again), so
-    # that case runs the formats inline; an engine process's are in the engine's session.
-    formats = 1 if processes > 1 else 0
+    # With one process its format processes are in `pecd serve`'s group: they ignore the
+    # group's SIGINT and SIGTERM (runtime/formats.py) and end when the server closes them.
     extra = (
-        f"\n[queue]\nbase_delay_seconds = 0.2\nformat_processes = {formats}\n"
+        "\n[queue]\nbase_delay_seconds = 0.2\nformat_processes = 1\n"
         f"[serve]\nprocesses = {processes}\n"
     )
     cfg = asyncio.run(install(tmp_path / "inst", None, extra_config=extra))

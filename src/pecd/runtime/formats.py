@@ -67,6 +67,10 @@ _MAILDIR: MaildirStore | None = None
 
 def _init(cfg: Config, parent: int) -> None:
     global _PROVIDER, _MAILDIR
+    # Ctrl-C or a SIGTERM to the process group is the server's to act on: it drains, then
+    # closes our socket. Dying at once would fail the stage in progress with WorkerDied.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     _die_with_parent(parent)
     return_freed_messages_to_the_system()
     _PROVIDER = provider_identity(cfg)
