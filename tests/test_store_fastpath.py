@@ -182,6 +182,76 @@ def test_the_fast_commit_writes_what_apply_writes(db: Backend) -> None:
     db.run(main)
 
 
+def charge_and_settle() -> list[Effect]:
+    """A delivery batch taking charge of and settling the same recipients (engine/delivery.py
+    emits both for a local delivery of our own transmission), in either order, and one of each
+    alone."""
+    later = T0 + timedelta(minutes=4)
+    return [
+        TookCharge("opec-0@pec.a", ("Bob@pec.b", "carol@pec.b"), T0 + timedelta(minutes=1)),
+        Settle("opec-0@pec.a", "bob@pec.b", T0 + timedelta(minutes=2), "avvenuta-consegna"),
+        Settle("opec-0@pec.a", "dan@pec.b", T0 + timedelta(minutes=3), "avvenuta-consegna"),
+        TookCharge("opec-0@pec.a", ("dan@pec.b",), T0 + timedelta(minutes=3)),
+        Settle("opec-0@pec.a", "erin@pec.b", later, "avvenuta-consegna"),
+        TookCharge("opec-0@pec.a", ("erin@pec.b",), later),
+        TookCharge("opec-0@pec.a", ("fay@pec.b",), later),
+        Settle("opec-0@pec.a", "fay@pec.b", later, "scaduto"),
+    ]
+
+
+def instant(value: Any) -> datetime | None:
+    """A timestamp column as read raw: SQLite gives SQLAlchemy's naive UTC text."""
+    if isinstance(value, str):
+        return datetime.fromisoformat(value).replace(tzinfo=UTC)
+    assert value is None or isinstance(value, datetime)
+    return value
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["in-order", "reversed"])
+def test_presa_and_outcome_of_one_recipient_in_one_batch(db: Backend, reverse: bool) -> None:
+    """Both the presa in carico and the outcome are written, as apply() writes them: on
+    PostgreSQL two updates of one row in one statement would keep only one of them. Some rows
+    are already marked: erin's presa and fay's outcome stay as they were."""
+    before = [
+        Expect("opec-0@pec.a", ("erin@pec.b", "fay@pec.b"), "x@pec.a", TX, T0),
+        TookCharge("opec-0@pec.a", ("erin@pec.b",), T0),
+        Settle("opec-0@pec.a", "fay@pec.b", T0, "avvenuta-consegna"),
+    ]
+    effects = charge_and_settle()
+    if reverse:
+        effects.reverse()
+
+    async def main(d: Database) -> None:
+        assert one_statement(effects, LEASE, None, frozenset()) is not None
+
+        def slow(s: Any) -> None:
+            apply(s, effects, LEASE)
+            assert jobs.complete_many_sync(s, done, worker=WORKER) == len(done)
+
+        done = await setup(d)
+        await d.write(lambda s: apply(s, before, LEASE))
+        await d.write(slow)
+        expected = await snapshot(d)
+        marked = {r[1]: (*map(instant, r[5:8]), r[8]) for r in expected["expectations"]}
+        # (presa_at, delivered_at, closed_at, outcome) as apply() leaves them
+        ok = "avvenuta-consegna"
+        assert marked["bob@pec.b"] == (
+            T0 + timedelta(minutes=1),
+            *[T0 + timedelta(minutes=2)] * 2,
+            ok,
+        )
+        assert marked["dan@pec.b"] == (T0 + timedelta(minutes=3),) * 3 + (ok,)
+        assert marked["erin@pec.b"] == (T0, *[T0 + timedelta(minutes=4)] * 2, ok)
+        assert marked["fay@pec.b"] == (T0 + timedelta(minutes=4), T0, T0, ok)
+        await empty(d)
+        done = await setup(d)
+        await d.write(lambda s: apply(s, before, LEASE))
+        await fast(d, effects, done)
+        assert await snapshot(d) == expected
+
+    db.run(main)
+
+
 def test_a_lost_lease_commits_nothing(db: Backend) -> None:
     async def main(d: Database) -> None:
         done = await setup(d)

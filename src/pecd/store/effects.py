@@ -380,6 +380,9 @@ def one_statement(
             touched.add(pair)
         else:
             return None
+    # A presa in carico and an outcome of one recipient in the same batch (every local
+    # delivery of our own transmission) are fine: the fast paths write both (pgfast merges them
+    # into one update of the row, SQLite runs the two statements in turn).
     if made & touched or len({(m, r) for m, r, _ in plan.presa}) != len(plan.presa):
         return None
     return plan

@@ -81,8 +81,9 @@ WHERE key = ANY($1::text[]) AND state = 'running' AND locked_by = $2
 RETURNING id
 """
 
-# $1-$10: jobs (as INSERT_JOBS); $11-$15: expectations; $16-$18: presa in carico;
-# $19-$22: settled; $23-$36: trace events; $37: the stage's job ids; $38: the worker.
+# $1-$10: jobs (as INSERT_JOBS); $11-$15: expectations; $16-$20: timer rows marked (presa in
+# carico and/or outcome, one row per expectation: see _marks); $21-$34: trace events;
+# $35: the stage's job ids; $36: the worker.
 COMMIT = f"""
 WITH j AS ({INSERT_JOBS}),
 e AS (
@@ -92,26 +93,27 @@ e AS (
          AS u(m, r, s, tx, at)
     ON CONFLICT (pec_msgid, recipient) DO NOTHING
     RETURNING 1),
-p AS (
-    UPDATE expectations AS x SET presa_at = u.at
-    FROM unnest($16::text[], $17::text[], $18::timestamptz[]) AS u(m, r, at)
-    WHERE x.pec_msgid = u.m AND x.recipient = u.r AND x.presa_at IS NULL
-    RETURNING 1),
-s AS (
+marked AS (
     UPDATE expectations AS x
-    SET closed_at = u.at, outcome = u.o,
-        delivered_at = CASE WHEN u.o = 'scaduto' THEN x.delivered_at ELSE u.at END
-    FROM unnest($19::text[], $20::text[], $21::timestamptz[], $22::text[]) AS u(m, r, at, o)
-    WHERE x.pec_msgid = u.m AND x.recipient = u.r AND x.closed_at IS NULL
+    SET presa_at = COALESCE(x.presa_at, u.p),
+        closed_at = CASE WHEN u.o IS NULL OR x.closed_at IS NOT NULL THEN x.closed_at
+                         ELSE u.at END,
+        outcome = CASE WHEN u.o IS NULL OR x.closed_at IS NOT NULL THEN x.outcome ELSE u.o END,
+        delivered_at = CASE WHEN u.o IS NULL OR x.closed_at IS NOT NULL OR u.o = 'scaduto'
+                            THEN x.delivered_at ELSE u.at END
+    FROM unnest($16::text[], $17::text[], $18::timestamptz[], $19::timestamptz[], $20::text[])
+         AS u(m, r, p, at, o)
+    WHERE x.pec_msgid = u.m AND x.recipient = u.r
+      AND ((u.p IS NOT NULL AND x.presa_at IS NULL) OR (u.o IS NOT NULL AND x.closed_at IS NULL))
     RETURNING 1),
 t AS (
     INSERT INTO trace_events (at, event, pec_msgid, client_msgid, sender, recipients, subject,
                               provider, generated_ids, error, daticert, data, node)
     SELECT u.at, u.event, u.pec_msgid, u.client_msgid, u.sender, u.recipients::json, u.subject,
            u.provider, u.generated_ids::json, u.error, u.daticert::json, u.data::json, u.node
-    FROM unnest($23::timestamptz[], $24::text[], $25::text[], $26::text[], $27::text[],
-                $28::text[], $29::text[], $30::text[], $31::text[], $32::text[], $33::text[],
-                $34::text[], $35::text[], $36::text[])
+    FROM unnest($21::timestamptz[], $22::text[], $23::text[], $24::text[], $25::text[],
+                $26::text[], $27::text[], $28::text[], $29::text[], $30::text[], $31::text[],
+                $32::text[], $33::text[], $34::text[])
          WITH ORDINALITY AS u(at, event, pec_msgid, client_msgid, sender, recipients, subject,
                               provider, generated_ids, error, daticert, data, node, req, n)
     WHERE u.req IS NULL OR u.req IN (SELECT key FROM j)
@@ -120,10 +122,10 @@ t AS (
 c AS (
     UPDATE jobs SET state = 'done', data = NULL, locked_by = NULL, locked_until = NULL,
                     leased_by = NULL
-    WHERE id = ANY($37::bigint[]) AND state = 'running' AND locked_by = $38
+    WHERE id = ANY($35::bigint[]) AND state = 'running' AND locked_by = $36
     RETURNING id)
 SELECT array(SELECT key FROM j) AS created,
-       CASE WHEN (SELECT count(*) FROM c) = cardinality($37::bigint[]) THEN 0
+       CASE WHEN (SELECT count(*) FROM c) = cardinality($35::bigint[]) THEN 0
             ELSE CAST('{_LEASES_LOST} ' || (SELECT count(*) FROM c) AS int) END AS lease_check
 """
 
@@ -241,8 +243,7 @@ class PgFast:
         on (None: none)."""
         args: list[Any] = job_columns(jobs) if jobs else [[]] * 10
         args += _columns(expect, 5, json_at=(3,))
-        args += _columns(presa, 3)
-        args += _columns(settle, 4)
+        args += _marks(presa, settle)
         ev: list[list[Any]] = [[] for _ in range(14)]
         for row, req in events:
             ev[0].append(row["at"])
@@ -263,6 +264,30 @@ class PgFast:
         args += [list(done), worker]
         found = await self.fetchrow(COMMIT, *args)
         return set(found["created"])
+
+
+def _marks(
+    presa: Sequence[tuple[str, str, datetime]], settle: Sequence[tuple[str, str, datetime, str]]
+) -> list[Any]:
+    """The presa in carico and the outcomes as one row per expectation (message, recipient,
+    presa's instant or None, outcome's instant or None, outcome or None): PostgreSQL applies
+    only one of two updates of the same row in one statement, and a stage's commit often has
+    both for one recipient (a local delivery of our own transmission takes charge and
+    settles). Each has its own condition, as :func:`pecd.store.effects.apply`'s two
+    statements: the presa only if none was recorded, the outcome only while not closed; they
+    write different columns, so their order does not matter. ``presa`` and ``settle`` each
+    name an expectation at most once (:func:`pecd.store.effects.one_statement`)."""
+    rows: dict[tuple[str, str], list[Any]] = {}
+    for m, r, at in presa:
+        rows[m, r] = [m, r, at, None, None]
+    for m, r, at, o in settle:
+        row = rows.setdefault((m, r), [m, r, None, None, None])
+        row[3], row[4] = at, o
+    cols: list[list[Any]] = [[] for _ in range(5)]
+    for row in rows.values():
+        for i, v in enumerate(row):
+            cols[i].append(v)
+    return list(cols)
 
 
 def _columns(
