@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from pecd.engine.effects import Effect, Enqueue, Record, StoreLocal
@@ -151,10 +152,12 @@ class Context:
 
 
 @functools.lru_cache(maxsize=8)
-def _sha1_of(der: bytes) -> str:
-    return hashlib.sha1(der).hexdigest()
+def _sha1_of(certificate: x509.Certificate) -> str:
+    # Keyed by the certificate object (hashable, by its contents): its DER is not encoded
+    # again for every event that records it.
+    return hashlib.sha1(certificate.public_bytes(serialization.Encoding.DER)).hexdigest()
 
 
 def signer_sha1(provider: ProviderIdentity) -> str:
     """The SHA-1 of the certificate that signs what ``provider`` generates."""
-    return _sha1_of(provider.signer.certificate.public_bytes(serialization.Encoding.DER))
+    return _sha1_of(provider.signer.certificate)
