@@ -16,12 +16,19 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select, text
 
-from helpers import DOMAIN, AppThread, install_e2e, message, wait_for
+from helpers import DOMAIN, AppThread, install, install_e2e, message, wait_for
+from pecd.clock import SystemClock
+from pecd.engine.effects import StoreLocal
 from pecd.engine.vocab import IntakePayload, JobKind
-from pecd.mailbox.maildir import MaildirStore
+from pecd.mailbox.maildir import Delivered, MaildirStore, Parcel
 from pecd.pec.classify import classify
+from pecd.runtime.formats import FormatWorkers
+from pecd.runtime.identity import provider_identity
+from pecd.runtime.stages import StageRunner, make_context
 from pecd.store import jobs
+from pecd.store.accounts import Accounts
 from pecd.store.db import Database, migrate
+from pecd.store.effects import Lease, apply
 from pecd.store.models import Job, Node
 from pecd.store.nodes import start_heartbeat
 from store_fixtures import PG_ENV, fresh_postgres_database
@@ -31,6 +38,7 @@ pytestmark = pytest.mark.skipif(not os.environ.get(PG_ENV), reason=f"{PG_ENV} no
 LEASE = timedelta(seconds=120)
 BEAT = 0.2  # seconds
 TIMEOUT = 1.0  # seconds: a node silent this long is dead
+ALICE = f"alice@{DOMAIN}"
 
 
 @pytest.fixture(scope="module", name="url")
@@ -175,6 +183,90 @@ def test_live_leases_are_kept_and_a_silent_node_loses_them(url: str) -> None:
                 assert await _complete(a, ids, "a:1:w0") == 0
                 assert await _complete(b, ids, "b:2:w0") == 3
                 assert [j.state for j in await _jobs(a)] == ["done"] * 3
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(main())
+
+
+def test_a_stalled_node_resuming_does_not_store_a_receipt_twice(url: str, tmp_path: Path) -> None:
+    """A commits a receipt as a store job leased to its worker for two minutes, then stalls
+    before storing it: B takes the job once A's heartbeat is a node timeout old and stores it;
+    an IMAP server moves it to cur/. A resumes with most of its lease left and stores its
+    outbox: it must look for the copy already there (not deliver fresh), so the mailbox holds
+    one copy."""
+
+    async def main() -> None:
+        queue = f"\n[queue]\nlease_seconds = 120\nheartbeat_seconds = {BEAT}\n"
+        cfg = await install(
+            tmp_path / "inst", url, extra_config=f"{queue}node_timeout_seconds = {TIMEOUT}\n"
+        )
+        a = await Database.open(url)
+        b = await Database.open(url)
+        try:
+            await _clean(a)
+            provider = provider_identity(cfg)
+            store = MaildirStore(cfg.maildir_root)
+            async with contextlib.AsyncExitStack() as stack:
+                hb_a = await start_heartbeat(a, stack, every=BEAT, timeout=TIMEOUT)
+                hb_b = await start_heartbeat(b, stack, every=BEAT, timeout=TIMEOUT)
+                assert hb_a is not None and hb_b is not None
+                formats = FormatWorkers(cfg, provider, processes=0, maildir=store)
+                await formats.start(stack)
+                runner = StageRunner(
+                    cfg=cfg,
+                    clock=SystemClock(),
+                    ctx=make_context(cfg, provider, None),
+                    db=a,
+                    accounts=Accounts(a),
+                    formats=formats,
+                )
+                # A's worker commits, as WorkerPool does: the outbox first, then the commit.
+                outbox = runner.outbox("a:1:w0")
+                assert outbox.node == hb_a.node and outbox.beat is not None
+                receipt = StoreLocal(
+                    "ricevuta:r1:alice",
+                    ALICE,
+                    b"Subject: ricevuta\r\n\r\nr1\r\n",
+                    None,
+                    datetime.now(UTC),
+                    unique=True,
+                )
+                lease = Lease(outbox.worker, outbox.lease_until)
+                applied = await a.write(lambda s: apply(s, [receipt], lease))
+                outbox.items += applied.stored
+                assert outbox.items == [receipt]
+                # A stalls: no heartbeat; B takes the job within the node timeout.
+                hb_a.task.cancel()
+                silent = time.monotonic()
+                taken: list[Job] = []
+                while not taken and time.monotonic() - silent < 5 * TIMEOUT:
+                    await asyncio.sleep(0.05)
+                    taken = await jobs.claim_batch(
+                        b,
+                        kinds=[JobKind.STORE],
+                        worker="b:2:w0",
+                        now=datetime.now(UTC),
+                        lease=LEASE,
+                        limit=10,
+                    )
+                assert [j.key for j in taken] == [receipt.key]
+                # B stores it (a claimed job: not fresh), completes it; Dovecot moves it.
+                [stored] = store.deliver_many([Parcel(ALICE, receipt.key, receipt.data)])
+                assert isinstance(stored, Delivered)
+                assert (
+                    await b.write(lambda s: jobs.complete_leased(s, [receipt.key], "b:2:w0")) == 1
+                )
+                folder = store.folder_path(ALICE)
+                for name in os.listdir(folder / "new"):
+                    os.rename(folder / "new" / name, folder / "cur" / f"{name}:2,S")
+                # A resumes, its lease far from over, and stores its outbox.
+                assert (outbox.lease_until - datetime.now(UTC)).total_seconds() > 60
+                await runner.flush(outbox)
+                copies = store.list_folder(ALICE)
+                assert len(copies) == 1, copies
+                assert [j.state for j in await _jobs(a)] == ["done"]
         finally:
             await a.close()
             await b.close()

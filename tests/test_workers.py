@@ -12,11 +12,12 @@ from helpers import install
 from pecd.clock import Clock, SystemClock
 from pecd.config import Config
 from pecd.engine.effects import Effect
-from pecd.runtime.stages import Outbox
+from pecd.runtime.stages import Outbox, may_be_fresh
 from pecd.runtime.workers import WorkerPool
 from pecd.store import jobs
 from pecd.store.db import Database
 from pecd.store.models import Job
+from pecd.store.nodes import NodeLease
 
 
 @dataclass
@@ -81,3 +82,36 @@ def test_a_long_stage_keeps_its_lease(tmp_path: Path) -> None:
 
     assert asyncio.run(scenario()) == jobs.DONE
     assert len(runs) == 1, runs
+
+
+def test_an_outbox_is_delivered_fresh_only_while_nobody_else_can_have_its_jobs() -> None:
+    """Fresh (no search for an earlier copy) only with more than half the lease left and, on a
+    node with a heartbeat, a heartbeat written before the commit less than half a node timeout
+    ago: after a longer silence another node may have taken and stored the jobs."""
+    now = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
+    node = NodeLease("n1", timedelta(seconds=15))
+
+    def fresh(
+        *,
+        left: float = 100,
+        made: NodeLease | None = node,
+        beat: float | None = 1000.0,
+        at: float = 1001.0,
+        current: NodeLease | None = node,
+    ) -> bool:
+        outbox = Outbox("w", now + timedelta(seconds=left), node=made, beat=beat)
+        return may_be_fresh(outbox, now=now, lease_seconds=120, node=current, beat_clock=at)
+
+    assert fresh()
+    assert fresh(at=1007.4)  # the beat 7.4 s old: under half the node timeout
+    assert not fresh(at=1007.5)  # a stall: the node's jobs may be free soon, or were
+    assert not fresh(at=1060.0)
+    assert not fresh(left=60)  # half the lease used: another worker may have begun
+    assert not fresh(beat=None)  # no heartbeat written yet
+    # The node changed since the outbox was made (a heartbeat started or stopped).
+    assert not fresh(made=None, beat=None)
+    assert not fresh(current=None)
+    assert not fresh(current=NodeLease("n2", timedelta(seconds=15)))
+    # No heartbeat at all (SQLite, one node): only the lease's end frees the jobs.
+    assert fresh(made=None, beat=None, current=None, at=1e9)
+    assert not fresh(made=None, beat=None, current=None, left=10)

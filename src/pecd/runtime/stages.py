@@ -55,7 +55,7 @@ from pecd.runtime import diskspace, metrics
 from pecd.runtime.formats import FormatWorkers
 from pecd.runtime.logutil import RateLimitedLog
 from pecd.runtime.relay import RelayClient
-from pecd.store import jobs, sqlitefast
+from pecd.store import jobs, nodes, sqlitefast
 from pecd.store.accounts import Accounts
 from pecd.store.db import Database
 from pecd.store.models import Job, TraceEvent
@@ -101,6 +101,41 @@ class Outbox:
     items: list[StoreLocal] = field(default_factory=list)
     relayed: bool = False  # the commit queued work for the relay: wake its workers
     webhooks: bool = False  # the commit queued webhook events: wake their workers
+    # This process's node on the database when the outbox was made (before the commit), and
+    # when its last heartbeat written by then began (nodes.last_beat): see may_be_fresh.
+    node: nodes.NodeLease | None = None
+    beat: float | None = None
+
+
+def may_be_fresh(
+    outbox: Outbox,
+    *,
+    now: datetime,
+    lease_seconds: float,
+    node: nodes.NodeLease | None,
+    beat_clock: float,
+) -> bool:
+    """Whether the outbox's store jobs, created leased to its worker by the commit, can have
+    been nobody else's until now (``now``: the clock's time; ``node``: this process's node
+    now; ``beat_clock``: :func:`pecd.store.nodes.beat_clock` now), with time to spare for the
+    deliveries: then no earlier copy of them can be in a folder.
+
+    Another worker may claim them once their lease ends, so half of it must be left; and, on
+    PostgreSQL, another node may claim them once this node has not beaten for its node timeout
+    (a stall of the process or its connection), however long the lease: so this node's last
+    heartbeat written before the commit must be less than half a node timeout old. A node that
+    stopped and started beating since (or the other way round) gives no such guarantee. Without
+    a heartbeat (SQLite, one node; a process that runs no node) only the lease's end frees
+    them."""
+    if (outbox.lease_until - now).total_seconds() <= lease_seconds / 2:
+        return False
+    if node != outbox.node:
+        return False
+    if node is None:
+        return True
+    if outbox.beat is None:
+        return False
+    return beat_clock - outbox.beat < node.timeout.total_seconds() / 2
 
 
 @dataclass
@@ -122,8 +157,16 @@ class StageRunner:
     _lookups: dict[str, asyncio.Future[MailboxState | None]] = field(default_factory=dict)
 
     def outbox(self, worker: str) -> Outbox:
+        """An outbox for the commit about to be made by ``worker`` (made before it: see
+        :func:`may_be_fresh`)."""
         lease = timedelta(seconds=self.cfg.queue.lease_seconds)
-        return Outbox(worker=worker, lease_until=self.clock.now() + lease)
+        node = nodes.current(self.db)
+        return Outbox(
+            worker=worker,
+            lease_until=self.clock.now() + lease,
+            node=node,
+            beat=None if node is None else nodes.last_beat(node),
+        )
 
     # --- one job -------------------------------------------------------------------------------
 
@@ -280,15 +323,21 @@ class StageRunner:
             return
         try:
             # Each store job was created by the transaction just committed and is still leased to
-            # us, so nobody delivered it yet; if its key is also unique for good (no later job can
+            # us, so nobody delivered it yet, unless the lease or this node's heartbeat may have
+            # lapsed since (may_be_fresh); if its key is also unique for good (no later job can
             # carry it again), there is no earlier copy to search the folder for (fresh): the
             # service mailbox, which gets every presa in carico and is never read, is not read on
-            # each delivery. Not when the lease is near its end: another worker may have begun.
-            lease_left = (outbox.lease_until - self.clock.now()).total_seconds()
-            may_be_fresh = lease_left > self.cfg.queue.lease_seconds / 2
+            # each delivery.
+            fresh_ok = may_be_fresh(
+                outbox,
+                now=self.clock.now(),
+                lease_seconds=self.cfg.queue.lease_seconds,
+                node=nodes.current(self.db),
+                beat_clock=nodes.beat_clock(),
+            )
             groups: dict[bool, list[StoreLocal]] = {}
             for item in outbox.items:
-                groups.setdefault(may_be_fresh and item.unique, []).append(item)
+                groups.setdefault(fresh_ok and item.unique, []).append(item)
             keys = []
             for fresh, items in groups.items():
                 outcomes = await self.formats.deliver_many(

@@ -16,16 +16,23 @@ the others.
 
 SQLite has one node only: there the running jobs are released at start instead
 (:func:`pecd.store.jobs.release_all_running`) and no heartbeat runs.
+
+A node can tell how long its jobs are safe from the others: :func:`last_beat` is when its last
+heartbeat that was written began (this process's :func:`beat_clock`, which keeps counting while
+the process is stopped or the machine suspended). Until ``node_timeout`` after it, no other node
+counts the node's running jobs as free.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import secrets
 import socket
+import time
 import weakref
 from dataclasses import dataclass
 from datetime import timedelta
@@ -65,6 +72,25 @@ class Heartbeat:
 
 # One entry per open database (keyed by its sync Engine, which a sync Session's bind leads to).
 _REGISTERED: weakref.WeakKeyDictionary[Engine, NodeLease] = weakref.WeakKeyDictionary()
+
+
+# The start of the last heartbeat written, by node id (beat_clock()).
+_BEATS: dict[str, float] = {}
+
+#: Seconds that keep counting while the process is stopped or the machine sleeps (Linux's
+#: CLOCK_BOOTTIME; elsewhere the monotonic clock).
+beat_clock = (
+    functools.partial(time.clock_gettime, time.CLOCK_BOOTTIME)
+    if hasattr(time, "CLOCK_BOOTTIME")
+    else time.monotonic
+)
+
+
+def last_beat(node: NodeLease) -> float | None:
+    """When (:func:`beat_clock`) the last heartbeat of ``node`` that was written began, or None
+    if none was written by this process. The row's ``heartbeat_at`` is no earlier than that:
+    other nodes count the node's jobs as free no sooner than ``node.timeout`` after it."""
+    return _BEATS.get(node.id)
 
 
 def new_node_id() -> str:
@@ -153,6 +179,7 @@ async def start_heartbeat(
             await task
         if _REGISTERED.get(engine) == node:
             del _REGISTERED[engine]
+        _BEATS.pop(node.id, None)
         try:
             await db.write(lambda s: forget_sync(s, node.id))
         except Exception:
@@ -166,9 +193,11 @@ async def start_heartbeat(
 
 
 async def _beat_once(engine: AsyncEngine, node_id: str) -> None:
+    began = beat_clock()  # before the database's now() that the row gets
     async with engine.begin() as conn:
         for stmt in _beat_statements(node_id):
             await conn.execute(stmt)
+    _BEATS[node_id] = began
 
 
 async def _beat(engine: AsyncEngine, node_id: str, every: float) -> None:
