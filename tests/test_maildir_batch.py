@@ -202,6 +202,49 @@ def test_the_same_key_twice_in_a_batch_makes_one_file(
     assert len(all_messages(store)) == 2
 
 
+@pytest.mark.parametrize(
+    "fresh", [(True, True), (True, False), (False, True), (False, False)], ids=str
+)
+def test_a_key_twice_in_a_batch_is_one_file_even_fresh_and_of_other_sizes(
+    store: MaildirStore, syncfs: Callable[..., FakeSyncfs], fresh: tuple[bool, bool]
+) -> None:
+    """Fresh skips the search for an earlier copy; within one batch the key's first parcel is
+    still seen, whatever the sizes (the file name holds the size, so a link would not clash)
+    and whichever parcels are fresh: one file, the later parcel gets the first one's file."""
+    syncfs()
+    batch = [
+        Parcel(ALICE, "twice", msg(1), fresh=fresh[0]),
+        Parcel(ALICE, "twice", msg(1) + b"a longer second copy\r\n", fresh=fresh[1]),
+    ]
+    results = store.deliver_many(batch)
+    assert [isinstance(r, Delivered) and r.created for r in results] == [True, False]
+    first, second = results
+    assert isinstance(first, Delivered) and isinstance(second, Delivered)
+    assert first.path == second.path and first.path.read_bytes() == msg(1)
+    assert len(store.list_folder(ALICE)) == 1
+    # The same with fresh for the whole batch.
+    results = store.deliver_many([Parcel(BOB, "k", msg(2)), Parcel(BOB, "k", msg(22))], fresh=True)
+    assert all(isinstance(r, Delivered) for r in results)
+    assert len(store.list_folder(BOB)) == 1
+
+
+def test_a_key_twice_in_a_batch_shares_the_first_ones_refusal(
+    store: MaildirStore, syncfs: Callable[..., FakeSyncfs]
+) -> None:
+    """The first parcel of a key refused (over quota): a later, smaller one of the same key in
+    the same batch is refused as well, not stored in its place."""
+    syncfs()
+    small = msg(1)
+    big = small + b"x" * 100
+    batch = [
+        Parcel(ALICE, "q", big, quota_bytes=len(small) + 10, fresh=True),
+        Parcel(ALICE, "q", small, quota_bytes=len(small) + 10, fresh=True),
+    ]
+    results = store.deliver_many(batch)
+    assert [type(r) for r in results] == [MailboxFull, MailboxFull]
+    assert store.list_folder(ALICE) == []
+
+
 def test_a_new_mailbox_is_made_inside_the_batch(
     tmp_path: Path, syncfs: Callable[..., FakeSyncfs]
 ) -> None:

@@ -105,7 +105,9 @@ class Delivered:
 class Parcel:
     """One message for one folder of one mailbox (see :meth:`MaildirStore.deliver_many`):
     idempotent by ``key``; ``quota_bytes`` None never refuses it for quota; ``fresh``: its key
-    was never delivered (see :meth:`MaildirStore.deliver`)."""
+    was never delivered before, by anyone (see :meth:`MaildirStore.deliver`): only for a key
+    that no earlier call, no retry and no other worker or node can have delivered. A wrong
+    ``fresh`` makes a second copy once the first was moved to ``cur/`` or differs in size."""
 
     address: str
     key: str
@@ -405,8 +407,10 @@ class MaildirStore:
         """Store one message atomically and idempotently (see the module docstring).
 
         Raises MailboxFull (and stores nothing) when ``quota_bytes`` is set and the mailbox
-        usage plus this message would exceed it. ``fresh``: ``key`` has never been
-        delivered anywhere (skip the search for an earlier copy; ``new/`` is still checked).
+        usage plus this message would exceed it. ``fresh``: ``key`` has never been delivered
+        anywhere, by anyone, including an earlier try of this very delivery: the search for an
+        earlier copy is skipped, and only a file of the same name in ``new/`` is seen (not one
+        moved to ``cur/``, not one of another size), so a wrong ``fresh`` makes a second copy.
         """
         [result] = self.deliver_many([Parcel(address, key, data, folder, quota_bytes)], fresh=fresh)
         if isinstance(result, Exception):
@@ -420,7 +424,13 @@ class MaildirStore:
         docstring; ``fresh`` for every parcel, else the parcel's own): per parcel, in order,
         its Delivered, or the exception that stopped it
         (MailboxFull, an OSError...). One parcel failing does not stop the others; a flush that
-        fails fails them all (what was linked stays, for a retry to find and flush again)."""
+        fails fails them all (what was linked stays, for a retry to find and flush again).
+
+        ``fresh`` (here or a parcel's) promises that the key was never delivered before this
+        call: not by an earlier call, not by a try that failed (its file may be linked, and
+        moved to ``cur/`` since), not by another worker. A key that comes twice in one batch,
+        fresh or not, is stored once: the later parcels get the first one's outcome (its file,
+        created False; or its failure)."""
         if not parcels:
             return []
         results: list[Delivered | Exception | None] = [None] * len(parcels)
@@ -526,16 +536,30 @@ class MaildirStore:
                             stems.setdefault(st.path, set()).add(st.name.split(",", 1)[0])
                     found: dict[Path, dict[str, Path]] = {}
                     used: dict[str, int] = {}
+                    # A key's first parcel in this batch, by folder and name, and its outcome:
+                    # a later one of the same key gets the same (even when fresh, which would
+                    # not search the folder: otherwise two files if the sizes differ).
+                    first: dict[tuple[Path, str], Delivered | Exception] = {}
                     for st in group:
                         parcel = parcels[st.index]
+                        same = (st.path, st.name.split(",", 1)[0])
+                        earlier = first.get(same)
+                        if isinstance(earlier, Delivered):
+                            flush.directory(earlier.path.parent, st.covered)
+                            results[st.index] = Delivered(earlier.path, created=False)
+                            continue
+                        if earlier is not None:
+                            results[st.index] = earlier
+                            continue
                         try:
-                            results[st.index] = self._link(
+                            outcome: Delivered | Exception = self._link(
                                 st, parcel, stems, found, used, fresh, flush
                             )
                         except Exception as exc:
                             if isinstance(exc, FileNotFoundError):
                                 self._ready.pop((st.address, parcel.folder), None)
-                            results[st.index] = exc
+                            outcome = exc
+                        results[st.index] = first[same] = outcome
             except OSError as exc:  # the lock itself
                 for st in group:
                     if results[st.index] is None:
