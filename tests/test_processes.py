@@ -204,7 +204,8 @@ def test_two_engine_processes(tmp_path: Path, url: str) -> None:
             20,
             "16 accepted in the metrics",
         )
-        seals = _rows(url, "SELECT DISTINCT node FROM trace_seals")
+        # The leader seals every seal_seconds: wait for its first seal after the traffic.
+        seals = wait_for(lambda: _rows(url, "SELECT DISTINCT node FROM trace_seals"), 30, "a seal")
         assert seals and {str(r[0]).rsplit(":", 1)[1] for r in seals} == {str(leader)}
 
         # Phase 2: SIGKILL the leading engine process while clients submit.

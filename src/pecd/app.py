@@ -58,6 +58,14 @@ class EngineRole:
     index: int
     sockets: Mapping[str, socket.socket]
     worker_prefix: str
+    # Its share of the machine's format processes, when the config does not set their number.
+    format_processes: int | None = None
+
+
+def engine_format_processes(total: int, engines: int) -> int:
+    """Format processes per engine process when ``[queue] format_processes`` is not set: its
+    default (``total``, one per CPU plus one) shared among ``engines``, at least one each."""
+    return max(1, -(-total // engines))
 
 
 def observe_events(cfg: Config, db: Database, stack: contextlib.AsyncExitStack) -> None:
@@ -149,6 +157,12 @@ class App:
         cfg = self.cfg
         node = new_node_id()[:12]
         extra: dict[str, object] = {}
+        if "format_processes" not in cfg.queue.model_fields_set:
+            # The default (one per CPU, plus one) is for the machine: shared among the engines,
+            # not had by each (four engines on two cores ran twelve format processes).
+            extra["format_processes"] = engine_format_processes(
+                cfg.queue.format_processes, processes
+            )
         on_gone = None
         if cfg.metrics.listen is not None:
             # Each engine process counts in files of its own, summed when scraped (metrics.py).
@@ -223,9 +237,10 @@ class App:
         await start_tmp_cleanup(maildir, self.stack)  # what killed writers left in tmp/
         accounts = Accounts(db, max_hash_checks=cfg.security.max_hash_checks)
         provider = provider_identity(cfg)
-        formats = FormatWorkers(
-            cfg, provider, processes=cfg.queue.format_processes, maildir=maildir
-        )
+        format_processes = cfg.queue.format_processes
+        if self.role is not None and self.role.format_processes is not None:
+            format_processes = self.role.format_processes
+        formats = FormatWorkers(cfg, provider, processes=format_processes, maildir=maildir)
         await formats.start(self.stack)
         self.runner = runner = StageRunner(
             cfg=cfg,

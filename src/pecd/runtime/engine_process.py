@@ -68,7 +68,13 @@ async def _main(ctrl_fd: int) -> int:
     socks = {name: socket.socket(fileno=fd) for name, fd in data["listeners"].items()}
     for sock in socks.values():
         sock.setblocking(False)
-    role = EngineRole(index=index, sockets=socks, worker_prefix=str(data["worker_prefix"]))
+    formats = data.get("format_processes")
+    role = EngineRole(
+        index=index,
+        sockets=socks,
+        worker_prefix=str(data["worker_prefix"]),
+        format_processes=int(formats) if formats is not None else None,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
