@@ -6,7 +6,11 @@ what must run once: the 12 h / 24 h timers, the sealer and the purge.
   a leader that is killed, or whose connection drops, loses it at once (the server ends the
   session and frees the lock), and another process takes it at its next try. While leading, the
   connection is checked every try (``SELECT 1``): a failed check means the session may be gone,
-  so this process stops leading before anybody else can start. The connection carries the
+  and this process stops leading. Until that check (``heartbeat_seconds``) an old leader whose
+  session the server already ended may still run beside the new one: the duties tolerate it
+  (a seal is made under an advisory lock of its own, a timer notice is sent only by whoever
+  claimed it). The server ends the session of a leader whose host died within a minute (TCP
+  keepalives and user timeout set on that connection). The connection carries the
   ``application_name`` ``pecd-leader <host>:<pid>``, so ``pg_stat_activity`` names the leader.
 * SQLite: an exclusive ``flock`` on a file beside the database (``pecd.db.leader``), held on an
   open descriptor while this process leads; the kernel releases it when the process dies. The file
@@ -78,7 +82,16 @@ class PostgresLeaderLock(LeaderLock):
                 max_overflow=0,
                 isolation_level="AUTOCOMMIT",
                 connect_args={
-                    "server_settings": {"application_name": f"pecd-leader {holder_name()}"[:63]},
+                    "server_settings": {
+                        "application_name": f"pecd-leader {holder_name()}"[:63],
+                        # The server must notice a leader whose host died or was cut off and end
+                        # its session (freeing the lock) within a minute, not after the
+                        # system's keepalive default (two hours).
+                        "tcp_keepalives_idle": "10",
+                        "tcp_keepalives_interval": "5",
+                        "tcp_keepalives_count": "3",
+                        "tcp_user_timeout": "30000",
+                    },
                     "timeout": self.timeout,
                 },
             )
