@@ -7,14 +7,19 @@ import contextlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
-from helpers import install
+from helpers import DOMAIN, install
 from pecd.clock import Clock, SystemClock
 from pecd.config import Config
-from pecd.engine.effects import Effect
-from pecd.runtime.stages import Outbox, may_be_fresh
+from pecd.engine.effects import Effect, StoreLocal
+from pecd.mailbox.maildir import MaildirStore
+from pecd.runtime.formats import FormatWorkers
+from pecd.runtime.identity import provider_identity
+from pecd.runtime.stages import Outbox, StageRunner, make_context, may_be_fresh
 from pecd.runtime.workers import WorkerPool
 from pecd.store import jobs
+from pecd.store.accounts import Accounts
 from pecd.store.db import Database
 from pecd.store.models import Job
 from pecd.store.nodes import NodeLease
@@ -115,3 +120,50 @@ def test_an_outbox_is_delivered_fresh_only_while_nobody_else_can_have_its_jobs()
     # No heartbeat at all (SQLite, one node): only the lease's end frees the jobs.
     assert fresh(made=None, beat=None, current=None, at=1e9)
     assert not fresh(made=None, beat=None, current=None, left=10)
+
+
+def test_an_outbox_of_fresh_and_other_messages_is_stored_in_one_format_call(
+    tmp_path: Path,
+) -> None:
+    """A store flush's fresh and not fresh deliveries go to the format workers together (one
+    call, one Maildir flush), and both are stored."""
+
+    async def scenario() -> None:
+        cfg = await install(tmp_path / "inst", None)
+        db = await Database.open(cfg.database_url)
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                provider = provider_identity(cfg)
+                formats = FormatWorkers(cfg, provider, processes=1)
+                await formats.start(stack)
+                calls: list[str] = []
+                run = formats._run
+
+                async def counted(fn: Any, *args: Any) -> Any:
+                    calls.append(fn.__name__)
+                    return await run(fn, *args)
+
+                formats._run = counted  # type: ignore[method-assign]
+                runner = StageRunner(
+                    cfg=cfg,
+                    clock=SystemClock(),
+                    ctx=make_context(cfg, provider, None),
+                    db=db,
+                    accounts=Accounts(db),
+                    formats=formats,
+                )
+                outbox = runner.outbox("w")
+                now = datetime.now(UTC)
+                alice, bob = f"alice@{DOMAIN}", f"bob@{DOMAIN}"
+                outbox.items += [
+                    StoreLocal("k:1", alice, b"Subject: 1\r\n\r\none\r\n", None, now, unique=True),
+                    StoreLocal("k:2", bob, b"Subject: 2\r\n\r\ntwo\r\n", None, now),
+                ]
+                await runner.flush(outbox)
+                assert calls == ["_deliver_groups"]
+                store = MaildirStore(cfg.maildir_root)
+                assert [len(store.list_folder(a)) for a in (alice, bob)] == [1, 1]
+        finally:
+            await db.close()
+
+    asyncio.run(scenario())

@@ -338,16 +338,29 @@ class StageRunner:
             groups: dict[bool, list[StoreLocal]] = {}
             for item in outbox.items:
                 groups.setdefault(fresh_ok and item.unique, []).append(item)
-            keys = []
-            for fresh, items in groups.items():
+
+            async def deliver(fresh: bool, items: list[StoreLocal]) -> list[str]:
                 outcomes = await self.formats.deliver_many(
                     [Delivery(i.mailbox, i.key, i.data, None) for i in items], fresh=fresh
                 )
-                keys += [
+                return [
                     i.key
                     for i, o in zip(items, outcomes, strict=True)
                     if o.stored is Stored.DELIVERED
                 ]
+
+            # Both groups at once: the format workers take them in one call. Both are over
+            # before anything is decided (a failure gives back the whole outbox, and nothing of
+            # it may still be under way then).
+            done = await asyncio.gather(
+                *(deliver(fresh, items) for fresh, items in groups.items()),
+                return_exceptions=True,
+            )
+            keys = []
+            for result in done:
+                if isinstance(result, BaseException):
+                    raise result
+                keys += result
             if self.db.pg is not None:  # one round trip
                 await self.db.pg.complete_leased(keys, outbox.worker)
             elif self.db.sqlite_writer:
