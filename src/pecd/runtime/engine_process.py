@@ -42,7 +42,15 @@ async def _commands(reader: asyncio.StreamReader, app: Any, stop: asyncio.Event)
             app.runner.webhook_wake.set()
         elif line == b"reload\n" and app.index is not None:
             asyncio.get_running_loop().create_task(app.index.reload())
-    stop.set()
+    # End of file: `pecd serve` is gone (its stop would have come as SIGTERM, with the socket
+    # still open). Exit at once, as if killed with it, rather than drain: a new `pecd serve` on
+    # SQLite frees every running job at its start, and a relay still running here would then go
+    # out twice. What this process held runs again (every stage is idempotent); its format
+    # processes die with it (PR_SET_PDEATHSIG); its SMTP clients got no 250 for what was cut.
+    log.warning("pecd serve is gone: this engine process exits at once")
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os._exit(1)
 
 
 async def _main(ctrl_fd: int) -> int:
