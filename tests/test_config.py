@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -64,6 +65,19 @@ def test_mistakes_name_the_key(tmp_path: Path, pki_dir: Path, extra: str, messag
     text = str(err.value)
     assert "\n" not in text and text.startswith(str(path)), text
     assert message in text, text
+
+
+def test_hostname_must_be_a_host_name(tmp_path: Path, pki_dir: Path) -> None:
+    """The name in the SMTP greeting, EHLO and Received: a line break would forge reply lines."""
+
+    def with_hostname(value: str) -> str:
+        return re.sub(r"(?m)^hostname = .*$", lambda _: f'hostname = "{value}"', good(), count=1)
+
+    for bad in ("mx\\r\\n250 x", "two words", "-dash.example"):
+        with pytest.raises(ConfigError, match=r"listeners\.hostname: .* is not a host name"):
+            load_config(install(tmp_path, pki_dir, with_hostname(bad)))
+    text = with_hostname("mx1.pec.example.it")
+    assert load_config(install(tmp_path, pki_dir, text)).listeners.hostname == "mx1.pec.example.it"
 
 
 def test_missing_key_file_and_bad_toml(tmp_path: Path, pki_dir: Path) -> None:

@@ -182,19 +182,24 @@ def test_environment_values_in_a_config(tmp_path: Path, monkeypatch: pytest.Monk
         + "[listeners]\n"
         + 'smtps = "${T_HOST}:${T_UNSET:-4650}"\n'
         + 'submission = "${T_EMPTY:-127.0.0.1}:5870"\n'
-        + 'hostname = "$${T_HOST}"\n'
-        + '[metrics]\nlisten = "${T_HOST:-0.0.0.0}:9108"\n',
+        + '[metrics]\nlisten = "${T_HOST:-0.0.0.0}:9108"\n'
+        + '[log]\nmail_log = "/var/log/$${T_HOST}.log"\n',
         "utf-8",
     )
     cfg = load_config(conf)
     assert cfg.listeners.smtps is not None and str(cfg.listeners.smtps) == "127.0.0.2:4650"
     assert str(cfg.listeners.submission) == "127.0.0.1:5870"
-    assert cfg.listeners.hostname == "${T_HOST}"
+    assert cfg.log.mail_log == "/var/log/${T_HOST}.log"
     monkeypatch.setenv("PECD_CONFIG", str(conf))
     assert _healthcheck_module().expand("${T_HOST:-0.0.0.0}:9108") == "127.0.0.2:9108"
     conf.write_text(base + '[listeners]\nsmtps = "${T_UNSET}:465"\n', "utf-8")
     with pytest.raises(ConfigError, match=r"listeners\.smtps: environment variable T_UNSET"):
         load_config(conf)
+    # Forms that are not expanded are errors, not literals that surface later.
+    for value in ("${T_HOST-x}:465", "${T_UNSET:-${T_HOST}}:465", "${T_HOST:465"):
+        conf.write_text(base + f'[listeners]\nsmtps = "{value}"\n', "utf-8")
+        with pytest.raises(ConfigError, match=r"listeners\.smtps: .*\$\{"):
+            load_config(conf)
 
 
 def test_deploy_config_loads_with_pecds_loader(

@@ -115,6 +115,12 @@ class StorageConfig(_Section):
     maildir_root: Path | None = None
 
 
+_HOSTNAME = re.compile(
+    r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?",
+    re.ASCII,
+)
+
+
 class ListenersConfig(_Section):
     smtps: OptionalEndpoint = None  # access point, implicit TLS (465)
     submission: OptionalEndpoint = None  # access point, STARTTLS (587)
@@ -125,6 +131,15 @@ class ListenersConfig(_Section):
     pop3: OptionalEndpoint = None  # POP3 with STLS (110), optional, off by default
     https: OptionalEndpoint = None  # webmail and REST API (443), in the web process; off by default
     hostname: str = "localhost"  # the name shown to clients and in Received:
+
+    @field_validator("hostname")
+    @classmethod
+    def _hostname_is_a_name(cls, value: str) -> str:
+        # It goes into the SMTP greeting, EHLO and Received: a line break or a space there
+        # would forge protocol lines.
+        if len(value) > 253 or not _HOSTNAME.fullmatch(value):
+            raise ValueError(f"{value!r} is not a host name (letters, digits, '-', '.')")
+        return value
 
 
 class LimitsConfig(_Section):
@@ -574,6 +589,11 @@ def _expand_env(value: Any, key: str, path: Path) -> Any:
         escaped, name, default = m.groups()
         if escaped:
             return m.group(0)[1:]
+        if default is not None and "${" in default:
+            raise ConfigError(
+                f"{path}: {key}: ${{{name}:-...}} has a ${{...}} in its default; only "
+                "${NAME} and ${NAME:-default} with a plain default are expanded"
+            )
         found = os.environ.get(name)
         if default is not None and not found:
             return default
@@ -584,7 +604,15 @@ def _expand_env(value: Any, key: str, path: Path) -> Any:
             )
         return found
 
-    return _ENV_REF.sub(sub, value)
+    expanded = _ENV_REF.sub(sub, value)
+    if "${" in _ENV_REF.sub("", value):
+        # A form not expanded (``${A-x}``, ``${A:=x}``, an unclosed ``${``): an error, not a
+        # literal that would surface later as a strange path or address.
+        raise ConfigError(
+            f"{path}: {key}: a ${{...}} that is not ${{NAME}} or ${{NAME:-default}}"
+            " (write $${ for a literal ${)"
+        )
+    return expanded
 
 
 def load_config(path: Path) -> Config:
