@@ -339,6 +339,28 @@ def test_a_flood_of_refusals_is_a_bounded_number_of_lines(tmp_path: Path) -> Non
     assert len(path.read_text("utf-8").splitlines()) == 5  # nothing left out: no summary
 
 
+def test_one_clients_flood_does_not_hide_anothers_refusal(tmp_path: Path) -> None:
+    path = tmp_path / "mail.log"
+    mail_log = MailLog(str(path), "json")
+    limited = RefusalLog(mail_log, burst=10, per_client=3, interval=60, clock=lambda: 0.0)
+    try:
+        for _ in range(150):
+            limited.write(refusal(Reply.RELAY_DENIED, client="198.51.100.9"))
+        limited.write(refusal("452 4.3.1 Insufficient system storage", client="192.0.2.7"))
+        lines = [json.loads(x) for x in path.read_text("utf-8").splitlines()]
+        assert [x["client"] for x in lines] == ["198.51.100.9"] * 3 + ["192.0.2.7"]
+        assert lines[-1]["code"] == "452"
+        limited.flush()
+        summary = json.loads(path.read_text("utf-8").splitlines()[-1])
+        assert (summary["status"], summary["suppressed"], summary["codes"]) == (
+            "suppressed",
+            147,
+            "550:147",
+        )
+    finally:
+        mail_log.close()
+
+
 def test_the_count_of_refusals_left_out_is_written_when_the_interval_ends(tmp_path: Path) -> None:
     """Even if the flood stops there (no refusal comes to end the interval)."""
     path = tmp_path / "mail.log"

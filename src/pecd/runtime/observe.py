@@ -179,7 +179,10 @@ _OPEN: dict[str, MailLog] = {}
 #: The mail log's ``event`` of a message or connection refused at the SMTP level, before any
 #: trace event (Postfix's ``NOQUEUE: reject:``), and of the line that sums up those left out.
 SMTP_REFUSED = "smtp-refused"
-REFUSALS_PER_INTERVAL = 100  # lines at most per interval; past it, counted
+REFUSALS_PER_INTERVAL = 200  # lines at most per interval; past it, counted
+REFUSALS_PER_CLIENT = 20  # lines at most per client address and interval: one hammering
+# client cannot use up the lines that other clients' refusals need
+_MAX_CLIENTS_TRACKED = 4096  # per interval; beyond, new clients share the overall budget only
 REFUSAL_INTERVAL_SECONDS = 60.0
 _MAX_ADDRESS = 320  # what a line keeps of a client-given address (RFC 5321's limits)
 _MAX_RECIPIENTS = 50  # recipients named on a refused DATA's line; the rest counted
@@ -233,22 +236,26 @@ class Refusal:
 
 
 class RefusalLog:
-    """Refusals into a mail log, rate-safe: at most ``burst`` lines per ``interval`` seconds;
-    past that they are counted, and one line says how many were left out (and their codes) when
-    the interval ends, so that a flood of refusals (a client hammering, an outage answering 451
-    to everybody) is a bounded number of lines."""
+    """Refusals into a mail log, rate-safe: at most ``burst`` lines per ``interval`` seconds,
+    and at most ``per_client`` of them for one client address; past that they are counted, and
+    one line says how many were left out (and their codes) when the interval ends, so that a
+    flood of refusals (a client hammering, an outage answering 451 to everybody) is a bounded
+    number of lines, and one client's flood does not hide the others' refusals."""
 
     def __init__(
         self,
         mail_log: MailLog,
         *,
         burst: int = REFUSALS_PER_INTERVAL,
+        per_client: int = REFUSALS_PER_CLIENT,
         interval: float = REFUSAL_INTERVAL_SECONDS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.mail_log = mail_log
         self.burst = burst
+        self.per_client = per_client
         self.interval = interval
+        self._by_client: Counter[str] = Counter()  # lines written this interval, per client
         self.clock = clock
         self._start = clock()
         self._written = 0
@@ -260,7 +267,7 @@ class RefusalLog:
         now = self.clock()
         if now - self._start >= self.interval:
             self.flush(now)
-        if self._written < self.burst:
+        if self._written < self.burst and self._client_may(r.client):
             self._written += 1
             self.mail_log.line(r.fields())
             return
@@ -273,6 +280,15 @@ class RefusalLog:
                 self._timer = loop.call_later(
                     max(0.0, self._start + self.interval - now), self._interval_over
                 )
+
+    def _client_may(self, client: str) -> bool:
+        """Whether ``client`` has lines left this interval (and count this one)."""
+        if client not in self._by_client and len(self._by_client) >= _MAX_CLIENTS_TRACKED:
+            return True  # many clients at once: the overall budget bounds them
+        if self._by_client[client] >= self.per_client:
+            return False
+        self._by_client[client] += 1
+        return True
 
     def _interval_over(self) -> None:
         self._timer = None
@@ -292,6 +308,7 @@ class RefusalLog:
                 }
             )
         self._left_out.clear()
+        self._by_client.clear()
         self._written = 0
         self._start = self.clock() if now is None else now
 
