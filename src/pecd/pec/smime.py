@@ -17,12 +17,12 @@ trailing space is a changed message.
 from __future__ import annotations
 
 import binascii
+import contextlib
 import functools
 import hashlib
 import hmac
 import re
 import secrets
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -711,7 +711,6 @@ class _Known:
 # parse gives (the rest of its bytes are the very bytes the general parse read once) at a small
 # part of the cost. Anything else, and any doubt, takes the general parse.
 _KNOWN: dict[tuple[bytes, tuple[bytes, ...], str, int], _Known | None] = {}
-_KNOWN_LOCK = threading.Lock()
 _MAX_KNOWN = 16
 _UTC_TIME = re.compile(rb"\d{12}Z")
 
@@ -732,10 +731,13 @@ def _remember(cert_der: bytes, chain_der: tuple[bytes, ...], digest: str, size: 
             general = None
         if general is not None and general.signer is not None:
             known = _Known(attrs, whole, sizes, digest, general.signer, general.certificates)
-    with _KNOWN_LOCK:
-        if len(_KNOWN) >= _MAX_KNOWN:
+    if len(_KNOWN) >= _MAX_KNOWN:
+        # The oldest goes. Without a lock (pec/ stays free of threads): a thread that changed
+        # the memory meanwhile (the web's worker threads verify too) makes this a no-op, and the
+        # memory at most a few entries over its size.
+        with contextlib.suppress(KeyError, RuntimeError, StopIteration):
             _KNOWN.pop(next(iter(_KNOWN)))
-        _KNOWN[key] = known
+    _KNOWN[key] = known
 
 
 def _utc_time(value: bytes) -> datetime | None:
@@ -759,8 +761,8 @@ def _utc_time(value: bytes) -> datetime | None:
 
 def _parse_known(der: bytes) -> _Cms | None:
     """``der`` read by a known shape, or None."""
-    with _KNOWN_LOCK:
-        shapes = [k for k in _KNOWN.values() if k is not None]
+    # list() copies the values in one step under the GIL, whatever another thread does.
+    shapes = [k for k in list(_KNOWN.values()) if k is not None]
     for k in shapes:
         values = k.whole.match(der, k.sizes)
         if values is None:
@@ -994,8 +996,7 @@ def _learn(der: bytes, signer: x509.Certificate, parsed: _Cms) -> None:
     _remember(*entry)
     known = _KNOWN.get(entry)
     if known is not None and known.whole.match(der, known.sizes) is None:
-        with _KNOWN_LOCK:  # not of this shape after all: never tried again
-            _KNOWN[entry] = None
+        _KNOWN[entry] = None  # not of this shape after all: never tried again
 
 
 def _verify(

@@ -21,12 +21,26 @@ import json
 import sqlite3
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from pecd.store.pgfast import LeasesLost
 
-if TYPE_CHECKING:
-    from pecd.store.effects import OneStatement
+
+class Plan(Protocol):
+    """What :func:`commit` reads of a :class:`pecd.store.effects.OneStatement` (a protocol, so
+    that this module, which store/jobs.py imports, does not import store/effects.py back)."""
+
+    @property
+    def jobs(self) -> Sequence[dict[str, Any]]: ...
+    @property
+    def expect(self) -> Sequence[tuple[str, str, str, Any, datetime]]: ...
+    @property
+    def presa(self) -> Sequence[tuple[str, str, datetime]]: ...
+    @property
+    def settle(self) -> Sequence[tuple[str, str, datetime, str]]: ...
+    @property
+    def events(self) -> Sequence[tuple[dict[str, Any], str | None]]: ...
+
 
 _JOB_COLUMNS = (
     "id",
@@ -160,9 +174,7 @@ def complete_leased(conn: sqlite3.Connection, keys: Sequence[str], worker: str) 
     return conn.execute(sql, (*keys, worker)).rowcount
 
 
-def commit(
-    conn: sqlite3.Connection, plan: OneStatement, done: Sequence[int], worker: str
-) -> set[str]:
+def commit(conn: sqlite3.Connection, plan: Plan, done: Sequence[int], worker: str) -> set[str]:
     """Write ``plan`` and complete the jobs ``done`` still leased to ``worker`` (else raise
     :class:`LeasesLost`: the caller's transaction rolls back); returns the keys created."""
     created = insert_jobs(conn, plan.jobs)
