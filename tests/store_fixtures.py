@@ -90,15 +90,32 @@ def fresh_postgres_database() -> tuple[str, Callable[[], None]]:
     return url, drop
 
 
-@pytest.fixture(scope="session", name="pg_url")
-def pg_url_fixture() -> Iterator[str]:
-    """A migrated PostgreSQL database of this test session."""
+def migrated_postgres() -> Iterator[str]:
+    """A fresh, migrated PostgreSQL database while the generator runs (a fixture's body:
+    ``yield from migrated_postgres()``), dropped afterwards."""
     url, drop = fresh_postgres_database()
     try:
         migrate(url)
         yield url
     finally:
         drop()
+
+
+async def sql_rows(url: str, sql: str) -> list[tuple[object, ...]]:
+    """Run ``sql`` on its own connection (autocommit); its rows, if it returns any."""
+    engine = create_async_engine(async_url(url), isolation_level="AUTOCOMMIT")
+    try:
+        async with engine.connect() as conn:
+            result = await conn.execute(text(sql))
+            return [tuple(r) for r in result.all()] if result.returns_rows else []
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture(scope="session", name="pg_url")
+def pg_url_fixture() -> Iterator[str]:
+    """A migrated PostgreSQL database of this test session."""
+    yield from migrated_postgres()
 
 
 @pytest.fixture(scope="session", name="sqlite_template")

@@ -18,36 +18,19 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from helpers import add_events, free_port, install, start, wait_for
 from pecd.runtime.leadership import Leadership
-from pecd.store.db import Database, async_url, migrate
+from pecd.store.db import Database
 from pecd.store.leader import FileLeaderLock, PostgresLeaderLock, leader_lock
-from store_fixtures import PG_ENV, fresh_postgres_database
+from store_fixtures import PG_ENV, migrated_postgres, sql_rows
 
 needs_pg = pytest.mark.skipif(not os.environ.get(PG_ENV), reason=f"{PG_ENV} not set")
 
 
 @pytest.fixture(name="url")
 def url_fixture() -> Iterator[str]:
-    url, drop = fresh_postgres_database()
-    try:
-        migrate(url)
-        yield url
-    finally:
-        drop()
-
-
-async def _sql(url: str, sql: str) -> list[tuple[object, ...]]:
-    engine = create_async_engine(async_url(url), isolation_level="AUTOCOMMIT")
-    try:
-        async with engine.connect() as conn:
-            result = await conn.execute(text(sql))
-            return [tuple(r) for r in result.all()] if result.returns_rows else []
-    finally:
-        await engine.dispose()
+    yield from migrated_postgres()
 
 
 LEADERS = (
@@ -60,7 +43,7 @@ LEADERS = (
 def leader_pids(url: str) -> list[int]:
     """The OS pids of the processes holding the leader lock of ``url`` (from their sessions'
     application_name, ``pecd-leader host:pid``)."""
-    rows = asyncio.run(_sql(url, LEADERS))
+    rows = asyncio.run(sql_rows(url, LEADERS))
     return [int(str(name).rsplit(":", 1)[1]) for name, _ in rows]
 
 
@@ -73,10 +56,10 @@ def test_postgres_lock_has_one_holder_and_goes_with_its_session(url: str) -> Non
             assert not await b.try_acquire()
             assert not await b.try_acquire()  # a second try reuses b's session, still refused
             assert await a.still_held()
-            assert len(await _sql(url, LEADERS)) == 1
+            assert len(await sql_rows(url, LEADERS)) == 1
             # The leader's database session ends (a network cut, a server restart, a kill).
-            [(_, backend)] = await _sql(url, LEADERS)
-            await _sql(url, f"SELECT pg_terminate_backend({int(str(backend))})")
+            [(_, backend)] = await sql_rows(url, LEADERS)
+            await sql_rows(url, f"SELECT pg_terminate_backend({int(str(backend))})")
             assert not await a.still_held()
             await a.release()
             assert await b.try_acquire()
@@ -153,16 +136,16 @@ def test_leadership_runs_duties_in_one_holder_and_moves_when_it_is_lost(url: str
             await two.start(stack)
             assert (one.leading, two.leading) == (True, False)
             assert running == {"one": True}
-            [(_, backend)] = await _sql(url, LEADERS)
-            await _sql(url, f"SELECT pg_terminate_backend({int(str(backend))})")
+            [(_, backend)] = await sql_rows(url, LEADERS)
+            await sql_rows(url, f"SELECT pg_terminate_backend({int(str(backend))})")
             async with asyncio.timeout(20):
                 while not two.leading:
                     await asyncio.sleep(0.05)
             assert running == {"one": False, "two": True}
             assert not one.leading
-            assert len(await _sql(url, LEADERS)) == 1
+            assert len(await sql_rows(url, LEADERS)) == 1
         assert running == {"one": False, "two": False}  # a stop ends the duties
-        assert await _sql(url, LEADERS) == []
+        assert await sql_rows(url, LEADERS) == []
 
     asyncio.run(main())
 
@@ -186,12 +169,12 @@ async def _add_events(url: str, n: int, first: int) -> None:
 
 async def _unsealed(url: str) -> int:
     return int(
-        str((await _sql(url, "SELECT count(*) FROM trace_events WHERE seal_id IS NULL"))[0][0])
+        str((await sql_rows(url, "SELECT count(*) FROM trace_events WHERE seal_id IS NULL"))[0][0])
     )
 
 
 async def _seal_nodes(url: str) -> list[str]:
-    return [str(r[0]) for r in await _sql(url, "SELECT node FROM trace_seals ORDER BY id")]
+    return [str(r[0]) for r in await sql_rows(url, "SELECT node FROM trace_seals ORDER BY id")]
 
 
 @needs_pg

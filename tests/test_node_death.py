@@ -27,11 +27,11 @@ from pecd.runtime.identity import provider_identity
 from pecd.runtime.stages import StageRunner, make_context
 from pecd.store import jobs
 from pecd.store.accounts import Accounts
-from pecd.store.db import Database, migrate
+from pecd.store.db import Database
 from pecd.store.effects import Lease, apply
 from pecd.store.models import Job, Node
 from pecd.store.nodes import start_heartbeat
-from store_fixtures import PG_ENV, fresh_postgres_database
+from store_fixtures import PG_ENV, fresh_postgres_database, migrated_postgres
 
 pytestmark = pytest.mark.skipif(not os.environ.get(PG_ENV), reason=f"{PG_ENV} not set")
 
@@ -43,12 +43,7 @@ ALICE = f"alice@{DOMAIN}"
 
 @pytest.fixture(scope="module", name="url")
 def url_fixture() -> Iterator[str]:
-    url, drop = fresh_postgres_database()
-    try:
-        migrate(url)
-        yield url
-    finally:
-        drop()
+    yield from migrated_postgres()
 
 
 async def _clean(db: Database) -> None:

@@ -21,13 +21,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from helpers import DOMAIN, PASSWORD, children, client_tls, free_port, install, start, wait_for
 from pecd.config import Config, ConfigError, load_config
-from pecd.store.db import async_url, migrate
-from store_fixtures import PG_ENV, fresh_postgres_database
+from store_fixtures import PG_ENV, migrated_postgres, sql_rows
 
 needs_pg = pytest.mark.skipif(not os.environ.get(PG_ENV), reason=f"{PG_ENV} not set")
 
@@ -79,26 +76,11 @@ def test_serve_processes_config(tmp_path: Path) -> None:
 
 @pytest.fixture(name="url")
 def url_fixture() -> Iterator[str]:
-    url, drop = fresh_postgres_database()
-    try:
-        migrate(url)
-        yield url
-    finally:
-        drop()
-
-
-async def _sql(url: str, sql: str) -> list[tuple[object, ...]]:
-    engine = create_async_engine(async_url(url), isolation_level="AUTOCOMMIT")
-    try:
-        async with engine.connect() as conn:
-            result = await conn.execute(text(sql))
-            return [tuple(r) for r in result.all()] if result.returns_rows else []
-    finally:
-        await engine.dispose()
+    yield from migrated_postgres()
 
 
 def _rows(url: str, sql: str) -> list[tuple[object, ...]]:
-    return asyncio.run(_sql(url, sql))
+    return asyncio.run(sql_rows(url, sql))
 
 
 def _leader_pids(url: str) -> list[int]:
