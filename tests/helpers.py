@@ -113,6 +113,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` different free ports: each held open until all are chosen (two calls of
+    :func:`free_port` may get the same port once the first socket is closed: a CI run's
+    `pecd serve` then found its IMAP port taken by its own submission listener)."""
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            socks.append(s)
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 async def install(
     directory: Path,
     db_url: str | None,
@@ -129,7 +145,8 @@ async def install(
     await init_installation(
         directory, domain=DOMAIN, name="Example PEC S.p.A.", clock=SystemClock(), demo=False
     )
-    ports = {"smtps": free_port(), "submission": free_port(), "imaps": free_port()}
+    smtps, submission, imaps = free_ports(3)
+    ports = {"smtps": smtps, "submission": submission, "imaps": imaps}
     text = config_text(domain=DOMAIN, name="Example PEC S.p.A.", ports=ports)
     if db_url:
         text = text.replace('data_dir = "data"', f'data_dir = "data"\ndatabase_url = "{db_url}"')
@@ -1100,7 +1117,7 @@ def slapd_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slapd]:
     )
     if added.returncode != 0:
         pytest.fail(f"slapadd failed: {added.stderr.decode('utf-8', 'replace')[-2000:]}")
-    port, tls_port = free_port(), free_port()
+    port, tls_port = free_ports(2)
     log = (directory / "slapd.log").open("wb")
     proc = subprocess.Popen(
         [

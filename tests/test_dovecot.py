@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import BackgroundService, mbsyncrc
+from helpers import BackgroundService, free_ports, mbsyncrc
 from pecd.clock import SystemClock
 from pecd.config import Endpoint, ListenersConfig, load_config
 from pecd.devinit import init_installation
@@ -139,7 +139,7 @@ def env() -> Iterator[Env]:
             init_installation(inst, domain=DOMAIN, name="Dovecot Test PEC", clock=SystemClock())
         )
         cfg = load_config(result.config)
-        imaps_port, pop3s_port = free_port(), free_port()
+        imaps_port, pop3s_port = free_ports(2)
         cfg = cfg.model_copy(
             update={
                 "listeners": ListenersConfig(
