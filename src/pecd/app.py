@@ -22,6 +22,7 @@ from pecd.mailbox.maildir import MaildirStore, start_tmp_cleanup
 from pecd.memory import return_freed_messages_to_the_system
 from pecd.runtime import observe
 from pecd.runtime.access import AccessPoint
+from pecd.runtime.diskspace import FreeSpace
 from pecd.runtime.formats import FormatWorkers
 from pecd.runtime.identity import provider_identity
 from pecd.runtime.intake import Intake
@@ -319,7 +320,9 @@ class App:
             pool.node = prefix
             await pool.start(self.stack)
         lst = cfg.listeners
-        intake = Intake(db, runner.wake)
+        # Room for two of the largest messages on the data and Maildir filesystems, else 452.
+        space = FreeSpace([cfg.storage.data_dir, cfg.maildir_root], 2 * cfg.limits.max_message_size)
+        intake = Intake(db, runner.wake, space=space)
         await intake.start(self.stack)
         socks = role.sockets if role is not None else {}
         self.access = AccessPoint(

@@ -29,7 +29,7 @@ from pecd.engine.vocab import JobKind
 from pecd.guard import Guard
 from pecd.pec.address import normalize_address, valid_address
 from pecd.runtime import observe
-from pecd.runtime.diskspace import INSUFFICIENT_STORAGE, FreeSpace
+from pecd.runtime.diskspace import INSUFFICIENT_STORAGE
 from pecd.runtime.intake import Intake
 from pecd.runtime.refusals import ObservedSMTP
 from pecd.runtime.smtp import (
@@ -86,10 +86,6 @@ class AccessHandler:
         # RCPTs beyond the formal limit still get a non-accettazione; past this hard cap
         # the SMTP session refuses them.
         self.rcpt_cap = max(limits.max_recipients * 2, 1000)
-        # 452 4.3.1 while the data or Maildir filesystem has less than room for two messages.
-        self.space = FreeSpace(
-            [cfg.storage.data_dir, cfg.maildir_root], 2 * limits.max_message_size
-        )
 
     # -- AUTH: checked off the event loop (argon2 is deliberately slow) --------------------------
 
@@ -178,7 +174,7 @@ class AccessHandler:
             return Reply.AUTH_REQUIRED
         if normalize_address(address) != session.auth_data:
             return Reply.SENDER_NOT_OWNED
-        if not self.space.enough():
+        if not self.intake.room():
             return INSUFFICIENT_STORAGE
         envelope.mail_from = normalize_address(address)
         envelope.mail_options.extend(mail_options)
@@ -219,15 +215,9 @@ class AccessHandler:
             return Reply.AUTH_REQUIRED
         if not envelope.rcpt_tos:
             return Reply.NO_RCPTS
-        if not self.space.enough():
-            return INSUFFICIENT_STORAGE
-        reply = await self.intake.reply(
+        return await self.intake.reply(
             JobKind.SUBMISSION, session, envelope, user=session.auth_data
         )
-        # The commit failed (451): for want of space, say so (RFC 3463 4.3.1).
-        if reply.startswith("451") and not self.space.enough(fresh=True):
-            return INSUFFICIENT_STORAGE
-        return reply
 
 
 class AccessPoint:

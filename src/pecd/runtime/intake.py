@@ -20,6 +20,7 @@ from aiosmtpd.smtp import Session as SMTPSession
 from sqlalchemy.orm import Session
 
 from pecd.engine.vocab import IntakePayload, JobKind
+from pecd.runtime.diskspace import INSUFFICIENT_STORAGE, FreeSpace
 from pecd.runtime.logutil import RateLimitedLog
 from pecd.runtime.smtp import IntakeEnvelope, Reply, peer_of
 from pecd.store import jobs, sqlitefast
@@ -47,10 +48,21 @@ class Intake:
     """``await intake.submit(...)`` returns once the job is committed, or raises;
     ``await intake.reply(...)`` does the same for an SMTP point and gives its DATA reply."""
 
-    def __init__(self, db: Database, wake: asyncio.Event, *, max_batch: int = 64) -> None:
+    def __init__(
+        self,
+        db: Database,
+        wake: asyncio.Event,
+        *,
+        max_batch: int = 64,
+        space: FreeSpace | None = None,
+    ) -> None:
         self.db = db
         self.wake = wake
         self.max_batch = max_batch
+        # The filesystems the accepted messages go to: while they are (nearly) full, both SMTP
+        # points answer 452 4.3.1 (RFC 3463), so the client keeps the message and tries again
+        # rather than getting a 250 for something that could not be delivered.
+        self.space = space
         self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
 
@@ -65,6 +77,10 @@ class Intake:
         self._queue.put_nowait(None)
         await self._task
         self._task = None
+
+    def room(self, *, fresh: bool = False) -> bool:
+        """Whether there is room for messages now (always, without a ``space`` to watch)."""
+        return self.space is None or self.space.enough(fresh=fresh)
 
     async def submit(
         self, *, kind: JobKind, key: str, payload: IntakePayload, data: bytes, now: datetime
@@ -87,8 +103,11 @@ class Intake:
         """Commit one SMTP transaction, read by :class:`IntakeSMTP` (its ``data_prefix`` has put
         the Received: field in front: these are the job's bytes), as a job of ``kind``, and give
         the DATA reply: 250 with the key once it is durable (design.md invariant 1), 451 if it
-        could not be stored."""
+        could not be stored, 452 4.3.1 while the storage is full (checked before, and again when
+        the commit failed)."""
         assert isinstance(envelope, IntakeEnvelope)
+        if not self.room():
+            return INSUFFICIENT_STORAGE
         key, now = envelope.intake_key, envelope.received_at
         assert key is not None and now is not None
         try:
@@ -108,11 +127,15 @@ class Intake:
                 now=now,
             )
         except NotStored:  # its commit's failure is logged (rate-limited) where it happened
-            return Reply.TEMP_FAILURE
+            return self._not_stored()
         except Exception as exc:
             _failures.failure(log, "durable intake of %s failed; answering 451", exc, kind)
-            return Reply.TEMP_FAILURE
+            return self._not_stored()
         return Reply.queued(key)
+
+    def _not_stored(self) -> str:
+        # The commit failed: for want of space, say so (452 4.3.1), else 451.
+        return INSUFFICIENT_STORAGE if not self.room(fresh=True) else Reply.TEMP_FAILURE
 
     async def _run(self) -> None:
         stopping = False

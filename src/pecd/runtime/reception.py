@@ -34,7 +34,7 @@ from pecd.engine.vocab import JobKind
 from pecd.guard import Guard
 from pecd.pec.address import domain_of, normalize_address, valid_address
 from pecd.runtime import observe
-from pecd.runtime.diskspace import INSUFFICIENT_STORAGE, FreeSpace
+from pecd.runtime.diskspace import INSUFFICIENT_STORAGE
 from pecd.runtime.intake import Intake
 from pecd.runtime.refusals import ObservedSMTP
 from pecd.runtime.smtp import (
@@ -59,12 +59,6 @@ class ReceptionHandler:
         self.hostname = hostname
         self.intake = intake
         self.rcpt_cap = max(cfg.limits.max_recipients * 2, 1000)
-        # As at the access point: 452 4.3.1 while the data or Maildir filesystem has less than
-        # room for two messages, so that a peer keeps the message and tries again later rather
-        # than getting a 250 for something that could not be delivered (RFC 5321 4.2.5).
-        self.space = FreeSpace(
-            [cfg.storage.data_dir, cfg.maildir_root], 2 * cfg.limits.max_message_size
-        )
 
     async def handle_MAIL(
         self,
@@ -76,7 +70,9 @@ class ReceptionHandler:
     ) -> str:
         # A null reverse path (bounces) must be accepted (RFC 5321 4.5.5): kept as "<>", since
         # aiosmtpd takes an empty MAIL FROM for "no MAIL command" (the intake stores "").
-        if not self.space.enough():
+        # As at the access point: 452 4.3.1 while the storage is full (Intake.room), so that a
+        # peer keeps the message and tries again later (RFC 5321 4.2.5).
+        if not self.intake.room():
             return INSUFFICIENT_STORAGE
         envelope.mail_from = normalize_address(address) or "<>"
         envelope.mail_options.extend(options)
@@ -112,13 +108,7 @@ class ReceptionHandler:
     async def handle_DATA(self, server: SMTP, session: SMTPSession, envelope: Envelope) -> str:
         if not envelope.rcpt_tos:
             return Reply.NO_RCPTS
-        if not self.space.enough():
-            return INSUFFICIENT_STORAGE
-        reply = await self.intake.reply(JobKind.RECEPTION, session, envelope, tls=bool(session.ssl))
-        # The commit failed (451): for want of space, say so (RFC 3463 4.3.1).
-        if reply.startswith("451") and not self.space.enough(fresh=True):
-            return INSUFFICIENT_STORAGE
-        return reply
+        return await self.intake.reply(JobKind.RECEPTION, session, envelope, tls=bool(session.ssl))
 
 
 class ReceptionPoint:
