@@ -68,6 +68,7 @@ __all__ = [
     "SyncMode",
     "folder_dir",
     "to_crlf",
+    "write_all",
     "write_atomic",
 ]
 
@@ -146,6 +147,13 @@ def folder_dir(folder: str) -> str:
         if not part or _BAD_FOLDER_CHARS.search(part):
             raise ValueError(f"invalid folder name {folder!r}")
     return "." + ".".join(parts)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` to ``fd`` (os.write may write less than it is given)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -276,10 +284,7 @@ def write_atomic(
     dest = maildir / subdir / name
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
+        write_all(fd, data)
         if mtime is not None:
             os.utime(fd, (mtime, mtime))
         os.fsync(fd)
@@ -491,10 +496,7 @@ class MaildirStore:
         tmp = path / "tmp" / f"{name}.{os.getpid()}.{secrets.token_hex(6)}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            view = memoryview(body)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
+            write_all(fd, body)
             # The mtime is the arrival time, to the microsecond: files not numbered yet get
             # their UIDs in mtime order (pecd.mailbox.uidlist), and the kernel's own file
             # times are too coarse (a few ms) to order deliveries made in quick succession.

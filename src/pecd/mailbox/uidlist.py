@@ -49,6 +49,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pecd.mailbox.maildir import write_all
+
 __all__ = [
     "FILE_NAME",
     "LOCK_NAME",
@@ -483,9 +485,7 @@ def _break_stale(lock: Path) -> None:
 
 def _commit(folder: Path, fd: int, text: str) -> None:
     data = text.encode("utf-8", errors="surrogateescape")
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+    write_all(fd, data)
     os.fsync(fd)
     os.rename(folder / LOCK_NAME, folder / FILE_NAME)
     dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
