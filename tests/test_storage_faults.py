@@ -224,6 +224,43 @@ def test_a_full_disk_longer_than_the_attempts_delays_delivery_but_answers_no_err
     ]
 
 
+def _full_after_mail(
+    server: Server,
+    smtp: smtplib.SMTP,
+    monkeypatch: pytest.MonkeyPatch,
+    free: dict[str, int],
+    intake: Any,
+    sender: str,
+    raw: bytes,
+    jobs_before: int,
+) -> None:
+    """What either SMTP point answers when the storage fills after MAIL: 452 at DATA before
+    anything is committed, and 452 (not 451) when the commit itself fails for want of space."""
+    # Full between MAIL and DATA: refused before anything is committed.
+    free["bytes"] = 1 << 40
+    assert smtp.mail(sender)[0] == 250
+    assert smtp.rcpt(BOB)[0] == 250
+    free["bytes"] = 0
+    assert smtp.data(raw) == (452, b"4.3.1 Insufficient system storage")
+    assert len(all_jobs(server)) == jobs_before
+
+    # The commit itself fails for want of space: 452, not 451.
+    free["bytes"] = 1 << 40
+
+    async def submit(**kw: Any) -> None:
+        free["bytes"] = 0
+        raise sqlalchemy.exc.OperationalError(
+            "INSERT", {}, sqlite3.OperationalError("database or disk is full")
+        )
+
+    with monkeypatch.context() as m:
+        m.setattr(intake, "submit", submit)
+        assert smtp.mail(sender)[0] == 250
+        assert smtp.rcpt(BOB)[0] == 250
+        assert smtp.data(raw) == (452, b"4.3.1 Insufficient system storage")
+    assert len(all_jobs(server)) == jobs_before
+
+
 def test_submissions_get_452_while_storage_is_full(
     server: Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -240,32 +277,9 @@ def test_submissions_get_452_while_storage_is_full(
         assert (code, text) == (452, b"4.3.1 Insufficient system storage")
         smtp.rset()
 
-        # Full between MAIL and DATA: refused before anything is committed.
-        free["bytes"] = 1 << 40
-        assert smtp.mail(ALICE)[0] == 250
-        assert smtp.rcpt(BOB)[0] == 250
-        free["bytes"] = 0
-        assert smtp.data(raw)[0] == 452
-        assert len(all_jobs(server)) == jobs_before
-
-        # The commit itself fails for want of space: 452, not 451.
-        free["bytes"] = 1 << 40
         assert server.app is not None and server.app.access is not None
         intake = server.app.access.handler.intake
-
-        async def submit(**kw: Any) -> None:
-            free["bytes"] = 0
-            raise sqlalchemy.exc.OperationalError(
-                "INSERT", {}, sqlite3.OperationalError("database or disk is full")
-            )
-
-        with monkeypatch.context() as m:
-            m.setattr(intake, "submit", submit)
-            assert smtp.mail(ALICE)[0] == 250
-            assert smtp.rcpt(BOB)[0] == 250
-            assert smtp.data(raw) == (452, b"4.3.1 Insufficient system storage")
-        assert len(all_jobs(server)) == jobs_before
-
+        _full_after_mail(server, smtp, monkeypatch, free, intake, ALICE, raw, jobs_before)
         free["bytes"] = 1 << 40  # space returns
         assert smtp.sendmail(ALICE, [BOB], raw) == {}
     wait_for(lambda: len(fetch_all(server, "bob")) == in_box + 1, 20, "delivered")
@@ -288,32 +302,9 @@ def test_the_reception_point_answers_452_while_storage_is_full(
         assert smtp.mail(outsider) == (452, b"4.3.1 Insufficient system storage")
         smtp.rset()
 
-        # Full between MAIL and DATA: refused before anything is committed.
-        free["bytes"] = 1 << 40
-        assert smtp.mail(outsider)[0] == 250
-        assert smtp.rcpt(BOB)[0] == 250
-        free["bytes"] = 0
-        assert smtp.data(raw) == (452, b"4.3.1 Insufficient system storage")
-        assert len(all_jobs(server)) == jobs_before
-
-        # The commit itself fails for want of space: 452, not 451.
-        free["bytes"] = 1 << 40
         assert server.app is not None and server.app.reception is not None
         intake = server.app.reception.handler.intake
-
-        async def submit(**kw: Any) -> None:
-            free["bytes"] = 0
-            raise sqlalchemy.exc.OperationalError(
-                "INSERT", {}, sqlite3.OperationalError("database or disk is full")
-            )
-
-        with monkeypatch.context() as m:
-            m.setattr(intake, "submit", submit)
-            assert smtp.mail(outsider)[0] == 250
-            assert smtp.rcpt(BOB)[0] == 250
-            assert smtp.data(raw) == (452, b"4.3.1 Insufficient system storage")
-        assert len(all_jobs(server)) == jobs_before
-
+        _full_after_mail(server, smtp, monkeypatch, free, intake, outsider, raw, jobs_before)
         free["bytes"] = 1 << 40  # space returns: taken in (ordinary mail: an anomaly envelope)
         assert smtp.sendmail(outsider, [BOB], raw) == {}
     wait_for(lambda: len(fetch_all(server, "bob")) == in_box + 1, 20, "delivered")
