@@ -3,7 +3,6 @@ are local, which are PEC, how a generated message is sent and logged."""
 
 from __future__ import annotations
 
-import functools
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -151,13 +150,20 @@ class Context:
         ]
 
 
-@functools.lru_cache(maxsize=8)
-def _sha1_of(certificate: x509.Certificate) -> str:
-    # Keyed by the certificate object (hashable, by its contents): its DER is not encoded
-    # again for every event that records it.
-    return hashlib.sha1(certificate.public_bytes(serialization.Encoding.DER)).hexdigest()
+# Per certificate object: (the object, its SHA-1). Keyed by identity, not by the certificate's
+# own hash, which encodes and hashes its DER on every lookup; the object is held so that its id
+# cannot be reused by another while it is here.
+_SHA1: dict[int, tuple[x509.Certificate, str]] = {}
 
 
 def signer_sha1(provider: ProviderIdentity) -> str:
     """The SHA-1 of the certificate that signs what ``provider`` generates."""
-    return _sha1_of(provider.signer.certificate)
+    certificate = provider.signer.certificate
+    hit = _SHA1.get(id(certificate))
+    if hit is not None and hit[0] is certificate:
+        return hit[1]
+    value = hashlib.sha1(certificate.public_bytes(serialization.Encoding.DER)).hexdigest()
+    if len(_SHA1) >= 8:  # a new signer after a certificate rollover: the old ones go
+        _SHA1.clear()
+    _SHA1[id(certificate)] = (certificate, value)
+    return value
