@@ -36,10 +36,14 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prometheus_client import Counter as PromCounter
 
 from pecd.engine.effects import Unavailable
+
+if TYPE_CHECKING:
+    from pecd.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +166,13 @@ def free_bytes(path: Path) -> int:
     """Bytes an unprivileged writer may still use on ``path``'s filesystem."""
     st = os.statvfs(path)
     return st.f_bavail * st.f_frsize
+
+
+def storage_watch(cfg: Config) -> tuple[tuple[Path, ...], int]:
+    """What every intake (the SMTP points, the web's submissions) watches before taking a
+    message: the data and Maildir filesystems, and room there for two of the largest messages;
+    below it, 452 4.3.1 (SMTP) or 503 (web)."""
+    return (cfg.storage.data_dir, cfg.maildir_root), 2 * cfg.limits.max_message_size
 
 
 class FreeSpace:

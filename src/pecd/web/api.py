@@ -24,7 +24,11 @@ What a POST commits is what the SMTP access point commits (``pecd.web.submit``):
 job with the message (a ``Received:`` field in front) and an :class:`IntakePayload` whose ``user``
 is the token's mailbox; the pipeline then checks it, accepts or refuses it, and the accettazione
 reaches the mailbox as for any client. The job's key is the id the API hands back; the status of
-an id is read from the trace log (``pecd.web.status``). A message comes as JSON (attachments in
+an id is read from the trace log (``pecd.web.status``). While the storage is full a POST is
+refused, 503 with ``Retry-After`` and the problem kind ``insufficient-storage``, as the SMTP
+access point answers ``452 4.3.1``: before its body is read, before its commit, or when the
+commit (or the spooling of a multipart body) fails for want of space; its ``client_key`` is not
+used up, so the same POST later is taken in, once. A message comes as JSON (attachments in
 base64) or as ``multipart/form-data`` (attachments as files), with the same checks; a big one is
 decoded and built in a worker thread, so the event loop keeps serving everybody else meanwhile.
 
@@ -69,7 +73,17 @@ from pecd.store import webhooks as hooks
 from pecd.store.db import Database
 from pecd.store.tokens import Tokens
 from pecd.web.status import transmission_status
-from pecd.web.submit import OFF_LOOP_BYTES, Attachment, SubmitError, subject_error, submit
+from pecd.web.submit import (
+    OFF_LOOP_BYTES,
+    RETRY_AFTER,
+    Attachment,
+    InsufficientStorage,
+    SubmitError,
+    no_space,
+    room,
+    subject_error,
+    submit,
+)
 from pecd.web.webhooks import check_url
 
 __all__ = ["OPENAPI", "PREFIX", "PROBLEM", "Problem", "api_routes", "request_limit"]
@@ -128,6 +142,10 @@ def _not_found(detail: str) -> Problem:
 
 def _too_large(limit: int) -> Problem:
     return Problem(413, "too-large", "Request too large", f"the request exceeds {limit} bytes")
+
+
+def _submit_problem(e: SubmitError) -> Problem:
+    return Problem(e.status, e.kind, e.title, e.detail, headers=e.headers)
 
 
 Endpoint = Callable[[Request], Awaitable[Response]]
@@ -532,23 +550,15 @@ def api_routes(cfg: Config, clock: Clock | None = None) -> list[BaseRoute]:
 
     async def send(request: Request) -> Response:
         mailbox = await _mailbox(request)
-        ctype = request.headers.get("content-type", "application/json").split(";")[0].strip()
-        if ctype.lower() == "multipart/form-data":
-            fields = await _from_form(request, body_limit, limits)
-        elif ctype.lower() in ("application/json", ""):
-            raw_body = await _read_body(request, body_limit)
-            if len(raw_body) > OFF_LOOP_BYTES:
-                fields = await asyncio.to_thread(_from_json, raw_body, limits)
-            else:
-                fields = _from_json(raw_body, limits)
-            del raw_body
-        else:
-            raise Problem(
-                415,
-                "unsupported-media-type",
-                "Unsupported media type",
-                "send application/json or multipart/form-data",
-            )
+        # No room: refused before the body (up to the mail limit) is read, let alone spooled.
+        if not room(cfg):
+            raise _submit_problem(InsufficientStorage())
+        try:
+            fields = await fields_of(request)
+        except OSError as exc:  # a multipart body spooled to a full disk
+            if not no_space(exc):
+                raise
+            raise _submit_problem(InsufficientStorage()) from None
         peer = request.client.host if request.client else "unknown"
         try:
             done = await submit(
@@ -566,7 +576,7 @@ def api_routes(cfg: Config, clock: Clock | None = None) -> list[BaseRoute]:
                 peer=peer,
             )
         except SubmitError as e:
-            raise Problem(e.status, e.kind, e.title, e.detail) from None
+            raise _submit_problem(e) from None
         return JSONResponse(
             {
                 "id": done.key,
@@ -575,6 +585,22 @@ def api_routes(cfg: Config, clock: Clock | None = None) -> list[BaseRoute]:
                 "message_id": done.message_id if done.created else None,
             },
             status_code=202 if done.created else 200,
+        )
+
+    async def fields_of(request: Request) -> _Submission:
+        ctype = request.headers.get("content-type", "application/json").split(";")[0].strip()
+        if ctype.lower() == "multipart/form-data":
+            return await _from_form(request, body_limit, limits)
+        if ctype.lower() in ("application/json", ""):
+            raw_body = await _read_body(request, body_limit)
+            if len(raw_body) > OFF_LOOP_BYTES:
+                return await asyncio.to_thread(_from_json, raw_body, limits)
+            return _from_json(raw_body, limits)
+        raise Problem(
+            415,
+            "unsupported-media-type",
+            "Unsupported media type",
+            "send application/json or multipart/form-data",
         )
 
     async def status(request: Request) -> Response:
@@ -1088,6 +1114,19 @@ OPENAPI: dict[str, Any] = {
                     "202": _json("Submitted", "taken in: the accettazione follows"),
                     "200": _json("Submitted", "already taken in with this client_key"),
                     **_problems_for(401, 413, 415, 422),
+                    "503": {
+                        **_problem_schema(),
+                        "description": "problem kind insufficient-storage: the provider's "
+                        "storage is full (SMTP's 452 4.3.1). Nothing was taken in and the "
+                        "client_key is not used up: send the same request again after "
+                        "Retry-After seconds",
+                        "headers": {
+                            "Retry-After": {
+                                "description": "seconds to wait before sending it again",
+                                "schema": {"type": "integer", "example": RETRY_AFTER},
+                            }
+                        },
+                    },
                 },
             }
         },

@@ -13,6 +13,14 @@ Once committed, the job is for the pipeline of the main process. In the web proc
 rather than at its next poll. Elsewhere (a test's in-process app) there is no waker and the poll
 finds the job.
 
+While the storage is full, nothing is taken in, as at the SMTP access point (its ``452 4.3.1``):
+:func:`submit` raises :class:`InsufficientStorage` when the data or Maildir filesystem is below
+the threshold the access point's :class:`~pecd.runtime.intake.Intake` watches
+(:func:`storage_space`, one probe per process, made on first use), and when its commit failed for
+want of space (:func:`no_space`, or the filesystem found full just after). Nothing was committed
+then, so a client key given with it is not used up: the same submission sent again once there is
+room is taken in, once.
+
 A big message is built off the event loop (``asyncio.to_thread``), so that one request with
 100 MB of attachments does not hold up every other client of the process.
 
@@ -23,34 +31,47 @@ REST API): one line, no control character, so that the message can be built at a
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
+import logging
 import secrets
+import sqlite3
 import unicodedata
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from email.message import EmailMessage
 from email.policy import SMTP
 from email.utils import format_datetime, make_msgid
+from pathlib import Path
 from typing import Any, Final
 
 from pecd.clock import Clock
 from pecd.config import Config
 from pecd.engine.vocab import IntakePayload, JobKind
 from pecd.pec.address import domain_of
+from pecd.runtime.diskspace import FreeSpace, storage_watch
+from pecd.runtime.logutil import RateLimitedLog
 from pecd.store import jobs
 from pecd.store.db import Database
 
 __all__ = [
     "MAX_SUBJECT",
+    "RETRY_AFTER",
     "Attachment",
+    "InsufficientStorage",
     "SubmitError",
     "Submitted",
     "intake_key",
+    "no_space",
+    "room",
     "set_waker",
+    "storage_space",
     "subject_error",
     "submit",
     "wake",
 ]
+
+log = logging.getLogger(__name__)
 
 #: Attachments above this many bytes in all are encoded into the message in a worker thread.
 OFF_LOOP_BYTES = 256 * 1024
@@ -62,7 +83,18 @@ MAX_SUBJECT: Final = 998
 # surrogate cannot be encoded.
 _NOT_IN_SUBJECT: Final = frozenset({"Cc", "Zl", "Zp", "Cs"})
 
+#: Seconds a submission refused for want of storage is asked to wait (``Retry-After``). A full
+#: disk is cleared by an operator, in minutes rather than seconds; mail servers wait as long
+#: before trying a 4xx again (Postfix's ``minimal_backoff_time``).
+RETRY_AFTER: Final = 300
+
 _waker: Callable[[], None] | None = None
+# The free-space probes of this process, by (paths, threshold): one per configuration.
+_spaces: dict[tuple[tuple[Path, ...], int], FreeSpace] = {}
+# While the disk is full every submission fails the same way: a line now and then.
+_failures = RateLimitedLog()
+# PostgreSQL's disk_full (class 53, insufficient resources).
+_PG_DISK_FULL = "53100"
 
 
 def subject_error(subject: str) -> str | None:
@@ -106,11 +138,82 @@ class Submitted:
 
 
 class SubmitError(Exception):
-    """The message cannot be taken in (too large); ``status`` is the HTTP status to answer."""
+    """The message cannot be taken in (too large, or no room for it now); ``status`` is the
+    HTTP status to answer, ``headers`` any header to answer with it."""
 
-    def __init__(self, status: int, kind: str, title: str, detail: str) -> None:
+    def __init__(
+        self,
+        status: int,
+        kind: str,
+        title: str,
+        detail: str,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(detail)
         self.status, self.kind, self.title, self.detail = status, kind, title, detail
+        self.headers = dict(headers or {})
+
+
+class InsufficientStorage(SubmitError):
+    """The storage is full: the message is not taken in now, as the SMTP access point answers
+    ``452 4.3.1``; nothing was committed, so it may be sent again, with the same client key.
+
+    503 with ``Retry-After`` rather than 507 (RFC 4918's Insufficient Storage, a WebDAV status):
+    what the client must do is keep the message and try again later, and 503 with Retry-After is
+    what HTTP clients and their retry helpers take for that (curl's ``--retry``, urllib3's
+    ``Retry``), while most treat a 507 as one more server failure and give up. The problem's
+    kind, ``insufficient-storage``, says why."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            503,
+            "insufficient-storage",
+            "Insufficient storage",
+            "the provider's storage is full: the message was not taken in; send it again later "
+            "(a client_key given with it is not used up)",
+            {"Retry-After": str(RETRY_AFTER)},
+        )
+
+
+def storage_space(cfg: Config) -> FreeSpace:
+    """The free-space probe of ``cfg``'s storage, made on first use: the filesystems and the
+    threshold the SMTP points' Intake watches (:func:`~pecd.runtime.diskspace.storage_watch`),
+    so that the web refuses exactly when they do. The web process has no Intake of its own to ask."""
+    paths, minimum = storage_watch(cfg)
+    space = _spaces.get((paths, minimum))
+    if space is None:
+        space = _spaces[(paths, minimum)] = FreeSpace(paths, minimum)
+    return space
+
+
+def room(cfg: Config, *, fresh: bool = False) -> bool:
+    """Whether the storage has room for a submission now (:func:`storage_space`)."""
+    return storage_space(cfg).enough(fresh=fresh)
+
+
+def no_space(exc: BaseException) -> bool:
+    """Whether ``exc``, or what caused it, says a filesystem or the database is out of space:
+    ``ENOSPC``, ``EDQUOT`` (the pecd user's filesystem quota), SQLite's "database or disk is
+    full" (``SQLITE_FULL``), PostgreSQL's ``disk_full`` (SQLSTATE 53100)."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(e, sqlite3.Error) and (
+            getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+            or str(e).lower().startswith("database or disk is full")
+        ):
+            return True
+        if (getattr(e, "sqlstate", None) or getattr(e, "pgcode", None)) == _PG_DISK_FULL:
+            return True
+        orig = getattr(e, "orig", None)  # sqlalchemy.exc.DBAPIError wraps the driver's error
+        if isinstance(orig, BaseException) and id(orig) not in seen:
+            e = orig
+            continue
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _received(hostname: str, peer: str, key: str, rcpt: str, now_text: str, via: str) -> bytes:
@@ -148,7 +251,11 @@ async def submit(
 ) -> Submitted:
     """Build the message from checked fields (addresses normalised and valid, ``subject`` one
     :func:`subject_error` passes, ``receipt`` one of completa/breve/sintetica) and commit it as
-    a SUBMISSION job."""
+    a SUBMISSION job; :class:`InsufficientStorage` while the storage is full."""
+    space = storage_space(cfg)
+    # Refused before the message is built, as the SMTP access point refuses at MAIL FROM.
+    if not space.enough():
+        raise InsufficientStorage
     limits = cfg.limits
     rcpts = list(dict.fromkeys([*to, *cc]))
     now = clock.now()
@@ -202,7 +309,17 @@ async def submit(
             s, kind=JobKind.SUBMISSION, key=key, payload=payload, data=data, now=now
         )
 
-    created = await db.write(commit)
+    try:
+        created = await db.write(commit)
+    except Exception as exc:
+        # As the SMTP points' Intake: a commit that failed while the storage is full (read
+        # afresh) failed for want of it, whatever the driver made of that.
+        if not no_space(exc) and space.enough(fresh=True):
+            raise
+        _failures.failure(
+            log, "web submission %s not stored for want of space; answering 503", exc, key
+        )
+        raise InsufficientStorage from exc
     if created:
         wake()
     return Submitted(key=key, created=created, message_id=message_id, message=message)

@@ -9,7 +9,9 @@ any client; then a copy is stored in Sent (``pecd.web.sentcopy``) and the browse
 to the transmission's timeline, ``/transmissions/<intake key>``. The form carries a random client
 key: the same form posted twice (Send pressed twice, a reload) names one intake, taken in once.
 The limits are the mail limits: the whole message at most ``limits.max_message_size``, at most
-``limits.max_recipients`` recipients.
+``limits.max_recipients`` recipients. While the storage is full the message is not taken in
+(:class:`pecd.web.submit.InsufficientStorage`, the SMTP access point's ``452 4.3.1``): the form
+comes back, 503, as typed and with the same client key, saying to send it again in a few minutes.
 
 ``/verify``: one uploaded ``.eml`` (at most the mail limit) is checked as ``pecd verify`` checks
 a file (``pecd.cli.verify.examine``), with the signer looked up in the provider index of this
@@ -45,12 +47,21 @@ from pecd.store.accounts import Accounts
 from pecd.web import i18n, ui
 from pecd.web.providers import provider_index
 from pecd.web.sentcopy import save_sent_copy, sent_message
-from pecd.web.submit import MAX_SUBJECT, Attachment, SubmitError, subject_error, submit
+from pecd.web.submit import (
+    MAX_SUBJECT,
+    Attachment,
+    InsufficientStorage,
+    SubmitError,
+    no_space,
+    subject_error,
+    submit,
+)
 from pecd.web.timeline import heavy_work
 from pecd.web.ui import human_size
 
 __all__ = [
     "RECEIPTS",
+    "STORAGE_FULL",
     "Draft",
     "Problem",
     "check_draft",
@@ -63,6 +74,12 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: What the form says when the storage is full (nothing to correct: send it again later).
+STORAGE_FULL: Final = (
+    "Il messaggio non è stato inviato: lo spazio di archiviazione del gestore è esaurito. "
+    "Riprova tra qualche minuto: quello che hai scritto è rimasto qui."
+)
 
 i18n.register(
     {
@@ -127,6 +144,10 @@ i18n.register(
             "The message is too large for its number of recipients."
         ),
         "Troppi allegati: al massimo {max}.": "Too many attachments: at most {max}.",
+        STORAGE_FULL: (
+            "The message was not sent: the provider's storage is full. Try again in a few "
+            "minutes: what you wrote is still here."
+        ),
         # verify
         "Verifica un messaggio PEC": "Verify a PEC message",
         "Carica un messaggio salvato (file .eml): pecd dice che cos'è, se la firma del gestore "
@@ -517,6 +538,8 @@ def routes(cfg: Config) -> list[BaseRoute]:
         *,
         files_lost: bool = False,
         status: int = 200,
+        unavailable: Problem | None = None,
+        headers: dict[str, str] | None = None,
     ) -> Response:
         return ui.render(
             request,
@@ -525,10 +548,25 @@ def routes(cfg: Config) -> list[BaseRoute]:
                 "draft": draft,
                 "problems": problems or {},
                 "files_lost": files_lost,
+                "unavailable": unavailable,
                 "receipts": RECEIPTS,
                 "size_note": size_note,
             },
             status=status,
+            headers=headers,
+        )
+
+    def storage_full(
+        request: Request, draft: Draft, exc: InsufficientStorage, files: bool
+    ) -> Response:
+        """The form again, as typed (its client key too: sent again, it is taken in once)."""
+        return compose_page(
+            request,
+            draft,
+            files_lost=files,
+            unavailable=Problem(STORAGE_FULL),
+            status=exc.status,
+            headers=exc.headers,
         )
 
     async def compose_form(request: Request) -> Response:
@@ -546,12 +584,20 @@ def routes(cfg: Config) -> list[BaseRoute]:
 
     async def compose(request: Request) -> Response:
         user = await ui.require_user(request)
-        form = await ui.read_form(
-            request,
-            max_files=MAX_ATTACHMENTS + 1,  # one more, to say "too many" in the form
-            max_fields=MAX_FIELDS,
-            max_size=limits.max_message_size,
-        )
+        try:
+            form = await ui.read_form(
+                request,
+                max_files=MAX_ATTACHMENTS + 1,  # one more, to say "too many" in the form
+                max_fields=MAX_FIELDS,
+                max_size=limits.max_message_size,
+            )
+        except OSError as exc:
+            # Attachments spooled to a full disk: what was typed is lost with the form, but
+            # the answer is the same as for a full storage, not an error page.
+            if not no_space(exc):
+                raise
+            draft = Draft(client_key=secrets.token_urlsafe(24))
+            return storage_full(request, draft, InsufficientStorage(), True)
         try:
             draft = Draft.from_form(form)
             if not _CLIENT_KEY.fullmatch(draft.client_key):
@@ -596,6 +642,8 @@ def routes(cfg: Config) -> list[BaseRoute]:
                     peer=request.client.host if request.client else "unknown",
                     via="webmail",
                 )
+            except InsufficientStorage as exc:
+                return storage_full(request, draft, exc, bool(uploads))
             except SubmitError as exc:
                 # submit() refuses for size alone, or for size times recipients (its title
                 # says which: both are kind "too-large").
