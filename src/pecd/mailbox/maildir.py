@@ -79,6 +79,7 @@ FOLDERS: tuple[str, ...] = ("Sent", "Drafts", "Trash", "Junk", "Archive")
 DELIMITER = "/"
 
 _SUBDIRS = ("cur", "new", "tmp")
+_TOKEN_BYTES = 6  # random bytes in a tmp file's name, as 12 hex digits (see _OWN_TMP_RE)
 _KEY_HEX = 40
 _LOCK_NAME = "pecd-deliver.lock"
 _SIZE_RE = re.compile(r",S=(\d+)")
@@ -156,7 +157,7 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_dir(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -206,13 +207,18 @@ class _Flush:
         self.dev: int | None = None
         if mode == "auto" and _SYNCFS is not None:
             with contextlib.suppress(OSError):
-                # A first delivery makes the tree (the syncfs covers the new directories).
-                os.makedirs(root, mode=0o700, exist_ok=True)
-                self.fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    self.fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+                except FileNotFoundError:
+                    # A first delivery makes the tree (the syncfs covers the new directories).
+                    os.makedirs(root, mode=0o700, exist_ok=True)
+                    self.fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
                 self.dev = os.fstat(self.fd).st_dev
-        self.unsynced: list[Path] = []  # tmp files whose contents await the syncfs
-        self.synced_dirs: dict[Path, None] = {}  # directories whose entries await the syncfs
-        self.dirs: dict[Path, None] = {}  # directories to fsync one by one
+        # Paths as strings: these are built for every message, and pathlib costs more than
+        # the string formatting (the system calls take either).
+        self.unsynced: list[str] = []  # tmp files whose contents await the syncfs
+        self.synced_dirs: dict[str, None] = {}  # directories whose entries await the syncfs
+        self.dirs: dict[str, None] = {}  # directories to fsync one by one
 
     def covers(self, dev: int) -> bool:
         return self.fd is not None and dev == self.dev
@@ -222,7 +228,7 @@ class _Flush:
             os.close(self.fd)
             self.fd = None
 
-    def directory(self, path: Path, covered: bool) -> None:
+    def directory(self, path: str, covered: bool) -> None:
         """The entries of ``path`` (a link, a directory made) must be durable at :meth:`links`."""
         (self.synced_dirs if covered else self.dirs)[path] = None
 
@@ -231,7 +237,7 @@ class _Flush:
         (at once when the syncfs does not cover it: the folder is not made again, so a later
         batch would not fsync it)."""
         if self.fd is not None and os.stat(path).st_dev == self.dev:
-            self.synced_dirs[path] = None
+            self.synced_dirs[os.fspath(path)] = None
         else:
             _fsync_dir(path)
 
@@ -316,8 +322,8 @@ class MaildirStore:
         self.sync: SyncMode = "fsync" if mode == "fsync" else "auto"
         # (address, folder) -> (mailbox root, folder path, its st_dev) of folders known to
         # exist: checking and creating the tree costs a dozen system calls that every delivery
-        # would repeat.
-        self._ready: dict[tuple[str, str], tuple[Path, Path, int]] = {}
+        # would repeat. The paths as strings, which the delivery builds its own from.
+        self._ready: dict[tuple[str, str], tuple[str, str, int]] = {}
         self._root_resolved: Path | None = None
 
     # -- addressing -------------------------------------------------------------------------
@@ -441,15 +447,21 @@ class MaildirStore:
         results: list[Delivered | Exception | None] = [None] * len(parcels)
         flush = _Flush(self.root, self.sync)
         staged: list[_Staged] = []
+        # The tmp files' unique suffixes: the pid (a system call each time) and random bytes
+        # taken once for the whole batch, not once per file.
+        pid = os.getpid()
+        tokens = secrets.token_hex(_TOKEN_BYTES * len(parcels))
         try:
             for i, parcel in enumerate(parcels):
+                token = tokens[2 * _TOKEN_BYTES * i : 2 * _TOKEN_BYTES * (i + 1)]
                 try:
-                    staged.append(self._stage(i, parcel, flush))
+                    staged.append(self._stage(i, parcel, flush, f".{pid}.{token}"))
                 except FileNotFoundError:
                     # The tree changed under us (a mailbox removed by hand): make it again, once.
                     self._ready.pop((normalize_address(parcel.address), parcel.folder), None)
                     try:
-                        staged.append(self._stage(i, parcel, flush))
+                        suffix = f".{pid}.{secrets.token_hex(_TOKEN_BYTES)}"
+                        staged.append(self._stage(i, parcel, flush, suffix))
                     except Exception as exc:
                         results[i] = exc
                 except Exception as exc:
@@ -480,23 +492,27 @@ class MaildirStore:
     def _finished(results: list[Delivered | Exception | None]) -> list[Delivered | Exception]:
         return [r if r is not None else OSError(errno.EIO, "not delivered") for r in results]
 
-    def _stage(self, index: int, parcel: Parcel, flush: _Flush) -> _Staged:
-        """Write the parcel into its folder's tmp/ (made durable by ``flush``)."""
+    def _stage(self, index: int, parcel: Parcel, flush: _Flush, suffix: str) -> _Staged:
+        """Write the parcel into its folder's tmp/ (made durable by ``flush``), named
+        ``<name>`` + ``suffix`` (``.<pid>.<12 hex digits>``)."""
         canonical = normalize_address(parcel.address)
         ready = self._ready.get((canonical, parcel.folder))
         if ready is None:
-            base = self._ensure(parcel.address, flush.created)
-            path = self._ensure_folder(base, parcel.folder, flush.created)
-            ready = base, path, os.stat(path).st_dev
+            base_path = self._ensure(parcel.address, flush.created)
+            folder_path = self._ensure_folder(base_path, parcel.folder, flush.created)
+            ready = os.fspath(base_path), os.fspath(folder_path), os.stat(folder_path).st_dev
             self._ready[(canonical, parcel.folder)] = ready
         base, path, dev = ready
         covered = flush.covers(dev)
         body = to_crlf(parcel.data)
-        name = f"{self.name_for(parcel.key)},S={len(body)}"
-        tmp = path / "tmp" / f"{name}.{os.getpid()}.{secrets.token_hex(6)}"
+        stem = self.name_for(parcel.key)
+        name = f"{stem},S={len(body)}"
+        tmp = f"{path}/tmp/{name}{suffix}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            write_all(fd, body)
+            written = os.write(fd, body)
+            if written < len(body):
+                write_all(fd, body[written:])  # a short write: rare on a file
             # The mtime is the arrival time, to the microsecond: files not numbered yet get
             # their UIDs in mtime order (pecd.mailbox.uidlist), and the kernel's own file
             # times are too coarse (a few ms) to order deliveries made in quick succession.
@@ -511,7 +527,7 @@ class MaildirStore:
         os.close(fd)
         if covered:
             flush.unsynced.append(tmp)
-        return _Staged(index, canonical, base, path, name, len(body), tmp, covered)
+        return _Staged(index, canonical, base, path, name, stem, len(body), tmp, covered)
 
     def _link_all(
         self,
@@ -522,7 +538,7 @@ class MaildirStore:
         fresh: bool,
     ) -> None:
         """Link every staged file into new/, a mailbox at a time under its lock."""
-        by_mailbox: dict[Path, list[_Staged]] = {}
+        by_mailbox: dict[str, list[_Staged]] = {}
         for st in staged:
             if results[st.index] is None:
                 by_mailbox.setdefault(st.base, []).append(st)
@@ -532,22 +548,22 @@ class MaildirStore:
                 # deliveries of one key could both pass the check while an IMAP server moves
                 # the first file from new/ to cur/ in between.
                 with self._delivery_lock(base):
-                    stems: dict[Path, set[str]] = {}
+                    stems: dict[str, set[str]] = {}
                     for st in group:
                         if not (fresh or parcels[st.index].fresh):
-                            stems.setdefault(st.path, set()).add(st.name.split(",", 1)[0])
-                    found: dict[Path, dict[str, Path]] = {}
+                            stems.setdefault(st.path, set()).add(st.stem)
+                    found: dict[str, dict[str, str]] = {}
                     used: dict[str, int] = {}
                     # A key's first parcel in this batch, by folder and name, and its outcome:
                     # a later one of the same key gets the same (even when fresh, which would
                     # not search the folder: otherwise two files if the sizes differ).
-                    first: dict[tuple[Path, str], Delivered | Exception] = {}
+                    first: dict[tuple[str, str], Delivered | Exception] = {}
                     for st in group:
                         parcel = parcels[st.index]
-                        same = (st.path, st.name.split(",", 1)[0])
+                        same = (st.path, st.stem)
                         earlier = first.get(same)
                         if isinstance(earlier, Delivered):
-                            flush.directory(earlier.path.parent, st.covered)
+                            flush.directory(os.fspath(earlier.path.parent), st.covered)
                             results[st.index] = Delivered(earlier.path, created=False)
                             continue
                         if earlier is not None:
@@ -571,43 +587,44 @@ class MaildirStore:
         self,
         st: _Staged,
         parcel: Parcel,
-        stems: dict[Path, set[str]],
-        found: dict[Path, dict[str, Path]],
+        stems: dict[str, set[str]],
+        found: dict[str, dict[str, str]],
         used: dict[str, int],
         fresh: bool,
         flush: _Flush,
     ) -> Delivered:
-        stem = st.name.split(",", 1)[0]
+        stem = st.stem
         fresh = fresh or parcel.fresh
         if not fresh:
             if st.path not in found:
                 found[st.path] = self._existing(st.path, stems[st.path])
             existing = found[st.path].get(stem)
             if existing is not None:
-                flush.directory(existing.parent, st.covered)
-                return Delivered(existing, created=False)
+                flush.directory(os.path.dirname(existing), st.covered)
+                return Delivered(Path(existing), created=False)
         if parcel.quota_bytes is not None:
             if st.address not in used:
                 used[st.address] = self.usage(st.address)
             if used[st.address] + st.size > parcel.quota_bytes:
                 raise MailboxFull(st.address, used[st.address], parcel.quota_bytes)
-        dest = st.path / "new" / st.name
+        new = f"{st.path}/new"
+        dest = f"{new}/{st.name}"
         try:
             # link, not rename: it fails instead of replacing an existing file.
             os.link(st.tmp, dest)
         except FileExistsError:  # someone else linked the same name meanwhile
-            flush.directory(dest.parent, st.covered)
-            return Delivered(dest, created=False)
-        flush.directory(dest.parent, st.covered)
+            flush.directory(new, st.covered)
+            return Delivered(Path(dest), created=False)
+        flush.directory(new, st.covered)
         if not fresh:
             found[st.path][stem] = dest
         if parcel.quota_bytes is not None:
             used[st.address] += st.size
-        return Delivered(dest, created=True)
+        return Delivered(Path(dest), created=True)
 
     @contextlib.contextmanager
-    def _delivery_lock(self, base: Path) -> Iterator[None]:
-        fd = os.open(base / _LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    def _delivery_lock(self, base: str) -> Iterator[None]:
+        fd = os.open(f"{base}/{_LOCK_NAME}", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -615,14 +632,14 @@ class MaildirStore:
             os.close(fd)
 
     @staticmethod
-    def _existing(path: Path, stems: set[str]) -> dict[str, Path]:
+    def _existing(path: str, stems: set[str]) -> dict[str, str]:
         """The files of a folder whose names derive from ``stems`` (what :meth:`name_for`
         gives), by stem: one read of the folder for every parcel of a batch that goes there."""
         # new/ before cur/: an IMAP server only ever moves new -> cur, so this order cannot
         # miss a file that is being claimed while we look.
-        found: dict[str, Path] = {}
+        found: dict[str, str] = {}
         for sub in ("new", "cur"):
-            with os.scandir(path / sub) as entries:
+            with os.scandir(f"{path}/{sub}") as entries:
                 for entry in entries:
                     name = entry.name
                     stem = name[:_KEY_HEX]
@@ -631,7 +648,7 @@ class MaildirStore:
                         and stem not in found
                         and name[_KEY_HEX : _KEY_HEX + 1] in ("", ",", ":")
                     ):
-                        found[stem] = Path(entry.path)
+                        found[stem] = entry.path
         return found
 
     # -- inspection -------------------------------------------------------------------------
@@ -747,11 +764,12 @@ class _Staged:
 
     index: int
     address: str  # normalised
-    base: Path  # the mailbox root (its lock)
-    path: Path  # the folder
+    base: str  # the mailbox root (its lock)
+    path: str  # the folder
     name: str  # in new/
+    stem: str  # what the key maps to (name_for), the start of ``name``
     size: int
-    tmp: Path
+    tmp: str
     covered: bool  # made durable by syncfs (else fsynced itself, its directory later)
 
 

@@ -26,7 +26,7 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, cast
 
 from asn1crypto import cms, core
 from asn1crypto import x509 as asn1_x509
@@ -67,12 +67,15 @@ _MICALG: dict[str, str] = {
     "sha384": "sha-384",
     "sha512": "sha-512",
 }
+# One instance of each: cryptography's algorithm and padding objects hold no state.
+_HASH_OBJECTS: dict[str, hashes.HashAlgorithm] = {name: cls() for name, cls in _HASHES.items()}
+_PKCS1 = padding.PKCS1v15()
 _CRLF = b"\r\n"
 _ANY_EOL = re.compile(rb"\r?\n")
 _HEAD_END = re.compile(rb"\n\r?\n")
 _BCHARS = re.compile(r"[0-9A-Za-z'()+_,\-./:=? ]{0,69}[0-9A-Za-z'()+_,\-./:=?]")
 _B64_BODY = re.compile(rb"[A-Za-z0-9+/]*={0,2}")
-_WSP = re.compile(rb"[ \t\r\n]+")
+_WSP_BYTES = b" \t\r\n"
 _NOT_A_FOLD = re.compile(rb"\r\n(?![ \t])")
 _MAX_BOUNDARY = 200  # RFC 2046 says 70; be lenient on reading, but bound the work.
 _MAX_CHAIN = 8
@@ -129,6 +132,9 @@ class KeySigner:
         self._key = key
         self._certificate = certificate
         self._chain = tuple(chain)
+        # Which kind of key, decided once: an isinstance against cryptography's abstract
+        # classes on every signature costs more than the rest of this method's Python.
+        self._rsa_key = key if isinstance(key, rsa.RSAPrivateKey) else None
 
     @classmethod
     def from_pem(
@@ -154,10 +160,10 @@ class KeySigner:
         return self._chain
 
     def sign_digest_input(self, data: bytes, digest: DigestName) -> bytes:
-        algorithm = _HASHES[digest]()
-        if isinstance(self._key, rsa.RSAPrivateKey):
-            return self._key.sign(data, padding.PKCS1v15(), algorithm)
-        return self._key.sign(data, ec.ECDSA(algorithm))
+        algorithm = _HASH_OBJECTS[digest]
+        if self._rsa_key is not None:
+            return self._rsa_key.sign(data, _PKCS1, algorithm)
+        return cast(ec.EllipticCurvePrivateKey, self._key).sign(data, ec.ECDSA(algorithm))
 
 
 def _cms_time(when: datetime) -> cms.Time:
@@ -203,13 +209,44 @@ def _signed_attrs(digest: DigestName, signing_time: datetime, message_digest: by
 
 
 def _signer_der(signer: Signer) -> tuple[bytes, tuple[bytes, ...]]:
-    return _cert_der(signer.certificate), tuple(_cert_der(c) for c in signer.chain)
+    chain = signer.chain
+    return _cert_der(signer.certificate), tuple(_cert_der(c) for c in chain) if chain else ()
 
 
-@functools.lru_cache(maxsize=32)
+@dataclass(frozen=True, slots=True)
+class _Encoded:
+    """What is derived from one certificate object, once: its DER and the SHA-1 of it."""
+
+    cert: x509.Certificate  # held, so that its id() is not reused while the entry lives
+    der: bytes
+    sha1: str
+
+
+# By the id() of the certificate object: the signer's certificate and those of the CMS read
+# (:func:`_certificate`) are the same objects from one message to the next, and hashing a
+# certificate for a dictionary (cryptography hashes its whole encoding) costs more than
+# encoding it. A certificate met as another object is looked up as a new one.
+_ENCODED: dict[int, _Encoded] = {}
+_MAX_ENCODED = 64
+
+
+def _encoded(cert: x509.Certificate) -> _Encoded:
+    found = _ENCODED.get(id(cert))
+    if found is not None and found.cert is cert:
+        return found
+    der = cert.public_bytes(serialization.Encoding.DER)
+    entry = _Encoded(cert, der, hashlib.sha1(der).hexdigest())
+    if len(_ENCODED) >= _MAX_ENCODED:
+        # The oldest goes; without a lock (see _remember), at worst a no-op.
+        with contextlib.suppress(KeyError, RuntimeError, StopIteration):
+            _ENCODED.pop(next(iter(_ENCODED)))
+    _ENCODED[id(cert)] = entry
+    return entry
+
+
 def _cert_der(cert: x509.Certificate) -> bytes:
     """A certificate's DER, encoded once (every signature looks its templates up by it)."""
-    return cert.public_bytes(serialization.Encoding.DER)
+    return _encoded(cert).der
 
 
 def _signature_algorithm(public_key: object, digest: DigestName) -> str:
@@ -275,6 +312,10 @@ class _Template:
 
     pieces: tuple[bytes, ...]
     order: tuple[int, ...]
+    # The pieces as one bytes format, "%b" for each field in the order of the DER: a fill is
+    # then one formatting in C instead of a list built in Python.
+    pattern: bytes
+    in_order: bool  # the fields come in the DER in the order fill is given them
 
     @classmethod
     def cut(cls, der: bytes, slots: Sequence[bytes]) -> _Template | None:
@@ -290,7 +331,8 @@ class _Template:
             order.append(index)
             pos = start + length
         pieces.append(der[pos:])
-        return cls(tuple(pieces), tuple(order))
+        pattern = b"%b".join(piece.replace(b"%", b"%%") for piece in pieces)
+        return cls(tuple(pieces), tuple(order), pattern, order == sorted(order))
 
     def match(self, der: bytes, sizes: Sequence[int]) -> list[bytes] | None:
         """The variable fields of ``der`` (each of its size in ``sizes``) when everything else
@@ -309,11 +351,9 @@ class _Template:
         return values
 
     def fill(self, values: Sequence[bytes]) -> bytes:
-        out = [self.pieces[0]]
-        for index, piece in zip(self.order, self.pieces[1:], strict=True):
-            out.append(values[index])
-            out.append(piece)
-        return b"".join(out)
+        if self.in_order and len(values) == len(self.order):
+            return self.pattern % tuple(values)
+        return self.pattern % tuple(values[index] for index in self.order)
 
 
 @functools.lru_cache(maxsize=16)
@@ -359,7 +399,15 @@ def cms_sign_detached(
         return _cms_sign_built(content, signer, digest, signing_time)
     _remember(cert_der, chain_der, digest, size)
     attrs_template, whole_template = templates
-    time_der = when.strftime("%y%m%d%H%M%SZ").encode("ascii")
+    # UTCTime YYMMDDhhmmssZ (the year is 1950-2049 here); formatting is cheaper than strftime.
+    time_der = b"%02d%02d%02d%02d%02d%02dZ" % (
+        when.year % 100,
+        when.month,
+        when.day,
+        when.hour,
+        when.minute,
+        when.second,
+    )
     message_digest = hashlib.new(digest, content).digest()
     signature = signer.sign_digest_input(attrs_template.fill([time_der, message_digest]), digest)
     if len(signature) != size:  # a signer (an HSM adapter) that drops leading zero bytes
@@ -384,9 +432,28 @@ def _header_line(name: str, value: str) -> bytes:
     return encoded + _CRLF
 
 
+def _header_block(headers: Sequence[tuple[str, str]]) -> bytes:
+    """The lines of ``headers``, as :func:`_header_line` makes each. Values without a line
+    break (all but a folded one) and names that need no check take one encode for the block;
+    anything else goes line by line, which raises what it would have raised."""
+    if not any(_BAD_HEADER_NAME.search(name) or not name for name, _ in headers):
+        text = "".join([f"{name}: {value}\r\n" for name, value in headers])
+        # Each line adds one CR and one LF: any more is a line break inside a value.
+        if text.count("\n") == len(headers) and text.count("\r") == len(headers):
+            with contextlib.suppress(UnicodeEncodeError):
+                return text.encode()
+    return b"".join([_header_line(n, v) for n, v in headers])
+
+
+_BAD_HEADER_NAME = re.compile(r"[: \t\r\n]")
+_B64_LINE = 76
+
+
 def _base64_lines(data: bytes) -> bytes:
     text = binascii.b2a_base64(data, newline=False)
-    return b"".join(text[i : i + 76] + _CRLF for i in range(0, len(text), 76))
+    if not text:
+        return b""
+    return _CRLF.join([text[i : i + _B64_LINE] for i in range(0, len(text), _B64_LINE)]) + _CRLF
 
 
 def _new_boundary(inner: bytes) -> str:
@@ -420,26 +487,43 @@ def sign_multipart(
         raise ValueError("boundary is not valid or occurs in the signed content")
     der = cms_sign_detached(inner, signer, digest=digest, signing_time=signing_time)
     delimiter = b"--" + boundary.encode("ascii")
-    out = [_header_line(n, v) for n, v in headers]
-    out.append(b"MIME-Version: 1.0\r\n")
-    out.append(
-        f'Content-Type: multipart/signed; protocol="{CT_SIGNATURE}";\r\n'
-        f'\tmicalg="{_MICALG[digest]}"; boundary="{boundary}"\r\n'.encode("ascii")
+    # One join, one copy of ``inner``: the pieces around it are made from constants.
+    return b"".join(
+        (
+            _header_block(headers),
+            _MIME_VERSION,
+            _CT_SIGNED_HEAD,
+            _MICALG_PARAM[digest],
+            boundary.encode("ascii"),
+            b'"\r\n\r\n',
+            _PREAMBLE_LINE,
+            delimiter,
+            _CRLF,
+            inner,
+            _CRLF,
+            delimiter,
+            _CRLF,
+            _SIGNATURE_PART_HEAD,
+            _base64_lines(der),
+            _CRLF,
+            delimiter,
+            b"--\r\n",
+        )
     )
-    out += [
-        _CRLF,
-        SMIME_PREAMBLE.encode("ascii") + _CRLF,
-        delimiter + _CRLF,
-        inner,
-        _CRLF + delimiter + _CRLF,
-        f'Content-Type: {CT_SIGNATURE}; name="{SMIME_FILENAME}"\r\n'.encode("ascii"),
-        b"Content-Transfer-Encoding: base64\r\n",
-        f'Content-Disposition: attachment; filename="{SMIME_FILENAME}"\r\n'.encode("ascii"),
-        _CRLF,
-        _base64_lines(der),
-        _CRLF + delimiter + b"--" + _CRLF,
-    ]
-    return b"".join(out)
+
+
+_MIME_VERSION = b"MIME-Version: 1.0\r\n"
+_CT_SIGNED_HEAD = f'Content-Type: multipart/signed; protocol="{CT_SIGNATURE}";\r\n'.encode("ascii")
+_MICALG_PARAM = {
+    name: f'\tmicalg="{micalg}"; boundary="'.encode("ascii") for name, micalg in _MICALG.items()
+}
+_PREAMBLE_LINE = SMIME_PREAMBLE.encode("ascii") + _CRLF
+_SIGNATURE_PART_HEAD = (
+    f'Content-Type: {CT_SIGNATURE}; name="{SMIME_FILENAME}"\r\n'
+    "Content-Transfer-Encoding: base64\r\n"
+    f'Content-Disposition: attachment; filename="{SMIME_FILENAME}"\r\n'
+    "\r\n"
+).encode("ascii")
 
 
 # --- parsing the MIME structure ---------------------------------------------------------------
@@ -459,8 +543,14 @@ def _split_head(raw: bytes) -> tuple[bytes, bytes] | None:
 
 def _header_value(head: bytes, wanted: str) -> str | None:
     """The unfolded value of the first field called ``wanted`` (any case), decoded as Latin-1."""
+    start = _field_start(wanted).search(head)
+    if start is None:
+        return None
+    # No line before ``start`` is the field (the pattern finds every line that can be), so
+    # reading from there gives what reading the whole block would.
     value: list[bytes] | None = None
-    for line in head.split(b"\n"):
+    wanted_name = wanted.encode("ascii")
+    for line in head[start.start() :].split(b"\n"):
         line = line.removesuffix(b"\r")
         if line[:1] in (b" ", b"\t"):
             if value is not None:
@@ -469,15 +559,41 @@ def _header_value(head: bytes, wanted: str) -> str | None:
         if value is not None:
             break
         name, colon, rest = line.partition(b":")
-        if colon and name.strip().lower() == wanted.encode("ascii"):
+        if colon and name.strip().lower() == wanted_name:
             value = [rest]
     if value is None:
         return None
     return " ".join(v.decode("latin-1").strip() for v in value).strip()
 
 
+@functools.lru_cache(maxsize=8)
+def _field_start(wanted: str) -> re.Pattern[bytes]:
+    """Where a line that may be the field ``wanted`` starts: at least every line whose name, as
+    :func:`_header_value` strips and lowercases it, is ``wanted`` (its first byte is not a
+    fold's SP or HTAB, and bytes.strip's whitespace may surround the name)."""
+    name = re.escape(wanted.encode("ascii"))
+    return re.compile(rb"^[\r\x0b\x0c][ \t\r\x0b\x0c]*" + name + rb"|^" + name, re.I | re.M)
+
+
 def _split_params(value: str) -> list[str]:
     """Split a structured header value on ``;`` outside quoted strings."""
+    if "\\" not in value:
+        # Without a backslash every quote opens or closes a quoted string: the text between
+        # two quotes is in one, and only the ";" of the rest split.
+        pieces = value.split('"')
+        if len(pieces) == 1:
+            return value.split(";")
+        split = [""]
+        for i, piece in enumerate(pieces):
+            if i:
+                split[-1] += '"'
+            if i % 2:
+                split[-1] += piece
+            else:
+                first, *more = piece.split(";")
+                split[-1] += first
+                split += more
+        return split
     parts: list[str] = []
     buf: list[str] = []
     quoted = escaped = False
@@ -508,9 +624,14 @@ def _content_type(value: str) -> tuple[str, dict[str, str]]:
             continue
         val = val.strip()
         if len(val) >= 2 and val[0] == '"' and val[-1] == '"':
-            val = re.sub(r"\\(.)", r"\1", val[1:-1])
+            val = val[1:-1]
+            if "\\" in val:
+                val = _QUOTED_PAIR.sub(r"\1", val)
         params[name] = val
     return first.strip().lower(), params
+
+
+_QUOTED_PAIR = re.compile(r"\\(.)")
 
 
 def _line_end(body: bytes, pos: int) -> int:
@@ -542,7 +663,7 @@ def _decode_signature_part(part: bytes) -> bytes:
     if cte == "binary":
         der = body
     elif cte in ("base64", "7bit"):
-        text = _WSP.sub(b"", body)
+        text = body.translate(None, _WSP_BYTES)
         if not text or not _B64_BODY.fullmatch(text) or len(text) % 4:
             raise SignatureError("malformed-mime", "the signature part is not valid base64")
         der = binascii.a2b_base64(text)
@@ -562,11 +683,25 @@ _DASH_LINE = re.compile(rb"^--([^\r\n]*)\r?$", re.MULTILINE)
 def _delimiter(body: bytes, boundary: bytes, pos: int) -> tuple[int, int, bool] | None:
     """The first delimiter line of ``boundary`` at or after ``pos``: (start of the line, end of
     its text, whether it is the closing one); None if there is none. A pattern compiled for
-    each message's own boundary would cost more than the search."""
-    for m in _DASH_LINE.finditer(body, pos):
-        kind = delimiter_kind(m.group(1), boundary)
-        if kind:
-            return m.start(), m.end(), kind == 2
+    each message's own boundary would cost more than the search.
+
+    What :data:`_DASH_LINE` would find, line by line, among the lines that start with
+    ``--boundary`` (a delimiter line can be no other): found with bytes.find, which skips the
+    text between them far faster than the pattern tries each line."""
+    dashes = b"--" + boundary
+    at = body.find(dashes, pos)
+    while at >= 0:
+        if at == 0 or body[at - 1] == 10:  # at the start of a line
+            # A line of _DASH_LINE: no CR or LF in its text, but one CR before its LF.
+            eol = body.find(b"\n", at)
+            end = len(body) if eol < 0 else eol
+            text_end = end - 1 if end > at and body[end - 1] == 13 else end
+            text = body[at + 2 : text_end]
+            if b"\r" not in text:
+                kind = delimiter_kind(text, boundary)
+                if kind:
+                    return at, end, kind == 2
+        at = body.find(dashes, at + 1)
     return None
 
 
@@ -870,7 +1005,7 @@ def _parse_cms(der: bytes) -> _Cms:
 
 
 def _check_signature(parsed: _Cms, signer: x509.Certificate, content: bytes) -> None:
-    algorithm = _HASHES[parsed.digest]()
+    algorithm = _HASH_OBJECTS[parsed.digest]
     data = parsed.signed_attrs_der if parsed.signed_attrs_der is not None else content
     try:
         key = signer.public_key()
@@ -880,7 +1015,7 @@ def _check_signature(parsed: _Cms, signer: x509.Certificate, content: bytes) -> 
         raise SignatureError("malformed-cms", "the signer public key cannot be read") from exc
     try:
         if parsed.signature_algo == "rsassa_pkcs1v15" and isinstance(key, rsa.RSAPublicKey):
-            key.verify(parsed.signature, data, padding.PKCS1v15(), algorithm)
+            key.verify(parsed.signature, data, _PKCS1, algorithm)
         elif parsed.signature_algo == "ecdsa" and isinstance(key, ec.EllipticCurvePublicKey):
             key.verify(parsed.signature, data, ec.ECDSA(algorithm))
         else:
@@ -1036,7 +1171,7 @@ def _verify(
         _learn(der, signer, parsed)
     return SignatureInfo(
         signer=signer,
-        signer_sha1=hashlib.sha1(_der(signer)).hexdigest(),
+        signer_sha1=_encoded(signer).sha1,
         certificates=parsed.certificates,
         digest=parsed.digest,
         signing_time=parsed.signing_time,
