@@ -5,9 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import socket
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,12 +20,19 @@ from pecd.mailbox.maildir import MaildirStore, start_tmp_cleanup
 from pecd.memory import return_freed_messages_to_the_system
 from pecd.runtime import observe
 from pecd.runtime.access import AccessPoint
-from pecd.runtime.diskspace import FreeSpace
+from pecd.runtime.diskspace import FreeSpace, storage_watch
 from pecd.runtime.formats import FormatWorkers
 from pecd.runtime.identity import provider_identity
 from pecd.runtime.intake import Intake
 from pecd.runtime.leadership import Leadership
-from pecd.runtime.metrics import MetricsServer, process_gone, scanner_ping, use_multiprocess
+from pecd.runtime.metrics import (
+    MetricsServer,
+    multiprocess_dir,
+    process_gone,
+    remove_multiprocess_dir,
+    scanner_ping,
+    use_multiprocess,
+)
 from pecd.runtime.reception import ReceptionPoint
 from pecd.runtime.relay import RelayClient
 from pecd.runtime.sealer import Sealer
@@ -113,6 +118,8 @@ class App:
     # cfg.processes, whose default is one per CPU on PostgreSQL; an App made in a program or a
     # test keeps everything in its own process unless the config says otherwise.)
     processes: int | None = None
+    # Where the child processes count their metrics, summed on this process's port (metrics.py).
+    metrics_dir: Path | None = None
 
     async def __aenter__(self) -> App:
         try:
@@ -140,6 +147,14 @@ class App:
                 n = await release_all_running(s)
             if n:
                 log.info("recovered %d jobs left running by a previous run", n)
+        if self.role is None and cfg.metrics.listen is not None:
+            # The children (mailbox, web, engine processes) count in files of their own under a
+            # directory made fresh for this start, summed by this process's port. Removed after
+            # they have stopped (the stack closes in reverse).
+            self.metrics_dir = path = multiprocess_dir()
+            self.stack.callback(remove_multiprocess_dir, path)
+            use_multiprocess(path)
+            self.stack.callback(use_multiprocess, None)
         processes = self.processes if self.processes is not None else cfg.serve.processes or 1
         if self.role is None and processes > 1:
             await self._start_supervisor(db, processes)
@@ -164,15 +179,6 @@ class App:
             extra["format_processes"] = engine_format_processes(
                 cfg.queue.format_processes, processes
             )
-        on_gone = None
-        if cfg.metrics.listen is not None:
-            # Each engine process counts in files of its own, summed when scraped (metrics.py).
-            path = Path(tempfile.mkdtemp(prefix="pecd-metrics-"))
-            self.stack.callback(shutil.rmtree, path, True)
-            use_multiprocess(path)
-            self.stack.callback(use_multiprocess, None)
-            extra["metrics_dir"] = str(path)
-            on_gone = process_gone
         self.engines = EngineGroup(
             cfg,
             processes,
@@ -180,7 +186,8 @@ class App:
             debug=log.isEnabledFor(logging.DEBUG),
             extra=extra,
             release=lambda prefix: release_worker_jobs(db, prefix),
-            on_gone=on_gone,
+            metrics_dir=self.metrics_dir,
+            on_gone=process_gone,
         )
         scanner = make_scanner(cfg)
         self.stack.push_async_callback(scanner.close)
@@ -204,13 +211,23 @@ class App:
         await self._start_children(wake=self.engines.wake)
 
     async def _start_children(self, wake: Callable[[], None]) -> None:
+        debug = log.isEnabledFor(logging.DEBUG)
         # IMAP and POP3 run in a supervised process of their own (see runtime/supervisor.py).
-        self.mailboxes = MailboxSupervisor(self.cfg, debug=log.isEnabledFor(logging.DEBUG))
+        # Their metrics are summed on this process's port (metrics_dir: None when none is served).
+        self.mailboxes = MailboxSupervisor(
+            self.cfg, debug=debug, metrics_dir=self.metrics_dir, on_gone=process_gone
+        )
         await self.mailboxes.start(self.stack)
         # The web application (HTTPS) likewise, when listeners.https is set.
         if self.cfg.listeners.https is not None:
             # What the web process commits (an API or compose submission) wakes the pipeline.
-            self.web = WebSupervisor(self.cfg, debug=log.isEnabledFor(logging.DEBUG), on_wake=wake)
+            self.web = WebSupervisor(
+                self.cfg,
+                debug=debug,
+                on_wake=wake,
+                metrics_dir=self.metrics_dir,
+                on_gone=process_gone,
+            )
             await self.web.start(self.stack)
 
     async def _start_engine(self, db: Database) -> None:
@@ -321,7 +338,7 @@ class App:
             await pool.start(self.stack)
         lst = cfg.listeners
         # Room for two of the largest messages on the data and Maildir filesystems, else 452.
-        space = FreeSpace([cfg.storage.data_dir, cfg.maildir_root], 2 * cfg.limits.max_message_size)
+        space = FreeSpace(*storage_watch(cfg))
         intake = Intake(db, runner.wake, space=space)
         await intake.start(self.stack)
         socks = role.sockets if role is not None else {}
@@ -334,7 +351,7 @@ class App:
             smtps=lst.smtps,
             submission=lst.submission,
             hostname=lst.hostname,
-            guard=(guard := Guard(cfg.security)),
+            guard=(guard := Guard(cfg.security, protocol="smtp")),
             sockets={k: v for k, v in socks.items() if k in ("smtps", "submission")},
         )
         await self.access.start(self.stack)

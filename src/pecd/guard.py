@@ -5,6 +5,11 @@ the admission when it closes; a login first awaits ``before_login()``, then repo
 ``failed()`` or ``succeeded()`` (or ``release()``: neither, e.g. a right password that still owes
 a second factor). The Guard keeps only counters in memory, bounded in size.
 
+The metrics count each login under its protocol (``pecd_logins_failed_total`` and
+``pecd_logins_succeeded_total``, label ``protocol``): ``failed()`` names it, ``succeeded()`` takes
+the Guard's ``protocol``. A process that serves two protocols (IMAP and POP3) gives each its own
+view, ``guard.speaking("pop3")``: the same counts, connections and log, another label.
+
 Choices:
 
 - **Client address.** IPv4 addresses count one by one; IPv6 addresses count per /64 (one
@@ -39,6 +44,7 @@ Choices:
 from __future__ import annotations
 
 import asyncio
+import copy
 import ipaddress
 import logging
 import time
@@ -95,6 +101,16 @@ class _Failures:
 _MAX_NAMED = 16
 
 
+@dataclass(slots=True)
+class _Shared:
+    """What a Guard's views (:meth:`Guard.speaking`) share besides its tables."""
+
+    log_second: float = 0.0  # the second the log's lines are being counted in
+    log_lines: int = 0
+    suppressed: int = 0
+    refused: int = 0  # connections refused
+
+
 class Admission:
     """One admitted connection; ``release()`` (idempotent) when it closes."""
 
@@ -130,6 +146,7 @@ class Guard:
         self,
         cfg: SecurityConfig,
         *,
+        protocol: str | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         max_tracked: int = 100_000,
@@ -138,6 +155,8 @@ class Guard:
         reserve_seconds: float = 120.0,
     ) -> None:
         self.cfg = cfg
+        # What succeeded() counts its logins under in the metrics (None: not counted).
+        self.protocol = protocol
         self.clock = clock
         self.sleep = sleep
         self.max_tracked = max_tracked
@@ -153,15 +172,27 @@ class Guard:
         self._by_account: OrderedDict[str, _Failures] = OrderedDict()
         # (account, client key) -> time of the last successful login, oldest first.
         self._known: OrderedDict[tuple[str, str], float] = OrderedDict()
-        self._log_second = 0.0
-        self._log_lines = 0
-        self._suppressed = 0
+        self._shared = _Shared()
         # What the throttle did, for tests and benchmarks (the most recent attempts): the delay
         # each login attempt owed by the counts (0 for none), the time it actually waited, and
-        # how many connections were refused.
+        # how many connections were refused (:attr:`refused`).
         self.owed: deque[float] = deque(maxlen=1000)
         self.waits: deque[float] = deque(maxlen=1000)
-        self.refused = 0
+        if protocol is not None:
+            metrics.logins_counted(protocol)
+
+    def speaking(self, protocol: str) -> Guard:
+        """This Guard as the listeners of ``protocol`` use it: every count, connection, delay and
+        log line shared with this one; its successful logins counted under ``protocol``."""
+        view = copy.copy(self)  # a shallow copy: the tables and the shared state are the same
+        view.protocol = protocol
+        metrics.logins_counted(protocol)
+        return view
+
+    @property
+    def refused(self) -> int:
+        """Connections refused by :meth:`admit` (every view's)."""
+        return self._shared.refused
 
     # --- connections -------------------------------------------------------------------------
 
@@ -173,7 +204,7 @@ class Guard:
         per = self._conns.get((listener, key), 0)
         total = self._totals.get(listener, 0)
         if per >= self.cfg.max_connections_per_address or total >= self.cfg.max_connections:
-            self.refused += 1
+            self._shared.refused += 1
             return None
         self._conns[(listener, key)] = per + 1
         self._totals[listener] = total + 1
@@ -366,6 +397,8 @@ class Guard:
 
     def succeeded(self, peer: str, account: str) -> None:
         """Record a successful login: forget the failures of this address and this account."""
+        if self.protocol is not None:
+            metrics.login_succeeded(self.protocol)
         now = self.clock()
         ckey, akey = client_key(peer), account_key(account)
         crec = self._by_client.get(ckey)
@@ -389,20 +422,22 @@ class Guard:
     # --- the log -----------------------------------------------------------------------------
 
     def _log(self, now: float, msg: str, *args: object) -> None:
-        if now - self._log_second >= 1.0:
-            if self._suppressed:
-                log.info("failed login: %d more lines suppressed", self._suppressed)
-            self._log_second = now
-            self._log_lines = 0
-            self._suppressed = 0
-        if self._log_lines < self.log_lines_per_second:
-            self._log_lines += 1
+        sh = self._shared
+        if now - sh.log_second >= 1.0:
+            if sh.suppressed:
+                log.info("failed login: %d more lines suppressed", sh.suppressed)
+            sh.log_second = now
+            sh.log_lines = 0
+            sh.suppressed = 0
+        if sh.log_lines < self.log_lines_per_second:
+            sh.log_lines += 1
             log.info(msg, *args)
         else:
-            self._suppressed += 1
+            sh.suppressed += 1
 
     def flush_log(self) -> None:
         """Write the summary of suppressed lines now (at shutdown)."""
-        if self._suppressed:
-            log.info("failed login: %d more lines suppressed", self._suppressed)
-            self._suppressed = 0
+        sh = self._shared
+        if sh.suppressed:
+            log.info("failed login: %d more lines suppressed", sh.suppressed)
+            sh.suppressed = 0

@@ -4,12 +4,13 @@ Started only by :class:`pecd.runtime.supervisor.EngineSupervisor` when ``[serve]
 more than 1, with the protocol of the mailbox process (``pecd.runtime.mailbox_process``): ``FD``
 is its end of the control socket; the first line read from it is JSON with the config, the SMTP
 listening sockets its parent bound (``smtps``, ``submission``, ``reception``: name -> inherited
-file descriptor), the debug switch, its ``index``, its ``worker_prefix`` and, when the parent
-serves metrics, the ``metrics_dir`` its counters go to. It runs an :class:`pecd.app.App` in the
-engine role: the access and reception points on those sockets, its own pipeline, relay and webhook
-workers, its own format processes, a node heartbeat of its own (PostgreSQL), and the timers and
-sealer when it holds the leader lock. It answers ``ready`` once it serves, then a heartbeat line
-every ``mailbox.heartbeat_seconds`` from its event loop.
+file descriptor), the debug switch, its ``index`` and its ``worker_prefix``. (When the parent
+serves metrics, the process starts with ``PROMETHEUS_MULTIPROC_DIR`` set, as every child of
+``pecd serve``: its counters go to files the parent sums, see ``pecd.runtime.metrics``.) It runs
+an :class:`pecd.app.App` in the engine role: the access and reception points on those sockets,
+its own pipeline, relay and webhook workers, its own format processes, a node heartbeat of its
+own (PostgreSQL), and the timers and sealer when it holds the leader lock. It answers ``ready``
+once it serves, then a heartbeat line every ``mailbox.heartbeat_seconds`` from its event loop.
 
 Lines from the parent: ``wake`` (a job was committed in another process: look for work now) and
 ``reload`` (SIGHUP of ``pecd serve``: reload the provider index). It stops, draining as
@@ -66,11 +67,6 @@ async def _main(ctrl_fd: int) -> int:
                 "%(name)s: %(message)s"
             )
         )
-    if data.get("metrics_dir"):
-        # Before prometheus_client is imported (with pecd.app): it picks its mode at import.
-        if "prometheus_client" in sys.modules:
-            log.warning("metrics: prometheus_client loaded too early; this process is not counted")
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(data["metrics_dir"])
     from pecd.app import App, EngineRole
 
     socks = {name: socket.socket(fileno=fd) for name, fd in data["listeners"].items()}

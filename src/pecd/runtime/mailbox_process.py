@@ -5,6 +5,8 @@ control socket: the first line read from it is JSON with the config, the inherit
 sockets (name -> file descriptor) and the debug switch; the process answers ``ready`` once it
 serves them, then a heartbeat line every ``mailbox.heartbeat_seconds`` from its event loop. It
 stops on SIGTERM/SIGINT, and when the control socket reaches end-of-file (the parent is gone).
+Its logins (``imap``, ``pop3``) are counted in the files of ``PROMETHEUS_MULTIPROC_DIR``, which
+the parent sets when it serves metrics and sums on its port (``pecd.runtime.metrics``).
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ async def _serve(
         db = await Database.open(cfg.database_url)
         stack.push_async_callback(db.close)
         accounts = Accounts(db, max_hash_checks=cfg.security.max_hash_checks)
+        # One Guard for both protocols (a guesser gets no more tries by switching), each
+        # counting its logins under its own name.
         guard = Guard(cfg.security)
         store = MaildirStore(cfg.maildir_root)
         tls = server_tls_context(cfg)
@@ -49,7 +53,7 @@ async def _serve(
                 auth=accounts,
                 tls_context=tls,
                 hostname=lst.hostname,
-                guard=guard,
+                guard=guard.speaking("imap"),
                 limits=cfg.mailbox,
                 max_message_size=cfg.limits.max_message_size,
                 sock=socks.get("imaps"),
@@ -65,7 +69,7 @@ async def _serve(
                 store=store,
                 auth=accounts,
                 tls_context=tls,
-                guard=guard,
+                guard=guard.speaking("pop3"),
                 limits=cfg.mailbox,
                 hostname=lst.hostname,
                 sock=socks.get("pop3s"),

@@ -3,20 +3,30 @@
 
 The counters are module-level (prometheus_client's default registry): the committed trace events
 move them (:func:`count_event`, called by :mod:`pecd.runtime.observe` after each commit), the
-Guard moves ``pecd_logins_failed_total``, the stage runner observes the stage latencies. The queue
-depth and the scanner's state are read when scraped, at most every ``queue_cache_seconds``.
+Guard moves ``pecd_logins_failed_total`` and ``pecd_logins_succeeded_total`` (one label value per
+protocol: ``smtp``, ``imap``, ``pop3``, ``web``), the stage runner observes the stage latencies.
+The queue depth and the scanner's state are read when scraped, at most every
+``queue_cache_seconds``.
 
 The server is a few lines of asyncio: one request per connection, a bounded request head, a
 timeout on reading it.
 
-Several engine processes (``serve.processes`` > 1) each count their own events, in
-prometheus_client's multiprocess mode: ``pecd serve`` makes a fresh directory and hands it to each
-engine process, which sets ``PROMETHEUS_MULTIPROC_DIR`` before prometheus_client is imported, so
-its counters and histograms live in files of that process (one per pid). The parent serves the
-port (:func:`use_multiprocess`): a scrape sums every process's files (``MultiProcessCollector``;
-a dead process's counts stay in the sum, so counters never go back) and adds the gauges the
-parent reads itself (queue depth, scanner). With one process nothing of this runs. The IMAP and
-POP3 process counts its own failed logins in its own memory, not exported here.
+``pecd serve`` is one process with children: the mailbox process (IMAP, POP3), the web process
+(HTTPS) and, with ``serve.processes`` > 1, the engine processes (SMTP and the pipeline). Each
+child counts what happens in it (the mailbox and web processes their logins, an engine process
+its events) in prometheus_client's multiprocess mode: when the port is served, ``pecd serve``
+makes a fresh directory at each start (:func:`multiprocess_dir`, removed when it stops) and
+starts every child with ``PROMETHEUS_MULTIPROC_DIR`` naming it, so the child's counters and
+histograms live in files of that child (one set per pid). ``pecd serve`` itself counts in its own
+memory as a single process does (with one engine, the access point and the pipeline run in it).
+The port (:func:`use_multiprocess`) serves this process's registry with the children's files
+added: a counter or histogram sample of the same name and labels is their sum. A child that
+exits leaves its files, so its counts stay in the sum and counters never go back when it is
+replaced; a replacement counts in files of its own pid (or, should the pid come again, goes on
+from the counts in that pid's files). The gauges are this process's only (the queue depth and the
+scanner, read when scraped; prometheus_client's ``process_*`` and ``python_*`` describe
+``pecd serve`` itself): a child's gauge is never summed into them. ``*_created`` samples are left
+out, as prometheus_client's multiprocess mode has none for the children's counts.
 """
 
 from __future__ import annotations
@@ -24,8 +34,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import shutil
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,6 +46,7 @@ from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
+    REGISTRY,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -40,6 +54,8 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.metrics_core import Metric
+from prometheus_client.samples import Sample
 from sqlalchemy import func, select, text
 
 from pecd.engine.vocab import JobKind, TraceType
@@ -64,6 +80,9 @@ RECEIVED = Counter(
     "pecd_received_total", "Messages taken in at the reception point, by outcome", ["outcome"]
 )
 LOGINS_FAILED = Counter("pecd_logins_failed_total", "Failed logins, by protocol", ["protocol"])
+LOGINS_SUCCEEDED = Counter(
+    "pecd_logins_succeeded_total", "Successful logins, by protocol", ["protocol"]
+)
 SMTP_REFUSED = Counter(
     "pecd_smtp_refused_total",
     "SMTP refusals before any trace event (MAIL, RCPT, DATA, a 421), by point and reply code",
@@ -121,8 +140,19 @@ def count_event(event: str) -> None:
         RECEIVED.labels(outcome).inc()
 
 
+def logins_counted(protocol: str) -> None:
+    """Show ``protocol``'s login counters from the start, at 0 until a login comes (a rate over
+    a series that appears with its first failure misses that failure)."""
+    LOGINS_FAILED.labels(protocol)
+    LOGINS_SUCCEEDED.labels(protocol)
+
+
 def login_failed(protocol: str) -> None:
     LOGINS_FAILED.labels(protocol).inc()
+
+
+def login_succeeded(protocol: str) -> None:
+    LOGINS_SUCCEEDED.labels(protocol).inc()
 
 
 def smtp_refused(point: str, code: str) -> None:
@@ -274,30 +304,82 @@ class MetricsServer:
         return ""
 
 
-# --- several processes (serve.processes > 1) -------------------------------------------------
+# --- the child processes of `pecd serve` ---------------------------------------------------------
 
 _MULTIPROCESS: CollectorRegistry | None = None
 _MULTIPROCESS_PATH: Path | None = None
+# Summed over the processes; any other type (the gauges) is this process's own.
+_SUMMED = frozenset({"counter", "histogram", "summary"})
+_Labels = tuple[tuple[str, str], ...]
+
+
+def multiprocess_dir() -> Path:
+    """A fresh directory for the child processes' counters, named after this process (so that
+    what a killed ``pecd serve`` left is told from what a running one uses)."""
+    return Path(tempfile.mkdtemp(prefix=f"pecd-metrics-{os.getpid()}-"))
+
+
+def remove_multiprocess_dir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class _WithChildren:
+    """This process's registry with the counters and histograms the child processes keep under
+    a directory added in (see the module docstring)."""
+
+    def __init__(self, path: Path) -> None:
+        self._children = multiprocess.MultiProcessCollector(None, path=str(path))  # type: ignore[no-untyped-call]
+
+    def collect(self) -> Iterator[Metric]:
+        theirs: dict[str, Metric] = {
+            m.name: m
+            for m in self._children.collect()  # type: ignore[no-untyped-call]
+            if m.type in _SUMMED
+        }
+        for mine in REGISTRY.collect():
+            if mine.type in _SUMMED:
+                yield _sum(mine, theirs.pop(mine.name, None))
+            else:
+                yield mine
+        for other in theirs.values():  # counted only in children (none today: every counter
+            yield _sum(other, None)  # is defined in this module, which this process imports)
+
+
+def _sum(mine: Metric, theirs: Metric | None) -> Metric:
+    """``mine``'s samples, each plus the sample of ``theirs`` of the same name and labels; the
+    samples only ``theirs`` has after them; no ``*_created``. A histogram's samples of one
+    series (buckets, count, sum) stay together."""
+    series: dict[_Labels, dict[tuple[str, _Labels], float]] = {}
+    for s in (*mine.samples, *(theirs.samples if theirs is not None else ())):
+        if s.name.endswith("_created"):
+            continue
+        labels = tuple(sorted(s.labels.items()))
+        one = series.setdefault(tuple(kv for kv in labels if kv[0] != "le"), {})
+        one[(s.name, labels)] = one.get((s.name, labels), 0.0) + s.value
+    out = Metric(mine.name, mine.documentation, mine.type, mine.unit)
+    out.samples = [
+        Sample(name, dict(labels), value)
+        for one in series.values()
+        for (name, labels), value in one.items()
+    ]
+    return out
 
 
 def use_multiprocess(path: Path | None) -> None:
-    """Serve the sum of the engine processes' counters kept under ``path`` (their
-    ``PROMETHEUS_MULTIPROC_DIR``), with this process's own gauges; None: this process's
-    registry again."""
+    """Serve this process's metrics with the counters of the child processes kept under
+    ``path`` (their ``PROMETHEUS_MULTIPROC_DIR``) added in; None: this process's only again."""
     global _MULTIPROCESS, _MULTIPROCESS_PATH
     _MULTIPROCESS_PATH = path
     if path is None:
         _MULTIPROCESS = None
         return
     registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry, path=str(path))  # type: ignore[no-untyped-call]
-    for own in (QUEUE, SCANNER_UP):  # read by this process when scraped
-        registry.register(own)
+    registry.register(_WithChildren(path))
     _MULTIPROCESS = registry
 
 
 def process_gone(pid: int) -> None:
-    """An engine process has exited: drop its live-gauge files (its counters stay summed)."""
+    """A child process has exited: drop its live-gauge files (its counters stay summed)."""
     if _MULTIPROCESS_PATH is not None:
         multiprocess.mark_process_dead(pid, str(_MULTIPROCESS_PATH))  # type: ignore[no-untyped-call]
 

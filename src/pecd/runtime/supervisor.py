@@ -28,6 +28,11 @@ child, which the supervisor replaces. The layout:
   a terminal, a kill of the group) reach the parent only, and the child stops on the parent's
   word. Once the parent is stopping (:meth:`ChildSupervisor.shutting_down`, called from its
   signal handler), a child that exits is neither replaced nor reported as a failure.
+* When ``pecd serve`` serves the metrics port, every child is started with
+  ``PROMETHEUS_MULTIPROC_DIR`` naming the directory its counters go to (``metrics_dir``; the
+  port sums them, see ``pecd.runtime.metrics``), set before the child's interpreter starts, so
+  nothing it imports can load prometheus_client in the wrong mode; ``on_gone`` is told of each
+  child that is gone.
 * The engine processes (:class:`EngineGroup`) share the SMTP sockets the group binds once; when
   one is gone, the jobs its workers were running are released (``release``) before the next
   starts, and the worker ids of each start are ``host:pid:node.index`` (:func:`worker_prefix`).
@@ -40,12 +45,14 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 from pecd.config import Config, Endpoint
@@ -112,6 +119,10 @@ class ChildSupervisor(abc.ABC):
     debug: bool = False
     # Called for each ``wake`` line the child writes (the web process: it committed a job).
     on_wake: Callable[[], None] | None = None
+    # Where the child counts its metrics (its PROMETHEUS_MULTIPROC_DIR), or None: not counted.
+    metrics_dir: Path | None = None
+    # Called with the pid of each child that is gone (exited or killed, and reaped).
+    on_gone: Callable[[int], None] | None = None
     sockets: dict[str, socket.socket] = field(default_factory=dict)
     restarts: int = 0
     pid: int | None = None
@@ -157,6 +168,8 @@ class ChildSupervisor(abc.ABC):
     async def gone(self, pid: int) -> None:
         """The child ``pid`` has exited or was killed (and reaped)."""
         log.debug("%s process %d reaped", self.label, pid)
+        if self.on_gone is not None:
+            self.on_gone(pid)
 
     def send(self, line: bytes) -> None:
         """Write ``line`` to the running child's control socket (dropped when none runs)."""
@@ -237,6 +250,9 @@ class ChildSupervisor(abc.ABC):
         """Start one child and watch it; return why it is gone."""
         parent_end, child_end = socket.socketpair()
         fds = {name: sock.fileno() for name, sock in self.sockets.items()}
+        env = None
+        if self.metrics_dir is not None:
+            env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir)}
         try:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -245,6 +261,7 @@ class ChildSupervisor(abc.ABC):
                 str(child_end.fileno()),
                 pass_fds=[child_end.fileno(), *fds.values()],
                 stdin=asyncio.subprocess.DEVNULL,
+                env=env,
                 # A session of its own: the signals of the parent's process group (Ctrl-C in a
                 # terminal, a kill of the group) do not reach the child, which stops only on
                 # the parent's word (SIGTERM from stop(), or the end of the control socket).
@@ -379,7 +396,6 @@ class EngineSupervisor(ChildSupervisor):
     shared: dict[str, socket.socket] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     release: Callable[[str], Awaitable[int]] | None = None
-    on_gone: Callable[[int], None] | None = None
 
     def listeners(self) -> dict[str, Endpoint]:
         return {}
@@ -400,8 +416,7 @@ class EngineSupervisor(ChildSupervisor):
         return self.cfg.queue.drain_seconds + 10.0
 
     async def gone(self, pid: int) -> None:
-        if self.on_gone is not None:
-            self.on_gone(pid)
+        await super().gone(pid)
         if self.release is None:
             return
         prefix = worker_prefix(self.node, self.index, pid)
@@ -423,6 +438,7 @@ class EngineGroup:
     debug: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
     release: Callable[[str], Awaitable[int]] | None = None
+    metrics_dir: Path | None = None
     on_gone: Callable[[int], None] | None = None
     sockets: dict[str, socket.socket] = field(default_factory=dict)
     engines: list[EngineSupervisor] = field(default_factory=list)
@@ -456,6 +472,7 @@ class EngineGroup:
                 shared=self.sockets,
                 extra=self.extra,
                 release=self.release,
+                metrics_dir=self.metrics_dir,
                 on_gone=self.on_gone,
             )
             for i in range(self.processes)

@@ -10,7 +10,8 @@ every ``mailbox.heartbeat_seconds`` from its event loop, and a ``wake`` line whe
 application has committed a job (``pecd.web.submit``), so that the parent's pipeline takes it
 at once. It stops on SIGTERM/SIGINT, and when the
 control socket reaches end-of-file (the parent is gone): uvicorn stops accepting, lets the
-requests in progress finish (up to the drain time) and exits.
+requests in progress finish (up to the drain time) and exits. Its logins (``web``) are counted
+as the mailbox process counts its own: summed on the parent's metrics port.
 """
 
 from __future__ import annotations

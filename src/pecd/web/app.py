@@ -179,7 +179,7 @@ def make_app(cfg: Config) -> Starlette:
         app.state.db = await Database.open(cfg.database_url)
         app.state.accounts = Accounts(app.state.db, max_hash_checks=cfg.security.max_hash_checks)
         app.state.sessions = Sessions(app.state.db)
-        app.state.guard = Guard(cfg.security)
+        app.state.guard = Guard(cfg.security, protocol="web")
         try:
             yield
         finally:
