@@ -97,12 +97,14 @@ class Transmission:
         identificativo: str,
         is_certified: Callable[[str], bool],
     ) -> Transmission:
-        to = _addresses(original, "To")
-        cc = _addresses(original, "Cc")
+        # One split of the header block for every field read below.
+        head = mime.Headers(original)
+        to = _addresses(head, "To")
+        cc = _addresses(head, "Cc")
         rcpts = [normalize_address(r) for r in rcpt_to]
         order = {a: i for i, a in enumerate([*to, *cc])}
         ordered = sorted(dict.fromkeys(rcpts), key=lambda a: order.get(a, len(order)))
-        risposte = _risposte(original, mail_from)
+        risposte = _risposte(head, mail_from)
         return cls(
             identificativo=unbracket(identificativo),
             mittente=normalize_address(mail_from),
@@ -114,9 +116,9 @@ class Transmission:
                 for a in ordered
             ),
             risposte=risposte,
-            oggetto=original_subject(original),
-            msgid=_client_msgid(original),
-            ricevuta=requested_receipt(original),
+            oggetto=original_subject(head),
+            msgid=_client_msgid(head),
+            ricevuta=requested_receipt(head),
             to=tuple(to),
             cc=tuple(cc),
         )
@@ -124,6 +126,7 @@ class Transmission:
     @classmethod
     def from_daticert(cls, d: Daticert, *, envelope: bytes = b"") -> Transmission:
         """From a verified envelope's daticert; To/Cc come from the envelope's copied headers."""
+        head = mime.Headers(envelope)
         return cls(
             identificativo=d.identificativo,
             mittente=d.mittente,
@@ -132,8 +135,8 @@ class Transmission:
             oggetto=d.oggetto or "",
             msgid=d.msgid,
             ricevuta=d.ricevuta or TipoRicevuta.COMPLETA,
-            to=tuple(_addresses(envelope, "To")),
-            cc=tuple(_addresses(envelope, "Cc")),
+            to=tuple(_addresses(head, "To")),
+            cc=tuple(_addresses(head, "Cc")),
         )
 
     def receipt_kind_for(self, recipient: str) -> TipoRicevuta:
@@ -222,44 +225,50 @@ class BuiltMessage:
 # --- reading the original -------------------------------------------------------------------
 
 
-def _addresses(raw: bytes, name: str) -> list[str]:
+def _headers(raw: bytes | mime.Headers) -> mime.Headers:
+    return raw if isinstance(raw, mime.Headers) else mime.Headers(raw)
+
+
+def _addresses(raw: bytes | mime.Headers, name: str) -> list[str]:
     found: list[str] = []
-    for value in mime.get_all(raw, name):
+    for value in _headers(raw).get_all(name):
         valid, _ = parse_address_list(mime.clean_header_text(value))
         found += [normalize_address(a) for a in valid]
     return list(dict.fromkeys(found))
 
 
-def _risposte(raw: bytes, mail_from: str) -> str:
+def _risposte(head: mime.Headers, mail_from: str) -> str:
     """daticert ``<risposte>``: the first Reply-To address, else the first From address, else the
     reverse-path (spec 3: "Reply-To (From when none)"), as a bare address. The envelope's own
     ``Reply-To`` header is another matter: the original's field, unaltered (``transport_envelope``)."""
-    reply_to = _addresses(raw, "Reply-To")
-    froms = _addresses(raw, "From")
+    reply_to = _addresses(head, "Reply-To")
+    froms = _addresses(head, "From")
     return reply_to[0] if reply_to else (froms[0] if froms else normalize_address(mail_from))
 
 
-def _client_msgid(raw: bytes) -> str | None:
-    value = mime.clean_header_text(mime.get_first(raw, "Message-ID") or "")
+def _client_msgid(head: mime.Headers) -> str | None:
+    value = mime.clean_header_text(head.get_first("Message-ID") or "")
     if not value.strip():
         return None
     return bracket(value.strip().split()[0])
 
 
-def original_subject(raw: bytes) -> str:
+def original_subject(raw: bytes | mime.Headers) -> str:
     """The original's Subject, decoded (RFC 2047) and cleaned (``mime.clean_header_text``): what
     every builder copies into the headers and the daticert it signs."""
-    value = mime.get_first(raw, "Subject")
+    value = _headers(raw).get_first("Subject")
     return "" if value is None else mime.clean_header_text(mime.decode_words(value))
 
 
-def requested_receipt(raw: bytes) -> TipoRicevuta:
+def requested_receipt(raw: bytes | mime.Headers) -> TipoRicevuta:
     """``X-TipoRicevuta`` of the client's message (any letter case); absent or unknown -> completa."""
-    value = (mime.get_first(raw, H_TIPO_RICEVUTA) or "").strip().lower()
-    try:
-        return TipoRicevuta(value)
-    except ValueError:
-        return TipoRicevuta.COMPLETA
+    value = (_headers(raw).get_first(H_TIPO_RICEVUTA) or "").strip().lower()
+    # A lookup, not TipoRicevuta(value): most messages have no such field, and the enum says so
+    # by raising, which costs more than the rest of this function.
+    return _TIPI_RICEVUTA.get(value, TipoRicevuta.COMPLETA)
+
+
+_TIPI_RICEVUTA = {t.value: t for t in TipoRicevuta}
 
 
 # --- assembly ------------------------------------------------------------------------------------
@@ -365,8 +374,9 @@ def transport_envelope(
     ]
     # Reply-To: the original's own field, copied unaltered (display names, every address, letter
     # case: spec 2.1 and 2.3); only when it has none, the From address that daticert risposte names.
-    copied = mime.copy_fields(original, (*_ENVELOPE_COPIED, "Reply-To"))
-    if not mime.get_all(original, "Reply-To"):
+    head = mime.Headers(original)
+    copied = mime.copy_fields(head, (*_ENVELOPE_COPIED, "Reply-To"))
+    if not head.has("Reply-To"):
         headers.append(("Reply-To", tx.risposte))
     headers += [
         ("Message-ID", bracket(tx.identificativo)),
@@ -388,10 +398,11 @@ def anomaly_envelope(
     error: str,
 ) -> BuiltMessage:
     """Busta di anomalia: anything received that is not valid PEC, wrapped whole, no daticert."""
-    froms = _addresses(received, "From")
-    sender = froms[0] if froms else mime.clean_header_text(mime.get_first(received, "From") or "")
-    oggetto = original_subject(received)
-    received_id = _client_msgid(received)
+    head = mime.Headers(received)
+    froms = _addresses(head, "From")
+    sender = froms[0] if froms else mime.clean_header_text(head.get_first("From") or "")
+    oggetto = original_subject(head)
+    received_id = _client_msgid(head)
     # Keeps the received Message-ID; a message without one gets a new id so it can be referred to.
     message_id = unbracket(received_id) if received_id else provider.new_msgid(when)
     notice = texts.anomaly(when, oggetto, sender, [normalize_address(r) for r in rcpt_to], error)
@@ -400,12 +411,12 @@ def anomaly_envelope(
         ("Subject", mime.encode_header_text("Subject", SUBJ_ANOMALIA + oggetto)),
         ("From", mime.format_mailbox(PER_CONTO_DI + sender, provider.service_address)),
     ]
-    if not mime.get_all(received, "Reply-To") and froms:
+    if not head.has("Reply-To") and froms:
         headers.append(("Reply-To", froms[0]))
     if received_id is None:
         headers.append(("Message-ID", bracket(message_id)))
     headers.append((H_TRASPORTO, Trasporto.ERRORE.value))
-    copied = mime.copy_fields(received, (*_ENVELOPE_COPIED, "Message-ID", "Reply-To"))
+    copied = mime.copy_fields(head, (*_ENVELOPE_COPIED, "Message-ID", "Reply-To"))
     raw = _sign(provider, when, headers, _body(notice, None, received), copied)
     return BuiltMessage(raw, message_id, None, tuple(normalize_address(r) for r in rcpt_to))
 

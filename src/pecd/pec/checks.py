@@ -41,6 +41,7 @@ Decisions taken where the rules leave room (all deliberate, see the tests):
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -170,18 +171,33 @@ _PHRASE_RE = re.compile(rf'(?:[{ATEXT}.@\[\]\s]|"(?:[^"\\]|\\.)*")*', re.DOTALL)
 _ROUTE_RE = re.compile(r"@[^:<>]*:")
 
 
+# The characters that can change the state of the scans below; every other character is copied
+# (or, inside a comment, dropped) whatever the state, so the scans jump from one of these to the
+# next instead of stepping through every character.
+_COMMENT_SPECIALS = re.compile(r'[\\"()]')
+_LIST_SPECIALS = re.compile(r'[\\"()<>,:;]')
+
+
 def _strip_comments(text: str) -> str | None:
     """Replace (possibly nested) comments outside quoted strings by a space; None if unbalanced."""
+    if "(" not in text and ")" not in text and '"' not in text:
+        return text
     out: list[str] = []
     depth = 0
     in_quote = False
-    i = 0
-    while i < len(text):
+    pos = 0  # the next character not yet copied or dropped
+    for m in _COMMENT_SPECIALS.finditer(text):
+        i = m.start()
+        if i < pos:
+            continue  # escaped by the backslash before it
+        if not depth:
+            out.append(text[pos:i])
         ch = text[i]
+        pos = i + 1
         if ch == "\\" and (in_quote or depth):
             if depth == 0:
                 out.append(text[i : i + 2])
-            i += 2
+            pos = i + 2
             continue
         if in_quote:
             out.append(ch)
@@ -202,14 +218,28 @@ def _strip_comments(text: str) -> str | None:
             out.append(ch)
             if ch == '"':
                 in_quote = True
-        i += 1
     if depth or in_quote:
         return None
+    out.append(text[pos:])
     return "".join(out)
 
 
 def _parse_mailbox(item: str) -> str | None:
     """The bare addr-spec of one mailbox (``name <addr>`` or ``addr``), None if invalid."""
+    # The same mailboxes come back in message after message (a sender, its usual recipients),
+    # and in one message twice (the envelope builder and these checks read the same fields).
+    return _read_mailbox(item) if len(item) > _CACHED_ITEM else _read_mailbox_cached(item)
+
+
+_CACHED_ITEM = 256
+
+
+@functools.lru_cache(maxsize=1024)
+def _read_mailbox_cached(item: str) -> str | None:
+    return _read_mailbox(item)
+
+
+def _read_mailbox(item: str) -> str | None:
     text = _strip_comments(item)
     if text is None:
         return None
@@ -233,6 +263,8 @@ def _parse_mailbox(item: str) -> str | None:
 
 
 def _find_unquoted(text: str, target: str) -> int:
+    if '"' not in text:
+        return text.find(target)
     in_quote = False
     i = 0
     while i < len(text):
@@ -268,12 +300,17 @@ def _split_address_list(value: str) -> tuple[list[str], bool]:
         if raw:
             items.append(raw)
 
-    i = 0
-    while i < len(value):
+    pos = 0  # the next character not yet copied
+    for m in _LIST_SPECIALS.finditer(value):
+        i = m.start()
+        if i < pos:
+            continue  # escaped by the backslash before it
+        current.append(value[pos:i])
         ch = value[i]
+        pos = i + 1
         if ch == "\\" and (in_quote or comment):
             current.append(value[i : i + 2])
-            i += 2
+            pos = i + 2
             continue
         if in_quote:
             in_quote = ch != '"'
@@ -289,21 +326,18 @@ def _split_address_list(value: str) -> tuple[list[str], bool]:
             angle = True
         elif ch == ",":
             flush()
-            i += 1
             continue
         elif ch == ":" and not in_group:
             # Everything so far was the group's display name.
             current.clear()
             in_group = saw_group = True
-            i += 1
             continue
         elif ch == ";" and in_group:
             flush()
             in_group = False
-            i += 1
             continue
         current.append(ch)
-        i += 1
+    current.append(value[pos:])
     flush()
     return items, saw_group
 
@@ -340,14 +374,24 @@ _DATE_RE = re.compile(
 )
 
 
+# One field of a header section with nothing to report (see _read_clean_section): the name, then
+# the rest of its first line and its continuation lines, with their line endings.
+_FIELD_BLOCK = re.compile(
+    rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:([^\r\n]*(?:\r?\n[ \t][^\r\n]*)*)(?:\r?\n|\Z)"
+)
+
+
 @dataclass
 class _Headers:
-    fields: list[tuple[str, str]]  # (lowercase name, unfolded value)
+    fields: dict[str, list[str]]  # lowercase name -> unfolded values, in order
     problems_it: list[str]
     problems_en: list[str]
 
     def get_all(self, name: str) -> list[str]:
-        return [value for key, value in self.fields if key == name]
+        return self.fields.get(name, [])
+
+    def add(self, name: str, value: str) -> None:
+        self.fields.setdefault(name, []).append(value)
 
     def problem(self, it: str, en: str) -> None:
         if en not in self.problems_en:
@@ -357,14 +401,57 @@ class _Headers:
 
 def _parse_headers(raw: bytes) -> _Headers:
     """Split and check the header section (see the module docstring for what is checked)."""
-    result = _Headers([], [], [])
+    result = _Headers({}, [], [])
     if not raw:
         result.problem("messaggio vuoto", "empty message")
         return result
+    # Only the lines up to the first empty line matter; do not split the whole body. (The first
+    # "\n\r\n" bounds the search for "\n\n": a CRLF message does not hold one, and would
+    # otherwise be read to its end.)
+    crlf = raw.find(b"\n\r\n")
+    lf = raw.find(b"\n\n", 0, len(raw) if crlf < 0 else crlf + 1)
+    cut = lf if lf >= 0 else crlf
+    section = raw if cut < 0 else raw[: cut + 1]
+    if not _read_clean_section(section, result):
+        _read_section(section, result)
+    return result
+
+
+def _read_clean_section(section: bytes, result: _Headers) -> bool:
+    """Read ``section`` as :func:`_read_section` would when it finds nothing to report, and say
+    so; leave ``result`` alone and return False when it might (then that is what reads it).
+
+    Nothing to report: 7-bit, no NUL, no CR but in CRLF, no line longer than allowed, and every
+    line a field or its continuation. That is every well-formed message, read with a few scans
+    of the whole section instead of a loop over its lines."""
+    if (
+        not section.isascii()
+        or b"\x00" in section
+        or section.count(b"\r") != section.count(b"\r\n")
+        or (
+            len(section) > MAX_LINE_OCTETS and max(map(len, section.split(b"\n"))) > MAX_LINE_OCTETS
+        )
+    ):
+        return False
+    found: list[tuple[str, str]] = []
+    pos = 0
+    while pos < len(section):
+        # Matched where the last field ended, never searched for: a search would try every
+        # position of a long line that is not a field.
+        m = _FIELD_BLOCK.match(section, pos)
+        if m is None:
+            return False
+        value = m.group(2).translate(None, b"\r\n").decode("ascii").strip()
+        found.append((m.group(1).decode("ascii").lower(), value))
+        pos = m.end()
+    for name, value in found:
+        result.add(name, value)
+    return True
+
+
+def _read_section(section: bytes, result: _Headers) -> None:
+    """Split ``section`` into fields line by line, noting every problem on the way."""
     pending: list[tuple[str, list[bytes]]] = []  # (name, [first value part, continuation lines])
-    # Only the lines up to the first empty line matter; do not split the whole body.
-    cuts = [pos for pos in (raw.find(b"\n\n"), raw.find(b"\n\r\n")) if pos >= 0]
-    section = raw[: min(cuts) + 1] if cuts else raw
     for line in section.splitlines(keepends=True):
         if line.endswith(b"\r\n"):
             content = line[:-2]
@@ -405,9 +492,7 @@ def _parse_headers(raw: bytes) -> _Headers:
             break
         pending.append((match.group(1).decode("ascii").lower(), [content[match.end() :]]))
     for name, parts in pending:
-        value = b"".join(parts).decode("utf-8", "replace").strip()
-        result.fields.append((name, value))
-    return result
+        result.add(name, b"".join(parts).decode("utf-8", "replace").strip())
 
 
 def _valid_date(value: str) -> bool:

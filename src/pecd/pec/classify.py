@@ -77,8 +77,8 @@ _TIPO_OF_RICEVUTA = {r: DaticertTipo(r.value) for r in Ricevuta}
 T = TypeVar("T", Trasporto, Ricevuta)
 
 
-def _enum_header(raw: bytes, name: str, cls: type[T]) -> tuple[T | None, str | None]:
-    value = mime.get_first(raw, name)
+def _enum_header(head: mime.Headers, name: str, cls: type[T]) -> tuple[T | None, str | None]:
+    value = head.get_first(name)
     if value is None:
         return None, None
     try:
@@ -125,18 +125,19 @@ def classify(
     trust_roots: Sequence[x509.Certificate] | None = None,
 ) -> Classification:
     """Classify ``raw``; raises only NotMailError, when there is no header at all."""
-    if not mime.header_fields(mime.head_of(raw)):
+    head = mime.Headers(raw)  # one split of the header block for the fields read here
+    if not head.fields:
         raise NotMailError("no RFC 5322 header fields found")
     errors: list[str] = []
-    trasporto, err = _enum_header(raw, H_TRASPORTO, Trasporto)
+    trasporto, err = _enum_header(head, H_TRASPORTO, Trasporto)
     errors += [err] if err else []
-    ricevuta, err = _enum_header(raw, H_RICEVUTA, Ricevuta)
+    ricevuta, err = _enum_header(head, H_RICEVUTA, Ricevuta)
     errors += [err] if err else []
     virus = (
-        mime.get_first(raw, H_VERIFICA_SICUREZZA) or ""
+        head.get_first(H_VERIFICA_SICUREZZA) or ""
     ).strip().lower() == VERIFICA_SICUREZZA_ERRORE
 
-    ctype = (mime.get_first(raw, "Content-Type") or "").lower()
+    ctype = (head.get_first("Content-Type") or "").lower()
     present = ctype.split(";")[0].strip() == "multipart/signed"
     info: SignatureInfo | None = None
     try:

@@ -17,8 +17,16 @@ from email.policy import compat32
 from email.utils import formataddr
 
 CRLF = b"\r\n"
-_HEAD_END = re.compile(rb"\r?\n\r?\n")
-_FIELD_START = re.compile(rb"^[!-9;-~]+[ \t]*:", re.MULTILINE)
+# The blank line that ends a header block is the first "\r?\n\r?\n". The pattern is searched from
+# its second byte, the first "\n" (a leading literal the regex engine skips to quickly, where an
+# optional "\r" first makes it try every position): a CR just before that "\n" belongs to it.
+_BLANK_LINE = re.compile(rb"\n\r?\n")
+# A field starts at the beginning of a line that is not a continuation (not SP/HTAB): the first
+# line, or after a "\n" (the same leading-literal reason as above).
+_FIELD_NAME = rb"[!-9;-~]+[ \t]*:"
+_FIELD_FIRST = re.compile(_FIELD_NAME)
+_FIELD_NEXT = re.compile(rb"\n(?=" + _FIELD_NAME + rb")")
+_FOLD = re.compile(r"\r?\n[ \t]")
 _LONE_LF = re.compile(rb"(?<!\r)\n")
 # Header text pecd writes into what it signs: no C0 control but TAB, no DEL (spec 2.1; XML 1.0
 # forbids most of them in daticert too). Line breaks become one space, the rest is dropped.
@@ -42,10 +50,20 @@ def to_crlf(data: bytes) -> bytes:
     return _LONE_LF.sub(b"\r\n", data)
 
 
+def head_end(raw: Buffer) -> tuple[int, int] | None:
+    """Where the blank line after the header block starts and where the body starts (the span of
+    the first ``\r?\n\r?\n``), or None when there is no blank line."""
+    m = _BLANK_LINE.search(raw)
+    if m is None:
+        return None
+    start = m.start()
+    return (start - 1 if start and raw[start - 1] == 13 else start), m.end()  # 13: "\r"
+
+
 def head_of(raw: bytes) -> bytes:
     """The header block of ``raw`` without the blank line (all of it when there is none)."""
-    m = _HEAD_END.search(raw)
-    return raw if m is None else raw[: m.start()]
+    end = head_end(raw)
+    return raw if end is None else raw[: end[0]]
 
 
 def header_fields(head: bytes) -> list[tuple[str, bytes]]:
@@ -65,12 +83,17 @@ def _header_fields_cached(head: bytes) -> tuple[tuple[str, bytes], ...]:
     return tuple(_header_fields(head))
 
 
+def _field_starts(head: bytes) -> list[int]:
+    starts = [m.end() for m in _FIELD_NEXT.finditer(head)]
+    if _FIELD_FIRST.match(head):
+        starts.insert(0, 0)
+    return starts
+
+
 def _header_fields(head: bytes) -> list[tuple[str, bytes]]:
     fields: list[tuple[str, bytes]] = []
-    starts = [m.start() for m in _FIELD_START.finditer(head)]
-    # A field starts only at the beginning of a line that is not a continuation (not SP/HTAB).
-    for i, start in enumerate(starts):
-        end = starts[i + 1] if i + 1 < len(starts) else len(head)
+    starts = _field_starts(head)
+    for start, end in zip(starts, [*starts[1:], len(head)], strict=False):
         chunk = head[start:end]
         name = chunk.split(b":", 1)[0].strip().decode("ascii", "replace")
         fields.append((name, chunk))
@@ -80,7 +103,7 @@ def _header_fields(head: bytes) -> list[tuple[str, bytes]]:
 def _unfold(raw_field: bytes) -> str:
     value = raw_field.split(b":", 1)[1]
     text = value.decode("utf-8", "replace")
-    return re.sub(r"\r?\n[ \t]", " ", text).strip()
+    return _FOLD.sub(" ", text).strip()
 
 
 def get_all(raw: bytes, name: str) -> list[str]:
@@ -92,6 +115,33 @@ def get_all(raw: bytes, name: str) -> list[str]:
 def get_first(raw: bytes, name: str) -> str | None:
     values = get_all(raw, name)
     return values[0] if values else None
+
+
+class Headers:
+    """The top header block of one message, split once, for code that reads several of its fields:
+    each :func:`get_all` splits the block again. Lookups give what :func:`get_all` and
+    :func:`get_first` give on the same message."""
+
+    __slots__ = ("_by_name", "fields")
+
+    def __init__(self, raw: bytes) -> None:
+        # Not through the cache of header_fields: one split per message is the point here, and a
+        # new message's block would only push another's out of the cache.
+        self.fields: list[tuple[str, bytes]] = _header_fields(head_of(raw))
+        by_name: dict[str, list[bytes]] = {}
+        for name, chunk in self.fields:
+            by_name.setdefault(name.lower(), []).append(chunk)
+        self._by_name = by_name
+
+    def get_all(self, name: str) -> list[str]:
+        return [_unfold(chunk) for chunk in self._by_name.get(name.lower(), ())]
+
+    def get_first(self, name: str) -> str | None:
+        chunks = self._by_name.get(name.lower())
+        return _unfold(chunks[0]) if chunks else None
+
+    def has(self, name: str) -> bool:
+        return name.lower() in self._by_name
 
 
 def unsurrogate(text: str) -> str:
@@ -113,6 +163,9 @@ def clean_header_text(text: str) -> str:
     Line breaks become one space (no header injection), other C0 controls but TAB and DEL are
     dropped (a NUL must never reach a signed header, a database or the XML), lone surrogates
     become U+FFFD. Every builder passes what it copies through here."""
+    if text.isprintable():
+        # No line break, control or surrogate (none is printable): nothing to do.
+        return text
     text = unsurrogate(text)
     return _CONTROLS.sub("", _LINE_BREAKS.sub(" ", text))
 
@@ -127,6 +180,10 @@ def clean_field(chunk: bytes) -> bytes:
 def decode_words(value: str) -> str:
     """Decode RFC 2047 encoded words; undecodable input comes back as it was. The result never
     holds a lone surrogate (:func:`unsurrogate`); controls are the caller's to clean."""
+    if "=?" not in value:
+        # No encoded word can start: the stdlib would give the text back as it is, through a
+        # Header object that costs more than the rest of a submission's header reading.
+        return unsurrogate(value)
     try:
         decoded = str(email.header.make_header(email.header.decode_header(value)))
     except (LookupError, ValueError, UnicodeError, AssertionError):
@@ -152,12 +209,13 @@ def format_mailbox(display: str, address: str) -> str:
     return formataddr((clean_header_text(display), clean_header_text(address)), charset="utf-8")
 
 
-def copy_fields(raw: bytes, names: Iterable[str]) -> list[bytes]:
+def copy_fields(raw: bytes | Headers, names: Iterable[str]) -> list[bytes]:
     """The raw fields of the top header block whose names are in ``names``, in original order, CRLF,
     unchanged but for the controls :func:`clean_field` drops (nothing, in a well-formed field)."""
     wanted = {n.lower() for n in names}
     out = []
-    for name, chunk in header_fields(head_of(raw)):
+    fields = raw.fields if isinstance(raw, Headers) else header_fields(head_of(raw))
+    for name, chunk in fields:
         if name.lower() in wanted:
             chunk = to_crlf(chunk)
             chunk = chunk if chunk.endswith(CRLF) else chunk + CRLF
@@ -180,8 +238,8 @@ def replace_fields(raw: bytes, drop: Iterable[str], append: Sequence[tuple[str, 
         head += CRLF
     kept = [chunk for name, chunk in header_fields(head) if name.lower() not in dropped]
     # Anything before the first field (garbage) is kept as it was, ahead of the fields.
-    first = _FIELD_START.search(head)
-    prefix = head[: first.start()] if first else head
+    starts = _field_starts(head)
+    prefix = head[: starts[0]] if starts else head
     added = [f"{n}: {v}".encode() + CRLF for n, v in append]
     return b"".join([prefix, *kept, *added, rest])
 
@@ -279,24 +337,91 @@ _HEADER_PARSER = BytesHeaderParser(policy=compat32)
 
 
 def _params(head: bytes) -> tuple[str, dict[str, str], str | None]:
+    head = _param_fields(head)
     if len(head) > _CACHED_PART_HEAD:
         ctype, params, fname = _read_params(head)
     else:
         # Most part headers repeat from one message to the next (the text parts, daticert.xml,
         # postacert.eml as pecd and other providers write them): read once.
-        ctype, params, fname = _read_params_cached(head)
+        ctype, params, fname = _read_multipart_params(head) or _read_params_cached(head)
     return ctype, dict(params), fname
 
 
+# What the stdlib's header parser takes for the first line of a field: a name and its colon, no
+# white space between. (Lines are found from their "\n", a literal the regex engine skips to.)
+_FEED_FIELD = re.compile(rb"[\x21-\x39\x3b-\x7e]+:")
+_NOT_FEED_LINE = re.compile(rb"\n(?![ \t]|[\x21-\x39\x3b-\x7e]+:)")
+_PARAM_FIELD = re.compile(
+    rb"\n((?:content-type|content-disposition):[^\n]*(?:\n[ \t][^\n]*)*)", re.IGNORECASE
+)
+
+
+def _param_fields(head: bytes) -> bytes:
+    """The Content-Type and Content-Disposition fields of ``head``, all that :func:`_read_params`
+    reads: a message's whole header block reads as slowly as it is long, and is never the same
+    twice (Received, Message-ID), where these two fields alone often are.
+
+    Only where the stdlib parser would take every line for a field or its continuation: no CR but
+    in CRLF, the first line a name and its colon, every other one that or a continuation; then it
+    reads each field on its own, and the others can go. Else ``head`` as it is."""
+    if (
+        head.count(b"\r") != head.count(b"\r\n")
+        or _FEED_FIELD.match(head) is None
+        or _NOT_FEED_LINE.search(head) is not None
+    ):
+        return head
+    kept = b"\n".join(m.group(1) for m in _PARAM_FIELD.finditer(b"\n" + head))
+    # The last line of a head has no line ending.
+    return kept[:-1] if kept.endswith(b"\r") else kept
+
+
 _CACHED_PART_HEAD = 1024
+# A multipart head differs from one message to the next only by its boundary, new and random in
+# each: read with a fixed stand-in for the boundary, such heads are read once too. The swap is
+# made only where it cannot change how the rest is read: one ``boundary`` parameter, whole, of
+# characters with no meaning in a parameter list, in an ASCII head that does not hold the stand-in.
+_BOUNDARY_PARAM = re.compile(
+    rb'(;[ \t\r\n]*boundary[ \t]*=[ \t]*)("?)([A-Za-z0-9+_,./:=?-]+)\2(?=[ \t]*(?:;|\r?\n|\Z))',
+    re.IGNORECASE,
+)
+_STAND_IN = "pecd-boundary-stand-in"
+_STAND_IN_BYTES = _STAND_IN.encode()
+
+Params = tuple[str, tuple[tuple[str, str], ...], str | None]
+
+
+def _read_multipart_params(head: bytes) -> Params | None:
+    """What :func:`_read_params` gives for ``head``, read through the stand-in boundary; None
+    where the swap is not made (or would show in what is read: then it is not used)."""
+    m = _BOUNDARY_PARAM.search(head)
+    if (
+        m is None
+        or _BOUNDARY_PARAM.search(head, m.end()) is not None
+        or _STAND_IN_BYTES in head
+        or not head.isascii()
+    ):
+        return None
+    try:
+        ctype, params, fname = _read_params_cached(
+            head[: m.start(3)] + _STAND_IN_BYTES + head[m.end(3) :]
+        )
+    except Exception:  # the caller reads the head as it is, and fails or not on its own
+        return None
+    # The stand-in must come back as the boundary's value and nowhere else.
+    others = [ctype, fname or "", *(k for k, _ in params)]
+    others += [v for k, v in params if k != "boundary"]
+    if dict(params).get("boundary") != _STAND_IN or any(_STAND_IN in text for text in others):
+        return None
+    boundary = m.group(3).decode("ascii")
+    return ctype, tuple((k, boundary if k == "boundary" else v) for k, v in params), fname
 
 
 @functools.lru_cache(maxsize=256)
-def _read_params_cached(head: bytes) -> tuple[str, tuple[tuple[str, str], ...], str | None]:
+def _read_params_cached(head: bytes) -> Params:
     return _read_params(head)
 
 
-def _read_params(head: bytes) -> tuple[str, tuple[tuple[str, str], ...], str | None]:
+def _read_params(head: bytes) -> Params:
     # Headers only: the full parser, seeing a multipart Content-Type, would compile a pattern
     # for its boundary (a new one in every message, so never from the cache) to split a body
     # that is not there; what is read here depends on the header fields alone.
@@ -314,8 +439,19 @@ def _read_params(head: bytes) -> tuple[str, tuple[tuple[str, str], ...], str | N
 _NL = re.compile(rb"\n")
 # Any line that starts with "--", with the rest of the line (its ending excluded). Boundaries
 # are compared with the line's text, not built into a pattern: compiling a pattern for each
-# message's own boundary cost more than the search.
-_DASH_LINE = re.compile(rb"(?:\A|\n)--([^\r\n]*)(?=\r?\n|\Z)")
+# message's own boundary cost more than the search. The first line is looked at on its own:
+# "\n--" as the pattern's start is a literal the regex engine skips to quickly, where "(?:\A|\n)"
+# made it try every byte of a body (a hundred times slower over a large attachment).
+_DASH_REST = rb"--([^\r\n]*)(?=\r?\n|\Z)"
+_DASH_FIRST = re.compile(_DASH_REST)
+_DASH_LINE = re.compile(rb"\n" + _DASH_REST)
+
+
+def _dash_lines(body: Buffer) -> Iterator[re.Match[bytes]]:
+    first = _DASH_FIRST.match(body)
+    if first is not None:
+        yield first
+    yield from _DASH_LINE.finditer(body, 0 if first is None else first.end())
 
 
 def delimiter_kind(line: bytes, boundary: bytes) -> int:
@@ -335,7 +471,7 @@ def split_multipart(body: Buffer, boundary: str) -> list[Buffer] | None:
     bnd = boundary.encode("latin-1", "replace")
     parts: list[Buffer] = []
     start: int | None = None
-    for m in _DASH_LINE.finditer(body):
+    for m in _dash_lines(body):
         kind = delimiter_kind(m.group(1), bnd)
         if not kind:
             continue
@@ -362,14 +498,11 @@ def parse_entity(raw: Buffer, _depth: int = 0, *, into_messages: bool = True) ->
     With ``into_messages`` false a wrapped message (message/rfc822) stays a leaf: a caller that
     only looks at the outer structure does not pay for parsing the message inside."""
     view = raw if isinstance(raw, memoryview) else memoryview(raw)
-    m = _HEAD_END.search(view)
+    end = head_end(view)
     head, body = (
         (view.tobytes(), view[len(view) :])
-        if m is None
-        else (
-            view[: m.start()].tobytes(),
-            view[m.end() :],
-        )
+        if end is None
+        else (view[: end[0]].tobytes(), view[end[1] :])
     )
     try:
         ctype, params, fname = _params(head)
