@@ -25,7 +25,7 @@ import re
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -391,15 +391,16 @@ class Committed:
 _HOOKS: dict[int, Committed] = {}
 
 
-def committed(db: Database, rows: Sequence[Row]) -> None:
+def committed(db: Database, rows: Iterable[Row]) -> None:
     """Trace rows that ``db`` committed without a SQLAlchemy session (PostgreSQL's one-statement
     stage commit, :mod:`pecd.store.pgfast`), observed as a session's would be: the caller hands
     them over, on the event loop, once the commit has returned, and only the rows inserted (an
     event that depended on a job that already existed was not). Nothing when no hook is
-    installed (neither a mail log nor a metrics port)."""
+    installed (neither a mail log nor a metrics port): ``rows`` may be a generator, not even
+    run then."""
     hook = _HOOKS.get(id(db))
-    if hook is not None and rows:
-        hook._deliver(list(rows))
+    if hook is not None and (found := list(rows)):
+        hook._deliver(found)
 
 
 def count(rows: list[Row]) -> None:

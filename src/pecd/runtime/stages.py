@@ -198,13 +198,14 @@ class StageRunner:
         )
 
     async def prepare(self, job: Job) -> list[Effect]:
-        if job.kind == JobKind.WEBHOOK:
+        kind = job.kind  # an ORM attribute: each read goes through its descriptor
+        if kind == JobKind.WEBHOOK:
             # Not a PEC stage: one POST, which raises for the queue to retry.
             await webhooks.deliver(self.cfg, self.db, job.payload, self.clock.now())
             return []
         t0 = metrics.clock()
         effects = await self.drive(self.stage(job))
-        metrics.stage_done(job.kind, t0, job.created_at, self.clock.now())  # latency histograms
+        metrics.stage_done(kind, t0, job.created_at, self.clock.now())  # latency histograms
         return effects
 
     async def drive(self, stage: Stage) -> list[Effect]:

@@ -217,12 +217,13 @@ class WorkerPool:
         if outbox.webhooks:
             self.runner.webhook_wake.set()
         await self.runner.flush(outbox)
-        log.debug(
-            "%d jobs (%s) done in %.1f ms",
-            len(prepared),
-            ",".join(sorted({j.kind for j, _ in prepared})),
-            (time.perf_counter() - t0) * 1000,
-        )
+        if log.isEnabledFor(logging.DEBUG):  # its arguments read every job: only when logged
+            log.debug(
+                "%d jobs (%s) done in %.1f ms",
+                len(prepared),
+                ",".join(sorted({j.kind for j, _ in prepared})),
+                (time.perf_counter() - t0) * 1000,
+            )
 
     async def _commit(self, prepared: Sequence[tuple[Job, list[Effect]]], outbox: Outbox) -> None:
         ids = [job.id for job, _ in prepared]
@@ -301,7 +302,7 @@ class WorkerPool:
         except LeasesLost as exc:
             raise LeaseLost(str(exc)) from exc
         # No session saw these events: the mail log and the metrics get the ones inserted.
-        observe.committed(db, [row for row, req in plan.events if req is None or req in created])
+        observe.committed(db, (row for row, req in plan.events if req is None or req in created))
         applied = plan.applied(created)
         # Only once committed are the messages durable, and so the outbox's to store.
         outbox.items += applied.stored

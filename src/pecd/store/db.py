@@ -26,8 +26,12 @@ waited). On PostgreSQL the same function runs through the async driver (``run_sy
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
+import contextlib
+import functools
+import os
+import queue
 import sqlite3
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -119,19 +123,25 @@ def _sqlite_sync_writer(url: str) -> Engine:
 WRITER_BUSY_TIMEOUT_MS = 60_000
 
 
+def _set_up_sqlite(dbapi_connection: Any) -> None:
+    """pecd's settings of every SQLite connection (``sqlite3`` or aiosqlite's adapter)."""
+    # Autocommit at the sqlite3 level: transactions are begun by pecd (_on_begin below, the
+    # writer thread's BEGIN IMMEDIATE).
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")  # no 250 before durable
+        cursor.execute("PRAGMA busy_timeout=10000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+    finally:
+        cursor.close()
+
+
 def _install_sqlite_events(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        # Autocommit at the sqlite3 level: transactions are begun by _on_begin below.
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        try:
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=FULL")  # no 250 before durable
-            cursor.execute("PRAGMA busy_timeout=10000")
-            cursor.execute("PRAGMA foreign_keys=ON")
-        finally:
-            cursor.close()
+        _set_up_sqlite(dbapi_connection)
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
@@ -165,15 +175,138 @@ def _with_deferred(session: Session, fn: Callable[[Session], T]) -> T:
         session.info.pop(_DEFERRED, None)
 
 
+_Work = tuple[Callable[[], Any], "asyncio.Future[Any]", asyncio.AbstractEventLoop]
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    """On the caller's loop: the answer of one write (unless the caller stopped waiting)."""
+    if future.cancelled():
+        return
+    if error is None:
+        future.set_result(result)
+    elif isinstance(error, StopIteration):  # a future refuses it: it would end a coroutine
+        future.set_exception(RuntimeError(f"a write raised {error!r}"))
+    else:
+        future.set_exception(error)
+
+
+class _WriterThread:
+    """SQLite's writer: one thread that runs the write transactions one after the other.
+
+    The hot path's own transactions (:meth:`Database.write_sqlite`) run on a ``sqlite3``
+    connection that the thread opens once and keeps: a checkout from SQLAlchemy's pool and its
+    reset at checkin around every transaction cost more than a small transaction does. The
+    others (:meth:`Database.write`) run in sessions of the synchronous engine in the same
+    thread, so that this process never has two of its writers waiting on each other for
+    SQLite's lock. Work comes through a queue and is answered on the caller's event loop: a
+    thread of its own rather than an executor, whose chained futures cost as much again as the
+    hand-over itself.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        database = engine.url.database
+        if not database:
+            raise ValueError("the SQLite writer needs a database file")
+        self._path = os.path.abspath(database)  # as SQLAlchemy's pysqlite dialect opens it
+        self._conn: sqlite3.Connection | None = None
+        self._queue: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
+        self._closed = False
+        # A daemon: a process that exits without closing its database is not kept alive by it
+        # (anything not committed then was never answered as committed).
+        self._thread = threading.Thread(target=self._serve, name="pecd-db-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Callable[[], T]) -> asyncio.Future[T]:
+        """Run ``job()`` in the thread; the future has its result (or exception)."""
+        if self._closed:
+            raise RuntimeError("the database is closed")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._queue.put((job, future, loop))
+        return future
+
+    def _serve(self) -> None:
+        while (work := self._queue.get()) is not None:
+            job, future, loop = work
+            if future.cancelled():  # its caller gave up before it began (as an executor does)
+                continue
+            result: Any = None
+            error: BaseException | None = None
+            try:
+                result = job()
+            except BaseException as exc:
+                error = exc
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
+                loop.call_soon_threadsafe(_settle, future, result, error)
+            del work, job, future, result, error
+
+    def transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """In the thread: ``fn(conn)`` inside ``BEGIN IMMEDIATE`` … ``COMMIT`` on the kept
+        connection; rolled back if anything raises."""
+        conn = self._conn
+        if conn is None:
+            conn = self._conn = self._connect()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(conn)
+            conn.execute("COMMIT")
+        except BaseException:
+            # Also when the COMMIT itself failed (a full disk): the connection must not stay
+            # inside the transaction for the next writer. One that cannot get out of it is
+            # closed, and the next transaction opens another (what the pool did on checkin).
+            try:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            except BaseException:
+                self._drop()
+                raise
+            raise
+        return result
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        try:
+            _set_up_sqlite(conn)
+            conn.execute(f"PRAGMA busy_timeout={WRITER_BUSY_TIMEOUT_MS}")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+
+    def _shut(self) -> None:
+        self._drop()
+        self.engine.dispose()
+
+    async def close(self) -> None:
+        """Finish the work queued so far, close the connections, end the thread."""
+        if self._closed:
+            return
+        try:
+            await self.submit(self._shut)
+        finally:
+            self._closed = True
+            self._queue.put(None)
+            self._thread.join()
+
+
 class Database:
     """An open database: the async engine(s) and their session factories.
 
-    On SQLite, writes go through one connection (a pool of one): SQLite has a single writer
-    anyway, and queueing writers on that connection in asyncio is far cheaper than letting
-    several connections collide on the database lock, where SQLite's busy handler sleeps for up
-    to 100 ms between tries. Readers get a separate engine with ordinary pooling (WAL readers
-    never wait for the writer). Never open a write session while holding another one in the same
-    task: the second would wait for the first forever (it times out after ``pool_timeout``).
+    On SQLite, writes go through one thread (:class:`_WriterThread`: its own ``sqlite3``
+    connection for the hot path, a pool of one for the sessions of :meth:`write`) and one
+    async connection (a pool of one): SQLite has a single writer anyway, and queueing writers
+    there is far cheaper than letting many connections collide on the database lock, where
+    SQLite's busy handler sleeps for up to 100 ms between tries. Readers get a separate engine
+    with ordinary pooling (WAL readers never wait for the writer). Never open a write session
+    while holding another one in the same task: the second would wait for the first forever (it
+    times out after ``pool_timeout``).
     """
 
     def __init__(
@@ -188,11 +321,7 @@ class Database:
         self._writer_sessions = (
             sessionmaker(writer, expire_on_commit=False) if writer is not None else None
         )
-        self._writer_thread = (
-            concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pecd-db-writer")
-            if writer is not None
-            else None
-        )
+        self._writer_thread = _WriterThread(writer) if writer is not None else None
         # PostgreSQL: the hot path's transactions in one round trip each (pecd.store.pgfast).
         self.pg: PgFast | None = None
         if engine.dialect.name == "postgresql":
@@ -255,8 +384,7 @@ class Database:
             with sessions() as s, s.begin():
                 return _with_deferred(s, fn)
 
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._writer_thread, run)
+        return await self._writer_thread.submit(run)
 
     @property
     def sqlite_writer(self) -> bool:
@@ -267,30 +395,10 @@ class Database:
         """:meth:`write` for the hot path's own statements (:mod:`pecd.store.sqlitefast`):
         ``fn`` gets the writer's ``sqlite3`` connection inside ``BEGIN IMMEDIATE``; its
         transaction commits if ``fn`` returns, rolls back if it raises."""
-        writer, thread = self._writer, self._writer_thread
-        if writer is None or thread is None:
+        thread = self._writer_thread
+        if thread is None:
             raise RuntimeError("write_sqlite needs SQLite in a file")
-
-        def run() -> T:
-            pooled = writer.raw_connection()
-            try:
-                conn = pooled.driver_connection
-                assert isinstance(conn, sqlite3.Connection)
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    result = fn(conn)
-                    conn.execute("COMMIT")
-                except BaseException:
-                    # Also when the COMMIT itself failed (a full disk): the connection must not
-                    # stay inside the transaction for the next writer.
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
-                return result
-            finally:
-                pooled.close()
-
-        return await asyncio.get_running_loop().run_in_executor(thread, run)
+        return await thread.submit(functools.partial(thread.transaction, fn))
 
     async def close(self) -> None:
         if self.pg is not None:
@@ -298,10 +406,8 @@ class Database:
         await self.engine.dispose()
         if self._reader is not None:
             await self._reader.dispose()
-        if self._writer is not None and self._writer_thread is not None:
-            writer = self._writer
-            await asyncio.get_running_loop().run_in_executor(self._writer_thread, writer.dispose)
-            self._writer_thread.shutdown(wait=True)
+        if self._writer_thread is not None:
+            await self._writer_thread.close()
 
 
 # --- migrations ------------------------------------------------------------------------------

@@ -134,9 +134,14 @@ class LeasesLost(Exception):
     """A stage's commit found a job no longer leased to its worker: nothing of it committed."""
 
 
+# json.dumps with its default settings is this encoder's encode: called straight, without
+# the checks of the keyword arguments on every value.
+_encode = json.JSONEncoder().encode
+
+
 def dumps(value: Any) -> str:
     """A JSON column's text, as SQLAlchemy's JSON type writes it (``None`` is JSON null)."""
-    return json.dumps(value)
+    return "null" if value is None else _encode(value)
 
 
 def _translate(exc: BaseException, sql: str) -> BaseException:

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from pecd.store.pgfast import LeasesLost
+from pecd.store.pgfast import LeasesLost, dumps
 
 
 class Plan(Protocol):
@@ -89,13 +89,31 @@ _DONE = (
 )
 
 
+# The last datetime converted and its text: the rows of one commit share a few instants (the
+# stage's time, a lease's end), each converted once. A tuple, replaced whole: safe to share.
+_last_time: tuple[datetime | None, str | None] = (None, None)
+
+
 def time_text(value: datetime | None) -> str | None:
     """A datetime as SQLAlchemy stores pecd's aware datetimes on SQLite (naive UTC text)."""
+    global _last_time
     if value is None:
         return None
-    if value.tzinfo is None:
+    last = _last_time
+    if value is last[0]:
+        return last[1]
+    tz = value.tzinfo
+    if tz is UTC:  # the common case: its ISO text with the "+00:00" cut off
+        text = value.isoformat(" ", "microseconds")[:26]
+    elif tz is None:
         raise ValueError(f"naive datetime {value.isoformat()}: pecd stores aware UTC datetimes")
-    return value.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+    else:
+        text = value.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+    _last_time = (value, text)
+    return text
+
+
+_MISSING: Any = object()
 
 
 def _time_value(text: str | None) -> datetime | None:
@@ -111,7 +129,7 @@ def _job_params(r: dict[str, Any]) -> tuple[Any, ...]:
         r["locked_by"],
         time_text(r["locked_until"]),
         r["leased_by"],
-        json.dumps(r["payload"]),
+        dumps(r["payload"]),
         r["data"],
         time_text(r["next_run_at"]),
         created,
@@ -157,10 +175,17 @@ def claim(
     )
     params = (worker, time_text(until), node, at, *kinds, at, at, limit)
     out = []
+    # The jobs of a claim share their lease's end and update time (and often the time they
+    # were made): each text read once.
+    times: dict[str | None, datetime | None] = {None: None}
     for values in conn.execute(sql, params).fetchall():
         row = dict(zip(_JOB_COLUMNS, values, strict=True))
         for name in _TIMES:
-            row[name] = _time_value(row[name])
+            text = row[name]
+            found = times.get(text, _MISSING)
+            if found is _MISSING:
+                found = times[text] = _time_value(text)
+            row[name] = found
         row["payload"] = json.loads(row["payload"])
         out.append(row)
     return out
@@ -181,7 +206,7 @@ def commit(conn: sqlite3.Connection, plan: Plan, done: Sequence[int], worker: st
     if plan.expect:
         conn.executemany(
             INSERT_EXPECTATION,
-            [(m, r, s, json.dumps(tx), time_text(at)) for m, r, s, tx, at in plan.expect],
+            [(m, r, s, dumps(tx), time_text(at)) for m, r, s, tx, at in plan.expect],
         )
     if plan.presa:
         conn.executemany(PRESA, [(time_text(at), m, r) for m, r, at in plan.presa])
@@ -196,13 +221,13 @@ def commit(conn: sqlite3.Connection, plan: Plan, done: Sequence[int], worker: st
             e["pec_msgid"],
             e["client_msgid"],
             e["sender"],
-            json.dumps(e["recipients"]),
+            dumps(e["recipients"]),
             e["subject"],
             e["provider"],
-            json.dumps(e["generated_ids"]),
+            dumps(e["generated_ids"]),
             e["error"],
-            json.dumps(e["daticert"]),
-            json.dumps(e["data"]),
+            dumps(e["daticert"]),
+            dumps(e["data"]),
             e["node"],
         )
         for e, req in plan.events

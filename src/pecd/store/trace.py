@@ -17,7 +17,7 @@ stored.
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -45,21 +45,29 @@ def event_row(event: TraceEventData) -> dict[str, Any]:
     """The row of ``event`` for :func:`insert_stmt` (every string storable)."""
     if event.at.tzinfo is None:
         raise ValueError("trace events need an aware datetime")
+    daticert, data = event.daticert, event.data
+    # One copy of each JSON field, made storable as it is copied (storable() of a dict or list
+    # is already a new one: a copy first would make two).
     return {
         "at": event.at,
         "event": event.event,
         "pec_msgid": storable(event.pec_msgid),
         "client_msgid": storable(event.client_msgid),
         "sender": storable(event.sender),
-        "recipients": [storable(dict(r)) for r in event.recipients],
+        "recipients": [_storable_mapping(r) for r in event.recipients],
         "subject": storable(event.subject),
         "provider": storable(event.provider),
-        "generated_ids": storable(list(event.generated_ids)),
+        "generated_ids": [storable(g) for g in event.generated_ids],
         "error": storable(event.error),
-        "daticert": storable(dict(event.daticert)) if event.daticert is not None else None,
-        "data": storable(dict(event.data)) if event.data is not None else None,
+        "daticert": _storable_mapping(daticert) if daticert is not None else None,
+        "data": _storable_mapping(data) if data is not None else None,
         "node": storable(event.node),
     }
+
+
+def _storable_mapping(value: Mapping[str, Any]) -> dict[str, Any]:
+    """A mapping (any: a dict, a read-only view) as a storable dict."""
+    return {storable(k): storable(v) for k, v in value.items()}
 
 
 def insert_stmt() -> Any:
