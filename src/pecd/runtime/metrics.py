@@ -166,13 +166,22 @@ def clock() -> float:
 def stage_done(kind: str, t0: float, created_at: datetime | None, now: datetime) -> None:
     """One job's stage ran from ``t0`` (:func:`clock`) to now; the job was made at
     ``created_at``."""
-    STAGE_SECONDS.labels(kind).observe(time.perf_counter() - t0)
+    children = _stage_children.get(kind)
+    if children is None:  # labels() takes a lock and builds a key: once per kind, not per job
+        children = _stage_children[kind] = (
+            STAGE_SECONDS.labels(kind),
+            JOB_AGE_SECONDS.labels(kind),
+        )
+    children[0].observe(time.perf_counter() - t0)
     if created_at is not None:
         if created_at.tzinfo is None:  # SQLite hands datetimes back naive (stored as UTC)
             created_at = created_at.replace(tzinfo=UTC)
         age = (now - created_at).total_seconds()
         if age >= 0:
-            JOB_AGE_SECONDS.labels(kind).observe(age)
+            children[1].observe(age)
+
+
+_stage_children: dict[str, tuple[Any, Any]] = {}
 
 
 # --- read when scraped -------------------------------------------------------------------------
