@@ -275,28 +275,45 @@ _TIPI_RICEVUTA = {t.value: t for t in TipoRicevuta}
 
 
 def _body(notice: texts.Notice, d: Daticert | None, original: bytes | None) -> bytes:
-    parts = [
-        mime.multipart(
-            "alternative",
-            [
-                mime.qp_text_part("text/plain", notice.plain()),
-                mime.qp_text_part("text/html", notice.html()),
-            ],
-        )
-    ]
+    """The signed content: the texts, then daticert.xml, then the original, in one join (one copy
+    of the original, where a part built whole and then the whole body would copy it twice)."""
+    alternative = mime.multipart(
+        "alternative",
+        [
+            mime.qp_text_part("text/plain", notice.plain()),
+            mime.qp_text_part("text/html", notice.html()),
+        ],
+    )
+    parts: list[list[bytes]] = [[alternative]]
+    # What the boundary must not occur in. The heads of the daticert and rfc822 parts cannot hold
+    # it (they are constants without "_pecd_"), nor can it run from a head into what follows (a
+    # head ends with LF) or from the message into the CRLF after it (it has no CR or LF): the
+    # message is enough for that part.
+    contents = [alternative]
     if d is not None:
-        parts.append(
-            mime.base64_part(
-                [
-                    f'Content-Type: application/xml; name="{DATICERT_FILENAME}"',
-                    f'Content-Disposition: inline; filename="{DATICERT_FILENAME}"',
-                ],
-                dc.build(d),
-            )
-        )
+        encoded = mime.base64_lines(dc.build(d))
+        parts.append([_DATICERT_PART_HEAD, encoded])
+        contents.append(encoded)
     if original is not None:
-        parts.append(mime.rfc822_part(POSTACERT_FILENAME, original))
-    return mime.multipart("mixed", parts)
+        pieces = mime.rfc822_pieces(POSTACERT_FILENAME, original)
+        parts.append(pieces)
+        contents.append(pieces[1])
+    boundary = mime.new_boundary(*contents).encode()
+    delimiter = b"--" + boundary + mime.CRLF
+    out = [b'Content-Type: multipart/mixed; boundary="', boundary, b'"\r\n\r\n']
+    for part in parts:
+        out.append(delimiter)
+        out += part
+        out.append(mime.CRLF)
+    out += [b"--", boundary, b"--\r\n"]
+    return b"".join(out)
+
+
+_DATICERT_PART_HEAD = (
+    f'Content-Type: application/xml; name="{DATICERT_FILENAME}"\r\n'
+    f'Content-Disposition: inline; filename="{DATICERT_FILENAME}"\r\n'
+    "Content-Transfer-Encoding: base64\r\n\r\n"
+).encode()
 
 
 def _sign(
@@ -311,8 +328,9 @@ def _sign(
     )
     if not raw_fields:
         return signed
-    # Copied fields go first, byte for byte, as a relay would have left them.
-    return b"".join(raw_fields) + signed
+    # Copied fields go first, byte for byte, as a relay would have left them (one join: the
+    # signed message is copied once).
+    return b"".join([*raw_fields, signed])
 
 
 def _receipt(

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import base64
+import binascii
 import email
 import email.header
 import email.utils
 import functools
-import quopri
 import re
 import secrets
 from collections.abc import Iterable, Iterator, Sequence
@@ -254,35 +253,77 @@ def new_boundary(*contents: bytes) -> str:
 
 def qp_text_part(content_type: str, text: str) -> bytes:
     """A text part in ISO-8859-1 quoted-printable (the rules' charset); UTF-8 when Latin-1 cannot hold it."""
+    if "\r" not in text and "\n" in text:
+        # What pecd writes: LF line ends, no CR. A text that encodes as it is holds no lone
+        # surrogate (unsurrogate would give it back unchanged), every LF is lone (so the
+        # conversion below is to_crlf's), and with CRLF before its first LF b2a_qp writes only
+        # CRLF line ends, soft breaks included: the output is CRLF already.
+        try:
+            data, charset = text.encode("iso-8859-1"), "iso-8859-1"
+        except UnicodeEncodeError:
+            try:
+                data, charset = text.encode("utf-8"), "utf-8"
+            except UnicodeEncodeError:
+                return _qp_text_part(content_type, text)
+        return _qp_head(content_type, charset) + binascii.b2a_qp(data.replace(b"\n", b"\r\n"))
+    return _qp_text_part(content_type, text)
+
+
+def _qp_text_part(content_type: str, text: str) -> bytes:
+    # Any text: CR, lone surrogates, no line end at all.
     text = unsurrogate(text)
     try:
         data, charset = text.encode("iso-8859-1"), "iso-8859-1"
     except UnicodeEncodeError:
         data, charset = text.encode("utf-8"), "utf-8"
-    body = quopri.encodestring(to_crlf(data.replace(b"\r\n", b"\n")))
+    body = binascii.b2a_qp(to_crlf(data.replace(b"\r\n", b"\n")))
+    return _qp_head(content_type, charset) + to_crlf(body)
+
+
+@functools.lru_cache(maxsize=16)
+def _qp_head(content_type: str, charset: str) -> bytes:
     return (
         f'Content-Type: {content_type}; charset="{charset}"\r\n'
         "Content-Transfer-Encoding: quoted-printable\r\n\r\n"
-    ).encode() + to_crlf(body)
+    ).encode()
+
+
+def base64_lines(data: bytes) -> bytes:
+    """``data`` in base64, lines of 76 characters each ended by CRLF (``base64.encodebytes`` in
+    CRLF), encoded in one call: every 57 bytes make one whole line, padding comes only at the end."""
+    if not data:
+        return b""
+    encoded = binascii.b2a_base64(data, newline=False)
+    return b"\r\n".join([encoded[i : i + 76] for i in range(0, len(encoded), 76)]) + CRLF
 
 
 def base64_part(headers: Sequence[str], data: bytes) -> bytes:
-    encoded = base64.encodebytes(data).replace(b"\n", b"\r\n")
     head = "".join(h + "\r\n" for h in headers)
-    return (head + "Content-Transfer-Encoding: base64\r\n\r\n").encode() + encoded
+    return (head + "Content-Transfer-Encoding: base64\r\n\r\n").encode() + base64_lines(data)
 
 
 def rfc822_part(filename: str, message: bytes) -> bytes:
     """A ``message/rfc822`` part; 7bit when the message is ASCII, else 8bit (RFC 2046 allows no other)."""
+    # One join, one copy of the message.
+    return b"".join(rfc822_pieces(filename, message))
+
+
+def rfc822_pieces(filename: str, message: bytes) -> list[bytes]:
+    """:func:`rfc822_part` as the pieces that join into it: its head, the message in CRLF, and a
+    CRLF when the message does not end with one. A caller that joins them into something larger
+    copies the message once, there."""
     message = to_crlf(message)
-    cte = "7bit" if message.isascii() else "8bit"
-    head = (
+    head = _rfc822_head(filename, "7bit" if message.isascii() else "8bit")
+    return [head, message] if message.endswith(CRLF) else [head, message, CRLF]
+
+
+@functools.lru_cache(maxsize=16)
+def _rfc822_head(filename: str, cte: str) -> bytes:
+    return (
         f'Content-Type: message/rfc822; name="{filename}"\r\n'
         f"Content-Transfer-Encoding: {cte}\r\n"
         f'Content-Disposition: inline; filename="{filename}"\r\n\r\n'
     ).encode()
-    # One join, one copy of the message.
-    return b"".join([head, message] if message.endswith(CRLF) else [head, message, CRLF])
 
 
 def multipart(subtype: str, parts: Sequence[bytes]) -> bytes:

@@ -28,23 +28,43 @@ class Notice:
     paragraphs: tuple[tuple[str, ...], ...]
 
     def plain(self) -> str:
-        body = "\n\n".join("\n".join(p) for p in self.paragraphs)
-        return f"{self.title}\n\n{body}\n"
+        return f"{self.title}\n\n{self._body()}\n"
+
+    def _body(self) -> str:
+        return "\n\n".join(["\n".join(p) for p in self.paragraphs])
 
     def html(self) -> str:
-        paras = "\n".join(
-            "<p>" + "<br>\n".join(html.escape(line) for line in p) + "</p>" for p in self.paragraphs
-        )
         title = html.escape(self.title)
         return (
-            "<html>\n<head><title>"
-            + title
-            + "</title></head>\n<body>\n<h3>"
-            + title
-            + "</h3>\n<hr>\n"
-            + paras
-            + "\n</body>\n</html>\n"
+            f"<html>\n<head><title>{title}</title></head>\n<body>\n<h3>{title}</h3>\n<hr>\n"
+            f"{self._html_paragraphs()}\n</body>\n</html>\n"
         )
+
+    def _html_paragraphs(self) -> str:
+        paragraphs = self.paragraphs
+        body = self._body()
+        # The plain body escaped at once, its line ends made <br> and its blank lines paragraph
+        # breaks: the same as line by line wherever a LF in the body is a line end and a blank
+        # line is a break, i.e. no line is empty or holds a LF and no paragraph is empty (either
+        # of the last two adds to the count of LF). Escaping leaves LF alone and writes no "<",
+        # so the "<br>" found again are the ones put in.
+        lines = 0
+        for p in paragraphs:
+            if "" in p:
+                return self._html_paragraphs_by_line()
+            lines += len(p)
+        if not paragraphs or body.count("\n") != lines + len(paragraphs) - 2:
+            return self._html_paragraphs_by_line()
+        return "<p>" + _html_breaks(html.escape(body)) + "</p>"
+
+    def _html_paragraphs_by_line(self) -> str:
+        return "\n".join(
+            "<p>" + "<br>\n".join(html.escape(line) for line in p) + "</p>" for p in self.paragraphs
+        )
+
+
+def _html_breaks(escaped: str) -> str:
+    return escaped.replace("\n", "<br>\n").replace("<br>\n<br>\n", "</p>\n<p>")
 
 
 # --- errore-esteso: one format whatever the path --------------------------------------------------
