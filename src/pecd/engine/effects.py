@@ -16,6 +16,7 @@ from datetime import datetime
 from typing import Any
 
 from pecd.engine.vocab import JobKind, Outcome, Payload, TraceEventData
+from pecd.fastpickle import fast_pickle
 from pecd.pec.builders import BuiltMessage, Transmission
 from pecd.pec.classify import Classification
 from pecd.pec.timefmt import PecTime
@@ -78,6 +79,7 @@ class History:
     types: tuple[str, ...]
 
 
+@fast_pickle
 @dataclass(frozen=True, slots=True)
 class Delivery:
     """One Maildir delivery: ``data`` into ``mailbox``, idempotent by ``key``; ``quota_bytes``
@@ -96,6 +98,7 @@ class Deliver:
     items: tuple[Delivery, ...]
 
 
+@fast_pickle
 @dataclass(frozen=True, slots=True)
 class TakeInCharge:
     """The delivery point's one round trip: verify ``envelope``; when it is valid PEC, make the
@@ -120,6 +123,7 @@ class Answered:
     failed: Mapping[str, str] = field(default_factory=dict)
 
 
+@fast_pickle
 @dataclass(frozen=True, slots=True)
 class TakenInCharge:
     """The answer to TakeInCharge: the classification; when valid PEC, each delivery's outcome,

@@ -14,6 +14,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+from pecd.fastpickle import fast_pickle
 from pecd.pec.builders import Transmission
 from pecd.pec.vocab import Ricevuta, Trasporto
 
@@ -66,6 +67,7 @@ class Stored(StrEnum):
     FAILED = "failed"  # could not be written (a disk error, say); the error says why
 
 
+@fast_pickle
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """One delivery's outcome and, when it failed, why."""

@@ -150,10 +150,11 @@ def _answer(
 
 def portable(taken: TakenInCharge) -> TakenInCharge:
     """``taken`` without what need not cross back from a worker process: the signer's certificate
-    object, and the wrapped original (it went into the receipts already)."""
+    (the object, and its DER: the delivery point does not look the signer up), and the wrapped
+    original (it went into the receipts already)."""
     return dataclasses.replace(
         taken,
         classification=dataclasses.replace(
-            taken.classification, signature_info=None, postacert=None
+            taken.classification, signature_info=None, postacert=None, signer_der=None
         ),
     )

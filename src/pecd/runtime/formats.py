@@ -42,10 +42,13 @@ from pecd.clock import Clock
 from pecd.config import Config
 from pecd.engine.effects import BuildCall, Delivery, TakeInCharge, TakenInCharge
 from pecd.engine.vocab import Outcome
+from pecd.fastpickle import fast_pickle
 from pecd.mailbox.maildir import MaildirStore
 from pecd.memory import return_freed_messages_to_the_system
 from pecd.pec.builders import BuiltMessage, ProviderIdentity
 from pecd.pec.classify import Classification, classify
+from pecd.pec.daticert import Daticert, Destinatario
+from pecd.pec.timefmt import PecTime
 from pecd.runtime.delivering import (
     build_each,
     deliver_each,
@@ -58,6 +61,13 @@ from pecd.runtime.identity import provider_identity
 from pecd.runtime.logutil import RateLimitedLog
 
 log = logging.getLogger(__name__)
+
+# The slotted dataclasses of pec/ that cross in every message (a daticert in each built message,
+# its recipients, the times in the builder calls): registered here, in both the server and the
+# worker processes, which import this module, so they take the fast path of pecd.fastpickle.
+for _cls in (Daticert, Destinatario, PecTime):
+    fast_pickle(_cls)
+del _cls
 
 # --- inside a worker process --------------------------------------------------------------------
 
@@ -105,10 +115,14 @@ def _exit_with_parent(parent: int) -> None:
 
 
 _HEADER = struct.Struct("!QQ")  # call id, length of the pickle that follows
+# A call smaller than this goes to the socket in one write with its header: copying a few KB
+# costs the server less than a second system call; a larger one (a big message) is not copied.
+_JOIN_BELOW = 1 << 16
 
 
-def _recv_exactly(sock: socket.socket, n: int) -> bytes | None:
-    """``n`` bytes from ``sock``, or None at end of stream (the server has gone)."""
+def _recv_exactly(sock: socket.socket, n: int) -> bytearray | None:
+    """``n`` bytes from ``sock``, or None at end of stream (the server has gone). A bytearray,
+    which pickle and struct read as they are: a message is not copied once more into bytes."""
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0
@@ -117,7 +131,18 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes | None:
         if k == 0:
             return None
         got += k
-    return bytes(buf)
+    return buf
+
+
+def _send_all(sock: socket.socket, head: bytes, body: bytes) -> None:
+    """``head`` then ``body`` on ``sock``, in one system call when the socket takes them (they
+    are not joined: that would copy the body)."""
+    sent = sock.sendmsg([head, body])
+    if sent < len(head):
+        sock.sendall(memoryview(head)[sent:])
+        sent = len(head)
+    if sent - len(head) < len(body):
+        sock.sendall(memoryview(body)[sent - len(head) :])
 
 
 def _serve(sock: socket.socket, cfg: Config, parent: int) -> None:
@@ -144,8 +169,7 @@ def _serve(sock: socket.socket, cfg: Config, parent: int) -> None:
             except Exception:  # an exception that cannot be pickled: its text can
                 failure = RuntimeError(f"{type(exc).__name__}: {exc}")
                 reply = pickle.dumps((False, failure), protocol=pickle.HIGHEST_PROTOCOL)
-        sock.sendall(_HEADER.pack(call_id, len(reply)))
-        sock.sendall(reply)
+        _send_all(sock, _HEADER.pack(call_id, len(reply)), reply)
         del reply
 
 
@@ -347,8 +371,12 @@ class FormatWorkers:
         worker.pending[call_id] = fut
         try:
             body = pickle.dumps((fn, args), protocol=pickle.HIGHEST_PROTOCOL)
-            worker.writer.write(_HEADER.pack(call_id, len(body)))
-            worker.writer.write(body)
+            head = _HEADER.pack(call_id, len(body))
+            if len(body) < _JOIN_BELOW:
+                worker.writer.write(head + body)
+            else:
+                worker.writer.write(head)
+                worker.writer.write(body)
             del body
             await worker.writer.drain()
         except (ConnectionError, OSError):
