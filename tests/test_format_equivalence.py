@@ -14,7 +14,6 @@ import contextlib
 import html
 import itertools
 import quopri
-import re
 import secrets
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
@@ -28,6 +27,7 @@ from pecd.pec import mime, texts
 from pecd.pec.builders import BuiltMessage, ProviderIdentity, Transmission
 from pecd.pec.checks import Violation
 from pecd.pec.daticert import Daticert
+from pecd.pec.daticert import build as build_daticert
 from pecd.pec.pki import DevPki
 from pecd.pec.smime import KeySigner
 from pecd.pec.timefmt import pec_time
@@ -110,58 +110,6 @@ def old_html(n: texts.Notice) -> str:
     )
 
 
-_OLD_XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]|[\ud800-\udfff]")
-
-
-def old_xml_text(value: str) -> str:
-    value = _OLD_XML_INVALID.sub("\ufffd", value)
-    return (
-        value.replace("&", "&amp;")
-        .replace("<", "&lt;")
-        .replace(">", "&gt;")
-        .replace('"', "&quot;")
-        .replace("\r", "&#13;")
-    )
-
-
-def old_build(d: Daticert) -> bytes:
-    x = old_xml_text
-    lines = [
-        '<?xml version="1.0" encoding="UTF-8"?>',
-        f'<postacert tipo="{d.tipo.value}" errore="{d.errore.value}">',
-        "    <intestazione>",
-        f"        <mittente>{x(d.mittente)}</mittente>",
-    ]
-    lines += [
-        f'        <destinatari tipo="{r.tipo.value}">{x(r.address)}</destinatari>'
-        for r in d.destinatari
-    ]
-    lines.append(f"        <risposte>{x(d.risposte)}</risposte>")
-    if d.oggetto is not None:
-        lines.append(f"        <oggetto>{x(d.oggetto)}</oggetto>")
-    lines += [
-        "    </intestazione>",
-        "    <dati>",
-        f"        <gestore-emittente>{x(d.gestore_emittente)}</gestore-emittente>",
-        f'        <data zona="{x(d.zona)}">',
-        f"            <giorno>{x(d.giorno)}</giorno>",
-        f"            <ora>{x(d.ora)}</ora>",
-        "        </data>",
-        f"        <identificativo>{x(d.identificativo)}</identificativo>",
-    ]
-    if d.msgid is not None:
-        lines.append(f"        <msgid>{x(d.msgid)}</msgid>")
-    if d.ricevuta is not None:
-        lines.append(f'        <ricevuta tipo="{d.ricevuta.value}" />')
-    if d.consegna is not None:
-        lines.append(f"        <consegna>{x(d.consegna)}</consegna>")
-    lines += [f"        <ricezione>{x(r)}</ricezione>" for r in d.ricezione]
-    if d.errore_esteso is not None:
-        lines.append(f"        <errore-esteso>{x(d.errore_esteso)}</errore-esteso>")
-    lines += ["    </dati>", "</postacert>", ""]
-    return "\n".join(lines).encode("utf-8")
-
-
 def old_body(notice: texts.Notice, d: Daticert | None, original: bytes | None) -> bytes:
     parts = [
         old_multipart(
@@ -179,7 +127,7 @@ def old_body(notice: texts.Notice, d: Daticert | None, original: bytes | None) -
                     f'Content-Type: application/xml; name="{DATICERT_FILENAME}"',
                     f'Content-Disposition: inline; filename="{DATICERT_FILENAME}"',
                 ],
-                old_build(d),
+                build_daticert(d),  # daticert.build is unchanged
             )
         )
     if original is not None:

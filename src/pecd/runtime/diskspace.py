@@ -34,7 +34,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -85,13 +85,24 @@ class StorageUnavailable(Unavailable):
     uncounted, and is tried again; it is never answered errore-consegna for it."""
 
 
-def transient_cause(exc: BaseException) -> str | None:
-    """The cause (an errno name, or ``database``) when ``exc`` (or what caused it) is a transient
-    local fault; None when it is the job's own failure."""
+def causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc``, then what it wraps (a DBAPIError's driver error) or was caused by, each once."""
     seen: set[int] = set()
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
         seen.add(id(e))
+        yield e
+        orig = getattr(e, "orig", None)  # sqlalchemy.exc.DBAPIError wraps the driver's error
+        if isinstance(orig, BaseException) and id(orig) not in seen:
+            e = orig
+            continue
+        e = e.__cause__ or e.__context__
+
+
+def transient_cause(exc: BaseException) -> str | None:
+    """The cause (an errno name, or ``database``) when ``exc`` (or what caused it) is a transient
+    local fault; None when it is the job's own failure."""
+    for e in causes(exc):
         if isinstance(e, StorageUnavailable):
             return str(e).split(":", 1)[0] or "storage"
         if isinstance(e, OSError) and e.errno in STORAGE_ERRNOS:
@@ -100,12 +111,27 @@ def transient_cause(exc: BaseException) -> str | None:
             return "database"
         if _database_unreachable(e):
             return "database"
-        orig = getattr(e, "orig", None)  # sqlalchemy.exc.DBAPIError wraps the driver's error
-        if isinstance(orig, BaseException) and id(orig) not in seen:
-            e = orig
-            continue
-        e = e.__cause__ or e.__context__
     return None
+
+
+_PG_DISK_FULL = "53100"
+
+
+def no_space(exc: BaseException) -> bool:
+    """Whether ``exc``, or what caused it, says a filesystem or the database is out of space:
+    ``ENOSPC``, ``EDQUOT`` (the pecd user's filesystem quota), SQLite's "database or disk is
+    full" (``SQLITE_FULL``), PostgreSQL's ``disk_full`` (SQLSTATE 53100)."""
+    for e in causes(exc):
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(e, sqlite3.Error) and (
+            getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+            or str(e).lower().startswith("database or disk is full")
+        ):
+            return True
+        if (getattr(e, "sqlstate", None) or getattr(e, "pgcode", None)) == _PG_DISK_FULL:
+            return True
+    return False
 
 
 def _database_unreachable(e: BaseException) -> bool:

@@ -31,11 +31,9 @@ REST API): one line, no control character, so that the message can be built at a
 from __future__ import annotations
 
 import asyncio
-import errno
 import hashlib
 import logging
 import secrets
-import sqlite3
 import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -49,7 +47,7 @@ from pecd.clock import Clock
 from pecd.config import Config
 from pecd.engine.vocab import IntakePayload, JobKind
 from pecd.pec.address import domain_of
-from pecd.runtime.diskspace import FreeSpace, storage_watch
+from pecd.runtime.diskspace import FreeSpace, no_space, storage_watch
 from pecd.runtime.logutil import RateLimitedLog
 from pecd.store import jobs
 from pecd.store.db import Database
@@ -93,8 +91,6 @@ _waker: Callable[[], None] | None = None
 _spaces: dict[tuple[tuple[Path, ...], int], FreeSpace] = {}
 # While the disk is full every submission fails the same way: a line now and then.
 _failures = RateLimitedLog()
-# PostgreSQL's disk_full (class 53, insufficient resources).
-_PG_DISK_FULL = "53100"
 
 
 def subject_error(subject: str) -> str | None:
@@ -189,31 +185,6 @@ def storage_space(cfg: Config) -> FreeSpace:
 def room(cfg: Config, *, fresh: bool = False) -> bool:
     """Whether the storage has room for a submission now (:func:`storage_space`)."""
     return storage_space(cfg).enough(fresh=fresh)
-
-
-def no_space(exc: BaseException) -> bool:
-    """Whether ``exc``, or what caused it, says a filesystem or the database is out of space:
-    ``ENOSPC``, ``EDQUOT`` (the pecd user's filesystem quota), SQLite's "database or disk is
-    full" (``SQLITE_FULL``), PostgreSQL's ``disk_full`` (SQLSTATE 53100)."""
-    seen: set[int] = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if isinstance(e, sqlite3.Error) and (
-            getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
-            or str(e).lower().startswith("database or disk is full")
-        ):
-            return True
-        if (getattr(e, "sqlstate", None) or getattr(e, "pgcode", None)) == _PG_DISK_FULL:
-            return True
-        orig = getattr(e, "orig", None)  # sqlalchemy.exc.DBAPIError wraps the driver's error
-        if isinstance(orig, BaseException) and id(orig) not in seen:
-            e = orig
-            continue
-        e = e.__cause__ or e.__context__
-    return False
 
 
 def _received(hostname: str, peer: str, key: str, rcpt: str, now_text: str, via: str) -> bytes:
