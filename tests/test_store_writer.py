@@ -211,3 +211,36 @@ def test_event_row_copies_and_cleans_every_json_field() -> None:
     assert row["daticert"] == storable(dict(event.daticert or {}))
     empty = event_row(TraceEventData(at=T0, event="ricezione"))
     assert (empty["recipients"], empty["generated_ids"], empty["daticert"]) == ([], [], None)
+
+
+def test_a_cancelled_close_still_closes_and_takes_no_more_work(tmp_path: Path) -> None:
+    """The writer's close is final at once (a write submitted meanwhile is refused, not run on
+    a connection nobody would close), and a close whose caller is cancelled still closes the
+    kept connection and ends the thread, without blocking the event loop."""
+    url = f"sqlite:///{tmp_path}/pecd.db"
+
+    async def main() -> None:
+        await migrate_async(url)
+        db = await Database.open(url)
+        writer = db._writer_thread
+        assert writer is not None
+        await db.write_sqlite(lambda conn: None)  # the kept connection is open
+        release = threading.Event()
+        slow = writer.submit(lambda: release.wait(5))  # the thread is busy
+        closing = asyncio.create_task(writer.close())
+        await asyncio.sleep(0)
+        with pytest.raises(RuntimeError, match="closed"):
+            await db.write_sqlite(lambda conn: None)
+        closing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await closing
+        # The loop still runs while the thread finishes its queue.
+        await asyncio.sleep(0.05)
+        release.set()
+        assert await slow is True
+        await asyncio.to_thread(writer._thread.join, 5)
+        assert not writer._thread.is_alive()
+        assert writer._conn is None
+        await db.close()  # the rest of the database; the writer is closed already
+
+    asyncio.run(main())

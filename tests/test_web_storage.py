@@ -171,7 +171,9 @@ def submission(client_key: str, subject: str, body: str = "Testo.") -> dict[str,
 class FailingCommit:
     """``jobs.enqueue_sync`` (the web's commit) failing as ``how`` says while ``on``."""
 
-    how: str  # "driver": the database's own "full"; "enospc"; "other" (a failure of no kind)
+    # "driver": the database's own "full"; "enospc"; "other" (a failure of no kind); "lost": the
+    # connection to the database lost (SQLSTATE 08006), after which a commit's outcome is unknown
+    how: str
     disk: Disk
     on: bool = True
     then_full: bool = False  # the disk reads full once the commit has failed
@@ -186,6 +188,8 @@ class FailingCommit:
                     raise OSError(errno.ENOSPC, "No space left on device")
                 if self.how == "other":
                     raise RuntimeError("the commit failed")
+                if self.how == "lost":
+                    raise _ConnectionLost("server closed the connection unexpectedly")
                 if s.get_bind().dialect.name == "postgresql":
                     s.execute(text(_PG_DISK_FULL))
                 # SQLite capped at its current size: the job's pages do not fit (SQLITE_FULL).
@@ -331,6 +335,28 @@ def test_api_other_commit_failures_with_room_stay_500(
         assert r.status_code == 500 and r.json()["type"].endswith("/internal-error")
         assert "retry-after" not in r.headers
         assert await count_jobs(web.db, intake_key(ALICE, client_key)) == 0
+
+    run_web(inst.cfg, scenario)
+
+
+class _ConnectionLost(Exception):
+    sqlstate = "08006"  # connection_failure, as asyncpg and psycopg name it
+
+
+def test_api_commit_with_its_connection_lost_is_not_a_503_even_when_full(
+    inst: Installation, disk: Disk, failing: Callable[[str], FailingCommit]
+) -> None:
+    """A connection lost during the commit, while the disk reads full: the commit may have
+    happened, so the client is not told "nothing was taken in" (503): a 500."""
+    client_key = f"lost-{uuid.uuid4().hex}"
+
+    async def scenario(web: Web) -> None:
+        fail = failing("lost")
+        fail.then_full = True
+        r = await web.client.post(
+            "/api/v1/messages", json=submission(client_key, "Perso"), headers=bearer(inst.token)
+        )
+        assert r.status_code == 500 and "retry-after" not in r.headers, r.text
 
     run_web(inst.cfg, scenario)
 

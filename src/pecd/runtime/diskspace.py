@@ -134,6 +134,18 @@ def no_space(exc: BaseException) -> bool:
     return False
 
 
+def connection_lost(exc: BaseException) -> bool:
+    """Whether ``exc``, or what caused it, is a database connection lost or refused (SQLSTATE
+    class 08, or one SQLAlchemy invalidated): a commit's outcome is then unknown."""
+    for e in causes(exc):
+        if getattr(e, "connection_invalidated", False):
+            return True
+        state = getattr(e, "sqlstate", None) or getattr(e, "pgcode", None)
+        if isinstance(state, str) and state.startswith("08"):
+            return True
+    return False
+
+
 def _database_unreachable(e: BaseException) -> bool:
     """A PostgreSQL connection lost or refused, or its disk full (SQLSTATE class 08, 53, 57P)."""
     if getattr(e, "connection_invalidated", False):

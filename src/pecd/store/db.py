@@ -285,15 +285,20 @@ class _WriterThread:
         self.engine.dispose()
 
     async def close(self) -> None:
-        """Finish the work queued so far, close the connections, end the thread."""
+        """Finish the work queued so far, close the connections, end the thread. Closed at
+        once for new work (a write submitted meanwhile would reopen a connection nobody
+        closes); a close whose caller is cancelled still closes, in the thread."""
         if self._closed:
             return
-        try:
-            await self.submit(self._shut)
-        finally:
-            self._closed = True
-            self._queue.put(None)
-            self._thread.join()
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        shut: asyncio.Future[None] = loop.create_future()
+        self._queue.put((self._shut, shut, loop))
+        self._queue.put(None)
+        # Shielded: the thread skips work whose future was cancelled, and this must run. The
+        # loop is not blocked meanwhile (a queued write may wait on a lock the loop must free).
+        await asyncio.shield(shut)
+        self._thread.join()  # nothing is left for it but the end of the queue
 
 
 class Database:

@@ -47,7 +47,7 @@ from pecd.clock import Clock
 from pecd.config import Config
 from pecd.engine.vocab import IntakePayload, JobKind
 from pecd.pec.address import domain_of
-from pecd.runtime.diskspace import FreeSpace, no_space, storage_watch
+from pecd.runtime.diskspace import FreeSpace, connection_lost, no_space, storage_watch
 from pecd.runtime.logutil import RateLimitedLog
 from pecd.store import jobs
 from pecd.store.db import Database
@@ -284,8 +284,10 @@ async def submit(
         created = await db.write(commit)
     except Exception as exc:
         # As the SMTP points' Intake: a commit that failed while the storage is full (read
-        # afresh) failed for want of it, whatever the driver made of that.
-        if not no_space(exc) and space.enough(fresh=True):
+        # afresh) failed for want of it, whatever the driver made of that; but not a lost
+        # connection to the database, after which the commit may have happened ("not taken
+        # in" would be a lie, and a resend without a client_key a second message).
+        if not no_space(exc) and (space.enough(fresh=True) or connection_lost(exc)):
             raise
         _failures.failure(
             log, "web submission %s not stored for want of space; answering 503", exc, key
