@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import resource
 import sqlite3
 import sys
@@ -39,7 +38,7 @@ from pecd.engine.effects import Effect, Enqueue, Record, StoreLocal
 from pecd.engine.vocab import IntakePayload, JobKind, StorePayload, TraceEventData
 from pecd.store import jobs, sqlitefast
 from pecd.store.db import Database, migrate_async
-from pecd.store.effects import Lease, apply, one_statement
+from pecd.store.effects import Lease, apply, commit_plan, one_statement
 
 WORKER = "bench:pipeline0"
 
@@ -78,26 +77,27 @@ async def intake(db: Database, rows: list[dict[str, Any]]) -> None:
         await db.write(lambda s: jobs.insert_many_sync(s, rows))
 
 
+def submissions(batch: int, now: datetime) -> list[dict[str, Any]]:
+    """``batch`` rows of SUBMISSION jobs of 4 KB, as the access point makes them."""
+    payload = IntakePayload("alice@pec.example", ("bob@pec.example",), now).to_json()
+    return [
+        jobs.job_row(
+            kind=JobKind.SUBMISSION,
+            key=f"sub:{uuid.uuid4().hex}",
+            payload=payload,
+            data=b"m" * 4096,
+            now=now,
+        )
+        for _ in range(batch)
+    ]
+
+
 async def commit(db: Database, effects: list[Effect], ids: list[int], lease: Lease) -> int:
     plan = one_statement(effects, lease, None, frozenset())
     assert plan is not None
-    if db.pg is not None:
-        created = await db.pg.commit(
-            jobs=plan.jobs,
-            expect=plan.expect,
-            presa=plan.presa,
-            settle=plan.settle,
-            events=plan.events,
-            done=ids,
-            worker=WORKER,
-        )
-    elif db.sqlite_writer:
-        created = await db.write_sqlite(
-            functools.partial(sqlitefast.commit, plan=plan, done=ids, worker=WORKER)
-        )
-    else:
-        return len(await db.write(lambda s: apply(s, effects, lease).stored))
-    return len(plan.applied(created).stored)
+    if db.pg is not None or db.sqlite_writer:
+        return len(plan.applied(await commit_plan(db, plan, ids, WORKER)).stored)
+    return len(await db.write(lambda s: apply(s, effects, lease).stored))
 
 
 async def complete(db: Database, keys: list[str]) -> None:
@@ -118,17 +118,7 @@ async def run(url: str, rounds: int, batch: int) -> None:
     start = resource.getrusage(resource.RUSAGE_SELF)
     try:
         for _ in range(rounds):
-            payload = IntakePayload("alice@pec.example", ("bob@pec.example",), now).to_json()
-            rows = [
-                jobs.job_row(
-                    kind=JobKind.SUBMISSION,
-                    key=f"sub:{uuid.uuid4().hex}",
-                    payload=payload,
-                    data=b"m" * 4096,
-                    now=now,
-                )
-                for _ in range(batch)
-            ]
+            rows = submissions(batch, now)
             t0 = time.process_time()
             await intake(db, rows)
             t1 = time.process_time()
@@ -245,21 +235,11 @@ async def parts(url: str, batch: int) -> None:
                 lambda: db.write_sqlite(lambda conn: None), 300
             )
         pool = WorkerPool(FakeRunner(db, batch), [JobKind.SUBMISSION], count=1, name="bench")
-        payload = IntakePayload("alice@pec.example", ("bob@pec.example",), now).to_json()
         claims, runs = [], []
         for _ in range(7):
             spent = [0.0, 0.0]
             for _ in range(30):
-                rows_in = [
-                    jobs.job_row(
-                        kind=JobKind.SUBMISSION,
-                        key=f"sub:{uuid.uuid4().hex}",
-                        payload=payload,
-                        data=b"m" * 4096,
-                        now=now,
-                    )
-                    for _ in range(batch)
-                ]
+                rows_in = submissions(batch, now)
                 await intake(db, rows_in)
                 t0 = time.process_time()
                 claimed = await jobs.claim_batch(

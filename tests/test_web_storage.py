@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import html
-import os
 import re
 import sqlite3
 import uuid
@@ -44,7 +43,7 @@ from pecd.web import ui
 from pecd.web.pages.compose import STORAGE_FULL
 from pecd.web.sentcopy import SENT, sent_key
 from pecd.web.submit import RETRY_AFTER, intake_key, no_space
-from store_fixtures import cheap_hasher
+from store_fixtures import BACKENDS, cheap_hasher, fresh_postgres_database
 from web_fixtures import ALICE, BOB, CAROL, PASSWORD, Web, csrf_of, login, run_web
 
 PROBLEM = "application/problem+json"
@@ -79,28 +78,14 @@ async def _install(directory: Path, url: str | None) -> Installation:
     return Installation(cfg, token)
 
 
-@pytest.fixture(
-    scope="module",
-    params=[
-        pytest.param(None, id="sqlite"),
-        pytest.param(
-            "postgresql",
-            id="postgresql",
-            marks=pytest.mark.skipif(
-                not os.environ.get("PECD_TEST_POSTGRES_URL"),
-                reason="PECD_TEST_POSTGRES_URL not set",
-            ),
-        ),
-    ],
-)
+@pytest.fixture(scope="module", params=BACKENDS)
 def inst(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Installation]:
     directory = tmp_path_factory.mktemp("web-storage") / "inst"
-    if request.param is None:
+    if request.param == "sqlite":
         yield asyncio.run(_install(directory, None))
         return
-    from store_fixtures import fresh_postgres_database
 
     url, drop = fresh_postgres_database()
     try:

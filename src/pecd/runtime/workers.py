@@ -21,10 +21,10 @@ from pecd.engine.effects import Effect, StoreLocal, Unavailable, relay_wake
 from pecd.runtime import diskspace, observe
 from pecd.runtime.logutil import RateLimitedLog
 from pecd.runtime.stages import Outbox
-from pecd.store import jobs, sqlitefast
+from pecd.store import jobs
 from pecd.store import webhooks as store_webhooks
 from pecd.store.db import Database
-from pecd.store.effects import Lease, apply, one_statement
+from pecd.store.effects import Lease, apply, commit_plan, one_statement
 from pecd.store.models import Job
 from pecd.store.nodes import current
 from pecd.store.pgfast import LeasesLost
@@ -285,20 +285,7 @@ class WorkerPool:
         if plan is None:
             return False
         try:
-            if pg is not None:
-                created = await pg.commit(
-                    jobs=plan.jobs,
-                    expect=plan.expect,
-                    presa=plan.presa,
-                    settle=plan.settle,
-                    events=plan.events,
-                    done=ids,
-                    worker=outbox.worker,
-                )
-            else:
-                created = await db.write_sqlite(
-                    functools.partial(sqlitefast.commit, plan=plan, done=ids, worker=outbox.worker)
-                )
+            created = await commit_plan(db, plan, ids, outbox.worker)
         except LeasesLost as exc:
             raise LeaseLost(str(exc)) from exc
         # No session saw these events: the mail log and the metrics get the ones inserted.

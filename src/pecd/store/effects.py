@@ -34,8 +34,8 @@ from pecd.engine.effects import (
 )
 from pecd.engine.vocab import JobKind, StorePayload
 from pecd.pec.address import normalize_address
-from pecd.store import expectations, jobs, virus, webhooks
-from pecd.store.db import defer
+from pecd.store import expectations, jobs, sqlitefast, virus, webhooks
+from pecd.store.db import Database, defer
 from pecd.store.models import Expectation, table_of
 from pecd.store.nodes import current
 from pecd.store.trace import event_row, insert_stmt
@@ -388,3 +388,25 @@ def one_statement(
     if made & touched or len({(m, r) for m, r, _ in plan.presa}) != len(plan.presa):
         return None
     return plan
+
+
+async def commit_plan(
+    db: Database, plan: OneStatement, done: Sequence[int], worker: str
+) -> set[str]:
+    """``plan`` written and the jobs ``done`` completed (still leased to ``worker``, else
+    :class:`~pecd.store.pgfast.LeasesLost` and nothing is written), in one transaction: one
+    statement on PostgreSQL, the writer thread's ``sqlite3`` connection on SQLite. Returns the
+    keys of the jobs created."""
+    if db.pg is not None:
+        return await db.pg.commit(
+            jobs=plan.jobs,
+            expect=plan.expect,
+            presa=plan.presa,
+            settle=plan.settle,
+            events=plan.events,
+            done=done,
+            worker=worker,
+        )
+    return await db.write_sqlite(
+        functools.partial(sqlitefast.commit, plan=plan, done=done, worker=worker)
+    )
