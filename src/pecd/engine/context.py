@@ -3,14 +3,10 @@ are local, which are PEC, how a generated message is sent and logged."""
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
-
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from pecd.engine.effects import Effect, Enqueue, Record, StoreLocal
 from pecd.engine.vocab import JobKind, RelayKind, RelayPayload, TraceEventData
@@ -19,6 +15,7 @@ from pecd.pec.builders import BuiltMessage, ProviderIdentity, Transmission
 from pecd.pec.checks import SubmissionLimits
 from pecd.pec.daticert import Daticert
 from pecd.pec.daticert import to_json as daticert_json
+from pecd.pec.smime import certificate_sha1
 
 
 class ProviderEntry(Protocol):
@@ -150,20 +147,6 @@ class Context:
         ]
 
 
-# Per certificate object: (the object, its SHA-1). Keyed by identity, not by the certificate's
-# own hash, which encodes and hashes its DER on every lookup; the object is held so that its id
-# cannot be reused by another while it is here.
-_SHA1: dict[int, tuple[x509.Certificate, str]] = {}
-
-
 def signer_sha1(provider: ProviderIdentity) -> str:
     """The SHA-1 of the certificate that signs what ``provider`` generates."""
-    certificate = provider.signer.certificate
-    hit = _SHA1.get(id(certificate))
-    if hit is not None and hit[0] is certificate:
-        return hit[1]
-    value = hashlib.sha1(certificate.public_bytes(serialization.Encoding.DER)).hexdigest()
-    if len(_SHA1) >= 8:  # a new signer after a certificate rollover: the old ones go
-        _SHA1.clear()
-    _SHA1[id(certificate)] = (certificate, value)
-    return value
+    return certificate_sha1(provider.signer.certificate)

@@ -45,6 +45,7 @@ __all__ = [
     "SignatureError",
     "SignatureInfo",
     "Signer",
+    "certificate_sha1",
     "cms_sign_detached",
     "sign_multipart",
     "split_signed",
@@ -242,6 +243,11 @@ def _encoded(cert: x509.Certificate) -> _Encoded:
             _ENCODED.pop(next(iter(_ENCODED)))
     _ENCODED[id(cert)] = entry
     return entry
+
+
+def certificate_sha1(cert: x509.Certificate) -> str:
+    """The SHA-1 of ``cert``'s DER, hex: computed once per certificate object."""
+    return _encoded(cert).sha1
 
 
 def _cert_der(cert: x509.Certificate) -> bytes:
